@@ -1,0 +1,1 @@
+"""Data: sources (phantom, tcia, local), preprocessing, datasets and transforms."""

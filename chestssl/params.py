@@ -1,0 +1,359 @@
+"""Loading and validating ``params.yaml``.
+
+Every stage calls :func:`load_params` first. The file is checked against :data:`SCHEMA`
+before any work starts: an unknown key, a wrong type or a value out of range stops the
+stage with a message naming the key, the value and what is allowed, listing every
+problem at once.
+
+``methods`` and ``runs`` are maps from a user-chosen name to an entry whose schema
+depends on one of its keys (``method`` or ``task``), so adding a method is one entry in
+``params.yaml`` and one schema here, and no stage script changes.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+_REQUIRED = object()
+
+
+class ParamsError(ValueError):
+    """Raised when params.yaml does not match the schema; lists every problem."""
+
+    def __init__(self, problems: list[str], source: str = "params.yaml"):
+        self.problems = problems
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"invalid parameters in {source}:\n{lines}")
+
+
+@dataclass(frozen=True)
+class Field:
+    """One scalar or list parameter.
+
+    kind: ``int``, ``float``, ``str``, ``bool`` or ``list``. Floats accept ints, and
+    strings such as ``"1e-3"`` (YAML 1.1 readers leave those as strings).
+    """
+
+    kind: type
+    choices: tuple | None = None
+    min: float | None = None
+    max: float | None = None
+    min_exclusive: bool = False
+    item: "Field | None" = None
+    length: int | None = None
+    doc: str = ""
+
+
+@dataclass(frozen=True)
+class Entries:
+    """A map of user-chosen names to entries whose schema is picked by ``key``."""
+
+    key: str
+    schemas: Mapping[str, Mapping[str, Any]]
+    min_entries: int = 0
+    name_pattern_doc: str = "letters, digits, '_' and '-'"
+
+
+@dataclass(frozen=True)
+class Section:
+    """A fixed mapping of keys to sub-schemas."""
+
+    fields: Mapping[str, Any] = field(default_factory=dict)
+
+
+def _positive_int(doc: str = "") -> Field:
+    return Field(int, min=1, doc=doc)
+
+
+def _nonneg_float(doc: str = "") -> Field:
+    return Field(float, min=0.0, doc=doc)
+
+
+TRAIN = Section(
+    {
+        "epochs": _positive_int(),
+        "batch_size": _positive_int(),
+        "lr": Field(float, min=0.0, min_exclusive=True),
+        "weight_decay": _nonneg_float(),
+        "optimizer": Field(str, choices=("adam", "adamw", "sgd")),
+        "betas": Field(list, item=Field(float, min=0.0, max=1.0), length=2),
+        "scheduler": Field(str, choices=("none", "cosine", "plateau")),
+        "grad_clip": _nonneg_float("0 disables clipping"),
+        "max_steps": Field(int, min=0, doc="0: no limit"),
+        "amp": Field(bool),
+        "num_workers": Field(int, min=0),
+        "log_every": _positive_int(),
+        "device": Field(str, choices=("auto", "cpu", "cuda")),
+    }
+)
+
+BACKBONE = Section(
+    {
+        "name": Field(str, choices=("unet_encoder",)),
+        "spatial_dims": Field(int, choices=(2, 3)),
+        "features": Field(list, item=Field(int, min=1), length=5),
+    }
+)
+
+METHOD_SCHEMAS: dict[str, Mapping[str, Any]] = {
+    "scratch": {"method": Field(str), "backbone": BACKBONE},
+    "ae": {
+        "method": Field(str),
+        "backbone": BACKBONE,
+        "loss": Section({"l1": _nonneg_float(), "ssim": _nonneg_float()}),
+        "train": TRAIN,
+    },
+}
+
+_SEG_RUN = {
+    "task": Field(str),
+    "arch": Field(str, choices=("unetpp",)),
+    "init": Field(str, doc="a method name under `methods`"),
+    "loss": Field(str, choices=("ce", "dice", "focal")),
+    "class_weights": Field(list, item=_nonneg_float(), length=2),
+    "focal_gamma": _nonneg_float(),
+    "focal_alpha": Field(float, min=0.0, max=1.0),
+    "train": TRAIN,
+}
+_CLS_RUN = {
+    "task": Field(str),
+    "arch": Field(str, choices=("resnet18", "resnet50")),
+    "init": Field(str, doc="a method name under `methods`"),
+    "class_weights": Field(list, item=_nonneg_float(), length=2),
+    "train": TRAIN,
+}
+RUN_SCHEMAS: dict[str, Mapping[str, Any]] = {"seg": _SEG_RUN, "cls": _CLS_RUN}
+
+SCHEMA = Section(
+    {
+        "seed": Field(int, min=0),
+        "seg_beta": _nonneg_float("weight of the segmentation loss in multihead pretraining"),
+        "data": Section(
+            {
+                "source": Field(str, choices=("phantom", "tcia", "local")),
+                "phantom": Section(
+                    {
+                        "num_scans": Field(int, min=1, max=1018),
+                        "seed": Field(int, min=0),
+                        "max_slices": Field(int, min=0, doc="0: no limit"),
+                        "noise_hu": _nonneg_float(),
+                    }
+                ),
+                "tcia": Section(
+                    {
+                        "base_url": Field(str),
+                        "collection": Field(str),
+                        "modality": Field(str),
+                        "patients": Field(list, item=Field(str)),
+                        "max_patients": Field(int, min=0, doc="0: no limit"),
+                        "retries": Field(int, min=0),
+                        "backoff_s": _nonneg_float(),
+                        "timeout_s": Field(float, min=0.0, min_exclusive=True),
+                    }
+                ),
+                "local": Section({"path": Field(str)}),
+            }
+        ),
+        "preprocess": Section(
+            {
+                "spacing": Field(list, item=Field(float, min=0.0, min_exclusive=True), length=3),
+                "hu_window": Field(list, item=Field(float, min=-2000.0, max=4000.0), length=2),
+                "body_threshold_hu": Field(float, min=-1100.0, max=1000.0),
+                "clevel": Field(float, min=0.0, max=1.0, min_exclusive=True),
+                "min_nodule_pixels": Field(int, min=0),
+                "split": Section(
+                    {
+                        "seed": Field(int, min=0),
+                        "train": Field(float, min=0.0, max=1.0),
+                        "val": Field(float, min=0.0, max=1.0),
+                        "test": Field(float, min=0.0, max=1.0),
+                    }
+                ),
+                "workers": _positive_int(),
+                "on_error": Field(str, choices=("raise", "skip")),
+            }
+        ),
+        "slices": Section(
+            {
+                "size": Field(int, min=16, max=1024),
+                "clean_per_nodule_slice": _nonneg_float(),
+            }
+        ),
+        "methods": Entries("method", METHOD_SCHEMAS, min_entries=1),
+        "runs": Entries("task", RUN_SCHEMAS),
+        "evaluate": Section(
+            {
+                "bootstrap_samples": Field(int, min=0),
+                "confidence": Field(float, min=0.0, max=1.0, min_exclusive=True),
+                "seg_threshold": Field(float, min=0.0, max=1.0),
+                "cls_threshold": Field(float, min=0.0, max=1.0),
+            }
+        ),
+        "report": Section({"num_examples": _positive_int()}),
+    }
+)
+
+
+def _describe(spec: Field) -> str:
+    if spec.choices is not None:
+        return "one of " + ", ".join(repr(c) for c in spec.choices)
+    name = spec.kind.__name__
+    if spec.kind is list:
+        inner = _describe(spec.item) if spec.item else "values"
+        size = f"{spec.length} " if spec.length else ""
+        return f"a list of {size}{inner if spec.item else inner}"
+    bounds = []
+    if spec.min is not None:
+        bounds.append(f"{'>' if spec.min_exclusive else '>='} {spec.min:g}")
+    if spec.max is not None:
+        bounds.append(f"<= {spec.max:g}")
+    text = f"{'a number' if spec.kind is float else 'an integer' if spec.kind is int else 'a ' + name}"
+    if bounds:
+        text += " " + " and ".join(bounds)
+    if spec.doc:
+        text += f" ({spec.doc})"
+    return text
+
+
+def _check_field(value: Any, spec: Field, key: str, problems: list[str]) -> Any:
+    def bad() -> None:
+        problems.append(f"{key}: got {value!r}, expected {_describe(spec)}")
+
+    if spec.kind is bool:
+        if not isinstance(value, bool):
+            return bad()
+        return value
+    if spec.kind is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            return bad()
+    elif spec.kind is float:
+        if isinstance(value, bool):
+            return bad()
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                return bad()
+        if not isinstance(value, (int, float)) or not math.isfinite(value):
+            return bad()
+        value = float(value)
+    elif spec.kind is str:
+        if not isinstance(value, str):
+            return bad()
+    elif spec.kind is list:
+        if not isinstance(value, list) or (spec.length is not None and len(value) != spec.length):
+            return bad()
+        if spec.item is not None:
+            return [_check_field(v, spec.item, f"{key}[{i}]", problems) for i, v in enumerate(value)]
+        return value
+    if spec.choices is not None and value not in spec.choices:
+        return bad()
+    if spec.min is not None and (value < spec.min or (spec.min_exclusive and value == spec.min)):
+        return bad()
+    if spec.max is not None and value > spec.max:
+        return bad()
+    return value
+
+
+def _check(value: Any, spec: Any, key: str, problems: list[str]) -> Any:
+    if isinstance(spec, Field):
+        return _check_field(value, spec, key, problems)
+    if isinstance(spec, Mapping):
+        spec = Section(spec)
+    if isinstance(spec, Section):
+        if not isinstance(value, Mapping):
+            problems.append(f"{key}: got {value!r}, expected a mapping with keys {', '.join(spec.fields)}")
+            return value
+        out = {}
+        for name in value:
+            if name not in spec.fields:
+                problems.append(
+                    f"{_join(key, name)}: unknown key; allowed here: {', '.join(spec.fields)}"
+                )
+        for name, sub in spec.fields.items():
+            if name not in value:
+                problems.append(f"{_join(key, name)}: missing; expected {_expected(sub)}")
+                continue
+            out[name] = _check(value[name], sub, _join(key, name), problems)
+        return out
+    if isinstance(spec, Entries):
+        if not isinstance(value, Mapping) or len(value) < spec.min_entries:
+            problems.append(f"{key}: expected a mapping of at least {spec.min_entries} named entries")
+            return value
+        out = {}
+        for name, entry in value.items():
+            entry_key = _join(key, str(name))
+            if not isinstance(name, str) or not name.replace("_", "").replace("-", "").isalnum():
+                problems.append(f"{entry_key}: entry names may contain only {spec.name_pattern_doc}")
+            if not isinstance(entry, Mapping) or spec.key not in entry:
+                problems.append(f"{entry_key}: missing `{spec.key}` (one of {', '.join(spec.schemas)})")
+                continue
+            kind = entry[spec.key]
+            if kind not in spec.schemas:
+                problems.append(
+                    f"{_join(entry_key, spec.key)}: got {kind!r}, expected one of "
+                    + ", ".join(repr(k) for k in spec.schemas)
+                )
+                continue
+            out[name] = _check(entry, spec.schemas[kind], entry_key, problems)
+        return out
+    raise TypeError(f"bad schema at {key}: {spec!r}")
+
+
+def _expected(spec: Any) -> str:
+    return _describe(spec) if isinstance(spec, Field) else "a mapping"
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _cross_checks(params: dict, problems: list[str]) -> None:
+    split = params.get("preprocess", {}).get("split", {})
+    if all(isinstance(split.get(k), float) for k in ("train", "val", "test")):
+        total = split["train"] + split["val"] + split["test"]
+        if abs(total - 1.0) > 1e-6:
+            problems.append(f"preprocess.split: train + val + test = {total:g}, expected 1")
+    window = params.get("preprocess", {}).get("hu_window")
+    if isinstance(window, list) and len(window) == 2 and all(isinstance(w, float) for w in window):
+        if window[0] >= window[1]:
+            problems.append(f"preprocess.hu_window: got {window}, expected [low, high] with low < high")
+    methods = params.get("methods", {})
+    for name, run in (params.get("runs") or {}).items():
+        if isinstance(run, Mapping) and isinstance(methods, Mapping) and run.get("init") not in methods:
+            problems.append(
+                f"runs.{name}.init: got {run.get('init')!r}, expected a method name under `methods`: "
+                + ", ".join(methods)
+            )
+    if params.get("data", {}).get("source") == "local" and not params["data"]["local"].get("path"):
+        problems.append("data.local.path: empty, but data.source is 'local'; set it to your LIDC-IDRI folder")
+
+
+def validate(raw: Mapping[str, Any], source: str = "params.yaml") -> dict[str, Any]:
+    """Validate a parsed params mapping; returns it with floats normalised.
+
+    Raises :class:`ParamsError` listing every problem found.
+    """
+    problems: list[str] = []
+    params = _check(raw, SCHEMA, "", problems)
+    if not problems:
+        _cross_checks(params, problems)
+    if problems:
+        raise ParamsError(problems, source)
+    return params
+
+
+def load_params(path: str | os.PathLike = "params.yaml") -> dict[str, Any]:
+    """Read and validate ``params.yaml``."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found; run stages from the repository root")
+    with open(path) as f:
+        raw = yaml.safe_load(f)
+    return validate(raw or {}, str(path))

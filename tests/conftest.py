@@ -1,0 +1,53 @@
+"""Shared fixtures. Tests never touch the network or the user's home."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+
+os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+
+@pytest.fixture
+def synthetic_processed(tmp_path):
+    """A tiny ``data/processed`` folder in the contract of chestssl.data.processed.
+
+    Six patients (2 per split), 12 slices of 48x48 each; patients p1, p3, p5 have one
+    disc-shaped nodule on slices 4..7; the others none.
+    """
+    from chestssl.data.processed import NODULE_COLUMNS, SLICE_COLUMNS
+    from chestssl.io import write_json, write_npz
+
+    root = tmp_path / "processed"
+    rng = np.random.default_rng(0)
+    splits = {"train": ["p0", "p1"], "val": ["p2", "p3"], "test": ["p4", "p5"], "seed": 0}
+    split_of = {p: s for s in ("train", "val", "test") for p in splits[s]}
+    slice_rows, nodule_rows = [], []
+    yy, xx = np.mgrid[:48, :48]
+    for i, pid in enumerate(sorted(split_of)):
+        image = np.clip(0.3 + 0.05 * rng.standard_normal((12, 48, 48)), 0, 1)
+        mask = np.zeros((12, 48, 48), np.uint8)
+        if i % 2 == 1:
+            disc = (yy - 20) ** 2 + (xx - 26) ** 2 <= 16
+            mask[4:8][:, disc] = 1
+            image[4:8][:, disc] = 0.8
+            nodule_rows.append([pid, 1, 5.5, 20.0, 26.0, 8.0, 4, 4.0, 5.0, 6.0, split_of[pid]])
+        for z in range(12):
+            pixels = int(mask[z].sum())
+            label = 1 if pixels > 8 else (0 if pixels == 0 else -1)
+            slice_rows.append([pid, z, pixels, 4.0 if pixels else 0.0, label, split_of[pid]])
+        write_npz(
+            root / "scans" / f"{pid}.npz",
+            image=image.astype(np.float16),
+            mask=mask,
+            spacing=np.array([2.5, 1.5, 1.5], np.float32),
+            origin_index=np.zeros(3, np.int32),
+        )
+    pd.DataFrame(slice_rows, columns=SLICE_COLUMNS).to_csv(root / "slices.csv", index=False)
+    pd.DataFrame(nodule_rows, columns=NODULE_COLUMNS).to_csv(root / "nodules.csv", index=False)
+    write_json(root / "splits.json", splits)
+    return root
