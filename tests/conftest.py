@@ -35,11 +35,11 @@ def synthetic_processed(tmp_path):
             disc = (yy - 20) ** 2 + (xx - 26) ** 2 <= 16
             mask[4:8][:, disc] = 1
             image[4:8][:, disc] = 0.8
-            nodule_rows.append([pid, 1, 5.5, 20.0, 26.0, 8.0, 4, 4.0, 5.0, 6.0, split_of[pid]])
+            nodule_rows.append([pid, pid, 1, 5.5, 20.0, 26.0, 8.0, 4, 4.0, 5.0, 6.0, split_of[pid]])
         for z in range(12):
             pixels = int(mask[z].sum())
             label = 1 if pixels > 8 else (0 if pixels == 0 else -1)
-            slice_rows.append([pid, z, pixels, 4.0 if pixels else 0.0, label, split_of[pid]])
+            slice_rows.append([pid, pid, z, pixels, 4.0 if pixels else 0.0, label, split_of[pid]])
         write_npz(
             root / "scans" / f"{pid}.npz",
             image=image.astype(np.float16),
