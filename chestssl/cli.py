@@ -1,0 +1,36 @@
+"""Shared entry-point behaviour of the stage scripts."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Callable
+
+from chestssl.params import ParamsError
+
+# Errors the user can act on; their message is the whole story, so no traceback.
+USER_ERRORS: tuple[type[BaseException], ...] = (ParamsError, FileNotFoundError)
+
+
+def run_stage(main: Callable[[list[str]], None], argv: list[str] | None = None) -> None:
+    """Run a stage's ``main`` and turn user errors into a one-message exit status 1."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        main(sys.argv[1:] if argv is None else argv)
+    except USER_ERRORS as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(1)
+
+
+def entry_from_argv(argv: list[str], params: dict, section: str) -> tuple[str, dict]:
+    """The ``methods``/``runs`` entry named by the stage's single argument."""
+    entries = params[section]
+    if len(argv) != 1 or argv[0] not in entries:
+        got = " ".join(argv) or "nothing"
+        raise ParamsError([f"{section}: got {got!r} on the command line, expected one of {', '.join(entries)}"])
+    return argv[0], entries[argv[0]]
+
+
+def flat_metrics(metrics: dict) -> dict[str, float]:
+    """``{"val/dice": t}`` -> ``{"val_dice": float(t)}`` for a metrics file."""
+    return {key.replace("/", "_"): float(value) for key, value in metrics.items()}

@@ -1,0 +1,51 @@
+"""Where each stage reads and writes, relative to the repository root.
+
+dvc.yaml spells out the same paths; tests/pipeline checks that the two agree.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+RAW_DIR = Path("data/raw")
+LIDC_DIR = RAW_DIR / "LIDC-IDRI"
+MANIFEST = RAW_DIR / "manifest.csv"
+PROCESSED_DIR = Path("data/processed")
+CHECKPOINT_DIR = Path("checkpoints")  # resume state of interrupted training; not a DVC output
+REPORTS_DIR = Path("reports")
+
+
+def pretrain_model_dir(method: str) -> Path:
+    return Path("models/pretrain") / method
+
+
+def encoder_path(method: str) -> Path:
+    return pretrain_model_dir(method) / "encoder.pt"
+
+
+def method_weights_path(method: str) -> Path:
+    return pretrain_model_dir(method) / "method.pt"
+
+
+def pretrain_report_dir(method: str) -> Path:
+    return REPORTS_DIR / "pretrain" / method
+
+
+def finetune_model_path(run: str) -> Path:
+    return Path("models/finetune") / run / "model.pt"
+
+
+def finetune_report_dir(run: str) -> Path:
+    return REPORTS_DIR / "finetune" / run
+
+
+def evaluate_dir(run: str) -> Path:
+    return REPORTS_DIR / "evaluate" / run
+
+
+def evaluate_pretrain_dir(method: str) -> Path:
+    return REPORTS_DIR / "evaluate_pretrain" / method
+
+
+def checkpoint_path(stage: str, name: str) -> Path:
+    return CHECKPOINT_DIR / stage / f"{name}.pt"

@@ -1,0 +1,43 @@
+"""pretrain@<method>: train one pretext method on the training split's slices; export its encoder."""
+
+from __future__ import annotations
+
+import shutil
+
+from chestssl import paths
+from chestssl.cli import entry_from_argv, flat_metrics, run_stage
+from chestssl.io import save_torch, write_json
+from chestssl.params import load_params
+
+
+def main(argv: list[str]) -> None:
+    from chestssl.data.datasets import SliceDataset
+    from chestssl.methods import build_method
+    from chestssl.train.loop import fit
+
+    params = load_params()
+    name, cfg = entry_from_argv(argv, params, "methods")
+    seed, size = params["seed"], params["slices"]["size"]
+    method = build_method(name, cfg, seed)
+    report_dir = paths.pretrain_report_dir(name)
+    live_dir = report_dir / "live"
+    if method.trainable:
+        train = SliceDataset(paths.PROCESSED_DIR, "train", size, "pretrain", seed=seed)
+        val = SliceDataset(paths.PROCESSED_DIR, "val", size, "pretrain", seed=seed)
+        result = fit(method, train, val, cfg["train"], live_dir, paths.checkpoint_path("pretrain", name), seed)
+        method.load_state_dict(result.best_state)
+        metrics = {"trained": True, "epochs": result.epochs, "steps": result.steps,
+                   "best_val_loss": result.best_value, **flat_metrics(result.final_metrics)}
+    else:
+        # Nothing to train (e.g. `scratch`): an empty curve folder keeps the outputs uniform.
+        shutil.rmtree(live_dir, ignore_errors=True)
+        (live_dir / "plots" / "metrics").mkdir(parents=True)
+        metrics = {"trained": False}
+    save_torch(paths.encoder_path(name), method.export())
+    save_torch(paths.method_weights_path(name), {"name": name, "config": cfg, "state_dict": method.state_dict()})
+    write_json(report_dir / "metrics.json", metrics)
+    print(f"pretrain@{name}: {metrics}")
+
+
+if __name__ == "__main__":
+    run_stage(main)

@@ -1,0 +1,91 @@
+"""End to end: the real `dvc repro` of the whole DAG on a tiny profile, then experiments."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def stages_that_would_run(project) -> set[str]:
+    out = project.dvc_run("repro", "--dry").stdout
+    return {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
+
+
+def test_repro_builds_the_report_and_a_second_repro_does_nothing(reproduced_project):
+    root = reproduced_project.root
+    report = (root / "reports" / "README.md").read_text()
+    params = reproduced_project.params()
+    for run in params["runs"]:
+        assert run in report
+        metrics = json.loads((root / "reports" / "evaluate" / run / "metrics.json").read_text())
+        key = "dice_global" if params["runs"][run]["task"] == "seg" else "accuracy"
+        assert 0.0 <= metrics[key]["value"] <= 1.0
+    assert list((root / "reports" / "figures").glob("*.png"))
+    status = reproduced_project.dvc_run("status").stdout
+    assert "up to date" in status, status
+    assert stages_that_would_run(reproduced_project) == set()
+
+
+def test_changing_one_method_param_reruns_exactly_its_dependents(reproduced_project):
+    params = reproduced_project.params()
+    params["methods"]["ae"]["loss"]["l1"] = 2.0
+    reproduced_project.write_params(params)
+    try:
+        ae_runs = [name for name, run in params["runs"].items() if run["init"] == "ae"]
+        expected = {"pretrain@ae", "evaluate_pretrain@ae", "report"}
+        expected |= {f"finetune@{r}" for r in ae_runs} | {f"evaluate@{r}" for r in ae_runs}
+        assert stages_that_would_run(reproduced_project) == expected
+    finally:
+        reproduced_project.run("git", "checkout", "params.yaml")
+
+
+def test_changing_one_run_param_reruns_that_run_and_the_report(reproduced_project):
+    params = reproduced_project.params()
+    run = next(iter(params["runs"]))
+    params["runs"][run]["train"]["lr"] = 0.005
+    reproduced_project.write_params(params)
+    try:
+        assert stages_that_would_run(reproduced_project) == {f"finetune@{run}", f"evaluate@{run}", "report"}
+    finally:
+        reproduced_project.run("git", "checkout", "params.yaml")
+
+
+def test_a_stage_run_twice_gives_identical_outputs(reproduced_project):
+    root = reproduced_project.root
+    run = next(iter(reproduced_project.params()["runs"]))
+    before = (root / "reports" / "finetune" / run / "metrics.json").read_text()
+    model = root / "models" / "finetune" / run / "model.pt"
+    weights_before = model.read_bytes()
+    reproduced_project.dvc_run("repro", "--force", "--single-item", f"finetune@{run}")
+    assert (root / "reports" / "finetune" / run / "metrics.json").read_text() == before
+    assert model.read_bytes() == weights_before
+    assert stages_that_would_run(reproduced_project) == set()
+
+
+def test_a_bad_param_stops_the_stage_with_a_clear_message(reproduced_project):
+    params = reproduced_project.params()
+    run = next(iter(params["runs"]))
+    params["runs"][run]["train"]["lr"] = -1
+    reproduced_project.write_params(params)
+    try:
+        result = reproduced_project.run("python", "stages/finetune.py", run, check=False)
+        assert result.returncode == 1
+        assert f"runs.{run}.train.lr: got -1" in result.stderr
+        assert "Traceback" not in result.stderr
+    finally:
+        reproduced_project.run("git", "checkout", "params.yaml")
+
+
+def test_exp_run_with_a_finetune_param_and_metrics_diff(reproduced_project):
+    run = next(name for name, r in reproduced_project.params()["runs"].items() if r["task"] == "seg")
+    result = reproduced_project.dvc_run("exp", "run", "-S", f"runs.{run}.train.lr=0.005")
+    ran = {line.split("'")[1] for line in result.stdout.splitlines() if line.startswith("Running stage")}
+    assert ran == {f"finetune@{run}", f"evaluate@{run}", "report"}, result.stdout
+    diff = json.loads(reproduced_project.dvc_run("metrics", "diff", "--json").stdout or "{}")
+    changed = [path for path in diff if run in path]
+    assert changed, diff
+    shown = reproduced_project.dvc_run("exp", "show", "--json").stdout
+    assert "0.005" in shown
