@@ -3,29 +3,32 @@ PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# Stage commands call `python` and `dvc`: the ones in .venv. No usage reports are sent.
+export DVC_NO_ANALYTICS := 1
+export MPLBACKEND := Agg
 
 .PHONY: reproduce test test-fast clean-venv
 
-$(STAMP): requirements.txt
+$(STAMP): requirements.txt pyproject.toml
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "error: $(PYTHON) not found; install Python 3.11 or run 'make PYTHON=/path/to/python3.11 ...'"; exit 1; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -r requirements.txt
-	$(BIN)/python -m pip install --quiet --no-deps -e .
+	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
 # Runs the whole DAG (download -> preprocess -> pretrain -> finetune -> evaluate -> report).
 reproduce: $(STAMP)
 	@test -d .git || { echo "error: 'make reproduce' needs a git checkout (dvc tracks params and locks in git); run 'git init' first or clone the repository"; exit 1; }
-	$(BIN)/dvc repro
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
 
 # Unit tests, then the end-to-end pipeline tests (marked slow).
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q
 
 # Unit tests only.
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow"
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q -m "not slow"
 
 clean-venv:
 	rm -rf $(VENV)
