@@ -41,8 +41,3 @@ def predict_dataset(
         raise ValueError("cannot predict on an empty dataset")
     return {key: np.concatenate(parts) for key, parts in gathered.items()}
 
-
-def example_indices(scores: np.ndarray, count: int) -> np.ndarray:
-    """Indices of ``count`` items with the largest ``scores`` (ties: dataset order)."""
-    order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")
-    return np.sort(order[:count])

@@ -6,14 +6,14 @@ import torch
 
 from chestssl import paths
 from chestssl.cli import entry_from_argv, run_stage
-from chestssl.inference import auto_device, example_indices, predict_dataset
+from chestssl.inference import auto_device, predict_dataset
 from chestssl.io import write_json
 from chestssl.params import load_params
 
 
 def main(argv: list[str]) -> None:
     from chestssl.data.datasets import SliceDataset
-    from chestssl.eval import evaluate_classification, evaluate_segmentation, save_examples
+    from chestssl.eval import choose_example_indices, evaluate_classification, evaluate_segmentation, save_examples
     from chestssl.tasks import build_task
 
     params = load_params()
@@ -34,14 +34,14 @@ def main(argv: list[str]) -> None:
         metrics = evaluate_segmentation(out["output"], out["mask"], out["patient_id"],
                                         threshold=cfg["seg_threshold"], **bootstrap)
         # Show the slices with the largest nodules: the figure is about what the model finds.
-        pick = example_indices(out["mask"].reshape(len(out["mask"]), -1).sum(1), count)
+        pick = choose_example_indices(out["patient_id"], out["mask"].reshape(len(out["mask"]), -1).sum(1), count)
         save_examples(out_dir / "examples.npz", image=out["image"][pick], mask=out["mask"][pick],
                       prob=out["output"][pick], patient_id=out["patient_id"][pick],
                       slice_index=out["slice_index"][pick])
     else:
         metrics = evaluate_classification(out["output"], out["label"], out["patient_id"],
                                           threshold=cfg["cls_threshold"], **bootstrap)
-        pick = example_indices(out["output"], count)
+        pick = choose_example_indices(out["patient_id"], out["output"], count)
         save_examples(out_dir / "examples.npz", image=out["image"][pick], label=out["label"][pick],
                       score=out["output"][pick], patient_id=out["patient_id"][pick],
                       slice_index=out["slice_index"][pick])

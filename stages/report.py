@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from chestssl import paths
 from chestssl.cli import run_stage
 from chestssl.params import load_params
@@ -12,19 +14,27 @@ def main(argv: list[str]) -> None:
 
     params = load_params()
     methods, runs = params["methods"], params["runs"]
+    reconstructing, not_applicable = [], []
+    for method in methods:
+        metrics_file = paths.evaluate_pretrain_dir(method) / "metrics.json"
+        if json.loads(metrics_file.read_text()).get("reconstructs"):
+            reconstructing.append(method)
+        else:
+            not_applicable.append(f"`{method}`: no reconstruction metrics (the method has no decoder)")
+    seg_runs = [r for r in runs if runs[r]["task"] == "seg"]
     live_dirs = {f"pretrain@{m}": paths.pretrain_report_dir(m) / "live" for m in methods}
     live_dirs |= {f"finetune@{r}": paths.finetune_report_dir(r) / "live" for r in runs}
-    examples = {f"pretrain@{m}": paths.evaluate_pretrain_dir(m) / "examples.npz" for m in methods}
-    examples |= {f"evaluate@{r}": paths.evaluate_dir(r) / "examples.npz" for r in runs}
+    examples = {m: paths.evaluate_pretrain_dir(m) / "examples.npz" for m in reconstructing}
+    examples |= {r: paths.evaluate_dir(r) / "examples.npz" for r in seg_runs}
     build_report(
         paths.REPORTS_DIR,
-        pretrain_metrics={m: paths.evaluate_pretrain_dir(m) / "metrics.json" for m in methods},
+        pretrain_metrics={m: paths.evaluate_pretrain_dir(m) / "metrics.json" for m in reconstructing},
         eval_metrics={r: paths.evaluate_dir(r) / "metrics.json" for r in runs},
         run_params=runs,
         live_dirs=live_dirs,
         examples=examples,
-        context={"data_source": params["data"]["source"], "split": params["preprocess"]["split"],
-                 "methods": methods},
+        params=params,
+        not_applicable=not_applicable,
     )
     print(f"report: {paths.REPORTS_DIR / 'README.md'}")
 

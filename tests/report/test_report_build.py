@@ -1,0 +1,242 @@
+"""The report built from synthetic metrics, dvclive folders and examples."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from chestssl.eval import (
+    evaluate_classification,
+    evaluate_reconstruction,
+    evaluate_segmentation,
+    save_examples,
+)
+from chestssl.io import write_json
+from chestssl.params import load_params
+from chestssl.report import build_report, format_interval, read_live_metrics
+
+REPO = Path(__file__).resolve().parents[2]
+SIZE = 24
+
+
+def _write_live(live_dir: Path, curves: dict[str, list[float]]) -> None:
+    """A dvclive folder as ``Live(dvcyaml=False)`` leaves it: plots/metrics/<name>.tsv."""
+    for name, values in curves.items():
+        tsv = live_dir / "plots" / "metrics" / f"{name}.tsv"
+        tsv.parent.mkdir(parents=True, exist_ok=True)
+        column = name.rsplit("/", 1)[-1]
+        pd.DataFrame({"step": range(len(values)), column: values}).to_csv(tsv, sep="\t", index=False)
+
+
+def _make_inputs(tmp_path: Path) -> dict:
+    """Metrics, examples and dvclive folders of 2 AEs, 2 segmentation and 2 classification runs."""
+    rng = np.random.default_rng(0)
+    n, ids = 12, np.repeat(["p1", "p2", "p3", "p4"], 3)
+    yy, xx = np.mgrid[:SIZE, :SIZE]
+    images = np.clip(0.3 + 0.05 * rng.standard_normal((n, 1, SIZE, SIZE)), 0, 1).astype(np.float32)
+    masks = np.zeros((n, 1, SIZE, SIZE), np.uint8)
+    for i in range(0, n, 2):
+        masks[i, 0] = (yy - 10 - i % 5) ** 2 + (xx - 12) ** 2 <= 9
+    images[masks > 0] = 0.8
+
+    root = tmp_path / "in"
+    recon = {}
+    for method, noise in (("ae", 0.03), ("dae", 0.08)):
+        out = np.clip(images + noise * rng.standard_normal(images.shape), 0, 1).astype(np.float32)
+        write_json(root / f"pretrain_{method}.json", evaluate_reconstruction(out, images, ids, n_bootstrap=50))
+        save_examples(root / f"examples_{method}.npz", image=images[:4], recon=out[:4])
+        recon[method] = root / f"pretrain_{method}.json"
+
+    runs = {
+        "seg_unetpp_scratch": {"task": "seg", "arch": "unetpp", "init": "scratch", "loss": "ce"},
+        "seg_unetpp_ae": {"task": "seg", "arch": "unetpp", "init": "ae", "loss": "dice"},
+        "cls_resnet18_ae": {"task": "cls", "arch": "resnet18", "init": "ae"},
+        "cls_one_class": {"task": "cls", "arch": "resnet50", "init": "scratch"},
+    }
+    evals, examples, lives = {}, {"ae": root / "examples_ae.npz", "dae": root / "examples_dae.npz"}, {}
+    for run, spec in runs.items():
+        path = root / f"eval_{run}.json"
+        if spec["task"] == "seg":
+            probs = np.clip(masks + 0.4 * rng.standard_normal(masks.shape), 0, 1).astype(np.float32)
+            write_json(path, evaluate_segmentation(probs, masks, ids, threshold=0.5, n_bootstrap=50))
+            save_examples(
+                root / f"examples_{run}.npz", image=images[:4], mask=masks[:4], prob=probs[:4],
+                patient_id=ids[:4], slice_index=np.arange(4),
+            )
+            examples[run] = root / f"examples_{run}.npz"
+        else:
+            labels = (masks.reshape(n, -1).sum(1) > 0).astype(int)
+            if run == "cls_one_class":
+                labels[:] = 1
+            scores = np.clip(0.3 + 0.4 * labels + 0.2 * rng.standard_normal(n), 0, 1)
+            write_json(path, evaluate_classification(scores, labels, ids, n_bootstrap=50))
+        evals[run] = path
+        lives[run] = root / "live" / run
+        _write_live(lives[run], {"train/loss": [1.0, 0.6, 0.4], "val/dice": [0.1, 0.3, 0.5]})
+    lives["pretrain-ae"] = root / "live" / "pretrain-ae"
+    _write_live(lives["pretrain-ae"], {"train/loss": [0.9, 0.5], "train/ssim": [0.4, 0.7], "val/ssim": [0.5, 0.8]})
+    return {
+        "out_dir": tmp_path / "reports", "pretrain_metrics": recon, "eval_metrics": evals, "run_params": runs,
+        "live_dirs": lives, "examples": examples,
+    }
+
+
+@pytest.fixture
+def inputs(tmp_path):
+    return _make_inputs(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """One full report (the expensive part: ten figures) shared by the read-only tests.
+
+    Run ``seg_unetpp_scratch`` has no examples and one dvclive folder is empty, so the
+    "skipped" list has entries to check.
+    """
+    inputs = _make_inputs(tmp_path_factory.mktemp("report"))
+    inputs["examples"].pop("seg_unetpp_scratch")
+    empty_live = inputs["out_dir"].parent / "in" / "live" / "empty"
+    empty_live.mkdir(parents=True)
+    inputs["live_dirs"]["empty"] = empty_live
+    written = build_report(
+        **inputs,
+        extra_sections={"Benchmarks": "Training speed: see benchmarks/."},
+        params=load_params(REPO / "params.yaml"),
+        not_applicable=["FID: no diffusion model in this profile."],
+    )
+    return inputs, written
+
+
+def test_report_tables_hold_the_metrics(built):
+    inputs, _ = built
+    tables = inputs["out_dir"] / "tables"
+    seg = pd.read_csv(tables / "segmentation.csv")
+    metrics = json.loads(inputs["eval_metrics"]["seg_unetpp_ae"].read_text())
+    row = seg.set_index("run").loc["seg_unetpp_ae"]
+    assert row["dice_global"] == pytest.approx(metrics["dice_global"]["value"])
+    assert row["dice_per_image_ci_high"] == pytest.approx(metrics["dice_per_image"]["ci_high"])
+    assert (row["arch"], row["init"], row["loss"]) == ("unetpp", "ae", "dice")
+    markdown = (tables / "segmentation.md").read_text()
+    d = metrics["dice_global"]
+    assert format_interval(d["value"], d["ci_low"], d["ci_high"]) in markdown
+    assert re.search(r"\d\.\d{3} \[\d\.\d{3}, \d\.\d{3}\]", markdown)
+
+    recon = pd.read_csv(tables / "reconstruction.csv").set_index("method")
+    ae = json.loads(inputs["pretrain_metrics"]["ae"].read_text())
+    assert recon.loc["ae", "psnr"] == pytest.approx(ae["psnr"]["value"])
+    assert recon.loc["ae", "ssim"] > recon.loc["dae", "ssim"]  # less noise, better SSIM
+    assert f"{ae['psnr']['value']:.2f} [" in (tables / "reconstruction.md").read_text()
+
+    cls = pd.read_csv(tables / "classification.csv").set_index("run")
+    assert pd.isna(cls.loc["cls_one_class", "auroc"])
+    assert "AUROC needs both classes" in cls.loc["cls_one_class", "notes"]
+    cls_md = (tables / "classification.md").read_text()
+    assert re.search(r"\| n/a\[\^classification-\d\] \|", cls_md)
+    assert re.search(r"^\[\^classification-\d\]: undefined: all 12 test items have label 1", cls_md, re.M)
+
+
+def test_report_figures_are_valid_pngs_and_readme_links_resolve(built):
+    inputs, written = built
+    out_dir = inputs["out_dir"]
+    pngs = sorted(p.relative_to(out_dir).as_posix() for p in written if p.suffix == ".png")
+    assert pngs == [
+        "figures/classification_intervals.png",
+        "figures/curves_cls_one_class.png",
+        "figures/curves_cls_resnet18_ae.png",
+        "figures/curves_pretrain-ae.png",
+        "figures/curves_seg_unetpp_ae.png",
+        "figures/curves_seg_unetpp_scratch.png",
+        "figures/overlay_seg_unetpp_ae.png",
+        "figures/reconstructions.png",
+        "figures/segmentation_intervals.png",
+    ]
+    for png in pngs:
+        with Image.open(out_dir / png) as image:
+            image.verify()
+        with Image.open(out_dir / png) as image:
+            assert image.format == "PNG" and min(image.size) > 50
+
+    readme = (out_dir / "README.md").read_text()
+    links = re.findall(r"\]\(([^)]+)\)", readme)
+    assert set(pngs) <= set(links)
+    assert "tables/segmentation.csv" in links
+    for link in links:
+        assert (out_dir / link).is_file(), link
+    assert "## Benchmarks\n\nTraining speed: see benchmarks/." in readme
+    assert not list(out_dir.rglob(".*"))  # no temporary files left
+
+
+def test_readme_protocol_and_skipped_items(built):
+    inputs, _ = built
+    params = load_params(REPO / "params.yaml")
+    readme = (inputs["out_dir"] / "README.md").read_text()
+    assert "bootstrap interval over test **patients** (50 resamples" in readme
+    assert "synthetic CT phantoms (`data.source: phantom`" in readme
+    split = params["preprocess"]["split"]
+    assert f"train / val / test = {split['train']:g} / {split['val']:g} / {split['test']:g}" in readme
+    skipped = readme.split("## Skipped or not applicable")[1]
+    assert "AUROC needs both classes" in skipped
+    assert "Segmentation overlay of run `seg_unetpp_scratch`: no examples were given." in skipped
+    assert "Segmentation overlay of run `seg_unetpp_ae`" not in skipped
+    assert "Training curves of `empty`" in skipped
+    assert "Reconstruction of method `scratch` (`scratch`)" in skipped
+    assert "FID: no diffusion model in this profile." in skipped
+    for run in params["runs"]:
+        if run not in inputs["eval_metrics"]:
+            assert f"Run `{run}`: listed in params but no test metrics" in skipped
+
+
+def test_report_without_classification_runs_says_so(inputs):
+    for run in ("cls_resnet18_ae", "cls_one_class"):
+        inputs["eval_metrics"].pop(run)
+    build_report(**{**inputs, "pretrain_metrics": {}, "live_dirs": {}, "examples": {}})
+    out_dir = inputs["out_dir"]
+    assert not (out_dir / "tables" / "classification.csv").exists()
+    assert "Classification table: no classification run was evaluated." in (out_dir / "README.md").read_text()
+
+
+def test_missing_inputs_are_all_named(inputs):
+    inputs["eval_metrics"]["seg_unetpp_ae"].unlink()
+    missing_live = inputs["live_dirs"]["cls_resnet18_ae"].parent / "gone"
+    inputs["live_dirs"]["cls_resnet18_ae"] = missing_live
+    with pytest.raises(FileNotFoundError) as error:
+        build_report(**inputs)
+    message = str(error.value)
+    assert str(inputs["eval_metrics"]["seg_unetpp_ae"]) in message and "evaluate@<run>" in message
+    assert str(missing_live) in message
+    assert not inputs["out_dir"].exists()  # nothing written before the inputs are checked
+
+
+def test_bad_inputs_give_actionable_errors(inputs):
+    run_params = dict(inputs["run_params"])
+    run_params.pop("seg_unetpp_ae")
+    with pytest.raises(KeyError, match="run 'seg_unetpp_ae' has a metrics file"):
+        build_report(**{**inputs, "run_params": run_params})
+
+    bad_examples = inputs["out_dir"].parent / "in" / "bad_examples.npz"
+    save_examples(bad_examples, image=np.zeros((2, 8, 8)))
+    with pytest.raises(ValueError, match=re.escape(str(bad_examples))):
+        build_report(**{**inputs, "examples": {"ae": bad_examples}})
+
+    seg_examples = inputs["examples"]["seg_unetpp_ae"]
+    with pytest.raises(KeyError, match="keyed 'unet_run', which is not an evaluated segmentation run"):
+        build_report(**{**inputs, "pretrain_metrics": {}, "live_dirs": {}, "examples": {"unet_run": seg_examples}})
+
+    stale = inputs["eval_metrics"]["cls_resnet18_ae"]
+    write_json(stale, {"accuracy": 0.9})
+    with pytest.raises(KeyError, match=re.escape(str(stale))):
+        build_report(**{**inputs, "pretrain_metrics": {}, "eval_metrics": {"cls_resnet18_ae": stale},
+                        "live_dirs": {}, "examples": {}})
+
+
+def test_read_live_metrics(inputs):
+    curves = read_live_metrics(inputs["live_dirs"]["pretrain-ae"])
+    assert sorted(curves) == ["train/loss", "train/ssim", "val/ssim"]
+    assert curves["val/ssim"]["value"].tolist() == [0.5, 0.8]
+    assert curves["train/loss"]["step"].tolist() == [0, 1]
