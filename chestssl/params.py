@@ -181,7 +181,7 @@ SCHEMA = Section(
         ),
         "slices": Section(
             {
-                "size": Field(int, min=16, max=1024),
+                "size": Field(int, min=32, max=1024, doc="the UNet encoder pools 4 times and needs >= 2 pixels at 1/16"),
                 "clean_per_nodule_slice": _nonneg_float(),
             }
         ),

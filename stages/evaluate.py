@@ -21,7 +21,7 @@ def main(argv: list[str]) -> None:
     seed, slices, cfg = params["seed"], params["slices"], params["evaluate"]
     saved = torch.load(paths.finetune_model_path(name), map_location="cpu", weights_only=False)
     device = auto_device()
-    model = build_task(run, saved["encoder"], seed)
+    model = build_task(run, saved["encoder"], seed, name=name)
     model.load_state_dict(saved["state_dict"])
     model.to(device).eval()
     test = SliceDataset(paths.PROCESSED_DIR, "test", slices["size"], run["task"],

@@ -22,7 +22,7 @@ def main(argv: list[str]) -> None:
     name, run = entry_from_argv(argv, params, "runs")
     seed, slices = params["seed"], params["slices"]
     encoder = torch.load(paths.encoder_path(run["init"]), map_location="cpu", weights_only=False)
-    model = build_task(run, encoder, seed)
+    model = build_task(run, encoder, seed, name=name)
 
     def data(split: str) -> SliceDataset:
         return SliceDataset(paths.PROCESSED_DIR, split, slices["size"], run["task"],

@@ -1,0 +1,35 @@
+"""Pretext methods, one module each, behind one interface (:class:`PretrainMethod`).
+
+Adding a method is one module here, one entry in :data:`METHODS` and one schema in
+``chestssl.params.METHOD_SCHEMAS``; no stage script changes.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from chestssl.methods.ae import AutoencoderPretraining
+from chestssl.methods.base import PretrainMethod
+from chestssl.methods.scratch import Scratch
+
+#: Method classes keyed by the ``method`` param of a ``methods`` entry.
+METHODS: dict[str, type[PretrainMethod]] = {
+    "scratch": Scratch,
+    "ae": AutoencoderPretraining,
+}
+
+
+def build_method(name: str, cfg: Mapping[str, Any], seed: int) -> PretrainMethod:
+    """Build the method of the validated params entry ``methods.<name>`` (``cfg``).
+
+    The class is picked by ``cfg["method"]``; ``seed`` seeds the initial weights.
+    """
+    kind = cfg.get("method")
+    if kind not in METHODS:
+        raise ValueError(
+            f"methods.{name}.method: got {kind!r}, expected one of {', '.join(map(repr, METHODS))}"
+        )
+    return METHODS[kind](name, cfg, seed)
+
+
+__all__ = ["METHODS", "AutoencoderPretraining", "PretrainMethod", "Scratch", "build_method"]

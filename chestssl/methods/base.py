@@ -1,0 +1,71 @@
+"""The interface every pretraining method implements.
+
+The training loop only sees a :class:`PretrainMethod`:
+
+- ``training_step(batch) -> dict[str, Tensor]``: the key ``"loss"`` is optimised, the
+  other scalar entries are logged;
+- ``validation_step(batch) -> dict[str, Tensor]``: scalar metrics of one batch;
+- ``validation_epoch_end() -> dict[str, Tensor]``: metrics over the current validation
+  pass (every batch validated since the model was put in eval mode; MONAI cumulative
+  metrics), optional for the loop;
+- ``encoder()``: the backbone handed downstream; ``export()``: its payload
+  (:func:`chestssl.models.export_encoder`);
+- ``reconstruct(image)``: the method's reconstruction of a batch, or ``None``.
+
+A batch is a dict with ``image`` (B, 1, *S) float in [0, 1], ``mask`` (B, 1, *S) float
+binary, ``label`` (B,) int64, and ``patient_id`` / ``scan_id`` lists.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar, Mapping
+
+import torch
+from torch import nn
+
+from chestssl.models.backbones import export_encoder
+from chestssl.models.stepped import SteppedModule
+
+
+class PretrainMethod(SteppedModule, ABC):
+    """Base class of the pretext methods (one subclass per module of this package).
+
+    Args:
+        name: the method's entry name under ``methods`` in params.yaml (for messages).
+        cfg: the validated params entry (``method``, ``backbone``, method-specific keys).
+        seed: seed of the initial weights.
+    """
+
+    #: Whether the method has parameters to optimise (``scratch`` does not).
+    trainable: ClassVar[bool] = True
+
+    def __init__(self, name: str, cfg: Mapping[str, Any], seed: int):
+        super().__init__()
+        self.name = name
+        self.cfg = dict(cfg)
+        self.seed = int(seed)
+
+    @abstractmethod
+    def encoder(self) -> nn.Module:
+        """The backbone handed to downstream tasks."""
+
+    @abstractmethod
+    def training_step(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        """Losses of one training batch; ``"loss"`` is optimised."""
+
+    @abstractmethod
+    def validation_step(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        """Scalar metrics of one validation batch."""
+
+    def validation_epoch_end(self) -> dict[str, torch.Tensor]:
+        """Metrics over the current validation pass; none unless a method accumulates some."""
+        return {}
+
+    def reconstruct(self, image: torch.Tensor) -> torch.Tensor | None:
+        """Reconstruction (B, 1, *S) of ``image`` (B, 1, *S), or None if the method has none."""
+        return None
+
+    def export(self) -> dict[str, Any]:
+        """The encoder payload written for downstream stages."""
+        return export_encoder(self.encoder(), self.cfg["backbone"])

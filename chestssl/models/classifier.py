@@ -1,0 +1,73 @@
+"""Classification on the encoder's latent with a MONAI ResNet (seed 000's classifier).
+
+ResNet: He et al., "Deep Residual Learning for Image Recognition", CVPR 2016, as
+implemented by MONAI's :class:`~monai.networks.nets.ResNet`. Seed 000 classified nodule
+vs clean slices from the autoencoder's latent with a ResNet whose "ResNet18" has basic
+blocks [2, 2, 2, 2] and whose "ResNet50" has *basic* blocks [3, 4, 6, 3] (not
+bottlenecks); we keep both definitions.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Sequence
+
+import torch
+from monai.networks.nets import ResNet
+from torch import nn
+
+from chestssl.models.unet import UNetEncoder
+
+#: Blocks per stage of the latent ResNets (all basic blocks, as seed 000).
+RESNET_LAYERS: dict[str, tuple[int, int, int, int]] = {
+    "resnet18": (2, 2, 2, 2),
+    "resnet50": (3, 4, 6, 3),
+}
+#: Stage widths of the standard ResNet.
+RESNET_WIDTHS: tuple[int, int, int, int] = (64, 128, 256, 512)
+
+
+class LatentResNetClassifier(nn.Module):
+    """Image -> ``UNetEncoder`` latent -> MONAI ``ResNet`` -> logits.
+
+    The latent is tiny (4x4 for a 64x64 slice), so the ResNet stem keeps its resolution:
+    a 3x3 stride-1 first convolution and no max-pool (a 7x7 kernel on a 4x4 map would be
+    mostly padding).
+
+    Args:
+        encoder: a (pretrained) :class:`UNetEncoder`; it is copied, so training the
+            classifier never changes the module passed in.
+        arch: ``"resnet18"`` or ``"resnet50"`` (see :data:`RESNET_LAYERS`).
+        num_classes: logits per image.
+        widths: the four ResNet stage widths.
+
+    ``forward(x)``: x (B, 1, *S) -> logits (B, num_classes). With batch norm in the
+    ResNet, training needs at least 2 images per batch once the map is 1 pixel wide.
+    """
+
+    def __init__(
+        self,
+        encoder: UNetEncoder,
+        arch: str = "resnet18",
+        num_classes: int = 2,
+        widths: Sequence[int] = RESNET_WIDTHS,
+    ):
+        super().__init__()
+        if arch not in RESNET_LAYERS:
+            raise ValueError(f"arch: got {arch!r}, expected one of {', '.join(map(repr, RESNET_LAYERS))}")
+        self.arch = arch
+        self.encoder = copy.deepcopy(encoder)
+        self.head = ResNet(
+            block="basic",
+            layers=list(RESNET_LAYERS[arch]),
+            block_inplanes=list(widths),
+            spatial_dims=encoder.spatial_dims,
+            n_input_channels=encoder.latent_channels,
+            conv1_t_size=3,
+            conv1_t_stride=1,
+            no_max_pool=True,
+            num_classes=num_classes,
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(x)[-1])

@@ -1,0 +1,60 @@
+"""The interface of downstream task models (what ``finetune`` trains and ``evaluate`` scores).
+
+Same training-loop contract as :class:`chestssl.methods.PretrainMethod`:
+``training_step(batch)`` (key ``"loss"`` optimised), ``validation_step(batch)`` (scalar
+metrics of one batch), ``validation_epoch_end()`` (metrics over the current validation
+pass, e.g. AUROC and the global Dice; see :mod:`chestssl.models.stepped`), plus
+``predict(batch)`` for evaluation.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from chestssl.models.stepped import SteppedModule
+
+
+def class_weight_tensor(weights: Sequence[float], name: str) -> torch.Tensor:
+    """``runs.<name>.class_weights`` as a tensor; refuses all-zero weights (nothing to learn)."""
+    tensor = torch.as_tensor([float(w) for w in weights], dtype=torch.float32)
+    if tensor.numel() != 2 or bool((tensor < 0).any()) or float(tensor.sum()) == 0.0:
+        raise ValueError(
+            f"runs.{name}.class_weights: got {list(weights)}, expected 2 non-negative weights "
+            "(background/clean, nodule) that are not both 0"
+        )
+    return tensor
+
+
+class TaskModel(SteppedModule, ABC):
+    """Base of the downstream models; the whole network (encoder included) is trained.
+
+    Args:
+        name: the run's entry name under ``runs`` in params.yaml (for messages).
+        run_cfg: the validated ``runs.<name>`` entry.
+        seed: seed of the randomly initialised parts (decoder or head).
+    """
+
+    def __init__(self, name: str, run_cfg: Mapping[str, Any], seed: int):
+        super().__init__()
+        self.name = name
+        self.run_cfg = dict(run_cfg)
+        self.seed = int(seed)
+
+    @abstractmethod
+    def training_step(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        """Losses of one training batch; ``"loss"`` is optimised."""
+
+    @abstractmethod
+    def validation_step(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        """Scalar metrics of one validation batch."""
+
+    @abstractmethod
+    def validation_epoch_end(self) -> dict[str, torch.Tensor]:
+        """Metrics over every batch of the current validation pass (empty before any)."""
+
+    @abstractmethod
+    def predict(self, batch: Mapping[str, Any]) -> torch.Tensor:
+        """Probabilities for ``batch["image"]`` (no gradients)."""

@@ -1,0 +1,99 @@
+"""Nodule-slice classification from the pretrained encoder's latent (seed 000's task).
+
+Image -> pretrained :class:`~chestssl.models.UNetEncoder` -> latent -> MONAI ResNet with
+basic blocks (He et al., CVPR 2016; seed 000's "ResNet18" [2,2,2,2] and "ResNet50"
+[3,4,6,3]) -> two logits (clean, nodule); class-weighted cross-entropy. The whole
+network, encoder included, is trained.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+from monai.metrics import Cumulative, ROCAUCMetric
+from torch import nn
+
+from chestssl.models.classifier import RESNET_LAYERS, LatentResNetClassifier
+from chestssl.models.seeding import seeded
+from chestssl.models.unet import UNetEncoder
+from chestssl.tasks.base import TaskModel, class_weight_tensor
+
+#: Architectures of the ``cls`` task (the ``arch`` param).
+CLS_ARCHS = tuple(RESNET_LAYERS)
+
+
+class ClassificationTask(TaskModel):
+    """:class:`LatentResNetClassifier` trained with class-weighted cross-entropy.
+
+    ``forward(image (B, 1, *S)) -> logits (B, 2)``;
+    ``predict(batch) -> probability of class 1 (nodule), (B,)``.
+
+    Args:
+        name, run_cfg, seed: see :class:`~chestssl.tasks.base.TaskModel`; ``run_cfg``
+            holds ``arch`` and ``class_weights``; ``seed`` seeds the ResNet head.
+        encoder: the pretrained :class:`UNetEncoder` (copied into the classifier).
+    """
+
+    # Every parameter gets a gradient in every step: DDP need not search for unused ones.
+    ddp_find_unused_parameters = False
+
+    def __init__(self, name: str, run_cfg: Mapping[str, Any], encoder: nn.Module, seed: int):
+        super().__init__(name, run_cfg, seed)
+        arch = self.run_cfg.get("arch")
+        if arch not in CLS_ARCHS:
+            raise ValueError(f"runs.{name}.arch: got {arch!r}, expected one of {', '.join(map(repr, CLS_ARCHS))}")
+        if not isinstance(encoder, UNetEncoder):
+            raise ValueError(
+                f"runs.{name}: arch {arch!r} needs a 'unet_encoder' backbone, got {type(encoder).__name__}; "
+                f"set methods.{self.run_cfg.get('init')}.backbone.name to 'unet_encoder'"
+            )
+        with seeded(self.seed):
+            self.network = LatentResNetClassifier(encoder, arch=arch, num_classes=2)
+        self.loss_fn = nn.CrossEntropyLoss(weight=class_weight_tensor(self.run_cfg["class_weights"], name))
+        self._epoch_auroc = self.register_accumulator(ROCAUCMetric())
+        self._epoch_correct = self.register_accumulator(Cumulative())
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.network(image)
+
+    def training_step(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        image = batch["image"]
+        if image.shape[0] < 2:
+            raise ValueError(
+                f"runs.{self.name}: a training batch of {image.shape[0]} image cannot train the ResNet's "
+                "batch norm (the latent is 1 pixel wide by its last stage); use batch_size >= 2 and "
+                "drop the last incomplete batch"
+            )
+        logits = self(image).float()
+        return {"loss": self.loss_fn(logits, batch["label"])}
+
+    @torch.no_grad()
+    def validation_step(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        """``loss`` and ``accuracy`` of the batch (argmax of the logits).
+
+        The class-1 probabilities and labels are also accumulated, so
+        :meth:`validation_epoch_end` gives the AUROC over the whole validation set.
+        """
+        logits = self(batch["image"]).float()
+        label = batch["label"]
+        correct = (logits.argmax(dim=1) == label).float()
+        self._epoch_auroc(torch.softmax(logits, dim=1)[:, 1].cpu(), label.cpu())
+        self._epoch_correct.extend(correct.cpu())
+        return {"loss": self.loss_fn(logits, label), "accuracy": correct.mean()}
+
+    def validation_epoch_end(self) -> dict[str, torch.Tensor]:
+        """``accuracy`` and ``auroc`` over every image of the current validation pass.
+
+        AUROC is NaN (with MONAI's warning) when only one class was seen.
+        """
+        if len(self._epoch_correct) == 0:
+            return {}
+        accuracy = self._epoch_correct.get_buffer().mean()
+        auroc = torch.tensor(float(self._epoch_auroc.aggregate()))
+        return {"accuracy": accuracy, "auroc": auroc}
+
+    @torch.no_grad()
+    def predict(self, batch: Mapping[str, Any]) -> torch.Tensor:
+        """Probability of class 1 (nodule slice), shape (B,)."""
+        return torch.softmax(self(batch["image"]).float(), dim=1)[:, 1]

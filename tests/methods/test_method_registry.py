@@ -1,0 +1,36 @@
+"""build_method: one registry keyed by `method`, matching the params schema."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from chestssl.methods import METHODS, PretrainMethod, build_method
+from chestssl.models import load_encoder
+from chestssl.params import METHOD_SCHEMAS, load_params
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_registry_matches_params_schema():
+    assert set(METHODS) == set(METHOD_SCHEMAS)
+    assert all(issubclass(cls, PretrainMethod) for cls in METHODS.values())
+
+
+def test_unknown_method_names_allowed():
+    with pytest.raises(ValueError, match=r"methods\.mine\.method: got 'simclr'.*'scratch', 'ae'"):
+        build_method("mine", {"method": "simclr"}, seed=0)
+
+
+def test_every_method_of_params_yaml_builds_and_exports():
+    params = load_params(ROOT / "params.yaml")
+    x = torch.rand(2, 1, 64, 64)
+    for name, cfg in params["methods"].items():
+        method = build_method(name, cfg, seed=params["seed"])
+        assert method.trainable == METHODS[cfg["method"]].trainable
+        encoder = load_encoder(method.export()).eval()
+        with torch.no_grad():
+            latent = encoder(x)[-1]
+        assert tuple(latent.shape) == (2, cfg["backbone"]["features"][-1], 4, 4), name

@@ -1,0 +1,113 @@
+"""Classification task: ResNet on the pretrained encoder's latent."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from sklearn.metrics import roc_auc_score
+from torch import nn
+
+from chestssl.methods import build_method
+from chestssl.tasks import ClassificationTask, build_task
+
+BACKBONE = {"name": "unet_encoder", "spatial_dims": 2, "features": [4, 8, 8, 16, 16]}
+
+
+def _run(**overrides) -> dict:
+    return {**{"task": "cls", "arch": "resnet18", "init": "ae", "class_weights": [1.0, 1.0]}, **overrides}
+
+
+def _payload(spatial_dims: int = 2, seed: int = 0) -> dict:
+    cfg = {"method": "scratch", "backbone": {**BACKBONE, "spatial_dims": spatial_dims}}
+    return build_method("scratch", cfg, seed=seed).export()
+
+
+class FixedLogits(nn.Module):
+    """Stands in for the classifier so metrics can be checked on known outputs."""
+
+    def __init__(self, logits: torch.Tensor):
+        super().__init__()
+        self.logits = logits
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.logits
+
+
+@pytest.mark.parametrize("arch,spatial_dims,size", [("resnet18", 2, 64), ("resnet50", 2, 32), ("resnet18", 3, 32)])
+def test_shapes_and_predict(arch, spatial_dims, size):
+    task = build_task(_run(arch=arch), _payload(spatial_dims), seed=0)
+    assert isinstance(task, ClassificationTask)
+    image = torch.rand((2, 1) + (size,) * spatial_dims)
+    assert tuple(task(image).shape) == (2, 2)
+    probability = task.predict({"image": image})
+    assert tuple(probability.shape) == (2,) and not probability.requires_grad
+    assert bool(((probability >= 0) & (probability <= 1)).all())
+    loss = task.training_step({"image": image, "label": torch.tensor([0, 1])})["loss"]
+    loss.backward()
+    assert task.network.encoder.conv_0_0.conv_0.conv.weight.grad is not None
+
+
+def test_encoder_starts_from_the_pretrained_weights():
+    payload = _payload(seed=2)
+    task = build_task(_run(), payload, seed=0)
+    for key, value in payload["state_dict"].items():
+        assert torch.equal(task.network.encoder.state_dict()[key], value), key
+
+
+def test_class_weights_change_the_loss_as_expected():
+    logits = torch.tensor([[2.0, -1.0], [0.5, 0.2], [-1.0, 1.0]])
+    label = torch.tensor([0, 1, 1])
+    nll = F.cross_entropy(logits, label, reduction="none")
+    task = build_task(_run(class_weights=[50.0, 1.0]), _payload(), seed=0)
+    task.network = FixedLogits(logits)
+    batch = {"image": torch.rand(3, 1, 32, 32), "label": label}
+    weight = torch.tensor([50.0, 1.0, 1.0])
+    torch.testing.assert_close(task.training_step(batch)["loss"], (weight * nll).sum() / weight.sum())
+    plain = build_task(_run(), _payload(), seed=0)
+    plain.network = FixedLogits(logits)
+    torch.testing.assert_close(plain.training_step(batch)["loss"], nll.mean())
+
+
+def test_validation_accuracy_and_epoch_auroc():
+    task = build_task(_run(), _payload(), seed=0).eval()
+    batches = [
+        (torch.tensor([[0.0, 2.0], [1.0, 0.0], [0.0, 0.5]]), torch.tensor([1, 0, 0])),
+        (torch.tensor([[0.0, 1.0], [3.0, 0.0]]), torch.tensor([1, 1])),
+    ]
+    for logits, label in batches:
+        task.network = FixedLogits(logits)
+        step = task.validation_step({"image": torch.rand(len(label), 1, 32, 32), "label": label})
+        assert set(step) == {"loss", "accuracy"}
+    assert float(step["accuracy"]) == pytest.approx(0.5)
+    epoch = task.validation_epoch_end()
+    logits = torch.cat([b[0] for b in batches])
+    label = torch.cat([b[1] for b in batches])
+    expected_auroc = roc_auc_score(label.numpy(), torch.softmax(logits, 1)[:, 1].numpy())
+    assert float(epoch["auroc"]) == pytest.approx(expected_auroc)
+    assert float(epoch["accuracy"]) == pytest.approx(3 / 5)
+    task.train()
+    task.eval()
+    assert task.validation_epoch_end() == {}
+
+
+def test_auroc_of_one_class_is_nan():
+    task = build_task(_run(), _payload(), seed=0).eval()
+    task.network = FixedLogits(torch.tensor([[0.0, 1.0], [1.0, 0.0]]))
+    task.validation_step({"image": torch.rand(2, 1, 32, 32), "label": torch.tensor([1, 1])})
+    with pytest.warns(UserWarning, match="all 1"):
+        epoch = task.validation_epoch_end()
+    assert math.isnan(float(epoch["auroc"])) and float(epoch["accuracy"]) == 0.5
+
+
+def test_batch_of_one_is_refused_with_advice():
+    task = build_task(_run(), _payload(), seed=0)
+    with pytest.raises(ValueError, match="batch_size >= 2"):
+        task.training_step({"image": torch.rand(1, 1, 32, 32), "label": torch.tensor([1])})
+
+
+def test_bad_run_params_are_reported():
+    with pytest.raises(ValueError, match=r"runs\.r\.arch: got 'vgg'.*'resnet18', 'resnet50'"):
+        build_task(_run(arch="vgg"), _payload(), seed=0, name="r")
