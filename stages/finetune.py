@@ -32,6 +32,8 @@ def main(argv: list[str]) -> None:
     report_dir = paths.finetune_report_dir(name)
     result = fit(model, data("train"), data("val"), run["train"], report_dir / "live",
                  paths.checkpoint_path("finetune", name), seed, monitor=monitor, mode=mode)
+    if not result.is_main:  # under torchrun, rank 0 writes the outputs
+        return
     save_torch(paths.finetune_model_path(name),
                {"run": name, "config": run, "encoder": encoder, "state_dict": result.best_state})
     metrics = {"epochs": result.epochs, "steps": result.steps, f"best_{monitor.replace('/', '_')}": result.best_value,

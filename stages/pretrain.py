@@ -25,6 +25,8 @@ def main(argv: list[str]) -> None:
         train = SliceDataset(paths.PROCESSED_DIR, "train", size, "pretrain", seed=seed)
         val = SliceDataset(paths.PROCESSED_DIR, "val", size, "pretrain", seed=seed)
         result = fit(method, train, val, cfg["train"], live_dir, paths.checkpoint_path("pretrain", name), seed)
+        if not result.is_main:  # under torchrun, rank 0 writes the outputs
+            return
         method.load_state_dict(result.best_state)
         metrics = {"trained": True, "epochs": result.epochs, "steps": result.steps,
                    "best_val_loss": result.best_value, **flat_metrics(result.final_metrics)}

@@ -1,0 +1,208 @@
+"""2D axial slice datasets built from ``data/processed`` (see :mod:`chestssl.data.processed`).
+
+The slice protocol follows the multi-task chest CT autoencoder (seed 000,
+"lidc-autoencoder"): axial slices of the windowed CT, a nodule slice being one whose
+consensus mask has more than ``preprocess.min_nodule_pixels`` pixels. Unlike seed 000,
+whose 8:1:1 split was drawn over slices (one patient's slices in train and test), every
+slice here inherits its patient's split from ``splits.json``.
+
+Each slice is padded to a square with 0 (air after windowing, so the padding looks like
+the background outside the body) and resized to ``size`` x ``size``: the image with area
+interpolation when shrinking (it averages, so no aliasing) and bilinear when enlarging,
+the mask with nearest-neighbour interpolation so it stays binary.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from monai.transforms import Resize, SpatialPad
+from torch.utils.data import Dataset
+
+from chestssl.data.processed import SPLITS, load_scan, read_slices
+
+TASKS = ("pretrain", "seg", "cls")
+
+
+class SliceDataset(Dataset):
+    """Axial slices of one split, for pretraining, segmentation or classification.
+
+    Args:
+        processed_dir: the ``data/processed`` folder.
+        split: ``train``, ``val`` or ``test``.
+        size: side of the square slices returned.
+        task: ``pretrain`` (every slice of the split's scans), ``seg`` (nodule slices,
+            ``label == 1``) or ``cls`` (nodule slices, label 1, plus clean slices,
+            label 0, sampled at ``clean_per_nodule_slice`` per nodule slice; slices with
+            ``label == -1``, a few nodule pixels only, are left out).
+        clean_per_nodule_slice: clean slices drawn per nodule slice for ``cls``.
+        seed: seeds the sampling of clean slices.
+        patient_ids: if given, only these patients (all must belong to ``split``), e.g.
+            for label-fraction studies.
+
+    All items are computed once, at construction: each scan is loaded once and only the
+    needed slices are kept, stored as float16 images and uint8 masks.
+
+    Items are dicts:
+
+    - ``image``: (1, size, size) float32 in [0, 1];
+    - ``mask``: (1, size, size) float32, 1 on nodule pixels (any nodule), else 0;
+    - ``label``: int64 scalar tensor, the slice's label from ``slices.csv`` (1 nodule,
+      0 clean, -1 in between; only 1 and 0 occur for ``seg``/``cls``);
+    - ``patient_id``, ``scan_id``: str; ``slice_index``: int (axial index in the scan).
+
+    ``frame`` holds one row per item (columns of ``slices.csv``) in item order.
+    """
+
+    def __init__(
+        self,
+        processed_dir: str | Path,
+        split: str,
+        size: int,
+        task: str,
+        clean_per_nodule_slice: float = 1.0,
+        seed: int = 0,
+        patient_ids: list[str] | None = None,
+    ) -> None:
+        if split not in SPLITS:
+            raise ValueError(f"split: got {split!r}, expected one of {', '.join(SPLITS)}")
+        if task not in TASKS:
+            raise ValueError(f"task: got {task!r}, expected one of {', '.join(TASKS)}")
+        if not isinstance(size, int) or size < 1:
+            raise ValueError(f"size: got {size!r}, expected a positive integer (slices.size in params.yaml)")
+        if clean_per_nodule_slice < 0:
+            raise ValueError(
+                f"clean_per_nodule_slice: got {clean_per_nodule_slice!r}, expected a number >= 0 "
+                "(slices.clean_per_nodule_slice in params.yaml)"
+            )
+        self.processed_dir = Path(processed_dir)
+        self.split, self.size, self.task = split, size, task
+        if not (self.processed_dir / "slices.csv").exists():
+            raise FileNotFoundError(
+                f"{self.processed_dir / 'slices.csv'} missing; run the preprocess stage (dvc repro preprocess)"
+            )
+        split_rows = read_slices(self.processed_dir)
+        split_rows = split_rows[split_rows["split"] == split]
+        if patient_ids is not None:
+            split_rows = _restrict_to_patients(split_rows, patient_ids, split, self.processed_dir)
+        frame = _select_rows(split_rows, task, clean_per_nodule_slice, seed)
+        if frame.empty:
+            scans = sorted(split_rows["scan_id"].unique())
+            raise ValueError(
+                f"no {task!r} slices in split {split!r} of {self.processed_dir} "
+                f"({len(scans)} scans{': ' + ', '.join(scans[:10]) if scans else ''}"
+                f"{', ...' if len(scans) > 10 else ''}); "
+                + _empty_hint(task)
+            )
+        self.frame = frame.reset_index(drop=True)
+        self.images, self.masks = self._load_slices()
+        self.labels = torch.tensor(self.frame["label"].to_numpy(), dtype=torch.int64)
+        self.patient_ids: list[str] = self.frame["patient_id"].tolist()
+        self.scan_ids: list[str] = self.frame["scan_id"].tolist()
+        self.slice_indices: list[int] = [int(i) for i in self.frame["slice_index"]]
+
+    def _load_slices(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Load each scan once; pad and resize its needed slices. Returns (N, S, S) tensors."""
+        images = torch.empty((len(self.frame), self.size, self.size), dtype=torch.float16)
+        masks = torch.empty((len(self.frame), self.size, self.size), dtype=torch.uint8)
+        for scan_id, rows in self.frame.groupby("scan_id", sort=False):
+            scan = load_scan(self.processed_dir, scan_id)
+            depth = scan["image"].shape[0]
+            wanted = rows["slice_index"].to_numpy()
+            if wanted.min() < 0 or wanted.max() >= depth:
+                raise ValueError(
+                    f"slices.csv lists slice {int(wanted.max())} of scan {scan_id}, but "
+                    f"scans/{scan_id}.npz has {depth} slices; rerun the preprocess stage"
+                )
+            image, mask = square_resize(scan["image"][wanted], scan["mask"][wanted] > 0, self.size)
+            positions = torch.from_numpy(rows.index.to_numpy(dtype=np.int64, copy=True))
+            images[positions] = image.to(torch.float16)
+            masks[positions] = mask.to(torch.uint8)
+        return images, masks
+
+    def __len__(self) -> int:
+        return len(self.frame)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return {
+            "image": self.images[index].unsqueeze(0).to(torch.float32),
+            "mask": self.masks[index].unsqueeze(0).to(torch.float32),
+            "label": self.labels[index],
+            "patient_id": self.patient_ids[index],
+            "scan_id": self.scan_ids[index],
+            "slice_index": self.slice_indices[index],
+        }
+
+
+def square_resize(image: np.ndarray, mask: np.ndarray, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad slices to a square with 0 (centred) and resize them to ``size`` x ``size``.
+
+    Args:
+        image: (N, Y, X) float slices in [0, 1].
+        mask: (N, Y, X) bool or {0, 1} slices.
+        size: output side.
+
+    Returns:
+        image (N, size, size) float32 and mask (N, size, size) bool. The N slices are
+        treated as channels, so all get the same geometry.
+    """
+    side = max(image.shape[1:])
+    pad = SpatialPad(spatial_size=(side, side), mode="constant", value=0)
+    image_t = pad(torch.as_tensor(np.asarray(image, np.float32)))
+    mask_t = pad(torch.as_tensor(np.asarray(mask, np.float32)))
+    # Area interpolation averages the covered pixels when shrinking; it degenerates to
+    # nearest when enlarging, where bilinear is the smoother choice.
+    image_mode = "area" if side >= size else "bilinear"
+    image_t = Resize((size, size), mode=image_mode)(image_t)
+    mask_t = Resize((size, size), mode="nearest-exact")(mask_t)
+    image_out = torch.as_tensor(image_t).clamp_(0.0, 1.0)
+    mask_out = torch.as_tensor(mask_t) > 0.5
+    return image_out, mask_out
+
+
+def _restrict_to_patients(rows: pd.DataFrame, patient_ids: list[str], split: str, processed_dir: Path) -> pd.DataFrame:
+    wanted = [str(p) for p in patient_ids]
+    unknown = sorted(set(wanted) - set(rows["patient_id"]))
+    if unknown:
+        raise ValueError(
+            f"patient_ids: {', '.join(unknown[:10])}{', ...' if len(unknown) > 10 else ''} not in split "
+            f"{split!r} of {processed_dir} (see splits.json); pass patients of that split only"
+        )
+    return rows[rows["patient_id"].isin(set(wanted))]
+
+
+def _select_rows(rows: pd.DataFrame, task: str, clean_per_nodule_slice: float, seed: int) -> pd.DataFrame:
+    """The slices of ``task``, sorted by scan and slice index."""
+    rows = rows.sort_values(["scan_id", "slice_index"], kind="stable")
+    if task == "pretrain":
+        return rows
+    nodule = rows[rows["label"] == 1]
+    if task == "seg":
+        return nodule
+    clean = rows[rows["label"] == 0]
+    wanted = int(round(clean_per_nodule_slice * len(nodule)))
+    if wanted > len(clean):
+        warnings.warn(
+            f"cls: {wanted} clean slices wanted ({clean_per_nodule_slice:g} per nodule slice x {len(nodule)}), "
+            f"only {len(clean)} available; using all of them",
+            stacklevel=3,
+        )
+        wanted = len(clean)
+    rng = np.random.default_rng(seed)
+    picked = np.sort(rng.choice(len(clean), size=wanted, replace=False))
+    chosen = pd.concat([nodule, clean.iloc[picked]])
+    return chosen.sort_values(["scan_id", "slice_index"], kind="stable")
+
+
+def _empty_hint(task: str) -> str:
+    if task == "pretrain":
+        return "the split has no scans: preprocess more scans (data.phantom.num_scans) or change preprocess.split"
+    return (
+        "the split has no nodule slices: preprocess more scans (data.phantom.num_scans, data.tcia.max_patients), "
+        "change preprocess.split, or lower preprocess.min_nodule_pixels"
+    )

@@ -1,0 +1,660 @@
+"""The training loop every stage uses: :func:`fit`.
+
+A model is a ``torch.nn.Module`` with
+
+- ``training_step(batch: dict) -> dict[str, Tensor]``: the key ``"loss"`` (a scalar
+  that requires grad) is optimised; the other scalar entries are logged as
+  ``train/<key>`` (non-scalar entries are not logged);
+- ``validation_step(batch: dict) -> dict[str, Tensor]``: scalar metrics, averaged over
+  the validation set weighted by batch size and logged as ``val/<key>``.
+
+Under DistributedDataParallel the loop looks for trainable parameters that a step
+leaves unused (a head trained on some batches only would otherwise stop DDP); a model
+that uses all of them in every step may set the attribute
+``ddp_find_unused_parameters = False`` to skip that search.
+
+Batches are what the DataLoader's collate function makes (by default: dicts of stacked
+tensors, lists of strings for ids); the loop moves their tensors to the device.
+
+What the loop takes care of:
+
+- device ``auto`` (CUDA when present), automatic mixed precision on CUDA when
+  ``train.amp`` is true (``torch.autocast`` float16 + ``GradScaler``), fp32 on the CPU;
+- ``torchrun`` multi-GPU / multi-node training (DistributedDataParallel; see
+  :mod:`chestssl.train.distributed`): rank 0 logs, writes the checkpoint and returns
+  the weights;
+- determinism: ``monai.utils.set_determinism``, data order and DataLoader worker seeds
+  that depend only on (seed, epoch, rank), deterministic algorithms on the CPU, so two
+  runs of the same fit give bitwise-identical weights on the CPU;
+- a tqdm progress bar per epoch, dvclive metrics with ``step`` = optimisation step;
+- a resume checkpoint after every epoch (written atomically) that an interrupted run
+  continues from, giving the same final weights as an uninterrupted run;
+- the best weights by a monitored metric, returned in :class:`FitResult` (the caller
+  writes the model files).
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import io
+import math
+import random
+import shutil
+import sys
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
+
+import numpy as np
+import torch
+from monai.data.utils import set_rnd
+from monai.data.utils import worker_init_fn as monai_worker_init_fn
+from monai.utils import set_determinism
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from tqdm.auto import tqdm
+
+from chestssl.io import write_text
+from chestssl.train.checkpoint import (
+    capture_rng_state,
+    describe_mismatch,
+    fingerprint,
+    load_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+    state_dict_digest,
+)
+from chestssl.train.devices import amp_enabled, batch_size_of, move_to_device
+from chestssl.train.distributed import (
+    DistContext,
+    ShardSampler,
+    all_gather_object,
+    all_reduce_sum,
+    barrier,
+    broadcast_object,
+    setup_distributed,
+    teardown_distributed,
+)
+
+TRAIN_KEYS = (
+    "epochs", "batch_size", "lr", "weight_decay", "optimizer", "betas", "scheduler", "grad_clip",
+    "max_steps", "amp", "num_workers", "log_every", "device",
+)
+OPTIMIZERS = ("adam", "adamw", "sgd")
+SCHEDULERS = ("none", "cosine", "plateau")
+# ReduceLROnPlateau settings of seed 000's segmentation fine-tuning.
+PLATEAU_FACTOR = 0.1
+PLATEAU_PATIENCE = 5
+
+
+@dataclass
+class FitResult:
+    """What :func:`fit` returns.
+
+    ``best_state`` is the model's state dict (CPU tensors) at the epoch with the best
+    ``monitor`` value (ties keep the earlier epoch); ``None`` on ranks other than 0 of a
+    distributed run. ``final_metrics`` holds the last epoch's ``val/<key>`` metrics and
+    its ``train/<key>`` means.
+    """
+
+    best_state: dict[str, torch.Tensor] | None
+    best_value: float
+    best_epoch: int
+    best_step: int
+    epochs: int
+    steps: int
+    final_metrics: dict[str, float]
+    monitor: str
+    mode: str
+    resumed: bool = False
+    is_main: bool = True
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def fit(
+    model: nn.Module,
+    train_data: Dataset,
+    val_data: Dataset,
+    train_cfg: Mapping[str, Any],
+    live_dir: str | Path,
+    checkpoint_path: str | Path,
+    seed: int,
+    monitor: str = "val/loss",
+    mode: str = "min",
+    collate_fn: Callable | None = None,
+) -> FitResult:
+    """Train ``model`` on ``train_data``, validating on ``val_data`` after every epoch.
+
+    Args:
+        model: a module with ``training_step`` and ``validation_step`` (module docstring).
+            It is moved to the training device and left there with the final weights.
+        train_data, val_data: map-style datasets of dict items.
+        train_cfg: a validated ``train`` block of params.yaml (keys :data:`TRAIN_KEYS`).
+        live_dir: dvclive folder (a stage output): emptied on a fresh run, appended to
+            on a resume. Metrics land in ``live_dir/plots/metrics/{train,val}/<key>.tsv``
+            and ``live_dir/plots/metrics/lr.tsv``, with ``step`` = optimisation step.
+        checkpoint_path: resume checkpoint, written after every epoch and deleted after a
+            successful fit. If it exists and was made by the same fit (same ``train_cfg``,
+            seed, monitor, initial weights, dataset sizes and number of processes), training
+            resumes from it; otherwise it starts fresh and says why.
+        seed: seeds everything (weights are the caller's: build them seeded).
+        monitor: metric that picks the best epoch, e.g. ``val/loss`` or ``val/dice``.
+        mode: ``min`` or ``max``: whether lower or higher ``monitor`` is better.
+        collate_fn: DataLoader collate function (default: torch's default collate).
+    """
+    cfg = _check_train_cfg(train_cfg)
+    if mode not in ("min", "max"):
+        raise ValueError(f"mode: got {mode!r}, expected 'min' or 'max'")
+    ctx = setup_distributed(cfg["device"])
+    deterministic = (torch.are_deterministic_algorithms_enabled(),
+                     torch.is_deterministic_algorithms_warn_only_enabled())
+    try:
+        return _Fit(model, train_data, val_data, cfg, Path(live_dir), Path(checkpoint_path), seed, monitor, mode,
+                    collate_fn, ctx).run()
+    finally:
+        torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])
+        teardown_distributed(ctx)
+
+
+def build_optimizer(parameters: Iterable[nn.Parameter], cfg: Mapping[str, Any]) -> torch.optim.Optimizer:
+    """Adam, AdamW or SGD from a ``train`` block (for SGD, ``betas[0]`` is the momentum)."""
+    parameters = list(parameters)
+    beta1, beta2 = (float(b) for b in cfg["betas"])
+    lr, weight_decay = float(cfg["lr"]), float(cfg["weight_decay"])
+    name = cfg["optimizer"]
+    if name == "adam":
+        return torch.optim.Adam(parameters, lr=lr, betas=(beta1, beta2), weight_decay=weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(parameters, lr=lr, betas=(beta1, beta2), weight_decay=weight_decay)
+    if name == "sgd":
+        return torch.optim.SGD(parameters, lr=lr, momentum=beta1, weight_decay=weight_decay)
+    raise ValueError(f"train.optimizer: got {name!r}, expected one of {', '.join(OPTIMIZERS)}")
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: Mapping[str, Any], total_steps: int, mode: str
+) -> torch.optim.lr_scheduler.LRScheduler | torch.optim.lr_scheduler.ReduceLROnPlateau | None:
+    """``none``; ``cosine``: cosine annealing to 0 over ``total_steps`` optimisation steps,
+    stepped after every step; ``plateau``: ReduceLROnPlateau (factor 0.1, patience 5, as in
+    seed 000) on the monitored metric, stepped after every validation."""
+    name = cfg["scheduler"]
+    if name == "none":
+        return None
+    if name == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, total_steps))
+    if name == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode=mode, factor=PLATEAU_FACTOR, patience=PLATEAU_PATIENCE
+        )
+    raise ValueError(f"train.scheduler: got {name!r}, expected one of {', '.join(SCHEDULERS)}")
+
+
+def seed_worker(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: seed Python, NumPy and MONAI's random transforms.
+
+    ``torch.initial_seed()`` in a worker is the loader's base seed (drawn from the
+    loader's seeded generator) plus the worker id, so every worker's stream is fixed by
+    (seed, epoch, rank, worker).
+    """
+    worker_seed = torch.initial_seed() % 2**32
+    np.random.seed(worker_seed)
+    random.seed(worker_seed)
+    monai_worker_init_fn(worker_id)
+
+
+def epoch_seed(seed: int, epoch: int, rank: int, stream: int = 0) -> int:
+    """A 63-bit seed for one (seed, epoch, rank, stream); ``stream`` 0 is training, 1 validation."""
+    state = np.random.SeedSequence([seed, epoch, rank, stream]).generate_state(1, np.uint64)[0]
+    return int(state >> np.uint64(1))
+
+
+def prune_metric_logs(live_dir: Path, last_step: int) -> None:
+    """Drop dvclive rows logged after ``last_step`` (by the run that was interrupted), so a
+    resumed run appends without duplicate steps."""
+    metrics_dir = live_dir / "plots" / "metrics"
+    if not metrics_dir.is_dir():
+        return
+    for tsv in sorted(metrics_dir.rglob("*.tsv")):
+        with open(tsv, newline="") as f:
+            reader = csv.DictReader(f, delimiter="\t")
+            fieldnames = reader.fieldnames or []
+            rows = [row for row in reader if int(row["step"]) <= last_step]
+        out = io.StringIO()
+        writer = csv.DictWriter(out, fieldnames, delimiter="\t", lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        write_text(tsv, out.getvalue())
+
+
+def _check_train_cfg(train_cfg: Mapping[str, Any]) -> dict[str, Any]:
+    missing = [key for key in TRAIN_KEYS if key not in train_cfg]
+    if missing:
+        raise ValueError(f"train: missing key(s) {', '.join(missing)}; see the `train` blocks in params.yaml")
+    cfg = dict(train_cfg)
+    for key in ("epochs", "batch_size", "log_every"):
+        if not isinstance(cfg[key], int) or cfg[key] < 1:
+            raise ValueError(f"train.{key}: got {cfg[key]!r}, expected an integer >= 1")
+    if not isinstance(cfg["max_steps"], int) or cfg["max_steps"] < 0:
+        raise ValueError(f"train.max_steps: got {cfg['max_steps']!r}, expected an integer >= 0 (0: no limit)")
+    if cfg["optimizer"] not in OPTIMIZERS:
+        raise ValueError(f"train.optimizer: got {cfg['optimizer']!r}, expected one of {', '.join(OPTIMIZERS)}")
+    if cfg["scheduler"] not in SCHEDULERS:
+        raise ValueError(f"train.scheduler: got {cfg['scheduler']!r}, expected one of {', '.join(SCHEDULERS)}")
+    return cfg
+
+
+def _improved(value: float, best: float | None, mode: str) -> bool:
+    """Strictly better (ties keep the earlier epoch); NaN is never better."""
+    if math.isnan(value):
+        return False
+    if best is None or math.isnan(best):
+        return True
+    return value < best if mode == "min" else value > best
+
+
+def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: value.detach().to("cpu", copy=True) for name, value in model.state_dict().items()}
+
+
+def _scalar_entries(output: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """The scalar entries of a step's output, detached, as float tensors."""
+    scalars = {}
+    for key, value in output.items():
+        if isinstance(value, torch.Tensor):
+            if value.numel() == 1:
+                scalars[key] = value.detach().reshape(()).float()
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            scalars[key] = torch.tensor(float(value))
+    return scalars
+
+
+class _TrainingStep(nn.Module):
+    """Routes ``forward`` to ``model.training_step``: DistributedDataParallel synchronises
+    the gradients of what its wrapped module's ``forward`` computed."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
+        return self.model.training_step(batch)
+
+
+class _Fit:
+    """One call of :func:`fit`: state shared by its phases."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        train_data: Dataset,
+        val_data: Dataset,
+        cfg: dict[str, Any],
+        live_dir: Path,
+        checkpoint_path: Path,
+        seed: int,
+        monitor: str,
+        mode: str,
+        collate_fn: Callable | None,
+        ctx: DistContext,
+    ) -> None:
+        for name in ("training_step", "validation_step"):
+            if not callable(getattr(model, name, None)):
+                raise TypeError(f"{type(model).__name__} has no {name}(batch) method; see chestssl/train/loop.py")
+        for name, data in (("train_data", train_data), ("val_data", val_data)):
+            if data is None or len(data) == 0:
+                raise ValueError(f"{name} is empty: nothing to {'train on' if name == 'train_data' else 'validate on'}")
+        self.model, self.train_data, self.val_data = model, train_data, val_data
+        self.cfg, self.live_dir, self.checkpoint_path = cfg, live_dir, checkpoint_path
+        self.seed, self.monitor, self.mode, self.collate_fn, self.ctx = seed, monitor, mode, collate_fn, ctx
+        self.device = ctx.device
+        self.amp = amp_enabled(cfg["amp"], self.device, announce=ctx.is_main)
+        self.epochs_done = 0
+        self.global_step = 0
+        self.best_value: float | None = None
+        self.best_epoch = 0
+        self.best_step = 0
+        self.best_state: dict[str, torch.Tensor] | None = None
+        self.final_metrics: dict[str, float] = {}
+        self.history: list[dict[str, float]] = []
+        self.resumed = False
+        self.live = None
+
+    # -- setup ----------------------------------------------------------------------
+    def _setup(self) -> None:
+        cfg, ctx = self.cfg, self.ctx
+        set_determinism(seed=self.seed + ctx.rank)
+        if self.device.type == "cpu":
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        self.model.to(self.device)
+        if ctx.distributed and self.device.type == "cuda":
+            self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+        self.parameters = [p for p in self.model.parameters() if p.requires_grad]
+        if not self.parameters:
+            raise ValueError(f"{type(self.model).__name__} has no trainable parameters (all have requires_grad=False)")
+        self.initial_digest = state_dict_digest(self.model.state_dict()) if ctx.is_main else ""
+
+        # Seeded per epoch: they fix the DataLoader workers' seeds (the sampler has its own).
+        self.loader_generator = torch.Generator()
+        self.val_generator = torch.Generator()
+        self.train_sampler = DistributedSampler(
+            self.train_data, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=self.seed, drop_last=False
+        )
+        per_rank = len(self.train_sampler)
+        batch_size = cfg["batch_size"]
+        # A trailing batch of a single sample breaks batch statistics (BatchNorm, the
+        # cross-correlation of Barlow Twins); the data order changes every epoch, so the
+        # sample left out of one epoch is seen in the others.
+        drop_last = per_rank > batch_size and per_rank % batch_size == 1
+        pin = self.device.type == "cuda"
+        self.train_loader = DataLoader(
+            self.train_data, batch_size=batch_size, sampler=self.train_sampler, num_workers=cfg["num_workers"],
+            collate_fn=self.collate_fn, pin_memory=pin, drop_last=drop_last, worker_init_fn=seed_worker,
+            generator=self.loader_generator,
+        )
+        self.val_loader = DataLoader(
+            self.val_data, batch_size=batch_size, sampler=ShardSampler(len(self.val_data), ctx.world_size, ctx.rank),
+            num_workers=cfg["num_workers"], collate_fn=self.collate_fn, pin_memory=pin, worker_init_fn=seed_worker,
+            generator=self.val_generator,
+        )
+        self.steps_per_epoch = len(self.train_loader)
+        total = cfg["epochs"] * self.steps_per_epoch
+        self.total_steps = min(total, cfg["max_steps"]) if cfg["max_steps"] > 0 else total
+        self.optimizer = build_optimizer(self.parameters, cfg)
+        self.scheduler = build_scheduler(self.optimizer, cfg, self.total_steps, self.mode)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp)
+        self.fingerprint = fingerprint(
+            {
+                "train config": {key: cfg[key] for key in sorted(cfg)},
+                "seed": self.seed,
+                "monitor": [self.monitor, self.mode],
+                "initial weights": self.initial_digest,
+                "dataset sizes": [len(self.train_data), len(self.val_data)],
+                # The number of processes sets the data each step sees and the steps per epoch.
+                "world size": ctx.world_size,
+            }
+        )
+
+    def _resume(self) -> None:
+        checkpoint, note = None, ""
+        if self.ctx.is_main:
+            checkpoint, why = load_checkpoint(self.checkpoint_path)
+            if checkpoint is not None and checkpoint.get("fingerprint") != self.fingerprint:
+                changed = describe_mismatch(checkpoint.get("fingerprint", {}), self.fingerprint)
+                note = f"checkpoint {self.checkpoint_path} belongs to a different fit (changed: {changed}); starting fresh"
+                checkpoint = None
+            elif checkpoint is None and why != "no checkpoint":
+                note = f"{why}; starting fresh"
+            if note:
+                print(note, file=sys.stderr)
+        # Every process needs the optimizer/scheduler state and its own RNG state; the
+        # model weights reach the other ranks through DDP's broadcast at wrapping.
+        shared = None
+        if checkpoint is not None:
+            shared = {k: v for k, v in checkpoint.items() if k not in ("model", "best_state")}
+        shared = broadcast_object(shared, self.ctx)
+        if shared is None:
+            return
+        if self.ctx.is_main:
+            self.model.load_state_dict(checkpoint["model"])
+            self.best_state = checkpoint["best_state"]
+        self.optimizer.load_state_dict(shared["optimizer"])
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(shared["scheduler"])
+        self.scaler.load_state_dict(shared["scaler"])
+        self.epochs_done, self.global_step = int(shared["epoch"]), int(shared["global_step"])
+        self.best_value = shared["best_value"]
+        self.best_epoch, self.best_step = int(shared["best_epoch"]), int(shared["best_step"])
+        self.final_metrics = dict(shared["final_metrics"])
+        self.history = [dict(h) for h in shared["history"]]
+        restore_rng_state(shared["rng"][self.ctx.rank])
+        self.resumed = True
+        if self.ctx.is_main:
+            print(
+                f"resuming from {self.checkpoint_path}: {self.epochs_done} epoch(s), {self.global_step} step(s) done",
+                file=sys.stderr,
+            )
+
+    def _open_live(self) -> None:
+        if not self.ctx.is_main:
+            return
+        from dvclive import Live  # imports DVC: only where it is used
+
+        if self.resumed:
+            prune_metric_logs(self.live_dir, self.global_step)
+        else:
+            shutil.rmtree(self.live_dir, ignore_errors=True)
+        self.live = Live(str(self.live_dir), resume=self.resumed, report=None, save_dvc_exp=False, dvcyaml=False)
+        self.live.step = self.global_step
+
+    # -- training -------------------------------------------------------------------
+    def run(self) -> FitResult:
+        self._setup()
+        self._resume()
+        self._open_live()
+        raw_model = self.model
+        if self.ctx.distributed:
+            step_module: nn.Module = DistributedDataParallel(
+                _TrainingStep(raw_model),
+                device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=getattr(raw_model, "ddp_find_unused_parameters", True),
+            )
+        else:
+            step_module = _TrainingStep(raw_model)
+        try:
+            while self.epochs_done < self.cfg["epochs"] and not self._step_limit_reached():
+                train_means = self._train_epoch(step_module)
+                val_metrics = self._validate(raw_model)
+                self._end_epoch(raw_model, train_means, val_metrics)
+        except BaseException:
+            if self.ctx.is_main and self.checkpoint_path.exists():
+                print(
+                    f"training stopped; rerun the same command to resume from {self.checkpoint_path} "
+                    f"(epoch {self.epochs_done})",
+                    file=sys.stderr,
+                )
+            raise
+        return self._finish(raw_model)
+
+    def _step_limit_reached(self) -> bool:
+        return self.cfg["max_steps"] > 0 and self.global_step >= self.cfg["max_steps"]
+
+    def _train_epoch(self, step_module: nn.Module) -> dict[str, float]:
+        epoch = self.epochs_done
+        self.train_sampler.set_epoch(epoch)
+        seed = epoch_seed(self.seed, epoch, self.ctx.rank)
+        self.loader_generator.manual_seed(seed)
+        if self.cfg["num_workers"] == 0:
+            # Random MONAI transforms in the dataset run in this process: seed them per
+            # epoch so a resumed run draws what an uninterrupted one would.
+            set_rnd(self.train_data, seed=seed % 2**31)
+        self.model.train()
+        steps_left = self.total_steps - self.global_step
+        bar = tqdm(
+            total=min(self.steps_per_epoch, steps_left), desc=f"epoch {epoch + 1}/{self.cfg['epochs']}",
+            disable=not self.ctx.is_main, file=sys.stderr, dynamic_ncols=True, leave=True,
+        )
+        window: dict[str, torch.Tensor] = {}
+        window_steps = 0
+        epoch_sums: dict[str, torch.Tensor] = {}
+        epoch_steps = 0
+        with bar:
+            for batch in self.train_loader:
+                if self._step_limit_reached():
+                    break
+                batch = move_to_device(batch, self.device, non_blocking=self.device.type == "cuda")
+                self.optimizer.zero_grad(set_to_none=True)
+                with self._autocast():
+                    output = step_module(batch)
+                loss = self._check_output(output)
+                self.scaler.scale(loss).backward()
+                if self.cfg["grad_clip"] > 0:
+                    self.scaler.unscale_(self.optimizer)
+                    torch.nn.utils.clip_grad_norm_(self.parameters, self.cfg["grad_clip"])
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                if isinstance(self.scheduler, torch.optim.lr_scheduler.CosineAnnealingLR):
+                    self.scheduler.step()
+                self.global_step += 1
+                bar.update(1)
+                scalars = _scalar_entries(output)
+                for key, value in scalars.items():
+                    window[key] = window.get(key, 0.0) + value
+                    epoch_sums[key] = epoch_sums.get(key, 0.0) + value
+                window_steps += 1
+                epoch_steps += 1
+                if self.global_step % self.cfg["log_every"] == 0:
+                    means = self._reduce_means(window, window_steps)
+                    self._log({f"train/{k}": v for k, v in means.items()} | {"lr": self._lr()})
+                    bar.set_postfix(loss=f"{means['loss']:.4g}")
+                    window, window_steps = {}, 0
+        if epoch_steps == 0:
+            return {}
+        return {f"train/{k}": v for k, v in self._reduce_means(epoch_sums, epoch_steps).items()}
+
+    def _autocast(self):
+        if self.amp:
+            return torch.autocast(device_type=self.device.type, dtype=torch.float16)
+        return nullcontext()
+
+    def _check_output(self, output: Any) -> torch.Tensor:
+        loss = output.get("loss") if isinstance(output, Mapping) else None
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1 or not loss.requires_grad:
+            raise TypeError(
+                f"{type(self.model).__name__}.training_step must return a dict whose 'loss' is a scalar tensor "
+                f"that requires grad; got {type(output).__name__}"
+                + (f" with keys {sorted(output)}" if isinstance(output, Mapping) else "")
+            )
+        return loss.reshape(())
+
+    def _reduce_means(self, sums: dict[str, torch.Tensor], steps: int) -> dict[str, float]:
+        """Means over the steps of all processes; stops on a non-finite loss."""
+        keys = sorted(sums)
+        stacked = torch.stack([sums[k].to(self.device) for k in keys] + [torch.tensor(float(steps), device=self.device)])
+        totals = all_reduce_sum(stacked.double(), self.ctx).tolist()
+        means = {k: totals[i] / totals[-1] for i, k in enumerate(keys)}
+        if not math.isfinite(means["loss"]):
+            raise FloatingPointError(
+                f"the training loss is {means['loss']} at step {self.global_step} (epoch {self.epochs_done + 1}); "
+                "lower train.lr, set train.grad_clip"
+                + (", or set train.amp to false" if self.amp else "")
+            )
+        return means
+
+    def _lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    def _log(self, metrics: Mapping[str, float]) -> None:
+        if self.live is None:
+            return
+        self.live.step = self.global_step
+        for key, value in metrics.items():
+            self.live.log_metric(key, float(value))
+
+    @torch.no_grad()
+    def _validate(self, raw_model: nn.Module) -> dict[str, float]:
+        """``validation_step`` metrics averaged over all validation samples (all ranks)."""
+        raw_model.eval()
+        self.val_generator.manual_seed(epoch_seed(self.seed, self.epochs_done, self.ctx.rank, stream=1))
+        sums: dict[str, torch.Tensor] = {}
+        count = 0
+        with self._autocast():
+            for batch in self.val_loader:
+                batch = move_to_device(batch, self.device, non_blocking=self.device.type == "cuda")
+                size = batch_size_of(batch)
+                output = raw_model.validation_step(batch)
+                if not isinstance(output, Mapping):
+                    raise TypeError(
+                        f"{type(raw_model).__name__}.validation_step must return a dict of scalar tensors; "
+                        f"got {type(output).__name__}"
+                    )
+                for key, value in _scalar_entries(output).items():
+                    sums[key] = sums.get(key, 0.0) + value.double() * size
+                count += size
+        raw_model.train()
+        local = ({key: float(value) for key, value in sums.items()}, count)
+        totals: dict[str, float] = {}
+        total_count = 0
+        for rank_sums, rank_count in all_gather_object(local, self.ctx):
+            for key, value in rank_sums.items():
+                totals[key] = totals.get(key, 0.0) + value
+            total_count += rank_count
+        return {f"val/{key}": value / total_count for key, value in sorted(totals.items())}
+
+    def _end_epoch(self, raw_model: nn.Module, train_means: dict[str, float], val_metrics: dict[str, float]) -> None:
+        self.epochs_done += 1
+        metrics = {**val_metrics, **train_means}
+        if self.monitor not in metrics:
+            raise KeyError(
+                f"monitor {self.monitor!r} is not among the epoch's metrics ({', '.join(sorted(metrics))}); "
+                "pass a key that validation_step returns, prefixed with 'val/'"
+            )
+        value = float(metrics[self.monitor])
+        if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            self.scheduler.step(value)
+        self._log(val_metrics)
+        if self.live is not None:
+            self.live.make_summary()
+        if _improved(value, self.best_value, self.mode):
+            self.best_value, self.best_epoch, self.best_step = value, self.epochs_done, self.global_step
+            if self.ctx.is_main:
+                self.best_state = _cpu_state(raw_model)
+        self.final_metrics = metrics
+        self.history.append({"epoch": float(self.epochs_done), "step": float(self.global_step), **metrics})
+        self._save_checkpoint(raw_model)
+
+    def _save_checkpoint(self, raw_model: nn.Module) -> None:
+        rng_states = all_gather_object(capture_rng_state(), self.ctx)
+        if not self.ctx.is_main:
+            return
+        save_checkpoint(
+            self.checkpoint_path,
+            {
+                "fingerprint": self.fingerprint,
+                "epoch": self.epochs_done,
+                "global_step": self.global_step,
+                "model": raw_model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+                "scaler": self.scaler.state_dict(),
+                "best_value": self.best_value,
+                "best_epoch": self.best_epoch,
+                "best_step": self.best_step,
+                "best_state": self.best_state,
+                "final_metrics": self.final_metrics,
+                "history": self.history,
+                "rng": rng_states,
+            },
+        )
+
+    def _finish(self, raw_model: nn.Module) -> FitResult:
+        best_value = self.best_value
+        if self.ctx.is_main:
+            if best_value is None or math.isnan(best_value):
+                print(
+                    f"{self.monitor} was never a number; returning the final weights as the best",
+                    file=sys.stderr,
+                )
+                self.best_state = _cpu_state(raw_model)
+                best_value = math.nan
+                self.best_epoch, self.best_step = self.epochs_done, self.global_step
+            if self.live is not None:
+                self.live.end()
+            self.checkpoint_path.unlink(missing_ok=True)
+        barrier(self.ctx)
+        return FitResult(
+            best_state=copy.copy(self.best_state) if self.ctx.is_main else None,
+            best_value=math.nan if best_value is None else float(best_value),
+            best_epoch=self.best_epoch,
+            best_step=self.best_step,
+            epochs=self.epochs_done,
+            steps=self.global_step,
+            final_metrics=dict(self.final_metrics),
+            monitor=self.monitor,
+            mode=self.mode,
+            resumed=self.resumed,
+            is_main=self.ctx.is_main,
+            history=list(self.history),
+        )

@@ -1,0 +1,129 @@
+"""SliceDataset on the synthetic processed folder (tests/conftest.py: patients p1, p3, p5
+have a bright disc nodule on slices 4..7; two patients per split)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from chestssl.data.datasets import SliceDataset, square_resize
+from chestssl.data.processed import load_scan, read_slices, scan_path
+from chestssl.io import write_csv, write_npz
+
+DISC_CENTRE = (20, 26)  # (y, x) in the fixture's 48 x 48 slices
+
+
+@pytest.mark.parametrize("split", ["train", "val", "test"])
+def test_counts_per_task_match_slices_csv(synthetic_processed, split):
+    rows = read_slices(synthetic_processed)
+    rows = rows[rows["split"] == split]
+    nodule = int((rows["label"] == 1).sum())
+    assert len(SliceDataset(synthetic_processed, split, 32, "pretrain")) == len(rows) == 24
+    assert len(SliceDataset(synthetic_processed, split, 32, "seg")) == nodule == 4
+    cls = SliceDataset(synthetic_processed, split, 32, "cls", clean_per_nodule_slice=1.5)
+    assert len(cls) == nodule + 6
+    assert int((cls.labels == 1).sum()) == nodule and int((cls.labels == 0).sum()) == 6
+    assert set(cls.patient_ids) <= set(rows["patient_id"])
+
+
+def test_items_and_default_collate(synthetic_processed):
+    data = SliceDataset(synthetic_processed, "train", 32, "seg")
+    item = data[0]
+    assert item["image"].shape == item["mask"].shape == (1, 32, 32)
+    assert item["image"].dtype == item["mask"].dtype == torch.float32
+    assert item["label"].dtype == torch.int64 and item["label"].ndim == 0 and int(item["label"]) == 1
+    assert (item["patient_id"], item["scan_id"], item["slice_index"]) == ("p1", "p1", 4)
+    batch = next(iter(DataLoader(data, batch_size=4)))
+    assert batch["image"].shape == (4, 1, 32, 32)
+    assert batch["patient_id"] == ["p1"] * 4 and batch["slice_index"].tolist() == [4, 5, 6, 7]
+
+
+@pytest.mark.parametrize("size", [48, 32, 80])
+def test_masks_are_aligned_with_the_bright_disc(synthetic_processed, size):
+    data = SliceDataset(synthetic_processed, "val", size, "seg")
+    for item in data:
+        image, mask = item["image"][0], item["mask"][0]
+        assert image.shape == (size, size)
+        assert 0.0 <= image.min() and image.max() <= 1.0
+        assert set(mask.unique().tolist()) == {0.0, 1.0}
+        expected_area = 49 * (size / 48) ** 2  # the fixture's disc has 49 pixels
+        assert abs(mask.sum().item() - expected_area) <= 0.35 * expected_area
+        assert image[mask > 0].mean() > 0.7 and image[mask == 0].mean() < 0.35
+        ys, xs = torch.nonzero(mask, as_tuple=True)
+        scale = size / 48
+        assert abs(ys.float().mean() - (DISC_CENTRE[0] + 0.5) * scale + 0.5) < 1.0
+        assert abs(xs.float().mean() - (DISC_CENTRE[1] + 0.5) * scale + 0.5) < 1.0
+    if size == 48:  # no resizing: exactly the stored slice and its mask
+        scan = load_scan(synthetic_processed, "p3")
+        np.testing.assert_allclose(data[0]["image"][0].numpy(), scan["image"][4], atol=1e-3)
+        np.testing.assert_array_equal(data[0]["mask"][0].numpy(), scan["mask"][4] > 0)
+
+
+def test_clean_slice_sampling_is_seeded(synthetic_processed):
+    def clean_slices(seed: int) -> list[tuple[str, int]]:
+        data = SliceDataset(synthetic_processed, "train", 32, "cls", seed=seed)
+        return [(p, s) for p, s, label in zip(data.patient_ids, data.slice_indices, data.labels) if label == 0]
+
+    assert clean_slices(0) == clean_slices(0)
+    assert clean_slices(0) != clean_slices(1)
+    assert len(clean_slices(0)) == 4
+
+
+def test_cls_excludes_in_between_slices_and_warns_when_clean_slices_run_out(synthetic_processed):
+    rows = read_slices(synthetic_processed)
+    in_between = (rows["patient_id"] == "p0") & (rows["slice_index"] == 3)
+    rows.loc[in_between, "label"] = -1
+    write_csv(synthetic_processed / "slices.csv", rows)
+    with pytest.warns(UserWarning, match="40 clean slices wanted .* only 19 available"):
+        data = SliceDataset(synthetic_processed, "train", 32, "cls", clean_per_nodule_slice=10.0)
+    assert len(data) == 4 + 19
+    assert -1 not in data.labels.tolist()
+    assert ("p0", 3) not in set(zip(data.patient_ids, data.slice_indices))
+    assert len(SliceDataset(synthetic_processed, "train", 32, "pretrain")) == 24, "pretraining keeps every slice"
+
+
+def test_non_square_slices_are_padded_with_air(synthetic_processed):
+    scan = load_scan(synthetic_processed, "p3")
+    write_npz(
+        scan_path(synthetic_processed, "p3"),
+        image=scan["image"][:, :, :36].astype(np.float16),  # 48 x 36: padded by 6 columns each side
+        mask=scan["mask"][:, :, :36],
+        spacing=scan["spacing"],
+        origin_index=scan["origin_index"],
+    )
+    item = SliceDataset(synthetic_processed, "val", 48, "seg")[0]
+    image, mask = item["image"][0], item["mask"][0]
+    assert torch.all(image[:, :6] == 0) and torch.all(image[:, 42:] == 0)
+    assert image[:, 6:42].min() > 0
+    xs = torch.nonzero(mask, as_tuple=True)[1].float()
+    assert xs.mean() == pytest.approx(DISC_CENTRE[1] + 6, abs=0.01)
+
+
+def test_square_resize_keeps_masks_binary_and_images_in_range():
+    image = np.random.default_rng(0).random((3, 30, 50))
+    mask = np.zeros((3, 30, 50), bool)
+    mask[:, 10:20, 20:30] = True
+    out_image, out_mask = square_resize(image, mask, 25)
+    assert out_image.shape == out_mask.shape == (3, 25, 25)
+    assert out_mask.dtype == torch.bool and 0 <= out_image.min() and out_image.max() <= 1
+    assert out_mask.sum(dim=(1, 2)).tolist() == [25, 25, 25]  # 10 x 10 pixels halved per side
+
+
+def test_patient_subset(synthetic_processed):
+    data = SliceDataset(synthetic_processed, "train", 32, "pretrain", patient_ids=["p1"])
+    assert len(data) == 12 and set(data.patient_ids) == {"p1"}
+    with pytest.raises(ValueError, match=r"patient_ids: p2 not in split 'train'"):
+        SliceDataset(synthetic_processed, "train", 32, "pretrain", patient_ids=["p1", "p2"])
+
+
+def test_empty_split_for_a_task_is_an_error_that_names_it(synthetic_processed):
+    with pytest.raises(ValueError, match=r"no 'seg' slices in split 'train' .*\(1 scans: p0\)"):
+        SliceDataset(synthetic_processed, "train", 32, "seg", patient_ids=["p0"])
+    with pytest.raises(ValueError, match=r"no 'cls' slices in split 'test'"):
+        SliceDataset(synthetic_processed, "test", 32, "cls", patient_ids=["p4"])
+    with pytest.raises(ValueError, match="task: got 'detect'"):
+        SliceDataset(synthetic_processed, "train", 32, "detect")
+    with pytest.raises(FileNotFoundError, match="dvc repro preprocess"):
+        SliceDataset(synthetic_processed / "missing", "train", 32, "seg")

@@ -1,0 +1,293 @@
+"""The training loop: learning, determinism, resume, dvclive logs, max_steps, best
+checkpoint, and a two-process DistributedDataParallel run (Gloo, CPU)."""
+
+from __future__ import annotations
+
+import csv
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from torch import nn
+from torch.utils.data import Dataset
+
+from chestssl.train.loop import FitResult, fit
+
+WEIGHTS = torch.tensor([1.0, -2.0, 0.5, 3.0])
+
+
+@pytest.fixture(autouse=True)
+def _quiet_cpu(tmp_path, monkeypatch):
+    # One thread (the machine is shared); run in tmp_path so dvclive finds no DVC repo.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    monkeypatch.chdir(tmp_path)
+    yield
+    torch.set_num_threads(threads)
+
+
+class Regression(Dataset):
+    """y = x . WEIGHTS + 0.5 with x ~ N(0, I_4); items are dicts like SliceDataset's."""
+
+    def __init__(self, n: int, seed: int) -> None:
+        generator = torch.Generator().manual_seed(seed)
+        self.x = torch.randn(n, 4, generator=generator)
+        self.y = self.x @ WEIGHTS + 0.5
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, index: int) -> dict:
+        return {"x": self.x[index], "y": self.y[index], "sample_id": f"s{index}"}
+
+
+class TinyRegressor(nn.Module):
+    """A two-layer MLP with dropout, so training draws on the global RNG too.
+
+    ``fail_at_call`` raises on that training_step call (an interrupted run).
+    """
+
+    def __init__(self, dropout: float = 0.1, fail_at_call: int = 0) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Dropout(dropout), nn.Linear(16, 1))
+        self.fail_at_call = fail_at_call
+        self.calls = 0
+
+    def training_step(self, batch: dict) -> dict[str, torch.Tensor]:
+        self.calls += 1
+        if self.calls == self.fail_at_call:
+            raise RuntimeError("simulated interruption")
+        error = self.net(batch["x"]).squeeze(-1) - batch["y"]
+        return {"loss": (error**2).mean(), "mae": error.abs().mean()}
+
+    def validation_step(self, batch: dict) -> dict[str, torch.Tensor]:
+        error = self.net(batch["x"]).squeeze(-1) - batch["y"]
+        return {"loss": (error**2).mean()}
+
+
+def make_model(seed: int = 0, **kwargs) -> TinyRegressor:
+    torch.manual_seed(seed)
+    return TinyRegressor(**kwargs)
+
+
+def train_cfg(**overrides) -> dict:
+    cfg = dict(
+        epochs=4, batch_size=8, lr=0.01, weight_decay=0.0, optimizer="adam", betas=[0.9, 0.999],
+        scheduler="cosine", grad_clip=1.0, max_steps=0, amp=False, num_workers=0, log_every=2, device="cpu",
+    )
+    cfg.update(overrides)
+    return cfg
+
+
+def read_tsv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f, delimiter="\t"))
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key].cpu(), b[key].cpu()), key
+
+
+def run_fit(tmp_path: Path, name: str, model: nn.Module, cfg: dict, seed: int = 0, **kwargs) -> FitResult:
+    return fit(model, Regression(48, 1), Regression(16, 2), cfg, tmp_path / name / "live",
+               tmp_path / name / "ckpt.pt", seed, **kwargs)
+
+
+def test_loss_falls_on_a_regression_problem(tmp_path):
+    model = make_model(dropout=0.0)
+    val = Regression(16, 2)
+    with torch.no_grad():
+        initial = model.validation_step({"x": val.x, "y": val.y})["loss"].item()
+    result = fit(model, Regression(64, 1), val, train_cfg(epochs=15, lr=0.03), tmp_path / "live",
+                 tmp_path / "ckpt.pt", seed=0)
+    assert result.best_value < 0.05 * initial
+    assert result.final_metrics["train/loss"] < 0.1 * result.history[0]["train/loss"]
+    assert result.epochs == 15 and result.steps == 15 * 8
+    assert not (tmp_path / "ckpt.pt").exists(), "the checkpoint is deleted after a successful fit"
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_two_fits_give_bitwise_identical_weights(tmp_path, num_workers):
+    cfg = train_cfg(num_workers=num_workers, epochs=3)
+    first_model, second_model = make_model(), make_model()
+    first = run_fit(tmp_path, "a", first_model, cfg)
+    second = run_fit(tmp_path, "b", second_model, cfg)
+    assert_same_weights(first_model.state_dict(), second_model.state_dict())
+    assert_same_weights(first.best_state, second.best_state)
+    assert first.history == second.history
+    other_model = make_model()
+    run_fit(tmp_path, "c", other_model, cfg, seed=1)
+    assert not torch.equal(other_model.net[0].weight, first_model.net[0].weight), "the seed must matter"
+
+
+@pytest.mark.parametrize("scheduler", ["cosine", "plateau"])
+def test_interrupted_then_resumed_fit_equals_uninterrupted(tmp_path, scheduler, capsys):
+    cfg = train_cfg(epochs=4, scheduler=scheduler, optimizer="adamw", weight_decay=0.01)
+    reference_model = make_model()
+    reference = run_fit(tmp_path, "reference", reference_model, cfg)
+
+    # 48 samples / batch 8 = 6 steps per epoch: call 15 is in the third epoch.
+    interrupted = make_model(fail_at_call=15)
+    with pytest.raises(RuntimeError, match="simulated interruption"):
+        run_fit(tmp_path, "run", interrupted, cfg)
+    checkpoint = tmp_path / "run" / "ckpt.pt"
+    assert checkpoint.exists()
+    assert max(int(r["step"]) for r in read_tsv(tmp_path / "run/live/plots/metrics/train/loss.tsv")) > 12
+
+    resumed_model = make_model()
+    resumed = run_fit(tmp_path, "run", resumed_model, cfg)
+    assert resumed.resumed and "resuming from" in capsys.readouterr().err
+    assert resumed_model.calls == 2 * 6, "only epochs 3 and 4 are trained again"
+    assert_same_weights(reference_model.state_dict(), resumed_model.state_dict())
+    assert_same_weights(reference.best_state, resumed.best_state)
+    assert (resumed.epochs, resumed.steps, resumed.best_epoch) == (reference.epochs, reference.steps,
+                                                                   reference.best_epoch)
+    assert resumed.history == reference.history
+    assert not checkpoint.exists()
+    # The dvclive curves continue without duplicate steps and match the uninterrupted run.
+    for name in ("train/loss.tsv", "train/mae.tsv", "val/loss.tsv", "lr.tsv"):
+        assert read_tsv(tmp_path / "run/live/plots/metrics" / name) == \
+            read_tsv(tmp_path / "reference/live/plots/metrics" / name), name
+
+
+def test_checkpoint_of_a_different_fit_is_not_resumed(tmp_path, capsys):
+    with pytest.raises(RuntimeError):
+        run_fit(tmp_path, "run", make_model(fail_at_call=8), train_cfg())
+    assert (tmp_path / "run" / "ckpt.pt").exists()
+    model = make_model()
+    result = run_fit(tmp_path, "run", model, train_cfg(lr=0.02))
+    err = capsys.readouterr().err
+    assert "belongs to a different fit (changed: train config); starting fresh" in err
+    assert not result.resumed and model.calls == 4 * 6
+
+
+def test_dvclive_metrics_use_the_optimisation_step(tmp_path):
+    live_dir = tmp_path / "run" / "live"
+    live_dir.mkdir(parents=True)
+    (live_dir / "stale.txt").write_text("from an earlier run")
+    run_fit(tmp_path, "run", make_model(), train_cfg(epochs=3, log_every=4))
+    assert not (live_dir / "stale.txt").exists(), "a fresh run starts with an empty live_dir"
+    metrics = live_dir / "plots" / "metrics"
+    train_rows = read_tsv(metrics / "train" / "loss.tsv")
+    assert list(train_rows[0]) == ["step", "loss"]
+    assert [int(r["step"]) for r in train_rows] == [4, 8, 12, 16]
+    assert [int(r["step"]) for r in read_tsv(metrics / "val" / "loss.tsv")] == [6, 12, 18]
+    assert [int(r["step"]) for r in read_tsv(metrics / "lr.tsv")] == [4, 8, 12, 16]
+    assert (metrics / "train" / "mae.tsv").exists()
+    lrs = [float(r["lr"]) for r in read_tsv(metrics / "lr.tsv")]
+    assert lrs == sorted(lrs, reverse=True) and lrs[0] < 0.01, "cosine decay per step"
+    assert (live_dir / "metrics.json").exists()
+
+
+def test_max_steps_stops_training_across_epochs(tmp_path):
+    model = make_model()
+    result = run_fit(tmp_path, "run", model, train_cfg(epochs=10, max_steps=9, log_every=1))
+    assert result.steps == 9 and model.calls == 9
+    assert result.epochs == 2, "the second epoch is cut short after 3 of its 6 steps"
+    lrs = [float(r["lr"]) for r in read_tsv(tmp_path / "run/live/plots/metrics/lr.tsv")]
+    assert len(lrs) == 9 and lrs[-1] == pytest.approx(0.0, abs=1e-12), "cosine spans max_steps"
+    assert [int(r["step"]) for r in read_tsv(tmp_path / "run/live/plots/metrics/val/loss.tsv")] == [6, 9]
+
+
+class ScriptedScore(TinyRegressor):
+    """Validation reports a scripted ``score`` per epoch and records the weights it saw."""
+
+    def __init__(self, scores: list[float]) -> None:
+        super().__init__(dropout=0.0)
+        self.scores, self.snapshots, self.validations = scores, [], 0
+
+    def validation_step(self, batch: dict) -> dict[str, torch.Tensor]:
+        # The loop validates once per epoch with a single batch here (16 samples, batch 16).
+        score = self.scores[self.validations]
+        self.validations += 1
+        self.snapshots.append({k: v.clone() for k, v in self.state_dict().items()})
+        return {"score": torch.tensor(score), "loss": super().validation_step(batch)["loss"]}
+
+
+@pytest.mark.parametrize(
+    ("mode", "scores", "best_epoch"),
+    [("min", [3.0, 1.0, 1.0, 2.0], 2), ("max", [1.0, 5.0, 4.0, 5.0], 2), ("max", [1.0, 2.0, 3.0, 4.0], 4)],
+)
+def test_best_state_follows_the_monitor(tmp_path, mode, scores, best_epoch):
+    torch.manual_seed(0)
+    model = ScriptedScore(scores)
+    result = run_fit(tmp_path, "run", model, train_cfg(batch_size=16), monitor="val/score", mode=mode)
+    assert result.best_epoch == best_epoch
+    assert result.best_value == scores[best_epoch - 1]
+    assert_same_weights(result.best_state, model.snapshots[best_epoch - 1])
+    assert result.final_metrics["val/score"] == scores[-1]
+
+
+def test_unknown_monitor_and_bad_step_output_are_explained(tmp_path):
+    with pytest.raises(KeyError, match="monitor 'val/dice' is not among the epoch's metrics"):
+        run_fit(tmp_path, "a", make_model(), train_cfg(), monitor="val/dice")
+
+    class NoLoss(TinyRegressor):
+        def training_step(self, batch):
+            return {"mae": super().training_step(batch)["mae"]}
+
+    with pytest.raises(TypeError, match="'loss' is a scalar tensor"):
+        run_fit(tmp_path, "b", NoLoss(), train_cfg())
+    with pytest.raises(ValueError, match="train: missing key"):
+        run_fit(tmp_path, "c", make_model(), {"epochs": 1})
+
+
+def test_non_finite_loss_stops_with_advice(tmp_path):
+    class Diverging(TinyRegressor):
+        def training_step(self, batch):
+            output = super().training_step(batch)
+            return {**output, "loss": output["loss"] * float("nan")}
+
+    with pytest.raises(FloatingPointError, match="the training loss is nan at step 2 .* lower train.lr"):
+        run_fit(tmp_path, "run", Diverging(), train_cfg())
+
+
+def test_amp_requested_on_cpu_trains_in_fp32(tmp_path, capsys):
+    amp_model, fp32_model = make_model(), make_model()
+    run_fit(tmp_path, "amp", amp_model, train_cfg(amp=True, epochs=2))
+    assert "train.amp is true but training runs on the CPU: using fp32" in capsys.readouterr().err
+    run_fit(tmp_path, "fp32", fp32_model, train_cfg(amp=False, epochs=2))
+    assert amp_model.net[0].weight.dtype == torch.float32
+    assert torch.equal(amp_model.net[0].weight, fp32_model.net[0].weight)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _ddp_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
+    os.environ.update(
+        WORLD_SIZE=str(world_size), RANK=str(rank), LOCAL_RANK=str(rank),
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+    )
+    torch.set_num_threads(1)
+    os.chdir(out_dir)
+    model = make_model()
+    result = fit(model, Regression(32, 1), Regression(10, 2), train_cfg(epochs=2, batch_size=4),
+                 Path(out_dir) / "live", Path(out_dir) / "ckpt.pt", seed=0)
+    torch.save({"weights": model.state_dict(), "best_state": result.best_state, "is_main": result.is_main,
+                "steps": result.steps, "final_metrics": result.final_metrics, "calls": model.calls},
+               Path(out_dir) / f"rank{rank}.pt")
+
+
+def test_ddp_two_processes_gloo_stay_in_sync(tmp_path):
+    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    rank0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    rank1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    assert_same_weights(rank0["weights"], rank1["weights"])
+    assert not torch.equal(rank0["weights"]["net.0.weight"], make_model().net[0].weight), "training happened"
+    assert rank0["is_main"] and rank0["best_state"] is not None
+    assert not rank1["is_main"] and rank1["best_state"] is None
+    # 32 samples over 2 ranks, batch 4: 4 steps per epoch on each rank.
+    assert rank0["steps"] == rank1["steps"] == 8 and rank0["calls"] == rank1["calls"] == 8
+    # Validation metrics are reduced over both ranks' shards (10 samples: 5 + 5).
+    assert rank0["final_metrics"] == rank1["final_metrics"]
+    assert (tmp_path / "live" / "plots" / "metrics" / "val" / "loss.tsv").exists()
+    assert not (tmp_path / "ckpt.pt").exists()
