@@ -573,6 +573,11 @@ class _Fit:
                 for key, value in _scalar_entries(output).items():
                     sums[key] = sums.get(key, 0.0) + value.double() * size
                 count += size
+        # Metrics only defined over a whole pass (global Dice, AUROC) replace the batch
+        # averages of the same name. Their accumulators hold this rank's items only, so
+        # under DDP the batch averages (gathered over all ranks) are kept instead.
+        epoch_end = getattr(raw_model, "validation_epoch_end", None)
+        whole_pass = epoch_end() if callable(epoch_end) and self.ctx.world_size == 1 else {}
         raw_model.train()
         local = ({key: float(value) for key, value in sums.items()}, count)
         totals: dict[str, float] = {}
@@ -581,7 +586,11 @@ class _Fit:
             for key, value in rank_sums.items():
                 totals[key] = totals.get(key, 0.0) + value
             total_count += rank_count
-        return {f"val/{key}": value / total_count for key, value in sorted(totals.items())}
+        metrics = {f"val/{key}": value / total_count for key, value in sorted(totals.items())}
+        for key, value in _scalar_entries(whole_pass).items():
+            if torch.isfinite(value):  # e.g. AUROC is undefined when one class was seen
+                metrics[f"val/{key}"] = float(value)
+        return metrics
 
     def _end_epoch(self, raw_model: nn.Module, train_means: dict[str, float], val_metrics: dict[str, float]) -> None:
         self.epochs_done += 1

@@ -291,3 +291,21 @@ def test_ddp_two_processes_gloo_stay_in_sync(tmp_path):
     assert rank0["final_metrics"] == rank1["final_metrics"]
     assert (tmp_path / "live" / "plots" / "metrics" / "val" / "loss.tsv").exists()
     assert not (tmp_path / "ckpt.pt").exists()
+
+
+class WholePassRegressor(TinyRegressor):
+    """Reports a whole-pass metric that differs from the mean of its batch values."""
+
+    def validation_step(self, batch: dict) -> dict[str, torch.Tensor]:
+        return {**super().validation_step(batch), "pass_metric": torch.tensor(1.0), "undefined": torch.tensor(2.0)}
+
+    def validation_epoch_end(self) -> dict[str, torch.Tensor]:
+        return {"pass_metric": torch.tensor(0.25), "undefined": torch.tensor(float("nan"))}
+
+
+def test_whole_pass_metrics_replace_batch_means_unless_undefined(tmp_path):
+    torch.manual_seed(0)
+    result = fit(WholePassRegressor(), Regression(32, 0), Regression(16, 1), train_cfg(epochs=1),
+                 tmp_path / "live", tmp_path / "ckpt.pt", seed=0)
+    assert result.final_metrics["val/pass_metric"] == pytest.approx(0.25)
+    assert result.final_metrics["val/undefined"] == pytest.approx(2.0)
