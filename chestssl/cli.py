@@ -6,10 +6,11 @@ import logging
 import sys
 from typing import Callable
 
+from chestssl.errors import UserError
 from chestssl.params import ParamsError
 
 # Errors the user can act on; their message is the whole story, so no traceback.
-USER_ERRORS: tuple[type[BaseException], ...] = (ParamsError, FileNotFoundError)
+USER_ERRORS: tuple[type[BaseException], ...] = (UserError, FileNotFoundError)
 
 
 def run_stage(main: Callable[[list[str]], None], argv: list[str] | None = None) -> None:

@@ -12,6 +12,8 @@ depends on one of its keys (``method`` or ``task``), so adding a method is one e
 
 from __future__ import annotations
 
+from chestssl.errors import UserError
+
 import math
 import os
 from dataclasses import dataclass, field
@@ -23,7 +25,7 @@ import yaml
 _REQUIRED = object()
 
 
-class ParamsError(ValueError):
+class ParamsError(UserError, ValueError):
     """Raised when params.yaml does not match the schema; lists every problem."""
 
     def __init__(self, problems: list[str], source: str = "params.yaml"):

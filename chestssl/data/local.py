@@ -17,6 +17,8 @@ also holds, unreadable headers, duplicates) are listed with the reason in
 
 from __future__ import annotations
 
+from chestssl.errors import UserError
+
 import logging
 import os
 import re
@@ -47,7 +49,7 @@ EXPECTED_LAYOUT = (
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9._-]+$")
 
 
-class LocalSourceError(ValueError):
+class LocalSourceError(UserError, ValueError):
     """The local folder holds no usable LIDC-IDRI CT series; the message says why."""
 
 

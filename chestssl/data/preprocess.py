@@ -31,6 +31,8 @@ a 100-slice scan, against 570 MB for pylidc's own ``to_volume``; see
 
 from __future__ import annotations
 
+from chestssl.errors import UserError
+
 import contextlib
 import logging
 import math
@@ -66,7 +68,7 @@ _REQUIRED_DICOM_TAGS = (
 )
 
 
-class PreprocessError(RuntimeError):
+class PreprocessError(UserError, RuntimeError):
     """The preprocess inputs as a whole cannot be processed (e.g. every scan failed)."""
 
 

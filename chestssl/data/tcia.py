@@ -28,6 +28,8 @@ Layout written (what pylidc reads)::
 
 from __future__ import annotations
 
+from chestssl.errors import UserError
+
 import csv
 import hashlib
 import io
@@ -72,7 +74,7 @@ _SAFE_NAME = re.compile(r"^[A-Za-z0-9._-]+$")
 T = TypeVar("T")
 
 
-class TciaError(RuntimeError):
+class TciaError(UserError, RuntimeError):
     """A TCIA download failed in a way the user has to act on; the message says how."""
 
 
