@@ -14,13 +14,8 @@ def main(argv: list[str]) -> None:
 
     params = load_params()
     methods, runs = params["methods"], params["runs"]
-    reconstructing, not_applicable = [], []
-    for method in methods:
-        metrics_file = paths.evaluate_pretrain_dir(method) / "metrics.json"
-        if json.loads(metrics_file.read_text()).get("reconstructs"):
-            reconstructing.append(method)
-        else:
-            not_applicable.append(f"`{method}`: no reconstruction metrics (the method has no decoder)")
+    reconstructing = [m for m in methods
+                      if json.loads((paths.evaluate_pretrain_dir(m) / "metrics.json").read_text())["reconstructs"]]
     seg_runs = [r for r in runs if runs[r]["task"] == "seg"]
     live_dirs = {f"pretrain@{m}": paths.pretrain_report_dir(m) / "live" for m in methods}
     live_dirs |= {f"finetune@{r}": paths.finetune_report_dir(r) / "live" for r in runs}
@@ -34,7 +29,6 @@ def main(argv: list[str]) -> None:
         live_dirs=live_dirs,
         examples=examples,
         params=params,
-        not_applicable=not_applicable,
     )
     print(f"report: {paths.REPORTS_DIR / 'README.md'}")
 

@@ -219,7 +219,11 @@ def build_report(
         write_csv(csv_path, table.numbers)
         write_text(md_path, f"## {table.title}\n\n{table.markdown()}")
         written.extend([csv_path, md_path])
-        skipped.extend(f"{table.title}: {note}" for note in table.cell_notes)
+        if table.cell_notes:  # each note is a footnote of the table; list the table once
+            skipped.append(
+                f"{table.title}: cells without a value or an interval: {len(table.cell_notes)}; "
+                "see the table's footnotes"
+            )
         return _table_markdown(out_dir, table, csv_path)
 
     def interval_plot(table: Table, columns: Sequence[Column], label_key: str) -> str:
