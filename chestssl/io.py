@@ -61,10 +61,16 @@ def write_csv(path: str | os.PathLike, frame: Any) -> None:
 
 
 def save_torch(path: str | os.PathLike, obj: Any) -> None:
+    """``torch.save`` atomically, byte-identical for identical ``obj``.
+
+    torch names the archive's inner folder after the file it is given; saving through a
+    file object keeps that name fixed instead of the random temporary name, so DVC sees
+    the same hash when a stage reproduces the same weights.
+    """
     import torch
 
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(obj, f)
 
 
 def _json_default(value: Any) -> Any:

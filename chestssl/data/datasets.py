@@ -25,8 +25,13 @@ from monai.transforms import Resize, SpatialPad
 from torch.utils.data import Dataset
 
 from chestssl.data.processed import SPLITS, load_scan, read_slices
+from chestssl.errors import UserError
 
 TASKS = ("pretrain", "seg", "cls")
+
+
+class DatasetError(UserError, ValueError):
+    """The processed data cannot give the requested slices (names split, task and remedy)."""
 
 
 class SliceDataset(Dataset):
@@ -70,13 +75,13 @@ class SliceDataset(Dataset):
         patient_ids: list[str] | None = None,
     ) -> None:
         if split not in SPLITS:
-            raise ValueError(f"split: got {split!r}, expected one of {', '.join(SPLITS)}")
+            raise DatasetError(f"split: got {split!r}, expected one of {', '.join(SPLITS)}")
         if task not in TASKS:
-            raise ValueError(f"task: got {task!r}, expected one of {', '.join(TASKS)}")
+            raise DatasetError(f"task: got {task!r}, expected one of {', '.join(TASKS)}")
         if not isinstance(size, int) or size < 1:
-            raise ValueError(f"size: got {size!r}, expected a positive integer (slices.size in params.yaml)")
+            raise DatasetError(f"size: got {size!r}, expected a positive integer (slices.size in params.yaml)")
         if clean_per_nodule_slice < 0:
-            raise ValueError(
+            raise DatasetError(
                 f"clean_per_nodule_slice: got {clean_per_nodule_slice!r}, expected a number >= 0 "
                 "(slices.clean_per_nodule_slice in params.yaml)"
             )
@@ -93,7 +98,7 @@ class SliceDataset(Dataset):
         frame = _select_rows(split_rows, task, clean_per_nodule_slice, seed)
         if frame.empty:
             scans = sorted(split_rows["scan_id"].unique())
-            raise ValueError(
+            raise DatasetError(
                 f"no {task!r} slices in split {split!r} of {self.processed_dir} "
                 f"({len(scans)} scans{': ' + ', '.join(scans[:10]) if scans else ''}"
                 f"{', ...' if len(scans) > 10 else ''}); "
@@ -115,7 +120,7 @@ class SliceDataset(Dataset):
             depth = scan["image"].shape[0]
             wanted = rows["slice_index"].to_numpy()
             if wanted.min() < 0 or wanted.max() >= depth:
-                raise ValueError(
+                raise DatasetError(
                     f"slices.csv lists slice {int(wanted.max())} of scan {scan_id}, but "
                     f"scans/{scan_id}.npz has {depth} slices; rerun the preprocess stage"
                 )
@@ -169,7 +174,7 @@ def _restrict_to_patients(rows: pd.DataFrame, patient_ids: list[str], split: str
     wanted = [str(p) for p in patient_ids]
     unknown = sorted(set(wanted) - set(rows["patient_id"]))
     if unknown:
-        raise ValueError(
+        raise DatasetError(
             f"patient_ids: {', '.join(unknown[:10])}{', ...' if len(unknown) > 10 else ''} not in split "
             f"{split!r} of {processed_dir} (see splits.json); pass patients of that split only"
         )

@@ -765,7 +765,9 @@ def run_preprocess(
     slices = pd.concat([r.slices for r in records], ignore_index=True)
     patients = sorted({r.patient_id for r in records})
     fractions = {name: float(params["split"][name]) for name in SPLITS}
-    split = split_patients(patient_strata(patients, nodules), fractions, int(params["split"]["seed"]))
+    with_nodule_slices = slices.loc[slices["label"] == 1, "patient_id"].unique()
+    strata = patient_strata(patients, nodules, with_nodule_slices)
+    split = split_patients(strata, fractions, int(params["split"]["seed"]))
     split_of = {patient: name for name, members in split.items() for patient in members}
     nodules["split"] = nodules["patient_id"].map(split_of)
     slices["split"] = slices["patient_id"].map(split_of)

@@ -40,11 +40,17 @@ def malignancy_stratum(max_malignancy: float | None) -> str:
     return "malignant"
 
 
-def patient_strata(patients: Iterable[str], nodules: pd.DataFrame) -> dict[str, str]:
+def patient_strata(
+    patients: Iterable[str], nodules: pd.DataFrame, with_nodule_slices: Iterable[str] | None = None
+) -> dict[str, str]:
     """Stratum per patient from a nodule table with ``patient_id`` and ``malignancy``.
 
-    Patients without rows in ``nodules`` are ``no_nodules``.
+    Patients without rows in ``nodules`` are ``no_nodules``; so are, when
+    ``with_nodule_slices`` is given, patients not in it (their nodules are too small to
+    give a nodule slice, so for slice-level tasks they hold only negatives).
     """
+    if with_nodule_slices is not None:
+        nodules = nodules[nodules["patient_id"].isin(set(with_nodule_slices))]
     largest = nodules.groupby("patient_id")["malignancy"].max() if len(nodules) else pd.Series(dtype=float)
     return {str(p): malignancy_stratum(float(largest[p]) if p in largest.index else None) for p in patients}
 
@@ -118,4 +124,29 @@ def split_patients(strata: Mapping[str, str], fractions: Mapping[str, float], se
     split = {name: [] for name in SPLITS}
     for patient, name in zip(ordered, labels):
         split[name].append(patient)
+    _give_every_split_a_nodule_patient(split, strata, fractions)
     return {name: sorted(members) for name, members in split.items()}
+
+
+def _give_every_split_a_nodule_patient(
+    split: dict[str, list[str]], strata: Mapping[str, str], fractions: Mapping[str, float]
+) -> None:
+    """Swap patients so that every used split holds a patient with nodules, if possible.
+
+    With few patients, proportional allocation can leave a split without any nodule, and
+    then no segmentation or classification metric is defined on it. A split lacking one
+    swaps its last patient for a nodule patient of the split that has the most of them
+    (its last one), as long as that split keeps at least one. Split sizes do not change.
+    """
+    def nodule_patients(name: str) -> list[str]:
+        return [p for p in split[name] if strata[p] != "no_nodules"]
+
+    for name in (n for n in SPLITS if fractions[n] > 0 and split[n]):
+        if nodule_patients(name):
+            continue
+        donor = max(SPLITS, key=lambda other: (len(nodule_patients(other)), -SPLITS.index(other)))
+        if len(nodule_patients(donor)) < 2:
+            return
+        given, taken = nodule_patients(donor)[-1], split[name][-1]
+        split[donor][split[donor].index(given)] = taken
+        split[name][-1] = given

@@ -100,3 +100,19 @@ def test_bad_inputs_are_named():
 def test_split_counts_exact_for_round_numbers():
     assert split_counts(10, FRACTIONS) == {"train": 6, "val": 2, "test": 2}
     assert split_counts(8, FRACTIONS) == {"train": 5, "val": 2, "test": 1}
+
+
+def test_every_split_gets_a_nodule_patient_when_there_are_enough():
+    # Two nodule patients would both land in train by proportional allocation alone.
+    strata = {f"n{i}": "no_nodules" for i in range(6)} | {"m0": "malignant", "m1": "malignant", "b0": "benign"}
+    for seed in range(20):
+        split = split_patients(strata, {"train": 0.5, "val": 0.25, "test": 0.25}, seed)
+        for name, members in split.items():
+            assert any(strata[p] != "no_nodules" for p in members), (seed, name, split)
+        assert sorted(sum(split.values(), [])) == sorted(strata)
+
+
+def test_patients_without_nodule_slices_count_as_without_nodules():
+    nodules = pd.DataFrame({"patient_id": ["a", "b"], "malignancy": [4.0, 2.0]})
+    strata = patient_strata(["a", "b", "c"], nodules, with_nodule_slices=["a"])
+    assert strata == {"a": "malignant", "b": "no_nodules", "c": "no_nodules"}

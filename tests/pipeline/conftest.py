@@ -16,9 +16,9 @@ PROJECT_FILES = ["chestssl", "stages", "dvc.yaml", "params.yaml", "pyproject.tom
 
 
 def tiny_params(params: dict) -> dict:
-    """The quick profile shrunk further: 3 phantom scans, 32x32 slices, a few steps."""
-    params["data"]["phantom"].update(num_scans=3, max_slices=100)
-    params["preprocess"].update(spacing=[5.0, 3.0, 3.0], workers=1)
+    """The quick profile shrunk further: 8 small phantom scans, 32x32 slices, a few steps."""
+    params["data"]["phantom"].update(num_scans=8, max_slices=100)
+    params["preprocess"].update(spacing=[2.5, 2.0, 2.0], min_nodule_pixels=4, workers=1)
     params["slices"]["size"] = 32
     for entry in list(params["methods"].values()) + list(params["runs"].values()):
         if "backbone" in entry:

@@ -9,9 +9,29 @@ import pytest
 pytestmark = pytest.mark.slow
 
 
+def ran_stages(output: str) -> set[str]:
+    return {line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage")}
+
+
 def stages_that_would_run(project) -> set[str]:
-    out = project.dvc_run("repro", "--dry").stdout
-    return {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
+    """Stages whose own dependencies changed (what `dvc repro --dry` lists)."""
+    return ran_stages(project.dvc_run("repro", "--dry").stdout)
+
+
+def repro_with_params(project, change) -> set[str]:
+    """Apply ``change`` to params.yaml, `dvc repro`, and return the stages that ran.
+
+    params.yaml is restored and the pipeline reproduced again afterwards, so the next
+    test starts from the committed state.
+    """
+    params = project.params()
+    change(params)
+    project.write_params(params)
+    try:
+        return ran_stages(project.dvc_run("repro").stdout)
+    finally:
+        project.run("git", "checkout", "params.yaml")
+        project.dvc_run("repro")
 
 
 def test_repro_builds_the_report_and_a_second_repro_does_nothing(reproduced_project):
@@ -30,27 +50,25 @@ def test_repro_builds_the_report_and_a_second_repro_does_nothing(reproduced_proj
 
 
 def test_changing_one_method_param_reruns_exactly_its_dependents(reproduced_project):
-    params = reproduced_project.params()
-    params["methods"]["ae"]["loss"]["l1"] = 2.0
-    reproduced_project.write_params(params)
-    try:
-        ae_runs = [name for name, run in params["runs"].items() if run["init"] == "ae"]
-        expected = {"pretrain@ae", "evaluate_pretrain@ae", "report"}
-        expected |= {f"finetune@{r}" for r in ae_runs} | {f"evaluate@{r}" for r in ae_runs}
-        assert stages_that_would_run(reproduced_project) == expected
-    finally:
-        reproduced_project.run("git", "checkout", "params.yaml")
+    runs = reproduced_project.params()["runs"]
+    ae_runs = [name for name, run in runs.items() if run["init"] == "ae"]
+    expected = {"pretrain@ae", "evaluate_pretrain@ae", "report"}
+    expected |= {f"finetune@{r}" for r in ae_runs} | {f"evaluate@{r}" for r in ae_runs}
+
+    def change(params):
+        params["methods"]["ae"]["loss"]["l1"] = 2.0
+
+    assert stages_that_would_run(reproduced_project) == set()
+    assert repro_with_params(reproduced_project, change) == expected
 
 
 def test_changing_one_run_param_reruns_that_run_and_the_report(reproduced_project):
-    params = reproduced_project.params()
-    run = next(iter(params["runs"]))
-    params["runs"][run]["train"]["lr"] = 0.005
-    reproduced_project.write_params(params)
-    try:
-        assert stages_that_would_run(reproduced_project) == {f"finetune@{run}", f"evaluate@{run}", "report"}
-    finally:
-        reproduced_project.run("git", "checkout", "params.yaml")
+    run = next(iter(reproduced_project.params()["runs"]))
+
+    def change(params):
+        params["runs"][run]["train"]["lr"] = 0.005
+
+    assert repro_with_params(reproduced_project, change) == {f"finetune@{run}", f"evaluate@{run}", "report"}
 
 
 def test_a_stage_run_twice_gives_identical_outputs(reproduced_project):
@@ -82,7 +100,7 @@ def test_a_bad_param_stops_the_stage_with_a_clear_message(reproduced_project):
 def test_exp_run_with_a_finetune_param_and_metrics_diff(reproduced_project):
     run = next(name for name, r in reproduced_project.params()["runs"].items() if r["task"] == "seg")
     result = reproduced_project.dvc_run("exp", "run", "-S", f"runs.{run}.train.lr=0.005")
-    ran = {line.split("'")[1] for line in result.stdout.splitlines() if line.startswith("Running stage")}
+    ran = ran_stages(result.stdout)
     assert ran == {f"finetune@{run}", f"evaluate@{run}", "report"}, result.stdout
     diff = json.loads(reproduced_project.dvc_run("metrics", "diff", "--json").stdout or "{}")
     changed = [path for path in diff if run in path]
