@@ -12,6 +12,17 @@ os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")
 
 
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Small networks run faster on one thread than contending for a shared machine's cores."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture
 def synthetic_processed(tmp_path):
     """A tiny ``data/processed`` folder in the contract of chestssl.data.processed.

@@ -31,7 +31,7 @@ def tiny_params(params: dict) -> dict:
 
 
 class Project:
-    """A copy of the project at ``root`` with helpers to run git and dvc in it."""
+    """A copy of the project at ``root`` with methods that run git and dvc in it."""
 
     def __init__(self, root: Path):
         self.root = root
