@@ -234,7 +234,11 @@ def interval_figure(path: str | os.PathLike, table: Table, columns: Sequence[Col
                     ax.text(0.5, y, "n/a", transform=ax.get_yaxis_transform(), ha="center", va="center", color="grey")
                     continue
                 if low is not None and high is not None and not pd.isna(low) and not pd.isna(high):
-                    ax.errorbar(value, y, xerr=[[value - low], [high - value]], fmt="o", color=colour, capsize=3)
+                    # A percentile interval need not contain the point estimate (skewed
+                    # resamples), so draw the interval and the estimate separately.
+                    ax.hlines(y, low, high, color=colour)
+                    ax.vlines([low, high], y - 0.15, y + 0.15, color=colour)
+                    ax.plot([value], [y], "o", color=colour)
                 else:
                     ax.plot(value, y, "o", color=colour)
             ax.set_title(column.header)
