@@ -15,6 +15,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from chestssl.models.stepped import SteppedModule
+from chestssl.models.unet import UNetEncoder
 
 
 def class_weight_tensor(weights: Sequence[float], name: str) -> torch.Tensor:
@@ -42,6 +43,18 @@ class TaskModel(SteppedModule, ABC):
         self.name = name
         self.run_cfg = dict(run_cfg)
         self.seed = int(seed)
+
+    def checked_arch(self, allowed: Sequence[str], encoder: torch.nn.Module) -> str:
+        """``runs.<name>.arch`` if it is one of ``allowed`` and ``encoder`` can feed it."""
+        arch = self.run_cfg.get("arch")
+        if arch not in allowed:
+            raise ValueError(f"runs.{self.name}.arch: got {arch!r}, expected one of {', '.join(map(repr, allowed))}")
+        if not isinstance(encoder, UNetEncoder):
+            raise ValueError(
+                f"runs.{self.name}: arch {arch!r} needs a 'unet_encoder' backbone, got {type(encoder).__name__}; "
+                f"set methods.{self.run_cfg.get('init')}.backbone.name to 'unet_encoder'"
+            )
+        return arch
 
     @abstractmethod
     def training_step(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:

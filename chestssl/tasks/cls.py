@@ -16,7 +16,6 @@ from torch import nn
 
 from chestssl.models.classifier import RESNET_LAYERS, LatentResNetClassifier
 from chestssl.models.seeding import seeded
-from chestssl.models.unet import UNetEncoder
 from chestssl.tasks.base import TaskModel, class_weight_tensor
 
 #: Architectures of the ``cls`` task (the ``arch`` param).
@@ -40,14 +39,7 @@ class ClassificationTask(TaskModel):
 
     def __init__(self, name: str, run_cfg: Mapping[str, Any], encoder: nn.Module, seed: int):
         super().__init__(name, run_cfg, seed)
-        arch = self.run_cfg.get("arch")
-        if arch not in CLS_ARCHS:
-            raise ValueError(f"runs.{name}.arch: got {arch!r}, expected one of {', '.join(map(repr, CLS_ARCHS))}")
-        if not isinstance(encoder, UNetEncoder):
-            raise ValueError(
-                f"runs.{name}: arch {arch!r} needs a 'unet_encoder' backbone, got {type(encoder).__name__}; "
-                f"set methods.{self.run_cfg.get('init')}.backbone.name to 'unet_encoder'"
-            )
+        arch = self.checked_arch(CLS_ARCHS, encoder)
         with seeded(self.seed):
             self.network = LatentResNetClassifier(encoder, arch=arch, num_classes=2)
         self.loss_fn = nn.CrossEntropyLoss(weight=class_weight_tensor(self.run_cfg["class_weights"], name))

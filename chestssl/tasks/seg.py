@@ -26,7 +26,7 @@ from monai.losses import DiceLoss, FocalLoss
 from monai.metrics import Cumulative, compute_dice, compute_iou
 from torch import nn
 
-from chestssl.models.unet import UNetEncoder, unetpp_from_encoder
+from chestssl.models.unet import unetpp_from_encoder
 from chestssl.tasks.base import TaskModel, class_weight_tensor
 
 #: Architectures of the ``seg`` task (the ``arch`` param).
@@ -111,14 +111,7 @@ class SegmentationTask(TaskModel):
         self, name: str, run_cfg: Mapping[str, Any], encoder: nn.Module, seed: int, threshold: float = 0.5
     ):
         super().__init__(name, run_cfg, seed)
-        arch = self.run_cfg.get("arch")
-        if arch not in SEG_ARCHS:
-            raise ValueError(f"runs.{name}.arch: got {arch!r}, expected one of {', '.join(map(repr, SEG_ARCHS))}")
-        if not isinstance(encoder, UNetEncoder):
-            raise ValueError(
-                f"runs.{name}: arch 'unetpp' needs a 'unet_encoder' backbone, got {type(encoder).__name__}; "
-                f"set methods.{self.run_cfg.get('init')}.backbone.name to 'unet_encoder'"
-            )
+        arch = self.checked_arch(SEG_ARCHS, encoder)
         self.threshold = float(threshold)
         self.network = unetpp_from_encoder(encoder, out_channels=2, seed=self.seed)
         self.loss_fn = build_seg_loss(self.run_cfg, name)
