@@ -26,8 +26,7 @@ def main(argv: list[str]) -> None:
     method.to(device).eval()
     out_dir = paths.evaluate_pretrain_dir(name)
     test = SliceDataset(paths.PROCESSED_DIR, "test", size, "pretrain", seed=seed)
-    probe = method.reconstruct(test[0]["image"][None].to(device))
-    if probe is None:
+    if not method.reconstructs:
         metrics = {"reconstructs": False}
         save_examples(out_dir / "examples.npz", image=test[0]["image"][None].numpy())
     else:

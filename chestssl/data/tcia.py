@@ -120,6 +120,17 @@ class TciaSeries:
     def describe(self) -> str:
         return f"series {self.series_instance_uid} (patient {self.patient_id})"
 
+    def record(self, images: int, checksum: str) -> SeriesRecord:
+        """The manifest row of this series once it is on disk and verified."""
+        return SeriesRecord(
+            patient_id=self.patient_id,
+            study_instance_uid=self.study_instance_uid,
+            series_instance_uid=self.series_instance_uid,
+            images=images,
+            source=SOURCE,
+            checksum=checksum,
+        )
+
 
 def download_tcia(
     raw_dir: str | os.PathLike,
@@ -280,14 +291,7 @@ def verified_record(raw_dir: str | os.PathLike, series: TciaSeries) -> SeriesRec
         or (series.image_count is not None and images != series.image_count)
     ):
         return None
-    return SeriesRecord(
-        patient_id=series.patient_id,
-        study_instance_uid=series.study_instance_uid,
-        series_instance_uid=series.series_instance_uid,
-        images=images,
-        source=SOURCE,
-        checksum=str(marker["checksum"]),
-    )
+    return series.record(images, str(marker["checksum"]))
 
 
 def download_series(
@@ -341,14 +345,7 @@ def download_series(
         finally:
             zip_path.unlink(missing_ok=True)
             shutil.rmtree(extract_dir, ignore_errors=True)
-        return SeriesRecord(
-            patient_id=series.patient_id,
-            study_instance_uid=series.study_instance_uid,
-            series_instance_uid=series.series_instance_uid,
-            images=images,
-            source=SOURCE,
-            checksum=checksum,
-        )
+        return series.record(images, checksum)
 
     return retry(what, attempt)
 

@@ -38,6 +38,8 @@ class AutoencoderPretraining(PretrainMethod):
     ``scratch`` encoder of the same seed and backbone.
     """
 
+    reconstructs = True
+
     # Every parameter gets a gradient in every step: DDP need not search for unused ones.
     ddp_find_unused_parameters = False
 

@@ -39,6 +39,8 @@ class PretrainMethod(SteppedModule, ABC):
 
     #: Whether the method has parameters to optimise (``scratch`` does not).
     trainable: ClassVar[bool] = True
+    #: Whether ``reconstruct`` returns images (methods with a decoder).
+    reconstructs: ClassVar[bool] = False
 
     def __init__(self, name: str, cfg: Mapping[str, Any], seed: int):
         super().__init__()

@@ -34,3 +34,19 @@ def test_every_method_of_params_yaml_builds_and_exports():
         with torch.no_grad():
             latent = encoder(x)[-1]
         assert tuple(latent.shape) == (2, cfg["backbone"]["features"][-1], 4, 4), name
+
+
+def test_reconstructs_says_whether_reconstruct_returns_images():
+    import torch
+
+    from chestssl.methods import METHODS, build_method
+    from chestssl.params import load_params
+
+    from pathlib import Path
+
+    params = load_params(Path(__file__).resolve().parents[2] / "params.yaml")
+    image = torch.rand(2, 1, 64, 64)
+    for name, cfg in params["methods"].items():
+        method = build_method(name, cfg, seed=0).eval()
+        assert (method.reconstruct(image) is not None) == type(method).reconstructs, name
+    assert set(METHODS) >= {"scratch", "ae"}
