@@ -50,6 +50,8 @@ class Field:
     item: "Field | None" = None
     length: int | None = None
     doc: str = ""
+    #: Whether ``null`` (None) is accepted, e.g. "inherit the top-level value".
+    nullable: bool = False
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,14 @@ class Entries:
     schemas: Mapping[str, Mapping[str, Any]]
     min_entries: int = 0
     name_pattern_doc: str = "letters, digits, '_' and '-'"
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A mapping whose schema is picked by the value of one of its keys (e.g. ``backbone.name``)."""
+
+    key: str
+    schemas: Mapping[str, Mapping[str, Any]]
 
 
 @dataclass(frozen=True)
@@ -95,13 +105,74 @@ TRAIN = Section(
     }
 )
 
-BACKBONE = Section(
-    {
-        "name": Field(str, choices=("unet_encoder",)),
+BACKBONE_SCHEMAS: dict[str, Mapping[str, Any]] = {
+    # The down path of MONAI's BasicUNetPlusPlus (chestssl.models.unet.UNetEncoder).
+    "unet_encoder": {
+        "name": Field(str),
         "spatial_dims": Field(int, choices=(2, 3)),
         "features": Field(list, item=Field(int, min=1), length=5),
+    },
+    # VQGAN-style convolutional encoder with attention (chestssl.models.cnn_attention).
+    "cnn_attention": {
+        "name": Field(str),
+        "spatial_dims": Field(int, choices=(2, 3)),
+        "channels": _positive_int("width of the first level"),
+        "channel_multipliers": Field(list, item=Field(int, min=1), doc="one per level, at most 5"),
+        "num_res_blocks": _positive_int(),
+        "latent_channels": _positive_int(),
+        "norm_num_groups": _positive_int("must divide every level width"),
+    },
+    # The Swin transformer of MONAI's SwinUNETR (chestssl.models.swin).
+    "swin": {
+        "name": Field(str),
+        "spatial_dims": Field(int, choices=(2, 3)),
+        "feature_size": Field(int, min=12, doc="a multiple of 12"),
+        "patch_size": _positive_int(),
+        "window_size": _positive_int(),
+        "depths": Field(list, item=Field(int, min=1), length=4),
+        "num_heads": Field(list, item=Field(int, min=1), length=4),
+    },
+}
+BACKBONE = Variant("name", BACKBONE_SCHEMAS)
+
+# The decoder, quantizer and loss of seed 000's autoencoders (chestssl.models.vqgan).
+AE_DECODER = Section(
+    {
+        "channels": _positive_int("width of the full-resolution level"),
+        "channel_multipliers": Field(list, item=Field(int, min=1), doc="one per level"),
+        "num_res_blocks": _positive_int(),
+        "norm_num_groups": _positive_int(),
+        "latent_channels": _positive_int("channels of the (quantised) latent the decoder reads"),
     }
 )
+QUANTIZER = Section(
+    {
+        "enabled": Field(bool),
+        "codebook_size": Field(int, min=2),
+        "dim": _positive_int(),
+        "beta": _nonneg_float("commitment weight"),
+    }
+)
+AE_LOSS = Section(
+    {
+        "l1": _nonneg_float(),
+        "ssim": _nonneg_float(),
+        "perceptual": _nonneg_float("needs perceptual_weights"),
+        "perceptual_weights": Field(str, doc="a local TorchScript feature network; empty: none"),
+        "codebook": _nonneg_float("weight of codebook + beta * commitment"),
+        "adversarial": _nonneg_float("factor of the (adaptive) generator loss; 0: no discriminator"),
+        "adaptive_weight": Field(bool),
+        "disc_start": Field(int, min=0, doc="step at which the discriminator starts"),
+        "disc_layers": _positive_int(),
+        "disc_channels": _positive_int(),
+    }
+)
+_SEG_LOSS_KEYS = {
+    "seg_loss": Field(str, choices=("ce", "dice", "focal")),
+    "seg_class_weights": Field(list, item=_nonneg_float(), length=2),
+    "focal_gamma": _nonneg_float(),
+    "focal_alpha": Field(float, min=0.0, max=1.0),
+}
 
 METHOD_SCHEMAS: dict[str, Mapping[str, Any]] = {
     "scratch": {"method": Field(str), "backbone": BACKBONE},
@@ -111,12 +182,37 @@ METHOD_SCHEMAS: dict[str, Mapping[str, Any]] = {
         "loss": Section({"l1": _nonneg_float(), "ssim": _nonneg_float()}),
         "train": TRAIN,
     },
+    "vqgan": {
+        "method": Field(str),
+        "backbone": BACKBONE,
+        "decoder": AE_DECODER,
+        "quantizer": QUANTIZER,
+        "loss": AE_LOSS,
+        "train": TRAIN,
+    },
+}
+
+MULTIHEAD_SCHEMAS: dict[str, Mapping[str, Any]] = {
+    "multihead": {
+        "method": Field(str),
+        "heads": Field(list, item=Field(str, choices=("seg", "cls")), doc="seg, cls or both"),
+        "seg_beta": Field(float, min=0.0, nullable=True, doc="null: the top-level seg_beta"),
+        "cls_weight": _nonneg_float(),
+        **_SEG_LOSS_KEYS,
+        "cls_arch": Field(str, choices=("resnet18", "resnet50")),
+        "cls_class_weights": Field(list, item=_nonneg_float(), length=2),
+        "backbone": BACKBONE,
+        "decoder": AE_DECODER,
+        "quantizer": QUANTIZER,
+        "loss": AE_LOSS,
+        "train": TRAIN,
+    }
 }
 
 _SEG_RUN = {
     "task": Field(str),
-    "arch": Field(str, choices=("unetpp",)),
-    "init": Field(str, doc="a method name under `methods`"),
+    "arch": Field(str, choices=("unetpp", "swin_unetr")),
+    "init": Field(str, doc="an entry name under `methods` or `multihead`"),
     "loss": Field(str, choices=("ce", "dice", "focal")),
     "class_weights": Field(list, item=_nonneg_float(), length=2),
     "focal_gamma": _nonneg_float(),
@@ -126,7 +222,7 @@ _SEG_RUN = {
 _CLS_RUN = {
     "task": Field(str),
     "arch": Field(str, choices=("resnet18", "resnet50")),
-    "init": Field(str, doc="a method name under `methods`"),
+    "init": Field(str, doc="an entry name under `methods` or `multihead`"),
     "class_weights": Field(list, item=_nonneg_float(), length=2),
     "train": TRAIN,
 }
@@ -188,6 +284,7 @@ SCHEMA = Section(
             }
         ),
         "methods": Entries("method", METHOD_SCHEMAS, min_entries=1),
+        "multihead": Entries("method", MULTIHEAD_SCHEMAS),
         "runs": Entries("task", RUN_SCHEMAS),
         "evaluate": Section(
             {
@@ -225,7 +322,10 @@ def _describe(spec: Field) -> str:
 
 def _check_field(value: Any, spec: Field, key: str, problems: list[str]) -> Any:
     def bad() -> None:
-        problems.append(f"{key}: got {value!r}, expected {_describe(spec)}")
+        problems.append(f"{key}: got {value!r}, expected {_describe(spec)}" + (" or null" if spec.nullable else ""))
+
+    if value is None and spec.nullable:
+        return None
 
     if spec.kind is bool:
         if not isinstance(value, bool):
@@ -284,6 +384,17 @@ def _check(value: Any, spec: Any, key: str, problems: list[str]) -> Any:
                 continue
             out[name] = _check(value[name], sub, _join(key, name), problems)
         return out
+    if isinstance(spec, Variant):
+        if not isinstance(value, Mapping) or spec.key not in value:
+            problems.append(f"{key}: expected a mapping with `{spec.key}` (one of {', '.join(spec.schemas)})")
+            return value
+        kind = value[spec.key]
+        if kind not in spec.schemas:
+            problems.append(
+                f"{_join(key, spec.key)}: got {kind!r}, expected one of " + ", ".join(repr(k) for k in spec.schemas)
+            )
+            return value
+        return _check(value, spec.schemas[kind], key, problems)
     if isinstance(spec, Entries):
         if not isinstance(value, Mapping) or len(value) < spec.min_entries:
             problems.append(f"{key}: expected a mapping of at least {spec.min_entries} named entries")
@@ -326,15 +437,42 @@ def _cross_checks(params: dict, problems: list[str]) -> None:
     if isinstance(window, list) and len(window) == 2 and all(isinstance(w, float) for w in window):
         if window[0] >= window[1]:
             problems.append(f"preprocess.hu_window: got {window}, expected [low, high] with low < high")
-    methods = params.get("methods", {})
+    methods = params.get("methods") or {}
+    multihead = params.get("multihead") or {}
+    for name in sorted(set(methods) & set(multihead)):
+        problems.append(
+            f"multihead.{name}: the name is also used under `methods`; pretrained models are stored by name "
+            "(models/pretrain/<name>), so rename one of them"
+        )
     for name, run in (params.get("runs") or {}).items():
-        if isinstance(run, Mapping) and isinstance(methods, Mapping) and run.get("init") not in methods:
+        if isinstance(run, Mapping) and run.get("init") not in methods and run.get("init") not in multihead:
             problems.append(
-                f"runs.{name}.init: got {run.get('init')!r}, expected a method name under `methods`: "
-                + ", ".join(methods)
+                f"runs.{name}.init: got {run.get('init')!r}, expected an entry name under `methods` or "
+                "`multihead`: " + ", ".join([*methods, *multihead])
             )
     if params.get("data", {}).get("source") == "local" and not params["data"]["local"].get("path"):
         problems.append("data.local.path: empty, but data.source is 'local'; set it to your LIDC-IDRI folder")
+
+
+#: The params sections whose entries are pretraining stages (``pretrain@<name>``).
+PRETRAIN_SECTIONS = ("methods", "multihead")
+
+
+def pretrain_entry(params: Mapping[str, Any], name: str) -> tuple[str, dict[str, Any]]:
+    """``(section, entry)`` of the pretraining entry ``name`` under ``methods`` or ``multihead``.
+
+    A multihead entry whose ``seg_beta`` is null gets the top-level ``seg_beta`` here,
+    so the model and its saved config carry the weight that was actually used.
+    """
+    for section in PRETRAIN_SECTIONS:
+        entries = params.get(section) or {}
+        if name in entries:
+            entry = dict(entries[name])
+            if section == "multihead" and entry.get("seg_beta") is None:
+                entry["seg_beta"] = float(params["seg_beta"])
+            return section, entry
+    known = [n for section in PRETRAIN_SECTIONS for n in (params.get(section) or {})]
+    raise ParamsError([f"{name!r} is not an entry under `methods` or `multihead` (known: {', '.join(known)})"])
 
 
 def validate(raw: Mapping[str, Any], source: str = "params.yaml") -> dict[str, Any]:

@@ -49,3 +49,8 @@ def evaluate_pretrain_dir(method: str) -> Path:
 
 def checkpoint_path(stage: str, name: str) -> Path:
     return CHECKPOINT_DIR / stage / f"{name}.pt"
+
+
+def multihead_heads_dir(name: str) -> Path:
+    """Examples and per-slice scores of a multihead model's segmentation/classification heads."""
+    return evaluate_pretrain_dir(name) / "heads"

@@ -6,19 +6,19 @@ import torch
 
 from chestssl import paths
 from chestssl.cli import entry_from_argv, run_stage
-from chestssl.inference import auto_device, predict_dataset
+from chestssl.inference import auto_device
 from chestssl.io import write_json
 from chestssl.params import load_params
 
 
 def main(argv: list[str]) -> None:
     from chestssl.data.datasets import SliceDataset
-    from chestssl.eval import choose_example_indices, evaluate_classification, evaluate_segmentation, save_examples
+    from chestssl.eval.downstream import evaluate_predictor
     from chestssl.tasks import build_task
 
     params = load_params()
     name, run = entry_from_argv(argv, params, "runs")
-    seed, slices, cfg = params["seed"], params["slices"], params["evaluate"]
+    seed, slices = params["seed"], params["slices"]
     saved = torch.load(paths.finetune_model_path(name), map_location="cpu", weights_only=False)
     device = auto_device()
     model = build_task(run, saved["encoder"], seed, name=name)
@@ -26,25 +26,12 @@ def main(argv: list[str]) -> None:
     model.to(device).eval()
     test = SliceDataset(paths.PROCESSED_DIR, "test", slices["size"], run["task"],
                         clean_per_nodule_slice=slices["clean_per_nodule_slice"], seed=seed)
-    out = predict_dataset(model.predict, test, device=device)
-    bootstrap = dict(n_bootstrap=cfg["bootstrap_samples"], confidence=cfg["confidence"], seed=seed)
-    count = params["report"]["num_examples"]
     out_dir = paths.evaluate_dir(name)
-    if run["task"] == "seg":
-        metrics = evaluate_segmentation(out["output"], out["mask"], out["patient_id"],
-                                        threshold=cfg["seg_threshold"], **bootstrap)
-        # Show the slices with the largest nodules: the figure is about what the model finds.
-        pick = choose_example_indices(out["patient_id"], out["mask"].reshape(len(out["mask"]), -1).sum(1), count)
-        save_examples(out_dir / "examples.npz", image=out["image"][pick], mask=out["mask"][pick],
-                      prob=out["output"][pick], patient_id=out["patient_id"][pick],
-                      slice_index=out["slice_index"][pick])
-    else:
-        metrics = evaluate_classification(out["output"], out["label"], out["patient_id"],
-                                          threshold=cfg["cls_threshold"], **bootstrap)
-        pick = choose_example_indices(out["patient_id"], out["output"], count)
-        save_examples(out_dir / "examples.npz", image=out["image"][pick], label=out["label"][pick],
-                      score=out["output"][pick], patient_id=out["patient_id"][pick],
-                      slice_index=out["slice_index"][pick])
+    metrics = evaluate_predictor(
+        run["task"], model.predict, test, params["evaluate"], examples_path=out_dir / "examples.npz",
+        items_path=out_dir / "items.npz", num_examples=params["report"]["num_examples"], seed=seed, device=device,
+        feature_maps=getattr(model, "encoder_feature_maps", None),
+    )
     write_json(out_dir / "metrics.json", metrics)
     print(f"evaluate@{name}: {metrics}")
 

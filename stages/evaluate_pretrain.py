@@ -1,45 +1,65 @@
-"""evaluate_pretrain@<method>: test-split reconstruction quality (SSIM/PSNR, one data_range)."""
+"""evaluate_pretrain@<method> and evaluate_multihead@<name>: test-split quality of a
+pretrained model: reconstruction (SSIM/PSNR, one data_range) and, for multihead models,
+their segmentation and classification heads on the same test slices as the downstream runs."""
 
 from __future__ import annotations
 
 import torch
 
 from chestssl import paths
-from chestssl.cli import entry_from_argv, run_stage
+from chestssl.cli import run_stage
 from chestssl.inference import auto_device, predict_dataset
 from chestssl.io import write_json
-from chestssl.params import load_params
+from chestssl.params import ParamsError, load_params, pretrain_entry
 
 
 def main(argv: list[str]) -> None:
     from chestssl.data.datasets import SliceDataset
     from chestssl.eval import evaluate_reconstruction, save_examples
+    from chestssl.eval.downstream import evaluate_predictor
     from chestssl.methods import build_method
 
     params = load_params()
-    name, cfg = entry_from_argv(argv, params, "methods")
-    seed, size = params["seed"], params["slices"]["size"]
+    if len(argv) != 1:
+        raise ParamsError([f"evaluate_pretrain: expected one entry name, got {' '.join(argv) or 'nothing'!r}"])
+    name = argv[0]
+    _, cfg = pretrain_entry(params, name)
+    seed, slices, cfg_eval = params["seed"], params["slices"], params["evaluate"]
     saved = torch.load(paths.method_weights_path(name), map_location="cpu", weights_only=False)
     method = build_method(name, cfg, seed)
     method.load_state_dict(saved["state_dict"])
     device = auto_device()
     method.to(device).eval()
     out_dir = paths.evaluate_pretrain_dir(name)
-    test = SliceDataset(paths.PROCESSED_DIR, "test", size, "pretrain", seed=seed)
+    count = params["report"]["num_examples"]
+    test = SliceDataset(paths.PROCESSED_DIR, "test", slices["size"], "pretrain", seed=seed)
     if not method.reconstructs:
         metrics = {"reconstructs": False}
         save_examples(out_dir / "examples.npz", image=test[0]["image"][None].numpy())
     else:
         out = predict_dataset(lambda batch: method.reconstruct(batch["image"]), test, device=device)
-        cfg_eval = params["evaluate"]
         metrics = {"reconstructs": True, **evaluate_reconstruction(
             out["output"], out["image"], out["patient_id"], n_bootstrap=cfg_eval["bootstrap_samples"],
             confidence=cfg_eval["confidence"], seed=seed)}
         # Evenly spaced test slices, so the figure spans patients and anatomy.
-        count = params["report"]["num_examples"]
         pick = torch.linspace(0, len(test) - 1, steps=min(count, len(test))).round().long().numpy()
         save_examples(out_dir / "examples.npz", image=out["image"][pick], recon=out["output"][pick],
                       patient_id=out["patient_id"][pick], slice_index=out["slice_index"][pick])
+    if method.heads:
+        metrics.update(heads=list(method.heads), seg_beta=float(cfg["seg_beta"]), cls_weight=float(cfg["cls_weight"]))
+        heads_dir = paths.multihead_heads_dir(name)
+        for task, key, predict in (("seg", "segmentation", method.predict_segmentation),
+                                   ("cls", "classification", method.predict_classification)):
+            if task not in method.heads:
+                continue
+            data = SliceDataset(paths.PROCESSED_DIR, "test", slices["size"], task,
+                                clean_per_nodule_slice=slices["clean_per_nodule_slice"], seed=seed)
+            metrics[key] = evaluate_predictor(
+                task, lambda batch, predict=predict: predict(batch["image"]), data, cfg_eval,
+                examples_path=heads_dir / f"{task}_examples.npz", items_path=heads_dir / f"{task}_items.npz",
+                num_examples=count, seed=seed, device=device,
+                feature_maps=method.encoder_feature_maps if task == "seg" else None,
+            )
     write_json(out_dir / "metrics.json", metrics)
     print(f"evaluate_pretrain@{name}: {metrics}")
 

@@ -1,13 +1,14 @@
-"""pretrain@<method>: train one pretext method on the training split's slices; export its encoder."""
+"""pretrain@<name>: train one pretext method (a `methods` or `multihead` entry) on the
+training split's slices; export its encoder."""
 
 from __future__ import annotations
 
 import shutil
 
 from chestssl import paths
-from chestssl.cli import entry_from_argv, flat_metrics, run_stage
+from chestssl.cli import flat_metrics, run_stage
 from chestssl.io import save_torch, write_json
-from chestssl.params import load_params
+from chestssl.params import ParamsError, load_params, pretrain_entry
 
 
 def main(argv: list[str]) -> None:
@@ -16,7 +17,10 @@ def main(argv: list[str]) -> None:
     from chestssl.train.loop import fit
 
     params = load_params()
-    name, cfg = entry_from_argv(argv, params, "methods")
+    if len(argv) != 1:
+        raise ParamsError([f"pretrain: expected one entry name on the command line, got {' '.join(argv) or 'nothing'!r}"])
+    name = argv[0]
+    _, cfg = pretrain_entry(params, name)
     seed, size = params["seed"], params["slices"]["size"]
     method = build_method(name, cfg, seed)
     report_dir = paths.pretrain_report_dir(name)
@@ -24,12 +28,14 @@ def main(argv: list[str]) -> None:
     if method.trainable:
         train = SliceDataset(paths.PROCESSED_DIR, "train", size, "pretrain", seed=seed)
         val = SliceDataset(paths.PROCESSED_DIR, "val", size, "pretrain", seed=seed)
-        result = fit(method, train, val, cfg["train"], live_dir, paths.checkpoint_path("pretrain", name), seed)
+        monitor, mode = method.monitor
+        result = fit(method, train, val, cfg["train"], live_dir, paths.checkpoint_path("pretrain", name), seed,
+                     monitor=monitor, mode=mode)
         if not result.is_main:  # under torchrun, rank 0 writes the outputs
             return
         method.load_state_dict(result.best_state)
         metrics = {"trained": True, "epochs": result.epochs, "steps": result.steps,
-                   "best_val_loss": result.best_value, **flat_metrics(result.final_metrics)}
+                   f"best_{monitor.replace('/', '_')}": result.best_value, **flat_metrics(result.final_metrics)}
     else:
         # Nothing to train (e.g. `scratch`): an empty curve folder keeps the outputs uniform.
         shutil.rmtree(live_dir, ignore_errors=True)

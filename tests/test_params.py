@@ -27,7 +27,8 @@ def problems(params: dict) -> list[str]:
 def test_shipped_params_are_valid():
     params = load_params(ROOT / "params.yaml")
     assert params["data"]["source"] == "phantom"
-    assert set(params["methods"]) >= {"scratch", "ae"}
+    assert set(params["methods"]) >= {"scratch_cnn_attention", "ae_cnn_attention", "scratch_swin", "ae_swin"}
+    assert params["multihead"]["multihead_seg"]["seg_beta"] is None
 
 
 def test_full_profile_is_valid_after_merge():
@@ -48,42 +49,65 @@ def test_unknown_key_is_named_with_the_allowed_keys(raw):
 
 
 def test_wrong_type_and_out_of_range_name_key_value_and_rule(raw):
-    raw["methods"]["ae"]["train"]["batch_size"] = "big"
+    raw["methods"]["ae_swin"]["train"]["batch_size"] = "big"
     raw["preprocess"]["clevel"] = 1.5
-    raw["runs"]["seg_unetpp_ae"]["loss"] = "l2"
+    raw["runs"]["seg_unetpp_cnn_attention"]["loss"] = "l2"
     found = problems(raw)
-    assert "methods.ae.train.batch_size: got 'big', expected an integer >= 1" in found
+    assert "methods.ae_swin.train.batch_size: got 'big', expected an integer >= 1" in found
     assert "preprocess.clevel: got 1.5, expected a number > 0 and <= 1" in found
-    assert any(p.startswith("runs.seg_unetpp_ae.loss: got 'l2', expected one of 'ce', 'dice', 'focal'") for p in found)
+    assert any(p.startswith("runs.seg_unetpp_cnn_attention.loss: got 'l2', expected one of 'ce', 'dice', 'focal'") for p in found)
 
 
 def test_bool_is_not_an_int_and_floats_accept_scientific_strings(raw):
     raw["seed"] = True
-    raw["methods"]["ae"]["train"]["lr"] = "1e-3"
+    raw["methods"]["ae_swin"]["train"]["lr"] = "1e-3"
     (problem,) = problems(copy.deepcopy(raw))
     assert problem.startswith("seed: got True")
     raw["seed"] = 1
-    assert validate(raw)["methods"]["ae"]["train"]["lr"] == pytest.approx(1e-3)
+    assert validate(raw)["methods"]["ae_swin"]["train"]["lr"] == pytest.approx(1e-3)
 
 
 def test_missing_key_and_unknown_method(raw):
-    del raw["methods"]["ae"]["loss"]["ssim"]
+    del raw["methods"]["ae_swin"]["loss"]["ssim"]
     raw["methods"]["new"] = {"method": "byol"}
     found = problems(raw)
-    assert any(p.startswith("methods.ae.loss.ssim: missing") for p in found)
+    assert any(p.startswith("methods.ae_swin.loss.ssim: missing") for p in found)
     assert any(p.startswith("methods.new.method: got 'byol', expected one of") for p in found)
 
 
 def test_run_init_must_name_a_method_and_split_must_sum_to_one(raw):
-    raw["runs"]["seg_unetpp_ae"]["init"] = "nope"
+    raw["runs"]["seg_unetpp_cnn_attention"]["init"] = "nope"
     raw["preprocess"]["split"]["test"] += 0.25
     total = sum(raw["preprocess"]["split"][k] for k in ("train", "val", "test"))
     found = problems(raw)
     assert f"preprocess.split: train + val + test = {total:g}, expected 1" in found
-    assert any(p.startswith("runs.seg_unetpp_ae.init: got 'nope'") for p in found)
+    assert any(p.startswith("runs.seg_unetpp_cnn_attention.init: got 'nope'") for p in found)
 
 
 def test_local_source_needs_a_path(raw):
     raw["data"]["source"] = "local"
     (problem,) = problems(raw)
     assert problem.startswith("data.local.path: empty")
+
+
+def test_backbone_schema_follows_its_name(raw):
+    raw["methods"]["ae_swin"]["backbone"]["features"] = [1, 2, 3, 4, 5]
+    raw["methods"]["scratch_swin"]["backbone"]["name"] = "vit"
+    found = problems(raw)
+    assert any(p.startswith("methods.ae_swin.backbone.features: unknown key") for p in found)
+    assert any(p.startswith("methods.scratch_swin.backbone.name: got 'vit', expected one of") for p in found)
+
+
+def test_multihead_seg_beta_inherits_the_top_level_value_unless_set(raw):
+    from chestssl.params import pretrain_entry
+
+    raw["seg_beta"] = 7.0
+    params = validate(raw)
+    assert pretrain_entry(params, "multihead_seg") == ("multihead", {**params["multihead"]["multihead_seg"], "seg_beta": 7.0})
+    assert pretrain_entry(params, "multihead_seg_beta25")[1]["seg_beta"] == 25.0
+    assert pretrain_entry(params, "ae_swin")[0] == "methods"
+    raw["multihead"]["ae_swin"] = copy.deepcopy(raw["multihead"]["multihead_cls"])
+    assert any(p.startswith("multihead.ae_swin: the name is also used under `methods`") for p in problems(raw))
+    raw["multihead"]["multihead_seg"]["seg_beta"] = "big"
+    found = problems(raw)
+    assert any(p.startswith("multihead.multihead_seg.seg_beta: got 'big'") and p.endswith("or null") for p in found)

@@ -1,7 +1,7 @@
 """Pretext methods, one module each, behind one interface (:class:`PretrainMethod`).
 
 Adding a method is one module here, one entry in :data:`METHODS` and one schema in
-``chestssl.params.METHOD_SCHEMAS``; no stage script changes.
+``chestssl.params.METHOD_SCHEMAS`` (or ``MULTIHEAD_SCHEMAS``); no stage script changes.
 """
 
 from __future__ import annotations
@@ -10,12 +10,16 @@ from typing import Any, Mapping
 
 from chestssl.methods.ae import AutoencoderPretraining
 from chestssl.methods.base import PretrainMethod
+from chestssl.methods.multihead import MultiheadAutoencoder
 from chestssl.methods.scratch import Scratch
+from chestssl.methods.vqgan import VQGANAutoencoderPretraining
 
 #: Method classes keyed by the ``method`` param of a ``methods`` entry.
 METHODS: dict[str, type[PretrainMethod]] = {
     "scratch": Scratch,
     "ae": AutoencoderPretraining,
+    "vqgan": VQGANAutoencoderPretraining,
+    "multihead": MultiheadAutoencoder,
 }
 
 
@@ -32,4 +36,12 @@ def build_method(name: str, cfg: Mapping[str, Any], seed: int) -> PretrainMethod
     return METHODS[kind](name, cfg, seed)
 
 
-__all__ = ["METHODS", "AutoencoderPretraining", "PretrainMethod", "Scratch", "build_method"]
+__all__ = [
+    "METHODS",
+    "AutoencoderPretraining",
+    "MultiheadAutoencoder",
+    "PretrainMethod",
+    "Scratch",
+    "VQGANAutoencoderPretraining",
+    "build_method",
+]

@@ -41,6 +41,10 @@ class PretrainMethod(SteppedModule, ABC):
     trainable: ClassVar[bool] = True
     #: Whether ``reconstruct`` returns images (methods with a decoder).
     reconstructs: ClassVar[bool] = False
+    #: The validation metric that picks the best epoch, and whether lower or higher is better.
+    monitor: ClassVar[tuple[str, str]] = ("val/loss", "min")
+    #: The downstream heads the method trains itself (multihead models): ``seg``, ``cls``.
+    heads: tuple[str, ...] = ()
 
     def __init__(self, name: str, cfg: Mapping[str, Any], seed: int):
         super().__init__()

@@ -1,5 +1,23 @@
 """Backbones by name, and the encoder file handed from pretraining to fine-tuning.
 
+Every backbone follows one protocol, so methods and tasks work with any of them:
+
+- ``spatial_dims`` (2 or 3), ``in_channels``;
+- ``feature_maps(x)``: multi-scale maps, shallow to deep;
+- ``latent(x)``: (B, ``latent_channels``, *S / ``latent_stride``), what classifiers and
+  autoencoder decoders read.
+
+Backbones (the ``backbone.name`` param):
+
+- ``unet_encoder``: the down path of MONAI's ``BasicUNetPlusPlus``
+  (:class:`chestssl.models.unet.UNetEncoder`);
+- ``cnn_attention``: seed 000's VQGAN-style encoder, a MONAI ``autoencoderkl.Encoder``
+  (:mod:`chestssl.models.cnn_attention`);
+- ``swin``: the Swin transformer of MONAI's ``SwinUNETR`` (``SwinUNETR.swinViT``,
+  :mod:`chestssl.models.swin`).
+
+Each one's ``state_dict`` loads with ``strict=True`` into the MONAI module it mirrors.
+
 The encoder payload written by every ``pretrain@<method>`` stage is::
 
     {"format": "chestssl-encoder/1", "backbone": <validated backbone block>,
@@ -26,8 +44,24 @@ def _unet_encoder(cfg: Mapping[str, Any]) -> nn.Module:
     return UNetEncoder(spatial_dims=int(cfg["spatial_dims"]), in_channels=1, features=cfg["features"])
 
 
+def _cnn_attention(cfg: Mapping[str, Any]) -> nn.Module:
+    from chestssl.models.cnn_attention import build_cnn_attention_encoder
+
+    return build_cnn_attention_encoder(cfg)
+
+
+def _swin(cfg: Mapping[str, Any]) -> nn.Module:
+    from chestssl.models.swin import build_swin_encoder
+
+    return build_swin_encoder(cfg)
+
+
 #: Backbone builders keyed by the ``backbone.name`` param.
-BACKBONES: dict[str, Callable[[Mapping[str, Any]], nn.Module]] = {"unet_encoder": _unet_encoder}
+BACKBONES: dict[str, Callable[[Mapping[str, Any]], nn.Module]] = {
+    "unet_encoder": _unet_encoder,
+    "cnn_attention": _cnn_attention,
+    "swin": _swin,
+}
 
 
 def build_backbone(cfg: Mapping[str, Any]) -> nn.Module:
@@ -43,13 +77,27 @@ def build_backbone(cfg: Mapping[str, Any]) -> nn.Module:
     return BACKBONES[name](cfg)
 
 
+def backbone_name(encoder: nn.Module) -> str:
+    """The ``backbone.name`` of an encoder built by :func:`build_backbone`."""
+    from chestssl.models.cnn_attention import CNNAttentionEncoder
+    from chestssl.models.swin import SwinEncoder
+
+    for name, cls in (("unet_encoder", UNetEncoder), ("cnn_attention", CNNAttentionEncoder), ("swin", SwinEncoder)):
+        if isinstance(encoder, cls):
+            return name
+    raise TypeError(f"{type(encoder).__name__} is not a backbone of {', '.join(BACKBONES)}")
+
+
 def _check_matches(encoder: nn.Module, cfg: Mapping[str, Any]) -> None:
-    if isinstance(encoder, UNetEncoder):
-        if tuple(cfg.get("features", ())) != encoder.features or cfg.get("spatial_dims") != encoder.spatial_dims:
-            raise ValueError(
-                f"backbone params {dict(cfg)} do not describe this encoder "
-                f"(spatial_dims={encoder.spatial_dims}, features={list(encoder.features)})"
-            )
+    """Refuse to export weights under params that would rebuild a different network."""
+    expected = build_backbone(cfg)
+    if type(expected) is not type(encoder):
+        raise ValueError(f"backbone params {dict(cfg)} build a {type(expected).__name__}, not a {type(encoder).__name__}")
+    shapes = {key: tuple(value.shape) for key, value in encoder.state_dict().items()}
+    expected_shapes = {key: tuple(value.shape) for key, value in expected.state_dict().items()}
+    if shapes != expected_shapes:
+        differing = sorted(set(shapes.items()) ^ set(expected_shapes.items()))[:3]
+        raise ValueError(f"backbone params {dict(cfg)} do not describe this encoder (first differences: {differing})")
 
 
 def export_encoder(encoder: nn.Module, cfg: Mapping[str, Any]) -> dict[str, Any]:

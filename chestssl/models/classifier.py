@@ -16,7 +16,6 @@ import torch
 from monai.networks.nets import ResNet
 from torch import nn
 
-from chestssl.models.unet import UNetEncoder
 
 #: Blocks per stage of the latent ResNets (all basic blocks, as seed 000).
 RESNET_LAYERS: dict[str, tuple[int, int, int, int]] = {
@@ -27,15 +26,44 @@ RESNET_LAYERS: dict[str, tuple[int, int, int, int]] = {
 RESNET_WIDTHS: tuple[int, int, int, int] = (64, 128, 256, 512)
 
 
-class LatentResNetClassifier(nn.Module):
-    """Image -> ``UNetEncoder`` latent -> MONAI ``ResNet`` -> logits.
+def latent_resnet(
+    spatial_dims: int,
+    latent_channels: int,
+    arch: str = "resnet18",
+    num_classes: int = 2,
+    widths: Sequence[int] = RESNET_WIDTHS,
+) -> ResNet:
+    """The MONAI ResNet that classifies a latent map (B, latent_channels, *L) -> (B, num_classes).
 
-    The latent is tiny (4x4 for a 64x64 slice), so the ResNet stem keeps its resolution:
+    Basic blocks per :data:`RESNET_LAYERS`; a 3x3 stride-1 stem without max-pool, since
+    latents are small.
+    """
+    if arch not in RESNET_LAYERS:
+        raise ValueError(f"arch: got {arch!r}, expected one of {', '.join(map(repr, RESNET_LAYERS))}")
+    return ResNet(
+        block="basic",
+        layers=list(RESNET_LAYERS[arch]),
+        block_inplanes=list(widths),
+        spatial_dims=spatial_dims,
+        n_input_channels=latent_channels,
+        conv1_t_size=3,
+        conv1_t_stride=1,
+        no_max_pool=True,
+        num_classes=num_classes,
+    )
+
+
+class LatentResNetClassifier(nn.Module):
+    """Image -> encoder latent -> MONAI ``ResNet`` -> logits.
+
+    Any backbone of :mod:`chestssl.models.backbones` works: the ResNet reads
+    ``encoder.latent(x)`` (B, ``encoder.latent_channels``, *S / ``encoder.latent_stride``).
+    The latent is small (e.g. 4x4 for a 64x64 slice), so the ResNet stem keeps its resolution:
     a 3x3 stride-1 first convolution and no max-pool (a 7x7 kernel on a 4x4 map would be
     mostly padding).
 
     Args:
-        encoder: a (pretrained) :class:`UNetEncoder`; it is copied, so training the
+        encoder: a (pretrained) backbone; it is copied, so training the
             classifier never changes the module passed in.
         arch: ``"resnet18"`` or ``"resnet50"`` (see :data:`RESNET_LAYERS`).
         num_classes: logits per image.
@@ -47,7 +75,7 @@ class LatentResNetClassifier(nn.Module):
 
     def __init__(
         self,
-        encoder: UNetEncoder,
+        encoder: nn.Module,
         arch: str = "resnet18",
         num_classes: int = 2,
         widths: Sequence[int] = RESNET_WIDTHS,
@@ -57,17 +85,7 @@ class LatentResNetClassifier(nn.Module):
             raise ValueError(f"arch: got {arch!r}, expected one of {', '.join(map(repr, RESNET_LAYERS))}")
         self.arch = arch
         self.encoder = copy.deepcopy(encoder)
-        self.head = ResNet(
-            block="basic",
-            layers=list(RESNET_LAYERS[arch]),
-            block_inplanes=list(widths),
-            spatial_dims=encoder.spatial_dims,
-            n_input_channels=encoder.latent_channels,
-            conv1_t_size=3,
-            conv1_t_stride=1,
-            no_max_pool=True,
-            num_classes=num_classes,
-        )
+        self.head = latent_resnet(encoder.spatial_dims, encoder.latent_channels, arch, num_classes, widths)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.encoder(x)[-1])
+        return self.head(self.encoder.latent(x))

@@ -78,9 +78,20 @@ class UNetEncoder(nn.Module):
         self.conv_3_0 = Down(spatial_dims, features[2], features[3], act, norm, bias, dropout)
         self.conv_4_0 = Down(spatial_dims, features[3], features[4], act, norm, bias, dropout)
 
+    #: Down-sampling from the input to the latent (four 2x max-poolings).
+    latent_stride = 16
+
     @property
     def latent_channels(self) -> int:
         return self.features[-1]
+
+    def feature_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The five maps of :meth:`forward` (the backbone protocol of chestssl.models.backbones)."""
+        return self(x)
+
+    def latent(self, x: torch.Tensor) -> torch.Tensor:
+        """The deepest map (B, features[4], *S / 16)."""
+        return self(x)[-1]
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         if min(x.shape[2:]) < MIN_INPUT_SIZE:

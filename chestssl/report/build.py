@@ -37,6 +37,10 @@ from chestssl.report.tables import (
 
 PathLike = str | os.PathLike
 ExtraSections = Mapping[str, str] | Sequence[tuple[str, str]]
+#: A README section of tables: (title, introduction in Markdown, tables).
+TableSection = tuple[str, str, Sequence[Table]]
+#: A README section of figures already written under ``out_dir``: (title, [(caption, path)]).
+FigureSection = tuple[str, Sequence[tuple[str, PathLike]]]
 
 _TASKS = {"seg": "segmentation", "cls": "classification"}
 
@@ -150,6 +154,8 @@ def build_report(
     *,
     params: Mapping[str, Any] | None = None,
     not_applicable: Sequence[str] = (),
+    table_sections: Sequence[TableSection] = (),
+    figure_sections: Sequence[FigureSection] = (),
 ) -> list[Path]:
     """Write the tables, figures and ``README.md`` of the report under ``out_dir``.
 
@@ -166,6 +172,9 @@ def build_report(
         extra_sections: further README sections, ``{title: markdown}`` or pairs.
         params: the validated ``params.yaml``, for the protocol section.
         not_applicable: further lines for the README's "Skipped or not applicable" list.
+        table_sections: further sections of tables (written as CSV + Markdown like the
+            others), placed after the classification section.
+        figure_sections: further sections of figures already written under ``out_dir``.
 
     Returns:
         The paths written.
@@ -301,6 +310,19 @@ def build_report(
         for run in params.get("runs", {}):
             if run not in eval_metrics:
                 skipped.append(f"Run `{run}`: listed in params but no test metrics were given.")
+
+    for title, intro, tables in table_sections:
+        body = [intro.strip()] if intro.strip() else []
+        body += [f"### {table.title}\n\n" + write_table(table) for table in tables]
+        sections.append(f"## {title}\n\n" + "\n\n".join(body))
+    for title, captioned in figure_sections:
+        body = []
+        for caption, path in captioned:
+            path = Path(path)
+            written.append(path)
+            body.append(f"**{caption}**\n\n" + _figure_markdown(out_dir, path, caption))
+        if body:
+            sections.append(f"## {title}\n\n" + "\n\n".join(body))
 
     # Training curves.
     body = []

@@ -15,15 +15,21 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from chestssl.models.stepped import SteppedModule
-from chestssl.models.unet import UNetEncoder
+from chestssl.models.backbones import backbone_name
 
 
-def class_weight_tensor(weights: Sequence[float], name: str) -> torch.Tensor:
-    """``runs.<name>.class_weights`` as a tensor; refuses all-zero weights (nothing to learn)."""
+def class_weight_tensor(weights: Sequence[float], key: str) -> torch.Tensor:
+    """Class weights as a tensor; refuses all-zero weights (nothing to learn).
+
+    ``key`` is the param named in errors: a run's name (``runs.<name>.class_weights``)
+    or a full key such as ``multihead.m.cls_class_weights``.
+    """
+    if "." not in key:
+        key = f"runs.{key}.class_weights"
     tensor = torch.as_tensor([float(w) for w in weights], dtype=torch.float32)
     if tensor.numel() != 2 or bool((tensor < 0).any()) or float(tensor.sum()) == 0.0:
         raise ValueError(
-            f"runs.{name}.class_weights: got {list(weights)}, expected 2 non-negative weights "
+            f"{key}: got {list(weights)}, expected 2 non-negative weights "
             "(background/clean, nodule) that are not both 0"
         )
     return tensor
@@ -44,15 +50,18 @@ class TaskModel(SteppedModule, ABC):
         self.run_cfg = dict(run_cfg)
         self.seed = int(seed)
 
-    def checked_arch(self, allowed: Sequence[str], encoder: torch.nn.Module) -> str:
-        """``runs.<name>.arch`` if it is one of ``allowed`` and ``encoder`` can feed it."""
+    def checked_arch(self, allowed: Mapping[str, Sequence[str]], encoder: torch.nn.Module) -> str:
+        """``runs.<name>.arch`` if it is a key of ``allowed`` and ``encoder``'s backbone is
+        one of the backbone names ``allowed[arch]``."""
         arch = self.run_cfg.get("arch")
         if arch not in allowed:
             raise ValueError(f"runs.{self.name}.arch: got {arch!r}, expected one of {', '.join(map(repr, allowed))}")
-        if not isinstance(encoder, UNetEncoder):
+        backbone = backbone_name(encoder)
+        if backbone not in allowed[arch]:
             raise ValueError(
-                f"runs.{self.name}: arch {arch!r} needs a 'unet_encoder' backbone, got {type(encoder).__name__}; "
-                f"set methods.{self.run_cfg.get('init')}.backbone.name to 'unet_encoder'"
+                f"runs.{self.name}: arch {arch!r} needs a backbone of {', '.join(map(repr, allowed[arch]))}, but "
+                f"init {self.run_cfg.get('init')!r} has backbone {backbone!r}; pick an init whose backbone.name fits, "
+                "or another arch"
             )
         return arch
 

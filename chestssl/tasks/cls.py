@@ -1,6 +1,6 @@
 """Nodule-slice classification from the pretrained encoder's latent (seed 000's task).
 
-Image -> pretrained :class:`~chestssl.models.UNetEncoder` -> latent -> MONAI ResNet with
+Image -> pretrained backbone -> latent -> MONAI ResNet with
 basic blocks (He et al., CVPR 2016; seed 000's "ResNet18" [2,2,2,2] and "ResNet50"
 [3,4,6,3]) -> two logits (clean, nodule); class-weighted cross-entropy. The whole
 network, encoder included, is trained.
@@ -19,7 +19,7 @@ from chestssl.models.seeding import seeded
 from chestssl.tasks.base import TaskModel, class_weight_tensor
 
 #: Architectures of the ``cls`` task (the ``arch`` param).
-CLS_ARCHS = tuple(RESNET_LAYERS)
+CLS_ARCHS: dict[str, tuple[str, ...]] = {arch: ("unet_encoder", "cnn_attention", "swin") for arch in RESNET_LAYERS}
 
 
 class ClassificationTask(TaskModel):
@@ -31,7 +31,7 @@ class ClassificationTask(TaskModel):
     Args:
         name, run_cfg, seed: see :class:`~chestssl.tasks.base.TaskModel`; ``run_cfg``
             holds ``arch`` and ``class_weights``; ``seed`` seeds the ResNet head.
-        encoder: the pretrained :class:`UNetEncoder` (copied into the classifier).
+        encoder: the pretrained backbone (copied into the classifier).
     """
 
     # Every parameter gets a gradient in every step: DDP need not search for unused ones.

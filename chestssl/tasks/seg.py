@@ -1,8 +1,16 @@
-"""Nodule segmentation with UNet++ on a pretrained encoder (seed 000's downstream task).
+"""Nodule segmentation on a pretrained encoder (seed 000's downstream task).
 
-UNet++: Zhou et al., DLMIA 2018 (arXiv:1807.10165), MONAI ``BasicUNetPlusPlus``, two
-output channels (background, nodule) with softmax; the nodule probability is
-``softmax(logits)[:, 1]``. Losses, as seed 000 compared them:
+Architectures (the ``arch`` param), two output channels (background, nodule) with
+softmax; the nodule probability is ``softmax(logits)[:, 1]``:
+
+- ``unetpp``: UNet++ (Zhou et al., DLMIA 2018, arXiv:1807.10165), MONAI
+  ``BasicUNetPlusPlus``, on a ``unet_encoder`` (its own down path) or a
+  ``cnn_attention`` encoder (its levels replace the UNet++'s shallow down blocks, as
+  seed 000 built it);
+- ``swin_unetr``: Swin UNETR (Hatamizadeh et al., BrainLes 2021), MONAI ``SwinUNETR``,
+  on a ``swin`` encoder loaded into ``swinViT``.
+
+Losses, as seed 000 compared them:
 
 - ``ce``: cross-entropy with ``class_weights`` (seed 000: [1, 50]);
 - ``dice``: soft Dice on the nodule channel over the whole batch (one Dice for all
@@ -19,18 +27,18 @@ losses equal seed 000's sigmoid versions on the logit difference.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 from monai.losses import DiceLoss, FocalLoss
 from monai.metrics import Cumulative, compute_dice, compute_iou
 from torch import nn
 
-from chestssl.models.unet import unetpp_from_encoder
+from chestssl.models.unet import UNetEncoder, unetpp_from_encoder
 from chestssl.tasks.base import TaskModel, class_weight_tensor
 
-#: Architectures of the ``seg`` task (the ``arch`` param).
-SEG_ARCHS = ("unetpp",)
+#: Architectures of the ``seg`` task (the ``arch`` param) -> the backbones each accepts.
+SEG_ARCHS: dict[str, tuple[str, ...]] = {"unetpp": ("unet_encoder", "cnn_attention"), "swin_unetr": ("swin",)}
 
 
 class WeightedCrossEntropy(nn.Module):
@@ -47,35 +55,52 @@ class WeightedCrossEntropy(nn.Module):
         return self.cross_entropy(logits, mask[:, 0].long())
 
 
-def _ce(run_cfg: Mapping[str, Any], name: str) -> nn.Module:
-    return WeightedCrossEntropy(class_weight_tensor(run_cfg["class_weights"], name))
+#: Segmentation losses (the ``loss`` param of a seg run, ``seg_loss`` of a multihead entry).
+SEG_LOSSES = ("ce", "dice", "focal")
 
 
-def _dice(run_cfg: Mapping[str, Any], name: str) -> nn.Module:
-    return DiceLoss(
-        include_background=False, to_onehot_y=True, softmax=True, batch=True, smooth_nr=1e-5, smooth_dr=1e-5
-    )
+def make_seg_loss(
+    kind: str,
+    class_weights: Sequence[float],
+    focal_gamma: float,
+    focal_alpha: float,
+    where: str = "runs.run",
+    keys: tuple[str, str] = ("loss", "class_weights"),
+) -> nn.Module:
+    """The segmentation loss ``kind``; it takes (logits (B, 2, *S), mask (B, 1, *S)).
 
-
-def _focal(run_cfg: Mapping[str, Any], name: str) -> nn.Module:
-    return FocalLoss(
-        to_onehot_y=True,
-        use_softmax=True,
-        gamma=float(run_cfg["focal_gamma"]),
-        alpha=float(run_cfg["focal_alpha"]),
-    )
-
-
-#: Loss builders keyed by the ``loss`` param; each loss takes (logits (B, 2, *S), mask (B, 1, *S)).
-SEG_LOSSES: dict[str, Callable[[Mapping[str, Any], str], nn.Module]] = {"ce": _ce, "dice": _dice, "focal": _focal}
+    ``where`` is the params entry and ``keys`` the names of its loss and class-weight
+    params, for error messages (e.g. ``runs.seg_unetpp.loss``).
+    """
+    if kind == "ce":
+        return WeightedCrossEntropy(class_weight_tensor(class_weights, f"{where}.{keys[1]}"))
+    if kind == "dice":
+        return DiceLoss(
+            include_background=False, to_onehot_y=True, softmax=True, batch=True, smooth_nr=1e-5, smooth_dr=1e-5
+        )
+    if kind == "focal":
+        return FocalLoss(to_onehot_y=True, use_softmax=True, gamma=float(focal_gamma), alpha=float(focal_alpha))
+    raise ValueError(f"{where}.{keys[0]}: got {kind!r}, expected one of {', '.join(map(repr, SEG_LOSSES))}")
 
 
 def build_seg_loss(run_cfg: Mapping[str, Any], name: str = "run") -> nn.Module:
-    """The loss named by ``run_cfg["loss"]``."""
-    kind = run_cfg.get("loss")
-    if kind not in SEG_LOSSES:
-        raise ValueError(f"runs.{name}.loss: got {kind!r}, expected one of {', '.join(map(repr, SEG_LOSSES))}")
-    return SEG_LOSSES[kind](run_cfg, name)
+    """The loss named by ``run_cfg["loss"]`` with the run's class weights and focal settings."""
+    return make_seg_loss(
+        run_cfg.get("loss"), run_cfg["class_weights"], run_cfg["focal_gamma"], run_cfg["focal_alpha"], f"runs.{name}"
+    )
+
+
+def build_seg_network(arch: str, encoder: nn.Module, seed: int) -> nn.Module:
+    """The segmentation network of ``arch`` around (a copy of) ``encoder``; decoder seeded."""
+    if arch == "swin_unetr":
+        from chestssl.models.swin import swin_unetr_from_encoder
+
+        return swin_unetr_from_encoder(encoder, out_channels=2, seed=seed)
+    if isinstance(encoder, UNetEncoder):
+        return unetpp_from_encoder(encoder, out_channels=2, seed=seed)
+    from chestssl.models.cnn_attention import unetpp_from_cnn_attention
+
+    return unetpp_from_cnn_attention(encoder, out_channels=2, seed=seed)
 
 
 def overlap_counts(prediction: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -95,7 +120,7 @@ def dice_iou_from_counts(counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
 
 
 class SegmentationTask(TaskModel):
-    """UNet++ whose encoder blocks start from ``encoder``; the whole network is trained.
+    """UNet++ or Swin UNETR whose encoder starts from ``encoder``; the whole network is trained.
 
     ``forward(image (B, 1, *S)) -> logits (B, 2, *S)``;
     ``predict(batch) -> nodule probability (B, 1, *S)``.
@@ -103,7 +128,7 @@ class SegmentationTask(TaskModel):
     Args:
         name, run_cfg, seed: see :class:`~chestssl.tasks.base.TaskModel`; ``run_cfg``
             holds ``arch``, ``loss``, ``class_weights``, ``focal_gamma``, ``focal_alpha``.
-        encoder: the pretrained :class:`UNetEncoder` (copied into the UNet++).
+        encoder: the pretrained backbone (copied into the network).
         threshold: probability above which a pixel counts as nodule in the metrics.
     """
 
@@ -113,12 +138,25 @@ class SegmentationTask(TaskModel):
         super().__init__(name, run_cfg, seed)
         arch = self.checked_arch(SEG_ARCHS, encoder)
         self.threshold = float(threshold)
-        self.network = unetpp_from_encoder(encoder, out_channels=2, seed=self.seed)
+        self.arch = arch
+        self.network = build_seg_network(arch, encoder, self.seed)
         self.loss_fn = build_seg_loss(self.run_cfg, name)
         self._epoch_counts = self.register_accumulator(Cumulative())
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        return self.network(image)[0]
+        out = self.network(image)
+        return out[0] if isinstance(out, (list, tuple)) else out
+
+    @torch.no_grad()
+    def encoder_feature_maps(self, image: torch.Tensor) -> list[torch.Tensor]:
+        """The encoder's maps inside the network, shallow to deep (for feature-map figures)."""
+        if self.arch == "swin_unetr":
+            return list(self.network.swinViT(image, self.network.normalize))
+        maps, x = [], image
+        for name in ("conv_0_0", "conv_1_0", "conv_2_0", "conv_3_0", "conv_4_0"):
+            x = getattr(self.network, name)(x)
+            maps.append(x)
+        return maps
 
     def training_step(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         logits = self(batch["image"])

@@ -9,13 +9,13 @@ import torch
 
 from chestssl.methods import METHODS, PretrainMethod, build_method
 from chestssl.models import load_encoder
-from chestssl.params import METHOD_SCHEMAS, load_params
+from chestssl.params import METHOD_SCHEMAS, MULTIHEAD_SCHEMAS, load_params, pretrain_entry
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_registry_matches_params_schema():
-    assert set(METHODS) == set(METHOD_SCHEMAS)
+    assert set(METHODS) == set(METHOD_SCHEMAS) | set(MULTIHEAD_SCHEMAS)
     assert all(issubclass(cls, PretrainMethod) for cls in METHODS.values())
 
 
@@ -27,13 +27,15 @@ def test_unknown_method_names_allowed():
 def test_every_method_of_params_yaml_builds_and_exports():
     params = load_params(ROOT / "params.yaml")
     x = torch.rand(2, 1, 64, 64)
-    for name, cfg in params["methods"].items():
+    for name in [*params["methods"], *params["multihead"]]:
+        cfg = pretrain_entry(params, name)[1]
         method = build_method(name, cfg, seed=params["seed"])
         assert method.trainable == METHODS[cfg["method"]].trainable
         encoder = load_encoder(method.export()).eval()
         with torch.no_grad():
-            latent = encoder(x)[-1]
-        assert tuple(latent.shape) == (2, cfg["backbone"]["features"][-1], 4, 4), name
+            latent = encoder.latent(x)
+        stride = encoder.latent_stride
+        assert tuple(latent.shape) == (2, encoder.latent_channels, 64 // stride, 64 // stride), name
 
 
 def test_reconstructs_says_whether_reconstruct_returns_images():
@@ -46,7 +48,7 @@ def test_reconstructs_says_whether_reconstruct_returns_images():
 
     params = load_params(Path(__file__).resolve().parents[2] / "params.yaml")
     image = torch.rand(2, 1, 64, 64)
-    for name, cfg in params["methods"].items():
-        method = build_method(name, cfg, seed=0).eval()
+    for name in [*params["methods"], *params["multihead"]]:
+        method = build_method(name, pretrain_entry(params, name)[1], seed=0).eval()
         assert (method.reconstruct(image) is not None) == type(method).reconstructs, name
     assert set(METHODS) >= {"scratch", "ae"}

@@ -15,16 +15,52 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 PROJECT_FILES = ["chestssl", "stages", "dvc.yaml", "params.yaml", "pyproject.toml", ".dvc/config", ".gitignore"]
 
 
+#: The entries the tiny profile keeps: one of each kind of stage (scratch, both
+#: autoencoders, a multihead model, UNet++ and SwinUNETR segmentation, classification).
+TINY_METHODS = ("scratch_cnn_attention", "ae_cnn_attention", "ae_swin")
+TINY_MULTIHEAD = ("multihead_clsseg",)
+TINY_RUNS = {
+    "seg_unetpp_scratch": {},
+    "seg_unetpp_cnn_attention": {},
+    "seg_swinunetr_multihead": {"task": "seg", "arch": "swin_unetr", "init": "multihead_clsseg", "loss": "dice"},
+    "cls_resnet18_swin": {},
+}
+
+
+def _shrink(entry: dict) -> None:
+    backbone = entry.get("backbone", {})
+    if backbone.get("name") == "cnn_attention":
+        backbone.update(channels=4, channel_multipliers=[1, 2], num_res_blocks=1, latent_channels=4, norm_num_groups=2)
+    elif backbone.get("name") == "swin":
+        backbone.update(feature_size=12, depths=[1, 1, 1, 1])
+    elif backbone.get("name") == "unet_encoder":
+        backbone["features"] = [4, 8, 8, 16, 16]
+    if "decoder" in entry:
+        entry["decoder"].update(channels=4, channel_multipliers=[1, 2], num_res_blocks=1, norm_num_groups=2,
+                                latent_channels=4)
+        entry["quantizer"].update(codebook_size=16, dim=4)
+        entry["loss"].update(disc_start=1, disc_channels=4)  # the adversarial path runs too
+    if "train" in entry:
+        entry["train"].update(epochs=1, max_steps=3, batch_size=8, log_every=1)
+
+
 def tiny_params(params: dict) -> dict:
-    """The quick profile shrunk further: 8 small phantom scans, 32x32 slices, a few steps."""
+    """The quick profile shrunk further: 8 small phantom scans, a few entries, a few steps.
+
+    Slices stay 64x64: the Swin encoder divides by 32 and SwinUNETR's deepest instance
+    norm needs more than one element.
+    """
     params["data"]["phantom"].update(num_scans=8, max_slices=100)
     params["preprocess"].update(spacing=[2.5, 2.0, 2.0], min_nodule_pixels=4, workers=1)
-    params["slices"]["size"] = 32
-    for entry in list(params["methods"].values()) + list(params["runs"].values()):
-        if "backbone" in entry:
-            entry["backbone"]["features"] = [4, 8, 8, 16, 16]
-        if "train" in entry:
-            entry["train"].update(epochs=1, max_steps=3, batch_size=8, log_every=1)
+    params["methods"] = {name: params["methods"][name] for name in TINY_METHODS}
+    params["multihead"] = {name: params["multihead"][name] for name in TINY_MULTIHEAD}
+    template_runs = params["runs"]
+    params["runs"] = {}
+    for name, override in TINY_RUNS.items():
+        base = dict(template_runs[name] if name in template_runs else template_runs["seg_swinunetr_swin_dice"])
+        params["runs"][name] = {**base, **override}
+    for entry in [*params["methods"].values(), *params["multihead"].values(), *params["runs"].values()]:
+        _shrink(entry)
     params["evaluate"]["bootstrap_samples"] = 50
     params["report"]["num_examples"] = 2
     return params

@@ -51,12 +51,14 @@ def test_repro_builds_the_report_and_a_second_repro_does_nothing(reproduced_proj
 
 def test_changing_one_method_param_reruns_exactly_its_dependents(reproduced_project):
     runs = reproduced_project.params()["runs"]
-    ae_runs = [name for name, run in runs.items() if run["init"] == "ae"]
-    expected = {"pretrain@ae", "evaluate_pretrain@ae", "report"}
+    method = "ae_cnn_attention"
+    ae_runs = [name for name, run in runs.items() if run["init"] == method]
+    assert ae_runs
+    expected = {f"pretrain@{method}", f"evaluate_pretrain@{method}", "report"}
     expected |= {f"finetune@{r}" for r in ae_runs} | {f"evaluate@{r}" for r in ae_runs}
 
     def change(params):
-        params["methods"]["ae"]["loss"]["l1"] = 2.0
+        params["methods"][method]["loss"]["l1"] = 2.0
 
     assert stages_that_would_run(reproduced_project) == set()
     assert repro_with_params(reproduced_project, change) == expected
@@ -108,3 +110,19 @@ def test_exp_run_with_a_finetune_param_and_metrics_diff(reproduced_project):
     assert changed, diff
     shown = reproduced_project.dvc_run("exp", "show", "--json").stdout
     assert "0.003" in shown
+
+
+def test_exp_run_with_seg_beta_reruns_only_multihead_stages_and_their_dependents(reproduced_project):
+    params = reproduced_project.params()
+    multihead = list(params["multihead"])
+    dependent_runs = [name for name, run in params["runs"].items() if run["init"] in multihead]
+    assert multihead and dependent_runs
+    expected = {f"pretrain_multihead@{m}" for m in multihead} | {f"evaluate_multihead@{m}" for m in multihead}
+    expected |= {f"finetune@{r}" for r in dependent_runs} | {f"evaluate@{r}" for r in dependent_runs} | {"report"}
+    result = reproduced_project.dvc_run("exp", "run", "-S", "seg_beta=25")
+    assert ran_stages(result.stdout) == expected, result.stdout
+    root = reproduced_project.root
+    for name in multihead:
+        metrics = json.loads((root / "reports" / "evaluate_pretrain" / name / "metrics.json").read_text())
+        if params["multihead"][name]["seg_beta"] is None:
+            assert metrics["seg_beta"] == 25.0

@@ -186,7 +186,7 @@ def test_readme_protocol_and_skipped_items(built):
     assert "Segmentation overlay of run `seg_unetpp_scratch`: no examples were given." in skipped
     assert "Segmentation overlay of run `seg_unetpp_ae`" not in skipped
     assert "Training curves of `empty`" in skipped
-    assert "Reconstruction of method `scratch` (`scratch`)" in skipped
+    assert "Reconstruction of method `scratch_cnn_attention` (`scratch`)" in skipped
     assert "FID: no diffusion model in this profile." in skipped
     for run in params["runs"]:
         if run not in inputs["eval_metrics"]:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from chestssl.methods import build_method
-from chestssl.params import RUN_SCHEMAS, load_params
+from chestssl.params import RUN_SCHEMAS, load_params, pretrain_entry
 from chestssl.tasks import TASKS, build_task
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -29,9 +29,9 @@ def test_unknown_task_and_bad_payload_are_reported():
 
 def test_every_run_of_params_yaml_builds():
     params = load_params(ROOT / "params.yaml")
-    payloads = {
-        name: build_method(name, cfg, seed=params["seed"]).export() for name, cfg in params["methods"].items()
-    }
+    payloads = {}
+    for name in [*params["methods"], *params["multihead"]]:
+        payloads[name] = build_method(name, pretrain_entry(params, name)[1], seed=params["seed"]).export()
     image = torch.rand(2, 1, 64, 64)
     for name, run in params["runs"].items():
         task = build_task(run, payloads[run["init"]], seed=params["seed"], name=name)

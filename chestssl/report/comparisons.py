@@ -1,0 +1,148 @@
+"""The pretrained-vs-scratch table: paired differences with patient-bootstrap intervals.
+
+One row per (scratch run, pretrained run, metric), from the results of
+:func:`chestssl.eval.paired.paired_difference` with ``a`` the scratch run and ``b`` the
+pretrained run (runs paired by :func:`chestssl.eval.paired.scratch_pairs`). The CSV keeps
+every number in its own column; the Markdown shows ``+0.034 [+0.010, +0.058]``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import pandas as pd
+
+from chestssl.eval.paired import PAIRED_METRICS
+from chestssl.report.tables import CLASSIFICATION_COLUMNS, SEGMENTATION_COLUMNS, Column, Table
+
+TABLE_NAME = "pretrained_vs_scratch"
+TABLE_TITLE = "Pretrained vs scratch: paired differences (test split)"
+#: Header of the difference column; the Markdown header carries the table's first footnote.
+DIFFERENCE_HEADER = "Difference [CI]"
+#: Verdicts of ``paired_difference`` (``a`` = scratch, ``b`` = pretrained) as shown.
+VERDICT_TEXT = {
+    "b better": "pretrained better",
+    "a better": "scratch better",
+    "no clear difference": "no clear difference",
+    "undefined": "undefined",
+}
+_COLUMNS: dict[str, Column] = {c.key: c for c in (*SEGMENTATION_COLUMNS, *CLASSIFICATION_COLUMNS)}
+_RESULT_KEYS = ("a", "b", "difference", "ci_low", "ci_high", "verdict")
+
+
+def _number(value: float | None, digits: int, signed: bool = False) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}"
+
+
+def _method_footnote(results: Mapping[tuple[str, str], Mapping[str, Any]]) -> str:
+    settings = set()
+    for pair, result in results.items():
+        if not isinstance(result.get("confidence"), (int, float)) or not isinstance(result.get("n_bootstrap"), int):
+            raise ValueError(
+                f"pair {pair}: the result lacks numeric `confidence` and `n_bootstrap`; pass the result of "
+                "chestssl.eval.paired.paired_difference"
+            )
+        settings.add((float(result["confidence"]), int(result["n_bootstrap"]), result.get("seed")))
+    described = "; ".join(
+        f"{confidence:.0%} interval, {n_bootstrap} resamples" + (f", seed {seed}" if seed is not None else "")
+        for confidence, n_bootstrap, seed in sorted(settings, key=str)
+    )
+    return (
+        "Difference = pretrained - scratch on the same test slices, with a percentile interval from a paired "
+        f"bootstrap over test patients ({described}): each resample draws the test patients with replacement and "
+        "recomputes both runs' metrics on the same drawn patients, so the interval is of the difference itself. "
+        "The verdict names a better run only when the interval excludes 0. Each run was trained once (one "
+        "training seed), so the variation between training runs is not included in the interval."
+    )
+
+
+def pretrained_vs_scratch_table(
+    results: Mapping[tuple[str, str], Mapping[str, Any]], run_params: Mapping[str, Mapping[str, Any]]
+) -> Table:
+    """The table of paired differences.
+
+    Args:
+        results: ``(scratch run, pretrained run)`` -> the result of
+            :func:`~chestssl.eval.paired.paired_difference` with ``a`` = scratch run,
+            ``b`` = pretrained run.
+        run_params: run -> its ``runs.<run>`` params (for the pretrained run's ``init``).
+
+    Returns:
+        A :class:`~chestssl.report.tables.Table` named ``pretrained_vs_scratch``; CSV
+        columns ``scratch_run``, ``pretrained_run``, ``pretrained_init``, ``task``,
+        ``metric``, ``scratch``, ``pretrained``, ``difference``, ``difference_ci_low``,
+        ``difference_ci_high``, ``verdict``, ``n_items``, ``n_patients``, ``notes``.
+
+    Raises:
+        ValueError: ``results`` is empty, or a result lacks what the table needs.
+        KeyError: a run has no params.
+    """
+    if not results:
+        raise ValueError("no pretrained-vs-scratch pairs to tabulate (no two runs differ only in `init`)")
+    footnotes = [_method_footnote(results)]
+    prefix = TABLE_NAME.replace("_", "-")
+    cell_notes: list[str] = []
+    number_rows, text_rows = [], []
+    for (scratch, pretrained), result in sorted(results.items()):
+        for run in (scratch, pretrained):
+            if run not in run_params:
+                raise KeyError(f"run {run!r} is in a pretrained-vs-scratch pair but has no params; pass runs.{run}")
+        task = result.get("task")
+        if task not in PAIRED_METRICS:
+            raise ValueError(
+                f"pair ({scratch}, {pretrained}): task must be one of {', '.join(PAIRED_METRICS)}, got {task!r}; "
+                "pass the result of chestssl.eval.paired.paired_difference"
+            )
+        init = run_params[pretrained].get("init", "")
+        for metric in PAIRED_METRICS[task]:
+            entry = result.get(metric)
+            if not isinstance(entry, Mapping) or not set(_RESULT_KEYS) <= set(entry):
+                raise ValueError(
+                    f"pair ({scratch}, {pretrained}): metric {metric!r} missing or not of the form "
+                    f"{{{', '.join(_RESULT_KEYS)}}}; recompute it with chestssl.eval.paired.paired_difference"
+                )
+            column = _COLUMNS[metric]
+            difference = _number(entry["difference"], column.digits, signed=True)
+            if entry["difference"] is not None and entry["ci_low"] is not None and entry["ci_high"] is not None:
+                low = _number(entry["ci_low"], column.digits, signed=True)
+                high = _number(entry["ci_high"], column.digits, signed=True)
+                difference += f" [{low}, {high}]"
+            note = entry.get("note")
+            if note:
+                if note not in footnotes:
+                    footnotes.append(note)
+                difference += f"[^{prefix}-{footnotes.index(note) + 1}]"
+                if entry["ci_low"] is None:
+                    cell_notes.append(f"`{scratch}` vs `{pretrained}`, {column.header}: {note}")
+            number_rows.append(
+                {
+                    "scratch_run": scratch,
+                    "pretrained_run": pretrained,
+                    "pretrained_init": init,
+                    "task": task,
+                    "metric": metric,
+                    "scratch": entry["a"],
+                    "pretrained": entry["b"],
+                    "difference": entry["difference"],
+                    "difference_ci_low": entry["ci_low"],
+                    "difference_ci_high": entry["ci_high"],
+                    "verdict": VERDICT_TEXT.get(entry["verdict"], entry["verdict"]),
+                    "n_items": result.get("n_items"),
+                    "n_patients": result.get("n_patients"),
+                    "notes": note or "",
+                }
+            )
+            text_rows.append(
+                {
+                    "Scratch run": scratch,
+                    "Pretrained run": f"{pretrained} (init `{init}`)",
+                    "Metric": column.header,
+                    "Scratch": _number(entry["a"], column.digits),
+                    "Pretrained": _number(entry["b"], column.digits),
+                    f"{DIFFERENCE_HEADER}[^{prefix}-1]": difference,
+                    "Verdict": VERDICT_TEXT.get(entry["verdict"], entry["verdict"]),
+                }
+            )
+    return Table(TABLE_NAME, TABLE_TITLE, pd.DataFrame(number_rows), pd.DataFrame(text_rows), footnotes, cell_notes)

