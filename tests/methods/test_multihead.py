@@ -292,3 +292,15 @@ def test_null_seg_beta_takes_the_top_level_value():
     out = method.training_step(_batch(2))
     expected = out["ae_loss"] + 7.0 * out["seg_loss"] + 1.0 * out["cls_loss"] + out["disc"]
     torch.testing.assert_close(out["loss"].detach(), expected)
+
+
+def test_three_dimensional_multihead_model_gives_volumes_and_logits():
+    backbone = {**SWIN, "spatial_dims": 3}
+    method = _method(backbone=backbone).eval()
+    # SwinUNETR divides each side by 32; its deepest instance norm needs more than one element.
+    volume = torch.rand(1, 1, 32, 64, 32)
+    with torch.no_grad():
+        out = method.forward_heads(volume)
+    assert tuple(out["ae"].recon.shape) == (1, 1, 32, 64, 32)
+    assert tuple(out["seg"].shape) == (1, 2, 32, 64, 32)
+    assert tuple(out["cls"].shape) == (1, 2)
