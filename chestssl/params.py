@@ -133,6 +133,24 @@ BACKBONE_SCHEMAS: dict[str, Mapping[str, Any]] = {
         "num_heads": Field(list, item=Field(int, min=1), length=4),
     },
 }
+# MONAI's ResNet without its fc (chestssl.models.resnet); seed 001's backbone.
+for _resnet in ("resnet18", "resnet50"):
+    BACKBONE_SCHEMAS[_resnet] = {
+        "name": Field(str),
+        "spatial_dims": Field(int, choices=(2, 3)),
+        "block_inplanes": Field(list, item=Field(int, min=1), length=4, doc="widths of layer1..4; MONAI: 64..512"),
+    }
+# A ViT with a CLS token (chestssl.models.vit); seed 004's encoder.
+BACKBONE_SCHEMAS["vit"] = {
+    "name": Field(str),
+    "spatial_dims": Field(int, choices=(2, 3)),
+    "img_size": _positive_int("side of the input; equal to slices.size (2D) or crops.size (3D)"),
+    "patch_size": _positive_int("divides img_size"),
+    "hidden_size": _positive_int("a multiple of num_heads"),
+    "num_layers": _positive_int(),
+    "num_heads": _positive_int(),
+    "mlp_dim": _positive_int(),
+}
 BACKBONE = Variant("name", BACKBONE_SCHEMAS)
 
 # The decoder, quantizer and loss of seed 000's autoencoders (chestssl.models.vqgan).
@@ -192,6 +210,54 @@ METHOD_SCHEMAS: dict[str, Mapping[str, Any]] = {
     },
 }
 
+# Seed 001's Barlow Twins (chestssl.methods.barlow_twins).
+METHOD_SCHEMAS["barlow_twins"] = {
+    "method": Field(str),
+    "backbone": BACKBONE,
+    "projector_dim": _positive_int("output of the bias-free linear projector"),
+    "lambda": _nonneg_float("weight of the off-diagonal (redundancy) term; seed 001: 5e-3"),
+    "augment": Section(
+        {
+            "p": Field(float, min=0.0, max=1.0, doc="probability of each augmentation"),
+            "crop_scale": Field(list, item=Field(float, min=0.0, max=1.0, min_exclusive=True), length=2),
+            "blur_sigma": Field(list, item=_nonneg_float(), length=2),
+            "perspective": Field(float, min=0.0, max=0.5, doc="corner displacement, a fraction of the side"),
+            "noise_std": _nonneg_float(),
+        }
+    ),
+    "train": TRAIN,
+}
+# Seed 003's Disruptive Autoencoders (chestssl.methods.dae).
+METHOD_SCHEMAS["dae"] = {
+    "method": Field(str),
+    "backbone": BACKBONE,
+    "disruption": Field(str, choices=("denoise", "superres", "local", "all")),
+    "noise_variance": _nonneg_float("variance of the added Gaussian noise; seed 003: 0.1"),
+    "downsample_factor": Field(int, min=2, doc="nearest down- then up-sampling factor; seed 003: 4"),
+    "local_fraction": Field(float, min=0.0, max=1.0, doc="fraction of patch-embedding channels zeroed; seed 003: 0.6"),
+    "mm_con": _nonneg_float("weight of the cross-modal contrastive term; seed 003: 0.03"),
+    "temperature": Field(float, min=0.0, min_exclusive=True),
+    "train": TRAIN,
+}
+# Seed 004's masked autoencoders (chestssl.methods.mae).
+_MAE = {
+    "method": Field(str),
+    "backbone": BACKBONE,
+    "mask_ratio": Field(float, min=0.0, max=1.0, min_exclusive=True),
+    "norm_pix_loss": Field(bool),
+    "decoder_hidden_size": _positive_int(),
+    "decoder_num_layers": _positive_int(),
+    "decoder_num_heads": _positive_int(),
+    "train": TRAIN,
+}
+METHOD_SCHEMAS["mae"] = _MAE
+METHOD_SCHEMAS["diffmae"] = {
+    **_MAE,
+    "num_steps": Field(int, min=2, doc="diffusion steps; seed 004: 100"),
+    "beta_start": Field(float, min=0.0, max=1.0, min_exclusive=True),
+    "beta_end": Field(float, min=0.0, max=1.0, min_exclusive=True),
+}
+
 MULTIHEAD_SCHEMAS: dict[str, Mapping[str, Any]] = {
     "multihead": {
         "method": Field(str),
@@ -221,7 +287,7 @@ _SEG_RUN = {
 }
 _CLS_RUN = {
     "task": Field(str),
-    "arch": Field(str, choices=("resnet18", "resnet50")),
+    "arch": Field(str, choices=("resnet18", "resnet50", "linear"), doc="ResNet on the latent, or a linear head"),
     "init": Field(str, doc="an entry name under `methods` or `multihead`"),
     "class_weights": Field(list, item=_nonneg_float(), length=2),
     "train": TRAIN,
@@ -281,6 +347,20 @@ SCHEMA = Section(
             {
                 "size": Field(int, min=32, max=1024, doc="the UNet encoder pools 4 times and needs >= 2 pixels at 1/16"),
                 "clean_per_nodule_slice": _nonneg_float(),
+            }
+        ),
+        "crops": Section(
+            {
+                "size": Field(int, min=8, doc="side of the cubic crops of 3D methods; seed 003: 96"),
+                "per_scan": _positive_int("crops drawn per scan"),
+                "positive_fraction": Field(float, min=0.0, max=1.0, doc="share of crops centred on a nodule"),
+            }
+        ),
+        "probe": Section(
+            {
+                "every_epochs": Field(int, min=0, doc="linear probe during pretraining every N epochs; 0: only at the end"),
+                "C": Field(float, min=0.0, min_exclusive=True, doc="inverse L2 strength of the logistic regression"),
+                "max_iter": _positive_int(),
             }
         ),
         "methods": Entries("method", METHOD_SCHEMAS, min_entries=1),
@@ -444,6 +524,15 @@ def _cross_checks(params: dict, problems: list[str]) -> None:
             f"multihead.{name}: the name is also used under `methods`; pretrained models are stored by name "
             "(models/pretrain/<name>), so rename one of them"
         )
+    _check_method_inputs(params, problems)
+    for name, run in (params.get("runs") or {}).items():
+        init = run.get("init") if isinstance(run, Mapping) else None
+        init_entry = methods.get(init) or multihead.get(init)
+        if isinstance(init_entry, Mapping) and init_entry.get("backbone", {}).get("spatial_dims") == 3:
+            problems.append(
+                f"runs.{name}.init: {init!r} has a 3D backbone, but the downstream runs train on 2D slices; "
+                "init the run from a method with backbone.spatial_dims 2"
+            )
     for name, run in (params.get("runs") or {}).items():
         if isinstance(run, Mapping) and run.get("init") not in methods and run.get("init") not in multihead:
             problems.append(
@@ -452,6 +541,33 @@ def _cross_checks(params: dict, problems: list[str]) -> None:
             )
     if params.get("data", {}).get("source") == "local" and not params["data"]["local"].get("path"):
         problems.append("data.local.path: empty, but data.source is 'local'; set it to your LIDC-IDRI folder")
+
+
+def _check_method_inputs(params: dict, problems: list[str]) -> None:
+    """Sizes that must agree with the data a method is fed, and ordered schedules."""
+    for section in ("methods", "multihead"):
+        for name, entry in (params.get(section) or {}).items():
+            if not isinstance(entry, Mapping):
+                continue
+            backbone = entry.get("backbone") or {}
+            if backbone.get("name") == "vit":
+                three_d = backbone.get("spatial_dims") == 3
+                side = params["crops"]["size"] if three_d else params["slices"]["size"]
+                source = "crops.size" if three_d else "slices.size"
+                if backbone.get("img_size") != side:
+                    problems.append(
+                        f"{section}.{name}.backbone.img_size: got {backbone.get('img_size')}, but {source} is {side}; "
+                        "the ViT's position embeddings are built for one input size, so set them equal"
+                    )
+                elif side % backbone.get("patch_size", 1):
+                    problems.append(
+                        f"{section}.{name}.backbone.patch_size: got {backbone.get('patch_size')}, which does not "
+                        f"divide img_size {side}"
+                    )
+            if entry.get("method") == "diffmae" and entry["beta_start"] >= entry["beta_end"]:
+                problems.append(
+                    f"{section}.{name}: beta_start {entry['beta_start']:g} must be below beta_end {entry['beta_end']:g}"
+                )
 
 
 #: The params sections whose entries are pretraining stages (``pretrain@<name>``).

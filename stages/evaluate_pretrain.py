@@ -1,6 +1,8 @@
 """evaluate_pretrain@<method> and evaluate_multihead@<name>: test-split quality of a
-pretrained model: reconstruction (SSIM/PSNR, one data_range) and, for multihead models,
-their segmentation and classification heads on the same test slices as the downstream runs."""
+pretrained model: a linear probe of its frozen encoder (logistic regression per label,
+seed 004's protocol), its reconstruction (SSIM/PSNR, one data_range) and, for multihead
+models, their segmentation and classification heads on the same test slices as the
+downstream runs."""
 
 from __future__ import annotations
 
@@ -15,7 +17,9 @@ from chestssl.params import ParamsError, load_params, pretrain_entry
 
 def main(argv: list[str]) -> None:
     from chestssl.data.datasets import SliceDataset
+    from chestssl.data.views import labelled_view, pretrain_view
     from chestssl.eval import evaluate_reconstruction, save_examples
+    from chestssl.eval.linear_probe import extract_features, fit_linear_probe
     from chestssl.eval.downstream import evaluate_predictor
     from chestssl.methods import build_method
 
@@ -32,18 +36,26 @@ def main(argv: list[str]) -> None:
     method.to(device).eval()
     out_dir = paths.evaluate_pretrain_dir(name)
     count = params["report"]["num_examples"]
-    test = SliceDataset(paths.PROCESSED_DIR, "test", slices["size"], "pretrain", seed=seed)
+    probe = params["probe"]
+    encoder = method.encoder()
+    metrics = {"probe": fit_linear_probe(
+        extract_features(encoder, labelled_view(params, cfg, "train", paths.PROCESSED_DIR), device),
+        extract_features(encoder, labelled_view(params, cfg, "test", paths.PROCESSED_DIR), device),
+        C=probe["C"], max_iter=probe["max_iter"], seed=seed,
+        n_bootstrap=cfg_eval["bootstrap_samples"], confidence=cfg_eval["confidence"])}
+    test = pretrain_view(params, cfg, "test", paths.PROCESSED_DIR)
     if not method.reconstructs:
-        metrics = {"reconstructs": False}
-        save_examples(out_dir / "examples.npz", image=test[0]["image"][None].numpy())
+        metrics["reconstructs"] = False
+        save_examples(out_dir / "examples.npz", image=_axial_middle(test[0]["image"][None].numpy()))
     else:
         out = predict_dataset(lambda batch: method.reconstruct(batch["image"]), test, device=device)
-        metrics = {"reconstructs": True, **evaluate_reconstruction(
+        metrics.update(reconstructs=True, **evaluate_reconstruction(
             out["output"], out["image"], out["patient_id"], n_bootstrap=cfg_eval["bootstrap_samples"],
-            confidence=cfg_eval["confidence"], seed=seed)}
-        # Evenly spaced test slices, so the figure spans patients and anatomy.
+            confidence=cfg_eval["confidence"], seed=seed))
+        # Evenly spaced test items, so the figure spans patients and anatomy.
         pick = torch.linspace(0, len(test) - 1, steps=min(count, len(test))).round().long().numpy()
-        save_examples(out_dir / "examples.npz", image=out["image"][pick], recon=out["output"][pick],
+        save_examples(out_dir / "examples.npz", image=_axial_middle(out["image"][pick]),
+                      recon=_axial_middle(out["output"][pick]),
                       patient_id=out["patient_id"][pick], slice_index=out["slice_index"][pick])
     if method.heads:
         metrics.update(heads=list(method.heads), seg_beta=float(cfg["seg_beta"]), cls_weight=float(cfg["cls_weight"]))
@@ -62,6 +74,11 @@ def main(argv: list[str]) -> None:
             )
     write_json(out_dir / "metrics.json", metrics)
     print(f"evaluate_pretrain@{name}: {metrics}")
+
+
+def _axial_middle(images):
+    """(N, 1, H, W) images as they are; the middle axial slice of (N, 1, D, H, W) crops."""
+    return images[:, :, images.shape[2] // 2] if images.ndim == 5 else images
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """pretrain@<name>: train one pretext method (a `methods` or `multihead` entry) on the
-training split's slices; export its encoder."""
+training split's slices (or 3D crops, for a 3D backbone); export its encoder. With
+`probe.every_epochs` > 0, a linear probe of the encoder is logged during training."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from chestssl.params import ParamsError, load_params, pretrain_entry
 
 
 def main(argv: list[str]) -> None:
-    from chestssl.data.datasets import SliceDataset
+    from chestssl.data.views import labelled_view, pretrain_view
+    from chestssl.eval.linear_probe import LinearProbeMonitor
     from chestssl.methods import build_method
     from chestssl.train.loop import fit
 
@@ -21,16 +23,24 @@ def main(argv: list[str]) -> None:
         raise ParamsError([f"pretrain: expected one entry name on the command line, got {' '.join(argv) or 'nothing'!r}"])
     name = argv[0]
     _, cfg = pretrain_entry(params, name)
-    seed, size = params["seed"], params["slices"]["size"]
+    seed, probe = params["seed"], params["probe"]
     method = build_method(name, cfg, seed)
     report_dir = paths.pretrain_report_dir(name)
     live_dir = report_dir / "live"
     if method.trainable:
-        train = SliceDataset(paths.PROCESSED_DIR, "train", size, "pretrain", seed=seed)
-        val = SliceDataset(paths.PROCESSED_DIR, "val", size, "pretrain", seed=seed)
+        train = pretrain_view(params, cfg, "train", paths.PROCESSED_DIR)
+        val = pretrain_view(params, cfg, "val", paths.PROCESSED_DIR)
+        hook = None
+        if probe["every_epochs"] > 0:
+            hook = LinearProbeMonitor(
+                labelled_view(params, cfg, "train", paths.PROCESSED_DIR),
+                labelled_view(params, cfg, "val", paths.PROCESSED_DIR),
+                every_epochs=probe["every_epochs"], C=probe["C"], max_iter=probe["max_iter"], seed=seed,
+                device=None,  # the device the model is trained on
+            )
         monitor, mode = method.monitor
         result = fit(method, train, val, cfg["train"], live_dir, paths.checkpoint_path("pretrain", name), seed,
-                     monitor=monitor, mode=mode)
+                     monitor=monitor, mode=mode, epoch_hook=hook)
         if not result.is_main:  # under torchrun, rank 0 writes the outputs
             return
         method.load_state_dict(result.best_state)

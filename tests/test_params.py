@@ -92,10 +92,10 @@ def test_local_source_needs_a_path(raw):
 
 def test_backbone_schema_follows_its_name(raw):
     raw["methods"]["ae_swin"]["backbone"]["features"] = [1, 2, 3, 4, 5]
-    raw["methods"]["scratch_swin"]["backbone"]["name"] = "vit"
+    raw["methods"]["scratch_swin"]["backbone"]["name"] = "densenet121"
     found = problems(raw)
     assert any(p.startswith("methods.ae_swin.backbone.features: unknown key") for p in found)
-    assert any(p.startswith("methods.scratch_swin.backbone.name: got 'vit', expected one of") for p in found)
+    assert any(p.startswith("methods.scratch_swin.backbone.name: got 'densenet121', expected one of") for p in found)
 
 
 def test_multihead_seg_beta_inherits_the_top_level_value_unless_set(raw):
@@ -111,3 +111,21 @@ def test_multihead_seg_beta_inherits_the_top_level_value_unless_set(raw):
     raw["multihead"]["multihead_seg"]["seg_beta"] = "big"
     found = problems(raw)
     assert any(p.startswith("multihead.multihead_seg.seg_beta: got 'big'") and p.endswith("or null") for p in found)
+
+
+def test_sizes_that_must_agree_with_the_data_are_checked(raw):
+    raw["methods"]["mae"]["backbone"]["img_size"] = 32  # slices.size is 64
+    raw["methods"]["diffmae"]["backbone"]["patch_size"] = 7
+    raw["methods"]["diffmae"]["beta_start"] = 0.5
+    raw["methods"]["dae_all"]["backbone"]["spatial_dims"] = 3  # runs start from it on 2D slices
+    found = problems(raw)
+    assert any(p.startswith("methods.mae.backbone.img_size: got 32, but slices.size is 64") for p in found)
+    assert any(p.startswith("methods.diffmae.backbone.patch_size: got 7") for p in found)
+    assert any(p.startswith("methods.diffmae: beta_start 0.5 must be below beta_end 0.2") for p in found)
+    assert any(p.startswith("runs.seg_swinunetr_dae_all.init: 'dae_all' has a 3D backbone") for p in found)
+
+
+def test_a_3d_vit_is_sized_by_the_crops(raw):
+    raw["methods"]["mae"]["backbone"].update(spatial_dims=3, img_size=raw["crops"]["size"])
+    raw["runs"] = {name: run for name, run in raw["runs"].items() if run["init"] != "mae"}
+    validate(raw)

@@ -59,6 +59,9 @@ class SliceDataset(Dataset):
     - ``mask``: (1, size, size) float32, 1 on nodule pixels (any nodule), else 0;
     - ``label``: int64 scalar tensor, the slice's label from ``slices.csv`` (1 nodule,
       0 clean, -1 in between; only 1 and 0 occur for ``seg``/``cls``);
+    - ``malignancy``: float32 scalar tensor, the slice's ``max_malignancy`` from
+      ``slices.csv``: the highest median malignancy rating (1-5) of the nodules on it,
+      0 on a slice without nodule pixels;
     - ``patient_id``, ``scan_id``: str; ``slice_index``: int (axial index in the scan).
 
     ``frame`` holds one row per item (columns of ``slices.csv``) in item order.
@@ -107,6 +110,7 @@ class SliceDataset(Dataset):
         self.frame = frame.reset_index(drop=True)
         self.images, self.masks = self._load_slices()
         self.labels = torch.tensor(self.frame["label"].to_numpy(), dtype=torch.int64)
+        self.malignancy = torch.tensor(self.frame["max_malignancy"].to_numpy(dtype=np.float32), dtype=torch.float32)
         self.patient_ids: list[str] = self.frame["patient_id"].tolist()
         self.scan_ids: list[str] = self.frame["scan_id"].tolist()
         self.slice_indices: list[int] = [int(i) for i in self.frame["slice_index"]]
@@ -138,6 +142,7 @@ class SliceDataset(Dataset):
             "image": self.images[index].unsqueeze(0).to(torch.float32),
             "mask": self.masks[index].unsqueeze(0).to(torch.float32),
             "label": self.labels[index],
+            "malignancy": self.malignancy[index],
             "patient_id": self.patient_ids[index],
             "scan_id": self.scan_ids[index],
             "slice_index": self.slice_indices[index],

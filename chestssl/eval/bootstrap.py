@@ -30,7 +30,7 @@ import numpy as np
 SumFunction = Callable[[Mapping[str, np.ndarray]], np.ndarray]
 
 # Upper bound on the floats held at once when AUROC is bootstrapped in blocks.
-_AUROC_BLOCK_ELEMENTS = 4_000_000
+_HISTOGRAM_BLOCK_ELEMENTS = 4_000_000
 
 
 @dataclass(frozen=True)
@@ -194,21 +194,43 @@ class PatientBootstrap:
         Args:
             scores: ``(N,)`` real scores. labels: ``(N,)`` in {0, 1}.
         """
-        scores = np.asarray(scores, dtype=np.float64)
-        labels = np.asarray(labels)
+        return self.histogram_statistic_samples(scores, labels, weighted_auroc, descending=False)
+
+    def histogram_statistic_samples(
+        self,
+        scores: np.ndarray,
+        labels: np.ndarray,
+        statistic: Callable[[np.ndarray, np.ndarray], np.ndarray],
+        descending: bool,
+    ) -> np.ndarray:
+        """``statistic(pos, neg)`` of every resample, ``(B,)``, from weighted class histograms.
+
+        ``pos``/``neg`` are ``(b, U)`` weighted counts of positives / negatives at each of
+        the ``U`` distinct scores (ascending, or highest first with ``descending``), for a
+        block of ``b`` resamples: ``counts @ per-patient histograms``. Ranking statistics
+        (AUROC, average precision) need nothing else.
+
+        Args:
+            scores: ``(N,)`` real scores. labels: ``(N,)`` in {0, 1}.
+        """
+        scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+        labels = np.asarray(labels).reshape(-1)
+        if scores.shape != (self.n_items,) or labels.shape != (self.n_items,):
+            raise ValueError(f"scores {scores.shape} and labels {labels.shape} must both be ({self.n_items},)")
         distinct, score_index = np.unique(scores, return_inverse=True)
         n_distinct = distinct.size
-        cell = self.item_patient * n_distinct + score_index
+        order = n_distinct - 1 - score_index.reshape(-1) if descending else score_index.reshape(-1)
+        cell = self.item_patient * n_distinct + order
         size = self.n_patients * n_distinct
         positives = np.bincount(cell, weights=(labels == 1).astype(np.float64), minlength=size)
         negatives = np.bincount(cell, weights=(labels == 0).astype(np.float64), minlength=size)
         positives = positives.reshape(self.n_patients, n_distinct)
         negatives = negatives.reshape(self.n_patients, n_distinct)
-        block = max(1, _AUROC_BLOCK_ELEMENTS // max(1, n_distinct))
+        block = max(1, _HISTOGRAM_BLOCK_ELEMENTS // max(1, n_distinct))
         samples = np.empty(self.n_bootstrap, dtype=np.float64)
         for start in range(0, self.n_bootstrap, block):
             counts = self.counts[start : start + block]
-            samples[start : start + block] = weighted_auroc(counts @ positives, counts @ negatives)
+            samples[start : start + block] = statistic(counts @ positives, counts @ negatives)
         return samples
 
 

@@ -9,7 +9,10 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from chestssl.methods.ae import AutoencoderPretraining
+from chestssl.methods.barlow_twins import BarlowTwinsPretraining
 from chestssl.methods.base import PretrainMethod
+from chestssl.methods.dae import DisruptiveAutoencoderPretraining
+from chestssl.methods.mae import DiffusionMaskedAutoencoderPretraining, MaskedAutoencoderPretraining
 from chestssl.methods.multihead import MultiheadAutoencoder
 from chestssl.methods.scratch import Scratch
 from chestssl.methods.vqgan import VQGANAutoencoderPretraining
@@ -20,6 +23,10 @@ METHODS: dict[str, type[PretrainMethod]] = {
     "ae": AutoencoderPretraining,
     "vqgan": VQGANAutoencoderPretraining,
     "multihead": MultiheadAutoencoder,
+    "dae": DisruptiveAutoencoderPretraining,
+    "barlow_twins": BarlowTwinsPretraining,
+    "mae": MaskedAutoencoderPretraining,
+    "diffmae": DiffusionMaskedAutoencoderPretraining,
 }
 
 
@@ -39,6 +46,10 @@ def build_method(name: str, cfg: Mapping[str, Any], seed: int) -> PretrainMethod
 __all__ = [
     "METHODS",
     "AutoencoderPretraining",
+    "BarlowTwinsPretraining",
+    "DiffusionMaskedAutoencoderPretraining",
+    "DisruptiveAutoencoderPretraining",
+    "MaskedAutoencoderPretraining",
     "MultiheadAutoencoder",
     "PretrainMethod",
     "Scratch",

@@ -21,7 +21,6 @@ from typing import Any, Mapping
 import torch
 import torch.nn.functional as F
 from monai.losses import SSIMLoss
-from monai.metrics import PSNRMetric, SSIMMetric
 from torch import nn
 
 from chestssl.methods.base import PretrainMethod
@@ -56,8 +55,7 @@ class AutoencoderPretraining(PretrainMethod):
         with seeded(self.seed):
             self.autoencoder = ConvAutoencoder(build_backbone(self.cfg["backbone"]))
         self.ssim_loss = SSIMLoss(spatial_dims=spatial_dims, data_range=1.0)
-        self.ssim_metric = self.register_accumulator(SSIMMetric(spatial_dims=spatial_dims, data_range=1.0))
-        self.psnr_metric = self.register_accumulator(PSNRMetric(max_val=1.0))
+        self.track_reconstruction_quality(spatial_dims)
 
     def encoder(self) -> nn.Module:
         return self.autoencoder.encoder
@@ -89,18 +87,12 @@ class AutoencoderPretraining(PretrainMethod):
         return {
             "loss": parts["loss"],
             "l1": parts["l1"],
-            "ssim": self.ssim_metric(reconstruction, image).mean(),
-            "psnr": self.psnr_metric(reconstruction, image).mean(),
+            **self.reconstruction_quality(reconstruction, image),
         }
 
     def validation_epoch_end(self) -> dict[str, torch.Tensor]:
         """Mean SSIM and PSNR over every image of the current validation pass."""
-        if len(self.ssim_metric) == 0:
-            return {}
-        return {
-            "ssim": self.ssim_metric.aggregate().reshape(()),
-            "psnr": self.psnr_metric.aggregate().reshape(()),
-        }
+        return self.reconstruction_quality_of_pass()
 
     @torch.no_grad()
     def reconstruct(self, image: torch.Tensor) -> torch.Tensor:

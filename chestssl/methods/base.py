@@ -22,6 +22,7 @@ from abc import ABC, abstractmethod
 from typing import Any, ClassVar, Mapping
 
 import torch
+from monai.metrics import PSNRMetric, SSIMMetric
 from torch import nn
 
 from chestssl.models.backbones import export_encoder
@@ -71,6 +72,28 @@ class PretrainMethod(SteppedModule, ABC):
     def reconstruct(self, image: torch.Tensor) -> torch.Tensor | None:
         """Reconstruction (B, 1, *S) of ``image`` (B, 1, *S), or None if the method has none."""
         return None
+
+    def track_reconstruction_quality(self, spatial_dims: int) -> None:
+        """Accumulate SSIM and PSNR of reconstructions over each validation pass.
+
+        Both at ``data_range`` 1.0 for every method (images are in [0, 1]), unlike seed
+        000, whose single-task and multihead PSNRs used different ranges.
+        """
+        self.ssim_metric = self.register_accumulator(SSIMMetric(spatial_dims=spatial_dims, data_range=1.0))
+        self.psnr_metric = self.register_accumulator(PSNRMetric(max_val=1.0))
+
+    def reconstruction_quality(self, reconstruction: torch.Tensor, image: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Batch-mean ``ssim`` and ``psnr`` (dB) of (B, 1, *S) tensors, also accumulated for the pass."""
+        return {
+            "ssim": self.ssim_metric(reconstruction, image).mean(),
+            "psnr": self.psnr_metric(reconstruction, image).mean(),
+        }
+
+    def reconstruction_quality_of_pass(self) -> dict[str, torch.Tensor]:
+        """Mean ``ssim`` and ``psnr`` over every image of the current validation pass (none yet: {})."""
+        if len(self.ssim_metric) == 0:
+            return {}
+        return {"ssim": self.ssim_metric.aggregate().reshape(()), "psnr": self.psnr_metric.aggregate().reshape(())}
 
     def export(self) -> dict[str, Any]:
         """The encoder payload written for downstream stages."""

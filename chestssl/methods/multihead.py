@@ -24,7 +24,7 @@ from typing import Any, Mapping
 
 import torch
 import torch.nn.functional as F
-from monai.metrics import Cumulative, PSNRMetric, SSIMMetric
+from monai.metrics import Cumulative
 from torch import nn
 
 from chestssl.methods.base import PretrainMethod
@@ -91,8 +91,7 @@ class MultiheadAutoencoder(PretrainMethod):
             "cls_class_weights", class_weight_tensor(self.cfg["cls_class_weights"], f"{where}.cls_class_weights")
         )
         self.register_buffer("steps_done", torch.zeros((), dtype=torch.int64))
-        self.ssim_metric = self.register_accumulator(SSIMMetric(spatial_dims=spatial_dims, data_range=1.0))
-        self.psnr_metric = self.register_accumulator(PSNRMetric(max_val=1.0))
+        self.track_reconstruction_quality(spatial_dims)
         self._seg_counts = self.register_accumulator(Cumulative())
 
     def encoder(self) -> nn.Module:
@@ -168,8 +167,7 @@ class MultiheadAutoencoder(PretrainMethod):
         metrics = {
             "loss": self.combine(ae_loss, tasks),
             "ae_loss": ae_loss,
-            "ssim": self.ssim_metric(recon, image).mean(),
-            "psnr": self.psnr_metric(recon, image).mean(),
+            **self.reconstruction_quality(recon, image),
             **{f"{k}_loss": v for k, v in tasks.items()},
         }
         if "seg" in out:
@@ -186,9 +184,9 @@ class MultiheadAutoencoder(PretrainMethod):
 
     def validation_epoch_end(self) -> dict[str, torch.Tensor]:
         """SSIM and PSNR over every image, and the global Dice over every pixel, of the pass."""
-        if len(self.ssim_metric) == 0:
+        metrics = self.reconstruction_quality_of_pass()
+        if not metrics:
             return {}
-        metrics = {"ssim": self.ssim_metric.aggregate().reshape(()), "psnr": self.psnr_metric.aggregate().reshape(())}
         if len(self._seg_counts) > 0:
             metrics["dice"] = dice_iou_from_counts(self._seg_counts.get_buffer().sum(dim=0))[0].float()
         return metrics

@@ -29,7 +29,6 @@ from typing import Any, Mapping
 import torch
 import torch.nn.functional as F
 from monai.losses import SSIMLoss
-from monai.metrics import PSNRMetric, SSIMMetric
 from torch import nn
 
 from chestssl.methods.base import PretrainMethod
@@ -142,8 +141,7 @@ class VQGANAutoencoderPretraining(PretrainMethod):
             self.objective = AutoencoderObjective(self.cfg["loss"], spatial_dims, f"methods.{name}.loss")
         # Optimisation steps taken; a buffer, so a resumed run knows when the discriminator starts.
         self.register_buffer("steps_done", torch.zeros((), dtype=torch.int64))
-        self.ssim_metric = self.register_accumulator(SSIMMetric(spatial_dims=spatial_dims, data_range=1.0))
-        self.psnr_metric = self.register_accumulator(PSNRMetric(max_val=1.0))
+        self.track_reconstruction_quality(spatial_dims)
 
     def encoder(self) -> nn.Module:
         return self.autoencoder.encoder
@@ -173,8 +171,7 @@ class VQGANAutoencoderPretraining(PretrainMethod):
         metrics = {
             "loss": parts["rec"] + self.objective.codebook_weight * out.vq_loss.float(),
             "l1": parts["l1"],
-            "ssim": self.ssim_metric(recon, image).mean(),
-            "psnr": self.psnr_metric(recon, image).mean(),
+            **self.reconstruction_quality(recon, image),
         }
         if out.perplexity is not None:
             metrics["perplexity"] = out.perplexity
@@ -182,9 +179,7 @@ class VQGANAutoencoderPretraining(PretrainMethod):
 
     def validation_epoch_end(self) -> dict[str, torch.Tensor]:
         """Mean SSIM and PSNR over every image of the current validation pass."""
-        if len(self.ssim_metric) == 0:
-            return {}
-        return {"ssim": self.ssim_metric.aggregate().reshape(()), "psnr": self.psnr_metric.aggregate().reshape(())}
+        return self.reconstruction_quality_of_pass()
 
     @torch.no_grad()
     def reconstruct(self, image: torch.Tensor) -> torch.Tensor:

@@ -5,7 +5,12 @@ Every backbone follows one protocol, so methods and tasks work with any of them:
 - ``spatial_dims`` (2 or 3), ``in_channels``;
 - ``feature_maps(x)``: multi-scale maps, shallow to deep;
 - ``latent(x)``: (B, ``latent_channels``, *S / ``latent_stride``), what classifiers and
-  autoencoder decoders read.
+  autoencoder decoders read;
+- ``representation(x)``: (B, ``representation_dim``), the global feature vector read by
+  linear probes (:mod:`chestssl.eval.linear_probe`) and linear classification heads
+  (:class:`chestssl.models.classifier.LinearHeadClassifier`); every parameter of the
+  backbone takes part in it, so a head on it trains the whole backbone (and DDP need
+  not search for unused parameters). Each backbone's docstring says which map it pools.
 
 Backbones (the ``backbone.name`` param):
 
@@ -14,7 +19,11 @@ Backbones (the ``backbone.name`` param):
 - ``cnn_attention``: seed 000's VQGAN-style encoder, a MONAI ``autoencoderkl.Encoder``
   (:mod:`chestssl.models.cnn_attention`);
 - ``swin``: the Swin transformer of MONAI's ``SwinUNETR`` (``SwinUNETR.swinViT``,
-  :mod:`chestssl.models.swin`).
+  :mod:`chestssl.models.swin`);
+- ``resnet18``, ``resnet50``: MONAI's ``ResNet`` without its fc, 1 input channel (seed
+  001's backbone; :mod:`chestssl.models.resnet`);
+- ``vit``: MONAI's classification ``ViT`` without its head, with a CLS token (seed 004's
+  encoder; :mod:`chestssl.models.vit`).
 
 Each one's ``state_dict`` loads with ``strict=True`` into the MONAI module it mirrors.
 
@@ -56,11 +65,26 @@ def _swin(cfg: Mapping[str, Any]) -> nn.Module:
     return build_swin_encoder(cfg)
 
 
+def _resnet(cfg: Mapping[str, Any]) -> nn.Module:
+    from chestssl.models.resnet import build_resnet_encoder
+
+    return build_resnet_encoder(cfg)
+
+
+def _vit(cfg: Mapping[str, Any]) -> nn.Module:
+    from chestssl.models.vit import build_vit_encoder
+
+    return build_vit_encoder(cfg)
+
+
 #: Backbone builders keyed by the ``backbone.name`` param.
 BACKBONES: dict[str, Callable[[Mapping[str, Any]], nn.Module]] = {
     "unet_encoder": _unet_encoder,
     "cnn_attention": _cnn_attention,
     "swin": _swin,
+    "resnet18": _resnet,
+    "resnet50": _resnet,
+    "vit": _vit,
 }
 
 
@@ -80,9 +104,16 @@ def build_backbone(cfg: Mapping[str, Any]) -> nn.Module:
 def backbone_name(encoder: nn.Module) -> str:
     """The ``backbone.name`` of an encoder built by :func:`build_backbone`."""
     from chestssl.models.cnn_attention import CNNAttentionEncoder
+    from chestssl.models.resnet import ResNetBackbone
     from chestssl.models.swin import SwinEncoder
+    from chestssl.models.vit import ViTEncoder
 
-    for name, cls in (("unet_encoder", UNetEncoder), ("cnn_attention", CNNAttentionEncoder), ("swin", SwinEncoder)):
+    if isinstance(encoder, ResNetBackbone):
+        return encoder.arch
+
+    known = (("unet_encoder", UNetEncoder), ("cnn_attention", CNNAttentionEncoder), ("swin", SwinEncoder),
+             ("vit", ViTEncoder))
+    for name, cls in known:
         if isinstance(encoder, cls):
             return name
     raise TypeError(f"{type(encoder).__name__} is not a backbone of {', '.join(BACKBONES)}")

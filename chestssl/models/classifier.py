@@ -1,10 +1,14 @@
-"""Classification on the encoder's latent with a MONAI ResNet (seed 000's classifier).
+"""Classifiers on a backbone: a MONAI ResNet on its latent, or a linear head on its representation.
 
 ResNet: He et al., "Deep Residual Learning for Image Recognition", CVPR 2016, as
 implemented by MONAI's :class:`~monai.networks.nets.ResNet`. Seed 000 classified nodule
 vs clean slices from the autoencoder's latent with a ResNet whose "ResNet18" has basic
 blocks [2, 2, 2, 2] and whose "ResNet50" has *basic* blocks [3, 4, 6, 3] (not
-bottlenecks); we keep both definitions.
+bottlenecks); we keep both definitions (:class:`LatentResNetClassifier`).
+
+Seed 001 (Barlow Twins for chest X-ray; Zbontar et al., "Barlow Twins: Self-Supervised
+Learning via Redundancy Reduction", ICML 2021) fine-tuned the whole network with one
+linear layer on the backbone's global average pool (:class:`LinearHeadClassifier`).
 """
 
 from __future__ import annotations
@@ -89,3 +93,34 @@ class LatentResNetClassifier(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.encoder.latent(x))
+
+
+class LinearHeadClassifier(nn.Module):
+    """Image -> ``encoder.representation`` -> ``nn.Linear`` -> logits (seed 001's downstream head).
+
+    Any backbone of :mod:`chestssl.models.backbones` works: the head reads the global
+    feature vector ``encoder.representation(x)`` (B, ``encoder.representation_dim``).
+    Both the encoder and the head are trained when fine-tuning.
+
+    Args:
+        encoder: a (pretrained) backbone; it is copied, so training the classifier never
+            changes the module passed in.
+        num_classes: logits per image.
+
+    ``forward(x)``: x (B, 1, *S) -> logits (B, num_classes).
+    """
+
+    def __init__(self, encoder: nn.Module, num_classes: int = 2):
+        super().__init__()
+        if not hasattr(encoder, "representation") or not hasattr(encoder, "representation_dim"):
+            raise ValueError(
+                f"LinearHeadClassifier: {type(encoder).__name__} has no representation() / representation_dim; "
+                "a linear head needs a backbone with a global feature vector"
+            )
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(f"num_classes: got {num_classes!r}, expected a positive integer")
+        self.encoder = copy.deepcopy(encoder)
+        self.head = nn.Linear(int(encoder.representation_dim), num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder.representation(x))

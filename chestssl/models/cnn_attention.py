@@ -105,7 +105,11 @@ class CNNAttentionEncoder(Encoder):
     ``latent_stride = 2 ** (len(channel_multipliers) - 1)``:
 
     - ``latent(x)`` / ``forward(x)``: (B, latent_channels, *S / latent_stride);
-    - ``feature_maps(x)``: ``[f0, ..., f_{L-1}]``, ``fk`` of shape (B, widths[k], *S / 2**k).
+    - ``feature_maps(x)``: ``[f0, ..., f_{L-1}]``, ``fk`` of shape (B, widths[k], *S / 2**k);
+    - :meth:`representation`: global average pool of the latent, (B, ``representation_dim``)
+      with ``representation_dim = latent_channels``. The latent rather than the wider
+      deepest feature map, because every weight (the final GroupNorm and latent
+      convolution too) then shapes it, so a head on it fine-tunes the whole encoder.
     """
 
     def __init__(
@@ -144,6 +148,7 @@ class CNNAttentionEncoder(Encoder):
         self.base_channels = int(channels)
         self.channel_multipliers: tuple[int, ...] = tuple(int(m) for m in channel_multipliers)
         self.latent_channels = latent_channels
+        self.representation_dim = latent_channels
         #: One stride-2 convolution between consecutive levels.
         self.latent_stride = 2 ** (len(widths) - 1)
 
@@ -180,6 +185,10 @@ class CNNAttentionEncoder(Encoder):
     def latent(self, x: torch.Tensor) -> torch.Tensor:
         """MONAI ``Encoder.forward``: (B, latent_channels, *S / latent_stride)."""
         return self(x)
+
+    def representation(self, x: torch.Tensor) -> torch.Tensor:
+        """Global average pool of the latent: (B, in_channels, *S) -> (B, latent_channels)."""
+        return self.latent(x).flatten(2).mean(dim=2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_size(x)

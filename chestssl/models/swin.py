@@ -85,8 +85,10 @@ class SwinEncoder(SwinTransformer):
     ``forward(x)`` / :meth:`feature_maps` with ``x`` of shape (B, in_channels, *S) return
     the five hidden states ``[h0, ..., h4]``, ``hk`` of shape
     (B, feature_size * 2**k, *S / (patch_size * 2**k)); :meth:`latent` is ``h4``, e.g.
-    (B, 384, 2, 2) for a 64x64 slice with ``feature_size`` 24. Every spatial size must be
-    divisible by ``latent_stride`` = ``patch_size * 2**4``.
+    (B, 384, 2, 2) for a 64x64 slice with ``feature_size`` 24; :meth:`representation` is
+    the global average pool of ``h4`` (layer-normalised when ``normalize``), (B,
+    ``representation_dim``) with ``representation_dim = latent_channels = feature_size * 16``.
+    Every spatial size must be divisible by ``latent_stride`` = ``patch_size * 2**4``.
     """
 
     def __init__(
@@ -149,6 +151,7 @@ class SwinEncoder(SwinTransformer):
         self.num_heads = num_heads
         self.normalize = bool(normalize)
         self.latent_channels = feature_size * 2**SWIN_STAGES
+        self.representation_dim = self.latent_channels
         self.latent_stride = patch_size * 2**SWIN_STAGES
 
     def check_input(self, x: torch.Tensor) -> None:
@@ -180,6 +183,10 @@ class SwinEncoder(SwinTransformer):
     def latent(self, x: torch.Tensor) -> torch.Tensor:
         """The deepest hidden state (B, latent_channels, *S / latent_stride)."""
         return self.forward(x)[-1]
+
+    def representation(self, x: torch.Tensor) -> torch.Tensor:
+        """Global average pool of the deepest hidden state ``h4``: (B, latent_channels)."""
+        return self.latent(x).flatten(2).mean(dim=2)
 
     def config(self) -> dict[str, Any]:
         """The ``backbone`` params block that rebuilds this encoder with :func:`build_swin_encoder`.

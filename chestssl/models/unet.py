@@ -43,9 +43,11 @@ class UNetEncoder(nn.Module):
 
     ``forward(x)`` with ``x`` of shape (B, in_channels, *S) returns the five feature
     maps ``[f0, f1, f2, f3, f4]``, ``fk`` of shape (B, features[k], *S / 2**k); ``f4`` is
-    the latent, e.g. (B, features[4], 4, 4) for a 64x64 slice. Spatial sizes divisible
-    by 16 keep every level exact; every spatial size must be >= 32, since instance
-    norm needs more than one element at the deepest (1/16) level.
+    the latent, e.g. (B, features[4], 4, 4) for a 64x64 slice; :meth:`representation`
+    is the global average pool of ``f4``, (B, ``representation_dim``) with
+    ``representation_dim = features[4]``. Spatial sizes divisible by 16 keep every level
+    exact; every spatial size must be >= 32, since instance norm needs more than one
+    element at the deepest (1/16) level.
     """
 
     def __init__(
@@ -85,6 +87,10 @@ class UNetEncoder(nn.Module):
     def latent_channels(self) -> int:
         return self.features[-1]
 
+    @property
+    def representation_dim(self) -> int:
+        return self.features[-1]
+
     def feature_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The five maps of :meth:`forward` (the backbone protocol of chestssl.models.backbones)."""
         return self(x)
@@ -92,6 +98,10 @@ class UNetEncoder(nn.Module):
     def latent(self, x: torch.Tensor) -> torch.Tensor:
         """The deepest map (B, features[4], *S / 16)."""
         return self(x)[-1]
+
+    def representation(self, x: torch.Tensor) -> torch.Tensor:
+        """Global average pool of the deepest map ``f4`` (the latent): (B, features[4])."""
+        return self.latent(x).flatten(2).mean(dim=2)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         if min(x.shape[2:]) < MIN_INPUT_SIZE:

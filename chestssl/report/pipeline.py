@@ -28,6 +28,7 @@ from chestssl.eval.paired import load_item_scores, paired_difference, scratch_pa
 from chestssl.report.build import build_report
 from chestssl.report.comparison_figures import feature_map_figure, segmentation_comparison_figure
 from chestssl.report.comparisons import pretrained_vs_scratch_table
+from chestssl.report.probes import linear_probe_table
 from chestssl.report.seed000 import seed000_tables
 
 #: Segmentation models compared in one overlay figure: (label, kind, entry); kind "run"
@@ -60,6 +61,19 @@ def dataset_note(params: Mapping[str, Any]) -> str:
     return f"LIDC-IDRI ({source}), {size}x{size} slices"
 
 
+def _contrastive_note(params: Mapping[str, Any]) -> str:
+    """Whether the DAE entries' cross-modal contrastive term (seed 003) acted, from their training logs."""
+    dae = [name for name, entry in params["methods"].items() if entry["method"] == "dae" and entry["mm_con"] > 0]
+    if not dae:
+        return ""
+    active = [name for name in dae
+              if _read_json(paths.pretrain_report_dir(name) / "metrics.json").get("train_mm_con_active", 0) > 0]
+    if active:
+        return f"The cross-modal contrastive term acted in {', '.join(active)}."
+    return ("The DAE entries' cross-modal contrastive term (`mm_con`) was off: every batch held one modality (CT), "
+            "and it needs two.")
+
+
 def _seg_examples(kind: str, entry: str) -> Path:
     if kind == "run":
         return paths.evaluate_dir(entry) / "examples.npz"
@@ -90,6 +104,20 @@ def build_pipeline_report(params: Mapping[str, Any], out_dir: Path = paths.REPOR
         "them) and *per image*.",
         seed000_tables(pretrain_metrics, run_metrics, dataset_note(params)),
     )]
+
+    # The same linear probe of every pretrained encoder (seed 004's protocol).
+    probed = {name: (metrics, str(paths.evaluate_pretrain_dir(name) / "metrics.json"))
+              for name, metrics in pretrain_metrics.items() if "probe" in metrics}
+    if probed:
+        table_sections.append((
+            "Linear probe of every pretrained encoder",
+            "Frozen encoder features (`representation`: pooled deepest map, or the ViT's CLS token) of the "
+            "train split's labelled slices fit one class-balanced logistic regression per label; scores on the "
+            "test split with bootstrap intervals over patients. " + _contrastive_note(params),
+            [linear_probe_table(probed, {**methods, **multihead})],
+        ))
+    else:
+        skipped.append("Linear probe: no pretraining entry has probe results; rerun evaluate_pretrain.")
 
     # Pretrained vs scratch: paired differences on the same test patients.
     kinds = {name: entry["method"] for name, entry in {**methods, **multihead}.items()}

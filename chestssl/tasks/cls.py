@@ -1,9 +1,13 @@
-"""Nodule-slice classification from the pretrained encoder's latent (seed 000's task).
+"""Nodule-slice classification on the pretrained encoder (seed 000's task, two heads).
 
-Image -> pretrained backbone -> latent -> MONAI ResNet with
-basic blocks (He et al., CVPR 2016; seed 000's "ResNet18" [2,2,2,2] and "ResNet50"
-[3,4,6,3]) -> two logits (clean, nodule); class-weighted cross-entropy. The whole
-network, encoder included, is trained.
+- ``arch: resnet18 | resnet50`` (seed 000): image -> pretrained backbone -> latent ->
+  MONAI ResNet with basic blocks (He et al., CVPR 2016; seed 000's "ResNet18" [2,2,2,2]
+  and "ResNet50" [3,4,6,3]) -> two logits;
+- ``arch: linear`` (seed 001's downstream head): image -> pretrained backbone ->
+  ``representation`` (global average pool) -> one linear layer -> two logits.
+
+Two logits (clean, nodule); class-weighted cross-entropy. The whole network, encoder
+included, is trained.
 """
 
 from __future__ import annotations
@@ -14,34 +18,46 @@ import torch
 from monai.metrics import Cumulative, ROCAUCMetric
 from torch import nn
 
-from chestssl.models.classifier import RESNET_LAYERS, LatentResNetClassifier
+from chestssl.models.classifier import RESNET_LAYERS, LatentResNetClassifier, LinearHeadClassifier
 from chestssl.models.seeding import seeded
 from chestssl.tasks.base import TaskModel, class_weight_tensor
 
-#: Architectures of the ``cls`` task (the ``arch`` param).
-CLS_ARCHS: dict[str, tuple[str, ...]] = {arch: ("unet_encoder", "cnn_attention", "swin") for arch in RESNET_LAYERS}
+#: Backbones whose latent map a ResNet head can read.
+LATENT_HEAD_BACKBONES: tuple[str, ...] = ("unet_encoder", "cnn_attention", "swin")
+#: Backbones with a global ``representation`` for the linear head.
+LINEAR_HEAD_BACKBONES: tuple[str, ...] = ("unet_encoder", "cnn_attention", "swin", "resnet18", "resnet50", "vit")
+#: Architectures of the ``cls`` task (the ``arch`` param) and the backbones each accepts.
+CLS_ARCHS: dict[str, tuple[str, ...]] = {
+    **{arch: LATENT_HEAD_BACKBONES for arch in RESNET_LAYERS},
+    "linear": LINEAR_HEAD_BACKBONES,
+}
 
 
 class ClassificationTask(TaskModel):
-    """:class:`LatentResNetClassifier` trained with class-weighted cross-entropy.
+    """:class:`LatentResNetClassifier` (``arch`` resnet18 / resnet50) or
+    :class:`LinearHeadClassifier` (``arch`` linear) trained with class-weighted cross-entropy.
 
     ``forward(image (B, 1, *S)) -> logits (B, 2)``;
     ``predict(batch) -> probability of class 1 (nodule), (B,)``.
 
     Args:
         name, run_cfg, seed: see :class:`~chestssl.tasks.base.TaskModel`; ``run_cfg``
-            holds ``arch`` and ``class_weights``; ``seed`` seeds the ResNet head.
+            holds ``arch`` and ``class_weights``; ``seed`` seeds the head.
         encoder: the pretrained backbone (copied into the classifier).
     """
 
-    # Every parameter gets a gradient in every step: DDP need not search for unused ones.
+    # Every parameter gets a gradient in every step (the backbone protocol promises it for
+    # ``representation``): DDP need not search for unused ones.
     ddp_find_unused_parameters = False
 
     def __init__(self, name: str, run_cfg: Mapping[str, Any], encoder: nn.Module, seed: int):
         super().__init__(name, run_cfg, seed)
-        arch = self.checked_arch(CLS_ARCHS, encoder)
+        self.arch = self.checked_arch(CLS_ARCHS, encoder)
         with seeded(self.seed):
-            self.network = LatentResNetClassifier(encoder, arch=arch, num_classes=2)
+            if self.arch == "linear":
+                self.network: nn.Module = LinearHeadClassifier(encoder, num_classes=2)
+            else:
+                self.network = LatentResNetClassifier(encoder, arch=self.arch, num_classes=2)
         self.loss_fn = nn.CrossEntropyLoss(weight=class_weight_tensor(self.run_cfg["class_weights"], name))
         self._epoch_auroc = self.register_accumulator(ROCAUCMetric())
         self._epoch_correct = self.register_accumulator(Cumulative())
@@ -51,7 +67,7 @@ class ClassificationTask(TaskModel):
 
     def training_step(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         image = batch["image"]
-        if image.shape[0] < 2:
+        if image.shape[0] < 2 and self.arch in RESNET_LAYERS:
             raise ValueError(
                 f"runs.{self.name}: a training batch of {image.shape[0]} image cannot train the ResNet's "
                 "batch norm (the latent is 1 pixel wide by its last stage); use batch_size >= 2 and "

@@ -125,6 +125,7 @@ def fit(
     monitor: str = "val/loss",
     mode: str = "min",
     collate_fn: Callable | None = None,
+    epoch_hook: Callable[[nn.Module, int], Mapping[str, float]] | None = None,
 ) -> FitResult:
     """Train ``model`` on ``train_data``, validating on ``val_data`` after every epoch.
 
@@ -144,6 +145,11 @@ def fit(
         monitor: metric that picks the best epoch, e.g. ``val/loss`` or ``val/dice``.
         mode: ``min`` or ``max``: whether lower or higher ``monitor`` is better.
         collate_fn: DataLoader collate function (default: torch's default collate).
+        epoch_hook: called on rank 0 after each epoch's validation as
+            ``epoch_hook(model, epoch)`` (epoch counted from 1) with the model in eval mode;
+            the scalars it returns (e.g. ``probe/mean_auroc`` of a linear probe) are logged
+            with the validation metrics. The RNG states are restored after it, so a hook
+            never changes the training trajectory.
     """
     cfg = _check_train_cfg(train_cfg)
     if mode not in ("min", "max"):
@@ -153,7 +159,7 @@ def fit(
                      torch.is_deterministic_algorithms_warn_only_enabled())
     try:
         return _Fit(model, train_data, val_data, cfg, Path(live_dir), Path(checkpoint_path), seed, monitor, mode,
-                    collate_fn, ctx).run()
+                    collate_fn, ctx, epoch_hook).run()
     finally:
         torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])
         teardown_distributed(ctx)
@@ -299,6 +305,7 @@ class _Fit:
         mode: str,
         collate_fn: Callable | None,
         ctx: DistContext,
+        epoch_hook: Callable[[nn.Module, int], Mapping[str, float]] | None = None,
     ) -> None:
         for name in ("training_step", "validation_step"):
             if not callable(getattr(model, name, None)):
@@ -309,6 +316,7 @@ class _Fit:
         self.model, self.train_data, self.val_data = model, train_data, val_data
         self.cfg, self.live_dir, self.checkpoint_path = cfg, live_dir, checkpoint_path
         self.seed, self.monitor, self.mode, self.collate_fn, self.ctx = seed, monitor, mode, collate_fn, ctx
+        self.epoch_hook = epoch_hook
         self.device = ctx.device
         self.amp = amp_enabled(cfg["amp"], self.device, announce=ctx.is_main)
         self.epochs_done = 0
@@ -447,6 +455,7 @@ class _Fit:
             while self.epochs_done < self.cfg["epochs"] and not self._step_limit_reached():
                 train_means = self._train_epoch(step_module)
                 val_metrics = self._validate(raw_model)
+                val_metrics.update(self._run_epoch_hook(raw_model))
                 self._end_epoch(raw_model, train_means, val_metrics)
         except BaseException:
             if self.ctx.is_main and self.checkpoint_path.exists():
@@ -559,7 +568,7 @@ class _Fit:
         raw_model.eval()
         self.val_generator.manual_seed(epoch_seed(self.seed, self.epochs_done, self.ctx.rank, stream=1))
         sums: dict[str, torch.Tensor] = {}
-        count = 0
+        counts: dict[str, int] = {}  # per key: a step may leave a metric out for a batch
         with self._autocast():
             for batch in self.val_loader:
                 batch = move_to_device(batch, self.device, non_blocking=self.device.type == "cuda")
@@ -572,25 +581,38 @@ class _Fit:
                     )
                 for key, value in _scalar_entries(output).items():
                     sums[key] = sums.get(key, 0.0) + value.double() * size
-                count += size
+                    counts[key] = counts.get(key, 0) + size
         # Metrics only defined over a whole pass (global Dice, AUROC) replace the batch
         # averages of the same name. Their accumulators hold this rank's items only, so
         # under DDP the batch averages (gathered over all ranks) are kept instead.
         epoch_end = getattr(raw_model, "validation_epoch_end", None)
         whole_pass = epoch_end() if callable(epoch_end) and self.ctx.world_size == 1 else {}
         raw_model.train()
-        local = ({key: float(value) for key, value in sums.items()}, count)
+        local = {key: (float(value), counts[key]) for key, value in sums.items()}
         totals: dict[str, float] = {}
-        total_count = 0
-        for rank_sums, rank_count in all_gather_object(local, self.ctx):
-            for key, value in rank_sums.items():
+        key_counts: dict[str, int] = {}
+        for rank_sums in all_gather_object(local, self.ctx):
+            for key, (value, key_count) in rank_sums.items():
                 totals[key] = totals.get(key, 0.0) + value
-            total_count += rank_count
-        metrics = {f"val/{key}": value / total_count for key, value in sorted(totals.items())}
+                key_counts[key] = key_counts.get(key, 0) + key_count
+        metrics = {f"val/{key}": value / key_counts[key] for key, value in sorted(totals.items())}
         for key, value in _scalar_entries(whole_pass).items():
             if torch.isfinite(value):  # e.g. AUROC is undefined when one class was seen
                 metrics[f"val/{key}"] = float(value)
         return metrics
+
+    def _run_epoch_hook(self, raw_model: nn.Module) -> dict[str, float]:
+        if self.epoch_hook is None or not self.ctx.is_main:
+            return {}
+        rng = capture_rng_state()
+        raw_model.eval()
+        try:
+            with torch.no_grad():
+                extra = self.epoch_hook(raw_model, self.epochs_done + 1)
+        finally:
+            raw_model.train()
+            restore_rng_state(rng)
+        return {key: float(value) for key, value in (extra or {}).items()}
 
     def _end_epoch(self, raw_model: nn.Module, train_means: dict[str, float], val_metrics: dict[str, float]) -> None:
         self.epochs_done += 1

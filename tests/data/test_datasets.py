@@ -127,3 +127,20 @@ def test_empty_split_for_a_task_is_an_error_that_names_it(synthetic_processed):
         SliceDataset(synthetic_processed, "train", 32, "detect")
     with pytest.raises(FileNotFoundError, match="dvc repro preprocess"):
         SliceDataset(synthetic_processed / "missing", "train", 32, "seg")
+
+
+def test_malignancy_comes_from_slices_csv_and_is_zero_without_nodule(synthetic_processed):
+    rows = read_slices(synthetic_processed)
+    graded = (rows["patient_id"] == "p1") & (rows["slice_index"] == 6)
+    rows.loc[graded, "max_malignancy"] = 2.5  # one slice with another rating than its neighbours
+    write_csv(synthetic_processed / "slices.csv", rows)
+    data = SliceDataset(synthetic_processed, "train", 32, "pretrain")
+    item = data[6]
+    assert (item["patient_id"], item["slice_index"]) == ("p0", 6)
+    assert item["malignancy"].dtype == torch.float32 and item["malignancy"].ndim == 0
+    by_slice = {(p, s): float(m) for p, s, m in zip(data.patient_ids, data.slice_indices, data.malignancy)}
+    assert by_slice[("p1", 6)] == 2.5
+    assert [by_slice[("p1", z)] for z in (4, 5, 7)] == [4.0, 4.0, 4.0]
+    assert all(value == 0.0 for (p, z), value in by_slice.items() if p == "p0" or z not in (4, 5, 6, 7))
+    batch = next(iter(DataLoader(SliceDataset(synthetic_processed, "val", 32, "seg"), batch_size=4)))
+    assert batch["malignancy"].dtype == torch.float32 and batch["malignancy"].tolist() == [4.0] * 4

@@ -223,3 +223,22 @@ def test_decoder_bad_params_name_the_key():
         build_cnn_attention_decoder(
             2, 0, channels=8, channel_multipliers=[1, 2], num_res_blocks=1, norm_num_groups=4
         )
+
+
+@pytest.mark.parametrize("spatial_dims,size", [(2, 32), (3, 16)])
+def test_representation_is_the_global_average_pool_of_the_latent(spatial_dims, size):
+    encoder = _encoder(spatial_dims, channels=4).eval()
+    x = torch.rand((3, 1) + (size,) * spatial_dims)
+    with torch.no_grad():
+        representation = encoder.representation(x)
+        assert encoder.representation_dim == encoder.latent_channels == 4
+        assert tuple(representation.shape) == (3, 4)
+        torch.testing.assert_close(representation, encoder.latent(x).mean(dim=tuple(range(2, 2 + spatial_dims))))
+        torch.testing.assert_close(encoder.representation(x[2:]), representation[2:])
+
+
+def test_every_parameter_shapes_the_representation():
+    encoder = _encoder(channels=4)
+    encoder.representation(torch.rand(2, 1, 32, 32)).square().sum().backward()
+    without_gradient = [name for name, p in encoder.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert without_gradient == []

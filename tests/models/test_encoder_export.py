@@ -14,8 +14,8 @@ CFG = {"name": "unet_encoder", "spatial_dims": 2, "features": [4, 8, 8, 16, 16]}
 def test_build_backbone_by_name():
     encoder = build_backbone(CFG)
     assert isinstance(encoder, UNetEncoder) and encoder.features == (4, 8, 8, 16, 16)
-    with pytest.raises(ValueError, match=r"backbone.name: got 'vit'.*'unet_encoder'"):
-        build_backbone({**CFG, "name": "vit"})
+    with pytest.raises(ValueError, match=r"backbone.name: got 'densenet121'.*'unet_encoder'"):
+        build_backbone({**CFG, "name": "densenet121"})
 
 
 def test_export_save_load_roundtrip(tmp_path):

@@ -215,3 +215,23 @@ def test_config_round_trips_through_build_swin_encoder():
     rebuilt.load_state_dict(encoder.state_dict(), strict=True)
     off = build_swin_encoder(_config(normalize=False))
     assert off.normalize is False and off.config()["normalize"] is False
+
+
+@pytest.mark.parametrize("spatial_dims,shape", [(2, (64, 64)), (3, (32, 32, 32))])
+def test_representation_is_the_global_average_pool_of_the_deepest_hidden_state(spatial_dims, shape):
+    encoder = _encoder(spatial_dims).eval()
+    x = torch.rand((2, 1) + shape)
+    with torch.no_grad():
+        representation = encoder.representation(x)
+        assert encoder.representation_dim == encoder.latent_channels == 192
+        assert tuple(representation.shape) == (2, 192)
+        deepest = encoder.feature_maps(x)[-1]
+        torch.testing.assert_close(representation, deepest.mean(dim=tuple(range(2, 2 + spatial_dims))))
+        torch.testing.assert_close(encoder.representation(x[1:]), representation[1:])
+
+
+def test_every_parameter_shapes_the_representation():
+    encoder = _encoder()
+    encoder.representation(torch.rand(2, 1, 64, 64)).square().sum().backward()
+    without_gradient = [name for name, p in encoder.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert without_gradient == []

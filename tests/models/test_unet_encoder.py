@@ -78,3 +78,21 @@ def test_bad_arguments_are_reported():
         UNetEncoder(1, 1, FEATURES)
     with pytest.raises(ValueError, match="slices.size"):
         _encoder()(torch.rand(2, 1, 16, 64))
+
+
+@pytest.mark.parametrize("spatial_dims,size", [(2, 64), (3, 32)])
+def test_representation_is_the_global_average_pool_of_the_latent(spatial_dims, size):
+    encoder = _encoder(spatial_dims).eval()
+    x = torch.rand((3, 1) + (size,) * spatial_dims)
+    representation = encoder.representation(x)
+    assert encoder.representation_dim == FEATURES[-1]
+    assert tuple(representation.shape) == (3, encoder.representation_dim)
+    torch.testing.assert_close(representation, encoder.latent(x).mean(dim=tuple(range(2, 2 + spatial_dims))))
+    # Each image's vector depends on that image alone.
+    torch.testing.assert_close(encoder.representation(x[1:2]), representation[1:2])
+
+
+def test_every_parameter_shapes_the_representation():
+    encoder = _encoder()
+    encoder.representation(torch.rand(2, 1, 32, 32)).square().sum().backward()
+    assert all(parameter.grad is not None and parameter.grad.abs().sum() > 0 for parameter in encoder.parameters())

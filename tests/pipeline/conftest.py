@@ -16,14 +16,20 @@ PROJECT_FILES = ["chestssl", "stages", "dvc.yaml", "params.yaml", "pyproject.tom
 
 
 #: The entries the tiny profile keeps: one of each kind of stage (scratch, both
-#: autoencoders, a multihead model, UNet++ and SwinUNETR segmentation, classification).
-TINY_METHODS = ("scratch_cnn_attention", "ae_cnn_attention", "ae_swin")
+#: autoencoders, Barlow Twins, diffusion MAE, a 2D and a 3D disruptive autoencoder, a
+#: multihead model, UNet++ and SwinUNETR segmentation, latent-ResNet and linear
+#: classification).
+TINY_METHODS = ("scratch_cnn_attention", "ae_cnn_attention", "ae_swin", "barlow_twins", "diffmae", "dae_all")
+#: A 3D entry (seed 003's protocol on crops), made from ``dae_all``.
+TINY_3D_METHOD = "dae_all_3d"
 TINY_MULTIHEAD = ("multihead_clsseg",)
 TINY_RUNS = {
     "seg_unetpp_scratch": {},
     "seg_unetpp_cnn_attention": {},
     "seg_swinunetr_multihead": {"task": "seg", "arch": "swin_unetr", "init": "multihead_clsseg", "loss": "dice"},
     "cls_resnet18_swin": {},
+    "cls_linear_barlow_twins": {},
+    "cls_linear_diffmae": {},
 }
 
 
@@ -35,6 +41,15 @@ def _shrink(entry: dict) -> None:
         backbone.update(feature_size=12, depths=[1, 1, 1, 1])
     elif backbone.get("name") == "unet_encoder":
         backbone["features"] = [4, 8, 8, 16, 16]
+    elif backbone.get("name") in ("resnet18", "resnet50"):
+        backbone["block_inplanes"] = [4, 8, 8, 16]
+        entry.update({"projector_dim": 16} if "projector_dim" in entry else {})
+    elif backbone.get("name") == "vit":
+        backbone.update(patch_size=16, hidden_size=16, num_layers=1, num_heads=2, mlp_dim=32)
+    if "decoder_hidden_size" in entry:
+        entry.update(decoder_hidden_size=8, decoder_num_layers=1, decoder_num_heads=2)
+    if "num_steps" in entry:
+        entry["num_steps"] = 10
     if "decoder" in entry:
         entry["decoder"].update(channels=4, channel_multipliers=[1, 2], num_res_blocks=1, norm_num_groups=2,
                                 latent_channels=4)
@@ -53,6 +68,9 @@ def tiny_params(params: dict) -> dict:
     params["data"]["phantom"].update(num_scans=8, max_slices=100)
     params["preprocess"].update(spacing=[2.5, 2.0, 2.0], min_nodule_pixels=4, workers=1)
     params["methods"] = {name: params["methods"][name] for name in TINY_METHODS}
+    params["methods"][TINY_3D_METHOD] = {**params["methods"]["dae_all"], "train": dict(params["methods"]["dae_all"]["train"])}
+    params["methods"][TINY_3D_METHOD]["backbone"] = {**params["methods"]["dae_all"]["backbone"], "spatial_dims": 3}
+    params["crops"].update(size=64, per_scan=4)
     params["multihead"] = {name: params["multihead"][name] for name in TINY_MULTIHEAD}
     for entry in params["multihead"].values():
         # Cross-entropy has a gradient on slices without nodule pixels (a soft Dice over a
@@ -65,6 +83,7 @@ def tiny_params(params: dict) -> dict:
         params["runs"][name] = {**base, **override}
     for entry in [*params["methods"].values(), *params["multihead"].values(), *params["runs"].values()]:
         _shrink(entry)
+    params["methods"][TINY_3D_METHOD]["train"].update(batch_size=2, max_steps=2)
     params["evaluate"]["bootstrap_samples"] = 50
     params["report"]["num_examples"] = 2
     return params

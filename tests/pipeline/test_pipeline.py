@@ -44,6 +44,16 @@ def test_repro_builds_the_report_and_a_second_repro_does_nothing(reproduced_proj
         key = "dice_global" if params["runs"][run]["task"] == "seg" else "accuracy"
         assert 0.0 <= metrics[key]["value"] <= 1.0
     assert list((root / "reports" / "figures").glob("*.png"))
+    # Every pretrained encoder is probed the same way, the 3D one on crops, during and after training.
+    assert "Linear probe of every pretrained encoder" in report and "swin 3D" in report
+    for method, entry in params["methods"].items():
+        probe = json.loads((root / "reports" / "evaluate_pretrain" / method / "metrics.json").read_text())["probe"]
+        nodule = probe["nodule"]
+        # A few 3D crops may all fall on one side (the probe then says why it skipped).
+        assert "skipped" in nodule if "auroc" not in nodule else 0.0 <= nodule["auroc"]["value"] <= 1.0, method
+        if entry["method"] != "scratch":
+            assert (root / "reports" / "pretrain" / method / "live" / "plots" / "metrics" / "probe"
+                    / "mean_auroc.tsv").exists(), method
     status = reproduced_project.dvc_run("status").stdout
     assert "up to date" in status, status
     assert stages_that_would_run(reproduced_project) == set()

@@ -1,4 +1,4 @@
-"""Classification task: ResNet on the pretrained encoder's latent."""
+"""Classification task: ResNet on the pretrained encoder's latent, or a linear head on its representation."""
 
 from __future__ import annotations
 
@@ -11,7 +11,10 @@ from sklearn.metrics import roc_auc_score
 from torch import nn
 
 from chestssl.methods import build_method
-from chestssl.tasks import ClassificationTask, build_task
+from chestssl.models import UNetEncoder, seeded
+from chestssl.models.classifier import LinearHeadClassifier
+from chestssl.tasks import CLS_ARCHS, ClassificationTask, build_task
+from tiny_configs import CNN_ATTENTION, SWIN
 
 BACKBONE = {"name": "unet_encoder", "spatial_dims": 2, "features": [4, 8, 8, 16, 16]}
 
@@ -111,3 +114,74 @@ def test_batch_of_one_is_refused_with_advice():
 def test_bad_run_params_are_reported():
     with pytest.raises(ValueError, match=r"runs\.r\.arch: got 'vgg'.*'resnet18', 'resnet50'"):
         build_task(_run(arch="vgg"), _payload(), seed=0, name="r")
+
+
+def _tiny_payload(backbone: dict, seed: int = 0) -> dict:
+    return build_method("scratch", {"method": "scratch", "backbone": backbone}, seed=seed).export()
+
+
+RESNET18 = {"name": "resnet18", "spatial_dims": 2, "block_inplanes": [4, 4, 8, 8]}
+
+
+@pytest.mark.parametrize(
+    "backbone,size",
+    [(BACKBONE, 32), (CNN_ATTENTION, 32), (SWIN, 64), (RESNET18, 32)],
+    ids=["unet_encoder", "cnn_attention", "swin", "resnet18"],
+)
+def test_linear_head_on_each_backbone_trains_every_parameter(backbone, size):
+    task = build_task(_run(arch="linear"), _tiny_payload(backbone), seed=0)
+    assert isinstance(task.network, LinearHeadClassifier)
+    encoder = task.network.encoder
+    assert task.network.head.in_features == encoder.representation_dim
+    image = torch.rand(2, 1, size, size)
+    logits = task(image)
+    assert tuple(logits.shape) == (2, 2)
+    torch.testing.assert_close(logits, task.network.head(encoder.representation(image)))
+    probability = task.predict({"image": image})
+    assert tuple(probability.shape) == (2,) and bool(((probability >= 0) & (probability <= 1)).all())
+    task.training_step({"image": image, "label": torch.tensor([0, 1])})["loss"].backward()
+    # ddp_find_unused_parameters is False: every weight, encoder and head, must get a gradient.
+    assert task.ddp_find_unused_parameters is False
+    assert [name for name, p in task.named_parameters() if p.grad is None] == []
+
+
+def test_linear_head_starts_from_the_pretrained_encoder_and_a_seeded_head():
+    payload = _payload(seed=2)
+    task = build_task(_run(arch="linear"), payload, seed=5)
+    for key, value in payload["state_dict"].items():
+        assert torch.equal(task.network.encoder.state_dict()[key], value), key
+    same = build_task(_run(arch="linear"), payload, seed=5).network.head.weight
+    other = build_task(_run(arch="linear"), payload, seed=6).network.head.weight
+    assert torch.equal(task.network.head.weight, same) and not torch.equal(task.network.head.weight, other)
+
+
+def test_linear_head_copies_the_encoder_and_needs_a_representation():
+    with seeded(0):
+        encoder = UNetEncoder(2, 1, BACKBONE["features"])
+    before = encoder.conv_0_0.conv_0.conv.weight.clone()
+    model = LinearHeadClassifier(encoder, num_classes=3)
+    assert tuple(model(torch.rand(2, 1, 32, 32)).shape) == (2, 3)
+    with torch.no_grad():
+        model.encoder.conv_0_0.conv_0.conv.weight.add_(1.0)
+    assert torch.equal(encoder.conv_0_0.conv_0.conv.weight, before)
+    with pytest.raises(ValueError, match="no representation"):
+        LinearHeadClassifier(nn.Conv2d(1, 2, 3))
+    with pytest.raises(ValueError, match="num_classes: got 0"):
+        LinearHeadClassifier(encoder, num_classes=0)
+
+
+def test_cls_archs_offer_the_linear_head_on_every_backbone():
+    assert set(CLS_ARCHS) == {"resnet18", "resnet50", "linear"}
+    assert set(CLS_ARCHS["linear"]) == {"unet_encoder", "cnn_attention", "swin", "resnet18", "resnet50", "vit"}
+    for arch in ("resnet18", "resnet50"):
+        assert set(CLS_ARCHS[arch]) == {"unet_encoder", "cnn_attention", "swin"}
+    with pytest.raises(ValueError, match=r"runs\.r\.arch: got 'vgg'.*'linear'"):
+        build_task(_run(arch="vgg"), _payload(), seed=0, name="r")
+    with pytest.raises(ValueError, match=r"runs\.r: arch 'resnet50' needs a backbone of .*backbone 'resnet18'"):
+        build_task(_run(arch="resnet50"), _tiny_payload(RESNET18), seed=0, name="r")
+
+
+def test_linear_head_trains_on_a_batch_of_one():
+    task = build_task(_run(arch="linear"), _payload(), seed=0)
+    loss = task.training_step({"image": torch.rand(1, 1, 32, 32), "label": torch.tensor([1])})["loss"]
+    assert torch.isfinite(loss)

@@ -309,3 +309,37 @@ def test_whole_pass_metrics_replace_batch_means_unless_undefined(tmp_path):
                  tmp_path / "live", tmp_path / "ckpt.pt", seed=0)
     assert result.final_metrics["val/pass_metric"] == pytest.approx(0.25)
     assert result.final_metrics["val/undefined"] == pytest.approx(2.0)
+
+
+def test_epoch_hook_is_logged_and_leaves_the_trajectory_unchanged(tmp_path):
+    calls: list[tuple[int, bool]] = []
+
+    def probe(model: nn.Module, epoch: int) -> dict[str, float]:
+        calls.append((epoch, model.training))
+        torch.rand(100)  # a hook that draws random numbers must not shift training's
+        return {"probe/score": float(epoch) / 10} if epoch % 2 == 0 else {}
+
+    cfg = train_cfg(epochs=4)
+    plain_model, hooked_model = make_model(), make_model()
+    plain = run_fit(tmp_path, "plain", plain_model, cfg)
+    hooked = run_fit(tmp_path, "hooked", hooked_model, cfg, epoch_hook=probe)
+    assert calls == [(1, False), (2, False), (3, False), (4, False)]
+    assert hooked_model.training, "the model is back in training mode after the hook"
+    assert_same_weights(plain_model.state_dict(), hooked_model.state_dict())
+    rows = read_tsv(tmp_path / "hooked" / "live" / "plots" / "metrics" / "probe" / "score.tsv")
+    assert [float(r["score"]) for r in rows] == [0.2, 0.4]
+    assert hooked.final_metrics["probe/score"] == 0.4 and "probe/score" not in plain.final_metrics
+
+
+def test_validation_means_count_only_the_batches_that_report_a_metric(tmp_path):
+    class SkipsSmallBatches(TinyRegressor):
+        def validation_step(self, batch: dict) -> dict[str, torch.Tensor]:
+            if batch["x"].shape[0] < 2:  # e.g. a statistic that needs two samples
+                return {}
+            return {"one": torch.tensor(1.0), "loss": torch.tensor(2.0)}
+
+    model = make_model()
+    model.__class__ = SkipsSmallBatches
+    # 16 validation items in batches of 5: three full batches and one of a single item.
+    result = run_fit(tmp_path, "skip", model, train_cfg(epochs=1, batch_size=5))
+    assert result.final_metrics["val/one"] == 1.0 and result.final_metrics["val/loss"] == 2.0

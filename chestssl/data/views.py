@@ -1,0 +1,54 @@
+"""The view of the processed CT a pretraining entry is fed, picked by its backbone.
+
+A 2D backbone (``backbone.spatial_dims: 2``) reads axial slices (seed 000's protocol,
+:class:`~chestssl.data.datasets.SliceDataset`); a 3D one reads cubic crops (seed 003's,
+:class:`~chestssl.data.crops.CropDataset`). So a method works in either dimension with
+no change to a stage script.
+
+Two views per split:
+
+- :func:`pretrain_view`: what the pretext task trains on (every slice of the split's
+  scans, or ``crops.per_scan`` crops per scan);
+- :func:`labelled_view`: items with a reliable label, for linear probing (nodule and
+  clean slices, leaving out slices with a few nodule pixels only; or the crops, labelled
+  by whether they hold nodule voxels).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping
+
+from torch.utils.data import Dataset
+
+from chestssl.data.crops import CropDataset
+from chestssl.data.datasets import SliceDataset
+
+
+def spatial_dims_of(entry: Mapping[str, Any]) -> int:
+    """2 or 3: the ``spatial_dims`` of a validated method entry's backbone."""
+    return int(entry["backbone"]["spatial_dims"])
+
+
+def _crops(params: Mapping[str, Any], processed_dir: Path, split: str) -> CropDataset:
+    crops = params["crops"]
+    return CropDataset(
+        processed_dir, split, crops["size"], crops["per_scan"], crops["positive_fraction"], seed=params["seed"],
+        min_nodule_voxels=params["preprocess"]["min_nodule_pixels"],
+    )
+
+
+def pretrain_view(params: Mapping[str, Any], entry: Mapping[str, Any], split: str, processed_dir: Path) -> Dataset:
+    """The items the pretext task of ``entry`` trains or is validated on, for ``split``."""
+    if spatial_dims_of(entry) == 3:
+        return _crops(params, processed_dir, split)
+    return SliceDataset(processed_dir, split, params["slices"]["size"], "pretrain", seed=params["seed"])
+
+
+def labelled_view(params: Mapping[str, Any], entry: Mapping[str, Any], split: str, processed_dir: Path) -> Dataset:
+    """Labelled items of ``split`` in the view of ``entry``'s backbone (for linear probes)."""
+    if spatial_dims_of(entry) == 3:
+        return _crops(params, processed_dir, split)
+    slices = params["slices"]
+    return SliceDataset(processed_dir, split, slices["size"], "cls",
+                        clean_per_nodule_slice=slices["clean_per_nodule_slice"], seed=params["seed"])

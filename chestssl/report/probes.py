@@ -1,0 +1,81 @@
+"""The linear-probe table: one row per pretraining entry, the same probe for every method.
+
+Seed 004 (RadDiffusion) compares pretraining methods by a linear probe of their frozen
+encoders: one class-balanced logistic regression per label on features of unmasked
+inputs, scored by AUROC, AUPRC and F1 (Alain & Bengio, "Understanding intermediate
+layers using linear classifier probes", 2016). ``evaluate_pretrain`` runs that probe for
+every entry (:func:`chestssl.eval.linear_probe.fit_linear_probe`); this module turns the
+results into one table, with the numbers a seed published for the same method quoted
+beside ours. Those come from other data (chest radiographs, other labels), so the column
+says so rather than invite a direct comparison.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from chestssl.report.tables import Column, Table, build_table
+
+#: The labels probed (:func:`chestssl.eval.linear_probe.probe_labels`), as shown.
+PROBE_LABELS = {"nodule": "nodule", "malignant": "malignancy >= 4"}
+PROBE_METRICS = (("auroc", "AUROC"), ("auprc", "AUPRC"), ("f1", "F1"))
+
+#: Published linear-probe or downstream numbers by pretext method (the ``method`` param).
+SEED_NUMBERS = {
+    "mae": "seed 004: mean linear-probe AUROC 0.686 (14 CheXpert labels, MIMIC-CXR)",
+    "diffmae": "seed 004: mean linear-probe AUROC 0.704 (14 CheXpert labels, MIMIC-CXR)",
+    "barlow_twins": "seed 001: fine-tuned accuracy 97.4% (4-class COVID-19 radiography); no probe",
+}
+NO_SEED_NUMBER = "—"
+
+
+def _flat_probe(probe: Mapping[str, Any]) -> dict[str, Any]:
+    """``{"<label>_<metric>": {value, ci_low, ci_high[, note]}}`` from a probe result."""
+    flat: dict[str, Any] = {}
+    for label in PROBE_LABELS:
+        result = probe.get(label)
+        for metric, _ in PROBE_METRICS:
+            key = f"{label}_{metric}"
+            if not isinstance(result, Mapping):
+                flat[key] = {"value": None, "ci_low": None, "ci_high": None, "note": f"label {label!r} not probed"}
+            elif "skipped" in result:
+                flat[key] = {"value": None, "ci_low": None, "ci_high": None, "note": str(result["skipped"])}
+            else:
+                flat[key] = dict(result[metric])
+    probed = next((probe[label] for label in PROBE_LABELS if isinstance(probe.get(label), Mapping)
+                   and "n_images" in probe[label]), {})
+    flat["n_images"] = probed.get("n_images")
+    flat["n_patients"] = probed.get("n_patients")
+    mean = probe.get("mean") or {}
+    flat["mean_auroc"] = {"value": mean.get("auroc"), "ci_low": None, "ci_high": None,
+                          "note": "mean of the labels' point estimates; no interval"}
+    return flat
+
+
+def linear_probe_table(
+    pretrain_metrics: Mapping[str, tuple[Mapping[str, Any], str]], entries: Mapping[str, Mapping[str, Any]]
+) -> Table:
+    """The linear probe of every pretraining entry on the test split.
+
+    Args:
+        pretrain_metrics: ``{entry: (metrics of evaluate_pretrain, path)}``; entries whose
+            metrics hold no ``probe`` are left out.
+        entries: the validated params entries (``methods`` and ``multihead``) by name.
+    """
+    rows = []
+    for name, (metrics, source) in pretrain_metrics.items():
+        if "probe" not in metrics:
+            continue
+        entry = entries[name]
+        kind = entry["method"]
+        descriptors = {
+            "entry": name,
+            "method": kind,
+            "backbone": f"{entry['backbone']['name']} {entry['backbone']['spatial_dims']}D",
+            "seed's number (other data)": SEED_NUMBERS.get(kind, NO_SEED_NUMBER),
+        }
+        rows.append((descriptors, _flat_probe(metrics["probe"]), source))
+    columns = [Column(f"{label}_{metric}", f"{shown} {header}")
+               for label, shown in PROBE_LABELS.items() for metric, header in PROBE_METRICS]
+    columns.append(Column("mean_auroc", "mean AUROC"))
+    return build_table("linear_probe", "Linear probe of each pretrained encoder (test split)", rows, columns)
