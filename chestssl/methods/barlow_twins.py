@@ -36,6 +36,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from chestssl.checks import positive_int
 from chestssl.data.augment import TwoViewAugment
 from chestssl.methods.base import PretrainMethod
 from chestssl.models.backbones import build_backbone
@@ -108,12 +109,6 @@ class BarlowTwinsObjective(nn.Module):
         return {"loss": on_diag + self.lambd * off_diag, "on_diag": on_diag.detach(), "off_diag": off_diag.detach()}
 
 
-def _positive_int(value: Any, key: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{key}: got {value!r}, expected a positive integer")
-    return int(value)
-
-
 def _non_negative_float(value: Any, key: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
         raise ValueError(f"{key}: got {value!r}, expected a finite number >= 0 (seed 001: 5e-3)")
@@ -145,7 +140,7 @@ class BarlowTwinsPretraining(PretrainMethod):
         for key in ("backbone", "projector_dim", "lambda", "augment"):
             if key not in self.cfg:
                 raise ValueError(f"{where}: missing {where}.{key}")
-        projector_dim = _positive_int(self.cfg["projector_dim"], f"{where}.projector_dim")
+        projector_dim = positive_int(self.cfg["projector_dim"], f"{where}.projector_dim")
         lambd = _non_negative_float(self.cfg["lambda"], f"{where}.lambda")
         spatial_dims = int(self.cfg["backbone"]["spatial_dims"])
         self.augment = TwoViewAugment.from_config(self.cfg["augment"], spatial_dims, seed=self.seed,

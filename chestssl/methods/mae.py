@@ -59,6 +59,7 @@ from monai.networks.nets.diffusion_model_unet import get_timestep_embedding
 from monai.networks.schedulers import DDPMScheduler
 from torch import nn
 
+from chestssl.checks import positive_int
 from chestssl.methods.base import PretrainMethod
 from chestssl.models.seeding import seeded
 from chestssl.models.vit import ViTEncoder, build_vit_encoder, check_sincos_width, gather_tokens, patchify, unpatchify
@@ -77,12 +78,6 @@ def _stream_seed(*entropy: int) -> int:
 
 def _process_rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def _positive_int(value: Any, key: str, allowed: str = "a positive integer") -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{key}: got {value!r}, expected {allowed}")
-    return int(value)
 
 
 def _number(value: Any, key: str) -> float:
@@ -308,9 +303,9 @@ class MaskedPatchPretraining(PretrainMethod):
         if not isinstance(norm_pix_loss, bool):
             raise ValueError(f"{where}.norm_pix_loss: got {norm_pix_loss!r}, expected true or false")
         self.norm_pix_loss = norm_pix_loss
-        decoder_hidden = _positive_int(self.cfg["decoder_hidden_size"], f"{where}.decoder_hidden_size")
-        decoder_layers = _positive_int(self.cfg["decoder_num_layers"], f"{where}.decoder_num_layers")
-        decoder_heads = _positive_int(self.cfg["decoder_num_heads"], f"{where}.decoder_num_heads")
+        decoder_hidden = positive_int(self.cfg["decoder_hidden_size"], f"{where}.decoder_hidden_size")
+        decoder_layers = positive_int(self.cfg["decoder_num_layers"], f"{where}.decoder_num_layers")
+        decoder_heads = positive_int(self.cfg["decoder_num_heads"], f"{where}.decoder_num_heads")
         if decoder_hidden % decoder_heads:
             raise ValueError(
                 f"{where}.decoder_hidden_size: got {decoder_hidden}, which is not divisible by "
@@ -464,7 +459,7 @@ class DiffusionMaskedAutoencoderPretraining(MaskedPatchPretraining):
     def __init__(self, name: str, cfg: Mapping[str, Any], seed: int):
         super().__init__(name, cfg, seed)
         where = f"methods.{name}"
-        self.num_steps = _positive_int(self.cfg["num_steps"], f"{where}.num_steps", "an integer >= 2 (seed 004: 100)")
+        self.num_steps = positive_int(self.cfg["num_steps"], f"{where}.num_steps", "an integer >= 2 (seed 004: 100)")
         if self.num_steps < 2:
             raise ValueError(f"{where}.num_steps: got {self.num_steps}, expected an integer >= 2 (seed 004: 100)")
         self.beta_start = _number(self.cfg["beta_start"], f"{where}.beta_start")

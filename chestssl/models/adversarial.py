@@ -35,17 +35,13 @@ import torch
 from monai.losses import PatchAdversarialLoss
 from monai.networks.nets import PatchDiscriminator
 from torch import nn
+
+from chestssl.checks import positive_int
 from torch.func import functional_call
 
 #: VQGAN's bounds on the adaptive weight and the epsilon of its denominator.
 ADAPTIVE_MAX = 1e4
 ADAPTIVE_EPS = 1e-4
-
-
-def _positive_int(key: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{key}: got {value!r}, expected a positive integer")
-    return int(value)
 
 
 def _non_negative(key: str, value: Any) -> float:
@@ -99,7 +95,7 @@ class PatchAdversarialTerm(nn.Module):
             raise ValueError(f"spatial_dims: got {spatial_dims!r}, expected 2 or 3")
         self.param_key = param_key
         self.spatial_dims = spatial_dims
-        self.num_layers = _positive_int(f"{param_key}.num_layers", num_layers)
+        self.num_layers = positive_int(num_layers, f"{param_key}.num_layers")
         self.weight = _non_negative(f"{param_key}.weight", weight)
         if isinstance(start_step, bool) or not isinstance(start_step, numbers.Integral) or start_step < 0:
             raise ValueError(f"{param_key}.start_step: got {start_step!r}, expected an integer >= 0")
@@ -108,8 +104,8 @@ class PatchAdversarialTerm(nn.Module):
         self.discriminator = PatchDiscriminator(
             spatial_dims=spatial_dims,
             num_layers_d=self.num_layers,
-            channels=_positive_int(f"{param_key}.channels", channels),
-            in_channels=_positive_int("in_channels", in_channels),
+            channels=positive_int(channels, f"{param_key}.channels"),
+            in_channels=positive_int(in_channels, "in_channels"),
             out_channels=1,
         )
         self.criterion = PatchAdversarialLoss(criterion="hinge")

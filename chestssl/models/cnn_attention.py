@@ -26,6 +26,7 @@ from monai.networks.nets import BasicUNetPlusPlus
 from monai.networks.nets.autoencoderkl import AEKLDownsample, Decoder, Encoder
 from torch import nn
 
+from chestssl.checks import positive_int
 from chestssl.models.seeding import seeded
 
 #: BasicUNetPlusPlus has five encoder levels; the CNN-attention encoder fills at most all of them.
@@ -36,12 +37,6 @@ UNETPP_STRIDE = 16
 DEFAULT_NORM_EPS = 1e-6
 
 
-def _check_positive_int(key: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{key}: got {value!r}, expected a positive integer")
-    return int(value)
-
-
 def _level_widths(
     prefix: str, channels: Any, channel_multipliers: Any, norm_num_groups: Any
 ) -> tuple[tuple[int, ...], int]:
@@ -50,7 +45,7 @@ def _level_widths(
     ``prefix`` is the params block the values come from (``"backbone"`` or ``"decoder"``),
     so errors name the key to fix, e.g. ``backbone.norm_num_groups``.
     """
-    channels = _check_positive_int(f"{prefix}.channels", channels)
+    channels = positive_int(channels, f"{prefix}.channels")
     if isinstance(channel_multipliers, (str, bytes)) or not isinstance(channel_multipliers, Sequence):
         raise ValueError(
             f"{prefix}.channel_multipliers: got {channel_multipliers!r}, expected a list of positive integers"
@@ -61,9 +56,9 @@ def _level_widths(
             f"expected 1 to {MAX_LEVELS} positive integers (one per level, e.g. [1, 2, 4])"
         )
     multipliers = [
-        _check_positive_int(f"{prefix}.channel_multipliers[{i}]", m) for i, m in enumerate(channel_multipliers)
+        positive_int(m, f"{prefix}.channel_multipliers[{i}]") for i, m in enumerate(channel_multipliers)
     ]
-    groups = _check_positive_int(f"{prefix}.norm_num_groups", norm_num_groups)
+    groups = positive_int(norm_num_groups, f"{prefix}.norm_num_groups")
     widths = tuple(channels * m for m in multipliers)
     if any(width % groups for width in widths):
         raise ValueError(
@@ -125,10 +120,10 @@ class CNNAttentionEncoder(Encoder):
     ):
         if spatial_dims not in (2, 3) or isinstance(spatial_dims, bool):
             raise ValueError(f"backbone.spatial_dims: got {spatial_dims!r}, expected 2 or 3")
-        in_channels = _check_positive_int("in_channels", in_channels)
+        in_channels = positive_int(in_channels, "in_channels")
         widths, norm_num_groups = _level_widths("backbone", channels, channel_multipliers, norm_num_groups)
-        num_res_blocks = _check_positive_int("backbone.num_res_blocks", num_res_blocks)
-        latent_channels = _check_positive_int("backbone.latent_channels", latent_channels)
+        num_res_blocks = positive_int(num_res_blocks, "backbone.num_res_blocks")
+        latent_channels = positive_int(latent_channels, "backbone.latent_channels")
         if isinstance(norm_eps, bool) or not isinstance(norm_eps, numbers.Real) or not norm_eps > 0:
             raise ValueError(f"norm_eps: got {norm_eps!r}, expected a positive float")
         monai_kwargs: dict[str, Any] = dict(
@@ -291,9 +286,9 @@ def build_cnn_attention_decoder(
     return Decoder(
         spatial_dims=spatial_dims,
         channels=widths,
-        in_channels=_check_positive_int("decoder.latent_channels", latent_channels),
-        out_channels=_check_positive_int("out_channels", out_channels),
-        num_res_blocks=(_check_positive_int("decoder.num_res_blocks", num_res_blocks),) * len(widths),
+        in_channels=positive_int(latent_channels, "decoder.latent_channels"),
+        out_channels=positive_int(out_channels, "out_channels"),
+        num_res_blocks=(positive_int(num_res_blocks, "decoder.num_res_blocks"),) * len(widths),
         norm_num_groups=norm_num_groups,
         norm_eps=DEFAULT_NORM_EPS,
         attention_levels=_lowest_level_attention(len(widths)),

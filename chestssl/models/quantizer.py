@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import numbers
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from monai.networks.layers.factories import Conv
 from torch import nn
+
+from chestssl.checks import positive_int
 
 
 @dataclass
@@ -47,12 +48,6 @@ class QuantizerOutput:
     perplexity: torch.Tensor
 
 
-def _positive_int(key: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{key}: got {value!r}, expected a positive integer")
-    return int(value)
-
-
 class VectorQuantizer(nn.Module):
     """Nearest-code quantiser with a gradient-trained codebook (VQ-VAE / VQGAN).
 
@@ -75,9 +70,9 @@ class VectorQuantizer(nn.Module):
 
     def __init__(self, in_channels: int, codebook_size: int, dim: int, beta: float = 0.25, spatial_dims: int = 2):
         super().__init__()
-        self.in_channels = _positive_int("quantizer.in_channels", in_channels)
-        self.codebook_size = _positive_int("quantizer.codebook_size", codebook_size)
-        self.dim = _positive_int("quantizer.dim", dim)
+        self.in_channels = positive_int(in_channels, "quantizer.in_channels")
+        self.codebook_size = positive_int(codebook_size, "quantizer.codebook_size")
+        self.dim = positive_int(dim, "quantizer.dim")
         if isinstance(beta, bool) or not isinstance(beta, numbers.Real) or not beta >= 0:
             raise ValueError(f"quantizer.beta: got {beta!r}, expected a float >= 0 (VQ-VAE uses 0.25)")
         self.beta = float(beta)

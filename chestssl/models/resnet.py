@@ -34,12 +34,12 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.networks.nets import ResNet
 from monai.networks.nets.resnet import ResNetBlock, ResNetBottleneck, resnet_params
-from torch import nn
+
+from chestssl.checks import positive_int
 
 #: The backbone names this module builds.
 RESNET_NAMES: tuple[str, ...] = ("resnet18", "resnet50")
@@ -52,12 +52,6 @@ CONV1_SIZE = 7
 LATENT_STRIDE = 32
 #: Down-sampling of each map of :meth:`ResNetBackbone.feature_maps`.
 FEATURE_MAP_STRIDES: tuple[int, ...] = (4, 4, 8, 16, 32)
-
-
-def _positive_int(value: Any, key: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{key}: got {value!r}, expected a positive integer")
-    return int(value)
 
 
 class ResNetBackbone(ResNet):
@@ -103,8 +97,8 @@ class ResNetBackbone(ResNet):
                 f"backbone.block_inplanes: got {block_inplanes!r}, expected a list of 4 positive integers "
                 f"(widths of layer1..layer4; MONAI's default {list(DEFAULT_BLOCK_INPLANES)})"
             )
-        widths = [_positive_int(width, f"backbone.block_inplanes[{i}]") for i, width in enumerate(block_inplanes)]
-        in_channels = _positive_int(in_channels, "ResNetBackbone in_channels")
+        widths = [positive_int(width, f"backbone.block_inplanes[{i}]") for i, width in enumerate(block_inplanes)]
+        in_channels = positive_int(in_channels, "ResNetBackbone in_channels")
         block, layers, shortcut_type, bias_downsample, _ = resnet_params[name]
         super().__init__(
             block=block,

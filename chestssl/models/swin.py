@@ -28,7 +28,6 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping, Sequence
 
-import numpy as np
 import torch
 from monai.networks.blocks import UnetOutBlock, UnetrBasicBlock, UnetrUpBlock
 from monai.networks.nets import SwinUNETR
@@ -36,6 +35,7 @@ from monai.networks.nets.swin_unetr import MERGING_MODE, SwinTransformer
 from monai.utils import ensure_tuple_rep
 from torch import nn
 
+from chestssl.checks import positive_int
 from chestssl.models.seeding import seeded
 
 #: Stages of the Swin transformer; MONAI's ``SwinTransformer.forward`` is written for four.
@@ -50,16 +50,10 @@ NUM_HIDDEN_STATES = SWIN_STAGES + 1
 SWIN_UNETR_NORM = "instance"
 
 
-def _positive_int(value: Any, key: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{key}: got {value!r}, expected a positive integer")
-    return int(value)
-
-
 def _stage_ints(values: Any, key: str) -> tuple[int, ...]:
     if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or len(values) != SWIN_STAGES:
         raise ValueError(f"{key}: got {values!r}, expected a list of {SWIN_STAGES} positive integers (one per stage)")
-    return tuple(_positive_int(value, f"{key}[{stage}]") for stage, value in enumerate(values))
+    return tuple(positive_int(value, f"{key}[{stage}]") for stage, value in enumerate(values))
 
 
 class SwinEncoder(SwinTransformer):
@@ -104,15 +98,15 @@ class SwinEncoder(SwinTransformer):
     ):
         if spatial_dims not in (2, 3):
             raise ValueError(f"backbone.spatial_dims: got {spatial_dims!r}, expected 2 or 3")
-        in_channels = _positive_int(in_channels, "SwinEncoder in_channels")
-        feature_size = _positive_int(feature_size, "backbone.feature_size")
+        in_channels = positive_int(in_channels, "SwinEncoder in_channels")
+        feature_size = positive_int(feature_size, "backbone.feature_size")
         if feature_size % FEATURE_SIZE_MULTIPLE:
             raise ValueError(
                 f"backbone.feature_size: got {feature_size}, expected a multiple of {FEATURE_SIZE_MULTIPLE} "
                 "(SwinUNETR's rule), e.g. 12, 24 or 48"
             )
-        patch_size = _positive_int(patch_size, "backbone.patch_size")
-        window_size = _positive_int(window_size, "backbone.window_size")
+        patch_size = positive_int(patch_size, "backbone.patch_size")
+        window_size = positive_int(window_size, "backbone.window_size")
         depths = _stage_ints(depths, "backbone.depths")
         num_heads = _stage_ints(num_heads, "backbone.num_heads")
         for stage, heads in enumerate(num_heads):
@@ -361,7 +355,7 @@ class SwinUNETRSegHead(nn.Module):
         self.spatial_dims = dims
         self.in_channels = encoder.in_channels
         self.feature_size = size
-        self.out_channels = _positive_int(out_channels, "SwinUNETRSegHead out_channels")
+        self.out_channels = positive_int(out_channels, "SwinUNETRSegHead out_channels")
         self.latent_stride = encoder.latent_stride
 
         def basic(in_channels: int, out_channels: int) -> UnetrBasicBlock:

@@ -51,20 +51,15 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping, Sequence
 
-import numpy as np
 import torch
 from monai.networks.nets import ViT
+
+from chestssl.checks import positive_int
 
 #: Divisibility of ``hidden_size`` required by MONAI's sin-cos position embedding, per spatial_dims.
 SINCOS_MULTIPLE = {2: 4, 3: 6}
 #: The ``backbone`` keys the ``vit`` builder reads (besides ``name``).
 VIT_KEYS = ("spatial_dims", "img_size", "patch_size", "hidden_size", "num_layers", "num_heads", "mlp_dim")
-
-
-def _positive_int(value: Any, key: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{key}: got {value!r}, expected a positive integer")
-    return int(value)
 
 
 def check_sincos_width(width: int, spatial_dims: int, key: str) -> None:
@@ -146,18 +141,18 @@ class ViTEncoder(ViT):
     ):
         if isinstance(spatial_dims, bool) or spatial_dims not in (2, 3):
             raise ValueError(f"backbone.spatial_dims: got {spatial_dims!r}, expected 2 or 3")
-        img_size = _positive_int(img_size, "backbone.img_size")
-        patch_size = _positive_int(patch_size, "backbone.patch_size")
+        img_size = positive_int(img_size, "backbone.img_size")
+        patch_size = positive_int(patch_size, "backbone.patch_size")
         if img_size % patch_size:
             raise ValueError(
                 f"backbone.patch_size: got {patch_size}, which does not divide backbone.img_size {img_size}; "
                 "pick a divisor of img_size"
             )
-        hidden_size = _positive_int(hidden_size, "backbone.hidden_size")
-        num_layers = _positive_int(num_layers, "backbone.num_layers")
-        num_heads = _positive_int(num_heads, "backbone.num_heads")
-        mlp_dim = _positive_int(mlp_dim, "backbone.mlp_dim")
-        in_channels = _positive_int(in_channels, "ViTEncoder in_channels")
+        hidden_size = positive_int(hidden_size, "backbone.hidden_size")
+        num_layers = positive_int(num_layers, "backbone.num_layers")
+        num_heads = positive_int(num_heads, "backbone.num_heads")
+        mlp_dim = positive_int(mlp_dim, "backbone.mlp_dim")
+        in_channels = positive_int(in_channels, "ViTEncoder in_channels")
         if hidden_size % num_heads:
             raise ValueError(
                 f"backbone.hidden_size: got {hidden_size}, which is not divisible by backbone.num_heads {num_heads}"
