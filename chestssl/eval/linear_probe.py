@@ -44,6 +44,7 @@ from sklearn.preprocessing import StandardScaler
 from torch import nn
 from torch.utils.data import Dataset
 
+from chestssl.checks import positive_int
 from chestssl.eval.bootstrap import PatientBootstrap, ratio
 from chestssl.eval.metrics import evaluate_classification
 from chestssl.inference import predict_dataset
@@ -231,7 +232,7 @@ def fit_linear_probe(
         ``n_features``, ``C``, ``max_iter``.
     """
     C = _positive_real(C, f"{params_key}.C", _C_MEANING)
-    max_iter = _positive_int(max_iter, f"{params_key}.max_iter")
+    max_iter = positive_int(max_iter, f"{params_key}.max_iter")
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
         raise ValueError(f"seed: got {seed!r}, expected an integer >= 0")
     if train.dim != test.dim:
@@ -295,12 +296,12 @@ class LinearProbeMonitor:
     ):
         self.train_data = train_data
         self.val_data = val_data
-        self.every_epochs = _positive_int(every_epochs, f"{params_key}.every_epochs")
+        self.every_epochs = positive_int(every_epochs, f"{params_key}.every_epochs")
         self.C = _positive_real(C, f"{params_key}.C", _C_MEANING)
-        self.max_iter = _positive_int(max_iter, f"{params_key}.max_iter")
+        self.max_iter = positive_int(max_iter, f"{params_key}.max_iter")
         self.seed = int(seed)
         self.device = None if device is None else torch.device(device)
-        self.batch_size = _positive_int(batch_size, "batch_size")
+        self.batch_size = positive_int(batch_size, "batch_size")
         self.params_key = params_key
 
     def due(self, epoch: int) -> bool:
@@ -435,12 +436,6 @@ def _numpy(values: Any) -> np.ndarray:
     if isinstance(values, torch.Tensor):
         return values.detach().cpu().numpy()
     return np.asarray(values)
-
-
-def _positive_int(value: Any, key: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{key}: got {value!r}, expected a positive integer")
-    return int(value)
 
 
 def _positive_real(value: Any, key: str, meaning: str) -> float:
