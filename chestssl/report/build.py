@@ -156,6 +156,7 @@ def build_report(
     not_applicable: Sequence[str] = (),
     table_sections: Sequence[TableSection] = (),
     figure_sections: Sequence[FigureSection] = (),
+    reconstruction_notes: Mapping[str, str] | None = None,
 ) -> list[Path]:
     """Write the tables, figures and ``README.md`` of the report under ``out_dir``.
 
@@ -175,6 +176,8 @@ def build_report(
         table_sections: further sections of tables (written as CSV + Markdown like the
             others), placed after the classification section.
         figure_sections: further sections of figures already written under ``out_dir``.
+        reconstruction_notes: a caveat per pretraining method, footnoted in the
+            reconstruction table.
 
     Returns:
         The paths written.
@@ -243,7 +246,7 @@ def build_report(
     # Reconstruction.
     body = []
     if recon_metrics:
-        body.append(write_table(reconstruction_table(recon_metrics)))
+        body.append(write_table(reconstruction_table(recon_metrics, reconstruction_notes)))
     else:
         skipped.append("Reconstruction table: no pretraining method with reconstruction metrics was given.")
     recon_examples = {n: a for n, a in example_arrays.items() if example_kinds[n] == "reconstruction"}

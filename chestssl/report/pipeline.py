@@ -48,6 +48,15 @@ FEATURE_MODELS = (
 )
 
 
+#: Caveats of reconstruction metrics by pretext method (the ``method`` param).
+RECONSTRUCTION_CAVEATS = {
+    kind: "a masked autoencoder's output keeps the visible patches of the input, and with norm_pix_loss its "
+          "masked patches are shown at their true mean and spread; SSIM/PSNR overstate it against the "
+          "autoencoders, so compare it with the other masked autoencoders only"
+    for kind in ("mae", "diffmae")
+}
+
+
 def _read_json(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
@@ -183,4 +192,6 @@ def build_pipeline_report(params: Mapping[str, Any], out_dir: Path = paths.REPOR
         not_applicable=skipped,
         table_sections=table_sections,
         figure_sections=figure_sections,
+        reconstruction_notes={name: RECONSTRUCTION_CAVEATS[entry["method"]] for name, entry in methods.items()
+                              if entry["method"] in RECONSTRUCTION_CAVEATS},
     )

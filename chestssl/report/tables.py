@@ -148,9 +148,27 @@ def build_table(
     return Table(name, title, pd.DataFrame(number_rows), pd.DataFrame(text_rows), footnotes, cell_notes)
 
 
-def reconstruction_table(metrics_by_method: Mapping[str, tuple[Mapping[str, Any], str]]) -> Table:
-    """Reconstruction quality of each pretraining method on the test split."""
-    rows = [({"method": method}, metrics, source) for method, (metrics, source) in metrics_by_method.items()]
+def _with_note(entry: Mapping[str, Any], note: str) -> dict[str, Any]:
+    """A copy of a metric entry with ``note`` added to any note it has."""
+    earlier = entry.get("note")
+    return {**entry, "note": f"{earlier}; {note}" if earlier else note}
+
+
+def reconstruction_table(
+    metrics_by_method: Mapping[str, tuple[Mapping[str, Any], str]], notes: Mapping[str, str] | None = None
+) -> Table:
+    """Reconstruction quality of each pretraining method on the test split.
+
+    ``notes``: a caveat per method, footnoted on each of its cells (e.g. a masked
+    autoencoder whose output keeps the visible input).
+    """
+    notes = notes or {}
+    rows = []
+    for method, (metrics, source) in metrics_by_method.items():
+        if method in notes:
+            metrics = {**metrics, **{column.key: _with_note(metrics[column.key], notes[method])
+                                     for column in RECONSTRUCTION_COLUMNS if column.key in metrics}}
+        rows.append(({"method": method}, metrics, source))
     return build_table("reconstruction", "Reconstruction (test split)", rows, RECONSTRUCTION_COLUMNS)
 
 

@@ -241,3 +241,21 @@ def test_read_live_metrics(inputs):
     assert sorted(curves) == ["train/loss", "train/ssim", "val/ssim"]
     assert curves["val/ssim"]["value"].tolist() == [0.5, 0.8]
     assert curves["train/loss"]["step"].tolist() == [0, 1]
+
+
+def test_reconstruction_caveats_are_footnoted_on_every_cell_of_their_row():
+    from chestssl.report.tables import reconstruction_table
+
+    def entry(value, note=None):
+        return {"value": value, "ci_low": value - 0.01, "ci_high": value + 0.01, **({"note": note} if note else {})}
+
+    metrics = {"ssim": entry(0.6), "psnr": entry(20.0, "capped at 100 dB"), "l1": entry(0.05),
+               "n_images": 10, "n_patients": 2}
+    table = reconstruction_table({"ae": (metrics, "a.json"), "mae": (metrics, "m.json")},
+                                 notes={"mae": "keeps the visible patches"})
+    ae, mae = table.text.iloc[0], table.text.iloc[1]
+    assert all("[^" in mae[header] for header in ("SSIM", "PSNR (dB)", "L1"))
+    assert "[^" not in ae["SSIM"] and "[^" in ae["PSNR (dB)"]
+    assert "capped at 100 dB; keeps the visible patches" in table.footnotes
+    assert "keeps the visible patches" in table.footnotes
+    assert "note" not in metrics["ssim"], "the caller's metrics are not changed"
