@@ -366,6 +366,20 @@ SCHEMA = Section(
         "methods": Entries("method", METHOD_SCHEMAS, min_entries=1),
         "multihead": Entries("method", MULTIHEAD_SCHEMAS),
         "runs": Entries("task", RUN_SCHEMAS),
+        "label_fraction": Section(
+            {
+                "fractions": Field(list, item=Field(float, min=0.0, max=1.0, min_exclusive=True),
+                                   doc="shares of the training patients; seed 001: 1, 5, 10, 25, 50, 100%"),
+                "runs": Field(list, item=Field(str), doc="`runs` entries repeated at each fraction"),
+            }
+        ),
+        "frozen_parts": Section(
+            {
+                "unfrozen_stages": Field(list, item=Field(int, min=0),
+                                         doc="encoder stages trained with the head, deepest first; 0: head only"),
+                "runs": Field(list, item=Field(str), doc="`runs` entries (task cls) repeated per setting"),
+            }
+        ),
         "evaluate": Section(
             {
                 "bootstrap_samples": Field(int, min=0),
@@ -539,8 +553,32 @@ def _cross_checks(params: dict, problems: list[str]) -> None:
                 f"runs.{name}.init: got {run.get('init')!r}, expected an entry name under `methods` or "
                 "`multihead`: " + ", ".join([*methods, *multihead])
             )
+    _check_studies(params, problems)
     if params.get("data", {}).get("source") == "local" and not params["data"]["local"].get("path"):
         problems.append("data.local.path: empty, but data.source is 'local'; set it to your LIDC-IDRI folder")
+
+
+def _check_studies(params: dict, problems: list[str]) -> None:
+    """The studies name existing runs, each once, and list at least one setting."""
+    runs = params.get("runs") or {}
+    for study, settings_key in (("label_fraction", "fractions"), ("frozen_parts", "unfrozen_stages")):
+        block = params.get(study)
+        if not isinstance(block, Mapping):
+            continue
+        named = block.get("runs") if isinstance(block.get("runs"), list) else []
+        settings = block.get(settings_key) if isinstance(block.get(settings_key), list) else []
+        if named and not settings:
+            problems.append(f"{study}.{settings_key}: empty; list at least one setting, or empty {study}.runs")
+        for name in sorted({n for n in named if named.count(n) > 1}):
+            problems.append(f"{study}.runs: {name!r} is listed twice; each run is one stage ({study}@{name})")
+        for name in named:
+            if name not in runs:
+                problems.append(f"{study}.runs: {name!r} is not an entry under `runs`: " + ", ".join(runs))
+            elif study == "frozen_parts" and isinstance(runs[name], Mapping) and runs[name].get("task") != "cls":
+                problems.append(
+                    f"frozen_parts.runs: {name!r} is a {runs[name].get('task')!r} run; the frozen-parts study "
+                    "freezes the encoder under a classification head, so list `task: cls` runs"
+                )
 
 
 def _check_method_inputs(params: dict, problems: list[str]) -> None:

@@ -54,3 +54,8 @@ def checkpoint_path(stage: str, name: str) -> Path:
 def multihead_heads_dir(name: str) -> Path:
     """Examples and per-slice scores of a multihead model's segmentation/classification heads."""
     return evaluate_pretrain_dir(name) / "heads"
+
+
+def study_report_dir(study: str, run: str) -> Path:
+    """Metrics and training curves of a study (``label_fraction``, ``frozen_parts``) of one run."""
+    return REPORTS_DIR / study / run

@@ -1,4 +1,7 @@
-"""evaluate@<run>: test-split metrics of a fine-tuned model, with bootstrap CIs over patients."""
+"""evaluate@<run>: test-split metrics of a fine-tuned model, with bootstrap CIs over patients.
+
+For classification runs the example slices also get their Grad-CAM maps (chestssl.interpret).
+"""
 
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ from chestssl.params import load_params
 def main(argv: list[str]) -> None:
     from chestssl.data.datasets import SliceDataset
     from chestssl.eval.downstream import evaluate_predictor
+    from chestssl.interpret import add_gradcam_to_examples
     from chestssl.tasks import build_task
 
     params = load_params()
@@ -32,6 +36,9 @@ def main(argv: list[str]) -> None:
         items_path=out_dir / "items.npz", num_examples=params["report"]["num_examples"], seed=seed, device=device,
         feature_maps=getattr(model, "encoder_feature_maps", None),
     )
+    if run["task"] == "cls":
+        # Grad-CAM of the nodule logit on the saved example slices, for the report's figure.
+        add_gradcam_to_examples(model, out_dir / "examples.npz")
     write_json(out_dir / "metrics.json", metrics)
     print(f"evaluate@{name}: {metrics}")
 

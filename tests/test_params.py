@@ -128,4 +128,22 @@ def test_sizes_that_must_agree_with_the_data_are_checked(raw):
 def test_a_3d_vit_is_sized_by_the_crops(raw):
     raw["methods"]["mae"]["backbone"].update(spatial_dims=3, img_size=raw["crops"]["size"])
     raw["runs"] = {name: run for name, run in raw["runs"].items() if run["init"] != "mae"}
+    raw["label_fraction"]["runs"] = [name for name in raw["label_fraction"]["runs"] if name in raw["runs"]]
     validate(raw)
+
+
+def test_studies_name_existing_runs_once_and_frozen_parts_only_classification(raw):
+    raw["label_fraction"]["runs"] = ["cls_linear_barlow_twins", "cls_linear_barlow_twins", "no_such_run"]
+    raw["frozen_parts"]["runs"] = ["seg_swinunetr_scratch"]
+    raw["frozen_parts"]["unfrozen_stages"] = []
+    found = "\n".join(problems(raw))
+    assert "label_fraction.runs: 'cls_linear_barlow_twins' is listed twice" in found
+    assert "label_fraction.runs: 'no_such_run' is not an entry under `runs`" in found
+    assert "frozen_parts.runs: 'seg_swinunetr_scratch' is a 'seg' run" in found
+    assert "frozen_parts.unfrozen_stages: empty" in found
+
+
+def test_label_fractions_are_shares(raw):
+    raw["label_fraction"]["fractions"] = [0.1, 1.5, 0.0]
+    found = "\n".join(problems(raw))
+    assert "label_fraction.fractions[1]" in found and "label_fraction.fractions[2]" in found

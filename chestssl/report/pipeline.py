@@ -5,13 +5,17 @@ Reads, for the entries named in params.yaml:
 - ``reports/evaluate_pretrain/<name>/metrics.json`` (+ ``examples.npz``) of every
   pretraining entry (``methods`` and ``multihead``), and for multihead models
   ``heads/{seg,cls}_{examples,items}.npz``;
-- ``reports/evaluate/<run>/{metrics.json,examples.npz,items.npz}`` of every run;
+- ``reports/evaluate/<run>/{metrics.json,examples.npz,items.npz}`` of every run (the
+  classification examples with their Grad-CAM maps);
+- ``reports/{label_fraction,frozen_parts}/<run>/metrics.json`` of seed 001's studies;
 - the dvclive folders of every training stage;
 
 and writes ``reports/README.md`` with the generic tables (one row per method or run),
 seed 000's tables with its published numbers beside ours
 (:mod:`chestssl.report.seed000`), the paired pretrained-vs-scratch comparison
-(:mod:`chestssl.eval.paired`), and the comparison figures (segmentation overlays of
+(:mod:`chestssl.eval.paired`), the downstream results by pretraining method and seed
+001's studies (:mod:`chestssl.report.studies`), Grad-CAM and confusion-matrix figures of
+the classifiers (:mod:`chestssl.report.classifier_figures`), and the comparison figures (segmentation overlays of
 scratch / pretrained / multihead models; encoder feature maps of the downstream
 segmentation model vs the multihead model, as seed 000 showed them).
 """
@@ -26,10 +30,18 @@ from chestssl import paths
 from chestssl.eval.examples import load_examples
 from chestssl.eval.paired import load_item_scores, paired_difference, scratch_pairs
 from chestssl.report.build import build_report
+from chestssl.report.classifier_figures import classifier_figure_section
 from chestssl.report.comparison_figures import feature_map_figure, segmentation_comparison_figure
 from chestssl.report.comparisons import pretrained_vs_scratch_table
 from chestssl.report.probes import linear_probe_table
 from chestssl.report.seed000 import seed000_tables
+from chestssl.report.studies import (
+    STUDY_METRICS,
+    downstream_by_method_table,
+    frozen_parts_table,
+    label_fraction_figure,
+    label_fraction_table,
+)
 
 #: Segmentation models compared in one overlay figure: (label, kind, entry); kind "run"
 #: reads a run's examples, "multihead" a multihead model's seg-head examples.
@@ -128,8 +140,61 @@ def build_pipeline_report(params: Mapping[str, Any], out_dir: Path = paths.REPOR
     else:
         skipped.append("Linear probe: no pretraining entry has probe results; rerun evaluate_pretrain.")
 
+    # Every pretraining entry on the same downstream tasks.
+    entries = {**methods, **multihead}
+    pretrain_sources = {name: (metrics, str(paths.evaluate_pretrain_dir(name) / "metrics.json"))
+                        for name, metrics in pretrain_metrics.items()}
+    run_sources = {run: (metrics, str(paths.evaluate_dir(run) / "metrics.json")) for run, metrics in run_metrics.items()}
+    fraction_runs, frozen_runs = params["label_fraction"]["runs"], params["frozen_parts"]["runs"]
+    fraction_studies = {run: (_read_json(paths.study_report_dir("label_fraction", run) / "metrics.json"),
+                              str(paths.study_report_dir("label_fraction", run) / "metrics.json")) for run in fraction_runs}
+    table_sections.append((
+        "Downstream results by pretraining method",
+        "One row per pretraining entry that a run starts from; one column per kind of downstream run (task, "
+        "architecture, loss), so every method is read on the same tasks: classification AUROC, segmentation "
+        "global Dice, the linear probe, and the label-fraction study's smallest share where the entry has one.",
+        [downstream_by_method_table(entries, pretrain_sources, runs, run_sources,
+                                    {run: fraction_studies[run] for run in fraction_runs
+                                     if runs[run]["task"] == "cls"})],
+    ))
+
+    # Seed 001's studies: label fraction and frozen parts.
+    kinds = {name: entry["method"] for name, entry in entries.items()}
+    figure_sections = []
+    if fraction_studies:
+        tables, captioned = [], []
+        for task in ("cls", "seg"):
+            studied = {run: value for run, value in fraction_studies.items() if runs[run]["task"] == task}
+            if not studied:
+                continue
+            tables += [label_fraction_table(studied, kinds, task, metric) for metric, _ in STUDY_METRICS[task]]
+            path = label_fraction_figure(figures_dir / f"label_fraction_{task}.png",
+                                         {run: metrics for run, (metrics, _) in studied.items()}, task)
+            captioned.append((f"Label-fraction study ({task}): test metric vs share of training patients", path))
+        table_sections.append((
+            "Label-fraction study (seed 001)",
+            "Each run fine-tuned again, same params, on nested shares of the training patients that have nodule "
+            "slices (at least one patient; shares with the same patient count share one training), and tested "
+            "on the whole test split with bootstrap intervals over patients.",
+            tables,
+        ))
+        figure_sections.append(("Label-fraction study", captioned))
+    else:
+        skipped.append("Label-fraction study: `label_fraction.runs` is empty.")
+    if frozen_runs:
+        frozen = {run: (_read_json(paths.study_report_dir("frozen_parts", run) / "metrics.json"),
+                        str(paths.study_report_dir("frozen_parts", run) / "metrics.json")) for run in frozen_runs}
+        table_sections.append((
+            "Frozen-parts study (seed 001)",
+            "Each run trained with its head only, then with the head and more and more of the encoder's deepest "
+            "stages, the rest frozen (weights and normalisation statistics); *trained* names exactly what "
+            "trained.",
+            [frozen_parts_table(frozen, kinds, {name: entry["backbone"]["name"] for name, entry in entries.items()})],
+        ))
+    else:
+        skipped.append("Frozen-parts study: `frozen_parts.runs` is empty.")
+
     # Pretrained vs scratch: paired differences on the same test patients.
-    kinds = {name: entry["method"] for name, entry in {**methods, **multihead}.items()}
     pairs = scratch_pairs(runs, kinds)
     if pairs:
         results = {}
@@ -150,8 +215,13 @@ def build_pipeline_report(params: Mapping[str, Any], out_dir: Path = paths.REPOR
     else:
         skipped.append("Pretrained vs scratch: no two runs differ only in `init` (a scratch method vs a pretrained one).")
 
+    # Classifiers: Grad-CAM on test slices and confusion matrices.
+    classifier_figures, classifier_skipped = classifier_figure_section(runs, paths.evaluate_dir, figures_dir)
+    skipped += classifier_skipped
+    if classifier_figures:
+        figure_sections.append(("Classifiers: Grad-CAM and confusion matrices (test split)", classifier_figures))
+
     # Comparison figures.
-    figure_sections = []
     overlays = {label: load_examples(_seg_examples(kind, entry)) for label, kind, entry in OVERLAY_MODELS
                 if (entry in runs if kind == "run" else entry in multihead and "seg" in multihead[entry]["heads"])}
     captioned = []

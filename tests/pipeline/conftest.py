@@ -84,6 +84,9 @@ def tiny_params(params: dict) -> dict:
     for entry in [*params["methods"].values(), *params["multihead"].values(), *params["runs"].values()]:
         _shrink(entry)
     params["methods"][TINY_3D_METHOD]["train"].update(batch_size=2, max_steps=2)
+    # Seed 001's studies on one linear-head run, two settings each.
+    params["label_fraction"] = {"fractions": [0.5, 1.0], "runs": ["cls_linear_barlow_twins"]}
+    params["frozen_parts"] = {"unfrozen_stages": [0, 2], "runs": ["cls_linear_barlow_twins"]}
     params["evaluate"]["bootstrap_samples"] = 50
     params["report"]["num_examples"] = 2
     return params

@@ -54,9 +54,31 @@ def test_repro_builds_the_report_and_a_second_repro_does_nothing(reproduced_proj
         if entry["method"] != "scratch":
             assert (root / "reports" / "pretrain" / method / "live" / "plots" / "metrics" / "probe"
                     / "mean_auroc.tsv").exists(), method
+    # Seed 001's studies: metrics per setting, in the report as a figure and tables.
+    for run in params["label_fraction"]["runs"]:
+        study = json.loads((root / "reports" / "label_fraction" / run / "metrics.json").read_text())
+        assert sorted(entry["fraction"] for entry in study["fractions"].values()) == params["label_fraction"]["fractions"]
+        assert all(0.0 <= entry["accuracy"]["value"] <= 1.0 for entry in study["fractions"].values())
+    for run in params["frozen_parts"]["runs"]:
+        study = json.loads((root / "reports" / "frozen_parts" / run / "metrics.json").read_text())
+        labels = [entry["label"] for entry in sorted(study["settings"].values(), key=lambda e: e["unfrozen_stages"])]
+        assert labels == ["head", "head + layer4, layer3"], labels
+    assert "Label-fraction study" in report and "Frozen-parts study" in report
+    assert (root / "reports" / "figures" / "label_fraction_cls.png").exists()
+    assert "Grad-CAM" in report and "Confusion matri" in report
+    assert "Downstream results by pretraining method" in report
     status = reproduced_project.dvc_run("status").stdout
     assert "up to date" in status, status
     assert stages_that_would_run(reproduced_project) == set()
+
+
+def test_changing_the_label_fractions_reruns_only_that_study_and_the_report(reproduced_project):
+    runs = reproduced_project.params()["label_fraction"]["runs"]
+
+    def change(params):
+        params["label_fraction"]["fractions"] = [0.25, 1.0]
+
+    assert repro_with_params(reproduced_project, change) == {f"label_fraction@{r}" for r in runs} | {"report"}
 
 
 def test_changing_one_method_param_reruns_exactly_its_dependents(reproduced_project):

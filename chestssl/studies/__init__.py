@@ -1,0 +1,10 @@
+"""Downstream studies of seed 001 on any ``runs`` entry: label fraction and frozen parts.
+
+- :mod:`chestssl.studies.label_fraction`: the run fine-tuned again on nested shares of the
+  training patients (stage ``label_fraction@<run>``);
+- :mod:`chestssl.studies.frozen_parts`: the run trained with the head only, then with more
+  and more of the encoder's deepest stages (stage ``frozen_parts@<run>``);
+- :mod:`chestssl.studies.parts`: the named stages of every backbone and the partly frozen
+  task model;
+- :mod:`chestssl.studies.runner`: training and testing of each setting, with resume.
+"""

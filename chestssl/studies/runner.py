@@ -1,0 +1,173 @@
+"""Train and test one downstream run under several settings, resuming after an interruption.
+
+A study repeats a ``runs`` entry (same task, architecture, pretrained encoder and training
+params) under settings that change one thing: the training patients
+(:mod:`chestssl.studies.label_fraction`) or the parts that train
+(:mod:`chestssl.studies.parts`). Each setting is trained with the same loop as
+``finetune`` (best epoch on the validation split) and scored on the test split with
+patient-bootstrap intervals, as ``evaluate`` scores the run itself.
+
+A finished setting's result is kept under ``checkpoints/<study>/<run>/<key>.json`` with a
+fingerprint of everything it depends on, and the loop keeps its own resume checkpoint
+mid-setting, so an interrupted study resumes where it stopped; the folder is removed
+when the whole study has finished.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from chestssl import paths
+from chestssl.io import write_json
+
+log = logging.getLogger(__name__)
+
+#: The validation metric that picks the best epoch of each task (as in ``finetune``).
+MONITOR = {"seg": ("val/dice", "max"), "cls": ("val/loss", "min")}
+
+
+@dataclass(frozen=True)
+class StudySetting:
+    """One setting of a study.
+
+    Attributes:
+        key: file-safe name of the setting (``25pct``, ``unfrozen_2``).
+        patient_ids: training patients; ``None``: the whole train split.
+        unfrozen_stages: encoder stages trained with the head (deepest first); ``None``:
+            the whole network trains, as in ``finetune``.
+    """
+
+    key: str
+    patient_ids: tuple[str, ...] | None = None
+    unfrozen_stages: int | None = None
+
+
+def file_digest(path: str | Path) -> str:
+    """SHA-256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _fingerprint(**parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def interval_metrics(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``{value, ci_low, ci_high[, note]}`` entries of an evaluation, plus its image/patient counts."""
+    kept: dict[str, Any] = {key: dict(value) for key, value in metrics.items()
+                            if isinstance(value, Mapping) and {"value", "ci_low", "ci_high"} <= set(value)}
+    for key in ("n_images", "n_patients", "confusion_matrix", "threshold"):
+        if key in metrics:
+            kept[key] = metrics[key]
+    return kept
+
+
+def test_metrics(task: str, predict, dataset, evaluate_cfg: Mapping[str, Any], seed: int, device) -> dict[str, Any]:
+    """Test-split metrics of ``predict`` with patient-bootstrap intervals (as ``evaluate`` computes them)."""
+    from chestssl.eval.metrics import evaluate_classification, evaluate_segmentation
+    from chestssl.inference import predict_dataset
+
+    out = predict_dataset(predict, dataset, device=device)
+    bootstrap = dict(n_bootstrap=evaluate_cfg["bootstrap_samples"], confidence=evaluate_cfg["confidence"], seed=seed)
+    if task == "seg":
+        metrics = evaluate_segmentation(out["output"], out["mask"], out["patient_id"],
+                                        threshold=evaluate_cfg["seg_threshold"], **bootstrap)
+    elif task == "cls":
+        metrics = evaluate_classification(out["output"], out["label"], out["patient_id"],
+                                          threshold=evaluate_cfg["cls_threshold"], **bootstrap)
+    else:
+        raise ValueError(f"task: got {task!r}, expected 'seg' or 'cls'")
+    return interval_metrics(metrics)
+
+
+def run_study(
+    study: str,
+    run_name: str,
+    params: Mapping[str, Any],
+    settings: Sequence[StudySetting],
+    report_dir: Path,
+) -> dict[str, dict[str, Any]]:
+    """Train and test ``runs.<run_name>`` under each setting; returns ``{key: result}``.
+
+    The pretrained encoder is the one the run's ``finetune`` stage started from (kept in
+    ``models/finetune/<run>/model.pt``). Each result holds the training-set size, the
+    best epoch and the test metrics (``test``). Training curves go to
+    ``report_dir/live/<key>``. Returns an empty dict on ranks other than 0 of a
+    distributed run.
+    """
+    import torch
+
+    from chestssl.data.datasets import SliceDataset
+    from chestssl.inference import auto_device
+    from chestssl.studies.parts import PartlyFrozenTask
+    from chestssl.tasks import build_task
+    from chestssl.train.loop import fit
+
+    run = params["runs"][run_name]
+    seed, slices = params["seed"], params["slices"]
+    model_path = paths.finetune_model_path(run_name)
+    if not model_path.exists():
+        raise FileNotFoundError(f"{model_path}: missing; run `dvc repro finetune@{run_name}` first")
+    encoder_payload = torch.load(model_path, map_location="cpu", weights_only=False)["encoder"]
+    monitor, mode = MONITOR[run["task"]]
+    state_dir = paths.CHECKPOINT_DIR / study / run_name
+    common = dict(run=run, seed=seed, slices=slices, evaluate=params["evaluate"], encoder=file_digest(model_path))
+
+    def data(split: str, patient_ids: Sequence[str] | None = None) -> SliceDataset:
+        return SliceDataset(paths.PROCESSED_DIR, split, slices["size"], run["task"],
+                            clean_per_nodule_slice=slices["clean_per_nodule_slice"], seed=seed,
+                            patient_ids=list(patient_ids) if patient_ids is not None else None)
+
+    val, test = data("val"), data("test")
+    results: dict[str, dict[str, Any]] = {}
+    for setting in settings:
+        result_path = state_dir / f"{setting.key}.json"
+        fingerprint = _fingerprint(setting=setting, **common)
+        if result_path.exists():
+            earlier = json.loads(result_path.read_text())
+            if earlier.get("fingerprint") == fingerprint:
+                log.info("%s@%s: %s already done, result reused from %s", study, run_name, setting.key, result_path)
+                results[setting.key] = earlier
+                continue
+        train = data("train", setting.patient_ids)
+        model = build_task(run, encoder_payload, seed, name=run_name)
+        if setting.unfrozen_stages is not None:
+            model = PartlyFrozenTask(model, setting.unfrozen_stages)
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        fitted = fit(model, train, val, run["train"], report_dir / "live" / setting.key,
+                     state_dir / f"{setting.key}.pt", seed, monitor=monitor, mode=mode)
+        if not fitted.is_main:
+            continue
+        model.load_state_dict(fitted.best_state)
+        device = auto_device()
+        model.to(device).eval()
+        result = {
+            "fingerprint": fingerprint,
+            "n_train_images": len(train),
+            "n_train_patients": int(len(np.unique(train.frame["patient_id"]))),
+            "trainable_parameters": int(trainable),
+            "epochs": fitted.epochs,
+            "best_epoch": fitted.best_epoch,
+            f"best_{monitor.replace('/', '_')}": fitted.best_value,
+            "test": test_metrics(run["task"], model.predict, test, params["evaluate"], seed, device),
+        }
+        write_json(result_path, result)
+        results[setting.key] = result
+        log.info("%s@%s: %s done (%d training images)", study, run_name, setting.key, len(train))
+    return results
+
+
+def finish_study(study: str, run_name: str) -> None:
+    """Remove the per-setting results kept for resuming, once the study's metrics are written."""
+    shutil.rmtree(paths.CHECKPOINT_DIR / study / run_name, ignore_errors=True)

@@ -1,0 +1,38 @@
+"""label_fraction@<run>: the run fine-tuned again on nested shares of the training patients (seed 001)."""
+
+from __future__ import annotations
+
+from chestssl import paths
+from chestssl.cli import run_stage
+from chestssl.io import write_json
+from chestssl.params import ParamsError, load_params
+
+
+def main(argv: list[str]) -> None:
+    from chestssl.data.processed import read_splits
+    from chestssl.studies.label_fraction import label_fraction_metrics, label_fraction_settings, labelled_patients
+    from chestssl.studies.runner import finish_study, run_study
+
+    params = load_params()
+    study = params["label_fraction"]
+    if len(argv) != 1 or argv[0] not in study["runs"]:
+        raise ParamsError([f"label_fraction.runs: got {' '.join(argv) or 'nothing'!r} on the command line, "
+                           f"expected one of {', '.join(study['runs'])}"])
+    name = argv[0]
+    run = params["runs"][name]
+    split_patients = read_splits(paths.PROCESSED_DIR)["train"]
+    patients = labelled_patients(paths.PROCESSED_DIR, "train")
+    settings, served_by = label_fraction_settings(patients, study["fractions"], params["seed"])
+    report_dir = paths.study_report_dir("label_fraction", name)
+    results = run_study("label_fraction", name, params, settings, report_dir)
+    if not results:  # under torchrun, rank 0 writes the outputs
+        return
+    metrics = label_fraction_metrics(name, run, len(split_patients), len(patients), served_by, results)
+    write_json(report_dir / "metrics.json", metrics)
+    finish_study("label_fraction", name)
+    print(f"label_fraction@{name}: " + ", ".join(
+        f"{key}: {entry['n_train_patients']} patients" for key, entry in metrics["fractions"].items()))
+
+
+if __name__ == "__main__":
+    run_stage(main)
