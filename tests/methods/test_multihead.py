@@ -282,6 +282,7 @@ def test_null_seg_beta_takes_the_top_level_value():
     raw["seg_beta"] = 7.0
     raw["multihead"] = {"mh_inherit": _cfg(seg_beta=None), "mh_fixed": _cfg(seg_beta=2.0)}
     raw["runs"] = {}
+    raw["label_fraction"]["runs"] = raw["frozen_parts"]["runs"] = []  # they list runs
     params = validate(raw)
     assert params["multihead"]["mh_inherit"]["seg_beta"] is None
     section, entry = pretrain_entry(params, "mh_inherit")
