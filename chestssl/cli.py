@@ -23,13 +23,18 @@ def run_stage(main: Callable[[list[str]], None], argv: list[str] | None = None) 
         sys.exit(1)
 
 
+def name_from_argv(argv: list[str], names, key: str) -> str:
+    """The stage's single argument, which must be one of ``names`` (listed under the params ``key``)."""
+    if len(argv) != 1 or argv[0] not in names:
+        got = " ".join(argv) or "nothing"
+        raise ParamsError([f"{key}: got {got!r} on the command line, expected one of {', '.join(names)}"])
+    return argv[0]
+
+
 def entry_from_argv(argv: list[str], params: dict, section: str) -> tuple[str, dict]:
     """The ``methods``/``runs`` entry named by the stage's single argument."""
-    entries = params[section]
-    if len(argv) != 1 or argv[0] not in entries:
-        got = " ".join(argv) or "nothing"
-        raise ParamsError([f"{section}: got {got!r} on the command line, expected one of {', '.join(entries)}"])
-    return argv[0], entries[argv[0]]
+    name = name_from_argv(argv, params[section], section)
+    return name, params[section][name]
 
 
 def flat_metrics(metrics: dict) -> dict[str, float]:

@@ -45,6 +45,7 @@ from torch import nn
 
 from chestssl.eval.examples import load_examples, save_examples
 from chestssl.models.backbones import backbone_name
+from chestssl.studies.parts import classifier_encoder
 
 #: Why Grad-CAM is not offered for a backbone, by ``backbone.name``.
 GRADCAM_UNSUPPORTED: dict[str, str] = {
@@ -70,15 +71,7 @@ DEFAULT_BATCH_SIZE = 16
 
 
 def _classifier_encoder(task_model: nn.Module) -> nn.Module:
-    """``task_model.network.encoder``, or a ``TypeError`` that says what is expected."""
-    network = getattr(task_model, "network", None)
-    encoder = getattr(network, "encoder", None)
-    if not isinstance(encoder, nn.Module):
-        raise TypeError(
-            f"Grad-CAM: {type(task_model).__name__} has no network.encoder; pass a ClassificationTask "
-            "(chestssl.tasks.cls), whose network is a LinearHeadClassifier or LatentResNetClassifier"
-        )
-    return encoder
+    return classifier_encoder(task_model)[1]
 
 
 def gradcam_unavailable_reason(task_model: nn.Module) -> str | None:

@@ -3,30 +3,25 @@
 from __future__ import annotations
 
 from chestssl import paths
-from chestssl.cli import run_stage
+from chestssl.cli import name_from_argv, run_stage
 from chestssl.io import write_json
-from chestssl.params import ParamsError, load_params
+from chestssl.params import load_params
 
 
 def main(argv: list[str]) -> None:
-    import torch
-
     from chestssl.models.backbones import load_encoder
     from chestssl.studies.frozen_parts import frozen_parts_metrics, frozen_parts_settings
-    from chestssl.studies.runner import finish_study, run_study
+    from chestssl.studies.runner import finish_study, run_encoder_payload, run_study
 
     params = load_params()
     study = params["frozen_parts"]
-    if len(argv) != 1 or argv[0] not in study["runs"]:
-        raise ParamsError([f"frozen_parts.runs: got {' '.join(argv) or 'nothing'!r} on the command line, "
-                           f"expected one of {', '.join(study['runs'])}"])
-    name = argv[0]
+    name = name_from_argv(argv, study["runs"], "frozen_parts.runs")
     run = params["runs"][name]
-    payload = torch.load(paths.finetune_model_path(name), map_location="cpu", weights_only=False)["encoder"]
+    payload = run_encoder_payload(name)
     encoder = load_encoder(payload, source=f"{paths.finetune_model_path(name)} (encoder)")
     settings = frozen_parts_settings(encoder, study["unfrozen_stages"], name)
     report_dir = paths.study_report_dir("frozen_parts", name)
-    results = run_study("frozen_parts", name, params, settings, report_dir)
+    results = run_study("frozen_parts", name, params, payload, settings, report_dir)
     if not results:  # under torchrun, rank 0 writes the outputs
         return
     metrics = frozen_parts_metrics(name, run, encoder, results)

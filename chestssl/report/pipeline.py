@@ -73,6 +73,12 @@ def _read_json(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
+def _study_metrics(study: str, runs: list[str]) -> dict[str, tuple[dict[str, Any], str]]:
+    """``{run: (metrics of <study>@run, its path)}``."""
+    files = {run: paths.study_report_dir(study, run) / "metrics.json" for run in runs}
+    return {run: (_read_json(path), str(path)) for run, path in files.items()}
+
+
 def dataset_note(params: Mapping[str, Any]) -> str:
     """One phrase naming our data for the seed tables' comparability note."""
     size = params["slices"]["size"]
@@ -146,8 +152,7 @@ def build_pipeline_report(params: Mapping[str, Any], out_dir: Path = paths.REPOR
                         for name, metrics in pretrain_metrics.items()}
     run_sources = {run: (metrics, str(paths.evaluate_dir(run) / "metrics.json")) for run, metrics in run_metrics.items()}
     fraction_runs, frozen_runs = params["label_fraction"]["runs"], params["frozen_parts"]["runs"]
-    fraction_studies = {run: (_read_json(paths.study_report_dir("label_fraction", run) / "metrics.json"),
-                              str(paths.study_report_dir("label_fraction", run) / "metrics.json")) for run in fraction_runs}
+    fraction_studies = _study_metrics("label_fraction", fraction_runs)
     table_sections.append((
         "Downstream results by pretraining method",
         "One row per pretraining entry that a run starts from; one column per kind of downstream run (task, "
@@ -182,8 +187,7 @@ def build_pipeline_report(params: Mapping[str, Any], out_dir: Path = paths.REPOR
     else:
         skipped.append("Label-fraction study: `label_fraction.runs` is empty.")
     if frozen_runs:
-        frozen = {run: (_read_json(paths.study_report_dir("frozen_parts", run) / "metrics.json"),
-                        str(paths.study_report_dir("frozen_parts", run) / "metrics.json")) for run in frozen_runs}
+        frozen = _study_metrics("frozen_parts", frozen_runs)
         table_sections.append((
             "Frozen-parts study (seed 001)",
             "Each run trained with its head only, then with the head and more and more of the encoder's deepest "

@@ -87,10 +87,6 @@ def _number(value: Any) -> float:
     return float("nan") if value is None else float(value)
 
 
-def _fraction_header(entry: Mapping[str, Any]) -> str:
-    return f"{100.0 * entry['fraction']:g}% ({entry['n_train_patients']} pat.)"
-
-
 def label_fraction_table(
     studies: Mapping[str, tuple[Mapping[str, Any], str]], methods: Mapping[str, str], task: str, metric: str
 ) -> Table:

@@ -81,10 +81,10 @@ def classifier_encoder(task: nn.Module) -> tuple[str, nn.Module]:
     """``(dotted name, module)`` of the pretrained backbone inside a classification task."""
     network = getattr(task, "network", None)
     encoder = getattr(network, "encoder", None)
-    if encoder is None:
+    if not isinstance(encoder, nn.Module):
         raise TypeError(
-            f"{type(task).__name__} has no network.encoder; the frozen-parts study needs a classification run "
-            "(task: cls)"
+            f"{type(task).__name__} has no network.encoder; pass a ClassificationTask (chestssl.tasks.cls, a "
+            "`task: cls` run), whose network (LinearHeadClassifier or LatentResNetClassifier) holds the backbone"
         )
     return "network.encoder", encoder
 

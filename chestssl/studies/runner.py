@@ -91,23 +91,32 @@ def test_metrics(task: str, predict, dataset, evaluate_cfg: Mapping[str, Any], s
     return interval_metrics(metrics)
 
 
+def run_encoder_payload(run_name: str) -> dict[str, Any]:
+    """The pretrained encoder payload the run's ``finetune`` stage started from (kept in
+    ``models/finetune/<run>/model.pt``)."""
+    import torch
+
+    model_path = paths.finetune_model_path(run_name)
+    if not model_path.exists():
+        raise FileNotFoundError(f"{model_path}: missing; run `dvc repro finetune@{run_name}` first")
+    return torch.load(model_path, map_location="cpu", weights_only=False)["encoder"]
+
+
 def run_study(
     study: str,
     run_name: str,
     params: Mapping[str, Any],
+    encoder_payload: Mapping[str, Any],
     settings: Sequence[StudySetting],
     report_dir: Path,
 ) -> dict[str, dict[str, Any]]:
     """Train and test ``runs.<run_name>`` under each setting; returns ``{key: result}``.
 
-    The pretrained encoder is the one the run's ``finetune`` stage started from (kept in
-    ``models/finetune/<run>/model.pt``). Each result holds the training-set size, the
+    ``encoder_payload`` is :func:`run_encoder_payload` of the run. Each result holds the training-set size, the
     best epoch and the test metrics (``test``). Training curves go to
     ``report_dir/live/<key>``. Returns an empty dict on ranks other than 0 of a
     distributed run.
     """
-    import torch
-
     from chestssl.data.datasets import SliceDataset
     from chestssl.inference import auto_device
     from chestssl.studies.parts import PartlyFrozenTask
@@ -117,9 +126,6 @@ def run_study(
     run = params["runs"][run_name]
     seed, slices = params["seed"], params["slices"]
     model_path = paths.finetune_model_path(run_name)
-    if not model_path.exists():
-        raise FileNotFoundError(f"{model_path}: missing; run `dvc repro finetune@{run_name}` first")
-    encoder_payload = torch.load(model_path, map_location="cpu", weights_only=False)["encoder"]
     monitor, mode = MONITOR[run["task"]]
     state_dir = paths.CHECKPOINT_DIR / study / run_name
     common = dict(run=run, seed=seed, slices=slices, evaluate=params["evaluate"], encoder=file_digest(model_path))

@@ -19,7 +19,7 @@ from chestssl.studies.label_fraction import (
     labelled_patients,
     patient_subsets,
 )
-from chestssl.studies.runner import finish_study, run_study
+from chestssl.studies.runner import finish_study, run_encoder_payload, run_study
 
 RESNET = {"name": "resnet18", "spatial_dims": 2, "block_inplanes": [4, 8, 8, 16]}
 TRAIN = {"epochs": 2, "batch_size": 4, "lr": 0.001, "weight_decay": 0.0, "optimizer": "adam", "betas": [0.9, 0.999],
@@ -87,7 +87,7 @@ def test_label_fraction_study_trains_tests_and_resumes(study_workspace, monkeypa
     assert patients == ["p0", "p1"]
     settings, served_by = label_fraction_settings(patients, [0.5, 1.0], seed=0)
     report_dir = paths.study_report_dir("label_fraction", "r")
-    results = run_study("label_fraction", "r", params, settings, report_dir)
+    results = run_study("label_fraction", "r", params, run_encoder_payload("r"), settings, report_dir)
     assert set(results) == {"50pct", "100pct"}
     assert results["50pct"]["n_train_patients"] == 1 and results["100pct"]["n_train_patients"] == 2
     assert results["50pct"]["n_train_images"] < results["100pct"]["n_train_images"]
@@ -106,7 +106,7 @@ def test_label_fraction_study_trains_tests_and_resumes(study_workspace, monkeypa
         raise AssertionError("a finished setting was trained again")
 
     monkeypatch.setattr(loop, "fit", no_training)
-    again = run_study("label_fraction", "r", params, settings, report_dir)
+    again = run_study("label_fraction", "r", params, run_encoder_payload("r"), settings, report_dir)
     assert again == results
     finish_study("label_fraction", "r")
     assert not (paths.CHECKPOINT_DIR / "label_fraction" / "r").exists()
@@ -117,7 +117,7 @@ def test_frozen_parts_study_trains_only_what_it_names(study_workspace):
     encoder = build_backbone(RESNET)
     settings = frozen_parts_settings(encoder, [2, 0], "r")
     assert [s.key for s in settings] == ["unfrozen_0", "unfrozen_2"]
-    results = run_study("frozen_parts", "r", params, settings, paths.study_report_dir("frozen_parts", "r"))
+    results = run_study("frozen_parts", "r", params, run_encoder_payload("r"), settings, paths.study_report_dir("frozen_parts", "r"))
     metrics = frozen_parts_metrics("r", RUN, encoder, results)
     head_only, deeper = metrics["settings"]["unfrozen_0"], metrics["settings"]["unfrozen_2"]
     assert head_only["label"] == "head" and head_only["trained"] == []
