@@ -57,11 +57,10 @@ def evaluate_predictor(
         feature_maps: for ``seg``, an optional function image (B, 1, *S) -> encoder maps.
     """
     out = predict_dataset(predict, dataset, device=device)
-    bootstrap = dict(n_bootstrap=evaluate_cfg["bootstrap_samples"], confidence=evaluate_cfg["confidence"], seed=seed)
+    metrics = score_predictions(task, out, evaluate_cfg, seed=seed)
     ids = dict(patient_id=out["patient_id"], scan_id=out["scan_id"], slice_index=out["slice_index"])
     if task == "seg":
         threshold = evaluate_cfg["seg_threshold"]
-        metrics = evaluate_segmentation(out["output"], out["mask"], out["patient_id"], threshold=threshold, **bootstrap)
         save_item_scores(items_path, task="seg", **ids, **segmentation_item_scores(out["output"], out["mask"], threshold))
         # Show the slices with the largest nodules: the figure is about what the model finds.
         pick = choose_example_indices(out["patient_id"], out["mask"].reshape(len(out["mask"]), -1).sum(1), num_examples)
@@ -70,16 +69,29 @@ def evaluate_predictor(
         if feature_maps is not None:
             arrays["features"] = _features(feature_maps, out["image"][pick], device)
         save_examples(examples_path, **arrays)
-    elif task == "cls":
-        metrics = evaluate_classification(out["output"], out["label"], out["patient_id"],
-                                          threshold=evaluate_cfg["cls_threshold"], **bootstrap)
+    else:
         save_item_scores(items_path, task="cls", **ids, score=out["output"], label=out["label"])
         pick = choose_example_indices(out["patient_id"], out["output"], num_examples)
         save_examples(examples_path, image=out["image"][pick], label=out["label"][pick], score=out["output"][pick],
                       patient_id=out["patient_id"][pick], slice_index=out["slice_index"][pick])
-    else:
-        raise ValueError(f"task: got {task!r}, expected 'seg' or 'cls'")
     return metrics
+
+
+def score_predictions(task: str, out: Mapping[str, np.ndarray], evaluate_cfg: Mapping[str, Any], *, seed: int) -> dict:
+    """Metrics with patient-bootstrap CIs of the arrays :func:`predict_dataset` returned.
+
+    ``out["output"]`` holds nodule probabilities (N, 1, *S) for ``seg``, scored against
+    ``out["mask"]``, or probabilities of class 1 (N,) for ``cls``, scored against
+    ``out["label"]``; ``out["patient_id"]`` (N,) is the bootstrap's resampling unit.
+    """
+    bootstrap = dict(n_bootstrap=evaluate_cfg["bootstrap_samples"], confidence=evaluate_cfg["confidence"], seed=seed)
+    if task == "seg":
+        return evaluate_segmentation(out["output"], out["mask"], out["patient_id"],
+                                     threshold=evaluate_cfg["seg_threshold"], **bootstrap)
+    if task == "cls":
+        return evaluate_classification(out["output"], out["label"], out["patient_id"],
+                                       threshold=evaluate_cfg["cls_threshold"], **bootstrap)
+    raise ValueError(f"task: got {task!r}, expected 'seg' or 'cls'")
 
 
 @torch.no_grad()

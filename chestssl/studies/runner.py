@@ -75,19 +75,11 @@ def interval_metrics(metrics: Mapping[str, Any]) -> dict[str, Any]:
 
 def test_metrics(task: str, predict, dataset, evaluate_cfg: Mapping[str, Any], seed: int, device) -> dict[str, Any]:
     """Test-split metrics of ``predict`` with patient-bootstrap intervals (as ``evaluate`` computes them)."""
-    from chestssl.eval.metrics import evaluate_classification, evaluate_segmentation
+    from chestssl.eval.downstream import score_predictions
     from chestssl.inference import predict_dataset
 
     out = predict_dataset(predict, dataset, device=device)
-    bootstrap = dict(n_bootstrap=evaluate_cfg["bootstrap_samples"], confidence=evaluate_cfg["confidence"], seed=seed)
-    if task == "seg":
-        metrics = evaluate_segmentation(out["output"], out["mask"], out["patient_id"],
-                                        threshold=evaluate_cfg["seg_threshold"], **bootstrap)
-    elif task == "cls":
-        metrics = evaluate_classification(out["output"], out["label"], out["patient_id"],
-                                          threshold=evaluate_cfg["cls_threshold"], **bootstrap)
-    else:
-        raise ValueError(f"task: got {task!r}, expected 'seg' or 'cls'")
+    metrics = score_predictions(task, out, evaluate_cfg, seed=seed)
     return interval_metrics(metrics)
 
 

@@ -12,7 +12,10 @@ import pytest
 import yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-PROJECT_FILES = ["chestssl", "stages", "dvc.yaml", "params.yaml", "pyproject.toml", ".dvc/config", ".gitignore"]
+PROJECT_FILES = ["chestssl", "stages", "dvc.yaml", "params.yaml", "pyproject.toml", ".dvc/config", ".gitignore",
+                 # They keep the report's input folders in place when a list in params is empty.
+                 *(f"reports/{stage}/README.md" for stage in ("pretrain", "evaluate_pretrain", "finetune",
+                                                             "evaluate", "label_fraction", "frozen_parts"))]
 
 
 #: The entries the tiny profile keeps: one of each kind of stage (scratch, both
