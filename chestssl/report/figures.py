@@ -81,29 +81,56 @@ def read_live_metrics(live_dir: str | os.PathLike) -> dict[str, pd.DataFrame]:
     return curves
 
 
-def _curve_order(name: str) -> tuple[int, str]:
-    rank = 0 if name == "train/loss" else 1 if name.startswith("train/") else 2
-    return rank, name
+_PROBE_PANEL = "linear probe"
+
+
+def _curve_panel(name: str) -> tuple[str, str]:
+    """(panel, line label) of a logged curve: ``train/X`` and ``val/X`` share panel ``X``;
+    every ``probe/...`` curve goes into one linear-probe panel."""
+    if name.startswith("probe/"):
+        return _PROBE_PANEL, name.removeprefix("probe/").replace("/", " ")
+    for split in ("train", "val"):
+        if name.startswith(split + "/"):
+            return name.removeprefix(split + "/"), split
+    return name, ""
+
+
+def _panel_order(panel: str, names: list[str]) -> tuple[int, str]:
+    """The loss first, then metrics logged in training, then validation-only ones, then
+    the probe and the learning rate."""
+    if panel == "loss":
+        return 0, panel
+    if panel in (_PROBE_PANEL, "lr"):
+        return 3 if panel == _PROBE_PANEL else 4, panel
+    return (1 if any(n.startswith("train/") for n in names) else 2), panel
 
 
 def training_curves_figure(path: str | os.PathLike, title: str, curves: Mapping[str, pd.DataFrame]) -> Path:
-    """One panel per metric (train/loss first, then other train metrics, then val), x = step."""
+    """One panel per quantity, x = step: train and val of the same metric share a panel
+    (train and val lines), and the linear-probe curves share one."""
     if not curves:
         raise ValueError(f"no curves to plot for {title}")
-    names = sorted(curves, key=_curve_order)
-    columns = min(3, len(names))
-    rows = math.ceil(len(names) / columns)
+    panels: dict[str, list[str]] = {}
+    for name in sorted(curves):
+        panels.setdefault(_curve_panel(name)[0], []).append(name)
+    order = sorted(panels, key=lambda panel: _panel_order(panel, panels[panel]))
+    columns = min(3, len(order))
+    rows = math.ceil(len(order) / columns)
     with sns.axes_style("whitegrid"), sns.plotting_context("paper"):
         figure = _new_figure(4.0 * columns, 2.8 * rows)
         axes = np.atleast_1d(figure.subplots(rows, columns, squeeze=False)).ravel()
         palette = sns.color_palette("deep")
-        for ax, name in zip(axes, names):
-            frame = curves[name]
-            colour = palette[0] if name.startswith("train/") else palette[1]
-            ax.plot(frame["step"], frame["value"], color=colour, marker="o" if len(frame) < 20 else None, markersize=3)
-            ax.set_title(name)
+        for ax, panel in zip(axes, order):
+            for index, name in enumerate(panels[panel]):
+                frame, label = curves[name], _curve_panel(name)[1]
+                colour = {"train": palette[0], "val": palette[1]}.get(label, palette[(index + 2) % len(palette)])
+                ax.plot(frame["step"], frame["value"], color=colour, label=label or None,
+                        marker="o" if len(frame) < 20 else None, markersize=3)
+            ax.set_title(panel)
             ax.set_xlabel("step")
-        for ax in axes[len(names) :]:
+            if len(panels[panel]) > 1:
+                ax.legend(fontsize="small")
+        for ax in axes[len(order) :]:
             ax.set_visible(False)
         figure.suptitle(title)
     return save_figure(figure, path)

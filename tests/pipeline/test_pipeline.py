@@ -18,20 +18,26 @@ def stages_that_would_run(project) -> set[str]:
     return ran_stages(project.dvc_run("repro", "--dry").stdout)
 
 
-def repro_with_params(project, change) -> set[str]:
-    """Apply ``change`` to params.yaml, `dvc repro`, and return the stages that ran.
+def repro_with_params(project, change, inspect=None) -> set[str]:
+    """Apply ``change`` to params.yaml, `dvc repro`, call ``inspect(project)`` if given,
+    and return the stages that ran.
 
-    params.yaml is restored and the pipeline reproduced again afterwards, so the next
-    test starts from the committed state.
+    The committed state is restored afterwards (params.yaml, dvc.lock and the outputs git
+    tracks from git, the cached outputs from DVC's cache) without running anything, so
+    the next test starts from it; the next test's `dvc status` checks that.
     """
     params = project.params()
     change(params)
     project.write_params(params)
     try:
-        return ran_stages(project.dvc_run("repro").stdout)
+        ran = ran_stages(project.dvc_run("repro").stdout)
+        if inspect is not None:
+            inspect(project)
+        return ran
     finally:
-        project.run("git", "checkout", "params.yaml")
-        project.dvc_run("repro")
+        project.run("git", "checkout", "--", ".")
+        project.run("git", "clean", "-fdq", "reports")  # files the changed stages added
+        project.dvc_run("checkout", "--force")
 
 
 def test_repro_builds_the_report_and_a_second_repro_does_nothing(reproduced_project):
@@ -79,6 +85,20 @@ def test_changing_the_label_fractions_reruns_only_that_study_and_the_report(repr
         params["label_fraction"]["fractions"] = [0.25, 1.0]
 
     assert repro_with_params(reproduced_project, change) == {f"label_fraction@{r}" for r in runs} | {"report"}
+
+
+def test_empty_study_lists_rerun_only_the_report_which_says_so(reproduced_project):
+    def inspect(project):
+        report = (project.root / "reports" / "README.md").read_text()
+        assert "Label-fraction study: `label_fraction.runs` is empty." in report
+        assert "Frozen-parts study: `frozen_parts.runs` is empty." in report
+
+    def change(params):
+        params["label_fraction"]["runs"] = []
+        params["frozen_parts"]["runs"] = []
+
+    assert repro_with_params(reproduced_project, change, inspect) == {"report"}
+    assert stages_that_would_run(reproduced_project) == set()
 
 
 def test_changing_one_method_param_reruns_exactly_its_dependents(reproduced_project):
