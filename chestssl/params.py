@@ -349,6 +349,13 @@ SCHEMA = Section(
                 "clean_per_nodule_slice": _nonneg_float(),
             }
         ),
+        "radiographs": Section(
+            {
+                "size": Field(int, min=32, max=1024, doc="a multiple of 16"),
+                "mu_water_per_mm": Field(float, min=0.0, min_exclusive=True, doc="linear attenuation of water per mm"),
+                "window_percentiles": Field(list, item=Field(float, min=0.0, max=100.0), length=2),
+            }
+        ),
         "crops": Section(
             {
                 "size": Field(int, min=8, doc="side of the cubic crops of 3D methods; seed 003: 96"),
@@ -531,6 +538,12 @@ def _cross_checks(params: dict, problems: list[str]) -> None:
     if isinstance(window, list) and len(window) == 2 and all(isinstance(w, float) for w in window):
         if window[0] >= window[1]:
             problems.append(f"preprocess.hu_window: got {window}, expected [low, high] with low < high")
+    radiographs = params.get("radiographs", {})
+    if isinstance(radiographs.get("size"), int) and radiographs["size"] % 16:
+        problems.append(f"radiographs.size: got {radiographs['size']}, expected a multiple of 16")
+    low_high = radiographs.get("window_percentiles")
+    if isinstance(low_high, list) and len(low_high) == 2 and low_high[0] >= low_high[1]:
+        problems.append(f"radiographs.window_percentiles: got {low_high}, expected [low, high] with low < high")
     methods = params.get("methods") or {}
     multihead = params.get("multihead") or {}
     for name in sorted(set(methods) & set(multihead)):

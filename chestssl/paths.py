@@ -11,6 +11,7 @@ RAW_DIR = Path("data/raw")
 LIDC_DIR = RAW_DIR / "LIDC-IDRI"
 MANIFEST = RAW_DIR / "manifest.csv"
 PROCESSED_DIR = Path("data/processed")
+RADIOGRAPHS_DIR = Path("data/radiographs")  # two-view radiographs rendered from the processed CT
 CHECKPOINT_DIR = Path("checkpoints")  # resume state of interrupted training; not a DVC output
 REPORTS_DIR = Path("reports")
 
