@@ -9,6 +9,7 @@ Reads, for the entries named in params.yaml:
   classification examples with their Grad-CAM maps);
 - ``reports/{label_fraction,frozen_parts}/<run>/metrics.json`` of seed 001's studies;
 - the dvclive folders of every training stage;
+- ``data/radiographs`` (the radiographs rendered from CT);
 
 and writes ``reports/README.md`` with the generic tables (one row per method or run),
 seed 000's tables with its published numbers beside ours
@@ -34,6 +35,7 @@ from chestssl.report.classifier_figures import classifier_figure_section
 from chestssl.report.comparison_figures import feature_map_figure, segmentation_comparison_figure
 from chestssl.report.comparisons import pretrained_vs_scratch_table
 from chestssl.report.probes import linear_probe_table
+from chestssl.report.radiograph_figures import radiograph_section
 from chestssl.report.seed000 import seed000_tables
 from chestssl.report.studies import (
     STUDY_METRICS,
@@ -224,6 +226,13 @@ def build_pipeline_report(params: Mapping[str, Any], out_dir: Path = paths.REPOR
     skipped += classifier_skipped
     if classifier_figures:
         figure_sections.append(("Classifiers: Grad-CAM and confusion matrices (test split)", classifier_figures))
+
+    # Radiographs rendered from CT (the X-ray methods' input).
+    radiograph_figures, radiograph_skipped = radiograph_section(paths.RADIOGRAPHS_DIR, figures_dir,
+                                                                params["report"]["num_examples"])
+    skipped += radiograph_skipped
+    if radiograph_figures:
+        figure_sections.append(("Radiographs rendered from CT", radiograph_figures))
 
     # Comparison figures.
     overlays = {label: load_examples(_seg_examples(kind, entry)) for label, kind, entry in OVERLAY_MODELS

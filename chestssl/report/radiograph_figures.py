@@ -1,0 +1,79 @@
+"""The report's figure of the radiographs rendered from CT (stage ``radiographs``).
+
+Rows: test-split studies (those with a nodule first); columns: the frontal and the
+lateral view, each with the projected nodule mask outlined and the largest nodule's
+projected centre marked, so a reader can check that the rendering puts the CT's
+annotations where they belong.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import seaborn as sns
+
+from chestssl.report.figures import _image_axis, _new_figure, save_figure
+
+_VIEWS = ("frontal", "lateral")
+_MASK_COLOUR = "#e8413c"
+
+
+def choose_studies(studies: pd.DataFrame, count: int) -> pd.DataFrame:
+    """Up to ``count`` studies of the test split (of any split if it has none), those
+    with a nodule first, the larger malignancy first among them; ties by scan id."""
+    pool = studies[studies["split"] == "test"]
+    if pool.empty:
+        pool = studies
+    ranked = pool.assign(_order=-pool["nodule"].astype(int) * 10 - pool["malignancy"].fillna(0))
+    return ranked.sort_values(["_order", "scan_id"]).head(count).drop(columns="_order")
+
+
+def radiograph_figure(path: str | Path, radiographs_dir: str | Path, studies: pd.DataFrame) -> Path:
+    """Frontal and lateral view of each row of ``studies`` (a selection of ``studies.csv``)."""
+    if studies.empty:
+        raise ValueError("no radiograph studies to plot")
+    radiographs_dir = Path(radiographs_dir)
+    with sns.axes_style("white"):
+        figure = _new_figure(2.4 * len(_VIEWS), 2.5 * len(studies))
+        axes = figure.subplots(len(studies), len(_VIEWS), squeeze=False)
+        for row, study in enumerate(studies.itertuples(index=False)):
+            with np.load(radiographs_dir / "studies" / f"{study.scan_id}.npz") as arrays:
+                views = {view: (arrays[view].astype(np.float32), arrays[f"{view}_mask"]) for view in _VIEWS}
+            for column, view in enumerate(_VIEWS):
+                image, mask = views[view]
+                ax = axes[row, column]
+                ax.imshow(image, cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
+                if mask.any():
+                    ax.contour(mask > 0, levels=[0.5], colors=_MASK_COLOUR, linewidths=0.8)
+                centre = (getattr(study, f"{view}_row"), getattr(study, f"{view}_col"))
+                if not any(pd.isna(c) for c in centre):
+                    ax.plot(centre[1], centre[0], marker="+", color=_MASK_COLOUR, markersize=9, markeredgewidth=1.2)
+                _image_axis(ax)
+                if row == 0:
+                    ax.set_title(view, fontsize=10)
+                if column == 0:
+                    label = f"{study.scan_id}\nnodule" if study.nodule else f"{study.scan_id}\nno nodule"
+                    ax.set_ylabel(label, fontsize=8)
+        figure.suptitle("Radiographs rendered from CT: projected nodules outlined, + the largest one's centre")
+    return save_figure(figure, path)
+
+
+def radiograph_section(radiographs_dir: str | Path, figures_dir: str | Path,
+                       num_studies: int) -> tuple[list[tuple[str, Path]], list[str]]:
+    """(captioned figures, skipped notes) of the rendered radiographs."""
+    radiographs_dir = Path(radiographs_dir)
+    table = radiographs_dir / "studies.csv"
+    if not table.exists():
+        return [], [f"Radiographs: {table} is missing; run `dvc repro radiographs`."]
+    studies = pd.read_csv(table, dtype={"scan_id": str, "patient_id": str})
+    if studies.empty:
+        return [], ["Radiographs: no study was rendered."]
+    chosen = choose_studies(studies, num_studies)
+    path = radiograph_figure(Path(figures_dir) / "radiographs.png", radiographs_dir, chosen)
+    with_nodule = int(studies["nodule"].astype(bool).sum())
+    caption = (f"Radiographs rendered from CT: {len(studies)} two-view studies ({with_nodule} with a nodule), "
+               "test-split examples; head at the top, the patient's right on the left of the frontal view, anterior "
+               "on the left of the lateral view")
+    return [(caption, path)], []
