@@ -3,6 +3,8 @@ PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# Test processes (pytest-xdist); each test file runs whole in one of them.
+TEST_JOBS ?= 2
 # Stage commands call `python` and `dvc`: the ones in .venv. No usage reports are sent.
 export DVC_NO_ANALYTICS := 1
 export MPLBACKEND := Agg
@@ -24,11 +26,11 @@ reproduce: $(STAMP)
 
 # Unit tests, then the end-to-end pipeline tests (marked slow).
 test: $(STAMP)
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q -n $(TEST_JOBS) --dist loadfile
 
 # Unit tests only.
 test-fast: $(STAMP)
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q -m "not slow"
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q -n $(TEST_JOBS) --dist loadfile -m "not slow"
 
 clean-venv:
 	rm -rf $(VENV)
