@@ -356,6 +356,18 @@ SCHEMA = Section(
                 "window_percentiles": Field(list, item=Field(float, min=0.0, max=100.0), length=2),
             }
         ),
+        "pretrain_radiographs": Section(
+            {
+                "methods": Field(list, item=Field(str), doc="`methods` entries (2D) also trained on the radiographs"),
+                "views": Field(list, item=Field(str, choices=("frontal", "lateral"))),
+                "train": Section(
+                    {
+                        "epochs": _positive_int("replaces the entry's train.epochs"),
+                        "batch_size": _positive_int("replaces the entry's train.batch_size"),
+                    }
+                ),
+            }
+        ),
         "crops": Section(
             {
                 "size": Field(int, min=8, doc="side of the cubic crops of 3D methods; seed 003: 96"),
@@ -544,6 +556,7 @@ def _cross_checks(params: dict, problems: list[str]) -> None:
     low_high = radiographs.get("window_percentiles")
     if isinstance(low_high, list) and len(low_high) == 2 and low_high[0] >= low_high[1]:
         problems.append(f"radiographs.window_percentiles: got {low_high}, expected [low, high] with low < high")
+    _check_radiograph_pretraining(params, problems)
     methods = params.get("methods") or {}
     multihead = params.get("multihead") or {}
     for name in sorted(set(methods) & set(multihead)):
@@ -592,6 +605,35 @@ def _check_studies(params: dict, problems: list[str]) -> None:
                     f"frozen_parts.runs: {name!r} is a {runs[name].get('task')!r} run; the frozen-parts study "
                     "freezes the encoder under a classification head, so list `task: cls` runs"
                 )
+
+
+def _check_radiograph_pretraining(params: dict, problems: list[str]) -> None:
+    """``pretrain_radiographs`` names 2D ``methods`` entries, each once, fed radiographs of their input size."""
+    block = params.get("pretrain_radiographs")
+    if not isinstance(block, Mapping):
+        return
+    methods = params.get("methods") or {}
+    named = block.get("methods") if isinstance(block.get("methods"), list) else []
+    views = block.get("views") if isinstance(block.get("views"), list) else []
+    if named and not views:
+        problems.append("pretrain_radiographs.views: empty; list frontal, lateral or both")
+    for view in sorted({v for v in views if views.count(v) > 1}):
+        problems.append(f"pretrain_radiographs.views: {view!r} is listed twice")
+    for name in sorted({n for n in named if named.count(n) > 1}):
+        problems.append(f"pretrain_radiographs.methods: {name!r} is listed twice; each is one stage")
+    size = (params.get("radiographs") or {}).get("size")
+    for name in named:
+        entry = methods.get(name)
+        if not isinstance(entry, Mapping):
+            problems.append(f"pretrain_radiographs.methods: {name!r} is not an entry under `methods`: " + ", ".join(methods))
+            continue
+        backbone = entry.get("backbone") or {}
+        if backbone.get("spatial_dims") != 2:
+            problems.append(f"pretrain_radiographs.methods: {name!r} has a {backbone.get('spatial_dims')}D backbone; "
+                            "radiographs are 2D, so list entries with backbone.spatial_dims 2")
+        elif backbone.get("name") == "vit" and backbone.get("img_size") != size:
+            problems.append(f"pretrain_radiographs.methods: {name!r} is a ViT built for {backbone.get('img_size')}-pixel "
+                            f"inputs, but radiographs.size is {size}; set them equal")
 
 
 def _check_method_inputs(params: dict, problems: list[str]) -> None:

@@ -32,6 +32,15 @@ def pretrain_report_dir(method: str) -> Path:
     return REPORTS_DIR / "pretrain" / method
 
 
+def radiograph_model_dir(method: str) -> Path:
+    """The encoder of ``methods.<method>`` pretrained on the rendered radiographs."""
+    return Path("models/pretrain_radiographs") / method
+
+
+def radiograph_report_dir(method: str) -> Path:
+    return REPORTS_DIR / "pretrain_radiographs" / method
+
+
 def finetune_model_path(run: str) -> Path:
     return Path("models/finetune") / run / "model.pt"
 

@@ -129,6 +129,7 @@ def test_a_3d_vit_is_sized_by_the_crops(raw):
     raw["methods"]["mae"]["backbone"].update(spatial_dims=3, img_size=raw["crops"]["size"])
     raw["runs"] = {name: run for name, run in raw["runs"].items() if run["init"] != "mae"}
     raw["label_fraction"]["runs"] = [name for name in raw["label_fraction"]["runs"] if name in raw["runs"]]
+    raw["pretrain_radiographs"]["methods"].remove("mae")  # radiographs are 2D
     validate(raw)
 
 
@@ -147,3 +148,28 @@ def test_label_fractions_are_shares(raw):
     raw["label_fraction"]["fractions"] = [0.1, 1.5, 0.0]
     found = "\n".join(problems(raw))
     assert "label_fraction.fractions[1]" in found and "label_fraction.fractions[2]" in found
+
+
+def test_radiograph_pretraining_names_2d_methods_once_sized_for_the_radiographs(raw):
+    raw["pretrain_radiographs"]["methods"] = ["mae", "mae", "dae_all", "no_such_method"]
+    raw["methods"]["dae_all"]["backbone"]["spatial_dims"] = 3
+    raw["radiographs"]["size"] = 96
+    raw["radiographs"]["window_percentiles"] = [99.0, 1.0]
+    raw["pretrain_radiographs"]["views"] = ["frontal", "frontal"]
+    found = "\n".join(problems(raw))
+    assert "pretrain_radiographs.methods: 'mae' is listed twice" in found
+    assert "pretrain_radiographs.methods: 'no_such_method' is not an entry under `methods`" in found
+    assert "pretrain_radiographs.methods: 'dae_all' has a 3D backbone" in found
+    assert "'mae' is a ViT built for 64-pixel inputs, but radiographs.size is 96" in found
+    assert "radiographs.window_percentiles: got [99.0, 1.0], expected [low, high] with low < high" in found
+    assert "pretrain_radiographs.views: 'frontal' is listed twice" in found
+
+
+def test_radiograph_views_and_size_are_checked(raw):
+    bad_view = yaml.safe_load(yaml.safe_dump(raw))
+    bad_view["pretrain_radiographs"]["views"] = ["oblique"]
+    found = "\n".join(problems(bad_view))
+    assert "pretrain_radiographs.views" in found and "'oblique'" in found
+    raw["radiographs"]["size"] = 72
+    raw["pretrain_radiographs"]["methods"] = ["barlow_twins"]  # a ResNet takes any size
+    assert problems(raw) == ["radiographs.size: got 72, expected a multiple of 16"]

@@ -9,7 +9,8 @@ Reads, for the entries named in params.yaml:
   classification examples with their Grad-CAM maps);
 - ``reports/{label_fraction,frozen_parts}/<run>/metrics.json`` of seed 001's studies;
 - the dvclive folders of every training stage;
-- ``data/radiographs`` (the radiographs rendered from CT);
+- ``data/radiographs`` (the radiographs rendered from CT) and
+  ``reports/pretrain_radiographs/<method>/`` (pretraining on them);
 
 and writes ``reports/README.md`` with the generic tables (one row per method or run),
 seed 000's tables with its published numbers beside ours
@@ -35,7 +36,7 @@ from chestssl.report.classifier_figures import classifier_figure_section
 from chestssl.report.comparison_figures import feature_map_figure, segmentation_comparison_figure
 from chestssl.report.comparisons import pretrained_vs_scratch_table
 from chestssl.report.probes import linear_probe_table
-from chestssl.report.radiograph_figures import radiograph_section
+from chestssl.report.radiograph_figures import radiograph_pretraining_section, radiograph_section
 from chestssl.report.seed000 import seed000_tables
 from chestssl.report.studies import (
     STUDY_METRICS,
@@ -233,6 +234,20 @@ def build_pipeline_report(params: Mapping[str, Any], out_dir: Path = paths.REPOR
     skipped += radiograph_skipped
     if radiograph_figures:
         figure_sections.append(("Radiographs rendered from CT", radiograph_figures))
+    radiograph_tables, probe_figures, probe_skipped = radiograph_pretraining_section(
+        params["pretrain_radiographs"]["methods"], paths.radiograph_report_dir, methods, figures_dir)
+    skipped += probe_skipped
+    if radiograph_tables:
+        views = " and ".join(params["pretrain_radiographs"]["views"])
+        table_sections.append((
+            "Pretraining on radiographs rendered from CT (seeds 001, 004)",
+            f"The `methods` entries of `pretrain_radiographs.methods`, trained on the {views} radiographs of the "
+            "training studies; the same linear probe as above, fitted on the training views and scored on the "
+            "test views, with bootstrap intervals over patients. A study is one scan, so these sets are small.",
+            radiograph_tables,
+        ))
+    if probe_figures:
+        figure_sections.append(("Pretraining on radiographs", probe_figures))
 
     # Comparison figures.
     overlays = {label: load_examples(_seg_examples(kind, entry)) for label, kind, entry in OVERLAY_MODELS

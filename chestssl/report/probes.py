@@ -53,7 +53,11 @@ def _flat_probe(probe: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def linear_probe_table(
-    pretrain_metrics: Mapping[str, tuple[Mapping[str, Any], str]], entries: Mapping[str, Mapping[str, Any]]
+    pretrain_metrics: Mapping[str, tuple[Mapping[str, Any], str]],
+    entries: Mapping[str, Mapping[str, Any]],
+    *,
+    name: str = "linear_probe",
+    title: str = "Linear probe of each pretrained encoder (test split)",
 ) -> Table:
     """The linear probe of every pretraining entry on the test split.
 
@@ -61,15 +65,16 @@ def linear_probe_table(
         pretrain_metrics: ``{entry: (metrics of evaluate_pretrain, path)}``; entries whose
             metrics hold no ``probe`` are left out.
         entries: the validated params entries (``methods`` and ``multihead``) by name.
+        name, title: the table's file name and title.
     """
     rows = []
-    for name, (metrics, source) in pretrain_metrics.items():
+    for entry_name, (metrics, source) in pretrain_metrics.items():
         if "probe" not in metrics:
             continue
-        entry = entries[name]
+        entry = entries[entry_name]
         kind = entry["method"]
         descriptors = {
-            "entry": name,
+            "entry": entry_name,
             "method": kind,
             "backbone": f"{entry['backbone']['name']} {entry['backbone']['spatial_dims']}D",
             "seed's number (other data)": SEED_NUMBERS.get(kind, NO_SEED_NUMBER),
@@ -78,4 +83,4 @@ def linear_probe_table(
     columns = [Column(f"{label}_{metric}", f"{shown} {header}")
                for label, shown in PROBE_LABELS.items() for metric, header in PROBE_METRICS]
     columns.append(Column("mean_auroc", "mean AUROC"))
-    return build_table("linear_probe", "Linear probe of each pretrained encoder (test split)", rows, columns)
+    return build_table(name, title, rows, columns)

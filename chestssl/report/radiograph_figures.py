@@ -8,6 +8,7 @@ annotations where they belong.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -77,3 +78,59 @@ def radiograph_section(radiographs_dir: str | Path, figures_dir: str | Path,
                "test-split examples; head at the top, the patient's right on the left of the frontal view, anterior "
                "on the left of the lateral view")
     return [(caption, path)], []
+
+
+# ------------------------------------------------------------ pretraining on radiographs
+
+#: The probe curve every pretraining run logs (:class:`chestssl.eval.linear_probe.LinearProbeMonitor`).
+PROBE_CURVE = "probe/mean_auroc"
+
+
+def probe_curves_figure(path: str | Path, curves: dict[str, pd.DataFrame], title: str) -> Path:
+    """Validation linear-probe mean AUROC vs optimisation step, one line per method (seed 004's plot)."""
+    if not curves:
+        raise ValueError("no probe curves to plot")
+    with sns.axes_style("whitegrid"), sns.plotting_context("paper"):
+        figure = _new_figure(5.5, 3.4)
+        ax = figure.subplots()
+        palette = sns.color_palette("deep", len(curves))
+        for colour, (name, frame) in zip(palette, curves.items()):
+            ax.plot(frame["step"], frame["value"], color=colour, label=name, marker="o" if len(frame) < 30 else None,
+                    markersize=3)
+        ax.set_xlabel("step")
+        ax.set_ylabel("probe mean AUROC (val)")
+        ax.legend(fontsize="small")
+        figure.suptitle(title)
+    return save_figure(figure, path)
+
+
+def radiograph_pretraining_section(
+    names: list[str], report_dir_of, entries: dict, figures_dir: str | Path,
+) -> tuple[list, list[tuple[str, Path]], list[str]]:
+    """(tables, captioned figures, skipped notes) of ``pretrain_radiographs@<name>`` for ``names``.
+
+    ``report_dir_of(name)`` is the stage's report folder (``metrics.json``, ``live/``);
+    ``entries`` the validated ``methods`` entries.
+    """
+    from chestssl.report.figures import read_live_metrics
+    from chestssl.report.probes import linear_probe_table
+
+    if not names:
+        return [], [], ["Pretraining on radiographs: `pretrain_radiographs.methods` is empty."]
+    probed, curves = {}, {}
+    for name in names:
+        metrics_path = Path(report_dir_of(name)) / "metrics.json"
+        probed[name] = (json.loads(metrics_path.read_text()), str(metrics_path))
+        live = read_live_metrics(Path(report_dir_of(name)) / "live")
+        if PROBE_CURVE in live:
+            curves[name] = live[PROBE_CURVE]
+    table = linear_probe_table(probed, entries, name="radiograph_linear_probe",
+                               title="Linear probe of each encoder pretrained on radiographs (test views)")
+    captioned = []
+    if curves:
+        path = probe_curves_figure(Path(figures_dir) / "radiograph_probe_curves.png", curves,
+                                   "Linear probe during pretraining on radiographs")
+        captioned.append(("Pretraining on radiographs: validation linear probe vs step", path))
+    skipped = [f"Probe curve of `pretrain_radiographs@{name}`: not logged (nothing trained, or "
+               "`probe.every_epochs` is 0)." for name in names if name not in curves]
+    return [table], captioned, skipped

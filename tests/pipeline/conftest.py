@@ -15,7 +15,8 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 PROJECT_FILES = ["chestssl", "stages", "dvc.yaml", "params.yaml", "pyproject.toml", ".dvc/config", ".gitignore",
                  # They keep the report's input folders in place when a list in params is empty.
                  *(f"reports/{stage}/README.md" for stage in ("pretrain", "evaluate_pretrain", "finetune",
-                                                             "evaluate", "label_fraction", "frozen_parts"))]
+                                                             "evaluate", "label_fraction", "frozen_parts",
+                                                             "pretrain_radiographs"))]
 
 
 #: The entries the tiny profile keeps: one of each kind of stage (scratch, both
@@ -90,6 +91,8 @@ def tiny_params(params: dict) -> dict:
     # Seed 001's studies on one linear-head run, two settings each.
     params["label_fraction"] = {"fractions": [0.5, 1.0], "runs": ["cls_linear_barlow_twins"]}
     params["frozen_parts"] = {"unfrozen_stages": [0, 2], "runs": ["cls_linear_barlow_twins"]}
+    # Seeds 001 and 004 on the rendered radiographs: Barlow Twins and diffusion MAE.
+    params["pretrain_radiographs"].update(methods=["barlow_twins", "diffmae"], train={"epochs": 2, "batch_size": 8})
     params["evaluate"]["bootstrap_samples"] = 50
     params["report"]["num_examples"] = 2
     return params

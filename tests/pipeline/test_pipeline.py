@@ -73,6 +73,13 @@ def test_repro_builds_the_report_and_a_second_repro_does_nothing(reproduced_proj
     assert (root / "reports" / "figures" / "label_fraction_cls.png").exists()
     assert "Grad-CAM" in report and "confusion matrices" in report.lower()
     assert "Downstream results by pretraining method" in report
+    # Radiographs rendered from CT, and the methods pretrained on them with their probe.
+    assert (root / "data" / "radiographs" / "studies.csv").exists() and "Radiographs rendered from CT" in report
+    for name in params["pretrain_radiographs"]["methods"]:
+        probe = json.loads((root / "reports" / "pretrain_radiographs" / name / "metrics.json").read_text())["probe"]
+        assert "auroc" in probe["nodule"] or "skipped" in probe["nodule"], name
+    assert "Pretraining on radiographs rendered from CT" in report
+    assert (root / "reports" / "figures" / "radiograph_probe_curves.png").exists()
     status = reproduced_project.dvc_run("status").stdout
     assert "up to date" in status, status
     assert stages_that_would_run(reproduced_project) == set()

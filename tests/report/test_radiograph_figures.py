@@ -29,3 +29,32 @@ def test_section_without_rendered_radiographs_says_how_to_make_them(tmp_path):
     captioned, skipped = radiograph_section(tmp_path / "missing", tmp_path / "figures", num_studies=2)
     assert captioned == []
     assert len(skipped) == 1 and "dvc repro radiographs" in skipped[0]
+
+
+def test_pretraining_section_tables_the_probe_and_plots_its_curves(tmp_path):
+    from chestssl.report.radiograph_figures import radiograph_pretraining_section
+
+    def write(name, curve):
+        report = tmp_path / "reports" / name
+        metrics_dir = report / "live" / "plots" / "metrics" / "probe"
+        metrics_dir.mkdir(parents=True)
+        if curve:
+            (metrics_dir / "mean_auroc.tsv").write_text("step\tmean_auroc\n1\t0.55\n2\t0.61\n")
+        interval = {"value": 0.6, "ci_low": 0.4, "ci_high": 0.8}
+        probe = {"nodule": {"auroc": interval, "auprc": interval, "f1": interval, "n_images": 8, "n_patients": 2},
+                 "malignant": {"skipped": "one class in the training views"}, "mean": {"auroc": 0.6}}
+        (report / "metrics.json").write_text(__import__("json").dumps({"probe": probe}))
+
+    write("mae", curve=True)
+    write("scratch_vit", curve=False)
+    entries = {name: {"method": "mae" if name == "mae" else "scratch",
+                      "backbone": {"name": "vit", "spatial_dims": 2}} for name in ("mae", "scratch_vit")}
+    tables, captioned, skipped = radiograph_pretraining_section(
+        ["mae", "scratch_vit"], lambda name: tmp_path / "reports" / name, entries, tmp_path / "figures")
+    (table,) = tables
+    assert table.name == "radiograph_linear_probe" and len(table.numbers) == 2
+    ((_, path),) = captioned
+    assert path.exists()
+    assert len(skipped) == 1 and "scratch_vit" in skipped[0]
+    assert radiograph_pretraining_section([], None, {}, tmp_path)[2] == [
+        "Pretraining on radiographs: `pretrain_radiographs.methods` is empty."]

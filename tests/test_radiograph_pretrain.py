@@ -1,0 +1,66 @@
+"""Pretraining a `methods` entry on the radiographs rendered from CT."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+
+from chestssl.data.drr import render_radiographs
+from chestssl.params import ParamsError, validate
+from chestssl.radiograph_pretrain import pretrain_on_radiographs, radiograph_entry
+from tests.pipeline.conftest import REPO_ROOT, _shrink
+
+SIZE = 64
+
+
+@pytest.fixture
+def params():
+    raw = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    for name in ("barlow_twins", "scratch_resnet18", "mae"):
+        _shrink(raw["methods"][name])
+    raw["pretrain_radiographs"].update(methods=["barlow_twins", "scratch_resnet18"], train={"epochs": 2, "batch_size": 4})
+    raw["evaluate"]["bootstrap_samples"] = 20
+    return validate(raw)
+
+
+@pytest.fixture
+def radiographs(synthetic_processed, tmp_path):
+    out = tmp_path / "radiographs"
+    render_radiographs(synthetic_processed, out, {"size": SIZE, "mu_water_per_mm": 0.02, "window_percentiles": [1.0, 99.0]})
+    return out
+
+
+def test_the_entry_keeps_its_method_and_takes_the_radiograph_training_length(params):
+    entry = radiograph_entry(params, "barlow_twins")
+    assert entry["method"] == "barlow_twins" and entry["backbone"] == params["methods"]["barlow_twins"]["backbone"]
+    assert entry["train"]["epochs"] == 2 and entry["train"]["batch_size"] == 4
+    assert entry["train"]["lr"] == params["methods"]["barlow_twins"]["train"]["lr"]
+    with pytest.raises(ParamsError, match="pretrain_radiographs.methods: 'mae' is not listed"):
+        radiograph_entry(params, "mae")
+
+
+def test_training_logs_the_probe_and_scores_it_on_the_test_views(params, radiographs, tmp_path):
+    out = tmp_path / "out"
+    metrics = pretrain_on_radiographs("barlow_twins", params, radiographs, out / "model", out / "report", out / "ckpt.pt")
+    # 2 training studies x 2 views, batch 4: one step per epoch.
+    assert metrics["trained"] and metrics["epochs"] == 2 and metrics["steps"] == 2
+    assert metrics["views"] == ["frontal", "lateral"]
+    nodule = metrics["probe"]["nodule"]
+    assert nodule["n_train"] == 4 and 0.0 <= nodule["auroc"]["value"] <= 1.0
+    assert json.loads((out / "report" / "metrics.json").read_text())["probe"]["nodule"]["n_train"] == 4
+    curve = out / "report" / "live" / "plots" / "metrics" / "probe" / "mean_auroc.tsv"
+    assert curve.exists() and len(curve.read_text().splitlines()) == 3  # header + one point per epoch
+    payload = torch.load(out / "model" / "encoder.pt", weights_only=False)
+    assert payload["backbone"]["name"] == "resnet18"
+    assert not (out / "ckpt.pt").exists()
+
+
+def test_a_scratch_entry_trains_nothing_and_is_still_probed(params, radiographs, tmp_path):
+    out = tmp_path / "out"
+    metrics = pretrain_on_radiographs("scratch_resnet18", params, radiographs, out / "model", out / "report",
+                                      out / "ckpt.pt")
+    assert metrics["trained"] is False and "nodule" in metrics["probe"]
+    assert (out / "report" / "live" / "plots" / "metrics").is_dir()
