@@ -57,7 +57,7 @@ def radiograph_figure(path: str | Path, radiographs_dir: str | Path, studies: pd
                 if column == 0:
                     label = f"{study.scan_id}\nnodule" if study.nodule else f"{study.scan_id}\nno nodule"
                     ax.set_ylabel(label, fontsize=8)
-        figure.suptitle("Radiographs rendered from CT: projected nodules outlined, + the largest one's centre")
+        figure.suptitle("Radiographs rendered from CT\nnodules outlined, + the largest one's centre", fontsize=10)
     return save_figure(figure, path)
 
 
