@@ -368,6 +368,23 @@ SCHEMA = Section(
                 ),
             }
         ),
+        "alignment": Section(
+            {
+                "feature_method": Field(str, doc="a pretrain_radiographs method whose frozen encoder gives the feature loss"),
+                "block_inplanes": Field(list, item=Field(int, min=1), length=4, doc="widths of the STN's ResNet-18 trunk"),
+                "steps": _positive_int(),
+                "batch_size": _positive_int(),
+                "lr": Field(float, min=0.0, min_exclusive=True),
+                "weight_decay": _nonneg_float(),
+                "pixel_weight": _nonneg_float("weight of the pixel MSE to the canonical chest; seed 002: 15"),
+                "max_shift": Field(float, min=0.0, max=1.0, doc="share of the image side"),
+                "max_scale": Field(float, min=0.0, max=1.0, doc="relative scale change"),
+                "max_rotation_deg": Field(float, min=0.0, max=180.0),
+                "max_brightness": Field(float, min=0.0, max=1.0),
+                "max_contrast": Field(float, min=0.0, max=1.0),
+                "num_examples": _positive_int("radiographs in the report's alignment figure"),
+            }
+        ),
         "crops": Section(
             {
                 "size": Field(int, min=8, doc="side of the cubic crops of 3D methods; seed 003: 96"),
@@ -557,6 +574,11 @@ def _cross_checks(params: dict, problems: list[str]) -> None:
     if isinstance(low_high, list) and len(low_high) == 2 and low_high[0] >= low_high[1]:
         problems.append(f"radiographs.window_percentiles: got {low_high}, expected [low, high] with low < high")
     _check_radiograph_pretraining(params, problems)
+    feature_method = (params.get("alignment") or {}).get("feature_method")
+    listed = (params.get("pretrain_radiographs") or {}).get("methods") or []
+    if isinstance(feature_method, str) and feature_method not in listed:
+        problems.append(f"alignment.feature_method: got {feature_method!r}, expected one of pretrain_radiographs.methods "
+                        f"({', '.join(listed) or 'none listed'}), whose encoders the pipeline trains")
     methods = params.get("methods") or {}
     multihead = params.get("multihead") or {}
     for name in sorted(set(methods) & set(multihead)):

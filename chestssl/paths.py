@@ -41,6 +41,10 @@ def radiograph_report_dir(method: str) -> Path:
     return REPORTS_DIR / "pretrain_radiographs" / method
 
 
+ALIGNMENT_MODEL_DIR = Path("models/alignment")  # the STN of seed 002's alignment study
+ALIGNMENT_REPORT_DIR = REPORTS_DIR / "alignment"
+
+
 def finetune_model_path(run: str) -> Path:
     return Path("models/finetune") / run / "model.pt"
 

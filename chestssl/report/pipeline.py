@@ -9,8 +9,9 @@ Reads, for the entries named in params.yaml:
   classification examples with their Grad-CAM maps);
 - ``reports/{label_fraction,frozen_parts}/<run>/metrics.json`` of seed 001's studies;
 - the dvclive folders of every training stage;
-- ``data/radiographs`` (the radiographs rendered from CT) and
-  ``reports/pretrain_radiographs/<method>/`` (pretraining on them);
+- ``data/radiographs`` (the radiographs rendered from CT),
+  ``reports/pretrain_radiographs/<method>/`` (pretraining on them) and
+  ``reports/alignment/`` (seed 002's STN alignment study);
 
 and writes ``reports/README.md`` with the generic tables (one row per method or run),
 seed 000's tables with its published numbers beside ours
@@ -28,9 +29,12 @@ import json
 from pathlib import Path
 from typing import Any, Mapping
 
+import numpy as np
+
 from chestssl import paths
 from chestssl.eval.examples import load_examples
 from chestssl.eval.paired import load_item_scores, paired_difference, scratch_pairs
+from chestssl.report.alignment_figures import alignment_figure, alignment_table
 from chestssl.report.build import build_report
 from chestssl.report.classifier_figures import classifier_figure_section
 from chestssl.report.comparison_figures import feature_map_figure, segmentation_comparison_figure
@@ -248,6 +252,22 @@ def build_pipeline_report(params: Mapping[str, Any], out_dir: Path = paths.REPOR
         ))
     if probe_figures:
         figure_sections.append(("Pretraining on radiographs", probe_figures))
+    alignment_metrics = paths.ALIGNMENT_REPORT_DIR / "metrics.json"
+    if alignment_metrics.exists():
+        metrics = _read_json(alignment_metrics)
+        table_sections.append((
+            "STN alignment of radiographs (seed 002)",
+            "A spatial transformer aligns each radiograph to the canonical chest (the mean training radiograph); "
+            "the rendered radiographs share one frame, so every probed image is first moved by a seeded, known "
+            "random transform. The probe of the frozen feature encoder is compared without and with alignment.",
+            [alignment_table(metrics, str(alignment_metrics))],
+        ))
+        with np.load(paths.ALIGNMENT_REPORT_DIR / "examples.npz") as arrays:
+            examples = {name: arrays[name] for name in arrays.files}
+        path = alignment_figure(figures_dir / "alignment.png", examples)
+        figure_sections.append(("STN alignment", [("Misaligned input, STN output, canonical chest (test split)", path)]))
+    else:
+        skipped.append(f"STN alignment: {alignment_metrics} is missing; run `dvc repro align_radiographs`.")
 
     # Comparison figures.
     overlays = {label: load_examples(_seg_examples(kind, entry)) for label, kind, entry in OVERLAY_MODELS

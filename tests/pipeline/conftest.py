@@ -16,7 +16,7 @@ PROJECT_FILES = ["chestssl", "stages", "dvc.yaml", "params.yaml", "pyproject.tom
                  # They keep the report's input folders in place when a list in params is empty.
                  *(f"reports/{stage}/README.md" for stage in ("pretrain", "evaluate_pretrain", "finetune",
                                                              "evaluate", "label_fraction", "frozen_parts",
-                                                             "pretrain_radiographs"))]
+                                                             "pretrain_radiographs", "alignment"))]
 
 
 #: The entries the tiny profile keeps: one of each kind of stage (scratch, both
@@ -93,6 +93,7 @@ def tiny_params(params: dict) -> dict:
     params["frozen_parts"] = {"unfrozen_stages": [0, 2], "runs": ["cls_linear_barlow_twins"]}
     # Seeds 001 and 004 on the rendered radiographs: Barlow Twins and diffusion MAE.
     params["pretrain_radiographs"].update(methods=["barlow_twins", "diffmae"], train={"epochs": 2, "batch_size": 8})
+    params["alignment"].update(block_inplanes=[4, 8, 8, 16], steps=4, batch_size=4, num_examples=2)
     params["evaluate"]["bootstrap_samples"] = 50
     params["report"]["num_examples"] = 2
     return params

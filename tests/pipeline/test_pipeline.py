@@ -80,6 +80,9 @@ def test_repro_builds_the_report_and_a_second_repro_does_nothing(reproduced_proj
         assert "auroc" in probe["nodule"] or "skipped" in probe["nodule"], name
     assert "Pretraining on radiographs rendered from CT" in report
     assert (root / "reports" / "figures" / "radiograph_probe_curves.png").exists()
+    alignment = json.loads((root / "reports" / "alignment" / "metrics.json").read_text())
+    assert alignment["parameter_error"]["misaligned"]["before_px"] > 0
+    assert "STN alignment of radiographs" in report and (root / "reports" / "figures" / "alignment.png").exists()
     status = reproduced_project.dvc_run("status").stdout
     assert "up to date" in status, status
     assert stages_that_would_run(reproduced_project) == set()

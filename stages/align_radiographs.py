@@ -1,0 +1,30 @@
+"""align_radiographs: seed 002's STN alignment study on the radiographs rendered from CT
+(`alignment` in params.yaml): train the STN, score its parameter error and the linear probe
+without vs with alignment."""
+
+from __future__ import annotations
+
+from chestssl import paths
+from chestssl.cli import run_stage
+from chestssl.params import ParamsError, load_params
+
+def main(argv: list[str]) -> None:
+    from chestssl.alignment import run_alignment_study, validate_alignment_cfg
+
+    if argv:
+        raise ParamsError([f"align_radiographs takes no arguments, got {' '.join(argv)!r}; "
+                           "set `alignment` in params.yaml"])
+    params = load_params()
+    cfg = validate_alignment_cfg(params.get("alignment"), feature_methods=params["pretrain_radiographs"]["methods"])
+    metrics = run_alignment_study(
+        params, paths.RADIOGRAPHS_DIR, paths.radiograph_model_dir(cfg["feature_method"]) / "encoder.pt",
+        out_model_dir=paths.ALIGNMENT_MODEL_DIR, report_dir=paths.ALIGNMENT_REPORT_DIR,
+    )
+    error, auroc = metrics["parameter_error"]["misaligned"], metrics["auroc"]["mean"]
+    print(f"align_radiographs: corner displacement {error['before_px']:.2f} -> {error['after_px']:.2f} px "
+          f"({error['fraction_undone']:.1%} undone); mean probe AUROC {auroc['without_alignment']} without, "
+          f"{auroc['with_alignment']} with alignment")
+
+
+if __name__ == "__main__":
+    run_stage(main)
