@@ -9,7 +9,7 @@ from chestssl.cli import run_stage
 from chestssl.params import ParamsError, load_params
 
 def main(argv: list[str]) -> None:
-    from chestssl.alignment import run_alignment_study, validate_alignment_cfg
+    from chestssl.xray.alignment import run_alignment_study, validate_alignment_cfg
 
     if argv:
         raise ParamsError([f"align_radiographs takes no arguments, got {' '.join(argv)!r}; "

@@ -9,7 +9,7 @@ from chestssl.params import load_params
 
 
 def main(argv: list[str]) -> None:
-    from chestssl.radiograph_pretrain import pretrain_on_radiographs
+    from chestssl.xray.pretrain import pretrain_on_radiographs
 
     params = load_params()
     name = name_from_argv(argv, params["pretrain_radiographs"]["methods"], "pretrain_radiographs.methods")

@@ -11,7 +11,7 @@ CT scan, so a study's ``study_id`` is its ``scan_id``. Two views of the same stu
   loop and the linear probe (:mod:`chestssl.eval.linear_probe`) take it unchanged.
 - :class:`RadiographStudyDataset`, one item per study with all its views: seed 004
   (RadDiffusion) pretrains a study-level ViT whose views share a bottleneck CLS token
-  (:mod:`chestssl.models.study_vit`); :func:`collate_radiograph_studies` batches its items.
+  (:mod:`chestssl.xray.study_vit`); :func:`collate_radiograph_studies` batches its items.
 
 Labels are study labels from ``studies.csv`` (every view of a study has its study's label):
 ``nodule`` (1 if the scan has a nodule) or ``malignant`` (the highest median malignancy
@@ -39,7 +39,7 @@ from chestssl.data.datasets import DatasetError
 from chestssl.data.drr import VIEWS
 from chestssl.data.processed import SPLITS
 from chestssl.eval.linear_probe import MALIGNANT_MIN_RATING
-from chestssl.models.study_vit import collate_studies
+from chestssl.xray.study_vit import collate_studies
 
 __all__ = [
     "LABELS",
@@ -373,7 +373,7 @@ class RadiographStudyDataset(Dataset):
 
 
 def collate_radiograph_studies(studies: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """:func:`~chestssl.models.study_vit.collate_studies`, keeping patients, malignancy and views.
+    """:func:`~chestssl.xray.study_vit.collate_studies`, keeping patients, malignancy and views.
 
     Args:
         studies: S items of :class:`RadiographStudyDataset`.

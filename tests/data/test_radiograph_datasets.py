@@ -29,7 +29,7 @@ from chestssl.data.radiograph_datasets import (
 from chestssl.errors import UserError
 from chestssl.eval.linear_probe import MALIGNANT_MIN_RATING, extract_features
 from chestssl.models.seeding import seeded
-from chestssl.models.study_vit import encode_study, study_representation
+from chestssl.xray.study_vit import encode_study, study_representation
 from chestssl.models.vit import build_vit_encoder
 
 SIZE = 32

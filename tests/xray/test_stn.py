@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from chestssl.models.seeding import seeded
-from chestssl.models.stn import (
+from chestssl.xray.stn import (
     IDENTITY_PARAMS,
     AlignmentAugmentation,
     AlignmentLoss,

@@ -6,27 +6,27 @@ and compares the downstream AUROC of a classifier on the radiographs as they are
 on the aligned radiographs (ChestX-ray14, DenseNet-121 fine-tuned on 14 labels: mean
 AUROC 0.8110 unaligned vs 0.8124 aligned). :func:`run_alignment_study` runs that study on
 the frontal radiographs of ``data/radiographs`` (:mod:`chestssl.data.drr`) with the
-building blocks of :mod:`chestssl.models.stn`:
+building blocks of :mod:`chestssl.xray.stn`:
 
-1. **Canonical chest** (:func:`~chestssl.models.stn.canonical_chest`): the mean of the
+1. **Canonical chest** (:func:`~chestssl.xray.stn.canonical_chest`): the mean of the
    training split's frontal radiographs. The seed cropped each one to its lungs first;
    rendered radiographs come without lung masks, so the whole image is used.
 2. **Feature network** of the loss: the frozen encoder of
    ``pretrain_radiographs@<feature_method>``, trained earlier by the pipeline (nothing is
    downloaded), through :class:`FrozenFeatureNet` (its ``feature_maps``).
-3. **Training** (:func:`~chestssl.models.stn.train_alignment`): an
-   :class:`~chestssl.models.stn.AlignmentSTN` maps the training frontal radiographs,
+3. **Training** (:func:`~chestssl.xray.stn.train_alignment`): an
+   :class:`~chestssl.xray.stn.AlignmentSTN` maps the training frontal radiographs,
    misaligned and intensity-jittered on the fly by
-   :class:`~chestssl.models.stn.AlignmentAugmentation`, onto the canonical chest under
-   :class:`~chestssl.models.stn.AlignmentLoss` (``pixel_weight`` x pixel MSE + feature
+   :class:`~chestssl.xray.stn.AlignmentAugmentation`, onto the canonical chest under
+   :class:`~chestssl.xray.stn.AlignmentLoss` (``pixel_weight`` x pixel MSE + feature
    MSE), AdamW, seeded.
 4. **Evaluation** on the test split's frontal radiographs. The renderer fits every CT into
    the same frame, so rendered radiographs are already aligned with each other; the
    misalignment the seed met in real films is therefore made: every probed radiograph
    (training and test) is moved by one seeded random known transform
-   (:func:`~chestssl.models.stn.misalign`, the augmentation's shift/scale/rotation range).
+   (:func:`~chestssl.xray.stn.misalign`, the augmentation's shift/scale/rotation range).
 
-   a. Parameter error (:func:`~chestssl.models.stn.alignment_parameter_error`): mean
+   a. Parameter error (:func:`~chestssl.xray.stn.alignment_parameter_error`): mean
       corner displacement in pixels of the known transform (before) and of it chained with
       the STN's prediction (after), and the fraction undone; and how far the STN moves the
       radiographs that were not misaligned (0 for a perfect STN).
@@ -57,7 +57,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from chestssl.models.stn import DEFAULT_HIDDEN_DIM, AlignmentSTN
+from chestssl.xray.stn import DEFAULT_HIDDEN_DIM, AlignmentSTN
 from chestssl.params import ParamsError
 
 #: Format tag of ``stn.pt``.
@@ -213,7 +213,7 @@ def validate_alignment_cfg(
 
 
 class FrozenFeatureNet(nn.Module):
-    """A pretrained encoder as :class:`~chestssl.models.stn.AlignmentLoss`'s feature network.
+    """A pretrained encoder as :class:`~chestssl.xray.stn.AlignmentLoss`'s feature network.
 
     ``forward(x)``: (B, 1, H, W) -> the encoder's ``feature_maps(x)`` (a list of maps,
     shallow to deep, as every backbone of :mod:`chestssl.models.backbones` gives), or
@@ -432,7 +432,7 @@ def run_alignment_study(
     from chestssl.inference import auto_device
     from chestssl.io import save_torch, write_json, write_npz
     from chestssl.models.seeding import seeded
-    from chestssl.models.stn import (
+    from chestssl.xray.stn import (
         AlignmentAugmentation,
         AlignmentLoss,
         alignment_parameter_error,

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from chestssl.models.seeding import seeded
-from chestssl.models.study_vit import (
+from chestssl.xray.study_vit import (
     collate_studies,
     encode_study,
     encode_study_visible,

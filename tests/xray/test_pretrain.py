@@ -10,7 +10,7 @@ import yaml
 
 from chestssl.data.drr import render_radiographs
 from chestssl.params import ParamsError, validate
-from chestssl.radiograph_pretrain import pretrain_on_radiographs, radiograph_entry
+from chestssl.xray.pretrain import pretrain_on_radiographs, radiograph_entry
 from tests.pipeline.conftest import REPO_ROOT, _shrink
 
 SIZE = 64

@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from chestssl.alignment import (
+from chestssl.xray.alignment import (
     ALIGNMENT_FIELDS,
     FrozenFeatureNet,
     apply_stn,
