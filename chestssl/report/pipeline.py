@@ -263,8 +263,8 @@ def build_pipeline_report(params: Mapping[str, Any], out_dir: Path = paths.REPOR
             [alignment_table(metrics, str(alignment_metrics))],
         ))
         with np.load(paths.ALIGNMENT_REPORT_DIR / "examples.npz") as arrays:
-            examples = {name: arrays[name] for name in arrays.files}
-        path = alignment_figure(figures_dir / "alignment.png", examples)
+            alignment_examples = {name: arrays[name] for name in arrays.files}
+        path = alignment_figure(figures_dir / "alignment.png", alignment_examples)
         figure_sections.append(("STN alignment", [("Misaligned input, STN output, canonical chest (test split)", path)]))
     else:
         skipped.append(f"STN alignment: {alignment_metrics} is missing; run `dvc repro align_radiographs`.")
