@@ -9,13 +9,13 @@ from chestssl.cli import run_stage
 from chestssl.params import ParamsError, load_params
 
 def main(argv: list[str]) -> None:
-    from chestssl.xray.alignment import run_alignment_study, validate_alignment_cfg
+    from chestssl.xray.alignment import run_alignment_study
 
     if argv:
         raise ParamsError([f"align_radiographs takes no arguments, got {' '.join(argv)!r}; "
                            "set `alignment` in params.yaml"])
     params = load_params()
-    cfg = validate_alignment_cfg(params.get("alignment"), feature_methods=params["pretrain_radiographs"]["methods"])
+    cfg = params["alignment"]  # run_alignment_study checks it again for direct callers
     metrics = run_alignment_study(
         params, paths.RADIOGRAPHS_DIR, paths.radiograph_model_dir(cfg["feature_method"]) / "encoder.pt",
         out_model_dir=paths.ALIGNMENT_MODEL_DIR, report_dir=paths.ALIGNMENT_REPORT_DIR,

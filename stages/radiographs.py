@@ -8,10 +8,10 @@ from chestssl.params import load_params
 
 
 def main(argv: list[str]) -> None:
-    from chestssl.data.drr import render_radiographs, validate_radiograph_cfg
+    from chestssl.data.drr import render_radiographs
 
     params = load_params()
-    cfg = validate_radiograph_cfg(params["radiographs"])
+    cfg = params["radiographs"]  # render_radiographs checks it again for direct callers
     studies = render_radiographs(
         paths.PROCESSED_DIR, paths.RADIOGRAPHS_DIR, cfg, hu_window=params["preprocess"]["hu_window"], progress=True
     )

@@ -29,8 +29,6 @@ import json
 from pathlib import Path
 from typing import Any, Mapping
 
-import numpy as np
-
 from chestssl import paths
 from chestssl.eval.examples import load_examples
 from chestssl.eval.paired import load_item_scores, paired_difference, scratch_pairs
@@ -262,9 +260,8 @@ def build_pipeline_report(params: Mapping[str, Any], out_dir: Path = paths.REPOR
             "random transform. The probe of the frozen feature encoder is compared without and with alignment.",
             [alignment_table(metrics, str(alignment_metrics))],
         ))
-        with np.load(paths.ALIGNMENT_REPORT_DIR / "examples.npz") as arrays:
-            alignment_examples = {name: arrays[name] for name in arrays.files}
-        path = alignment_figure(figures_dir / "alignment.png", alignment_examples)
+        path = alignment_figure(figures_dir / "alignment.png",
+                                load_examples(paths.ALIGNMENT_REPORT_DIR / "examples.npz"))
         figure_sections.append(("STN alignment", [("Misaligned input, STN output, canonical chest (test split)", path)]))
     else:
         skipped.append(f"STN alignment: {alignment_metrics} is missing; run `dvc repro align_radiographs`.")

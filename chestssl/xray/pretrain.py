@@ -61,18 +61,18 @@ def pretrain_on_radiographs(
     seed, probe, evaluate = params["seed"], params["probe"], params["evaluate"]
     views = params["pretrain_radiographs"]["views"]
 
-    def views_of(split: str, task: str) -> RadiographDataset:
-        return RadiographDataset(radiographs_dir, split, views, task=task)
-
+    # Every study of a split is used both to pretrain and to probe (each has a 0/1 label),
+    # so one dataset per split serves both.
+    train, val = (RadiographDataset(radiographs_dir, split, views, task="cls") for split in ("train", "val"))
     method = build_method(name, cfg, seed)
     live_dir = report_dir / "live"
     if method.trainable:
         hook = None
         if probe["every_epochs"] > 0:
-            hook = LinearProbeMonitor(views_of("train", "cls"), views_of("val", "cls"), every_epochs=probe["every_epochs"],
+            hook = LinearProbeMonitor(train, val, every_epochs=probe["every_epochs"],
                                       C=probe["C"], max_iter=probe["max_iter"], seed=seed)
         monitor, mode = method.monitor
-        result = fit(method, views_of("train", "pretrain"), views_of("val", "pretrain"), cfg["train"], live_dir,
+        result = fit(method, train, val, cfg["train"], live_dir,
                      checkpoint_path, seed, monitor=monitor, mode=mode, epoch_hook=hook)
         if not result.is_main:
             return None
@@ -88,8 +88,8 @@ def pretrain_on_radiographs(
     encoder = method.encoder().to(device)
     metrics["views"] = list(views)
     metrics["probe"] = fit_linear_probe(
-        extract_features(encoder, views_of("train", "cls"), device),
-        extract_features(encoder, views_of("test", "cls"), device),
+        extract_features(encoder, train, device),
+        extract_features(encoder, RadiographDataset(radiographs_dir, "test", views, task="cls"), device),
         C=probe["C"], max_iter=probe["max_iter"], seed=seed,
         n_bootstrap=evaluate["bootstrap_samples"], confidence=evaluate["confidence"],
     )
