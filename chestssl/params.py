@@ -359,6 +359,9 @@ SCHEMA = Section(
         "pretrain_radiographs": Section(
             {
                 "methods": Field(list, item=Field(str), doc="`methods` entries (2D) also trained on the radiographs"),
+                "study_methods": Field(
+                    list, item=Field(str), doc="`mae` / `diffmae` entries also trained on whole studies (bottleneck CLS)"
+                ),
                 "views": Field(list, item=Field(str, choices=("frontal", "lateral"))),
                 "train": Section(
                     {
@@ -630,32 +633,41 @@ def _check_studies(params: dict, problems: list[str]) -> None:
 
 
 def _check_radiograph_pretraining(params: dict, problems: list[str]) -> None:
-    """``pretrain_radiographs`` names 2D ``methods`` entries, each once, fed radiographs of their input size."""
+    """``pretrain_radiographs`` names 2D ``methods`` entries, each once, fed radiographs of their input size;
+    its ``study_methods`` are ``mae`` / ``diffmae`` entries, and studies have at least two views."""
     block = params.get("pretrain_radiographs")
     if not isinstance(block, Mapping):
         return
     methods = params.get("methods") or {}
-    named = block.get("methods") if isinstance(block.get("methods"), list) else []
     views = block.get("views") if isinstance(block.get("views"), list) else []
-    if named and not views:
-        problems.append("pretrain_radiographs.views: empty; list frontal, lateral or both")
     for view in sorted({v for v in views if views.count(v) > 1}):
         problems.append(f"pretrain_radiographs.views: {view!r} is listed twice")
-    for name in sorted({n for n in named if named.count(n) > 1}):
-        problems.append(f"pretrain_radiographs.methods: {name!r} is listed twice; each is one stage")
     size = (params.get("radiographs") or {}).get("size")
-    for name in named:
-        entry = methods.get(name)
-        if not isinstance(entry, Mapping):
-            problems.append(f"pretrain_radiographs.methods: {name!r} is not an entry under `methods`: " + ", ".join(methods))
-            continue
-        backbone = entry.get("backbone") or {}
-        if backbone.get("spatial_dims") != 2:
-            problems.append(f"pretrain_radiographs.methods: {name!r} has a {backbone.get('spatial_dims')}D backbone; "
-                            "radiographs are 2D, so list entries with backbone.spatial_dims 2")
-        elif backbone.get("name") == "vit" and backbone.get("img_size") != size:
-            problems.append(f"pretrain_radiographs.methods: {name!r} is a ViT built for {backbone.get('img_size')}-pixel "
-                            f"inputs, but radiographs.size is {size}; set them equal")
+    for key in ("methods", "study_methods"):
+        named = block.get(key) if isinstance(block.get(key), list) else []
+        where = f"pretrain_radiographs.{key}"
+        if named and not views:
+            problems.append("pretrain_radiographs.views: empty; list frontal, lateral or both")
+        for name in sorted({n for n in named if named.count(n) > 1}):
+            problems.append(f"{where}: {name!r} is listed twice; each is one stage")
+        for name in named:
+            entry = methods.get(name)
+            if not isinstance(entry, Mapping):
+                problems.append(f"{where}: {name!r} is not an entry under `methods`: " + ", ".join(methods))
+                continue
+            backbone = entry.get("backbone") or {}
+            if key == "study_methods" and entry.get("method") not in ("mae", "diffmae"):
+                problems.append(f"{where}: {name!r} is a {entry.get('method')!r} entry; study-level pretraining "
+                                "shares the ViT's CLS token among a study's views, so list `mae` or `diffmae` entries")
+            if backbone.get("spatial_dims") != 2:
+                problems.append(f"{where}: {name!r} has a {backbone.get('spatial_dims')}D backbone; "
+                                "radiographs are 2D, so list entries with backbone.spatial_dims 2")
+            elif backbone.get("name") == "vit" and backbone.get("img_size") != size:
+                problems.append(f"{where}: {name!r} is a ViT built for {backbone.get('img_size')}-pixel "
+                                f"inputs, but radiographs.size is {size}; set them equal")
+        if key == "study_methods" and named and len(views) == 1:
+            problems.append(f"pretrain_radiographs.study_methods: studies of the single view {views[0]!r} share "
+                            "nothing; list both views in pretrain_radiographs.views or leave study_methods empty")
 
 
 def _check_method_inputs(params: dict, problems: list[str]) -> None:

@@ -41,6 +41,15 @@ def radiograph_report_dir(method: str) -> Path:
     return REPORTS_DIR / "pretrain_radiographs" / method
 
 
+def radiograph_study_model_dir(method: str) -> Path:
+    """The encoder of ``methods.<method>`` pretrained on whole radiograph studies (bottleneck CLS)."""
+    return Path("models/pretrain_radiograph_studies") / method
+
+
+def radiograph_study_report_dir(method: str) -> Path:
+    return REPORTS_DIR / "pretrain_radiograph_studies" / method
+
+
 ALIGNMENT_MODEL_DIR = Path("models/alignment")  # the STN of seed 002's alignment study
 ALIGNMENT_REPORT_DIR = REPORTS_DIR / "alignment"
 

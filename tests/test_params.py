@@ -130,6 +130,7 @@ def test_a_3d_vit_is_sized_by_the_crops(raw):
     raw["runs"] = {name: run for name, run in raw["runs"].items() if run["init"] != "mae"}
     raw["label_fraction"]["runs"] = [name for name in raw["label_fraction"]["runs"] if name in raw["runs"]]
     raw["pretrain_radiographs"]["methods"].remove("mae")  # radiographs are 2D
+    raw["pretrain_radiographs"]["study_methods"].remove("mae")
     validate(raw)
 
 
@@ -172,4 +173,17 @@ def test_radiograph_views_and_size_are_checked(raw):
     assert "pretrain_radiographs.views" in found and "'oblique'" in found
     raw["radiographs"]["size"] = 72
     raw["pretrain_radiographs"]["methods"] = ["barlow_twins"]  # a ResNet takes any size
+    raw["pretrain_radiographs"]["study_methods"] = []
     assert problems(raw) == ["radiographs.size: got 72, expected a multiple of 16"]
+
+
+def test_study_level_pretraining_takes_masked_vit_entries_and_two_views(raw):
+    raw["pretrain_radiographs"]["study_methods"] = ["barlow_twins", "diffmae", "diffmae"]
+    raw["pretrain_radiographs"]["views"] = ["lateral"]
+    found = "\n".join(problems(raw))
+    assert "pretrain_radiographs.study_methods: 'barlow_twins' is a 'barlow_twins' entry" in found
+    assert "pretrain_radiographs.study_methods: 'diffmae' is listed twice" in found
+    assert "studies of the single view 'lateral' share nothing" in found
+    raw["pretrain_radiographs"]["views"] = ["frontal", "lateral"]
+    raw["pretrain_radiographs"]["study_methods"] = ["mae"]
+    validate(raw)

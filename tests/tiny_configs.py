@@ -41,3 +41,30 @@ LOSS = {
     "disc_layers": 2,
     "disc_channels": 4,
 }
+
+
+def shrink_method_entry(entry: dict) -> None:
+    """Shrink a `methods` entry of params.yaml in place to a few-second CPU size (backbone, decoder, steps)."""
+    backbone = entry.get("backbone", {})
+    if backbone.get("name") == "cnn_attention":
+        backbone.update(channels=4, channel_multipliers=[1, 2], num_res_blocks=1, latent_channels=4, norm_num_groups=2)
+    elif backbone.get("name") == "swin":
+        backbone.update(feature_size=12, depths=[1, 1, 1, 1])
+    elif backbone.get("name") == "unet_encoder":
+        backbone["features"] = [4, 8, 8, 16, 16]
+    elif backbone.get("name") in ("resnet18", "resnet50"):
+        backbone["block_inplanes"] = [4, 8, 8, 16]
+        entry.update({"projector_dim": 16} if "projector_dim" in entry else {})
+    elif backbone.get("name") == "vit":
+        backbone.update(patch_size=16, hidden_size=16, num_layers=1, num_heads=2, mlp_dim=32)
+    if "decoder_hidden_size" in entry:
+        entry.update(decoder_hidden_size=8, decoder_num_layers=1, decoder_num_heads=2)
+    if "num_steps" in entry:
+        entry["num_steps"] = 10
+    if "decoder" in entry:
+        entry["decoder"].update(channels=4, channel_multipliers=[1, 2], num_res_blocks=1, norm_num_groups=2,
+                                latent_channels=4)
+        entry["quantizer"].update(codebook_size=16, dim=4)
+        entry["loss"].update(disc_start=1, disc_channels=4)  # the adversarial path runs too
+    if "train" in entry:
+        entry["train"].update(epochs=1, max_steps=3, batch_size=8, log_every=1)

@@ -10,7 +10,8 @@ Reads, for the entries named in params.yaml:
 - ``reports/{label_fraction,frozen_parts}/<run>/metrics.json`` of seed 001's studies;
 - the dvclive folders of every training stage;
 - ``data/radiographs`` (the radiographs rendered from CT),
-  ``reports/pretrain_radiographs/<method>/`` (pretraining on them) and
+  ``reports/pretrain_radiographs/<method>/`` (pretraining on them),
+  ``reports/pretrain_radiograph_studies/<method>/`` (pretraining on whole studies) and
   ``reports/alignment/`` (seed 002's STN alignment study);
 
 and writes ``reports/README.md`` with the generic tables (one row per method or run),
@@ -38,7 +39,7 @@ from chestssl.report.classifier_figures import classifier_figure_section
 from chestssl.report.comparison_figures import feature_map_figure, segmentation_comparison_figure
 from chestssl.report.comparisons import pretrained_vs_scratch_table
 from chestssl.report.probes import linear_probe_table
-from chestssl.report.radiograph_figures import radiograph_pretraining_section, radiograph_section
+from chestssl.report.radiograph_figures import ProbeLevel, radiograph_pretraining_section, radiograph_section
 from chestssl.report.seed000 import seed000_tables
 from chestssl.report.studies import (
     STUDY_METRICS,
@@ -236,16 +237,28 @@ def build_pipeline_report(params: Mapping[str, Any], out_dir: Path = paths.REPOR
     skipped += radiograph_skipped
     if radiograph_figures:
         figure_sections.append(("Radiographs rendered from CT", radiograph_figures))
-    radiograph_tables, probe_figures, probe_skipped = radiograph_pretraining_section(
-        params["pretrain_radiographs"]["methods"], paths.radiograph_report_dir, methods, figures_dir)
+    block = params["pretrain_radiographs"]
+    levels = [
+        ProbeLevel("image level", "pretrain_radiographs", "pretrain_radiographs.methods", block["methods"],
+                   paths.radiograph_report_dir, "radiograph_linear_probe",
+                   "Linear probe of each encoder pretrained on radiographs (test views)"),
+        ProbeLevel("study level (bottleneck CLS)", "pretrain_radiograph_studies", "pretrain_radiographs.study_methods",
+                   block["study_methods"], paths.radiograph_study_report_dir, "radiograph_study_linear_probe",
+                   "Study-level linear probe of each encoder pretrained on radiograph studies (test studies)",
+                   items="studies"),
+    ]
+    radiograph_tables, probe_figures, probe_skipped = radiograph_pretraining_section(levels, methods, figures_dir)
     skipped += probe_skipped
     if radiograph_tables:
-        views = " and ".join(params["pretrain_radiographs"]["views"])
+        views = " and ".join(block["views"])
         table_sections.append((
             "Pretraining on radiographs rendered from CT (seeds 001, 004)",
             f"The `methods` entries of `pretrain_radiographs.methods`, trained on the {views} radiographs of the "
             "training studies; the same linear probe as above, fitted on the training views and scored on the "
-            "test views, with bootstrap intervals over patients. A study is one scan, so these sets are small.",
+            "test views, with bootstrap intervals over patients. The `mae` / `diffmae` entries of "
+            "`pretrain_radiographs.study_methods` are also trained on whole studies, the views of a study sharing "
+            "one CLS token after every ViT block (seed 004's bottleneck CLS), and probed on that shared token, one "
+            "feature per study. A study is one scan, so these sets are small.",
             radiograph_tables,
         ))
     if probe_figures:

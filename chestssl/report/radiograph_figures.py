@@ -9,7 +9,9 @@ annotations where they belong.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -86,51 +88,88 @@ def radiograph_section(radiographs_dir: str | Path, figures_dir: str | Path,
 PROBE_CURVE = "probe/mean_auroc"
 
 
-def probe_curves_figure(path: str | Path, curves: dict[str, pd.DataFrame], title: str) -> Path:
-    """Validation linear-probe mean AUROC vs optimisation step, one line per method (seed 004's plot)."""
-    if not curves:
+@dataclass(frozen=True)
+class ProbeLevel:
+    """One level of radiograph pretraining in the report: its stage, methods and outputs.
+
+    ``label``: the panel title (e.g. ``image level``); ``stage``: the foreach stage
+    (``pretrain_radiographs``); ``list_key``: the params list naming its methods;
+    ``names``: those methods; ``report_dir_of(name)``: the stage's report folder
+    (``metrics.json``, ``live/``); ``table_name``, ``table_title``: its probe table;
+    ``items``: what one probed item is (``images``, ``studies``).
+    """
+
+    label: str
+    stage: str
+    list_key: str
+    names: Sequence[str]
+    report_dir_of: Callable[[str], Path]
+    table_name: str
+    table_title: str
+    items: str = "images"
+
+
+def probe_curves_figure(path: str | Path, panels: Mapping[str, Mapping[str, pd.DataFrame]], title: str) -> Path:
+    """Validation linear-probe mean AUROC vs optimisation step (seed 004's plot).
+
+    ``panels``: panel title -> {method: curve (``step``, ``value``)}; one panel per level
+    (image, study), side by side on one y axis, one line per method, the same method in
+    the same colour in every panel.
+    """
+    panels = {label: curves for label, curves in panels.items() if curves}
+    if not panels:
         raise ValueError("no probe curves to plot")
+    methods = list(dict.fromkeys(name for curves in panels.values() for name in curves))
+    colours = dict(zip(methods, sns.color_palette("deep", len(methods))))
     with sns.axes_style("whitegrid"), sns.plotting_context("paper"):
-        figure = _new_figure(5.5, 3.4)
-        ax = figure.subplots()
-        palette = sns.color_palette("deep", len(curves))
-        for colour, (name, frame) in zip(palette, curves.items()):
-            ax.plot(frame["step"], frame["value"], color=colour, label=name, marker="o" if len(frame) < 30 else None,
-                    markersize=3)
-        ax.set_xlabel("step")
-        ax.set_ylabel("probe mean AUROC (val)")
-        ax.legend(fontsize="small")
+        figure = _new_figure(1.0 + 4.5 * len(panels), 3.4)
+        axes = figure.subplots(1, len(panels), sharey=True, squeeze=False)[0]
+        for ax, (label, curves) in zip(axes, panels.items()):
+            for name, frame in curves.items():
+                ax.plot(frame["step"], frame["value"], color=colours[name], label=name,
+                        marker="o" if len(frame) < 30 else None, markersize=3)
+            ax.set_xlabel("step")
+            ax.set_title(label)
+            ax.legend(fontsize="small")
+        axes[0].set_ylabel("probe mean AUROC (val)")
         figure.suptitle(title)
     return save_figure(figure, path)
 
 
 def radiograph_pretraining_section(
-    names: list[str], report_dir_of, entries: dict, figures_dir: str | Path,
+    levels: Sequence[ProbeLevel], entries: Mapping[str, Any], figures_dir: str | Path,
 ) -> tuple[list, list[tuple[str, Path]], list[str]]:
-    """(tables, captioned figures, skipped notes) of ``pretrain_radiographs@<name>`` for ``names``.
+    """(tables, captioned figures, skipped notes) of radiograph pretraining at each of ``levels``.
 
-    ``report_dir_of(name)`` is the stage's report folder (``metrics.json``, ``live/``);
-    ``entries`` the validated ``methods`` entries.
+    One probe table per level with methods, and one figure of the probe curves with a
+    panel per level; ``entries`` are the validated ``methods`` entries.
     """
     from chestssl.report.figures import read_live_metrics
     from chestssl.report.probes import linear_probe_table
 
-    if not names:
-        return [], [], ["Pretraining on radiographs: `pretrain_radiographs.methods` is empty."]
-    probed, curves = {}, {}
-    for name in names:
-        metrics_path = Path(report_dir_of(name)) / "metrics.json"
-        probed[name] = (json.loads(metrics_path.read_text()), str(metrics_path))
-        live = read_live_metrics(Path(report_dir_of(name)) / "live")
-        if PROBE_CURVE in live:
-            curves[name] = live[PROBE_CURVE]
-    table = linear_probe_table(probed, entries, name="radiograph_linear_probe",
-                               title="Linear probe of each encoder pretrained on radiographs (test views)")
+    tables, panels, skipped = [], {}, []
+    for level in levels:
+        if not level.names:
+            skipped.append(f"Pretraining on radiographs ({level.label}): `{level.list_key}` is empty.")
+            continue
+        probed, curves = {}, {}
+        for name in level.names:
+            report_dir = Path(level.report_dir_of(name))
+            probed[name] = (json.loads((report_dir / "metrics.json").read_text()), str(report_dir / "metrics.json"))
+            live = read_live_metrics(report_dir / "live")
+            if PROBE_CURVE in live:
+                curves[name] = live[PROBE_CURVE]
+            else:
+                skipped.append(f"Probe curve of `{level.stage}@{name}`: not logged (nothing trained, or "
+                               "`probe.every_epochs` is 0).")
+        table = linear_probe_table(probed, entries, name=level.table_name, title=level.table_title)
+        table.text = table.text.rename(columns={"Test images / patients": f"Test {level.items} / patients"})
+        tables.append(table)
+        panels[level.label] = curves
     captioned = []
-    if curves:
-        path = probe_curves_figure(Path(figures_dir) / "radiograph_probe_curves.png", curves,
+    if any(panels.values()):
+        path = probe_curves_figure(Path(figures_dir) / "radiograph_probe_curves.png", panels,
                                    "Linear probe during pretraining on radiographs")
-        captioned.append(("Pretraining on radiographs: validation linear probe vs step", path))
-    skipped = [f"Probe curve of `pretrain_radiographs@{name}`: not logged (nothing trained, or "
-               "`probe.every_epochs` is 0)." for name in names if name not in curves]
-    return [table], captioned, skipped
+        captioned.append(("Pretraining on radiographs: validation linear probe vs step, "
+                          + " and ".join(label for label, curves in panels.items() if curves), path))
+    return tables, captioned, skipped

@@ -13,7 +13,7 @@ building blocks of :mod:`chestssl.xray.stn`:
    rendered radiographs come without lung masks, so the whole image is used.
 2. **Feature network** of the loss: the frozen encoder of
    ``pretrain_radiographs@<feature_method>``, trained earlier by the pipeline (nothing is
-   downloaded), through :class:`FrozenFeatureNet` (its ``feature_maps``).
+   downloaded), through :class:`EncoderFeatures` (its ``feature_maps``).
 3. **Training** (:func:`~chestssl.xray.stn.train_alignment`): an
    :class:`~chestssl.xray.stn.AlignmentSTN` maps the training frontal radiographs,
    misaligned and intensity-jittered on the fly by
@@ -212,14 +212,14 @@ def validate_alignment_cfg(
 # --------------------------------------------------------------------------------------
 
 
-class FrozenFeatureNet(nn.Module):
+class EncoderFeatures(nn.Module):
     """A pretrained encoder as :class:`~chestssl.xray.stn.AlignmentLoss`'s feature network.
 
     ``forward(x)``: (B, 1, H, W) -> the encoder's ``feature_maps(x)`` (a list of maps,
     shallow to deep, as every backbone of :mod:`chestssl.models.backbones` gives), or
-    ``representation(x)`` (B, D) for an encoder without maps. The encoder is frozen (no
-    parameter requires gradients) and kept in eval mode; gradients still flow through it
-    to ``x``, which is how the loss reaches the STN.
+    ``representation(x)`` (B, D) for an encoder without maps. The loss freezes it (no
+    parameter requires gradients, eval mode); gradients still flow through it to ``x``,
+    which is how the loss reaches the STN.
     """
 
     def __init__(self, encoder: nn.Module):
@@ -230,15 +230,6 @@ class FrozenFeatureNet(nn.Module):
                              "the alignment loss needs a backbone of chestssl.models.backbones")
         self.encoder = encoder
         self._use_maps = has_maps
-        for parameter in self.encoder.parameters():
-            parameter.requires_grad_(False)
-        self.encoder.eval()
-
-    def train(self, mode: bool = True) -> "FrozenFeatureNet":
-        """Set this module's mode; the encoder stays in eval mode."""
-        super().train(mode)
-        self.encoder.eval()
-        return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         """(B, 1, H, W) -> list of (B, C_i, H_i, W_i) maps, or (B, D)."""
@@ -457,7 +448,7 @@ def run_alignment_study(
 
     canonical = canonical_chest(train_images, size=size)
     encoder = load_feature_encoder(encoder_path, cfg["feature_method"]).to(device)
-    loss = AlignmentLoss(FrozenFeatureNet(encoder), pixel_weight=cfg["pixel_weight"]).to(device)
+    loss = AlignmentLoss(EncoderFeatures(encoder), pixel_weight=cfg["pixel_weight"]).to(device)
     with seeded(seed):
         stn = AlignmentSTN(output_size=size, block_inplanes=cfg["block_inplanes"], hidden_dim=DEFAULT_HIDDEN_DIM)
     stn.to(device)

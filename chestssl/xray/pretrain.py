@@ -13,28 +13,55 @@ regression per label, ``nodule`` and ``malignant``, on frozen features) is logge
 validation split every ``probe.every_epochs`` epochs, as seed 004 plots it, and fitted on
 the training views and scored on the test views at the end, with bootstrap intervals over
 patients.
+
+Study level (stage ``pretrain_radiograph_studies@<method>``, seed 004): the ``mae`` and
+``diffmae`` entries of ``pretrain_radiographs.study_methods`` are trained on whole studies,
+the views of a study sharing a bottleneck CLS token (:mod:`chestssl.xray.study_mae`), and
+probed on one feature per study (:mod:`chestssl.xray.study_probe`). Same training length,
+views, probe and outputs; a batch is ``batch_size`` studies.
 """
 
 from __future__ import annotations
 
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from chestssl.cli import flat_metrics
 from chestssl.io import save_torch, write_json
 
-def radiograph_entry(params: Mapping[str, Any], name: str) -> dict[str, Any]:
-    """The ``methods`` entry ``name`` with ``pretrain_radiographs.train`` applied to its ``train`` block."""
+if TYPE_CHECKING:
+    from torch import nn
+    from torch.utils.data import Dataset
+
+def radiograph_entry(params: Mapping[str, Any], name: str, listed_in: str = "methods") -> dict[str, Any]:
+    """The ``methods`` entry ``name`` with ``pretrain_radiographs.train`` applied to its ``train`` block.
+
+    ``listed_in``: the ``pretrain_radiographs`` list that must name it (``methods``, or
+    ``study_methods`` for study-level pretraining).
+    """
     from chestssl.params import ParamsError
 
-    if name not in params["pretrain_radiographs"]["methods"]:
-        raise ParamsError([f"pretrain_radiographs.methods: {name!r} is not listed "
-                           f"({', '.join(params['pretrain_radiographs']['methods']) or 'empty'})"])
+    listed = params["pretrain_radiographs"][listed_in]
+    if name not in listed:
+        raise ParamsError([f"pretrain_radiographs.{listed_in}: {name!r} is not listed ({', '.join(listed) or 'empty'})"])
     entry = dict(params["methods"][name])
     if "train" in entry:  # `scratch` entries train nothing
         entry["train"] = {**entry["train"], **params["pretrain_radiographs"]["train"]}
     return entry
+
+
+@dataclass(frozen=True)
+class _Level:
+    """What differs between image-level and study-level pretraining."""
+
+    name: str
+    datasets: Callable[[str], Dataset]  # split -> dataset
+    build: Callable[[str, Mapping[str, Any], int], nn.Module]
+    features: Callable[[nn.Module, Dataset, Any], Any]  # (encoder, dataset, device) -> ProbeFeatures
+    monitor: type
+    collate_fn: Callable | None = None
 
 
 def pretrain_on_radiographs(
@@ -45,35 +72,86 @@ def pretrain_on_radiographs(
     report_dir: Path,
     checkpoint_path: Path,
 ) -> dict[str, Any] | None:
-    """Train method ``name`` on the radiographs, probe its encoder, write its outputs.
+    """Train method ``name`` on single radiographs, probe its encoder per view, write its outputs.
 
     Writes ``model_dir/encoder.pt`` (the exported encoder, as ``pretrain@`` exports it),
     ``report_dir/live`` (curves) and ``report_dir/metrics.json``; returns the metrics,
     or ``None`` on a non-main process under ``torchrun``.
     """
     from chestssl.data.radiograph_datasets import RadiographDataset
-    from chestssl.eval.linear_probe import LinearProbeMonitor, extract_features, fit_linear_probe
-    from chestssl.inference import auto_device
+    from chestssl.eval.linear_probe import LinearProbeMonitor, extract_features
     from chestssl.methods import build_method
+
+    views = params["pretrain_radiographs"]["views"]
+    level = _Level(
+        name="image",
+        datasets=lambda split: RadiographDataset(radiographs_dir, split, views, task="cls"),
+        build=build_method,
+        features=extract_features,
+        monitor=LinearProbeMonitor,
+    )
+    return _train_and_probe(level, radiograph_entry(params, name), name, params, model_dir, report_dir, checkpoint_path)
+
+
+def pretrain_on_radiograph_studies(
+    name: str,
+    params: Mapping[str, Any],
+    radiographs_dir: Path,
+    model_dir: Path,
+    report_dir: Path,
+    checkpoint_path: Path,
+) -> dict[str, Any] | None:
+    """Train ``mae`` / ``diffmae`` entry ``name`` on whole studies with the bottleneck CLS (seed 004).
+
+    :mod:`chestssl.xray.study_mae`: batches of ``pretrain_radiographs.train.batch_size``
+    studies, every view masked on its own, one CLS shared per study. The probe (logged on
+    val every ``probe.every_epochs`` epochs and scored on test) reads one feature per study
+    (:mod:`chestssl.xray.study_probe`). Outputs as :func:`pretrain_on_radiographs`.
+    """
+    from chestssl.data.radiograph_datasets import RadiographStudyDataset, collate_radiograph_studies
+    from chestssl.xray.study_mae import build_study_method
+    from chestssl.xray.study_probe import StudyProbeMonitor, extract_study_features
+
+    views = params["pretrain_radiographs"]["views"]
+    level = _Level(
+        name="study",
+        datasets=lambda split: RadiographStudyDataset(radiographs_dir, split, views),
+        build=build_study_method,
+        features=extract_study_features,
+        monitor=StudyProbeMonitor,
+        collate_fn=collate_radiograph_studies,
+    )
+    cfg = radiograph_entry(params, name, listed_in="study_methods")
+    return _train_and_probe(level, cfg, name, params, model_dir, report_dir, checkpoint_path)
+
+
+def _train_and_probe(
+    level: _Level,
+    cfg: Mapping[str, Any],
+    name: str,
+    params: Mapping[str, Any],
+    model_dir: Path,
+    report_dir: Path,
+    checkpoint_path: Path,
+) -> dict[str, Any] | None:
+    from chestssl.eval.linear_probe import fit_linear_probe
+    from chestssl.inference import auto_device
     from chestssl.train.loop import fit
 
-    cfg = radiograph_entry(params, name)
     seed, probe, evaluate = params["seed"], params["probe"], params["evaluate"]
-    views = params["pretrain_radiographs"]["views"]
-
     # Every study of a split is used both to pretrain and to probe (each has a 0/1 label),
     # so one dataset per split serves both.
-    train, val = (RadiographDataset(radiographs_dir, split, views, task="cls") for split in ("train", "val"))
-    method = build_method(name, cfg, seed)
+    train, val = level.datasets("train"), level.datasets("val")
+    method = level.build(name, cfg, seed)
     live_dir = report_dir / "live"
     if method.trainable:
         hook = None
         if probe["every_epochs"] > 0:
-            hook = LinearProbeMonitor(train, val, every_epochs=probe["every_epochs"],
-                                      C=probe["C"], max_iter=probe["max_iter"], seed=seed)
+            hook = level.monitor(train, val, every_epochs=probe["every_epochs"],
+                                 C=probe["C"], max_iter=probe["max_iter"], seed=seed)
         monitor, mode = method.monitor
-        result = fit(method, train, val, cfg["train"], live_dir,
-                     checkpoint_path, seed, monitor=monitor, mode=mode, epoch_hook=hook)
+        result = fit(method, train, val, cfg["train"], live_dir, checkpoint_path, seed,
+                     monitor=monitor, mode=mode, collate_fn=level.collate_fn, epoch_hook=hook)
         if not result.is_main:
             return None
         method.load_state_dict(result.best_state)
@@ -86,10 +164,10 @@ def pretrain_on_radiographs(
         metrics = {"trained": False}
     device = auto_device()
     encoder = method.encoder().to(device)
-    metrics["views"] = list(views)
+    metrics["level"] = level.name
+    metrics["views"] = list(params["pretrain_radiographs"]["views"])
     metrics["probe"] = fit_linear_probe(
-        extract_features(encoder, train, device),
-        extract_features(encoder, RadiographDataset(radiographs_dir, "test", views, task="cls"), device),
+        level.features(encoder, train, device), level.features(encoder, level.datasets("test"), device),
         C=probe["C"], max_iter=probe["max_iter"], seed=seed,
         n_bootstrap=evaluate["bootstrap_samples"], confidence=evaluate["confidence"],
     )

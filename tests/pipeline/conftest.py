@@ -11,12 +11,15 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.tiny_configs import shrink_method_entry
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PROJECT_FILES = ["chestssl", "stages", "dvc.yaml", "params.yaml", "pyproject.toml", ".dvc/config", ".gitignore",
                  # They keep the report's input folders in place when a list in params is empty.
                  *(f"reports/{stage}/README.md" for stage in ("pretrain", "evaluate_pretrain", "finetune",
                                                              "evaluate", "label_fraction", "frozen_parts",
-                                                             "pretrain_radiographs", "alignment"))]
+                                                             "pretrain_radiographs", "pretrain_radiograph_studies",
+                                                             "alignment"))]
 
 
 #: The entries the tiny profile keeps: one of each kind of stage (scratch, both
@@ -35,32 +38,6 @@ TINY_RUNS = {
     "cls_linear_barlow_twins": {},
     "cls_linear_diffmae": {},
 }
-
-
-def _shrink(entry: dict) -> None:
-    backbone = entry.get("backbone", {})
-    if backbone.get("name") == "cnn_attention":
-        backbone.update(channels=4, channel_multipliers=[1, 2], num_res_blocks=1, latent_channels=4, norm_num_groups=2)
-    elif backbone.get("name") == "swin":
-        backbone.update(feature_size=12, depths=[1, 1, 1, 1])
-    elif backbone.get("name") == "unet_encoder":
-        backbone["features"] = [4, 8, 8, 16, 16]
-    elif backbone.get("name") in ("resnet18", "resnet50"):
-        backbone["block_inplanes"] = [4, 8, 8, 16]
-        entry.update({"projector_dim": 16} if "projector_dim" in entry else {})
-    elif backbone.get("name") == "vit":
-        backbone.update(patch_size=16, hidden_size=16, num_layers=1, num_heads=2, mlp_dim=32)
-    if "decoder_hidden_size" in entry:
-        entry.update(decoder_hidden_size=8, decoder_num_layers=1, decoder_num_heads=2)
-    if "num_steps" in entry:
-        entry["num_steps"] = 10
-    if "decoder" in entry:
-        entry["decoder"].update(channels=4, channel_multipliers=[1, 2], num_res_blocks=1, norm_num_groups=2,
-                                latent_channels=4)
-        entry["quantizer"].update(codebook_size=16, dim=4)
-        entry["loss"].update(disc_start=1, disc_channels=4)  # the adversarial path runs too
-    if "train" in entry:
-        entry["train"].update(epochs=1, max_steps=3, batch_size=8, log_every=1)
 
 
 def tiny_params(params: dict) -> dict:
@@ -86,13 +63,14 @@ def tiny_params(params: dict) -> dict:
         base = dict(template_runs[name] if name in template_runs else template_runs["seg_swinunetr_swin_dice"])
         params["runs"][name] = {**base, **override}
     for entry in [*params["methods"].values(), *params["multihead"].values(), *params["runs"].values()]:
-        _shrink(entry)
+        shrink_method_entry(entry)
     params["methods"][TINY_3D_METHOD]["train"].update(batch_size=2, max_steps=2)
     # Seed 001's studies on one linear-head run, two settings each.
     params["label_fraction"] = {"fractions": [0.5, 1.0], "runs": ["cls_linear_barlow_twins"]}
     params["frozen_parts"] = {"unfrozen_stages": [0, 2], "runs": ["cls_linear_barlow_twins"]}
-    # Seeds 001 and 004 on the rendered radiographs: Barlow Twins and diffusion MAE.
-    params["pretrain_radiographs"].update(methods=["barlow_twins", "diffmae"], train={"epochs": 2, "batch_size": 8})
+    # Seeds 001 and 004 on the rendered radiographs: Barlow Twins and diffusion MAE, the latter also on studies.
+    params["pretrain_radiographs"].update(methods=["barlow_twins", "diffmae"], study_methods=["diffmae"],
+                                          train={"epochs": 2, "batch_size": 8})
     params["alignment"].update(block_inplanes=[4, 8, 8, 16], steps=4, batch_size=4, num_examples=2)
     params["evaluate"]["bootstrap_samples"] = 50
     params["report"]["num_examples"] = 2

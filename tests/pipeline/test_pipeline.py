@@ -78,6 +78,11 @@ def test_repro_builds_the_report_and_a_second_repro_does_nothing(reproduced_proj
         probe = json.loads((root / "reports" / "pretrain_radiographs" / name / "metrics.json").read_text())["probe"]
         assert "auroc" in probe["nodule"] or "skipped" in probe["nodule"], name
     assert "Pretraining on radiographs rendered from CT" in report
+    for name in params["pretrain_radiographs"]["study_methods"]:
+        study = json.loads((root / "reports" / "pretrain_radiograph_studies" / name / "metrics.json").read_text())
+        assert study["level"] == "study" and study["trained"], name
+        assert "auroc" in study["probe"]["nodule"] or "skipped" in study["probe"]["nodule"], name
+    assert "Study-level linear probe of each encoder pretrained on radiograph studies" in report
     assert (root / "reports" / "figures" / "radiograph_probe_curves.png").exists()
     alignment = json.loads((root / "reports" / "alignment" / "metrics.json").read_text())
     assert alignment["parameter_error"]["misaligned"]["before_px"] > 0

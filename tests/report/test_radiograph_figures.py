@@ -31,30 +31,63 @@ def test_section_without_rendered_radiographs_says_how_to_make_them(tmp_path):
     assert len(skipped) == 1 and "dvc repro radiographs" in skipped[0]
 
 
-def test_pretraining_section_tables_the_probe_and_plots_its_curves(tmp_path):
+def _levels(root, image_names, study_names):
+    from chestssl.report.radiograph_figures import ProbeLevel
+
+    return [
+        ProbeLevel("image level", "pretrain_radiographs", "pretrain_radiographs.methods", image_names,
+                   lambda name: root / "image" / name, "radiograph_linear_probe", "image"),
+        ProbeLevel("study level", "pretrain_radiograph_studies", "pretrain_radiographs.study_methods", study_names,
+                   lambda name: root / "study" / name, "radiograph_study_linear_probe", "study", items="studies"),
+    ]
+
+
+def test_pretraining_section_tables_the_probe_and_plots_its_curves_per_level(tmp_path):
+    import json
+
     from chestssl.report.radiograph_figures import radiograph_pretraining_section
 
-    def write(name, curve):
-        report = tmp_path / "reports" / name
-        metrics_dir = report / "live" / "plots" / "metrics" / "probe"
+    def write(folder, curve):
+        metrics_dir = folder / "live" / "plots" / "metrics" / "probe"
         metrics_dir.mkdir(parents=True)
         if curve:
             (metrics_dir / "mean_auroc.tsv").write_text("step\tmean_auroc\n1\t0.55\n2\t0.61\n")
         interval = {"value": 0.6, "ci_low": 0.4, "ci_high": 0.8}
         probe = {"nodule": {"auroc": interval, "auprc": interval, "f1": interval, "n_images": 8, "n_patients": 2},
                  "malignant": {"skipped": "one class in the training views"}, "mean": {"auroc": 0.6}}
-        (report / "metrics.json").write_text(__import__("json").dumps({"probe": probe}))
+        (folder / "metrics.json").write_text(json.dumps({"probe": probe}))
 
-    write("mae", curve=True)
-    write("scratch_vit", curve=False)
+    write(tmp_path / "image" / "mae", curve=True)
+    write(tmp_path / "image" / "scratch_vit", curve=False)
+    write(tmp_path / "study" / "mae", curve=True)
     entries = {name: {"method": "mae" if name == "mae" else "scratch",
                       "backbone": {"name": "vit", "spatial_dims": 2}} for name in ("mae", "scratch_vit")}
     tables, captioned, skipped = radiograph_pretraining_section(
-        ["mae", "scratch_vit"], lambda name: tmp_path / "reports" / name, entries, tmp_path / "figures")
-    (table,) = tables
-    assert table.name == "radiograph_linear_probe" and len(table.numbers) == 2
-    ((_, path),) = captioned
-    assert path.exists()
-    assert len(skipped) == 1 and "scratch_vit" in skipped[0]
-    assert radiograph_pretraining_section([], None, {}, tmp_path)[2] == [
-        "Pretraining on radiographs: `pretrain_radiographs.methods` is empty."]
+        _levels(tmp_path, ["mae", "scratch_vit"], ["mae"]), entries, tmp_path / "figures")
+    assert [table.name for table in tables] == ["radiograph_linear_probe", "radiograph_study_linear_probe"]
+    assert [len(table.numbers) for table in tables] == [2, 1]
+    assert "Test images / patients" in tables[0].text and "Test studies / patients" in tables[1].text
+    ((caption, path),) = captioned
+    assert path.exists() and "image level and study level" in caption
+    assert len(skipped) == 1 and "pretrain_radiographs@scratch_vit" in skipped[0]
+
+
+def test_pretraining_section_names_each_empty_list(tmp_path):
+    from chestssl.report.radiograph_figures import radiograph_pretraining_section
+
+    tables, captioned, skipped = radiograph_pretraining_section(_levels(tmp_path, [], []), {}, tmp_path)
+    assert tables == [] and captioned == []
+    assert skipped == ["Pretraining on radiographs (image level): `pretrain_radiographs.methods` is empty.",
+                       "Pretraining on radiographs (study level): `pretrain_radiographs.study_methods` is empty."]
+
+
+def test_the_curves_figure_has_a_panel_per_level_with_curves(tmp_path):
+    import matplotlib.image
+    import pandas as pd
+
+    from chestssl.report.radiograph_figures import probe_curves_figure
+
+    curve = pd.DataFrame({"step": [1, 2, 3], "value": [0.5, 0.6, 0.7]})
+    one = probe_curves_figure(tmp_path / "one.png", {"image level": {"mae": curve}, "study level": {}}, "t")
+    two = probe_curves_figure(tmp_path / "two.png", {"image level": {"mae": curve}, "study level": {"mae": curve}}, "t")
+    assert matplotlib.image.imread(two).shape[1] > matplotlib.image.imread(one).shape[1]

@@ -12,7 +12,7 @@ import yaml
 
 from chestssl.xray.alignment import (
     ALIGNMENT_FIELDS,
-    FrozenFeatureNet,
+    EncoderFeatures,
     apply_stn,
     load_alignment_stn,
     run_alignment_study,
@@ -23,8 +23,10 @@ from chestssl.io import save_torch, write_npz
 from chestssl.methods import build_method
 from chestssl.models.resnet import ResNetBackbone
 from chestssl.models.seeding import seeded
+from chestssl.xray.stn import AlignmentLoss
 from chestssl.params import ParamsError, validate
-from tests.pipeline.conftest import REPO_ROOT, _shrink
+from tests.pipeline.conftest import REPO_ROOT
+from tests.tiny_configs import shrink_method_entry
 
 SIZE = 32
 FEATURE_METHOD = "scratch_resnet18"
@@ -78,7 +80,7 @@ def _smooth_chests(processed) -> None:
 @pytest.fixture
 def params():
     raw = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
-    _shrink(raw["methods"][FEATURE_METHOD])
+    shrink_method_entry(raw["methods"][FEATURE_METHOD])
     raw["evaluate"]["bootstrap_samples"] = 20
     validated = validate(raw)
     # Pinned: the test split holds two radiographs, each moved by one seeded shift, so the
@@ -126,10 +128,11 @@ def test_validation_names_the_key_the_value_and_what_is_allowed():
     assert set(ALIGNMENT) == set(ALIGNMENT_FIELDS)
 
 
-def test_the_feature_net_is_frozen_returns_the_maps_and_passes_gradients():
+def test_the_loss_freezes_the_feature_net_which_returns_the_maps_and_passes_gradients():
     with seeded(0):
         encoder = ResNetBackbone("resnet18", 2, [4, 8, 8, 16]).train()
-    features = FrozenFeatureNet(encoder).train()
+    features = EncoderFeatures(encoder)
+    AlignmentLoss(features).train()
     assert not encoder.training and not any(p.requires_grad for p in encoder.parameters())
     image = torch.rand(2, 1, SIZE, SIZE, requires_grad=True)
     maps = features(image)

@@ -11,7 +11,8 @@ import yaml
 from chestssl.data.drr import render_radiographs
 from chestssl.params import ParamsError, validate
 from chestssl.xray.pretrain import pretrain_on_radiographs, radiograph_entry
-from tests.pipeline.conftest import REPO_ROOT, _shrink
+from tests.pipeline.conftest import REPO_ROOT
+from tests.tiny_configs import shrink_method_entry
 
 SIZE = 64
 
@@ -20,7 +21,7 @@ SIZE = 64
 def params():
     raw = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
     for name in ("barlow_twins", "scratch_resnet18", "mae"):
-        _shrink(raw["methods"][name])
+        shrink_method_entry(raw["methods"][name])
     raw["pretrain_radiographs"].update(methods=["barlow_twins", "scratch_resnet18"], train={"epochs": 2, "batch_size": 4})
     raw["evaluate"]["bootstrap_samples"] = 20
     return validate(raw)
@@ -64,3 +65,20 @@ def test_a_scratch_entry_trains_nothing_and_is_still_probed(params, radiographs,
                                       out / "ckpt.pt")
     assert metrics["trained"] is False and "nodule" in metrics["probe"]
     assert (out / "report" / "live" / "plots" / "metrics").is_dir()
+
+
+def test_study_level_training_shares_the_cls_and_probes_one_feature_per_study(params, radiographs, tmp_path):
+    from chestssl.xray.pretrain import pretrain_on_radiograph_studies
+
+    params = {**params, "pretrain_radiographs": {**params["pretrain_radiographs"], "study_methods": ["mae"]}}
+    out = tmp_path / "out"
+    metrics = pretrain_on_radiograph_studies("mae", params, radiographs, out / "model", out / "report", out / "ckpt.pt")
+    # 2 training studies (2 views each), batch 4 studies: one step per epoch.
+    assert metrics["trained"] and metrics["level"] == "study" and metrics["steps"] == 2
+    assert metrics["probe"]["nodule"]["n_train"] == 2
+    curve = out / "report" / "live" / "plots" / "metrics" / "probe" / "mean_auroc.tsv"
+    assert curve.exists() and len(curve.read_text().splitlines()) == 3
+    payload = torch.load(out / "model" / "encoder.pt", weights_only=False)
+    assert payload["backbone"]["name"] == "vit"
+    with pytest.raises(ParamsError, match="pretrain_radiographs.study_methods: 'diffmae' is not listed"):
+        radiograph_entry(params, "diffmae", listed_in="study_methods")
