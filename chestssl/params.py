@@ -643,11 +643,11 @@ def _check_radiograph_pretraining(params: dict, problems: list[str]) -> None:
     for view in sorted({v for v in views if views.count(v) > 1}):
         problems.append(f"pretrain_radiographs.views: {view!r} is listed twice")
     size = (params.get("radiographs") or {}).get("size")
-    for key in ("methods", "study_methods"):
-        named = block.get(key) if isinstance(block.get(key), list) else []
+    listed = {key: block.get(key) if isinstance(block.get(key), list) else [] for key in ("methods", "study_methods")}
+    if any(listed.values()) and not views:
+        problems.append("pretrain_radiographs.views: empty; list frontal, lateral or both")
+    for key, named in listed.items():
         where = f"pretrain_radiographs.{key}"
-        if named and not views:
-            problems.append("pretrain_radiographs.views: empty; list frontal, lateral or both")
         for name in sorted({n for n in named if named.count(n) > 1}):
             problems.append(f"{where}: {name!r} is listed twice; each is one stage")
         for name in named:

@@ -184,6 +184,8 @@ def test_study_level_pretraining_takes_masked_vit_entries_and_two_views(raw):
     assert "pretrain_radiographs.study_methods: 'barlow_twins' is a 'barlow_twins' entry" in found
     assert "pretrain_radiographs.study_methods: 'diffmae' is listed twice" in found
     assert "studies of the single view 'lateral' share nothing" in found
+    raw["pretrain_radiographs"]["views"] = []
+    assert problems(raw).count("pretrain_radiographs.views: empty; list frontal, lateral or both") == 1
     raw["pretrain_radiographs"]["views"] = ["frontal", "lateral"]
     raw["pretrain_radiographs"]["study_methods"] = ["mae"]
     validate(raw)

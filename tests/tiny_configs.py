@@ -25,6 +25,31 @@ SWIN = {
     "num_heads": [3, 6, 12, 24],
 }
 
+#: A 2D ViT on 32x32 images: 16 patches, 2 blocks.
+VIT = {
+    "name": "vit",
+    "spatial_dims": 2,
+    "img_size": 32,
+    "patch_size": 8,
+    "hidden_size": 32,
+    "num_layers": 2,
+    "num_heads": 4,
+    "mlp_dim": 64,
+}
+
+#: `mae` and `diffmae` entries on :data:`VIT` with a one-block decoder and 10 diffusion steps.
+MAE = {
+    "method": "mae",
+    "backbone": VIT,
+    "mask_ratio": 0.5,
+    "norm_pix_loss": True,
+    "decoder_hidden_size": 16,
+    "decoder_num_layers": 1,
+    "decoder_num_heads": 2,
+    "train": {},
+}
+DIFFMAE = {**MAE, "method": "diffmae", "num_steps": 10, "beta_start": 1e-4, "beta_end": 0.2}
+
 DECODER = {"channels": 4, "channel_multipliers": [1, 2], "num_res_blocks": 1, "norm_num_groups": 2, "latent_channels": 4}
 
 QUANTIZER = {"enabled": True, "codebook_size": 16, "dim": 4, "beta": 0.25}

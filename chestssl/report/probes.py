@@ -58,6 +58,7 @@ def linear_probe_table(
     *,
     name: str = "linear_probe",
     title: str = "Linear probe of each pretrained encoder (test split)",
+    items: str = "images",
 ) -> Table:
     """The linear probe of every pretraining entry on the test split.
 
@@ -66,6 +67,7 @@ def linear_probe_table(
             metrics hold no ``probe`` are left out.
         entries: the validated params entries (``methods`` and ``multihead``) by name.
         name, title: the table's file name and title.
+        items: what one probed item is (``images``, or ``studies`` for a study-level probe).
     """
     rows = []
     for entry_name, (metrics, source) in pretrain_metrics.items():
@@ -83,4 +85,4 @@ def linear_probe_table(
     columns = [Column(f"{label}_{metric}", f"{shown} {header}")
                for label, shown in PROBE_LABELS.items() for metric, header in PROBE_METRICS]
     columns.append(Column("mean_auroc", "mean AUROC"))
-    return build_table(name, title, rows, columns)
+    return build_table(name, title, rows, columns, items=items)

@@ -162,9 +162,8 @@ def radiograph_pretraining_section(
             else:
                 skipped.append(f"Probe curve of `{level.stage}@{name}`: not logged (nothing trained, or "
                                "`probe.every_epochs` is 0).")
-        table = linear_probe_table(probed, entries, name=level.table_name, title=level.table_title)
-        table.text = table.text.rename(columns={"Test images / patients": f"Test {level.items} / patients"})
-        tables.append(table)
+        tables.append(linear_probe_table(probed, entries, name=level.table_name, title=level.table_title,
+                                         items=level.items))
         panels[level.label] = curves
     captioned = []
     if any(panels.values()):

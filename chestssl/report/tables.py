@@ -103,6 +103,7 @@ def build_table(
     title: str,
     rows: Sequence[tuple[Mapping[str, Any], Mapping[str, Any], str]],
     columns: Sequence[Column],
+    items: str = "images",
 ) -> Table:
     """Build a table.
 
@@ -113,6 +114,8 @@ def build_table(
             are (e.g. run, arch, init), the metrics mapping of one metrics file, and that
             file's path for error messages.
         columns: the metrics to show.
+        items: what the metrics' ``n_images`` counts, named in the last column
+            (``Test <items> / patients``).
     """
     footnotes: list[str] = []
     cell_notes: list[str] = []
@@ -142,7 +145,7 @@ def build_table(
         numbers["n_images"] = metrics.get("n_images")
         numbers["n_patients"] = metrics.get("n_patients")
         numbers["notes"] = "; ".join(notes)
-        text["Test images / patients"] = f"{metrics.get('n_images')} / {metrics.get('n_patients')}"
+        text[f"Test {items} / patients"] = f"{metrics.get('n_images')} / {metrics.get('n_patients')}"
         number_rows.append(numbers)
         text_rows.append(text)
     return Table(name, title, pd.DataFrame(number_rows), pd.DataFrame(text_rows), footnotes, cell_notes)

@@ -14,29 +14,12 @@ from chestssl.methods.mae import (
 )
 from chestssl.models.seeding import seeded
 from chestssl.models.vit import build_vit_encoder, gather_tokens, patchify
+from tests.tiny_configs import DIFFMAE as TINY_DIFFMAE, MAE as TINY_MAE, VIT as TINY_VIT
 
-VIT = {
-    "name": "vit",
-    "spatial_dims": 2,
-    "img_size": 32,
-    "patch_size": 8,
-    "hidden_size": 32,
-    "num_layers": 1,
-    "num_heads": 4,
-    "mlp_dim": 64,
-}
+VIT = {**TINY_VIT, "num_layers": 1}
 VIT_3D = {**VIT, "spatial_dims": 3, "img_size": 16, "patch_size": 4, "hidden_size": 24}
-MAE = {
-    "method": "mae",
-    "backbone": VIT,
-    "mask_ratio": 0.5,
-    "norm_pix_loss": True,
-    "decoder_hidden_size": 16,
-    "decoder_num_layers": 1,
-    "decoder_num_heads": 2,
-    "train": {},
-}
-DIFFMAE = {**MAE, "method": "diffmae", "num_steps": 10, "beta_start": 1e-4, "beta_end": 0.2}
+MAE = {**TINY_MAE, "backbone": VIT}
+DIFFMAE = {**TINY_DIFFMAE, "backbone": VIT}
 METHODS = [(MaskedAutoencoderPretraining, MAE), (DiffusionMaskedAutoencoderPretraining, DIFFMAE)]
 IDS = ["mae", "diffmae"]
 

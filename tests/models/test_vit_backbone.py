@@ -8,17 +8,9 @@ from monai.networks.nets import ViT
 
 from chestssl.models.seeding import seeded
 from chestssl.models.vit import ViTEncoder, build_vit_encoder, gather_tokens, patchify, unpatchify
+from tests.tiny_configs import VIT
 
-VIT_2D = {
-    "name": "vit",
-    "spatial_dims": 2,
-    "img_size": 32,
-    "patch_size": 8,
-    "hidden_size": 32,
-    "num_layers": 2,
-    "num_heads": 4,
-    "mlp_dim": 64,
-}
+VIT_2D = VIT
 VIT_3D = {**VIT_2D, "spatial_dims": 3, "img_size": 16, "patch_size": 4, "hidden_size": 24, "num_layers": 1}
 
 

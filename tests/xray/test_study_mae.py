@@ -15,28 +15,8 @@ from chestssl.xray.study_mae import (
     build_study_method,
 )
 from chestssl.xray.study_vit import collate_studies
+from tests.tiny_configs import DIFFMAE, MAE
 
-VIT = {
-    "name": "vit",
-    "spatial_dims": 2,
-    "img_size": 32,
-    "patch_size": 8,
-    "hidden_size": 32,
-    "num_layers": 2,
-    "num_heads": 4,
-    "mlp_dim": 64,
-}
-MAE = {
-    "method": "mae",
-    "backbone": VIT,
-    "mask_ratio": 0.5,
-    "norm_pix_loss": True,
-    "decoder_hidden_size": 16,
-    "decoder_num_layers": 1,
-    "decoder_num_heads": 2,
-    "train": {},
-}
-DIFFMAE = {**MAE, "method": "diffmae", "num_steps": 10, "beta_start": 1e-4, "beta_end": 0.2}
 PAIRS = [
     (StudyMaskedAutoencoder, MaskedAutoencoderPretraining, MAE),
     (StudyDiffusionMaskedAutoencoder, DiffusionMaskedAutoencoderPretraining, DIFFMAE),
