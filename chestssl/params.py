@@ -322,6 +322,22 @@ SCHEMA = Section(
                     }
                 ),
                 "local": Section({"path": Field(str)}),
+                "cxr": Section(
+                    {
+                        "source": Field(
+                            str, choices=("rendered", "chexpert", "chestxray14", "covid_radiography", "mimic_cxr"),
+                            doc="rendered from the CT, or a real chest X-ray dataset at `root`",
+                        ),
+                        "root": Field(str, doc="the dataset's folder in its published layout; unused when rendered"),
+                        "labels": Field(list, item=Field(str), doc="labels to keep; empty: all of the dataset's"),
+                        "uncertain": Field(str, choices=("positive", "negative", "ignore"),
+                                           doc="CheXpert / MIMIC-CXR uncertain labels (-1)"),
+                        "frontal_only": Field(bool),
+                        "val_fraction": Field(float, min=0.0, max=1.0, doc="share of the training patients for val"),
+                        "test_fraction": Field(float, min=0.0, max=1.0, doc="COVID-19 Radiography only"),
+                        "seed": Field(int, min=0, doc="seeds the val (and COVID-19 test) draw"),
+                    }
+                ),
             }
         ),
         "preprocess": Section(
@@ -607,6 +623,10 @@ def _cross_checks(params: dict, problems: list[str]) -> None:
     _check_studies(params, problems)
     if params.get("data", {}).get("source") == "local" and not params["data"]["local"].get("path"):
         problems.append("data.local.path: empty, but data.source is 'local'; set it to your LIDC-IDRI folder")
+    cxr = (params.get("data") or {}).get("cxr") or {}
+    if cxr.get("source", "rendered") != "rendered" and not str(cxr.get("root") or "").strip():
+        problems.append(f"data.cxr.root: empty, but data.cxr.source is {cxr.get('source')!r}; set it to the folder "
+                        "holding that dataset in its published layout")
 
 
 def _check_studies(params: dict, problems: list[str]) -> None:
@@ -665,7 +685,8 @@ def _check_radiograph_pretraining(params: dict, problems: list[str]) -> None:
             elif backbone.get("name") == "vit" and backbone.get("img_size") != size:
                 problems.append(f"{where}: {name!r} is a ViT built for {backbone.get('img_size')}-pixel "
                                 f"inputs, but radiographs.size is {size}; set them equal")
-        if key == "study_methods" and named and len(views) == 1:
+        rendered = ((params.get("data") or {}).get("cxr") or {}).get("source", "rendered") == "rendered"
+        if key == "study_methods" and named and len(views) == 1 and rendered:
             problems.append(f"pretrain_radiographs.study_methods: studies of the single view {views[0]!r} share "
                             "nothing; list both views in pretrain_radiographs.views or leave study_methods empty")
 

@@ -90,6 +90,20 @@ def test_local_source_needs_a_path(raw):
     assert problem.startswith("data.local.path: empty")
 
 
+def test_a_chest_xray_dataset_needs_its_folder_and_matches_the_readers(raw):
+    from chestssl.data.cxr import SOURCES, UNCERTAIN_POLICIES
+    from chestssl.params import SCHEMA
+
+    cxr = SCHEMA.fields["data"].fields["cxr"].fields
+    assert cxr["source"].choices == SOURCES and cxr["uncertain"].choices == UNCERTAIN_POLICIES
+    raw["data"]["cxr"]["source"] = "mimic_cxr"
+    (problem,) = problems(raw)
+    assert problem.startswith("data.cxr.root: empty, but data.cxr.source is 'mimic_cxr'")
+    raw["data"]["cxr"]["root"] = "/data/mimic-cxr-jpg"
+    raw["pretrain_radiographs"]["views"] = ["frontal"]  # MIMIC-CXR studies can hold several frontal images
+    validate(raw)
+
+
 def test_backbone_schema_follows_its_name(raw):
     raw["methods"]["ae_swin"]["backbone"]["features"] = [1, 2, 3, 4, 5]
     raw["methods"]["scratch_swin"]["backbone"]["name"] = "densenet121"

@@ -38,8 +38,6 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -52,15 +50,16 @@ from tqdm import tqdm
 
 from chestssl.data.processed import load_scan, read_nodules, read_slices
 from chestssl.errors import UserError
-from chestssl.io import write_csv, write_json, write_npz
 from chestssl.params import ParamsError
 
 VIEWS = ("frontal", "lateral")
 #: ``preprocess.hu_window``'s default; the processed images do not record their window.
 DEFAULT_HU_WINDOW = (-1000.0, 400.0)
+#: The labels of a rendered study (the label columns of ``studies.csv``).
+LABELS = ("nodule", "malignant")
+#: The other columns of a rendered study's row of ``studies.csv``.
 STUDY_COLUMNS = [
-    "scan_id", "patient_id", "split", "nodule", "malignancy", "nodule_id",
-    "frontal_row", "frontal_col", "lateral_row", "lateral_col",
+    "scan_id", "malignancy", "nodule_id", "frontal_row", "frontal_col", "lateral_row", "lateral_col",
 ]
 CFG_FIELDS = ("size", "mu_water_per_mm", "window_percentiles")
 
@@ -346,17 +345,6 @@ class RenderedStudy:
     masks: dict[str, np.ndarray]
     geometry: dict[str, ViewGeometry]
 
-    def arrays(self) -> dict[str, np.ndarray]:
-        """The arrays of ``studies/<scan_id>.npz``: ``frontal``, ``lateral`` float16,
-        ``frontal_mask``, ``lateral_mask`` uint8, ``frontal_pixel_mm``,
-        ``lateral_pixel_mm`` float32 (2,) (rows, cols)."""
-        arrays: dict[str, np.ndarray] = {}
-        for view in VIEWS:
-            arrays[view] = self.images[view].astype(np.float16)
-            arrays[f"{view}_mask"] = self.masks[view].astype(np.uint8)
-            arrays[f"{view}_pixel_mm"] = np.asarray(self.geometry[view].pixel_mm, np.float32)
-        return arrays
-
 
 def render_study(
     image: np.ndarray,
@@ -421,13 +409,6 @@ def _require(path: Path) -> None:
         )
 
 
-def _remove_leftovers(out_dir: Path) -> None:
-    """Temporary folders of an interrupted run beside ``out_dir``."""
-    for leftover in out_dir.parent.glob(f".{out_dir.name}.*"):
-        if leftover.is_dir():
-            shutil.rmtree(leftover, ignore_errors=True)
-
-
 def render_radiographs(
     processed_dir: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -435,43 +416,73 @@ def render_radiographs(
     hu_window: Sequence[float] = DEFAULT_HU_WINDOW,
     progress: bool = False,
 ) -> pd.DataFrame:
-    """Render a two-view study for every scan of ``processed_dir`` into ``out_dir``.
+    """Render a two-view study for every scan of ``processed_dir`` into the radiographs folder ``out_dir``.
 
-    Writes ``<out_dir>/studies/<scan_id>.npz`` (:meth:`RenderedStudy.arrays`),
-    ``<out_dir>/studies.csv`` (:data:`STUDY_COLUMNS`, one row per scan in ``scan_id``
-    order; empty nodule columns for a scan without nodules) and
-    ``<out_dir>/radiographs.json`` (``cfg``, ``hu_window`` and the orientation).
+    Writes the layout of :mod:`chestssl.data.radiograph_folder`:
 
-    The whole folder is built beside ``out_dir`` under a temporary name and renamed over it
-    at the end, so an interrupted run leaves the previous output (or none), never a partial
-    one; the next run removes what an interrupted one left. Returns the studies table.
+    - ``studies.csv``: one row per scan in ``scan_id`` order, ``study_id`` = ``scan_id``,
+      with the labels ``nodule`` (the scan has a nodule) and ``malignant`` (its highest
+      median malignancy rating is at least
+      :data:`~chestssl.data.labels.MALIGNANT_MIN_RATING`), then ``scan_id``,
+      ``malignancy`` and the largest nodule's id and projected centre per view
+      (:data:`STUDY_COLUMNS`; empty without a nodule);
+    - ``images.csv``: the frontal then the lateral view of each study, with its pixel size
+      (``pixel_mm_row``, ``pixel_mm_col``);
+    - ``images.npy`` (float16) and ``masks.npy`` (the projected nodules);
+    - ``radiographs.json``: ``cfg``, ``hu_window`` and the orientation.
+
+    The folder is built beside ``out_dir`` and swapped in at the end, so an interrupted run
+    leaves the previous output (or none); run again, it resumes at the last checkpoint if
+    the processed scans and settings are unchanged. Returns ``studies.csv``'s table.
     """
+    from chestssl.data.labels import MALIGNANT_MIN_RATING
+    from chestssl.data.radiograph_folder import RadiographFolderWriter, input_fingerprint
+
     processed_dir, out_dir = Path(processed_dir), Path(out_dir)
     cfg = validate_radiograph_cfg(dict(cfg))
     hu_window = _checked_hu_window(hu_window)
     for name in ("slices.csv", "nodules.csv"):
         _require(processed_dir / name)
     scans = read_slices(processed_dir)[["scan_id", "patient_id", "split"]].drop_duplicates("scan_id")
-    scans = scans.sort_values("scan_id", kind="stable")
+    scans = scans.sort_values("scan_id", kind="stable").reset_index(drop=True)
     if scans.empty:
         raise RadiographError(f"{processed_dir / 'slices.csv'} lists no scans; rerun the preprocess stage")
     nodules = read_nodules(processed_dir)
+    inputs = [processed_dir / "nodules.csv", *(processed_dir / "scans" / f"{scan_id}.npz" for scan_id in scans["scan_id"])]
+    for path in inputs:
+        _require(path)
+    fingerprint = input_fingerprint({"cfg": cfg, "hu_window": list(hu_window), "scans": scans.to_dict("list")}, inputs)
+    writer = RadiographFolderWriter(out_dir, 2 * len(scans), cfg["size"], with_masks=True, fingerprint=fingerprint)
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    _remove_leftovers(out_dir)
-    building = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
-    try:
-        rows = []
-        for scan in tqdm(scans.itertuples(index=False), total=len(scans), desc="radiographs", unit="scan",
-                         disable=not progress):
-            volume = load_scan(processed_dir, scan.scan_id)
-            study = render_study(volume["image"], volume["mask"], volume["spacing"], cfg, hu_window)
-            write_npz(building / "studies" / f"{scan.scan_id}.npz", **study.arrays())
-            labels = study_labels(nodules[nodules["scan_id"] == scan.scan_id], study.geometry)
-            rows.append({"scan_id": scan.scan_id, "patient_id": scan.patient_id, "split": scan.split, **labels})
-        table = pd.DataFrame(rows, columns=STUDY_COLUMNS).astype({"nodule_id": "Int64"})
-        write_csv(building / "studies.csv", table)
-        write_json(building / "radiographs.json", {
+    studies, images = [], []
+    for position, scan in enumerate(tqdm(scans.itertuples(index=False), total=len(scans), desc="radiographs",
+                                         unit="scan", disable=not progress)):
+        volume = load_scan(processed_dir, scan.scan_id)
+        geometry = study_geometry(volume["image"].shape, volume["spacing"], cfg["size"])
+        if 2 * position >= writer.done:  # not written before an interruption
+            try:
+                study = render_study(volume["image"], volume["mask"], volume["spacing"], cfg, hu_window)
+                for offset, view in enumerate(VIEWS):
+                    writer.put(2 * position + offset, study.images[view], study.masks[view])
+            except BaseException:  # keep what is done for the next run
+                writer.checkpoint(2 * position, force=True)
+                raise
+            writer.checkpoint(2 * position + 2)
+        labels = study_labels(nodules[nodules["scan_id"] == scan.scan_id], geometry)
+        malignant = int(labels["nodule"] == 1 and labels["malignancy"] >= MALIGNANT_MIN_RATING)
+        studies.append({"study_id": scan.scan_id, "patient_id": scan.patient_id, "split": scan.split,
+                        "nodule": labels["nodule"], "malignant": malignant, "scan_id": scan.scan_id,
+                        **{key: value for key, value in labels.items() if key != "nodule"}})
+        for view in VIEWS:
+            row_mm, col_mm = geometry[view].pixel_mm
+            images.append({"study_id": scan.scan_id, "view": view,
+                           "pixel_mm_row": round(float(row_mm), 6), "pixel_mm_col": round(float(col_mm), 6)})
+    table = pd.DataFrame(studies, columns=["study_id", "patient_id", "split", *LABELS, *STUDY_COLUMNS])
+    table = table.astype({"nodule_id": "Int64"})
+    writer.finish(
+        {
+            "source": "rendered",
+            "labels": list(LABELS),
             "cfg": cfg,
             "hu_window": list(hu_window),
             "orientation": {
@@ -479,15 +490,8 @@ def render_radiographs(
                 "frontal": "radiological PA display: patient's right on the image left",
                 "lateral": "anterior on the image left, posterior on the right",
             },
-        })
-        if out_dir.exists():
-            previous = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.old-"))
-            os.replace(out_dir, previous / out_dir.name)
-            os.replace(building, out_dir)
-            shutil.rmtree(previous, ignore_errors=True)
-        else:
-            os.replace(building, out_dir)
-    except BaseException:
-        shutil.rmtree(building, ignore_errors=True)
-        raise
+        },
+        table,
+        pd.DataFrame(images),
+    )
     return table

@@ -49,7 +49,7 @@ def alignment_figure(path: str | os.PathLike, examples: Mapping[str, Any]) -> Pa
     """Rows: example test radiographs; columns: misaligned input, aligned output, canonical chest.
 
     ``examples``: ``input`` and ``aligned`` (K, H, W) or (K, 1, H, W), ``canonical``
-    (H, W) or (1, H, W); optional ``scan_id`` (K,) labels the rows, and ``before_px`` /
+    (H, W) or (1, H, W); optional ``study_id`` (K,) labels the rows, and ``before_px`` /
     ``after_px`` (K,) (corner displacement of the misalignment before / after the STN)
     title the input and aligned panels. Images are shown on one gray scale, [0, 1].
     """
@@ -67,7 +67,7 @@ def alignment_figure(path: str | os.PathLike, examples: Mapping[str, Any]) -> Pa
         raise ValueError(f"examples['input'] {inputs.shape} and examples['aligned'] {aligned.shape}: expected the "
                          "same non-empty (K, H, W)")
     count = len(inputs)
-    scan_ids = [str(s) for s in np.asarray(examples.get("scan_id", [f"example {i + 1}" for i in range(count)]))]
+    study_ids = [str(s) for s in np.asarray(examples.get("study_id", [f"example {i + 1}" for i in range(count)]))]
     before, after = examples.get("before_px"), examples.get("after_px")
     with sns.axes_style("white"):
         figure = _new_figure(2.2 * len(_COLUMNS), 2.3 * count)
@@ -86,7 +86,7 @@ def alignment_figure(path: str | os.PathLike, examples: Mapping[str, Any]) -> Pa
                 if title:
                     ax.set_title(title, fontsize=8)
                 if column == 0:
-                    ax.set_ylabel(scan_ids[row], fontsize=8)
+                    ax.set_ylabel(study_ids[row], fontsize=8)
         figure.suptitle("STN alignment of test radiographs (seed 002)\n"
                         "px off: mean corner displacement from the unmoved radiograph", fontsize=9)
     return save_figure(figure, path)

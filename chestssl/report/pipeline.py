@@ -231,12 +231,14 @@ def build_pipeline_report(params: Mapping[str, Any], out_dir: Path = paths.REPOR
     if classifier_figures:
         figure_sections.append(("Classifiers: Grad-CAM and confusion matrices (test split)", classifier_figures))
 
-    # Radiographs rendered from CT (the X-ray methods' input).
+    # Radiographs (the X-ray methods' input): rendered from CT or a real dataset (data.cxr.source).
     radiograph_figures, radiograph_skipped = radiograph_section(paths.RADIOGRAPHS_DIR, figures_dir,
                                                                 params["report"]["num_examples"])
     skipped += radiograph_skipped
+    source = params["data"]["cxr"]["source"]
+    radiographs_name = "radiographs rendered from CT" if source == "rendered" else f"{source} radiographs"
     if radiograph_figures:
-        figure_sections.append(("Radiographs rendered from CT", radiograph_figures))
+        figure_sections.append((radiographs_name[0].upper() + radiographs_name[1:], radiograph_figures))
     block = params["pretrain_radiographs"]
     levels = [
         ProbeLevel("image level", "pretrain_radiographs", "pretrain_radiographs.methods", block["methods"],
@@ -252,13 +254,16 @@ def build_pipeline_report(params: Mapping[str, Any], out_dir: Path = paths.REPOR
     if radiograph_tables:
         views = " and ".join(block["views"])
         table_sections.append((
-            "Pretraining on radiographs rendered from CT (seeds 001, 004)",
+            f"Pretraining on {radiographs_name} (seeds 001, 004)",
             f"The `methods` entries of `pretrain_radiographs.methods`, trained on the {views} radiographs of the "
             "training studies; the same linear probe as above, fitted on the training views and scored on the "
             "test views, with bootstrap intervals over patients. The `mae` / `diffmae` entries of "
             "`pretrain_radiographs.study_methods` are also trained on whole studies, the views of a study sharing "
             "one CLS token after every ViT block (seed 004's bottleneck CLS), and probed on that shared token, one "
-            "feature per study. A study is one scan, so these sets are small.",
+            "feature per study."
+            + (" A study is one scan, so these sets are small." if source == "rendered" else
+               f" The probe covers every label of the {source} dataset (`data.cxr.labels`), each study's unknown "
+               "labels left out."),
             radiograph_tables,
         ))
     if probe_figures:
@@ -269,8 +274,8 @@ def build_pipeline_report(params: Mapping[str, Any], out_dir: Path = paths.REPOR
         table_sections.append((
             "STN alignment of radiographs (seed 002)",
             "A spatial transformer aligns each radiograph to the canonical chest (the mean training radiograph); "
-            "the rendered radiographs share one frame, so every probed image is first moved by a seeded, known "
-            "random transform. The probe of the frozen feature encoder is compared without and with alignment.",
+            "to measure what it undoes, every probed frontal image is first moved by a seeded, known random "
+            "transform. The probe of the frozen feature encoder is compared without and with alignment.",
             [alignment_table(metrics, str(alignment_metrics))],
         ))
         path = alignment_figure(figures_dir / "alignment.png",

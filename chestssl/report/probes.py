@@ -12,7 +12,7 @@ says so rather than invite a direct comparison.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from chestssl.report.tables import Column, Table, build_table
 
@@ -29,12 +29,16 @@ SEED_NUMBERS = {
 NO_SEED_NUMBER = "—"
 
 
-def _flat_probe(probe: Mapping[str, Any]) -> dict[str, Any]:
+def _flat_probe(
+    probe: Mapping[str, Any],
+    labels: Mapping[str, str] = PROBE_LABELS,
+    metrics: Sequence[tuple[str, str]] = PROBE_METRICS,
+) -> dict[str, Any]:
     """``{"<label>_<metric>": {value, ci_low, ci_high[, note]}}`` from a probe result."""
     flat: dict[str, Any] = {}
-    for label in PROBE_LABELS:
+    for label in labels:
         result = probe.get(label)
-        for metric, _ in PROBE_METRICS:
+        for metric, _ in metrics:
             key = f"{label}_{metric}"
             if not isinstance(result, Mapping):
                 flat[key] = {"value": None, "ci_low": None, "ci_high": None, "note": f"label {label!r} not probed"}
@@ -42,7 +46,7 @@ def _flat_probe(probe: Mapping[str, Any]) -> dict[str, Any]:
                 flat[key] = {"value": None, "ci_low": None, "ci_high": None, "note": str(result["skipped"])}
             else:
                 flat[key] = dict(result[metric])
-    probed = next((probe[label] for label in PROBE_LABELS if isinstance(probe.get(label), Mapping)
+    probed = next((probe[label] for label in labels if isinstance(probe.get(label), Mapping)
                    and "n_images" in probe[label]), {})
     flat["n_images"] = probed.get("n_images")
     flat["n_patients"] = probed.get("n_patients")
@@ -59,6 +63,8 @@ def linear_probe_table(
     name: str = "linear_probe",
     title: str = "Linear probe of each pretrained encoder (test split)",
     items: str = "images",
+    labels: Mapping[str, str] = PROBE_LABELS,
+    metrics: Sequence[tuple[str, str]] = PROBE_METRICS,
 ) -> Table:
     """The linear probe of every pretraining entry on the test split.
 
@@ -68,10 +74,12 @@ def linear_probe_table(
         entries: the validated params entries (``methods`` and ``multihead``) by name.
         name, title: the table's file name and title.
         items: what one probed item is (``images``, or ``studies`` for a study-level probe).
+        labels: the probed labels, ``{name: header}`` (default: the CT probe's).
+        metrics: the metrics shown per label, ``(key, header)`` pairs.
     """
     rows = []
-    for entry_name, (metrics, source) in pretrain_metrics.items():
-        if "probe" not in metrics:
+    for entry_name, (result, source) in pretrain_metrics.items():
+        if "probe" not in result:
             continue
         entry = entries[entry_name]
         kind = entry["method"]
@@ -81,8 +89,8 @@ def linear_probe_table(
             "backbone": f"{entry['backbone']['name']} {entry['backbone']['spatial_dims']}D",
             "seed's number (other data)": SEED_NUMBERS.get(kind, NO_SEED_NUMBER),
         }
-        rows.append((descriptors, _flat_probe(metrics["probe"]), source))
+        rows.append((descriptors, _flat_probe(result["probe"], labels, metrics), source))
     columns = [Column(f"{label}_{metric}", f"{shown} {header}")
-               for label, shown in PROBE_LABELS.items() for metric, header in PROBE_METRICS]
+               for label, shown in labels.items() for metric, header in metrics]
     columns.append(Column("mean_auroc", "mean AUROC"))
     return build_table(name, title, rows, columns, items=items)

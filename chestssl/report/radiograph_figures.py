@@ -1,9 +1,10 @@
-"""The report's figure of the radiographs rendered from CT (stage ``radiographs``).
+"""The report's figures of the radiographs folder (stage ``radiographs``) and of pretraining on it.
 
-Rows: test-split studies (those with a nodule first); columns: the frontal and the
-lateral view, each with the projected nodule mask outlined and the largest nodule's
-projected centre marked, so a reader can check that the rendering puts the CT's
-annotations where they belong.
+:func:`radiograph_figure`: rows are test-split studies (those with most positive labels
+first); columns are the study's images. Rendered from CT, each view has the projected
+nodule mask outlined and the largest nodule's projected centre marked, so a reader can
+check that the rendering puts the CT's annotations where they belong; a real dataset's
+images are shown with the study's positive labels.
 """
 
 from __future__ import annotations
@@ -17,73 +18,98 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 
+from chestssl.data.radiograph_folder import RadiographFolder, RadiographsNotFoundError, open_radiograph_folder
 from chestssl.report.figures import _image_axis, _new_figure, save_figure
 
-_VIEWS = ("frontal", "lateral")
 _MASK_COLOUR = "#e8413c"
+#: At most this many images of one study are shown.
+MAX_IMAGES_PER_STUDY = 3
 
 
-def choose_studies(studies: pd.DataFrame, count: int) -> pd.DataFrame:
-    """Up to ``count`` studies of the test split (of any split if it has none), those
-    with a nodule first, the larger malignancy first among them; ties by scan id."""
+def choose_studies(studies: pd.DataFrame, labels: Sequence[str], count: int) -> pd.DataFrame:
+    """Up to ``count`` studies of the test split (of any split if it has none), those with
+    the most positive ``labels`` first; ties by study id."""
     pool = studies[studies["split"] == "test"]
     if pool.empty:
         pool = studies
-    ranked = pool.assign(_order=-pool["nodule"].astype(int) * 10 - pool["malignancy"].fillna(0))
-    return ranked.sort_values(["_order", "scan_id"]).head(count).drop(columns="_order")
+    positives = pool[list(labels)].fillna(0).sum(axis=1) if labels else pd.Series(0, index=pool.index)
+    ranked = pool.assign(_order=-positives)
+    return ranked.sort_values(["_order", "study_id"], kind="stable").head(count).drop(columns="_order")
 
 
-def radiograph_figure(path: str | Path, radiographs_dir: str | Path, studies: pd.DataFrame) -> Path:
-    """Frontal and lateral view of each row of ``studies`` (a selection of ``studies.csv``)."""
+def _positive_labels(study: pd.Series, labels: Sequence[str]) -> str:
+    positive = [name for name in labels if study[name] == 1]
+    if not positive:
+        return "no positive label"
+    return ", ".join(positive[:2]) + (f" +{len(positive) - 2}" if len(positive) > 2 else "")
+
+
+def radiograph_figure(path: str | Path, folder: RadiographFolder, studies: pd.DataFrame) -> Path:
+    """The images of each row of ``studies`` (a selection of ``folder.studies``), one row per study."""
     if studies.empty:
         raise ValueError("no radiograph studies to plot")
-    radiographs_dir = Path(radiographs_dir)
+    rendered = folder.source == "rendered"
+    rows = [folder.images.index[folder.images["study_id"] == study_id][:MAX_IMAGES_PER_STUDY]
+            for study_id in studies["study_id"]]
+    columns = max(len(images) for images in rows)
     with sns.axes_style("white"):
-        figure = _new_figure(2.4 * len(_VIEWS), 2.5 * len(studies))
-        axes = figure.subplots(len(studies), len(_VIEWS), squeeze=False)
-        for row, study in enumerate(studies.itertuples(index=False)):
-            with np.load(radiographs_dir / "studies" / f"{study.scan_id}.npz") as arrays:
-                views = {view: (arrays[view].astype(np.float32), arrays[f"{view}_mask"]) for view in _VIEWS}
-            for column, view in enumerate(_VIEWS):
-                image, mask = views[view]
+        figure = _new_figure(2.4 * columns, 2.5 * len(studies))
+        axes = figure.subplots(len(studies), columns, squeeze=False)
+        for row, ((_, study), images) in enumerate(zip(studies.iterrows(), rows)):
+            for column in range(columns):
                 ax = axes[row, column]
-                ax.imshow(image, cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
-                if mask.any():
-                    ax.contour(mask > 0, levels=[0.5], colors=_MASK_COLOUR, linewidths=0.8)
-                centre = (getattr(study, f"{view}_row"), getattr(study, f"{view}_col"))
-                if not any(pd.isna(c) for c in centre):
-                    ax.plot(centre[1], centre[0], marker="+", color=_MASK_COLOUR, markersize=9, markeredgewidth=1.2)
                 _image_axis(ax)
-                if row == 0:
-                    ax.set_title(view, fontsize=10)
+                if column >= len(images):
+                    ax.axis("off")
+                    continue
+                image_row = int(images[column])
+                view = folder.images.at[image_row, "view"]
+                ax.imshow(np.asarray(folder.pixels[image_row], np.float32), cmap="gray", vmin=0.0, vmax=1.0,
+                          interpolation="nearest")
+                if folder.masks is not None and folder.masks[image_row].any():
+                    ax.contour(np.asarray(folder.masks[image_row]), levels=[0.5], colors=_MASK_COLOUR, linewidths=0.8)
+                centre = (study.get(f"{view}_row"), study.get(f"{view}_col"))
+                if rendered and not any(c is None or pd.isna(c) for c in centre):
+                    ax.plot(centre[1], centre[0], marker="+", color=_MASK_COLOUR, markersize=9, markeredgewidth=1.2)
+                if row == 0 or not rendered:
+                    ax.set_title(view, fontsize=9)
                 if column == 0:
-                    label = f"{study.scan_id}\nnodule" if study.nodule else f"{study.scan_id}\nno nodule"
-                    ax.set_ylabel(label, fontsize=8)
-        figure.suptitle("Radiographs rendered from CT\nnodules outlined, + the largest one's centre", fontsize=10)
+                    ax.set_ylabel(f"{study['study_id']}\n{_positive_labels(study, folder.label_names)}", fontsize=8)
+        if rendered:
+            figure.suptitle("Radiographs rendered from CT\nnodules outlined, + the largest one's centre", fontsize=10)
+        else:
+            figure.suptitle(f"{folder.source} radiographs (test-split studies)", fontsize=10)
     return save_figure(figure, path)
 
 
 def radiograph_section(radiographs_dir: str | Path, figures_dir: str | Path,
                        num_studies: int) -> tuple[list[tuple[str, Path]], list[str]]:
-    """(captioned figures, skipped notes) of the rendered radiographs."""
-    radiographs_dir = Path(radiographs_dir)
-    table = radiographs_dir / "studies.csv"
-    if not table.exists():
-        return [], [f"Radiographs: {table} is missing; run `dvc repro radiographs`."]
-    studies = pd.read_csv(table, dtype={"scan_id": str, "patient_id": str})
-    if studies.empty:
-        return [], ["Radiographs: no study was rendered."]
-    chosen = choose_studies(studies, num_studies)
-    path = radiograph_figure(Path(figures_dir) / "radiographs.png", radiographs_dir, chosen)
-    with_nodule = int(studies["nodule"].astype(bool).sum())
-    caption = (f"Radiographs rendered from CT: {len(studies)} two-view studies ({with_nodule} with a nodule), "
-               "test-split examples; head at the top, the patient's right on the left of the frontal view, anterior "
-               "on the left of the lateral view")
+    """(captioned figures, skipped notes) of the radiographs folder."""
+    try:
+        folder = open_radiograph_folder(radiographs_dir)
+    except RadiographsNotFoundError as error:
+        return [], [f"Radiographs: {error}"]
+    studies = folder.studies
+    chosen = choose_studies(studies, folder.label_names, num_studies)
+    path = radiograph_figure(Path(figures_dir) / "radiographs.png", folder, chosen)
+    if folder.source == "rendered":
+        with_nodule = int((studies["nodule"] == 1).sum())
+        caption = (f"Radiographs rendered from CT: {len(studies)} two-view studies ({with_nodule} with a nodule), "
+                   "test-split examples; head at the top, the patient's right on the left of the frontal view, "
+                   "anterior on the left of the lateral view")
+    else:
+        skipped = int(folder.info.get("skipped_images", 0))
+        caption = (f"{folder.source} radiographs: {len(studies)} studies, {len(folder.images)} images"
+                   + (f" ({skipped} listed images skipped, see {Path(radiographs_dir) / 'skipped.csv'})" if skipped
+                      else "")
+                   + f"; test-split examples with their positive labels among {len(folder.label_names)}")
     return [(caption, path)], []
 
 
 # ------------------------------------------------------------ pretraining on radiographs
 
+#: Up to this many labels, the probe table shows AUROC, AUPRC and F1 per label; beyond, AUROC only.
+MAX_LABELS_ALL_METRICS = 4
 #: The probe curve every pretraining run logs (:class:`chestssl.eval.linear_probe.LinearProbeMonitor`).
 PROBE_CURVE = "probe/mean_auroc"
 
@@ -136,6 +162,22 @@ def probe_curves_figure(path: str | Path, panels: Mapping[str, Mapping[str, pd.D
     return save_figure(figure, path)
 
 
+def probe_columns(probed: Mapping[str, tuple[Mapping[str, Any], str]]) -> dict[str, Any]:
+    """The ``labels`` and ``metrics`` arguments of ``linear_probe_table`` for radiograph probes.
+
+    The labels are those the runs record (``labels`` of their ``metrics.json``, the
+    radiographs folder's); the rendered ones keep the CT probe's headers. With more than
+    :data:`MAX_LABELS_ALL_METRICS` labels (a dataset's 14 findings) only AUROC is shown.
+    """
+    from chestssl.report.probes import PROBE_LABELS, PROBE_METRICS
+
+    names = list(dict.fromkeys(label for metrics, _ in probed.values() for label in metrics.get("labels", [])))
+    if not names or names == list(PROBE_LABELS):
+        return {"labels": PROBE_LABELS, "metrics": PROBE_METRICS}
+    shown = PROBE_METRICS if len(names) <= MAX_LABELS_ALL_METRICS else PROBE_METRICS[:1]
+    return {"labels": {name: name for name in names}, "metrics": shown}
+
+
 def radiograph_pretraining_section(
     levels: Sequence[ProbeLevel], entries: Mapping[str, Any], figures_dir: str | Path,
 ) -> tuple[list, list[tuple[str, Path]], list[str]]:
@@ -163,7 +205,7 @@ def radiograph_pretraining_section(
                 skipped.append(f"Probe curve of `{level.stage}@{name}`: not logged (nothing trained, or "
                                "`probe.every_epochs` is 0).")
         tables.append(linear_probe_table(probed, entries, name=level.table_name, title=level.table_title,
-                                         items=level.items))
+                                         items=level.items, **probe_columns(probed)))
         panels[level.label] = curves
     captioned = []
     if any(panels.values()):

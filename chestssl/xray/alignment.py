@@ -1,16 +1,18 @@
-"""The STN alignment study on the radiographs rendered from CT (seed 002; stage ``align_radiographs``).
+"""The STN alignment study on the frontal radiographs of ``data/radiographs`` (seed 002; stage ``align_radiographs``).
 
 Seed 002 aligns every chest radiograph to a *canonical chest* with a spatial transformer
 network (Jaderberg et al., "Spatial Transformer Networks", NeurIPS 2015, arXiv:1506.02025)
 and compares the downstream AUROC of a classifier on the radiographs as they are with one
 on the aligned radiographs (ChestX-ray14, DenseNet-121 fine-tuned on 14 labels: mean
 AUROC 0.8110 unaligned vs 0.8124 aligned). :func:`run_alignment_study` runs that study on
-the frontal radiographs of ``data/radiographs`` (:mod:`chestssl.data.drr`) with the
-building blocks of :mod:`chestssl.xray.stn`:
+the frontal radiographs of ``data/radiographs`` (rendered from the CT by
+:mod:`chestssl.data.drr`, or a real dataset, ``data.cxr.source``) with the building
+blocks of :mod:`chestssl.xray.stn`:
 
 1. **Canonical chest** (:func:`~chestssl.xray.stn.canonical_chest`): the mean of the
-   training split's frontal radiographs. The seed cropped each one to its lungs first;
-   rendered radiographs come without lung masks, so the whole image is used.
+   training split's frontal radiographs (lateral views never enter it). The seed cropped
+   each one to its lungs first; the radiographs come without lung masks here, so the
+   whole image is used.
 2. **Feature network** of the loss: the frozen encoder of
    ``pretrain_radiographs@<feature_method>``, trained earlier by the pipeline (nothing is
    downloaded), through :class:`EncoderFeatures` (its ``feature_maps``).
@@ -21,8 +23,8 @@ building blocks of :mod:`chestssl.xray.stn`:
    :class:`~chestssl.xray.stn.AlignmentLoss` (``pixel_weight`` x pixel MSE + feature
    MSE), AdamW, seeded.
 4. **Evaluation** on the test split's frontal radiographs. The renderer fits every CT into
-   the same frame, so rendered radiographs are already aligned with each other; the
-   misalignment the seed met in real films is therefore made: every probed radiograph
+   the same frame, so rendered radiographs are already aligned with each other, and the
+   misalignment of real films is unknown; so a known misalignment is made: every probed radiograph
    (training and test) is moved by one seeded random known transform
    (:func:`~chestssl.xray.stn.misalign`, the augmentation's shift/scale/rotation range).
 
@@ -30,14 +32,14 @@ building blocks of :mod:`chestssl.xray.stn`:
       corner displacement in pixels of the known transform (before) and of it chained with
       the STN's prediction (after), and the fraction undone; and how far the STN moves the
       radiographs that were not misaligned (0 for a perfect STN).
-   b. AUROC per label (``nodule``, ``malignant``) without and with alignment. The seed
-      fine-tuned a DenseNet-121; here the downstream model is the linear probe of the
-      frozen feature encoder (:func:`~chestssl.eval.linear_probe.extract_features`,
+   b. AUROC per label of the folder (rendered: ``nodule``, ``malignant``) without and with
+      alignment. The seed fine-tuned a DenseNet-121; here the downstream model is the
+      linear probe of the frozen feature encoder (:func:`~chestssl.xray.probe.extract_image_features`,
       :func:`~chestssl.eval.linear_probe.fit_linear_probe`, the ``probe`` params and the
       patient bootstrap of ``evaluate``), fitted on the training radiographs and scored on
       the test radiographs, (i) misaligned, not aligned; (ii) misaligned, then aligned by
       the STN (training and test radiographs get the same treatment). The probe of the
-      radiographs as rendered is reported beside them for reference.
+      radiographs as stored (condition ``as_rendered``) is reported beside them for reference.
    c. Examples for the report figure: misaligned input, aligned output, canonical chest.
 
 Training is not resumable: an interrupted stage starts over (the quick profile trains for
@@ -320,6 +322,10 @@ class _ReplacedImages(Dataset):
     def __len__(self) -> int:
         return len(self.base)
 
+    @property
+    def label_names(self) -> list[str]:
+        return list(self.base.label_names)
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         return {**self.base[index], "image": self.images[index]}
 
@@ -407,8 +413,8 @@ def run_alignment_study(
 
     ``examples.npz``: ``input`` (K, S, S) the misaligned test radiographs, ``aligned``
     (K, S, S) the STN's output, ``original`` (K, S, S) as rendered, ``canonical`` (S, S),
-    ``scan_id`` (K,) str, ``before_px`` / ``after_px`` (K,) their corner displacements;
-    K = min(``alignment.num_examples``, test radiographs), in scan-id order.
+    ``study_id`` (K,) str, ``before_px`` / ``after_px`` (K,) their corner displacements;
+    K = min(``alignment.num_examples``, test radiographs), in study-id order.
 
     Returns the metrics written to ``metrics.json``: ``protocol``, ``feature_method``,
     ``canonical``, ``training`` (losses), ``parameter_error`` (``misaligned``:
@@ -418,8 +424,8 @@ def run_alignment_study(
 
     Training is not resumable: a killed run starts over.
     """
-    from chestssl.data.radiograph_datasets import LABELS, RadiographDataset
-    from chestssl.eval.linear_probe import extract_features, fit_linear_probe
+    from chestssl.data.radiograph_datasets import RadiographDataset
+    from chestssl.eval.linear_probe import fit_linear_probe
     from chestssl.inference import auto_device
     from chestssl.io import save_torch, write_json, write_npz
     from chestssl.models.seeding import seeded
@@ -432,6 +438,7 @@ def run_alignment_study(
         misalign,
         train_alignment,
     )
+    from chestssl.xray.probe import extract_image_features
 
     known_methods = (params.get("pretrain_radiographs") or {}).get("methods")
     cfg = validate_alignment_cfg(params.get("alignment"), feature_methods=known_methods)
@@ -440,8 +447,8 @@ def run_alignment_study(
     radiographs_dir, out_model_dir, report_dir = Path(radiographs_dir), Path(out_model_dir), Path(report_dir)
     device = auto_device()
 
-    train_set = RadiographDataset(radiographs_dir, "train", (VIEW,), task="cls")
-    test_set = RadiographDataset(radiographs_dir, "test", (VIEW,), task="cls")
+    train_set = RadiographDataset(radiographs_dir, "train", (VIEW,))
+    test_set = RadiographDataset(radiographs_dir, "test", (VIEW,))
     train_images, test_images = _frontal_images(train_set), _frontal_images(test_set)
     size = (int(train_images.shape[-2]), int(train_images.shape[-1]))
     _check_batch_size(cfg["batch_size"], train_images.shape[0], size)
@@ -486,8 +493,8 @@ def run_alignment_study(
     for condition in CONDITIONS:
         train_condition, test_condition = condition_images[condition]
         probes[condition] = fit_linear_probe(
-            extract_features(encoder, _ReplacedImages(train_set, train_condition), device),
-            extract_features(encoder, _ReplacedImages(test_set, test_condition), device),
+            extract_image_features(encoder, _ReplacedImages(train_set, train_condition), device),
+            extract_image_features(encoder, _ReplacedImages(test_set, test_condition), device),
             C=probe_cfg["C"], max_iter=probe_cfg["max_iter"], seed=seed,
             n_bootstrap=evaluate_cfg["bootstrap_samples"], confidence=evaluate_cfg["confidence"],
         )
@@ -499,13 +506,13 @@ def run_alignment_study(
         "canonical": {
             "n_images": int(train_images.shape[0]),
             "size": list(size),
-            "note": "mean of the whole training frontal radiographs: rendered radiographs have no lung masks, so "
+            "note": "mean of the whole training frontal radiographs: the radiographs come without lung masks, so "
                     "they are not cropped to the lungs as in seed 002",
         },
         "training": {"steps": len(losses), "first_loss": losses[0], "final_loss": losses[-1],
                      "n_images": int(train_images.shape[0])},
         "parameter_error": parameter_error,
-        "auroc": compare_aurocs(probes, LABELS),
+        "auroc": compare_aurocs(probes, train_set.label_names),
         "probe": probes,
     }
 
@@ -518,7 +525,7 @@ def run_alignment_study(
         aligned=test_aligned[:count, 0].numpy().astype(np.float32),
         original=test_images[:count, 0].numpy().astype(np.float32),
         canonical=canonical[0].numpy().astype(np.float32),
-        scan_id=np.asarray(test_set.frame["scan_id"].iloc[:count], dtype=str),
+        study_id=np.asarray(test_set.frame["study_id"].iloc[:count], dtype=str),
         before_px=error.before[:count].numpy().astype(np.float32),
         after_px=error.after[:count].numpy().astype(np.float32),
     )

@@ -1,15 +1,17 @@
-"""Pretraining on the radiographs rendered from CT (stage ``pretrain_radiographs@<method>``).
+"""Pretraining on the radiographs folder (stage ``pretrain_radiographs@<method>``).
 
 Seeds 001 (Barlow Twins) and 004 (MAE vs diffusion MAE, linear-probe curves) pretrain on
 chest X-rays. Each method listed in ``pretrain_radiographs.methods`` is the ``methods``
-entry of that name (same module, backbone and hyperparameters), trained on single views
-of the rendered studies (:class:`~chestssl.data.radiograph_datasets.RadiographDataset`,
-``pretrain_radiographs.views``) instead of CT slices. A radiograph study is one per scan, so
-the split has about a hundredth of the CT slices: ``pretrain_radiographs.train`` overrides
-the ``epochs`` and ``batch_size`` of the entry's ``train`` block.
+entry of that name (same module, backbone and hyperparameters), trained on single
+radiographs (:class:`~chestssl.data.radiograph_datasets.RadiographDataset`, the images of
+``pretrain_radiographs.views``) instead of CT slices: rendered from the CT or a real
+dataset (``data.cxr.source``). Rendered studies are one per scan, so the split has about a
+hundredth of the CT slices: ``pretrain_radiographs.train`` overrides the ``epochs`` and
+``batch_size`` of the entry's ``train`` block.
 
-The encoder's linear probe (:mod:`chestssl.eval.linear_probe`: one balanced logistic
-regression per label, ``nodule`` and ``malignant``, on frozen features) is logged on the
+The encoder's linear probe (:mod:`chestssl.xray.probe`: one balanced logistic regression
+per label of the folder, e.g. ``nodule`` and ``malignant`` when rendered, on frozen
+features) is logged on the
 validation split every ``probe.every_epochs`` epochs, as seed 004 plots it, and fitted on
 the training views and scored on the test views at the end, with bootstrap intervals over
 patients.
@@ -17,7 +19,7 @@ patients.
 Study level (stage ``pretrain_radiograph_studies@<method>``, seed 004): the ``mae`` and
 ``diffmae`` entries of ``pretrain_radiographs.study_methods`` are trained on whole studies,
 the views of a study sharing a bottleneck CLS token (:mod:`chestssl.xray.study_mae`), and
-probed on one feature per study (:mod:`chestssl.xray.study_probe`). Same training length,
+probed on one feature per study (:mod:`chestssl.xray.probe`). Same training length,
 views, probe and outputs; a batch is ``batch_size`` studies.
 """
 
@@ -59,8 +61,7 @@ class _Level:
     name: str
     datasets: Callable[[str], Dataset]  # split -> dataset
     build: Callable[[str, Mapping[str, Any], int], nn.Module]
-    features: Callable[[nn.Module, Dataset, Any], Any]  # (encoder, dataset, device) -> ProbeFeatures
-    monitor: type
+    features: Callable[..., Any]  # (encoder, dataset, device[, batch_size]) -> ProbeFeatures
     collate_fn: Callable | None = None
 
 
@@ -79,16 +80,15 @@ def pretrain_on_radiographs(
     or ``None`` on a non-main process under ``torchrun``.
     """
     from chestssl.data.radiograph_datasets import RadiographDataset
-    from chestssl.eval.linear_probe import LinearProbeMonitor, extract_features
     from chestssl.methods import build_method
+    from chestssl.xray.probe import extract_image_features
 
     views = params["pretrain_radiographs"]["views"]
     level = _Level(
         name="image",
-        datasets=lambda split: RadiographDataset(radiographs_dir, split, views, task="cls"),
+        datasets=lambda split: RadiographDataset(radiographs_dir, split, views),
         build=build_method,
-        features=extract_features,
-        monitor=LinearProbeMonitor,
+        features=extract_image_features,
     )
     return _train_and_probe(level, radiograph_entry(params, name), name, params, model_dir, report_dir, checkpoint_path)
 
@@ -106,11 +106,11 @@ def pretrain_on_radiograph_studies(
     :mod:`chestssl.xray.study_mae`: batches of ``pretrain_radiographs.train.batch_size``
     studies, every view masked on its own, one CLS shared per study. The probe (logged on
     val every ``probe.every_epochs`` epochs and scored on test) reads one feature per study
-    (:mod:`chestssl.xray.study_probe`). Outputs as :func:`pretrain_on_radiographs`.
+    (:mod:`chestssl.xray.probe`). Outputs as :func:`pretrain_on_radiographs`.
     """
     from chestssl.data.radiograph_datasets import RadiographStudyDataset, collate_radiograph_studies
+    from chestssl.xray.probe import extract_study_features
     from chestssl.xray.study_mae import build_study_method
-    from chestssl.xray.study_probe import StudyProbeMonitor, extract_study_features
 
     views = params["pretrain_radiographs"]["views"]
     level = _Level(
@@ -118,7 +118,6 @@ def pretrain_on_radiograph_studies(
         datasets=lambda split: RadiographStudyDataset(radiographs_dir, split, views),
         build=build_study_method,
         features=extract_study_features,
-        monitor=StudyProbeMonitor,
         collate_fn=collate_radiograph_studies,
     )
     cfg = radiograph_entry(params, name, listed_in="study_methods")
@@ -137,18 +136,19 @@ def _train_and_probe(
     from chestssl.eval.linear_probe import fit_linear_probe
     from chestssl.inference import auto_device
     from chestssl.train.loop import fit
+    from chestssl.xray.probe import RadiographProbeMonitor
 
     seed, probe, evaluate = params["seed"], params["probe"], params["evaluate"]
-    # Every study of a split is used both to pretrain and to probe (each has a 0/1 label),
-    # so one dataset per split serves both.
+    # Every study of a split is used both to pretrain and to probe (the probe leaves out
+    # unknown labels itself), so one dataset per split serves both.
     train, val = level.datasets("train"), level.datasets("val")
     method = level.build(name, cfg, seed)
     live_dir = report_dir / "live"
     if method.trainable:
         hook = None
         if probe["every_epochs"] > 0:
-            hook = level.monitor(train, val, every_epochs=probe["every_epochs"],
-                                 C=probe["C"], max_iter=probe["max_iter"], seed=seed)
+            hook = RadiographProbeMonitor(train, val, every_epochs=probe["every_epochs"], C=probe["C"],
+                                          max_iter=probe["max_iter"], seed=seed, features=level.features)
         monitor, mode = method.monitor
         result = fit(method, train, val, cfg["train"], live_dir, checkpoint_path, seed,
                      monitor=monitor, mode=mode, collate_fn=level.collate_fn, epoch_hook=hook)
@@ -166,6 +166,7 @@ def _train_and_probe(
     encoder = method.encoder().to(device)
     metrics["level"] = level.name
     metrics["views"] = list(params["pretrain_radiographs"]["views"])
+    metrics["labels"] = list(train.label_names)
     metrics["probe"] = fit_linear_probe(
         level.features(encoder, train, device), level.features(encoder, level.datasets("test"), device),
         C=probe["C"], max_iter=probe["max_iter"], seed=seed,

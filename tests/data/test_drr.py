@@ -22,6 +22,7 @@ from chestssl.data.drr import (
     window_percentiles,
 )
 from chestssl.data.preprocess import window_hu
+from chestssl.data.radiograph_folder import open_radiograph_folder
 
 HU_WINDOW = (-1000.0, 400.0)
 CFG = {"size": 64, "mu_water_per_mm": 0.02, "window_percentiles": [1.0, 99.0]}
@@ -288,66 +289,103 @@ def leftovers(out_dir: Path) -> list[str]:
 def test_render_radiographs_writes_studies_and_labels(synthetic_processed, tmp_path):
     out_dir = tmp_path / "radiographs"
     table = render_radiographs(synthetic_processed, out_dir, CFG, HU_WINDOW)
-    assert sorted(p.name for p in (out_dir / "studies").iterdir()) == [f"p{i}.npz" for i in range(6)]
     assert leftovers(out_dir) == []
-
-    studies = pd.read_csv(out_dir / "studies.csv", dtype={"scan_id": str, "patient_id": str})
-    pd.testing.assert_frame_equal(studies, table.astype({"nodule_id": "float64"}), check_dtype=False)
-    studies = studies.set_index("scan_id")
+    folder = open_radiograph_folder(out_dir)
+    assert folder.source == "rendered" and folder.label_names == ["nodule", "malignant"] and folder.size == 64
+    assert folder.info["views"] == ["frontal", "lateral"]
+    studies = folder.studies
+    assert studies["study_id"].tolist() == [f"p{i}" for i in range(6)] == table["study_id"].tolist()
+    assert (studies["scan_id"] == studies["study_id"]).all()
+    assert folder.images["study_id"].tolist() == [f"p{i}" for i in range(6) for _ in range(2)]
+    assert folder.images["view"].tolist() == ["frontal", "lateral"] * 6
+    assert folder.pixels.shape == (12, 64, 64) and folder.pixels.dtype == np.float16
+    assert folder.masks is not None and folder.masks.shape == (12, 64, 64)
+    assert 0.0 <= float(folder.pixels.min()) and float(folder.pixels.max()) <= 1.0
     splits = json.loads((synthetic_processed / "splits.json").read_text())
-    for i in range(6):
-        row = studies.loc[f"p{i}"]
+    for i, row in studies.iterrows():
         has_nodule = i % 2 == 1
         assert row["patient_id"] == f"p{i}" and row["split"] in splits and f"p{i}" in splits[row["split"]]
         assert row["nodule"] == int(has_nodule)
         assert row["malignancy"] == (4.0 if has_nodule else 0.0)
+        assert row["malignant"] == int(has_nodule)  # rated 4: "moderately suspicious" counts as malignant
         centre_columns = ["nodule_id", "frontal_row", "frontal_col", "lateral_row", "lateral_col"]
         assert row[centre_columns].notna().all() == has_nodule and row[centre_columns].isna().all() != has_nodule
-        with np.load(out_dir / "studies" / f"p{i}.npz") as z:
-            for view in ("frontal", "lateral"):
-                assert z[view].shape == (64, 64) and z[view].dtype == np.float16
-                assert 0.0 <= float(z[view].min()) and float(z[view].max()) <= 1.0
-                assert z[f"{view}_mask"].dtype == np.uint8
-                assert bool(z[f"{view}_mask"].any()) == has_nodule
-                if has_nodule:
-                    # The listed centre is the centre of the carried mask.
-                    found = np.argwhere(z[f"{view}_mask"]).mean(axis=0)
-                    listed = row[[f"{view}_row", f"{view}_col"]].to_numpy(float)
-                    assert np.all(np.abs(found - listed) <= 1.0)
-    recorded = json.loads((out_dir / "radiographs.json").read_text())
-    assert recorded["cfg"] == CFG and recorded["hu_window"] == list(HU_WINDOW)
+        for offset, view in enumerate(("frontal", "lateral")):
+            mask = folder.masks[2 * i + offset]
+            assert bool(mask.any()) == has_nodule
+            if has_nodule:
+                # The listed centre is the centre of the carried mask.
+                found = np.argwhere(mask).mean(axis=0)
+                listed = row[[f"{view}_row", f"{view}_col"]].to_numpy(float)
+                assert np.all(np.abs(found - listed) <= 1.0)
+    assert (folder.images[["pixel_mm_row", "pixel_mm_col"]] > 0).all().all()
+    assert folder.info["cfg"] == CFG and folder.info["hu_window"] == list(HU_WINDOW)
 
 
-def test_render_radiographs_replaces_output_and_survives_interruption(synthetic_processed, tmp_path, monkeypatch):
+def test_the_malignant_cut_is_the_linear_probes():
+    from chestssl.data.labels import MALIGNANT_MIN_RATING
+    from chestssl.eval.linear_probe import MALIGNANT_MIN_RATING as PROBE_CUT
+
+    assert MALIGNANT_MIN_RATING == PROBE_CUT == 4.0
+
+
+def test_an_interrupted_render_keeps_the_output_and_resumes(synthetic_processed, tmp_path, monkeypatch):
     import chestssl.data.drr as drr
 
     out_dir = tmp_path / "radiographs"
     render_radiographs(synthetic_processed, out_dir, CFG, HU_WINDOW)
-    before = (out_dir / "studies" / "p1.npz").read_bytes()
+    before = (out_dir / "images.npy").read_bytes()
 
-    calls = {"n": 0}
+    calls = {"n": 0, "stop_at": 3}
     real_render = drr.render_study
 
-    def failing_render(*args, **kwargs):
+    def counting_render(*args, **kwargs):
         calls["n"] += 1
-        if calls["n"] == 3:
+        if calls["n"] == calls["stop_at"]:
             raise KeyboardInterrupt  # the run is stopped halfway
         return real_render(*args, **kwargs)
 
-    monkeypatch.setattr(drr, "render_study", failing_render)
+    monkeypatch.setattr(drr, "render_study", counting_render)
+    small = {**CFG, "size": 32}
+    with pytest.raises(KeyboardInterrupt):
+        render_radiographs(synthetic_processed, out_dir, small, HU_WINDOW)
+    # The previous output is whole and untouched; the finished scans wait for the next run.
+    assert (out_dir / "images.npy").read_bytes() == before
+    assert open_radiograph_folder(out_dir).size == 64
+    assert leftovers(out_dir) == [".radiographs.partial"]
+
+    calls.update(n=0, stop_at=None)
+    render_radiographs(synthetic_processed, out_dir, small, HU_WINDOW)
+    assert calls["n"] == 4  # scans p0 and p1 were done before the interruption
+    assert leftovers(out_dir) == []
+    resumed = open_radiograph_folder(out_dir)
+    assert resumed.size == 32 and resumed.info["cfg"]["size"] == 32
+    render_radiographs(synthetic_processed, tmp_path / "fresh", small, HU_WINDOW)
+    assert (out_dir / "images.npy").read_bytes() == (tmp_path / "fresh" / "images.npy").read_bytes()
+    assert (out_dir / "masks.npy").read_bytes() == (tmp_path / "fresh" / "masks.npy").read_bytes()
+
+
+def test_an_interrupted_render_with_other_settings_starts_over(synthetic_processed, tmp_path, monkeypatch):
+    import chestssl.data.drr as drr
+
+    out_dir = tmp_path / "radiographs"
+    real_render = drr.render_study
+    calls = {"n": 0}
+
+    def counting_render(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real_render(*args, **kwargs)
+
+    monkeypatch.setattr(drr, "render_study", counting_render)
     with pytest.raises(KeyboardInterrupt):
         render_radiographs(synthetic_processed, out_dir, {**CFG, "size": 32}, HU_WINDOW)
-    # The previous output is whole and untouched, and nothing temporary is left.
-    assert leftovers(out_dir) == []
-    assert (out_dir / "studies" / "p1.npz").read_bytes() == before
-    assert len(list((out_dir / "studies").glob("*.npz"))) == 6
-
-    monkeypatch.setattr(drr, "render_study", real_render)
-    render_radiographs(synthetic_processed, out_dir, {**CFG, "size": 32}, HU_WINDOW)
-    with np.load(out_dir / "studies" / "p1.npz") as z:
-        assert z["frontal"].shape == (32, 32)
-    assert json.loads((out_dir / "radiographs.json").read_text())["cfg"]["size"] == 32
-    assert leftovers(out_dir) == []
+    assert not out_dir.exists() and leftovers(out_dir) == [".radiographs.partial"]
+    calls["n"] = -100
+    render_radiographs(synthetic_processed, out_dir, {**CFG, "size": 32, "mu_water_per_mm": 0.03}, HU_WINDOW)
+    assert calls["n"] == -94  # all 6 scans rendered again
+    assert open_radiograph_folder(out_dir).info["cfg"]["mu_water_per_mm"] == 0.03
 
 
 def test_render_radiographs_rejects_bad_inputs_before_writing(synthetic_processed, tmp_path):
@@ -370,10 +408,11 @@ def test_stage_script_renders_from_params(synthetic_processed, tmp_path, monkeyp
     spec.loader.exec_module(stage)
     shutil.copytree(synthetic_processed, tmp_path / "data" / "processed")
     monkeypatch.chdir(tmp_path)
-    params = {"radiographs": {**CFG, "size": 32}, "preprocess": {"hu_window": list(HU_WINDOW)}}
+    params = {"radiographs": {**CFG, "size": 32}, "preprocess": {"hu_window": list(HU_WINDOW)},
+              "data": {"cxr": {"source": "rendered"}}}
     monkeypatch.setattr(stage, "load_params", lambda: params)
     stage.main([])
-    assert len(list((tmp_path / "data" / "radiographs" / "studies").glob("*.npz"))) == 6
+    assert len(open_radiograph_folder(tmp_path / "data" / "radiographs").studies) == 6
     params["radiographs"] = {**CFG, "mu_water_per_mm": -1}
     with pytest.raises(ValueError, match=r"radiographs\.mu_water_per_mm"):
         stage.main([])

@@ -14,7 +14,7 @@ def _examples(count: int, aligned_value: float) -> dict:
         "input": np.ones((count, 1, 16, 16), np.float32),
         "aligned": np.full((count, 16, 16), aligned_value, np.float32),
         "canonical": np.full((1, 16, 16), 0.5, np.float32),
-        "scan_id": np.array([f"p{i}" for i in range(count)]),
+        "study_id": np.array([f"p{i}" for i in range(count)]),
         "before_px": np.full(count, 2.5, np.float32),
         "after_px": np.full(count, 1.0, np.float32),
     }

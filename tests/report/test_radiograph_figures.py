@@ -1,11 +1,13 @@
-"""The report's figure of the radiographs rendered from CT."""
+"""The report's figures of the radiographs folder and of pretraining on it."""
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 from PIL import Image
 
 from chestssl.data.drr import render_radiographs
+from chestssl.data.radiograph_folder import RadiographFolderWriter, open_radiograph_folder
 from chestssl.report.radiograph_figures import choose_studies, radiograph_section
 
 CFG = {"size": 32, "mu_water_per_mm": 0.02, "window_percentiles": [1.0, 99.0]}
@@ -20,12 +22,34 @@ def test_section_draws_test_studies_with_a_nodule_first_and_counts_them(syntheti
     assert f"{len(studies)} two-view studies ({int(studies['nodule'].sum())} with a nodule)" in caption
     with Image.open(path) as image:
         assert image.size[0] > 100 and image.size[1] > 100
-    chosen = choose_studies(pd.read_csv(out / "studies.csv", dtype={"scan_id": str}), 2)
+    folder = open_radiograph_folder(out)
+    chosen = choose_studies(folder.studies, folder.label_names, 2)
     # The fixture's test split is p4 (no nodule) and p5 (a nodule): the nodule study comes first.
-    assert list(chosen["scan_id"]) == ["p5", "p4"]
+    assert list(chosen["study_id"]) == ["p5", "p4"]
 
 
-def test_section_without_rendered_radiographs_says_how_to_make_them(tmp_path):
+def test_section_of_a_dataset_shows_each_studys_images_and_positive_labels(tmp_path):
+    out = tmp_path / "dataset"
+    studies = pd.DataFrame({"study_id": ["s1", "s2", "s3"], "patient_id": ["a", "b", "c"],
+                            "split": ["test", "test", "train"], "Edema": [0.0, 1.0, 1.0],
+                            "Cardiomegaly": [float("nan"), 1.0, 0.0]})
+    images = pd.DataFrame({"study_id": ["s1", "s2", "s2", "s2", "s3"],
+                           "view": ["frontal", "frontal", "lateral", "frontal", "frontal"]})
+    writer = RadiographFolderWriter(out, len(images), 32, with_masks=False, fingerprint="x")
+    for index in range(len(images)):
+        writer.put(index, np.random.default_rng(index).random((32, 32)))
+    writer.finish({"source": "chexpert", "labels": ["Edema", "Cardiomegaly"], "skipped_images": 2}, studies, images)
+    captioned, skipped = radiograph_section(out, tmp_path / "figures", num_studies=2)
+    assert skipped == []
+    ((caption, path),) = captioned
+    assert caption.startswith("chexpert radiographs: 3 studies, 5 images (2 listed images skipped, see ")
+    with Image.open(path) as image:
+        assert image.size[0] > image.size[1]  # three images side by side for s2
+    folder = open_radiograph_folder(out)
+    assert list(choose_studies(folder.studies, folder.label_names, 2)["study_id"]) == ["s2", "s1"]
+
+
+def test_section_without_radiographs_says_how_to_make_them(tmp_path):
     captioned, skipped = radiograph_section(tmp_path / "missing", tmp_path / "figures", num_studies=2)
     assert captioned == []
     assert len(skipped) == 1 and "dvc repro radiographs" in skipped[0]
@@ -91,3 +115,16 @@ def test_the_curves_figure_has_a_panel_per_level_with_curves(tmp_path):
     one = probe_curves_figure(tmp_path / "one.png", {"image level": {"mae": curve}, "study level": {}}, "t")
     two = probe_curves_figure(tmp_path / "two.png", {"image level": {"mae": curve}, "study level": {"mae": curve}}, "t")
     assert matplotlib.image.imread(two).shape[1] > matplotlib.image.imread(one).shape[1]
+
+
+def test_probe_tables_take_the_labels_the_runs_recorded():
+    from chestssl.report.probes import PROBE_LABELS, PROBE_METRICS
+    from chestssl.report.radiograph_figures import probe_columns
+
+    rendered = {"mae": ({"labels": ["nodule", "malignant"]}, "m.json")}
+    assert probe_columns(rendered) == {"labels": PROBE_LABELS, "metrics": PROBE_METRICS}
+    few = {"mae": ({"labels": ["COVID", "Normal"]}, "m.json")}
+    assert probe_columns(few) == {"labels": {"COVID": "COVID", "Normal": "Normal"}, "metrics": PROBE_METRICS}
+    many = {"mae": ({"labels": [f"finding {i}" for i in range(14)]}, "m.json")}
+    columns = probe_columns(many)
+    assert len(columns["labels"]) == 14 and columns["metrics"] == PROBE_METRICS[:1]

@@ -167,11 +167,11 @@ def test_the_study_learns_to_undo_shifts_and_writes_its_three_outputs(params, st
     with np.load(tmp_path / "report" / "examples.npz") as examples:
         arrays = {name: examples[name] for name in examples.files}
     assert arrays["input"].shape == arrays["aligned"].shape == arrays["original"].shape == (2, SIZE, SIZE)
-    assert list(arrays["scan_id"]) == ["p4", "p5"]
+    assert list(arrays["study_id"]) == ["p4", "p5"]
     # The canonical chest is the mean of the four training frontal radiographs, whole (no lung crop).
     from chestssl.data.radiograph_datasets import RadiographDataset
 
-    train = RadiographDataset(radiographs, "train", ("frontal",), task="cls")
+    train = RadiographDataset(radiographs, "train", ("frontal",))
     mean = torch.stack([train[i]["image"] for i in range(len(train))]).mean(0)[0].numpy()
     np.testing.assert_allclose(arrays["canonical"], mean, atol=1e-6)
 
