@@ -402,6 +402,7 @@ SCHEMA = Section(
                 "max_brightness": Field(float, min=0.0, max=1.0),
                 "max_contrast": Field(float, min=0.0, max=1.0),
                 "num_examples": _positive_int("radiographs in the report's alignment figure"),
+                "max_images": Field(int, min=0, doc="frontal radiographs per split at most (whole patients); 0: all"),
             }
         ),
         "crops": Section(

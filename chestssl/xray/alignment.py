@@ -91,6 +91,8 @@ _FIELD_DOCS = {
     "max_brightness": "a number in [0, 1) (largest relative brightness change)",
     "max_contrast": "a number in [0, 1) (largest relative contrast change)",
     "num_examples": "an integer >= 1 (test radiographs shown in the report figure)",
+    "max_images": "an integer >= 0 (frontal radiographs per split at most, whole patients drawn at random; "
+                  "0: all; bounds the memory on a large dataset)",
 }
 #: The keys of the ``alignment`` params block.
 ALIGNMENT_FIELDS: tuple[str, ...] = tuple(_FIELD_DOCS)
@@ -162,6 +164,7 @@ _PARSERS: dict[str, Callable[[Any], Any]] = {
     "max_brightness": _in_range(0.0, 1.0, False),
     "max_contrast": _in_range(0.0, 1.0, False),
     "num_examples": lambda value: _integer(value, 1),
+    "max_images": lambda value: _integer(value, 0),
 }
 
 
@@ -174,7 +177,7 @@ def validate_alignment_cfg(
     >= 1), ``steps`` (int >= 1), ``batch_size`` (int >= 1), ``lr`` (> 0),
     ``weight_decay`` (>= 0), ``pixel_weight`` (>= 0), ``max_shift``, ``max_scale``,
     ``max_brightness``, ``max_contrast`` (in [0, 1)), ``max_rotation_deg`` (in [0, 180]),
-    ``num_examples`` (int >= 1). At least one of the shift, scale and rotation must be
+    ``num_examples`` (int >= 1), ``max_images`` (int >= 0). At least one of the shift, scale and rotation must be
     > 0, or there is no misalignment to learn or measure. ``feature_methods``: if given,
     the ``pretrain_radiographs.methods`` that ``feature_method`` must be one of.
 
@@ -447,8 +450,9 @@ def run_alignment_study(
     radiographs_dir, out_model_dir, report_dir = Path(radiographs_dir), Path(out_model_dir), Path(report_dir)
     device = auto_device()
 
-    train_set = RadiographDataset(radiographs_dir, "train", (VIEW,))
-    test_set = RadiographDataset(radiographs_dir, "test", (VIEW,))
+    splits = {split: RadiographDataset(radiographs_dir, split, (VIEW,)) for split in ("train", "test")}
+    used = {split: capped(data, cfg["max_images"], seed) for split, data in splits.items()}
+    train_set, test_set = used["train"], used["test"]
     train_images, test_images = _frontal_images(train_set), _frontal_images(test_set)
     size = (int(train_images.shape[-2]), int(train_images.shape[-1]))
     _check_batch_size(cfg["batch_size"], train_images.shape[0], size)
@@ -512,6 +516,7 @@ def run_alignment_study(
         "training": {"steps": len(losses), "first_loss": losses[0], "final_loss": losses[-1],
                      "n_images": int(train_images.shape[0])},
         "parameter_error": parameter_error,
+        "images_used": {split: {"used": len(used[split]), "of": len(splits[split])} for split in splits},
         "auroc": compare_aurocs(probes, train_set.label_names),
         "probe": probes,
     }
@@ -531,6 +536,27 @@ def run_alignment_study(
     )
     write_json(report_dir / "metrics.json", metrics)
     return metrics
+
+
+def capped(dataset: Any, max_images: int, seed: int) -> Any:
+    """``dataset`` (a :class:`~chestssl.data.radiograph_datasets.RadiographDataset`) cut to at
+    most ``max_images`` images of whole patients, drawn in a seeded random order (a patient
+    whose images would pass the cap is passed over; at least one patient is kept);
+    unchanged when ``max_images`` is 0 or not exceeded."""
+    from chestssl.data.radiograph_datasets import RadiographDataset
+
+    if max_images == 0 or len(dataset) <= max_images:
+        return dataset
+    counts = dataset.frame.groupby("patient_id", sort=True).size()
+    kept, total = [], 0
+    for position in np.random.default_rng(seed).permutation(len(counts)):
+        count = int(counts.iloc[position])
+        if total + count <= max_images or not kept:
+            kept.append(str(counts.index[position]))
+            total += count
+        if total >= max_images:
+            break
+    return RadiographDataset(dataset.radiographs_dir, dataset.split, dataset.views, patient_ids=kept)
 
 
 def _check_batch_size(batch_size: int, count: int, size: tuple[int, int]) -> None:

@@ -169,3 +169,4 @@ def test_pretraining_probing_and_alignment_run_on_an_imported_dataset(tmp_path):
     assert all(study_id.startswith(tuple(name.replace(" ", "_") for name in COVID_CLASSES))
                for study_id in examples["study_id"])
     assert json.loads((out / "alignment" / "metrics.json").read_text())["canonical"]["n_images"] == 16
+    assert aligned["images_used"]["train"] == {"used": 16, "of": 16}

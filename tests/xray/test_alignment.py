@@ -44,6 +44,7 @@ ALIGNMENT = {
     "max_brightness": 0.1,
     "max_contrast": 0.1,
     "num_examples": 2,
+    "max_images": 0,
 }
 
 
@@ -213,3 +214,17 @@ def test_unusable_inputs_are_named(params, study_inputs, tmp_path):
     with pytest.raises(FileNotFoundError, match="pretrain_radiographs@scratch_resnet18"):
         run_alignment_study(params, radiographs, tmp_path / "none.pt", tmp_path / "model", tmp_path / "report")
     assert not (tmp_path / "report").exists()
+
+
+def test_max_images_keeps_whole_patients_drawn_by_the_seed(study_inputs):
+    from chestssl.data.radiograph_datasets import RadiographDataset
+    from chestssl.xray.alignment import capped
+
+    radiographs, _ = study_inputs
+    train = RadiographDataset(radiographs, "train", ("frontal",))
+    assert capped(train, 0, seed=0) is train and capped(train, len(train), seed=0) is train
+    small = capped(train, 2, seed=0)
+    assert len(small) == 2 and set(small.frame["patient_id"]) < set(train.frame["patient_id"])
+    assert capped(train, 2, seed=0).frame["patient_id"].tolist() == small.frame["patient_id"].tolist()
+    drawn = {tuple(capped(train, 1, seed=seed).frame["patient_id"]) for seed in range(8)}
+    assert len(drawn) > 1  # the seed picks the patients
