@@ -79,11 +79,9 @@ def import_radiographs(
     from chestssl.data.radiograph_folder import RadiographFolderWriter, input_fingerprint
 
     cfg = validate_cxr_cfg(cfg)
+    # Sorted by split, patient, study and path: a study's images are consecutive rows, as
+    # the folder layout needs (the writer checks it).
     table, label_names, skipped = read_cxr_dataset(cfg)
-    # A study's images as consecutive rows, studies in order of first appearance.
-    first = table.groupby("study_id", sort=False).ngroup()
-    table = table.assign(_study=first).sort_values(["_study", "path"], kind="stable").drop(columns="_study")
-    table = table.reset_index(drop=True)
     labels, names = binary_labels(table, label_names, cfg.source)
     studies = study_table(table, labels)
     root = Path(cfg.root).expanduser().absolute()

@@ -458,7 +458,6 @@ def render_radiographs(
     for position, scan in enumerate(tqdm(scans.itertuples(index=False), total=len(scans), desc="radiographs",
                                          unit="scan", disable=not progress)):
         volume = load_scan(processed_dir, scan.scan_id)
-        geometry = study_geometry(volume["image"].shape, volume["spacing"], cfg["size"])
         if 2 * position >= writer.done:  # not written before an interruption
             try:
                 study = render_study(volume["image"], volume["mask"], volume["spacing"], cfg, hu_window)
@@ -468,6 +467,9 @@ def render_radiographs(
                 writer.checkpoint(2 * position, force=True)
                 raise
             writer.checkpoint(2 * position + 2)
+            geometry = study.geometry
+        else:  # the labels still need the view geometry
+            geometry = study_geometry(volume["image"].shape, volume["spacing"], cfg["size"])
         labels = study_labels(nodules[nodules["scan_id"] == scan.scan_id], geometry)
         malignant = int(labels["nodule"] == 1 and labels["malignancy"] >= MALIGNANT_MIN_RATING)
         studies.append({"study_id": scan.scan_id, "patient_id": scan.patient_id, "split": scan.split,

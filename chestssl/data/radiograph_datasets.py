@@ -101,11 +101,18 @@ class _RadiographSplit:
     """
 
     def __init__(
-        self, radiographs_dir: str | Path, split: str, views: str | Sequence[str], patient_ids: Sequence[str] | None
+        self,
+        radiographs_dir: str | Path | RadiographFolder,
+        split: str,
+        views: str | Sequence[str],
+        patient_ids: Sequence[str] | None,
     ) -> None:
         _check_choice("split", split, SPLITS)
         self.views = _checked_views(views)
-        self.folder = open_radiograph_folder(radiographs_dir)
+        if isinstance(radiographs_dir, RadiographFolder):
+            self.folder = radiographs_dir
+        else:
+            self.folder = open_radiograph_folder(radiographs_dir)
         self.split = split
         selected = _select_split(self.folder, split, patient_ids)
         images = self.folder.images.reset_index().rename(columns={"index": "row"})
@@ -152,7 +159,9 @@ class RadiographDataset(Dataset):
     """One item per image of a split: single radiographs (seeds 001, 002).
 
     Args:
-        radiographs_dir: the ``data/radiographs`` folder (stage ``radiographs``).
+        radiographs_dir: the ``data/radiographs`` folder (stage ``radiographs``), or that
+            folder already opened (:func:`~chestssl.data.radiograph_folder.open_radiograph_folder`),
+            so datasets of several splits read its tables once.
         split: ``train``, ``val`` or ``test``.
         views: the views to include, among ``frontal`` and ``lateral`` (e.g. ``("frontal",)``
             for seed 001's frontal-only protocol); a single name is one view.
@@ -168,18 +177,20 @@ class RadiographDataset(Dataset):
     - ``view``, ``patient_id``, ``study_id``: str.
 
     ``frame`` holds one row per item (the study's row of ``studies.csv`` plus the image's
-    ``view``), in item order; ``size`` is S; ``label_names`` the L label names.
+    ``view``), in item order; ``size`` is S; ``label_names`` the L label names; ``folder``
+    the opened radiographs folder.
     """
 
     def __init__(
         self,
-        radiographs_dir: str | Path,
+        radiographs_dir: str | Path | RadiographFolder,
         split: str,
         views: str | Sequence[str] = VIEWS,
         patient_ids: Sequence[str] | None = None,
     ) -> None:
         self._split = _RadiographSplit(radiographs_dir, split, views, patient_ids)
-        self.radiographs_dir, self.split = self._split.folder.path, split
+        self.folder, self.split = self._split.folder, split
+        self.radiographs_dir = self.folder.path
         self.views, self.size, self.label_names = self._split.views, self._split.size, self._split.label_names
         studies = self._split.studies
         self.frame = studies.loc[self._split.images["study"]].reset_index(drop=True)
@@ -225,13 +236,14 @@ class RadiographStudyDataset(Dataset):
 
     def __init__(
         self,
-        radiographs_dir: str | Path,
+        radiographs_dir: str | Path | RadiographFolder,
         split: str,
         views: str | Sequence[str] = VIEWS,
         patient_ids: Sequence[str] | None = None,
     ) -> None:
         self._split = _RadiographSplit(radiographs_dir, split, views, patient_ids)
-        self.radiographs_dir, self.split = self._split.folder.path, split
+        self.folder, self.split = self._split.folder, split
+        self.radiographs_dir = self.folder.path
         self.views, self.size, self.label_names = self._split.views, self._split.size, self._split.label_names
         self.frame = self._split.studies
 

@@ -232,11 +232,11 @@ def build_pipeline_report(params: Mapping[str, Any], out_dir: Path = paths.REPOR
         figure_sections.append(("Classifiers: Grad-CAM and confusion matrices (test split)", classifier_figures))
 
     # Radiographs (the X-ray methods' input): rendered from CT or a real dataset (data.cxr.source).
-    radiograph_figures, radiograph_skipped = radiograph_section(paths.RADIOGRAPHS_DIR, figures_dir,
-                                                                params["report"]["num_examples"])
+    radiograph_figures, radiograph_skipped, source = radiograph_section(
+        paths.RADIOGRAPHS_DIR, figures_dir, params["report"]["num_examples"])
     skipped += radiograph_skipped
-    source = params["data"]["cxr"]["source"]
-    radiographs_name = "radiographs rendered from CT" if source == "rendered" else f"{source} radiographs"
+    radiographs_name = {"rendered": "radiographs rendered from CT", None: "radiographs"}.get(
+        source, f"{source} radiographs")
     if radiograph_figures:
         figure_sections.append((radiographs_name[0].upper() + radiographs_name[1:], radiograph_figures))
     block = params["pretrain_radiographs"]

@@ -83,12 +83,14 @@ def radiograph_figure(path: str | Path, folder: RadiographFolder, studies: pd.Da
 
 
 def radiograph_section(radiographs_dir: str | Path, figures_dir: str | Path,
-                       num_studies: int) -> tuple[list[tuple[str, Path]], list[str]]:
-    """(captioned figures, skipped notes) of the radiographs folder."""
+                       num_studies: int) -> tuple[list[tuple[str, Path]], list[str], str | None]:
+    """(captioned figures, skipped notes, the folder's source) of the radiographs folder;
+    the source (``rendered`` or a dataset, as ``radiographs.json`` records it) is ``None``
+    when there is no folder."""
     try:
         folder = open_radiograph_folder(radiographs_dir)
     except RadiographsNotFoundError as error:
-        return [], [f"Radiographs: {error}"]
+        return [], [f"Radiographs: {error}"], None
     studies = folder.studies
     chosen = choose_studies(studies, folder.label_names, num_studies)
     path = radiograph_figure(Path(figures_dir) / "radiographs.png", folder, chosen)
@@ -103,7 +105,7 @@ def radiograph_section(radiographs_dir: str | Path, figures_dir: str | Path,
                    + (f" ({skipped} listed images skipped, see {Path(radiographs_dir) / 'skipped.csv'})" if skipped
                       else "")
                    + f"; test-split examples with their positive labels among {len(folder.label_names)}")
-    return [(caption, path)], []
+    return [(caption, path)], [], folder.source
 
 
 # ------------------------------------------------------------ pretraining on radiographs

@@ -428,6 +428,7 @@ def run_alignment_study(
     Training is not resumable: a killed run starts over.
     """
     from chestssl.data.radiograph_datasets import RadiographDataset
+    from chestssl.data.radiograph_folder import open_radiograph_folder
     from chestssl.eval.linear_probe import fit_linear_probe
     from chestssl.inference import auto_device
     from chestssl.io import save_torch, write_json, write_npz
@@ -450,7 +451,8 @@ def run_alignment_study(
     radiographs_dir, out_model_dir, report_dir = Path(radiographs_dir), Path(out_model_dir), Path(report_dir)
     device = auto_device()
 
-    splits = {split: RadiographDataset(radiographs_dir, split, (VIEW,)) for split in ("train", "test")}
+    folder = open_radiograph_folder(radiographs_dir)
+    splits = {split: RadiographDataset(folder, split, (VIEW,)) for split in ("train", "test")}
     used = {split: capped(data, cfg["max_images"], seed) for split, data in splits.items()}
     train_set, test_set = used["train"], used["test"]
     train_images, test_images = _frontal_images(train_set), _frontal_images(test_set)
@@ -556,7 +558,7 @@ def capped(dataset: Any, max_images: int, seed: int) -> Any:
             total += count
         if total >= max_images:
             break
-    return RadiographDataset(dataset.radiographs_dir, dataset.split, dataset.views, patient_ids=kept)
+    return RadiographDataset(dataset.folder, dataset.split, dataset.views, patient_ids=kept)
 
 
 def _check_batch_size(batch_size: int, count: int, size: tuple[int, int]) -> None:

@@ -80,13 +80,15 @@ def pretrain_on_radiographs(
     or ``None`` on a non-main process under ``torchrun``.
     """
     from chestssl.data.radiograph_datasets import RadiographDataset
+    from chestssl.data.radiograph_folder import open_radiograph_folder
     from chestssl.methods import build_method
     from chestssl.xray.probe import extract_image_features
 
     views = params["pretrain_radiographs"]["views"]
+    folder = open_radiograph_folder(radiographs_dir)  # read once for the three splits
     level = _Level(
         name="image",
-        datasets=lambda split: RadiographDataset(radiographs_dir, split, views),
+        datasets=lambda split: RadiographDataset(folder, split, views),
         build=build_method,
         features=extract_image_features,
     )
@@ -112,10 +114,13 @@ def pretrain_on_radiograph_studies(
     from chestssl.xray.probe import extract_study_features
     from chestssl.xray.study_mae import build_study_method
 
+    from chestssl.data.radiograph_folder import open_radiograph_folder
+
     views = params["pretrain_radiographs"]["views"]
+    folder = open_radiograph_folder(radiographs_dir)  # read once for the three splits
     level = _Level(
         name="study",
-        datasets=lambda split: RadiographStudyDataset(radiographs_dir, split, views),
+        datasets=lambda split: RadiographStudyDataset(folder, split, views),
         build=build_study_method,
         features=extract_study_features,
         collate_fn=collate_radiograph_studies,

@@ -327,3 +327,14 @@ def test_an_empty_split_mixed_patient_split_or_bad_label_is_a_dataset_error(radi
     bad.to_csv(table, index=False)
     with pytest.raises(DatasetError, match=r"label 'nodule' must be 1, 0 or empty"):
         RadiographDataset(radiographs, "train")
+
+
+def test_an_opened_folder_serves_every_split_like_its_path(radiographs):
+    folder = open_radiograph_folder(radiographs)
+    for split in ("train", "test"):
+        by_path, by_folder = RadiographDataset(radiographs, split), RadiographDataset(folder, split)
+        assert by_folder.folder is folder and by_folder.radiographs_dir == by_path.radiographs_dir
+        pd.testing.assert_frame_equal(by_folder.frame, by_path.frame)
+        assert all(torch.equal(a["image"], b["image"]) for a, b in zip(by_folder, by_path, strict=True))
+        studies = RadiographStudyDataset(folder, split)
+        assert [s["study_id"] for s in studies] == [s["study_id"] for s in RadiographStudyDataset(radiographs, split)]

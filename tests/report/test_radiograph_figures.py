@@ -16,8 +16,8 @@ CFG = {"size": 32, "mu_water_per_mm": 0.02, "window_percentiles": [1.0, 99.0]}
 def test_section_draws_test_studies_with_a_nodule_first_and_counts_them(synthetic_processed, tmp_path):
     out = tmp_path / "radiographs"
     studies = render_radiographs(synthetic_processed, out, CFG)
-    captioned, skipped = radiograph_section(out, tmp_path / "figures", num_studies=2)
-    assert skipped == []
+    captioned, skipped, source = radiograph_section(out, tmp_path / "figures", num_studies=2)
+    assert skipped == [] and source == "rendered"
     ((caption, path),) = captioned
     assert f"{len(studies)} two-view studies ({int(studies['nodule'].sum())} with a nodule)" in caption
     with Image.open(path) as image:
@@ -39,8 +39,8 @@ def test_section_of_a_dataset_shows_each_studys_images_and_positive_labels(tmp_p
     for index in range(len(images)):
         writer.put(index, np.random.default_rng(index).random((32, 32)))
     writer.finish({"source": "chexpert", "labels": ["Edema", "Cardiomegaly"], "skipped_images": 2}, studies, images)
-    captioned, skipped = radiograph_section(out, tmp_path / "figures", num_studies=2)
-    assert skipped == []
+    captioned, skipped, source = radiograph_section(out, tmp_path / "figures", num_studies=2)
+    assert skipped == [] and source == "chexpert"
     ((caption, path),) = captioned
     assert caption.startswith("chexpert radiographs: 3 studies, 5 images (2 listed images skipped, see ")
     with Image.open(path) as image:
@@ -50,8 +50,8 @@ def test_section_of_a_dataset_shows_each_studys_images_and_positive_labels(tmp_p
 
 
 def test_section_without_radiographs_says_how_to_make_them(tmp_path):
-    captioned, skipped = radiograph_section(tmp_path / "missing", tmp_path / "figures", num_studies=2)
-    assert captioned == []
+    captioned, skipped, source = radiograph_section(tmp_path / "missing", tmp_path / "figures", num_studies=2)
+    assert captioned == [] and source is None
     assert len(skipped) == 1 and "dvc repro radiographs" in skipped[0]
 
 
