@@ -387,6 +387,14 @@ SCHEMA = Section(
                 ),
             }
         ),
+        "cross_modal": Section(
+            {
+                "methods": Field(list, item=Field(str), doc="2D `dae` entries also trained on CT slices and radiographs"),
+                "views": Field(list, item=Field(str, choices=("frontal", "lateral"))),
+                "radiograph_fraction": Field(float, min=0.0, max=1.0, min_exclusive=True,
+                                             doc="share of each epoch's items that are radiographs, below 1"),
+            }
+        ),
         "alignment": Section(
             {
                 "feature_method": Field(str, doc="a pretrain_radiographs method whose frozen encoder gives the feature loss"),
@@ -594,6 +602,7 @@ def _cross_checks(params: dict, problems: list[str]) -> None:
     if isinstance(low_high, list) and len(low_high) == 2 and low_high[0] >= low_high[1]:
         problems.append(f"radiographs.window_percentiles: got {low_high}, expected [low, high] with low < high")
     _check_radiograph_pretraining(params, problems)
+    _check_cross_modal(params, problems)
     feature_method = (params.get("alignment") or {}).get("feature_method")
     listed = (params.get("pretrain_radiographs") or {}).get("methods") or []
     if isinstance(feature_method, str) and feature_method not in listed:
@@ -690,6 +699,37 @@ def _check_radiograph_pretraining(params: dict, problems: list[str]) -> None:
         if key == "study_methods" and named and len(views) == 1 and rendered:
             problems.append(f"pretrain_radiographs.study_methods: studies of the single view {views[0]!r} share "
                             "nothing; list both views in pretrain_radiographs.views or leave study_methods empty")
+
+
+def _check_cross_modal(params: dict, problems: list[str]) -> None:
+    """``cross_modal`` names 2D ``dae`` entries, each once, with views to mix in and some CT left."""
+    block = params.get("cross_modal")
+    if not isinstance(block, Mapping):
+        return
+    methods = params.get("methods") or {}
+    named = block.get("methods") if isinstance(block.get("methods"), list) else []
+    views = block.get("views") if isinstance(block.get("views"), list) else []
+    for name in sorted({n for n in named if named.count(n) > 1}):
+        problems.append(f"cross_modal.methods: {name!r} is listed twice; each is one stage")
+    for view in sorted({v for v in views if views.count(v) > 1}):
+        problems.append(f"cross_modal.views: {view!r} is listed twice")
+    if named and not views:
+        problems.append("cross_modal.views: empty; list frontal, lateral or both")
+    if named and block.get("radiograph_fraction") == 1.0:
+        problems.append("cross_modal.radiograph_fraction: got 1.0, expected a share below 1 (the rest are CT slices)")
+    for name in named:
+        entry = methods.get(name)
+        if not isinstance(entry, Mapping):
+            problems.append(f"cross_modal.methods: {name!r} is not an entry under `methods`: " + ", ".join(methods))
+        elif entry.get("method") != "dae":
+            problems.append(f"cross_modal.methods: {name!r} is a {entry.get('method')!r} entry; list `dae` entries, "
+                            "whose loss has the cross-modal contrastive term")
+        elif (entry.get("backbone") or {}).get("spatial_dims") != 2:
+            problems.append(f"cross_modal.methods: {name!r} has a {(entry.get('backbone') or {}).get('spatial_dims')}D "
+                            "backbone; radiographs are 2D, so list entries with backbone.spatial_dims 2")
+        elif isinstance(entry.get("mm_con"), (int, float)) and entry["mm_con"] == 0:
+            problems.append(f"cross_modal.methods: {name!r} has mm_con 0, so the contrastive term would stay off; "
+                            f"set methods.{name}.mm_con > 0 (seed 003: 0.03)")
 
 
 def _check_method_inputs(params: dict, problems: list[str]) -> None:

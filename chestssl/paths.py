@@ -50,6 +50,15 @@ def radiograph_study_report_dir(method: str) -> Path:
     return REPORTS_DIR / "pretrain_radiograph_studies" / method
 
 
+def cross_modal_model_dir(method: str) -> Path:
+    """The encoder of ``methods.<method>`` (a DAE) pretrained on CT slices and radiographs together."""
+    return Path("models/pretrain_cross_modal") / method
+
+
+def cross_modal_report_dir(method: str) -> Path:
+    return REPORTS_DIR / "pretrain_cross_modal" / method
+
+
 ALIGNMENT_MODEL_DIR = Path("models/alignment")  # the STN of seed 002's alignment study
 ALIGNMENT_REPORT_DIR = REPORTS_DIR / "alignment"
 

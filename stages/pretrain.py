@@ -4,10 +4,8 @@ training split's slices (or 3D crops, for a 3D backbone); export its encoder. Wi
 
 from __future__ import annotations
 
-import shutil
-
 from chestssl import paths
-from chestssl.cli import flat_metrics, run_stage
+from chestssl.cli import run_stage
 from chestssl.io import save_torch, write_json
 from chestssl.params import ParamsError, load_params, pretrain_entry
 
@@ -16,7 +14,7 @@ def main(argv: list[str]) -> None:
     from chestssl.data.views import labelled_view, pretrain_view
     from chestssl.eval.linear_probe import LinearProbeMonitor
     from chestssl.methods import build_method
-    from chestssl.train.loop import fit
+    from chestssl.train.pretext import train_pretext
 
     params = load_params()
     if len(argv) != 1:
@@ -26,8 +24,8 @@ def main(argv: list[str]) -> None:
     seed, probe = params["seed"], params["probe"]
     method = build_method(name, cfg, seed)
     report_dir = paths.pretrain_report_dir(name)
-    live_dir = report_dir / "live"
-    if method.trainable:
+
+    def data():
         train = pretrain_view(params, cfg, "train", paths.PROCESSED_DIR)
         val = pretrain_view(params, cfg, "val", paths.PROCESSED_DIR)
         hook = None
@@ -38,19 +36,12 @@ def main(argv: list[str]) -> None:
                 every_epochs=probe["every_epochs"], C=probe["C"], max_iter=probe["max_iter"], seed=seed,
                 device=None,  # the device the model is trained on
             )
-        monitor, mode = method.monitor
-        result = fit(method, train, val, cfg["train"], live_dir, paths.checkpoint_path("pretrain", name), seed,
-                     monitor=monitor, mode=mode, epoch_hook=hook)
-        if not result.is_main:  # under torchrun, rank 0 writes the outputs
-            return
-        method.load_state_dict(result.best_state)
-        metrics = {"trained": True, "epochs": result.epochs, "steps": result.steps,
-                   f"best_{monitor.replace('/', '_')}": result.best_value, **flat_metrics(result.final_metrics)}
-    else:
-        # Nothing to train (e.g. `scratch`): an empty curve folder keeps the outputs uniform.
-        shutil.rmtree(live_dir, ignore_errors=True)
-        (live_dir / "plots" / "metrics").mkdir(parents=True)
-        metrics = {"trained": False}
+        return train, val, hook
+
+    metrics = train_pretext(method, data, cfg.get("train"), report_dir / "live",
+                            paths.checkpoint_path("pretrain", name), seed)
+    if metrics is None:  # under torchrun, rank 0 writes the outputs
+        return
     save_torch(paths.encoder_path(name), method.export())
     save_torch(paths.method_weights_path(name), {"name": name, "config": cfg, "state_dict": method.state_dict()})
     write_json(report_dir / "metrics.json", metrics)

@@ -32,7 +32,7 @@ from __future__ import annotations
 import numbers
 import warnings
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
@@ -45,14 +45,13 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from chestssl.checks import positive_int
+from chestssl.data.labels import MALIGNANT_MIN_RATING
 from chestssl.eval.bootstrap import PatientBootstrap, ratio
 from chestssl.eval.metrics import evaluate_classification
 from chestssl.inference import predict_dataset
 
 #: The labels probed on every item, in report order.
 PROBE_LABELS: tuple[str, ...] = ("nodule", "malignant")
-#: Lowest LIDC malignancy rating (1-5) counted as malignant: 4 "moderately suspicious".
-MALIGNANT_MIN_RATING = 4.0
 #: Label value of an item left out of a probe (slice label -1 in ``slices.csv``).
 NOT_PROBED = -1
 #: A test item is predicted positive where the probe's probability is at least this.
@@ -262,15 +261,19 @@ class LinearProbeMonitor:
 
     Called by the training loop after an epoch's validation, as ``monitor(method,
     epoch)`` with ``epoch`` counted from 1: every ``every_epochs`` epochs it extracts
-    ``method.encoder().representation`` of ``train_data`` and ``val_data`` (features are
+    ``features`` of ``method.encoder()`` on ``train_data`` and ``val_data`` (features are
     cached within one call only, since the encoder changes between calls), fits
     :func:`fit_linear_probe` without bootstrap, and returns the validation AUROCs;
     other epochs return ``{}``. Torch's CPU random state is left as it was, so probing
     never changes the training run.
 
     Args:
-        train_data, val_data: labelled datasets (items with ``image``, ``label``,
-            ``malignancy``, ``patient_id``), e.g. ``SliceDataset`` of task ``cls``.
+        train_data, val_data: labelled datasets that ``features`` reads; for the default,
+            items with ``image``, ``label``, ``malignancy``, ``patient_id`` (e.g.
+            ``SliceDataset`` of task ``cls``).
+        features: ``(encoder, dataset, device, batch_size) -> ProbeFeatures``; default
+            :func:`extract_features` (CT slices). Radiographs use
+            :func:`chestssl.xray.probe.extract_image_features` or ``extract_study_features``.
         every_epochs: probe every this many epochs (``probe.every_epochs``, >= 1).
         C, max_iter, seed: as :func:`fit_linear_probe`.
         device: where features are extracted; ``None``: the device of the encoder.
@@ -293,7 +296,9 @@ class LinearProbeMonitor:
         device: torch.device | str | None = None,
         batch_size: int = 64,
         params_key: str = PARAMS_KEY,
+        features: Callable[[nn.Module, Dataset, Any, int], "ProbeFeatures"] | None = None,
     ):
+        self.features = extract_features if features is None else features
         self.train_data = train_data
         self.val_data = val_data
         self.every_epochs = positive_int(every_epochs, f"{params_key}.every_epochs")
@@ -313,19 +318,25 @@ class LinearProbeMonitor:
             return {}
         encoder = method.encoder()
         with torch.random.fork_rng(devices=[]):
-            train = extract_features(encoder, self.train_data, self.device, self.batch_size)
-            val = extract_features(encoder, self.val_data, self.device, self.batch_size)
+            train = self.features(encoder, self.train_data, self.device, self.batch_size)
+            val = self.features(encoder, self.val_data, self.device, self.batch_size)
         result = fit_linear_probe(
             train, val, self.C, self.max_iter, self.seed, n_bootstrap=0, confidence=0.95, params_key=self.params_key
         )
-        scores = {
-            f"probe/{name}/auroc": result[name]["auroc"]["value"]
-            for name in result["mean"]["labels"]
-            if result[name]["auroc"]["value"] is not None
-        }
-        if result["mean"]["auroc"] is not None:
-            scores["probe/mean_auroc"] = result["mean"]["auroc"]
-        return scores
+        return validation_scores(result)
+
+
+def validation_scores(result: Mapping[str, Any]) -> dict[str, float]:
+    """``probe/<label>/auroc`` and ``probe/mean_auroc`` of a :func:`fit_linear_probe` result,
+    for the labels it could probe (what :class:`LinearProbeMonitor` logs)."""
+    scores = {
+        f"probe/{name}/auroc": result[name]["auroc"]["value"]
+        for name in result["mean"]["labels"]
+        if result[name]["auroc"]["value"] is not None
+    }
+    if result["mean"]["auroc"] is not None:
+        scores["probe/mean_auroc"] = result["mean"]["auroc"]
+    return scores
 
 
 def average_precision_samples(boot: PatientBootstrap, scores: np.ndarray, labels: np.ndarray) -> np.ndarray:

@@ -354,6 +354,14 @@ class MaskedPatchPretraining(PretrainMethod):
             self._validation_batches = 0
         return super().train(mode)
 
+    def encode_visible(self, image: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+        """(B, 1 + K, D) encoder tokens of ``image`` (B, 1, *S) keeping the ``visible`` (B, K) patches.
+
+        Every encoder call of the methods goes through here, so a subclass can change how
+        the visible patches are encoded (study level: :mod:`chestssl.xray.study_mae`).
+        """
+        return self.vit.encode_visible(image, visible)
+
     def draw_mask(self, batch_size: int, generator: torch.Generator, device: torch.device) -> PatchMask:
         """``round(mask_ratio * N)`` masked patches per sample, drawn from ``generator``."""
         return random_patch_mask(batch_size, self.num_patches, self.num_masked, generator, device)
@@ -423,7 +431,7 @@ class MaskedAutoencoderPretraining(MaskedPatchPretraining):
 
     def predict_all(self, image: torch.Tensor, mask: PatchMask) -> torch.Tensor:
         """Decoder output (B, N, D) for every patch of ``image`` (B, 1, *S) masked by ``mask``."""
-        return self.decoder(self.vit.encode_visible(image, mask.visible), mask)
+        return self.decoder(self.encode_visible(image, mask.visible), mask)
 
     def training_losses(self, image: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
         """``loss``: MSE over the masked patches of the (normalised) patch targets."""
@@ -510,7 +518,7 @@ class DiffusionMaskedAutoencoderPretraining(MaskedPatchPretraining):
         mask = self.draw_mask(image.shape[0], generator, image.device)
         target, _, _ = self.targets(image)
         diffused = self.noise_patches(target, mask, generator)
-        encoded = self.vit.encode_visible(image, mask.visible)
+        encoded = self.encode_visible(image, mask.visible)
         noised = gather_tokens(diffused.patches, mask.masked)
         prediction = self.decoder(encoded, mask.visible, noised, mask.masked, diffused.timesteps)
         return {"loss": F.mse_loss(prediction.float(), gather_tokens(target, mask.masked))}
@@ -537,4 +545,4 @@ class DiffusionMaskedAutoencoderPretraining(MaskedPatchPretraining):
         return prediction
 
     def predict_masked(self, image: torch.Tensor, mask: PatchMask, generator: torch.Generator) -> torch.Tensor:
-        return self.sample_masked(self.vit.encode_visible(image, mask.visible), mask, generator)
+        return self.sample_masked(self.encode_visible(image, mask.visible), mask, generator)

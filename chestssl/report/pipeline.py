@@ -38,6 +38,7 @@ from chestssl.report.build import build_report
 from chestssl.report.classifier_figures import classifier_figure_section
 from chestssl.report.comparison_figures import feature_map_figure, segmentation_comparison_figure
 from chestssl.report.comparisons import pretrained_vs_scratch_table
+from chestssl.report.cross_modal import contrastive_activity, cross_modal_tables
 from chestssl.report.probes import linear_probe_table
 from chestssl.report.radiograph_figures import ProbeLevel, radiograph_pretraining_section, radiograph_section
 from chestssl.report.seed000 import seed000_tables
@@ -103,8 +104,11 @@ def _contrastive_note(params: Mapping[str, Any]) -> str:
               if _read_json(paths.pretrain_report_dir(name) / "metrics.json").get("train_mm_con_active", 0) > 0]
     if active:
         return f"The cross-modal contrastive term acted in {', '.join(active)}."
-    return ("The DAE entries' cross-modal contrastive term (`mm_con`) was off: every batch held one modality (CT), "
-            "and it needs two.")
+    crossed = [name for name in params["cross_modal"]["methods"] if name in dae]
+    return ("The DAE entries' cross-modal contrastive term (`mm_con`) was off here: every batch held one modality "
+            "(CT), and it needs two."
+            + (f" {', '.join(crossed)} {'is' if len(crossed) == 1 else 'are'} also trained on CT slices and "
+               "radiographs together, with the term on (see *Cross-modal contrastive term*)." if crossed else ""))
 
 
 def _seg_examples(kind: str, entry: str) -> Path:
@@ -283,6 +287,22 @@ def build_pipeline_report(params: Mapping[str, Any], out_dir: Path = paths.REPOR
         figure_sections.append(("STN alignment", [("Misaligned input, STN output, canonical chest (test split)", path)]))
     else:
         skipped.append(f"STN alignment: {alignment_metrics} is missing; run `dvc repro align_radiographs`.")
+
+    # Seed 003's cross-modal contrastive term, with radiographs as the second modality.
+    crossed = params["cross_modal"]["methods"]
+    cross_tables, cross_skipped = cross_modal_tables(crossed, methods, paths.cross_modal_report_dir)
+    skipped += cross_skipped
+    if cross_tables:
+        share = params["cross_modal"]["radiograph_fraction"]
+        table_sections.append((
+            f"Cross-modal contrastive term: DAE on CT slices and {radiographs_name} (seed 003)",
+            "Seed 003 pretrains one Swin UNETR on two modalities and adds a supervised contrastive loss on the "
+            "bottleneck whose classes are the modalities (`mm_con`). Each entry of `cross_modal.methods` is "
+            f"trained again, same params, on CT slices mixed with radiographs ({share:.0%} of each epoch's "
+            "items), so the term acts. Its encoder and the CT-only one are probed the same way on the test CT "
+            "slices and on the test radiographs. " + contrastive_activity(crossed, paths.cross_modal_report_dir),
+            cross_tables,
+        ))
 
     # Comparison figures.
     overlays = {label: load_examples(_seg_examples(kind, entry)) for label, kind, entry in OVERLAY_MODELS

@@ -25,12 +25,10 @@ views, probe and outputs; a batch is ``batch_size`` studies.
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
-from chestssl.cli import flat_metrics
 from chestssl.io import save_torch, write_json
 
 if TYPE_CHECKING:
@@ -138,35 +136,27 @@ def _train_and_probe(
     report_dir: Path,
     checkpoint_path: Path,
 ) -> dict[str, Any] | None:
-    from chestssl.eval.linear_probe import fit_linear_probe
+    from chestssl.eval.linear_probe import LinearProbeMonitor, fit_linear_probe
     from chestssl.inference import auto_device
-    from chestssl.train.loop import fit
-    from chestssl.xray.probe import RadiographProbeMonitor
+    from chestssl.train.pretext import train_pretext
 
     seed, probe, evaluate = params["seed"], params["probe"], params["evaluate"]
     # Every study of a split is used both to pretrain and to probe (the probe leaves out
     # unknown labels itself), so one dataset per split serves both.
     train, val = level.datasets("train"), level.datasets("val")
     method = level.build(name, cfg, seed)
-    live_dir = report_dir / "live"
-    if method.trainable:
+
+    def data():
         hook = None
         if probe["every_epochs"] > 0:
-            hook = RadiographProbeMonitor(train, val, every_epochs=probe["every_epochs"], C=probe["C"],
-                                          max_iter=probe["max_iter"], seed=seed, features=level.features)
-        monitor, mode = method.monitor
-        result = fit(method, train, val, cfg["train"], live_dir, checkpoint_path, seed,
-                     monitor=monitor, mode=mode, collate_fn=level.collate_fn, epoch_hook=hook)
-        if not result.is_main:
-            return None
-        method.load_state_dict(result.best_state)
-        metrics: dict[str, Any] = {"trained": True, "epochs": result.epochs, "steps": result.steps,
-                                   f"best_{monitor.replace('/', '_')}": result.best_value,
-                                   **flat_metrics(result.final_metrics)}
-    else:
-        shutil.rmtree(live_dir, ignore_errors=True)
-        (live_dir / "plots" / "metrics").mkdir(parents=True)
-        metrics = {"trained": False}
+            hook = LinearProbeMonitor(train, val, every_epochs=probe["every_epochs"], C=probe["C"],
+                                      max_iter=probe["max_iter"], seed=seed, features=level.features)
+        return train, val, hook
+
+    metrics = train_pretext(method, data, cfg.get("train"), report_dir / "live", checkpoint_path, seed,
+                            collate_fn=level.collate_fn)
+    if metrics is None:
+        return None
     device = auto_device()
     encoder = method.encoder().to(device)
     metrics["level"] = level.name

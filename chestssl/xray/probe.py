@@ -10,14 +10,15 @@ bootstrap intervals over patients. What this module adds is the radiograph side:
 - features per image (:func:`extract_image_features`: ``encoder.representation`` of one
   radiograph) or per study (:func:`extract_study_features`, seed 004: the bottleneck CLS of
   all views of a study after the final norm, :func:`~chestssl.xray.study_vit.study_representation`);
-- :class:`RadiographProbeMonitor`: the probe on the validation split every
-  ``probe.every_epochs`` epochs, with either feature extractor.
+
+During pretraining, :class:`~chestssl.eval.linear_probe.LinearProbeMonitor` takes either
+extractor as its ``features``.
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -26,19 +27,11 @@ from torch.utils.data import DataLoader, Dataset
 
 from chestssl.checks import positive_int
 from chestssl.data.radiograph_datasets import collate_radiograph_studies
-from chestssl.eval.linear_probe import NOT_PROBED, LinearProbeMonitor, ProbeFeatures, fit_linear_probe
+from chestssl.eval.linear_probe import NOT_PROBED, ProbeFeatures
 from chestssl.inference import predict_dataset
 from chestssl.xray.study_vit import study_representation
 
-__all__ = [
-    "RadiographProbeMonitor",
-    "extract_image_features",
-    "extract_study_features",
-    "probe_label_dict",
-    "validation_scores",
-]
-
-FeatureExtractor = Callable[[nn.Module, Dataset, Any, int], ProbeFeatures]
+__all__ = ["extract_image_features", "extract_study_features", "probe_label_dict"]
 
 
 def probe_label_dict(labels: np.ndarray, names: Sequence[str]) -> dict[str, np.ndarray]:
@@ -134,43 +127,3 @@ def extract_study_features(
     return ProbeFeatures(features=torch.cat(features).numpy(),
                          labels=probe_label_dict(torch.cat(labels).numpy(), names),
                          patient_ids=np.asarray(patients))
-
-
-def validation_scores(result: dict[str, Any]) -> dict[str, float]:
-    """``probe/<label>/auroc`` and ``probe/mean_auroc`` of a :func:`fit_linear_probe` result,
-    for the labels it could probe (the names :class:`LinearProbeMonitor` logs)."""
-    scores = {
-        f"probe/{name}/auroc": result[name]["auroc"]["value"]
-        for name in result["mean"]["labels"]
-        if result[name]["auroc"]["value"] is not None
-    }
-    if result["mean"]["auroc"] is not None:
-        scores["probe/mean_auroc"] = result["mean"]["auroc"]
-    return scores
-
-
-class RadiographProbeMonitor(LinearProbeMonitor):
-    """:class:`~chestssl.eval.linear_probe.LinearProbeMonitor` on a radiographs folder's labels.
-
-    Every ``every_epochs`` epochs it extracts ``features`` (:func:`extract_image_features`
-    or :func:`extract_study_features`) of ``train_data`` and ``val_data``, fits the probe
-    on the first and scores it on the second, and returns the image-level monitor's keys
-    (``probe/<label>/auroc``, ``probe/mean_auroc``), so curves of both levels plot alike.
-    Torch's CPU random state is left as it was.
-    """
-
-    def __init__(self, *args: Any, features: FeatureExtractor = extract_image_features, **kwargs: Any):
-        super().__init__(*args, **kwargs)
-        self.features = features
-
-    def __call__(self, method: nn.Module, epoch: int) -> dict[str, float]:
-        if not self.due(epoch):
-            return {}
-        encoder = method.encoder()
-        with torch.random.fork_rng(devices=[]):
-            train = self.features(encoder, self.train_data, self.device, self.batch_size)
-            val = self.features(encoder, self.val_data, self.device, self.batch_size)
-        result = fit_linear_probe(
-            train, val, self.C, self.max_iter, self.seed, n_bootstrap=0, confidence=0.95, params_key=self.params_key
-        )
-        return validation_scores(result)

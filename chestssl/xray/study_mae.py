@@ -6,8 +6,9 @@ view is masked on its own, but the encoder shares one CLS token among the views 
 inform the reconstruction of another only through that token. The decoders, targets,
 losses, masks and seeds are those of :mod:`chestssl.methods.mae`, unchanged: the classes
 here differ from :class:`~chestssl.methods.mae.MaskedAutoencoderPretraining` and
-:class:`~chestssl.methods.mae.DiffusionMaskedAutoencoderPretraining` only in the encoder
-call, ``ViTEncoder.encode_visible`` -> :func:`~chestssl.xray.study_vit.encode_study_visible`.
+:class:`~chestssl.methods.mae.DiffusionMaskedAutoencoderPretraining` only in their
+``encode_visible`` hook, which calls :func:`~chestssl.xray.study_vit.encode_study_visible`
+inside a study step.
 
 Batches are those of :func:`~chestssl.data.radiograph_datasets.collate_radiograph_studies`:
 ``images`` (V, 1, S, S), all views of the batch's studies, and ``study_index`` (V,), the
@@ -26,16 +27,13 @@ from contextlib import contextmanager
 from typing import Any, Iterator, Mapping
 
 import torch
-import torch.nn.functional as F
 
 from chestssl.methods.base import PretrainMethod
 from chestssl.methods.mae import (
     DiffusionMaskedAutoencoderPretraining,
     MaskedAutoencoderPretraining,
     MaskedPatchPretraining,
-    PatchMask,
 )
-from chestssl.models.vit import gather_tokens
 from chestssl.xray.study_vit import encode_study_visible
 
 __all__ = [
@@ -62,7 +60,7 @@ class _StudyEncoding(MaskedPatchPretraining):
     def encode_visible(self, image: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
         """(B, 1 + K, D) encoder tokens of ``image`` (B, 1, *S) keeping the ``visible`` (B, K) patches."""
         if self._study_index is None:
-            return self.vit.encode_visible(image, visible)
+            return super().encode_visible(image, visible)
         return encode_study_visible(self.vit, image, visible, self._study_index)
 
     @contextmanager
@@ -91,26 +89,9 @@ class _StudyEncoding(MaskedPatchPretraining):
 class StudyMaskedAutoencoder(_StudyEncoding, MaskedAutoencoderPretraining):
     """``mae`` over studies: He et al., CVPR 2022 (arXiv:2111.06377) with seed 004's bottleneck CLS."""
 
-    def predict_all(self, image: torch.Tensor, mask: PatchMask) -> torch.Tensor:
-        """Decoder output (B, N, D) for every patch of the views ``image`` (B, 1, *S)."""
-        return self.decoder(self.encode_visible(image, mask.visible), mask)
-
 
 class StudyDiffusionMaskedAutoencoder(_StudyEncoding, DiffusionMaskedAutoencoderPretraining):
     """``diffmae`` over studies: Wei et al., ICCV 2023 (arXiv:2304.03283) with seed 004's bottleneck CLS."""
-
-    def training_losses(self, image: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
-        """``loss``: MSE of the predicted clean masked patches (x0-prediction), as ``diffmae``."""
-        mask = self.draw_mask(image.shape[0], generator, image.device)
-        target, _, _ = self.targets(image)
-        diffused = self.noise_patches(target, mask, generator)
-        noised = gather_tokens(diffused.patches, mask.masked)
-        encoded = self.encode_visible(image, mask.visible)
-        prediction = self.decoder(encoded, mask.visible, noised, mask.masked, diffused.timesteps)
-        return {"loss": F.mse_loss(prediction.float(), gather_tokens(target, mask.masked))}
-
-    def predict_masked(self, image: torch.Tensor, mask: PatchMask, generator: torch.Generator) -> torch.Tensor:
-        return self.sample_masked(self.encode_visible(image, mask.visible), mask, generator)
 
 
 #: Study-level classes keyed by the ``method`` of a ``methods`` entry.

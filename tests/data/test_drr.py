@@ -324,9 +324,12 @@ def test_render_radiographs_writes_studies_and_labels(synthetic_processed, tmp_p
 
 def test_the_malignant_cut_is_the_linear_probes():
     from chestssl.data.labels import MALIGNANT_MIN_RATING
-    from chestssl.eval.linear_probe import MALIGNANT_MIN_RATING as PROBE_CUT
+    from chestssl.eval.linear_probe import probe_labels
 
-    assert MALIGNANT_MIN_RATING == PROBE_CUT == 4.0
+    assert MALIGNANT_MIN_RATING == 4.0
+    # The CT probe cuts where the rendered `malignant` label does.
+    below, at = MALIGNANT_MIN_RATING - 0.5, MALIGNANT_MIN_RATING
+    assert probe_labels({"label": np.array([1, 1]), "malignancy": np.array([below, at])})["malignant"].tolist() == [0, 1]
 
 
 def test_an_interrupted_render_keeps_the_output_and_resumes(synthetic_processed, tmp_path, monkeypatch):

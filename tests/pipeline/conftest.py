@@ -19,7 +19,7 @@ PROJECT_FILES = ["chestssl", "stages", "dvc.yaml", "params.yaml", "pyproject.tom
                  *(f"reports/{stage}/README.md" for stage in ("pretrain", "evaluate_pretrain", "finetune",
                                                              "evaluate", "label_fraction", "frozen_parts",
                                                              "pretrain_radiographs", "pretrain_radiograph_studies",
-                                                             "alignment"))]
+                                                             "pretrain_cross_modal", "alignment"))]
 
 
 #: The entries the tiny profile keeps: one of each kind of stage (scratch, both

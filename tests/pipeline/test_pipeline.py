@@ -84,6 +84,12 @@ def test_repro_builds_the_report_and_a_second_repro_does_nothing(reproduced_proj
         assert "auroc" in study["probe"]["nodule"] or "skipped" in study["probe"]["nodule"], name
     assert "Study-level linear probe of each encoder pretrained on radiograph studies" in report
     assert (root / "reports" / "figures" / "radiograph_probe_curves.png").exists()
+    # Seed 003's cross-modal term: the DAE on CT slices and radiographs, probed with its CT-only twin.
+    assert params["cross_modal"]["methods"] == ["dae_all"]
+    crossed = json.loads((root / "reports" / "pretrain_cross_modal" / "dae_all" / "metrics.json").read_text())
+    assert crossed["mm_con_active_steps"] > 0 and set(crossed["probe"]) == {"cross_modal", "ct_only"}
+    assert "Cross-modal contrastive term: DAE on CT slices and radiographs rendered from CT" in report
+    assert "Linear probe on radiographs: DAE on CT only vs on CT + radiographs" in report
     alignment = json.loads((root / "reports" / "alignment" / "metrics.json").read_text())
     assert alignment["parameter_error"]["misaligned"]["before_px"] > 0
     assert "STN alignment of radiographs" in report and (root / "reports" / "figures" / "alignment.png").exists()

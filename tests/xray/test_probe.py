@@ -9,13 +9,8 @@ import torch
 
 from chestssl.models.seeding import seeded
 from chestssl.models.vit import build_vit_encoder
-from chestssl.xray.probe import (
-    RadiographProbeMonitor,
-    extract_image_features,
-    extract_study_features,
-    probe_label_dict,
-    validation_scores,
-)
+from chestssl.eval.linear_probe import LinearProbeMonitor, validation_scores
+from chestssl.xray.probe import extract_image_features, extract_study_features, probe_label_dict
 from chestssl.xray.study_vit import study_representation
 
 VIT = {"name": "vit", "spatial_dims": 2, "img_size": 32, "patch_size": 8, "hidden_size": 16, "num_layers": 2,
@@ -87,8 +82,8 @@ def test_the_monitor_probes_on_the_schedule_and_logs_the_image_level_names():
     method = _Method()
     for level, data in (("study", _Studies), ("image", _Images)):
         features = extract_study_features if level == "study" else extract_image_features
-        monitor = RadiographProbeMonitor(data(12), data(8, offset=100), every_epochs=2, C=1.0, max_iter=200, seed=0,
-                                         features=features)
+        monitor = LinearProbeMonitor(data(12), data(8, offset=100), every_epochs=2, C=1.0, max_iter=200, seed=0,
+                                     features=features)
         assert monitor(method, 1) == {}
         scores = monitor(method, 2)
         assert set(scores) == {"probe/nodule/auroc", "probe/malignant/auroc", "probe/mean_auroc"}

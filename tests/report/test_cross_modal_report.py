@@ -1,0 +1,49 @@
+"""The report's tables of the DAE's cross-modal contrastive term."""
+
+import json
+
+from chestssl.report.cross_modal import contrastive_activity, cross_modal_tables
+from tests.report.test_probes import _probe
+
+ENTRIES = {"dae_all": {"method": "dae", "backbone": {"name": "swin", "spatial_dims": 2}}}
+
+
+def _write(folder, labels, radiograph_probe):
+    folder.mkdir(parents=True)
+    metrics = {
+        "steps": 30, "mm_con_active_steps": 28, "labels": labels,
+        "items": {"train": {"ct": 120, "radiograph": 40, "radiographs": 16}},
+        "probe": {"cross_modal": {"ct": _probe(0.75), "radiograph": radiograph_probe(0.9)},
+                  "ct_only": {"ct": _probe(0.7), "radiograph": radiograph_probe(0.6)}},
+    }
+    (folder / "metrics.json").write_text(json.dumps(metrics))
+
+
+def test_two_rows_per_entry_in_a_ct_and_a_radiograph_table(tmp_path):
+    _write(tmp_path / "dae_all", ["nodule", "malignant"], _probe)
+    tables, skipped = cross_modal_tables(["dae_all"], ENTRIES, lambda name: tmp_path / name)
+    assert skipped == [] and [table.name for table in tables] == ["cross_modal_probe_ct", "cross_modal_probe_radiographs"]
+    ct, radiograph = tables
+    assert list(ct.numbers["entry"]) == ["dae_all (CT only)", "dae_all + radiographs"]
+    assert list(ct.numbers["nodule_auroc"]) == [0.7, 0.75]
+    assert list(radiograph.numbers["nodule_auroc"]) == [0.6, 0.9]
+    assert "malignancy >= 4 AUROC" in radiograph.text.columns  # rendered labels keep the CT headers
+
+
+def test_a_datasets_labels_head_the_radiograph_table(tmp_path):
+    def findings(auroc):
+        interval = {"value": auroc, "ci_low": auroc - 0.1, "ci_high": auroc}
+        result = {"auroc": interval, "auprc": interval, "f1": interval, "n_images": 9, "n_patients": 3}
+        return {"COVID": result, "Normal": result, "mean": {"auroc": auroc}}
+
+    _write(tmp_path / "dae_all", ["COVID", "Normal"], findings)
+    _, radiograph = cross_modal_tables(["dae_all"], ENTRIES, lambda name: tmp_path / name)[0]
+    assert list(radiograph.numbers["COVID_auroc"]) == [0.6, 0.9] and "Normal AUROC" in radiograph.text.columns
+
+
+def test_an_empty_list_is_reported_as_skipped_and_the_activity_is_counted(tmp_path):
+    assert cross_modal_tables([], ENTRIES, lambda name: tmp_path / name) == (
+        [], ["Cross-modal contrastive term: `cross_modal.methods` is empty."])
+    _write(tmp_path / "dae_all", ["nodule", "malignant"], _probe)
+    sentence = contrastive_activity(["dae_all"], lambda name: tmp_path / name)
+    assert "acted in 28 of 30 training steps" in sentence and "120 CT slices and 40 radiograph items" in sentence
