@@ -126,6 +126,8 @@ def build_pipeline_report(params: Mapping[str, Any], out_dir: Path = paths.REPOR
     reconstructing = [name for name in pretrained if pretrain_metrics[name].get("reconstructs")]
     seg_runs = [run for run in runs if runs[run]["task"] == "seg"]
     live_dirs = {f"pretrain@{name}": paths.pretrain_report_dir(name) / "live" for name in pretrained}
+    live_dirs |= {f"pretrain_cross_modal@{name}": paths.cross_modal_report_dir(name) / "live"
+                  for name in params["cross_modal"]["methods"]}
     live_dirs |= {f"finetune@{run}": paths.finetune_report_dir(run) / "live" for run in runs}
     examples = {name: paths.evaluate_pretrain_dir(name) / "examples.npz" for name in reconstructing}
     examples |= {run: paths.evaluate_dir(run) / "examples.npz" for run in seg_runs}
