@@ -21,31 +21,35 @@ from chestssl.report.tables import Table
 ENCODERS = (("ct_only", "{name} (CT only)"), ("cross_modal", "{name} + radiographs"))
 
 
+def read_cross_modal_metrics(
+    names: Sequence[str], report_dir_of: Callable[[str], Path]
+) -> dict[str, tuple[Mapping[str, Any], str]]:
+    """``{entry: (metrics, path)}`` of each entry's ``metrics.json`` in ``report_dir_of(entry)``."""
+    sources = {name: Path(report_dir_of(name)) / "metrics.json" for name in names}
+    return {name: (json.loads(source.read_text()), str(source)) for name, source in sources.items()}
+
+
 def cross_modal_tables(
-    names: Sequence[str],
+    crossed: Mapping[str, tuple[Mapping[str, Any], str]],
     entries: Mapping[str, Mapping[str, Any]],
-    report_dir_of: Callable[[str], Path],
 ) -> tuple[list[Table], list[str]]:
     """(tables, skipped notes): the CT and radiograph probes of every entry's two encoders.
 
     Args:
-        names: ``cross_modal.methods``.
+        crossed: :func:`read_cross_modal_metrics` of ``cross_modal.methods``.
         entries: the validated ``methods`` entries by name.
-        report_dir_of: the stage's report folder of an entry (holding ``metrics.json``).
     """
-    if not names:
+    if not crossed:
         return [], ["Cross-modal contrastive term: `cross_modal.methods` is empty."]
     by_modality: dict[str, dict[str, tuple[Mapping[str, Any], str]]] = {"ct": {}, "radiograph": {}}
     row_entries: dict[str, Mapping[str, Any]] = {}
-    for name in names:
-        source = Path(report_dir_of(name)) / "metrics.json"
-        metrics = json.loads(source.read_text())
+    for name, (metrics, source) in crossed.items():
         for key, label in ENCODERS:
             row = label.format(name=name)
             row_entries[row] = entries[name]
             for modality in by_modality:
                 by_modality[modality][row] = ({"probe": metrics["probe"][key][modality],
-                                               "labels": metrics.get("labels", [])}, str(source))
+                                               "labels": metrics.get("labels", [])}, source)
     tables = [
         linear_probe_table(by_modality["ct"], row_entries, name="cross_modal_probe_ct",
                            title="Linear probe on CT slices: DAE on CT only vs on CT + radiographs (test slices)",
@@ -57,14 +61,11 @@ def cross_modal_tables(
     return tables, []
 
 
-def contrastive_activity(names: Sequence[str], report_dir_of: Callable[[str], Path]) -> str:
-    """One sentence per entry: in how many training steps the term acted, and the mix it saw."""
+def contrastive_activity(crossed: Mapping[str, tuple[Mapping[str, Any], str]]) -> str:
+    """One sentence per entry of :func:`read_cross_modal_metrics`: in how many training
+    steps the term acted, and the mix it saw."""
     sentences = []
-    for name in names:
-        path = Path(report_dir_of(name)) / "metrics.json"
-        if not path.exists():
-            continue
-        metrics = json.loads(path.read_text())
+    for name, (metrics, _) in crossed.items():
         items = metrics.get("items", {}).get("train", {})
         sentences.append(
             f"`pretrain_cross_modal@{name}`: the term acted in {metrics.get('mm_con_active_steps', 0)} of "

@@ -38,7 +38,7 @@ from chestssl.report.build import build_report
 from chestssl.report.classifier_figures import classifier_figure_section
 from chestssl.report.comparison_figures import feature_map_figure, segmentation_comparison_figure
 from chestssl.report.comparisons import pretrained_vs_scratch_table
-from chestssl.report.cross_modal import contrastive_activity, cross_modal_tables
+from chestssl.report.cross_modal import contrastive_activity, cross_modal_tables, read_cross_modal_metrics
 from chestssl.report.probes import linear_probe_table
 from chestssl.report.radiograph_figures import ProbeLevel, radiograph_pretraining_section, radiograph_section
 from chestssl.report.seed000 import seed000_tables
@@ -291,8 +291,8 @@ def build_pipeline_report(params: Mapping[str, Any], out_dir: Path = paths.REPOR
         skipped.append(f"STN alignment: {alignment_metrics} is missing; run `dvc repro align_radiographs`.")
 
     # Seed 003's cross-modal contrastive term, with radiographs as the second modality.
-    crossed = params["cross_modal"]["methods"]
-    cross_tables, cross_skipped = cross_modal_tables(crossed, methods, paths.cross_modal_report_dir)
+    crossed = read_cross_modal_metrics(params["cross_modal"]["methods"], paths.cross_modal_report_dir)
+    cross_tables, cross_skipped = cross_modal_tables(crossed, methods)
     skipped += cross_skipped
     if cross_tables:
         share = params["cross_modal"]["radiograph_fraction"]
@@ -302,7 +302,7 @@ def build_pipeline_report(params: Mapping[str, Any], out_dir: Path = paths.REPOR
             "bottleneck whose classes are the modalities (`mm_con`). Each entry of `cross_modal.methods` is "
             f"trained again, same params, on CT slices mixed with radiographs ({share:.0%} of each epoch's "
             "items), so the term acts. Its encoder and the CT-only one are probed the same way on the test CT "
-            "slices and on the test radiographs. " + contrastive_activity(crossed, paths.cross_modal_report_dir),
+            "slices and on the test radiographs. " + contrastive_activity(crossed),
             cross_tables,
         ))
 

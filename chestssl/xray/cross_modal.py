@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
-import torch.nn.functional as F
+from monai.transforms import Resize
 from torch.utils.data import Dataset
 
 from chestssl.io import save_torch, write_json
@@ -71,6 +71,10 @@ class CrossModalDataset(Dataset):
             raise ValueError(f"CT items must be 2D slices (1, S, S), got shape {tuple(first.shape)}; "
                              "cross_modal.methods must name entries with backbone.spatial_dims 2")
         self.size = tuple(first.shape[-2:])
+        # Area averaging when shrinking, bilinear when enlarging (area degenerates to nearest).
+        side = radiographs[0]["image"].shape[-1]  # folder images are square
+        self._resize = None if (side, side) == self.size else Resize(
+            self.size, mode="area" if side >= self.size[-1] else "bilinear")
 
     def __len__(self) -> int:
         return self.n_ct + self.n_radiograph
@@ -85,10 +89,8 @@ class CrossModalDataset(Dataset):
         if index < self.n_ct:
             return {"image": self.ct[index]["image"].float(), "modality": CT}
         image = self.radiographs[(index - self.n_ct) % len(self.radiographs)]["image"].float()
-        if tuple(image.shape[-2:]) != self.size:
-            mode = "area" if image.shape[-1] >= self.size[-1] else "bilinear"
-            image = F.interpolate(image[None], size=self.size, mode=mode,
-                                  **({} if mode == "area" else {"align_corners": False}))[0]
+        if self._resize is not None:
+            image = self._resize(image).as_tensor()
         return {"image": image, "modality": RADIOGRAPH}
 
 
@@ -133,9 +135,13 @@ def pretrain_cross_modal(
     block, seed, probe = params["cross_modal"], params["seed"], params["probe"]
     folder = open_radiograph_folder(radiographs_dir)  # read once for the three splits
 
+    # Built once: training reads train/val, the probes train/test, of both modalities.
+    ct_views = {split: labelled_view(params, cfg, split, processed_dir) for split in ("train", "val", "test")}
+    radiographs = {split: RadiographDataset(folder, split, block["views"]) for split in ("train", "val", "test")}
+
     def mixed(split: str) -> CrossModalDataset:
-        return CrossModalDataset(pretrain_view(params, cfg, split, processed_dir),
-                                 RadiographDataset(folder, split, block["views"]), block["radiograph_fraction"])
+        return CrossModalDataset(pretrain_view(params, cfg, split, processed_dir), radiographs[split],
+                                 block["radiograph_fraction"])
 
     method = build_method(name, cfg, seed)
     train, val = mixed("train"), mixed("val")
@@ -143,10 +149,8 @@ def pretrain_cross_modal(
     def data():
         hook = None
         if probe["every_epochs"] > 0:  # the CT probe, logged as pretrain@ logs it
-            hook = LinearProbeMonitor(labelled_view(params, cfg, "train", processed_dir),
-                                      labelled_view(params, cfg, "val", processed_dir),
-                                      every_epochs=probe["every_epochs"], C=probe["C"], max_iter=probe["max_iter"],
-                                      seed=seed, device=None)
+            hook = LinearProbeMonitor(ct_views["train"], ct_views["val"], every_epochs=probe["every_epochs"],
+                                      C=probe["C"], max_iter=probe["max_iter"], seed=seed, device=None)
         return train, val, hook
 
     trained = train_pretext(method, data, cfg["train"], report_dir / "live", checkpoint_path, seed)
@@ -164,10 +168,9 @@ def pretrain_cross_modal(
     ct_only = build_method(name, cfg, seed)
     ct_only.load_state_dict(saved["state_dict"])
     device = auto_device()
-    probed_radiographs = {split: RadiographDataset(folder, split, block["views"]) for split in ("train", "test")}
-    metrics["labels"] = list(probed_radiographs["train"].label_names)
+    metrics["labels"] = list(radiographs["train"].label_names)
     metrics["probe"] = {
-        encoder_name: both_modalities_probe(trained.encoder(), params, cfg, processed_dir, probed_radiographs, device)
+        encoder_name: both_modalities_probe(trained.encoder(), {CT: ct_views, RADIOGRAPH: radiographs}, params, device)
         for encoder_name, trained in (("cross_modal", method), ("ct_only", ct_only))
     }
     save_torch(model_dir / "encoder.pt", method.export())
@@ -177,29 +180,26 @@ def pretrain_cross_modal(
 
 def both_modalities_probe(
     encoder: torch.nn.Module,
+    datasets: Mapping[str, Mapping[str, Dataset]],
     params: Mapping[str, Any],
-    cfg: Mapping[str, Any],
-    processed_dir: Path,
-    radiographs: Mapping[str, Dataset],
     device: torch.device,
 ) -> dict[str, Any]:
     """``{"ct": probe, "radiograph": probe}`` of a frozen encoder: fitted on train, scored on test.
 
-    The CT probe is ``evaluate_pretrain``'s (labelled test slices, ``nodule`` and
-    ``malignant``); the radiograph probe is ``pretrain_radiographs``'s (``radiographs``:
-    the train and test :class:`~chestssl.data.radiograph_datasets.RadiographDataset`).
+    ``datasets``: ``{"ct": {split: dataset}, "radiograph": {split: dataset}}`` with the
+    ``train`` and ``test`` splits. The CT probe is ``evaluate_pretrain``'s (labelled slices,
+    ``nodule`` and ``malignant``); the radiograph probe is ``pretrain_radiographs``'s
+    (:class:`~chestssl.data.radiograph_datasets.RadiographDataset`, the folder's labels).
     """
-    from chestssl.data.views import labelled_view
     from chestssl.eval.linear_probe import extract_features, fit_linear_probe
     from chestssl.xray.probe import extract_image_features
 
     probe, evaluate, seed = params["probe"], params["evaluate"], params["seed"]
     settings = dict(C=probe["C"], max_iter=probe["max_iter"], seed=seed,
                     n_bootstrap=evaluate["bootstrap_samples"], confidence=evaluate["confidence"])
+    extractors = {CT: extract_features, RADIOGRAPH: extract_image_features}
     return {
-        CT: fit_linear_probe(extract_features(encoder, labelled_view(params, cfg, "train", processed_dir), device),
-                             extract_features(encoder, labelled_view(params, cfg, "test", processed_dir), device),
-                             **settings),
-        RADIOGRAPH: fit_linear_probe(extract_image_features(encoder, radiographs["train"], device),
-                                     extract_image_features(encoder, radiographs["test"], device), **settings),
+        modality: fit_linear_probe(extract(encoder, datasets[modality]["train"], device),
+                                   extract(encoder, datasets[modality]["test"], device), **settings)
+        for modality, extract in extractors.items()
     }

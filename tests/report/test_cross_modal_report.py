@@ -2,7 +2,7 @@
 
 import json
 
-from chestssl.report.cross_modal import contrastive_activity, cross_modal_tables
+from chestssl.report.cross_modal import contrastive_activity, cross_modal_tables, read_cross_modal_metrics
 from tests.report.test_probes import _probe
 
 ENTRIES = {"dae_all": {"method": "dae", "backbone": {"name": "swin", "spatial_dims": 2}}}
@@ -21,7 +21,9 @@ def _write(folder, labels, radiograph_probe):
 
 def test_two_rows_per_entry_in_a_ct_and_a_radiograph_table(tmp_path):
     _write(tmp_path / "dae_all", ["nodule", "malignant"], _probe)
-    tables, skipped = cross_modal_tables(["dae_all"], ENTRIES, lambda name: tmp_path / name)
+    crossed = read_cross_modal_metrics(["dae_all"], lambda name: tmp_path / name)
+    assert crossed["dae_all"][1] == str(tmp_path / "dae_all" / "metrics.json")
+    tables, skipped = cross_modal_tables(crossed, ENTRIES)
     assert skipped == [] and [table.name for table in tables] == ["cross_modal_probe_ct", "cross_modal_probe_radiographs"]
     ct, radiograph = tables
     assert list(ct.numbers["entry"]) == ["dae_all (CT only)", "dae_all + radiographs"]
@@ -37,13 +39,14 @@ def test_a_datasets_labels_head_the_radiograph_table(tmp_path):
         return {"COVID": result, "Normal": result, "mean": {"auroc": auroc}}
 
     _write(tmp_path / "dae_all", ["COVID", "Normal"], findings)
-    _, radiograph = cross_modal_tables(["dae_all"], ENTRIES, lambda name: tmp_path / name)[0]
+    _, radiograph = cross_modal_tables(read_cross_modal_metrics(["dae_all"], lambda name: tmp_path / name),
+                                       ENTRIES)[0]
     assert list(radiograph.numbers["COVID_auroc"]) == [0.6, 0.9] and "Normal AUROC" in radiograph.text.columns
 
 
 def test_an_empty_list_is_reported_as_skipped_and_the_activity_is_counted(tmp_path):
-    assert cross_modal_tables([], ENTRIES, lambda name: tmp_path / name) == (
+    assert cross_modal_tables(read_cross_modal_metrics([], lambda name: tmp_path / name), ENTRIES) == (
         [], ["Cross-modal contrastive term: `cross_modal.methods` is empty."])
     _write(tmp_path / "dae_all", ["nodule", "malignant"], _probe)
-    sentence = contrastive_activity(["dae_all"], lambda name: tmp_path / name)
+    sentence = contrastive_activity(read_cross_modal_metrics(["dae_all"], lambda name: tmp_path / name))
     assert "acted in 28 of 30 training steps" in sentence and "120 CT slices and 40 radiograph items" in sentence
