@@ -24,6 +24,11 @@ def encoder_path(method: str) -> Path:
     return pretrain_model_dir(method) / "encoder.pt"
 
 
+def pretrain_stage(name: str, params: dict) -> str:
+    """The DVC stage that writes ``models/pretrain/<name>/``: ``pretrain@`` or ``pretrain_multihead@``."""
+    return f"pretrain_multihead@{name}" if name in (params.get("multihead") or {}) else f"pretrain@{name}"
+
+
 def method_weights_path(method: str) -> Path:
     return pretrain_model_dir(method) / "method.pt"
 

@@ -5,12 +5,11 @@ For classification runs the example slices also get their Grad-CAM maps (chestss
 
 from __future__ import annotations
 
-import torch
-
 from chestssl import paths
 from chestssl.cli import entry_from_argv, run_stage
 from chestssl.inference import auto_device
 from chestssl.io import write_json
+from chestssl.model_files import load_model_file
 from chestssl.params import load_params
 
 
@@ -23,7 +22,7 @@ def main(argv: list[str]) -> None:
     params = load_params()
     name, run = entry_from_argv(argv, params, "runs")
     seed, slices = params["seed"], params["slices"]
-    saved = torch.load(paths.finetune_model_path(name), map_location="cpu", weights_only=False)
+    saved = load_model_file(paths.finetune_model_path(name), f"finetune@{name}", required=("encoder", "state_dict"))
     device = auto_device()
     model = build_task(run, saved["encoder"], seed, name=name)
     model.load_state_dict(saved["state_dict"])

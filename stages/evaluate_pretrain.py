@@ -12,6 +12,7 @@ from chestssl import paths
 from chestssl.cli import run_stage
 from chestssl.inference import auto_device, predict_dataset
 from chestssl.io import write_json
+from chestssl.model_files import load_model_file
 from chestssl.params import ParamsError, load_params, pretrain_entry
 
 
@@ -29,7 +30,7 @@ def main(argv: list[str]) -> None:
     name = argv[0]
     _, cfg = pretrain_entry(params, name)
     seed, slices, cfg_eval = params["seed"], params["slices"], params["evaluate"]
-    saved = torch.load(paths.method_weights_path(name), map_location="cpu", weights_only=False)
+    saved = load_model_file(paths.method_weights_path(name), paths.pretrain_stage(name, params), required=("state_dict",))
     method = build_method(name, cfg, seed)
     method.load_state_dict(saved["state_dict"])
     device = auto_device()

@@ -22,6 +22,7 @@ PLUMBING = {
     "chestssl/cli.py",
     "chestssl/errors.py",
     "chestssl/io.py",
+    "chestssl/model_files.py",
     "chestssl/params.py",
     "chestssl/paths.py",
     "chestssl/data/__init__.py",

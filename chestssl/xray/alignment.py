@@ -59,8 +59,9 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from chestssl.xray.stn import DEFAULT_HIDDEN_DIM, AlignmentSTN
+from chestssl.model_files import load_model_file, save_model_file
 from chestssl.params import ParamsError
+from chestssl.xray.stn import DEFAULT_HIDDEN_DIM, AlignmentSTN
 
 #: Format tag of ``stn.pt``.
 STN_FORMAT = "chestssl-stn/1"
@@ -254,7 +255,7 @@ def load_feature_encoder(encoder_path: str | Path, feature_method: str = "<featu
             f"encoder written by the stage pretrain_radiographs@{feature_method} (dvc repro "
             f"pretrain_radiographs@{feature_method}); alignment.feature_method names it"
         )
-    payload = torch.load(encoder_path, map_location="cpu", weights_only=False)
+    payload = load_model_file(encoder_path, f"pretrain_radiographs@{feature_method}")
     encoder = load_encoder(payload, source=str(encoder_path))
     if getattr(encoder, "spatial_dims", 2) != 2:
         raise ValueError(f"{encoder_path}: a {encoder.spatial_dims}D encoder; radiographs are 2D, so set "
@@ -282,9 +283,9 @@ def load_alignment_stn(path: str | Path) -> tuple[AlignmentSTN, torch.Tensor]:
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found; expected models/alignment/stn.pt, written by the stage "
                                 "align_radiographs (dvc repro align_radiographs)")
-    payload = torch.load(path, map_location="cpu", weights_only=False)
-    if not isinstance(payload, Mapping) or payload.get("format") != STN_FORMAT:
-        found = payload.get("format") if isinstance(payload, Mapping) else type(payload).__name__
+    payload = load_model_file(path, "align_radiographs")
+    if payload.get("format") != STN_FORMAT:
+        found = payload.get("format")
         raise ValueError(f"{path}: not an alignment STN (format {found!r}, expected {STN_FORMAT!r}); "
                          "rerun the stage align_radiographs")
     stn = AlignmentSTN(**payload["config"])
@@ -431,7 +432,7 @@ def run_alignment_study(
     from chestssl.data.radiograph_folder import open_radiograph_folder
     from chestssl.eval.linear_probe import fit_linear_probe
     from chestssl.inference import auto_device
-    from chestssl.io import save_torch, write_json, write_npz
+    from chestssl.io import write_json, write_npz
     from chestssl.models.seeding import seeded
     from chestssl.xray.stn import (
         AlignmentAugmentation,
@@ -524,7 +525,7 @@ def run_alignment_study(
     }
 
     count = min(cfg["num_examples"], test_images.shape[0])
-    save_torch(out_model_dir / "stn.pt", stn_payload(stn, canonical, {
+    save_model_file(out_model_dir / "stn.pt", stn_payload(stn, canonical, {
         "feature_method": cfg["feature_method"], "augmentation": asdict(augmentation), "losses": losses}))
     write_npz(
         report_dir / "examples.npz",

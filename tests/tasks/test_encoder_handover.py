@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from chestssl.io import save_torch
+from chestssl.model_files import load_model_file, save_model_file
 from chestssl.methods import PretrainMethod, build_method
 from chestssl.tasks import ClassificationTask, SegmentationTask, build_task
 from tiny_configs import CNN_ATTENTION, DECODER, LOSS, QUANTIZER, SWIN
@@ -82,8 +82,8 @@ def _pretrained(name: str, cfg: dict, steps: int = 2) -> PretrainMethod:
 def _handed_over(method: PretrainMethod, run: dict, run_name: str, tmp_path) -> nn.Module:
     """``build_task`` on the exported encoder, read back from a file as ``finetune`` does."""
     path = tmp_path / "encoder.pt"
-    save_torch(path, method.export())
-    payload = torch.load(path, map_location="cpu", weights_only=False)
+    save_model_file(path, method.export())
+    payload = load_model_file(path, "pretrain@test")
     return build_task(run, payload, TASK_SEED, run_name)
 
 

@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader
 
 from chestssl.data.drr import render_radiographs
 from chestssl.methods import build_method
+from chestssl.model_files import load_model_file
 from chestssl.models.supervised_contrastive import CrossModalContrastiveLoss
 from chestssl.params import ParamsError, validate
 from chestssl.xray.cross_modal import CrossModalDataset, cross_modal_entry, pretrain_cross_modal
@@ -118,7 +119,7 @@ def test_the_stage_trains_with_the_term_active_and_probes_both_encoders_on_both_
     assert probes["cross_modal"]["ct"]["nodule"]["auroc"]["value"] > 0.5
     assert json.loads((out / "report" / "metrics.json").read_text())["mm_con_active_steps"] == metrics["mm_con_active_steps"]
     assert (out / "report" / "live" / "plots" / "metrics" / "probe" / "mean_auroc.tsv").exists()
-    assert torch.load(out / "model" / "encoder.pt", weights_only=False)["backbone"]["name"] == "swin"
+    assert load_model_file(out / "model" / "encoder.pt", "pretrain_cross_modal@dae_all")["backbone"]["name"] == "swin"
     assert not (out / "ckpt.pt").exists()
 
 

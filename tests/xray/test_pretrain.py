@@ -9,6 +9,7 @@ import torch
 import yaml
 
 from chestssl.data.drr import render_radiographs
+from chestssl.model_files import load_model_file
 from chestssl.params import ParamsError, validate
 from chestssl.xray.pretrain import pretrain_on_radiographs, radiograph_entry
 from tests.pipeline.conftest import REPO_ROOT
@@ -54,7 +55,7 @@ def test_training_logs_the_probe_and_scores_it_on_the_test_views(params, radiogr
     assert json.loads((out / "report" / "metrics.json").read_text())["probe"]["nodule"]["n_train"] == 4
     curve = out / "report" / "live" / "plots" / "metrics" / "probe" / "mean_auroc.tsv"
     assert curve.exists() and len(curve.read_text().splitlines()) == 3  # header + one point per epoch
-    payload = torch.load(out / "model" / "encoder.pt", weights_only=False)
+    payload = load_model_file(out / "model" / "encoder.pt", "pretrain_radiographs@test")
     assert payload["backbone"]["name"] == "resnet18"
     assert not (out / "ckpt.pt").exists()
 
@@ -78,7 +79,7 @@ def test_study_level_training_shares_the_cls_and_probes_one_feature_per_study(pa
     assert metrics["probe"]["nodule"]["n_train"] == 2
     curve = out / "report" / "live" / "plots" / "metrics" / "probe" / "mean_auroc.tsv"
     assert curve.exists() and len(curve.read_text().splitlines()) == 3
-    payload = torch.load(out / "model" / "encoder.pt", weights_only=False)
+    payload = load_model_file(out / "model" / "encoder.pt", "pretrain_radiographs@test")
     assert payload["backbone"]["name"] == "vit"
     with pytest.raises(ParamsError, match="pretrain_radiographs.study_methods: 'diffmae' is not listed"):
         radiograph_entry(params, "diffmae", listed_in="study_methods")
