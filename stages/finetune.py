@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import torch
-
 from chestssl import paths
 from chestssl.cli import entry_from_argv, flat_metrics, run_stage
-from chestssl.io import save_torch, write_json
+from chestssl.io import write_json
+from chestssl.model_files import load_model_file, save_model_file
 from chestssl.params import load_params
 
 # The validation metric that picks the best epoch of each task.
@@ -16,12 +15,13 @@ MONITOR = {"seg": ("val/dice", "max"), "cls": ("val/loss", "min")}
 def main(argv: list[str]) -> None:
     from chestssl.data.datasets import SliceDataset
     from chestssl.tasks import build_task
+    from chestssl.train.checkpoint import stage_inputs
     from chestssl.train.loop import fit
 
     params = load_params()
     name, run = entry_from_argv(argv, params, "runs")
     seed, slices = params["seed"], params["slices"]
-    encoder = torch.load(paths.encoder_path(run["init"]), map_location="cpu", weights_only=False)
+    encoder = load_model_file(paths.encoder_path(run["init"]), paths.pretrain_stage(run["init"], params))
     model = build_task(run, encoder, seed, name=name)
 
     def data(split: str) -> SliceDataset:
@@ -30,11 +30,13 @@ def main(argv: list[str]) -> None:
 
     monitor, mode = MONITOR[run["task"]]
     report_dir = paths.finetune_report_dir(name)
+    encoder_file = paths.encoder_path(run["init"])
+    inputs = stage_inputs({"run": run, "slices": slices}, [paths.PROCESSED_DIR, encoder_file])
     result = fit(model, data("train"), data("val"), run["train"], report_dir / "live",
-                 paths.checkpoint_path("finetune", name), seed, monitor=monitor, mode=mode)
+                 paths.checkpoint_path("finetune", name), seed, monitor=monitor, mode=mode, inputs=inputs)
     if not result.is_main:  # under torchrun, rank 0 writes the outputs
         return
-    save_torch(paths.finetune_model_path(name),
+    save_model_file(paths.finetune_model_path(name),
                {"run": name, "config": run, "encoder": encoder, "state_dict": result.best_state})
     metrics = {"epochs": result.epochs, "steps": result.steps, f"best_{monitor.replace('/', '_')}": result.best_value,
                **flat_metrics(result.final_metrics)}

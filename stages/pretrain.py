@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from chestssl import paths
 from chestssl.cli import run_stage
-from chestssl.io import save_torch, write_json
+from chestssl.io import write_json
+from chestssl.model_files import save_model_file
 from chestssl.params import ParamsError, load_params, pretrain_entry
 
 
@@ -38,12 +39,14 @@ def main(argv: list[str]) -> None:
             )
         return train, val, hook
 
+    read = {"entry": cfg, "slices": params["slices"], "crops": params["crops"],
+            "min_nodule_pixels": params["preprocess"]["min_nodule_pixels"]}
     metrics = train_pretext(method, data, cfg.get("train"), report_dir / "live",
-                            paths.checkpoint_path("pretrain", name), seed)
+                            paths.checkpoint_path("pretrain", name), seed, read, [paths.PROCESSED_DIR])
     if metrics is None:  # under torchrun, rank 0 writes the outputs
         return
-    save_torch(paths.encoder_path(name), method.export())
-    save_torch(paths.method_weights_path(name), {"name": name, "config": cfg, "state_dict": method.state_dict()})
+    save_model_file(paths.encoder_path(name), method.export())
+    save_model_file(paths.method_weights_path(name), {"name": name, "config": cfg, "state_dict": method.state_dict()})
     write_json(report_dir / "metrics.json", metrics)
     print(f"pretrain@{name}: {metrics}")
 

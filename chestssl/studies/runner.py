@@ -50,15 +50,6 @@ class StudySetting:
     unfrozen_stages: int | None = None
 
 
-def file_digest(path: str | Path) -> str:
-    """SHA-256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _fingerprint(**parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -86,12 +77,9 @@ def test_metrics(task: str, predict, dataset, evaluate_cfg: Mapping[str, Any], s
 def run_encoder_payload(run_name: str) -> dict[str, Any]:
     """The pretrained encoder payload the run's ``finetune`` stage started from (kept in
     ``models/finetune/<run>/model.pt``)."""
-    import torch
+    from chestssl.model_files import load_model_file
 
-    model_path = paths.finetune_model_path(run_name)
-    if not model_path.exists():
-        raise FileNotFoundError(f"{model_path}: missing; run `dvc repro finetune@{run_name}` first")
-    return torch.load(model_path, map_location="cpu", weights_only=False)["encoder"]
+    return load_model_file(paths.finetune_model_path(run_name), f"finetune@{run_name}", required=("encoder",))["encoder"]
 
 
 def run_study(
@@ -113,6 +101,7 @@ def run_study(
     from chestssl.inference import auto_device
     from chestssl.studies.parts import PartlyFrozenTask
     from chestssl.tasks import build_task
+    from chestssl.train.checkpoint import stage_inputs
     from chestssl.train.loop import fit
 
     run = params["runs"][run_name]
@@ -120,7 +109,9 @@ def run_study(
     model_path = paths.finetune_model_path(run_name)
     monitor, mode = MONITOR[run["task"]]
     state_dir = paths.CHECKPOINT_DIR / study / run_name
-    common = dict(run=run, seed=seed, slices=slices, evaluate=params["evaluate"], encoder=file_digest(model_path))
+    # The fine-tuned model file holds the pretrained encoder the run starts from.
+    inputs = stage_inputs({"run": run, "slices": slices}, [paths.PROCESSED_DIR, model_path])
+    common = dict(seed=seed, evaluate=params["evaluate"], inputs=inputs)
 
     def data(split: str, patient_ids: Sequence[str] | None = None) -> SliceDataset:
         return SliceDataset(paths.PROCESSED_DIR, split, slices["size"], run["task"],
@@ -144,7 +135,8 @@ def run_study(
             model = PartlyFrozenTask(model, setting.unfrozen_stages)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         fitted = fit(model, train, val, run["train"], report_dir / "live" / setting.key,
-                     state_dir / f"{setting.key}.pt", seed, monitor=monitor, mode=mode)
+                     state_dir / f"{setting.key}.pt", seed, monitor=monitor, mode=mode,
+                     inputs={**inputs, "setting": setting.key})
         if not fitted.is_main:
             continue
         model.load_state_dict(fitted.best_state)

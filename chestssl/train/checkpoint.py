@@ -4,8 +4,10 @@ A checkpoint holds everything the next epoch depends on (model, optimizer, sched
 AMP scaler, epoch and step counters, the best weights so far, every process's random
 number generator states), so an interrupted fit that resumes from it ends with the same
 weights as one that ran through. Its fingerprint is a hash of what defines the fit (the
-``train`` params, the seed, the monitored metric, the initial weights, the dataset
-sizes, the number of processes): a checkpoint of a different fit is never resumed.
+``train`` params, the stage's whole params entry, the bytes of every input file the stage
+reads, the seed, the monitored metric, the initial weights, the dataset sizes, the number
+of processes): a checkpoint of a different fit, or of the same fit on other data, is
+never resumed.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import hashlib
 import json
 import random
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 import numpy as np
 import torch
@@ -42,6 +44,31 @@ def state_dict_digest(state_dict: Mapping[str, torch.Tensor]) -> str:
             sha.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
         else:
             sha.update(repr(value).encode())
+    return sha.hexdigest()
+
+
+def file_digest(path: str | Path) -> str:
+    """SHA-256 of a file's bytes."""
+    sha = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            sha.update(chunk)
+    return sha.hexdigest()
+
+
+def files_digest(paths: Iterable[str | Path]) -> str:
+    """SHA-256 over the relative names and bytes of every file under ``paths`` (files or
+    folders, walked in sorted order); a missing path counts as such.
+
+    Content, not modification times: data restored with its old times (``cp -p``,
+    ``rsync -t``) or rewritten to the same size is still told apart.
+    """
+    sha = hashlib.sha256()
+    for root in sorted(Path(p) for p in paths):
+        files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
+        for path in files:
+            sha.update(f"{path.as_posix()}\0".encode())
+            sha.update((file_digest(path) if path.is_file() else "missing").encode())
     return sha.hexdigest()
 
 
@@ -106,3 +133,9 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, Any] | None, str]:
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
         return None, f"{path} is not a checkpoint of this version of chestssl"
     return checkpoint, ""
+
+
+def stage_inputs(params: Mapping[str, Any], data: Iterable[str | Path]) -> dict[str, Any]:
+    """The ``inputs`` a stage hands :func:`chestssl.train.loop.fit`: the params it reads
+    (its whole entry and the shared keys it uses) and a digest of the data files it reads."""
+    return {"params": params, "data": files_digest(data)}

@@ -126,6 +126,7 @@ def fit(
     mode: str = "min",
     collate_fn: Callable | None = None,
     epoch_hook: Callable[[nn.Module, int], Mapping[str, float]] | None = None,
+    inputs: Mapping[str, Any] | None = None,
 ) -> FitResult:
     """Train ``model`` on ``train_data``, validating on ``val_data`` after every epoch.
 
@@ -139,8 +140,8 @@ def fit(
             and ``live_dir/plots/metrics/lr.tsv``, with ``step`` = optimisation step.
         checkpoint_path: resume checkpoint, written after every epoch and deleted after a
             successful fit. If it exists and was made by the same fit (same ``train_cfg``,
-            seed, monitor, initial weights, dataset sizes and number of processes), training
-            resumes from it; otherwise it starts fresh and says why.
+            ``inputs``, seed, monitor, initial weights, dataset sizes and number of
+            processes), training resumes from it; otherwise it starts fresh and says why.
         seed: seeds everything (weights are the caller's: build them seeded).
         monitor: metric that picks the best epoch, e.g. ``val/loss`` or ``val/dice``.
         mode: ``min`` or ``max``: whether lower or higher ``monitor`` is better.
@@ -150,6 +151,9 @@ def fit(
             the scalars it returns (e.g. ``probe/mean_auroc`` of a linear probe) are logged
             with the validation metrics. The RNG states are restored after it, so a hook
             never changes the training trajectory.
+        inputs: what else defines the fit, by name: the stage's whole params entry and a
+            digest of the data it reads (:func:`~chestssl.train.checkpoint.stage_inputs`),
+            so a checkpoint is never resumed on edited params or changed data.
     """
     cfg = _check_train_cfg(train_cfg)
     if mode not in ("min", "max"):
@@ -159,7 +163,7 @@ def fit(
                      torch.is_deterministic_algorithms_warn_only_enabled())
     try:
         return _Fit(model, train_data, val_data, cfg, Path(live_dir), Path(checkpoint_path), seed, monitor, mode,
-                    collate_fn, ctx, epoch_hook).run()
+                    collate_fn, ctx, epoch_hook, inputs).run()
     finally:
         torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])
         teardown_distributed(ctx)
@@ -306,6 +310,7 @@ class _Fit:
         collate_fn: Callable | None,
         ctx: DistContext,
         epoch_hook: Callable[[nn.Module, int], Mapping[str, float]] | None = None,
+        inputs: Mapping[str, Any] | None = None,
     ) -> None:
         for name in ("training_step", "validation_step"):
             if not callable(getattr(model, name, None)):
@@ -317,6 +322,7 @@ class _Fit:
         self.cfg, self.live_dir, self.checkpoint_path = cfg, live_dir, checkpoint_path
         self.seed, self.monitor, self.mode, self.collate_fn, self.ctx = seed, monitor, mode, collate_fn, ctx
         self.epoch_hook = epoch_hook
+        self.inputs = dict(inputs or {})
         self.device = ctx.device
         self.amp = amp_enabled(cfg["amp"], self.device, announce=ctx.is_main)
         self.epochs_done = 0
@@ -382,6 +388,7 @@ class _Fit:
                 "dataset sizes": [len(self.train_data), len(self.val_data)],
                 # The number of processes sets the data each step sees and the steps per epoch.
                 "world size": ctx.world_size,
+                **{f"input {name}": value for name, value in sorted(self.inputs.items())},
             }
         )
 

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Optional
 
 from torch.utils.data import Dataset
 
 from chestssl.cli import flat_metrics
+from chestssl.train.checkpoint import stage_inputs
 from chestssl.train.loop import fit
 
 if TYPE_CHECKING:
@@ -33,6 +34,8 @@ def train_pretext(
     live_dir: Path,
     checkpoint_path: Path,
     seed: int,
+    params_read: Mapping[str, Any],
+    data_paths: Iterable[str | Path],
     collate_fn: Callable | None = None,
 ) -> dict[str, Any] | None:
     """Train ``method`` if it has anything to train; returns the training metrics.
@@ -47,6 +50,9 @@ def train_pretext(
         live_dir: where the curves go (DVCLive); for a method that trains nothing, an
             empty ``plots/metrics`` folder, so every stage has the same outputs.
         checkpoint_path, seed, collate_fn: as :func:`chestssl.train.loop.fit`.
+        params_read, data_paths: the params the stage reads (its whole entry included)
+            and the data files or folders it reads; both are part of the checkpoint's
+            fingerprint, so a resume never continues on other params or data.
 
     Returns:
         ``{"trained", "epochs", "steps", "best_<monitor>", <final metrics>}``, ``{"trained":
@@ -60,7 +66,8 @@ def train_pretext(
     train, val, epoch_hook = data()
     monitor, mode = method.monitor
     result = fit(method, train, val, train_cfg, live_dir, checkpoint_path, seed,
-                 monitor=monitor, mode=mode, collate_fn=collate_fn, epoch_hook=epoch_hook)
+                 monitor=monitor, mode=mode, collate_fn=collate_fn, epoch_hook=epoch_hook,
+                 inputs=stage_inputs(params_read, data_paths))
     if not result.is_main:
         return None
     method.load_state_dict(result.best_state)

@@ -29,7 +29,8 @@ import torch
 from monai.transforms import Resize
 from torch.utils.data import Dataset
 
-from chestssl.io import save_torch, write_json
+from chestssl.io import write_json
+from chestssl.model_files import load_model_file, save_model_file
 
 #: Modality names of the two kinds of item (the contrastive term's classes).
 CT, RADIOGRAPH = "ct", "radiograph"
@@ -153,7 +154,10 @@ def pretrain_cross_modal(
                                       C=probe["C"], max_iter=probe["max_iter"], seed=seed, device=None)
         return train, val, hook
 
-    trained = train_pretext(method, data, cfg["train"], report_dir / "live", checkpoint_path, seed)
+    read = {"entry": cfg, "cross_modal": block, "slices": params["slices"], "crops": params["crops"],
+            "min_nodule_pixels": params["preprocess"]["min_nodule_pixels"]}
+    trained = train_pretext(method, data, cfg["train"], report_dir / "live", checkpoint_path, seed,
+                            read, [processed_dir, radiographs_dir])
     if trained is None:
         return None
     metrics: dict[str, Any] = {
@@ -164,7 +168,7 @@ def pretrain_cross_modal(
         "items": {"train": {CT: train.n_ct, RADIOGRAPH: train.n_radiograph, "radiographs": len(train.radiographs)},
                   "val": {CT: val.n_ct, RADIOGRAPH: val.n_radiograph, "radiographs": len(val.radiographs)}},
     }
-    saved = torch.load(ct_only_weights, map_location="cpu", weights_only=False)
+    saved = load_model_file(ct_only_weights, f"pretrain@{name}", required=("state_dict",))
     ct_only = build_method(name, cfg, seed)
     ct_only.load_state_dict(saved["state_dict"])
     device = auto_device()
@@ -173,7 +177,7 @@ def pretrain_cross_modal(
         encoder_name: both_modalities_probe(trained.encoder(), {CT: ct_views, RADIOGRAPH: radiographs}, params, device)
         for encoder_name, trained in (("cross_modal", method), ("ct_only", ct_only))
     }
-    save_torch(model_dir / "encoder.pt", method.export())
+    save_model_file(model_dir / "encoder.pt", method.export())
     write_json(report_dir / "metrics.json", metrics)
     return metrics
 

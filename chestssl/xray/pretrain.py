@@ -29,7 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
-from chestssl.io import save_torch, write_json
+from chestssl.io import write_json
+from chestssl.model_files import save_model_file
 
 if TYPE_CHECKING:
     from torch import nn
@@ -90,7 +91,8 @@ def pretrain_on_radiographs(
         build=build_method,
         features=extract_image_features,
     )
-    return _train_and_probe(level, radiograph_entry(params, name), name, params, model_dir, report_dir, checkpoint_path)
+    return _train_and_probe(level, radiograph_entry(params, name), name, params, radiographs_dir, model_dir, report_dir,
+                            checkpoint_path)
 
 
 def pretrain_on_radiograph_studies(
@@ -124,7 +126,7 @@ def pretrain_on_radiograph_studies(
         collate_fn=collate_radiograph_studies,
     )
     cfg = radiograph_entry(params, name, listed_in="study_methods")
-    return _train_and_probe(level, cfg, name, params, model_dir, report_dir, checkpoint_path)
+    return _train_and_probe(level, cfg, name, params, radiographs_dir, model_dir, report_dir, checkpoint_path)
 
 
 def _train_and_probe(
@@ -132,6 +134,7 @@ def _train_and_probe(
     cfg: Mapping[str, Any],
     name: str,
     params: Mapping[str, Any],
+    radiographs_dir: Path,
     model_dir: Path,
     report_dir: Path,
     checkpoint_path: Path,
@@ -153,8 +156,9 @@ def _train_and_probe(
                                       max_iter=probe["max_iter"], seed=seed, features=level.features)
         return train, val, hook
 
+    read = {"entry": cfg, "level": level.name, "views": params["pretrain_radiographs"]["views"]}
     metrics = train_pretext(method, data, cfg.get("train"), report_dir / "live", checkpoint_path, seed,
-                            collate_fn=level.collate_fn)
+                            read, [radiographs_dir], collate_fn=level.collate_fn)
     if metrics is None:
         return None
     device = auto_device()
@@ -167,6 +171,6 @@ def _train_and_probe(
         C=probe["C"], max_iter=probe["max_iter"], seed=seed,
         n_bootstrap=evaluate["bootstrap_samples"], confidence=evaluate["confidence"],
     )
-    save_torch(model_dir / "encoder.pt", method.export())
+    save_model_file(model_dir / "encoder.pt", method.export())
     write_json(report_dir / "metrics.json", metrics)
     return metrics

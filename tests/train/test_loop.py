@@ -8,12 +8,14 @@ import os
 import socket
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
 from torch import nn
 from torch.utils.data import Dataset
 
+from chestssl.train.checkpoint import files_digest, stage_inputs
 from chestssl.train.loop import FitResult, fit
 
 WEIGHTS = torch.tensor([1.0, -2.0, 0.5, 3.0])
@@ -164,6 +166,53 @@ def test_checkpoint_of_a_different_fit_is_not_resumed(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "belongs to a different fit (changed: train config); starting fresh" in err
     assert not result.resumed and model.calls == 4 * 6
+
+
+def test_checkpoint_is_not_resumed_on_changed_data_or_params(tmp_path, capsys):
+    """The stage's data (every image replaced by 1 - image, same shapes) and its params entry
+    are part of the fingerprint: an interrupted fit is never finished on other inputs."""
+    data = tmp_path / "processed" / "scans"
+    data.mkdir(parents=True)
+    image = np.linspace(0, 1, 64, dtype=np.float32).reshape(8, 8)
+    np.savez(data / "p0.npz", image=image)
+    entry = {"task": "seg", "init": "scratch", "train": train_cfg()}
+
+    def inputs(params=entry):
+        return stage_inputs(params, [tmp_path / "processed"])
+
+    with pytest.raises(RuntimeError):
+        run_fit(tmp_path, "run", make_model(fail_at_call=8), train_cfg(), inputs=inputs())
+    np.savez(data / "p0.npz", image=1 - image)
+    model = make_model()
+    result = run_fit(tmp_path, "run", model, train_cfg(), inputs=inputs())
+    assert "belongs to a different fit (changed: input data); starting fresh" in capsys.readouterr().err
+    assert not result.resumed and model.calls == 4 * 6
+
+    with pytest.raises(RuntimeError):
+        run_fit(tmp_path, "run", make_model(fail_at_call=8), train_cfg(), inputs=inputs())
+    model = make_model()
+    result = run_fit(tmp_path, "run", model, train_cfg(), inputs=inputs({**entry, "init": "ae_swin"}))
+    assert "(changed: input params)" in capsys.readouterr().err and not result.resumed
+
+    with pytest.raises(RuntimeError):
+        run_fit(tmp_path, "run", make_model(fail_at_call=8), train_cfg(), inputs=inputs())
+    result = run_fit(tmp_path, "run", make_model(), train_cfg(), inputs=inputs())
+    assert result.resumed, "the same data and params resume"
+
+
+def test_files_digest_reads_content_names_and_missing_paths(tmp_path):
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "a.bin").write_bytes(b"abc")
+    first = files_digest([tmp_path / "d"])
+    stat = (tmp_path / "d" / "a.bin").stat()
+    (tmp_path / "d" / "a.bin").write_bytes(b"abd")
+    os.utime(tmp_path / "d" / "a.bin", ns=(stat.st_atime_ns, stat.st_mtime_ns))  # same size and time
+    assert files_digest([tmp_path / "d"]) != first
+    (tmp_path / "d" / "a.bin").write_bytes(b"abc")
+    assert files_digest([tmp_path / "d"]) == first
+    (tmp_path / "d" / "a.bin").rename(tmp_path / "d" / "b.bin")
+    assert files_digest([tmp_path / "d"]) != first
+    assert files_digest([tmp_path / "missing"]) != files_digest([])
 
 
 def test_dvclive_metrics_use_the_optimisation_step(tmp_path):
