@@ -20,15 +20,25 @@
 - ``splits.json``: ``{"train": [...], "val": [...], "test": [...], "seed": int}``,
   lists of PatientIDs: the split is patient-level, so all scans of a patient share it.
 - ``skipped.csv``: scans that were skipped (``preprocess.on_error: skip``) and why.
+
+``splits.json`` is the one source of truth for the split. The readers here are the only
+way to it: :func:`read_splits` checks it (every patient in exactly one split, known
+patients only) and :func:`read_slices` / :func:`read_nodules` check that their ``split``
+column agrees with it, so an edited or corrupt file is an error, never a silent second
+split. Every reader names the file and says to rerun ``preprocess`` when a file is
+missing, truncated or not in this layout.
 """
 
 from __future__ import annotations
 
 import json
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+from chestssl.errors import UserError
 
 SPLITS = ("train", "val", "test")
 SLICE_COLUMNS = ["patient_id", "scan_id", "slice_index", "nodule_pixels", "max_malignancy", "label", "split"]
@@ -39,6 +49,14 @@ NODULE_COLUMNS = [
 SKIPPED_COLUMNS = ["patient_id", "series_instance_uid", "file", "reason"]
 
 
+SCAN_ARRAYS = ("image", "mask", "spacing", "origin_index")
+RERUN = "rerun the preprocess stage (dvc repro -f preprocess)"
+
+
+class ProcessedDataError(UserError):
+    """A file of ``data/processed`` that is missing, corrupt or inconsistent with the others."""
+
+
 def scan_path(processed_dir: str | Path, scan_id: str) -> Path:
     return Path(processed_dir) / "scans" / f"{scan_id}.npz"
 
@@ -47,24 +65,94 @@ def load_scan(processed_dir: str | Path, scan_id: str) -> dict[str, np.ndarray]:
     """Load one processed scan: ``image`` (Z, Y, X) float32 in [0, 1], ``mask`` (Z, Y, X)."""
     path = scan_path(processed_dir, scan_id)
     if not path.exists():
-        raise FileNotFoundError(f"{path} missing; rerun the preprocess stage (dvc repro preprocess)")
-    with np.load(path) as z:
-        return {
-            "image": z["image"].astype(np.float32),
-            "mask": z["mask"],
-            "spacing": z["spacing"],
-            "origin_index": z["origin_index"],
-        }
+        raise FileNotFoundError(f"{path} missing; {RERUN}")
+    try:
+        loaded = np.load(path, allow_pickle=False)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):
+            raise ProcessedDataError(f"{path}: a single array, not a processed scan archive; {RERUN}")
+        with loaded as z:
+            missing = [name for name in SCAN_ARRAYS if name not in z.files]
+            if missing:
+                raise ProcessedDataError(f"{path}: no array {', '.join(missing)}, so it is not a processed scan; {RERUN}")
+            scan = {name: z[name] for name in SCAN_ARRAYS}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:  # truncated, foreign or not an archive
+        raise ProcessedDataError(f"{path}: unreadable ({type(exc).__name__}: {exc}); {RERUN}") from None
+    if scan["image"].shape != scan["mask"].shape or scan["image"].ndim != 3:
+        raise ProcessedDataError(f"{path}: image {scan['image'].shape} and mask {scan['mask'].shape} are not one "
+                                 f"(Z, Y, X) volume; {RERUN}")
+    scan["image"] = scan["image"].astype(np.float32)
+    return scan
 
 
 def read_slices(processed_dir: str | Path) -> pd.DataFrame:
-    return pd.read_csv(Path(processed_dir) / "slices.csv", dtype={"patient_id": str, "scan_id": str})
+    """``slices.csv``, its ``split`` column checked against ``splits.json``."""
+    slices = _read_table(Path(processed_dir) / "slices.csv", SLICE_COLUMNS)
+    return _with_checked_split(slices, _checked_splits(processed_dir, set(slices["patient_id"])), processed_dir)
 
 
 def read_nodules(processed_dir: str | Path) -> pd.DataFrame:
-    return pd.read_csv(Path(processed_dir) / "nodules.csv", dtype={"patient_id": str, "scan_id": str})
+    """``nodules.csv``, its ``split`` column checked against ``splits.json``."""
+    return _with_checked_split(_read_table(Path(processed_dir) / "nodules.csv", NODULE_COLUMNS),
+                               read_splits(processed_dir), processed_dir)
 
 
 def read_splits(processed_dir: str | Path) -> dict:
-    with open(Path(processed_dir) / "splits.json") as f:
-        return json.load(f)
+    """``splits.json``, checked: lists of PatientIDs under train, val and test, each patient
+    in one split only, and only patients that ``slices.csv`` knows."""
+    known = set(_read_table(Path(processed_dir) / "slices.csv", ["patient_id"])["patient_id"])
+    return _checked_splits(processed_dir, known)
+
+
+def _checked_splits(processed_dir: str | Path, known: set[str]) -> dict:
+    path = Path(processed_dir) / "splits.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} missing; {RERUN}")
+    try:
+        splits = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ProcessedDataError(f"{path}: not valid JSON ({exc}); {RERUN}") from None
+    if not isinstance(splits, dict) or any(not isinstance(splits.get(name), list) for name in SPLITS):
+        raise ProcessedDataError(f"{path}: expected lists of PatientIDs under {', '.join(SPLITS)}; {RERUN}")
+    seen: dict[str, str] = {}
+    for name in SPLITS:
+        for patient in splits[name]:
+            if not isinstance(patient, str):
+                raise ProcessedDataError(f"{path}: {name} lists {patient!r}, not a PatientID string; {RERUN}")
+            if patient in seen:
+                raise ProcessedDataError(f"{path}: patient {patient} is in both {seen[patient]} and {name}; a patient "
+                                         f"belongs to one split only; {RERUN}")
+            seen[patient] = name
+    unknown = sorted(set(seen) - known)
+    if unknown:
+        raise ProcessedDataError(f"{path}: {len(unknown)} patient(s) not in slices.csv ({', '.join(unknown[:5])}); "
+                                 f"{RERUN}")
+    return splits
+
+
+def _read_table(path: Path, columns: list[str]) -> pd.DataFrame:
+    if not path.exists():
+        raise FileNotFoundError(f"{path} missing; {RERUN}")
+    try:
+        table = pd.read_csv(path, dtype={"patient_id": str, "scan_id": str})
+    except (ValueError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
+        raise ProcessedDataError(f"{path}: unreadable as CSV ({type(exc).__name__}: {exc}); {RERUN}") from None
+    missing = [column for column in columns if column not in table.columns]
+    if missing:
+        raise ProcessedDataError(f"{path}: missing column(s) {', '.join(missing)} (expected {', '.join(columns)}); "
+                                 f"{RERUN}")
+    return table
+
+
+def _with_checked_split(table: pd.DataFrame, splits: dict, processed_dir: str | Path) -> pd.DataFrame:
+    """``table`` if each row's ``split`` is its patient's split in ``splits``."""
+    split_of = {patient: name for name in SPLITS for patient in splits[name]}
+    expected = table["patient_id"].map(split_of)
+    unassigned = sorted(table.loc[expected.isna(), "patient_id"].unique())
+    if unassigned:
+        raise ProcessedDataError(f"{Path(processed_dir) / 'splits.json'}: no split for patient(s) "
+                                 f"{', '.join(unassigned[:5])}; every patient must be in exactly one split; {RERUN}")
+    disagree = table.loc[expected != table["split"], "patient_id"].unique()
+    if len(disagree):
+        raise ProcessedDataError(f"{Path(processed_dir)}: the split column of its tables disagrees with splits.json "
+                                 f"for patient(s) {', '.join(sorted(disagree)[:5])}; {RERUN}")
+    return table
