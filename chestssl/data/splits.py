@@ -77,6 +77,21 @@ def split_counts(num_patients: int, fractions: Mapping[str, float]) -> dict[str,
     return counts
 
 
+def min_patients(fractions: Mapping[str, float]) -> int:
+    """The fewest patients for which :func:`split_counts` gives every split with a positive
+    fraction at least one patient (a split with fraction 0 stays empty at any count)."""
+    positive = [name for name in SPLITS if float(fractions[name]) > 0]
+    if not positive:
+        raise ValueError(f"split fractions {dict(fractions)}: none is positive")
+    # split_counts fills every positive split from len(positive) patients on; search
+    # anyway, so this stays the truth if the rounding rule changes.
+    for num_patients in range(len(positive), len(positive) + 10_000):
+        counts = split_counts(num_patients, fractions)
+        if all(counts[name] > 0 for name in positive):
+            return num_patients
+    raise ValueError(f"split fractions {dict(fractions)}: no patient count fills every split")
+
+
 def _interleaved_labels(counts: Mapping[str, int], offset: int) -> list[str]:
     """A sequence holding ``counts[s]`` copies of each split, spread evenly.
 

