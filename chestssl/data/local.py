@@ -208,10 +208,10 @@ def _check_source_dir(source_dir: str | os.PathLike) -> Path:
             f"data.local.path: {source} does not exist; set it to your LIDC-IDRI folder "
             "(or use data.source: tcia to download it)"
         )
-    if not source.is_dir():
-        raise NotADirectoryError(
-            f"data.local.path: {source} is a file, not a folder; set it to the folder that holds "
-            f"the patient folders ({EXPECTED_LAYOUT})"
+    if not source.is_dir():  # a user error (one line, no traceback), not an OSError
+        raise LocalSourceError(
+            f"data.local.path: {source} is a file, not a folder; it must be the folder holding the "
+            f"LIDC-IDRI DICOM series, e.g. the one the NBIA Data Retriever wrote ({EXPECTED_LAYOUT})"
         )
     return source.resolve()
 

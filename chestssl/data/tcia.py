@@ -6,7 +6,7 @@ such as LIDC-IDRI need no token):
 
 - ``getSeries?Collection=..&Modality=..[&PatientID=..]``: a JSON list of series objects.
   Fields read: ``PatientID``, ``StudyInstanceUID``, ``SeriesInstanceUID``, ``ImageCount``
-  (the number of DICOM files in the series).
+  (the number of DICOM files in the series), ``FileSize`` (its bytes; sizes the deadline).
 - ``getImageWithMD5Hash?SeriesInstanceUID=..``: a zip stream of the series' DICOM files
   (``00000001.dcm``, ...) plus ``md5hashes.csv`` (columns ``Filename``, ``MD5Hash``): the
   MD5 of every file as TCIA archived it.
@@ -19,6 +19,13 @@ verified by CRC and count only); the number of DICOM files equals ``ImageCount``
 files are extracted into a temporary folder that is renamed into place in one step,
 holding a marker file with the series checksum, so a series folder without its marker is
 the leftover of an interrupted run and is downloaded again, and a verified one is skipped.
+
+A slow server cannot hang the download: besides ``data.tcia.timeout_s`` (to connect, and
+between received bytes), every request has a deadline of ``timeout_s`` plus its expected
+size at ``data.tcia.min_rate_kbps``. The expected size is the larger of the response's
+``Content-Length`` and the series' ``FileSize``; without either, ``ImageCount`` times
+:data:`IMAGE_BYTES_ESTIMATE`, else :data:`FALLBACK_SERIES_BYTES`. A request past its
+deadline is a transient failure, retried like a dropped connection.
 
 Layout written (what pylidc reads)::
 
@@ -38,21 +45,22 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 import time
 import zipfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Iterable, TypeVar
-from urllib.parse import urlencode
+from urllib.parse import urlencode, urlsplit
 
 import requests
 from tqdm.auto import tqdm
+from urllib3.exceptions import DecodeError, HTTPError, ProtocolError, ReadTimeoutError
+from urllib3.exceptions import SSLError as Urllib3SSLError
 
 from chestssl.data.lidc import LIDC_DIRNAME
 from chestssl.data.manifest import SeriesRecord, series_checksum, write_manifest
-from chestssl.io import write_json
+from chestssl.io import make_temp_dir, write_json
 
 LOG = logging.getLogger(__name__)
 
@@ -67,6 +75,16 @@ PARTIAL_DIRNAME = ".tcia-partial"
 CHUNK_BYTES = 1 << 20
 MAX_RETRY_AFTER_S = 600.0
 USER_AGENT = "chestssl (LIDC-IDRI download)"
+EXAMPLE_BASE_URL = "https://services.cancerimagingarchive.net/nbia-api/services/v1"
+# The deadline of a request: data.tcia.timeout_s + expected bytes at data.tcia.min_rate_kbps.
+DEFAULT_MIN_RATE_KBPS = 256.0
+# Expected bytes of a series without FileSize or Content-Length: per image (an LIDC-IDRI
+# CT slice is 512 x 512 x 2 bytes plus its header, about 0.5 MiB), else per series (more
+# than any LIDC-IDRI CT series).
+IMAGE_BYTES_ESTIMATE = 1 << 20
+FALLBACK_SERIES_BYTES = 1 << 30
+# Expected bytes of a getSeries answer without Content-Length (all of LIDC-IDRI: ~2 MB).
+FALLBACK_LIST_BYTES = 16 << 20
 
 # PatientID and UIDs become folder names: letters, digits, '.', '_' and '-' only.
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9._-]+$")
@@ -94,6 +112,10 @@ class CorruptDownloadError(TransientError):
     """The downloaded archive is not a complete, consistent copy of the series."""
 
 
+class TooSlowError(TransientError):
+    """A request ran past its deadline (slower on average than ``data.tcia.min_rate_kbps``)."""
+
+
 _TRANSIENT = (
     requests.ConnectionError,
     requests.Timeout,
@@ -111,6 +133,8 @@ class TciaSeries:
     study_instance_uid: str
     series_instance_uid: str
     image_count: int | None
+    #: Bytes of the series as ``getSeries`` gives them (``FileSize``), if it does.
+    file_size: int | None = None
 
     @property
     def relative_dir(self) -> Path:
@@ -142,6 +166,7 @@ def download_tcia(
     retries: int,
     backoff_s: float,
     timeout_s: float,
+    min_rate_kbps: float = DEFAULT_MIN_RATE_KBPS,
     progress: bool = True,
     session: requests.Session | None = None,
 ) -> list[SeriesRecord]:
@@ -151,10 +176,14 @@ def download_tcia(
     then not applied); otherwise the first ``max_patients`` patients sorted by ID are
     taken (0: all). Verified series from an earlier run are kept, not downloaded again.
     Each HTTP request gets ``retries`` more attempts after a connection error, a timeout
-    (``timeout_s`` seconds to connect or between received bytes), HTTP 5xx or 429, or a
-    corrupt download, waiting ``backoff_s * 2**attempt`` seconds in between.
+    (``timeout_s`` seconds to connect or between received bytes), a request slower than
+    its deadline (``timeout_s`` plus its expected size at ``min_rate_kbps`` kilobits per
+    second; 0: no deadline), HTTP 5xx or 429, or a corrupt download, waiting
+    ``backoff_s * 2**attempt`` seconds in between. A malformed ``base_url`` is a
+    :class:`TciaError` naming it.
     Returns one record per selected series, sorted by patient and series.
     """
+    check_base_url(base_url)
     raw_dir = Path(raw_dir)
     patients = list(patients)
     own_session = session is None
@@ -163,7 +192,7 @@ def download_tcia(
         session.headers["User-Agent"] = USER_AGENT
     retry = RetryPolicy(retries=retries, backoff_s=backoff_s)
     try:
-        series = list_series(session, base_url, collection, modality, patients, timeout_s, retry)
+        series = list_series(session, base_url, collection, modality, patients, timeout_s, retry, min_rate_kbps)
         if patients and max_patients:
             LOG.info(
                 "data.tcia.patients lists %d patients; data.tcia.max_patients (%d) applies only "
@@ -199,7 +228,8 @@ def download_tcia(
             for item in to_download:
                 series_bar.set_postfix_str(item.patient_id)
                 records.append(
-                    download_series(session, base_url, item, raw_dir, timeout_s, retry, byte_bar.update)
+                    download_series(session, base_url, item, raw_dir, timeout_s, retry, byte_bar.update,
+                                    min_rate_kbps=min_rate_kbps)
                 )
                 series_bar.update()
         shutil.rmtree(partial_dir, ignore_errors=True)
@@ -219,6 +249,7 @@ def list_series(
     patients: Iterable[str] = (),
     timeout_s: float = 120.0,
     retry: RetryPolicy | None = None,
+    min_rate_kbps: float = DEFAULT_MIN_RATE_KBPS,
 ) -> list[TciaSeries]:
     """The ``modality`` series of ``collection`` (of ``patients`` if given), sorted.
 
@@ -235,7 +266,7 @@ def list_series(
     by_uid: dict[str, TciaSeries] = {}
     for params in queries:
         what = f"listing {modality} series of {params.get('PatientID', collection)} ({url}?{urlencode(params)})"
-        rows = retry(what, lambda params=params: _get_json(session, url, params, timeout_s, what))
+        rows = retry(what, lambda params=params: _get_json(session, url, params, timeout_s, what, min_rate_kbps))
         if not isinstance(rows, list):
             raise TciaError(
                 f"{what}: expected a JSON list from {url}, got {type(rows).__name__}; "
@@ -302,12 +333,15 @@ def download_series(
     timeout_s: float,
     retry: RetryPolicy,
     on_bytes: Callable[[int], Any] | None = None,
+    min_rate_kbps: float = DEFAULT_MIN_RATE_KBPS,
 ) -> SeriesRecord:
     """Stream, verify and extract one series into ``raw_dir``; retry transient failures.
 
     A folder already at the series' place (a leftover of an interrupted run) is
     replaced only once the new copy is verified. ``on_bytes`` is called with the size
-    of every received chunk (a progress bar's ``update``).
+    of every received chunk (a progress bar's ``update``). Each attempt must end within
+    ``timeout_s`` plus the series' expected size (:func:`expected_series_bytes`) at
+    ``min_rate_kbps`` (0: no deadline), else it is retried as a :class:`TooSlowError`.
     """
     raw_dir = Path(raw_dir)
     final_dir = raw_dir / series.relative_dir
@@ -322,9 +356,11 @@ def download_series(
         partial_dir = raw_dir / PARTIAL_DIRNAME
         partial_dir.mkdir(parents=True, exist_ok=True)
         zip_path = partial_dir / f"{series.series_instance_uid}.zip.part"
-        extract_dir = Path(tempfile.mkdtemp(dir=partial_dir, prefix=f"{series.series_instance_uid}."))
+        extract_dir = make_temp_dir(partial_dir, prefix=f"{series.series_instance_uid}.")
         try:
-            _stream_to_file(session, url, params, zip_path, timeout_s, what, on_bytes)
+            _stream_to_file(session, url, params, zip_path, timeout_s, what, on_bytes,
+                            expected_bytes=lambda declared: expected_series_bytes(series, declared),
+                            min_rate_kbps=min_rate_kbps)
             try:
                 md5_verified = extract_verified(zip_path, extract_dir, series)
             except UnsafeZipEntryError as exc:
@@ -348,6 +384,73 @@ def download_series(
         return series.record(images, checksum)
 
     return retry(what, attempt)
+
+
+def check_base_url(base_url: str) -> str:
+    """``base_url`` if it is an http(s) URL with a host, else a :class:`TciaError` naming it."""
+    parts = urlsplit(base_url) if isinstance(base_url, str) else None
+    try:
+        host = parts.hostname if parts is not None else None
+    except ValueError:  # e.g. an unclosed IPv6 bracket
+        host = None
+    if parts is None or parts.scheme.lower() not in ("http", "https") or not host or any(c.isspace() for c in base_url):
+        raise TciaError(
+            f"data.tcia.base_url: got {base_url!r}, expected an http(s) URL with a host, e.g. {EXAMPLE_BASE_URL}"
+        )
+    return base_url
+
+
+def expected_series_bytes(series: TciaSeries, content_length: int | None) -> int:
+    """The bytes a series download should bring, to size its deadline.
+
+    The larger of ``content_length`` (the response's, if declared) and the series'
+    ``FileSize``; without either, ``ImageCount`` x :data:`IMAGE_BYTES_ESTIMATE`, else
+    :data:`FALLBACK_SERIES_BYTES`.
+    """
+    known = [n for n in (content_length, series.file_size) if n]
+    if known:
+        return max(known)
+    if series.image_count:
+        return series.image_count * IMAGE_BYTES_ESTIMATE
+    return FALLBACK_SERIES_BYTES
+
+
+def transfer_deadline_s(expected_bytes: int, min_rate_kbps: float, base_s: float) -> float | None:
+    """Seconds a request may take: ``base_s`` plus ``expected_bytes`` at ``min_rate_kbps``
+    kilobits (1000 bits) per second; None when ``min_rate_kbps`` is 0 (no deadline)."""
+    if min_rate_kbps <= 0:
+        return None
+    return base_s + expected_bytes * 8 / (min_rate_kbps * 1000)
+
+
+class _Deadline:
+    """The deadline of one request, started before it is sent; :meth:`check` raises
+    :class:`TooSlowError` once it has passed, naming the bytes, the rate and the limit."""
+
+    def __init__(self, started: float, base_s: float, min_rate_kbps: float, expected_bytes: int):
+        self.started = started
+        self.min_rate_kbps = min_rate_kbps
+        self.expected_bytes = expected_bytes
+        self.allowed_s = transfer_deadline_s(expected_bytes, min_rate_kbps, base_s)
+        self.received = 0
+
+    def add(self, size: int) -> None:
+        self.received += size
+        self.check()
+
+    def check(self) -> None:
+        if self.allowed_s is None:
+            return
+        elapsed = time.monotonic() - self.started
+        if elapsed <= self.allowed_s:
+            return
+        rate_kbps = self.received * 8 / 1000 / elapsed
+        raise TooSlowError(
+            f"too slow: {self.received:,} of about {self.expected_bytes:,} bytes in {elapsed:.1f} s "
+            f"({rate_kbps:.1f} kbps on average), past the {self.allowed_s:.1f} s allowed for this size at "
+            f"data.tcia.min_rate_kbps = {self.min_rate_kbps:g} kbps (plus data.tcia.timeout_s); if your "
+            "connection is this slow, lower data.tcia.min_rate_kbps (0: no deadline)"
+        )
 
 
 def safe_extract(archive_path: str | os.PathLike, dest_dir: str | os.PathLike) -> dict[str, str]:
@@ -454,10 +557,12 @@ class RetryPolicy:
                 return action()
             except _TRANSIENT as exc:
                 if attempt == attempts - 1:
+                    knobs = ("data.tcia.retries" if isinstance(exc, TooSlowError)  # its message names min_rate_kbps
+                             else "data.tcia.retries / data.tcia.timeout_s")
                     raise TciaError(
                         f"{what} failed after {attempts} attempt(s): {exc}. Series verified so far "
                         "are kept, so rerunning the download stage resumes; if it keeps failing, "
-                        "check your connection or raise data.tcia.retries / data.tcia.timeout_s"
+                        f"check your connection or raise {knobs}"
                     ) from exc
                 delay = self.backoff_s * 2**attempt
                 retry_after = getattr(exc, "retry_after_s", None)
@@ -470,30 +575,88 @@ class RetryPolicy:
 
 
 def _endpoint(base_url: str, name: str) -> str:
-    return f"{base_url.rstrip('/')}/{name}"
+    return f"{check_base_url(base_url).rstrip('/')}/{name}"
 
 
-def _get_json(session: requests.Session, url: str, params: dict[str, str], timeout_s: float, what: str) -> Any:
-    response = session.get(url, params=params, timeout=timeout_s)
-    with response:
-        _raise_for_status(response, what)
-        text = response.text.strip()
-    if not text:  # NBIA answers an empty body when nothing matches
+def _get_json(
+    session: requests.Session,
+    url: str,
+    params: dict[str, str],
+    timeout_s: float,
+    what: str,
+    min_rate_kbps: float = DEFAULT_MIN_RATE_KBPS,
+) -> Any:
+    started = time.monotonic()
+    with session.get(url, params=params, timeout=timeout_s, stream=True) as response:
+        deadline = _Deadline(started, timeout_s, min_rate_kbps,
+                             _declared_length(response) or FALLBACK_LIST_BYTES)
+        _raise_for_status(response, what, deadline)
+        body = bytearray()
+        for block in _iter_body(response, deadline):
+            body += block
+    body = bytes(body).strip()
+    if not body:  # NBIA answers an empty body when nothing matches
         return []
     try:
-        return json.loads(text)
+        return json.loads(body)  # detects UTF-8, -16 or -32 itself
     except ValueError as exc:
+        start = body[:120].decode("utf-8", "replace")
         raise TciaError(
-            f"{what}: the answer is not JSON (it starts with {text[:120]!r}); "
-            "check data.tcia.base_url (e.g. https://services.cancerimagingarchive.net/nbia-api/services/v1)"
+            f"{what}: the answer is not JSON (it starts with {start!r}); "
+            f"check data.tcia.base_url (e.g. {EXAMPLE_BASE_URL})"
         ) from exc
 
 
-def _raise_for_status(response: requests.Response, what: str) -> None:
+def _declared_length(response: requests.Response) -> int | None:
+    """The body's Content-Length, if declared for an unencoded body."""
+    declared = response.headers.get("Content-Length", "")
+    identity = response.headers.get("Content-Encoding", "identity").lower() == "identity"
+    return int(declared) if identity and declared.isdigit() else None
+
+
+def _iter_body(response: requests.Response, deadline: _Deadline) -> Iterable[bytes]:
+    """The body of a streamed response as it arrives, checking ``deadline`` after each read.
+
+    Unlike ``iter_content(n)``, which waits for ``n`` bytes (or the end), each read returns
+    whatever has arrived, so a server sending a few bytes at a time cannot outlast the
+    deadline by more than ``timeout_s``. urllib3's errors become the ones requests raises.
+    """
+    deadline.check()
+    read1 = getattr(response.raw, "read1", None)
+    try:
+        if read1 is None:  # urllib3 < 2: whole chunks, checked in between
+            for block in response.raw.stream(CHUNK_BYTES, decode_content=True):
+                yield block
+                deadline.add(len(block))
+            return
+        while True:
+            block = read1(CHUNK_BYTES, decode_content=True)
+            if not block:
+                return
+            yield block
+            deadline.add(len(block))
+    except ProtocolError as exc:  # incl. IncompleteRead: the connection closed early
+        raise requests.exceptions.ChunkedEncodingError(exc) from exc
+    except DecodeError as exc:
+        raise requests.exceptions.ContentDecodingError(exc) from exc
+    except ReadTimeoutError as exc:
+        raise requests.exceptions.ConnectionError(exc) from exc
+    except Urllib3SSLError as exc:
+        raise requests.exceptions.SSLError(exc) from exc
+    except HTTPError as exc:  # any other failure of the connection
+        raise requests.exceptions.ConnectionError(exc) from exc
+
+
+def _raise_for_status(response: requests.Response, what: str, deadline: _Deadline) -> None:
     status = response.status_code
     if status < 400:
         return
-    body = response.content[:300].decode("utf-8", "replace").strip()
+    head = bytearray()
+    for block in _iter_body(response, deadline):  # the error body's start, within the deadline
+        head += block
+        if len(head) >= 300:
+            break
+    body = bytes(head[:300]).decode("utf-8", "replace").strip()
     message = f"HTTP {status} {response.reason or ''}".strip()
     if body:
         message += f": {body}"
@@ -526,19 +689,24 @@ def _stream_to_file(
     timeout_s: float,
     what: str,
     on_bytes: Callable[[int], Any] | None,
+    expected_bytes: Callable[[int | None], int] = lambda declared: declared or FALLBACK_SERIES_BYTES,
+    min_rate_kbps: float = DEFAULT_MIN_RATE_KBPS,
 ) -> None:
+    """Stream a response body to ``path`` within its deadline (``timeout_s`` plus
+    ``expected_bytes(Content-Length)`` at ``min_rate_kbps``)."""
+    started = time.monotonic()
     with session.get(url, params=params, stream=True, timeout=timeout_s) as response:
-        _raise_for_status(response, what)
+        declared = _declared_length(response)
+        deadline = _Deadline(started, timeout_s, min_rate_kbps, expected_bytes(declared))
+        _raise_for_status(response, what, deadline)
         written = 0
         with open(path, "wb") as sink:
-            for chunk in response.iter_content(CHUNK_BYTES):
+            for chunk in _iter_body(response, deadline):
                 sink.write(chunk)
                 written += len(chunk)
                 if on_bytes is not None:
                     on_bytes(len(chunk))
-        declared = response.headers.get("Content-Length")
-        identity = response.headers.get("Content-Encoding", "identity").lower() == "identity"
-        if declared is not None and identity and declared.isdigit() and written != int(declared):
+        if declared is not None and written != declared:
             raise CorruptDownloadError(f"short download: {written} of {declared} bytes")
 
 
@@ -622,6 +790,10 @@ def _parse_series_row(row: Any, url: str) -> TciaSeries:
         image_count = int(count) if count not in (None, "") else None
     except (TypeError, ValueError):
         image_count = None
+    try:
+        file_size = int(row.get("FileSize") or 0)  # only sizes the deadline
+    except (TypeError, ValueError):
+        file_size = 0
     if image_count is None:
         LOG.warning("getSeries at %s gives no usable ImageCount (%r) for series %s; its download "
                     "is verified without the image count", url, count, values["SeriesInstanceUID"])
@@ -630,4 +802,5 @@ def _parse_series_row(row: Any, url: str) -> TciaSeries:
         study_instance_uid=values["StudyInstanceUID"],
         series_instance_uid=values["SeriesInstanceUID"],
         image_count=image_count,
+        file_size=file_size if file_size > 0 else None,
     )

@@ -175,11 +175,32 @@ def test_empty_path_is_an_error(tmp_path):
         link_local("", tmp_path / "raw")
 
 
-def test_a_file_instead_of_a_folder_is_an_error(tmp_path):
+def test_a_file_instead_of_a_folder_is_a_one_line_user_error_naming_it(tmp_path):
+    from chestssl.errors import UserError
+
     path = tmp_path / "scan.zip"
     path.write_bytes(b"zip")
-    with pytest.raises(NotADirectoryError, match="not a folder"):
+    with pytest.raises(UserError) as error:  # printed as one `error:` line by the stage, no traceback
         link_local(path, tmp_path / "raw")
+    message = str(error.value)
+    assert isinstance(error.value, LocalSourceError)
+    assert "data.local.path" in message and str(path) in message
+    assert "is a file, not a folder" in message and "folder holding the LIDC-IDRI DICOM series" in message
+    assert "\n" not in message
+    assert not (tmp_path / "raw").exists()
+
+
+def test_a_file_instead_of_a_folder_stops_the_download_stage_with_one_line(tmp_path, monkeypatch, capsys):
+    from chestssl.cli import run_stage
+    from chestssl.data import local
+
+    path = tmp_path / "LIDC-IDRI.zip"
+    path.write_bytes(b"zip")
+    with pytest.raises(SystemExit) as exit_info:
+        run_stage(lambda argv: local.link_local(path, tmp_path / "raw"), [])
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: data.local.path") and str(path) in err[0]
 
 
 def test_a_folder_without_dicom_is_an_error_naming_the_layout(tmp_path):

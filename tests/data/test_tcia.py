@@ -31,6 +31,8 @@ from chestssl.data.tcia import (
 
 COLLECTION = "LIDC-IDRI"
 PATIENTS = ["LIDC-IDRI-0003", "LIDC-IDRI-0001", "LIDC-IDRI-0002"]
+# The ``drip`` fault: 160 B/s (about 1.3 kbps), a byte well within any timeout_s
+DRIP_BYTES, DRIP_EVERY_S = 16, 0.1
 
 
 def _uids(patient: str) -> tuple[str, str]:
@@ -49,7 +51,9 @@ class FakeNbia:
     ``faults[series_uid]`` is a queue of misbehaviours for that series' next downloads:
     ``truncate`` (closes the connection half-way), ``corrupt`` (bytes that are no zip),
     ``bad_md5``, ``evil`` (an entry ``../evil.dcm``), ``slow`` (answers after 1 s),
-    or an HTTP status such as ``500``, ``429``, ``404``.
+    ``drip`` (sends the archive 16 bytes every 0.1 s: never idle, never done in time),
+    or an HTTP status such as ``500``, ``429``, ``404``. ``faults["getSeries"]`` does the
+    same for the series list (``drip`` only).
     """
 
     def __init__(self, slices: int = 3):
@@ -106,6 +110,20 @@ class FakeNbia:
                 self.end_headers()
                 self.wfile.write(body)
 
+            def _drip(self, body: bytes, content_type: str) -> None:
+                self.send_response(200)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                try:
+                    for start in range(0, len(body), DRIP_BYTES):
+                        self.wfile.write(body[start:start + DRIP_BYTES])
+                        self.wfile.flush()
+                        time.sleep(DRIP_EVERY_S)
+                except OSError:  # the client gave up
+                    pass
+                self.close_connection = True
+
             def do_GET(self):
                 url = urlparse(self.path)
                 query = {k: v[0] for k, v in parse_qs(url.query).items()}
@@ -119,7 +137,13 @@ class FakeNbia:
                         r for r in fake.rows
                         if all(r.get(k) == query[k] for k in ("Collection", "Modality", "PatientID") if k in query)
                     ]
-                    self._send(200, json.dumps(rows).encode() if rows else b"", "application/json")
+                    with fake.lock:
+                        fault = fake.faults["getSeries"].pop(0) if fake.faults["getSeries"] else None
+                    body = json.dumps(rows).encode() if rows else b""
+                    if fault == "drip":
+                        self._drip(body, "application/json")
+                        return
+                    self._send(200, body, "application/json")
                 elif endpoint == "getImageWithMD5Hash":
                     uid = query["SeriesInstanceUID"]
                     with fake.lock:
@@ -131,6 +155,9 @@ class FakeNbia:
                     if fault == "slow":
                         time.sleep(1.0)
                     body = b"PK\x03\x04 this is not a zip archive" * 20 if fault == "corrupt" else fake.archive(uid, fault)
+                    if fault == "drip":
+                        self._drip(body, "application/octet-stream")
+                        return
                     if fault == "truncate":
                         self.send_response(200)
                         self.send_header("Content-Type", "application/octet-stream")
@@ -164,7 +191,7 @@ def nbia():
 def _download(raw_dir: Path, server: FakeNbia, **overrides):
     args = dict(
         base_url=server.base_url, collection=COLLECTION, modality="CT", patients=[], max_patients=0,
-        retries=2, backoff_s=0.001, timeout_s=5.0, progress=False,
+        retries=2, backoff_s=0.001, timeout_s=5.0, min_rate_kbps=256.0, progress=False,
     )
     args.update(overrides)
     return download_tcia(raw_dir, **args)
@@ -236,6 +263,80 @@ def test_server_errors_rate_limits_and_timeouts_are_retried(tmp_path, nbia):
 
     assert nbia.image_requests == [uid] * 4
     assert records[0].images == 3
+
+
+def test_a_series_dripping_below_the_minimum_rate_is_retried_then_fails_naming_series_and_rate(tmp_path, nbia):
+    # The archive (about 1.5 kB) would take about 10 s at the drip rate; at 16 kbps
+    # (2 kB/s) its deadline is timeout_s + size / rate, about 1.3 s.
+    uid = nbia.series_uid("LIDC-IDRI-0001")
+    nbia.faults[uid] = ["drip", "drip"]
+
+    started = time.monotonic()
+    with pytest.raises(TciaError) as error:
+        _download(tmp_path, nbia, patients=["LIDC-IDRI-0001"], retries=1, timeout_s=0.5, min_rate_kbps=16.0)
+
+    assert time.monotonic() - started < 8.0  # two deadlines, not two whole drips
+    message = str(error.value)
+    assert f"series {uid}" in message and "2 attempt(s)" in message
+    assert "too slow" in message and "16 kbps" in message and "data.tcia.min_rate_kbps" in message
+    assert "\n" not in message
+    assert nbia.image_requests == [uid, uid]
+    assert not _series_dir(tmp_path, "LIDC-IDRI-0001").exists()
+    assert not (tmp_path / "manifest.csv").exists()
+
+
+def test_a_slow_series_is_retried_and_the_retry_succeeds(tmp_path, nbia):
+    uid = nbia.series_uid("LIDC-IDRI-0001")
+    nbia.faults[uid] = ["drip"]
+
+    records = _download(tmp_path, nbia, patients=["LIDC-IDRI-0001"], retries=1, timeout_s=0.5, min_rate_kbps=16.0)
+
+    assert nbia.image_requests == [uid, uid] and records[0].images == 3
+
+
+def test_a_dripping_series_list_is_retried_then_fails_naming_the_rate(tmp_path, nbia):
+    nbia.faults["getSeries"] = ["drip", "drip"]
+
+    with pytest.raises(TciaError, match=r"listing CT series.*2 attempt\(s\).*too slow.*16 kbps.*data\.tcia\.min_rate_kbps"):
+        _download(tmp_path, nbia, retries=1, timeout_s=0.3, min_rate_kbps=16.0)
+    assert nbia.image_requests == []
+
+
+def test_series_deadline_grows_with_the_expected_size_and_has_fallbacks():
+    from chestssl.data.tcia import FALLBACK_SERIES_BYTES, IMAGE_BYTES_ESTIMATE, expected_series_bytes, transfer_deadline_s
+
+    sized = TciaSeries("LIDC-IDRI-0001", "1.2", "1.2.3", 100, file_size=50_000_000)
+    counted = TciaSeries("LIDC-IDRI-0001", "1.2", "1.2.3", 100)
+    unknown = TciaSeries("LIDC-IDRI-0001", "1.2", "1.2.3", None)
+    assert expected_series_bytes(sized, content_length=None) == 50_000_000
+    assert expected_series_bytes(sized, content_length=60_000_000) == 60_000_000  # the larger of the two
+    assert expected_series_bytes(counted, content_length=None) == 100 * IMAGE_BYTES_ESTIMATE
+    assert expected_series_bytes(unknown, content_length=None) == FALLBACK_SERIES_BYTES
+    # 50 MB at 1000 kbps (125 kB/s) is 400 s, plus the base allowance
+    assert transfer_deadline_s(50_000_000, min_rate_kbps=1000.0, base_s=120.0) == pytest.approx(520.0)
+    assert transfer_deadline_s(50_000_000, min_rate_kbps=0.0, base_s=120.0) is None  # 0: no deadline
+
+
+def test_getseries_file_size_is_read(tmp_path, nbia):
+    from chestssl.data.tcia import list_series
+    import requests
+
+    nbia.rows[1]["FileSize"] = 1234567
+    with requests.Session() as session:
+        series = list_series(session, nbia.base_url, COLLECTION, "CT", ["LIDC-IDRI-0001"])
+    assert series[0].file_size == 1234567
+
+
+@pytest.mark.parametrize("base_url", ["", "services.cancerimagingarchive.net/nbia-api/services/v1",
+                                      "ftp://example.org/nbia", "http:///nbia"])
+def test_a_malformed_base_url_is_a_one_line_user_error_naming_it(tmp_path, base_url):
+    from chestssl.errors import UserError
+
+    with pytest.raises(UserError) as error:
+        download_tcia(tmp_path, base_url, COLLECTION, "CT", [], 1, 0, 0.0, 1.0, progress=False)
+    message = str(error.value)
+    assert "data.tcia.base_url" in message and repr(base_url) in message and "http" in message
+    assert "\n" not in message
 
 
 def test_client_error_is_not_retried_and_names_status_and_url(tmp_path, nbia):
