@@ -8,6 +8,7 @@ stage killed mid-write never leaves a half-written file that DVC would cache.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import tempfile
@@ -16,27 +17,81 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from chestssl.errors import UserError
+
+# Errors of the output folder rather than of the code: no permission, read-only, full.
+_FOLDER_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT}
+
+
+class OutputWriteError(UserError, OSError):
+    """An output that cannot be written because of its folder (permissions, read-only, full)."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success rename it to ``path``.
 
     ``suffix`` keeps the extension for writers that append or check one (numpy,
-    matplotlib). On error the temporary file is removed and ``path`` is untouched.
+    matplotlib). On error the temporary file is removed and ``path`` is untouched. The
+    file gets the mode a plain ``open`` would give it (0666 less the umask), not the
+    private 0600 of a temporary file, so a team's shared folders and DVC cache work.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(
-        dir=path.parent, prefix=f".{path.name}.", suffix=suffix if suffix is not None else path.suffix
-    )
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(
+            dir=path.parent, prefix=f".{path.name}.", suffix=suffix if suffix is not None else path.suffix
+        )
+    except OSError as exc:
+        raise _output_error(path, exc) from None
     os.close(fd)
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        os.chmod(tmp_path, 0o666 & ~current_umask())
         os.replace(tmp_path, path)
+    except OSError as exc:
+        tmp_path.unlink(missing_ok=True)
+        raise _output_error(path, exc) from None
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
+
+
+def _output_error(path: Path, exc: OSError) -> OSError:
+    """``exc`` as an :class:`OutputWriteError` naming ``path`` when the folder is at fault."""
+    if isinstance(exc, OutputWriteError) or exc.errno not in _FOLDER_ERRNOS:
+        return exc
+    if exc.errno == errno.ENOSPC or exc.errno == errno.EDQUOT:
+        advice = "free space on that disk (or point the output folder elsewhere), then rerun"
+    else:
+        advice = "make the folder writable by this user (or run from a writable clone), then rerun"
+    return OutputWriteError(exc.errno, f"cannot write {path}: {os.strerror(exc.errno)} in {path.parent}; {advice}")
+
+
+def make_temp_dir(parent: str | os.PathLike, prefix: str) -> Path:
+    """A new folder in ``parent`` to build an output in before it is moved into place,
+    with the mode ``mkdir`` would give it (0777 less the umask) rather than 0700."""
+    folder = Path(tempfile.mkdtemp(dir=parent, prefix=prefix))
+    os.chmod(folder, 0o777 & ~current_umask())
+    return folder
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it where the system tells it (Linux)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)  # elsewhere: set and restore at once
+    os.umask(mask)
+    return mask
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:

@@ -16,6 +16,7 @@ from chestssl.errors import UserError
 
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -30,6 +31,9 @@ class ParamsError(UserError, ValueError):
 
     def __init__(self, problems: list[str], source: str = "params.yaml"):
         self.problems = problems
+        if len(problems) == 1:  # one problem, one line
+            super().__init__(f"invalid parameters in {source}: {problems[0]}")
+            return
         lines = "\n".join(f"  - {p}" for p in problems)
         super().__init__(f"invalid parameters in {source}:\n{lines}")
 
@@ -52,6 +56,8 @@ class Field:
     doc: str = ""
     #: Whether ``null`` (None) is accepted, e.g. "inherit the top-level value".
     nullable: bool = False
+    #: For ``str``: a regular expression the whole value must match (``doc`` says what it allows).
+    pattern: str | None = None
 
 
 @dataclass(frozen=True)
@@ -311,14 +317,22 @@ SCHEMA = Section(
                 ),
                 "tcia": Section(
                     {
-                        "base_url": Field(str),
+                        "base_url": Field(
+                            str, pattern=r"(?i)https?://(\[[0-9a-f:.]+\]|[^\s/?#@\[\]:]+)(:[0-9]{1,5})?([/?#]\S*)?",
+                            doc="an http(s) URL with a host, e.g. "
+                                "https://services.cancerimagingarchive.net/nbia-api/services/v1",
+                        ),
                         "collection": Field(str),
                         "modality": Field(str),
                         "patients": Field(list, item=Field(str)),
                         "max_patients": Field(int, min=0, doc="0: no limit"),
                         "retries": Field(int, min=0),
                         "backoff_s": _nonneg_float(),
-                        "timeout_s": Field(float, min=0.0, min_exclusive=True),
+                        "timeout_s": Field(float, min=0.0, min_exclusive=True,
+                                           doc="to connect, and between received bytes"),
+                        "min_rate_kbps": _nonneg_float(
+                            "kilobits/s; a request may take timeout_s + its expected size at this rate; 0: no deadline"
+                        ),
                     }
                 ),
                 "local": Section({"path": Field(str)}),
@@ -504,7 +518,7 @@ def _check_field(value: Any, spec: Field, key: str, problems: list[str]) -> Any:
             return bad()
         value = float(value)
     elif spec.kind is str:
-        if not isinstance(value, str):
+        if not isinstance(value, str) or (spec.pattern is not None and re.fullmatch(spec.pattern, value) is None):
             return bad()
     elif spec.kind is list:
         if not isinstance(value, list) or (spec.length is not None and len(value) != spec.length):
@@ -794,11 +808,46 @@ def validate(raw: Mapping[str, Any], source: str = "params.yaml") -> dict[str, A
     return params
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (DVC refuses such a
+    file too; the plain loader would silently keep the last value)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice in one mapping (lines {seen[key]} and {line}); "
+                    "keep one", key_node.start_mark)
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_yaml(path: str | os.PathLike) -> Any:
+    """A YAML file's content (safe types only); a syntax error or a duplicate key is a
+    :class:`ParamsError` naming the file, the line and the column."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found" + ("; it is a folder" if path.is_dir() else ""))
+    try:
+        return yaml.load(path.read_text(), Loader=_UniqueKeyLoader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        problem = " ".join(str(getattr(exc, "problem", None) or exc).split())
+        raise ParamsError([f"{where}{problem}; fix the YAML (a DVC command would refuse it too)"], str(path)) from None
+    except UnicodeDecodeError as exc:
+        raise ParamsError([f"not UTF-8 text ({exc})"], str(path)) from None
+
+
 def load_params(path: str | os.PathLike = "params.yaml") -> dict[str, Any]:
     """Read and validate ``params.yaml``."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path} not found; run stages from the repository root")
-    with open(path) as f:
-        raw = yaml.safe_load(f)
+    raw = read_yaml(path)
+    if raw is not None and not isinstance(raw, Mapping):
+        raise ParamsError([f"the file holds a {type(raw).__name__}, expected a mapping of keys to values"], str(path))
     return validate(raw or {}, str(path))

@@ -17,7 +17,7 @@ from typing import Any, Mapping
 from ruamel.yaml import YAML
 
 from chestssl.io import write_text
-from chestssl.params import ParamsError, validate
+from chestssl.params import ParamsError, read_yaml, validate
 
 
 def merge_profile(base: Any, overrides: Any) -> Any:
@@ -36,8 +36,9 @@ def apply_profile(profile: str | Path, params_path: str | Path = "params.yaml") 
     yaml = YAML()  # round-trip: keeps comments and order
     yaml.preserve_quotes = True
     params_path = Path(params_path)
+    read_yaml(params_path)  # a syntax error or a duplicate key, named with its line
     base = yaml.load(params_path.read_text())
-    overrides = YAML(typ="safe").load(Path(profile).read_text())
+    overrides = read_yaml(profile)
     merged = merge_profile(base, overrides or {})
     validate(_plain(merged), f"{params_path} with {profile}")
     buffer = io.StringIO()

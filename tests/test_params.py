@@ -203,3 +203,57 @@ def test_study_level_pretraining_takes_masked_vit_entries_and_two_views(raw):
     raw["pretrain_radiographs"]["views"] = ["frontal", "lateral"]
     raw["pretrain_radiographs"]["study_methods"] = ["mae"]
     validate(raw)
+
+
+def test_a_duplicate_key_is_refused_with_both_lines(tmp_path):
+    """DVC refuses duplicate keys; a stage run directly used to keep the last value silently."""
+    text = (Path(__file__).parents[1] / "params.yaml").read_text()
+    (tmp_path / "params.yaml").write_text(text.replace("\nseed: ", "\nseed: 7\nseed: ", 1))
+    with pytest.raises(ParamsError, match=r"params\.yaml: line \d+, column 1: key 'seed' appears twice .*lines \d+ "
+                                          r"and \d+") as error:
+        load_params(tmp_path / "params.yaml")
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("text, where", [("seed: 1\nruns: [a, b\nx: 2\n", "line 3"), ("seed: 1\n\tbad: 2\n", "line 2"),
+                                         ("- a\n- b\n", "holds a list")])
+def test_a_yaml_syntax_error_is_one_line_naming_file_and_line(tmp_path, text, where):
+    (tmp_path / "params.yaml").write_text(text)
+    with pytest.raises(ParamsError) as error:
+        load_params(tmp_path / "params.yaml")
+    message = str(error.value)
+    assert "\n" not in message and str(tmp_path / "params.yaml") in message and where in message
+
+
+def test_a_profile_with_a_duplicate_key_is_refused(tmp_path):
+    from chestssl.profiles import apply_profile
+
+    params = tmp_path / "params.yaml"
+    params.write_text((Path(__file__).parents[1] / "params.yaml").read_text())
+    (tmp_path / "profile.yaml").write_text("seed: 1\nseed: 2\n")
+    with pytest.raises(ParamsError, match=r"profile\.yaml: line 2, column 1: key 'seed' appears twice"):
+        apply_profile(tmp_path / "profile.yaml", params)
+
+
+@pytest.mark.parametrize("base_url", ["", "services.cancerimagingarchive.net/nbia-api/services/v1",
+                                      "ftp://services.cancerimagingarchive.net/nbia-api/services/v1",
+                                      "http:///nbia-api/services/v1", "https://host with space/v1"])
+def test_a_malformed_tcia_base_url_names_key_value_and_what_is_allowed(raw, base_url):
+    raw["data"]["tcia"]["base_url"] = base_url
+    (problem,) = problems(raw)  # checked whatever data.source is: a profile switches it on
+    assert problem.startswith(f"data.tcia.base_url: got {base_url!r}, expected")
+    assert "http(s) URL with a host" in problem
+
+
+@pytest.mark.parametrize("base_url", ["https://services.cancerimagingarchive.net/nbia-api/services/v1",
+                                      "HTTP://127.0.0.1:8080/nbia-api/services/v1/", "http://[::1]:80/v1"])
+def test_a_well_formed_tcia_base_url_is_accepted(raw, base_url):
+    raw["data"]["tcia"]["base_url"] = base_url
+    assert validate(raw)["data"]["tcia"]["base_url"] == base_url
+
+
+@pytest.mark.parametrize("value", [-1.0, "fast"])
+def test_tcia_min_rate_is_a_non_negative_number(raw, value):
+    raw["data"]["tcia"]["min_rate_kbps"] = value
+    (problem,) = problems(raw)
+    assert problem.startswith(f"data.tcia.min_rate_kbps: got {value!r}, expected a number >= 0")

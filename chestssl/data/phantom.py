@@ -35,7 +35,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 import zlib
 from collections import defaultdict
 from dataclasses import asdict, dataclass
@@ -49,7 +48,7 @@ from tqdm.auto import tqdm
 
 from chestssl.data.lidc import LIDC_DIRNAME, import_pylidc
 from chestssl.data.manifest import SeriesRecord, series_checksum, write_manifest
-from chestssl.io import write_json
+from chestssl.io import make_temp_dir, write_json
 
 SOURCE = "phantom"
 # Order of the round-robin over categories: any 3 scans cover benign, malignant and none.
@@ -1060,7 +1059,7 @@ def generate_phantom(
             scan = load_scan(choice.scan_id)
             volume = render_volume(scan, seed, noise_hu)
             tmp_root.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(dir=tmp_root, prefix=f"{choice.series_instance_uid}."))
+            tmp = make_temp_dir(tmp_root, prefix=f"{choice.series_instance_uid}.")
             write_series(scan, volume, tmp)
             del volume
             if series_dir.exists():

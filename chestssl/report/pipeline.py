@@ -165,15 +165,18 @@ def build_pipeline_report(params: Mapping[str, Any], out_dir: Path = paths.REPOR
     run_sources = {run: (metrics, str(paths.evaluate_dir(run) / "metrics.json")) for run, metrics in run_metrics.items()}
     fraction_runs, frozen_runs = params["label_fraction"]["runs"], params["frozen_parts"]["runs"]
     fraction_studies = _study_metrics("label_fraction", fraction_runs)
-    table_sections.append((
-        "Downstream results by pretraining method",
-        "One row per pretraining entry that a run starts from; one column per kind of downstream run (task, "
-        "architecture, loss), so every method is read on the same tasks: classification AUROC, segmentation "
-        "global Dice, the linear probe, and the label-fraction study's smallest share where the entry has one.",
-        [downstream_by_method_table(entries, pretrain_sources, runs, run_sources,
-                                    {run: fraction_studies[run] for run in fraction_runs
-                                     if runs[run]["task"] == "cls"})],
-    ))
+    if runs:
+        table_sections.append((
+            "Downstream results by pretraining method",
+            "One row per pretraining entry that a run starts from; one column per kind of downstream run (task, "
+            "architecture, loss), so every method is read on the same tasks: classification AUROC, segmentation "
+            "global Dice, the linear probe, and the label-fraction study's smallest share where the entry has one.",
+            [downstream_by_method_table(entries, pretrain_sources, runs, run_sources,
+                                        {run: fraction_studies[run] for run in fraction_runs
+                                         if runs[run]["task"] == "cls"})],
+        ))
+    else:
+        skipped.append("Downstream results by pretraining method: `runs` is empty.")
 
     # Seed 001's studies: label fraction and frozen parts.
     kinds = {name: entry["method"] for name, entry in entries.items()}

@@ -89,3 +89,10 @@ def test_downstream_by_method_has_one_row_per_init_and_one_column_per_kind_of_ru
     assert text.loc["scratch_resnet18", "linear probe: nodule AUROC"].startswith("n/a")
     assert text.loc["barlow", "10% of labels: AUROC"].startswith("0.650")
     assert any("one class" in note for note in table.footnotes)
+
+
+def test_downstream_by_method_without_runs_is_an_empty_table():
+    """`runs: {}` with empty study lists used to crash the report with a KeyError."""
+    entries = {"barlow": {"method": "barlow_twins", "backbone": {"name": "resnet18"}}}
+    table = downstream_by_method_table(entries, {}, {}, {})
+    assert table.text.empty
