@@ -82,13 +82,11 @@ def make_temp_dir(parent: str | os.PathLike, prefix: str) -> Path:
 
 def current_umask() -> int:
     """The process's umask, read without changing it where the system tells it (Linux)."""
-    try:
+    with contextlib.suppress(OSError):
         with open("/proc/self/status") as status:
             for line in status:
                 if line.startswith("Umask:"):
                     return int(line.split()[1], 8)
-    except OSError:
-        pass
     mask = os.umask(0o022)  # elsewhere: set and restore at once
     os.umask(mask)
     return mask

@@ -21,7 +21,8 @@ def main(argv: list[str]) -> None:
     params = load_params()
     name, run = entry_from_argv(argv, params, "runs")
     seed, slices = params["seed"], params["slices"]
-    encoder = load_model_file(paths.encoder_path(run["init"]), paths.pretrain_stage(run["init"], params))
+    encoder_file = paths.encoder_path(run["init"])
+    encoder = load_model_file(encoder_file, paths.pretrain_stage(run["init"], params))
     model = build_task(run, encoder, seed, name=name)
 
     def data(split: str) -> SliceDataset:
@@ -30,14 +31,13 @@ def main(argv: list[str]) -> None:
 
     monitor, mode = MONITOR[run["task"]]
     report_dir = paths.finetune_report_dir(name)
-    encoder_file = paths.encoder_path(run["init"])
     inputs = stage_inputs({"run": run, "slices": slices}, [paths.PROCESSED_DIR, encoder_file])
     result = fit(model, data("train"), data("val"), run["train"], report_dir / "live",
                  paths.checkpoint_path("finetune", name), seed, monitor=monitor, mode=mode, inputs=inputs)
     if not result.is_main:  # under torchrun, rank 0 writes the outputs
         return
     save_model_file(paths.finetune_model_path(name),
-               {"run": name, "config": run, "encoder": encoder, "state_dict": result.best_state})
+                    {"run": name, "config": run, "encoder": encoder, "state_dict": result.best_state})
     metrics = {"epochs": result.epochs, "steps": result.steps, f"best_{monitor.replace('/', '_')}": result.best_value,
                **flat_metrics(result.final_metrics)}
     write_json(report_dir / "metrics.json", metrics)

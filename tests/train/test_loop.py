@@ -392,3 +392,56 @@ def test_validation_means_count_only_the_batches_that_report_a_metric(tmp_path):
     # 16 validation items in batches of 5: three full batches and one of a single item.
     result = run_fit(tmp_path, "skip", model, train_cfg(epochs=1, batch_size=5))
     assert result.final_metrics["val/one"] == 1.0 and result.final_metrics["val/loss"] == 2.0
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_finetune_stage_fingerprints_its_data_and_run_entry(synthetic_processed, tmp_path, monkeypatch):
+    """The issue's reproduction at the stage: the same run on images replaced by 1 - image
+    (same shapes) must not count as the same fit."""
+    import runpy
+    import shutil
+
+    import yaml
+
+    import chestssl.train.loop as loop
+    from chestssl.methods import build_method
+    from chestssl.model_files import save_model_file
+    from chestssl.params import validate
+    from tests.pipeline.conftest import REPO_ROOT
+
+    project = tmp_path / "project"
+    shutil.copytree(synthetic_processed, project / "data" / "processed")
+    shutil.copy(REPO_ROOT / "params.yaml", project / "params.yaml")
+    params = validate(yaml.safe_load((project / "params.yaml").read_text()))
+    init = params["runs"]["seg_unetpp_scratch"]["init"]
+    save_model_file(project / "models" / "pretrain" / init / "encoder.pt",
+                    build_method(init, params["methods"][init], params["seed"]).export())
+    monkeypatch.chdir(project)
+    seen = []
+
+    def record(*args, inputs=None, **kwargs):
+        seen.append(fingerprint_parts(inputs))
+        raise _Stop
+
+    def fingerprint_parts(inputs):
+        from chestssl.train.checkpoint import fingerprint
+
+        return fingerprint({f"input {name}": value for name, value in inputs.items()})
+
+    monkeypatch.setattr(loop, "fit", record)
+    finetune = runpy.run_path(str(REPO_ROOT / "stages" / "finetune.py"))["main"]
+    for _ in range(2):
+        with pytest.raises(_Stop):
+            finetune(["seg_unetpp_scratch"])
+    for path in sorted((project / "data" / "processed" / "scans").glob("*.npz")):
+        with np.load(path) as arrays:
+            scan = dict(arrays)
+        scan["image"] = (1 - scan["image"].astype(np.float32)).astype(np.float16)
+        np.savez_compressed(path, **scan)
+    with pytest.raises(_Stop):
+        finetune(["seg_unetpp_scratch"])
+    assert seen[0] == seen[1], "the same inputs give the same fingerprint"
+    assert seen[2]["input data"] != seen[0]["input data"] and seen[2]["input params"] == seen[0]["input params"]
