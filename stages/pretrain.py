@@ -12,7 +12,7 @@ from chestssl.params import ParamsError, load_params, pretrain_entry
 
 
 def main(argv: list[str]) -> None:
-    from chestssl.data.views import labelled_view, pretrain_view
+    from chestssl.data.views import labelled_view, pretrain_view, view_params
     from chestssl.eval.linear_probe import LinearProbeMonitor
     from chestssl.methods import build_method
     from chestssl.train.pretext import train_pretext
@@ -39,8 +39,7 @@ def main(argv: list[str]) -> None:
             )
         return train, val, hook
 
-    read = {"entry": cfg, "slices": params["slices"], "crops": params["crops"],
-            "min_nodule_pixels": params["preprocess"]["min_nodule_pixels"]}
+    read = {"entry": cfg, **view_params(params)}
     metrics = train_pretext(method, data, cfg.get("train"), report_dir / "live",
                             paths.checkpoint_path("pretrain", name), seed, read, [paths.PROCESSED_DIR])
     if metrics is None:  # under torchrun, rank 0 writes the outputs

@@ -30,6 +30,12 @@ def spatial_dims_of(entry: Mapping[str, Any]) -> int:
     return int(entry["backbone"]["spatial_dims"])
 
 
+def view_params(params: Mapping[str, Any]) -> dict[str, Any]:
+    """The params the views read (beside the entry and the seed), e.g. for a resume fingerprint."""
+    return {"slices": params["slices"], "crops": params["crops"],
+            "min_nodule_pixels": params["preprocess"]["min_nodule_pixels"]}
+
+
 def _crops(params: Mapping[str, Any], processed_dir: Path, split: str) -> CropDataset:
     crops = params["crops"]
     return CropDataset(

@@ -15,7 +15,6 @@ when the whole study has finished.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import shutil
@@ -48,10 +47,6 @@ class StudySetting:
     key: str
     patient_ids: tuple[str, ...] | None = None
     unfrozen_stages: int | None = None
-
-
-def _fingerprint(**parts: Any) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def interval_metrics(metrics: Mapping[str, Any]) -> dict[str, Any]:
@@ -101,7 +96,7 @@ def run_study(
     from chestssl.inference import auto_device
     from chestssl.studies.parts import PartlyFrozenTask
     from chestssl.tasks import build_task
-    from chestssl.train.checkpoint import stage_inputs
+    from chestssl.train.checkpoint import digest, stage_inputs
     from chestssl.train.loop import fit
 
     run = params["runs"][run_name]
@@ -122,7 +117,7 @@ def run_study(
     results: dict[str, dict[str, Any]] = {}
     for setting in settings:
         result_path = state_dir / f"{setting.key}.json"
-        fingerprint = _fingerprint(setting=setting, **common)
+        fingerprint = digest(dict(setting=setting, **common))
         if result_path.exists():
             earlier = json.loads(result_path.read_text())
             if earlier.get("fingerprint") == fingerprint:

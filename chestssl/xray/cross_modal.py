@@ -123,7 +123,7 @@ def pretrain_cross_modal(
     """
     from chestssl.data.radiograph_datasets import RadiographDataset
     from chestssl.data.radiograph_folder import open_radiograph_folder
-    from chestssl.data.views import labelled_view, pretrain_view
+    from chestssl.data.views import labelled_view, pretrain_view, view_params
     from chestssl.eval.linear_probe import LinearProbeMonitor
     from chestssl.inference import auto_device
     from chestssl.methods import build_method
@@ -154,8 +154,7 @@ def pretrain_cross_modal(
                                       C=probe["C"], max_iter=probe["max_iter"], seed=seed, device=None)
         return train, val, hook
 
-    read = {"entry": cfg, "cross_modal": block, "slices": params["slices"], "crops": params["crops"],
-            "min_nodule_pixels": params["preprocess"]["min_nodule_pixels"]}
+    read = {"entry": cfg, "cross_modal": block, **view_params(params)}
     trained = train_pretext(method, data, cfg["train"], report_dir / "live", checkpoint_path, seed,
                             read, [processed_dir, radiographs_dir])
     if trained is None:
