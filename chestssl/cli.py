@@ -35,8 +35,3 @@ def entry_from_argv(argv: list[str], params: dict, section: str) -> tuple[str, d
     """The ``methods``/``runs`` entry named by the stage's single argument."""
     name = name_from_argv(argv, params[section], section)
     return name, params[section][name]
-
-
-def flat_metrics(metrics: dict) -> dict[str, float]:
-    """``{"val/dice": t}`` -> ``{"val_dice": float(t)}`` for a metrics file."""
-    return {key.replace("/", "_"): float(value) for key, value in metrics.items()}

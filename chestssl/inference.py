@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Mapping
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
+
+#: Image voxels per forward pass at most: 64 slices of 128x128, or four 64^3 crops (a
+#: batch of 64 crops through a 3D Swin transformer, its window attention, takes 6 GB).
+MAX_VOXELS_PER_PASS = 64 * 128 * 128
 
 
 def auto_device() -> torch.device:
@@ -23,12 +27,14 @@ def predict_dataset(
 ) -> dict[str, np.ndarray]:
     """Run ``predict(batch) -> Tensor`` over ``dataset`` in order.
 
-    Returns ``{"output": (N, ...)}`` plus the ``keep`` fields of every item, as numpy
-    arrays in dataset order (no shuffling), so outputs line up with patients.
+    ``batch_size`` items per forward pass at most, fewer for large items (at most
+    :data:`MAX_VOXELS_PER_PASS` image voxels; at least one item). Returns
+    ``{"output": (N, ...)}`` plus the ``keep`` fields of every item, as numpy arrays in
+    dataset order (no shuffling), so outputs line up with patients.
     """
     device = device or auto_device()
     gathered: dict[str, list] = {"output": []}
-    for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+    for batch in DataLoader(dataset, batch_size=items_per_pass(dataset, batch_size), shuffle=False):
         on_device = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         gathered["output"].append(predict(on_device).float().cpu().numpy())
         for key in keep:
@@ -41,3 +47,14 @@ def predict_dataset(
         raise ValueError("cannot predict on an empty dataset")
     return {key: np.concatenate(parts) for key, parts in gathered.items()}
 
+
+def items_per_pass(dataset: Dataset, batch_size: int) -> int:
+    """``batch_size``, or fewer so that a pass holds at most :data:`MAX_VOXELS_PER_PASS`
+    voxels of the items' ``image`` (read from the first item)."""
+    if len(dataset) == 0:
+        return batch_size
+    item = dataset[0]
+    image = item.get("image") if isinstance(item, Mapping) else None
+    if not isinstance(image, torch.Tensor) or image.numel() == 0:
+        return batch_size
+    return max(1, min(batch_size, MAX_VOXELS_PER_PASS // image.numel()))

@@ -45,7 +45,7 @@ from torch import nn
 
 from chestssl.eval.examples import load_examples, save_examples
 from chestssl.models.backbones import backbone_name
-from chestssl.studies.parts import classifier_encoder
+from chestssl.tasks.cls import classifier_encoder
 
 #: Why Grad-CAM is not offered for a backbone, by ``backbone.name``.
 GRADCAM_UNSUPPORTED: dict[str, str] = {

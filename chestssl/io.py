@@ -2,7 +2,8 @@
 
 Every model, array and metrics file is written to a temporary file in the destination
 folder and then renamed over the destination (``os.replace`` is atomic on POSIX), so a
-stage killed mid-write never leaves a half-written file that DVC would cache.
+stage killed mid-write never leaves a half-written file that DVC would cache. A folder
+(:func:`atomic_dir`, e.g. training curves) is built beside its destination and swapped in.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import contextlib
 import errno
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -78,6 +80,37 @@ def make_temp_dir(parent: str | os.PathLike, prefix: str) -> Path:
     folder = Path(tempfile.mkdtemp(dir=parent, prefix=prefix))
     os.chmod(folder, 0o777 & ~current_umask())
     return folder
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty temporary folder beside ``path``; on success it replaces ``path`` whole.
+
+    The folder is filled in the temporary place and renamed into place, so ``path`` is
+    never a half-written folder; on error the temporary folder is removed and ``path``
+    is untouched.
+    """
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = make_temp_dir(path.parent, prefix=f".{path.name}.")
+    except OSError as exc:
+        raise _output_error(path, exc) from None
+    try:
+        yield staging
+        if path.exists():
+            previous = staging.with_name(f"{staging.name}.old")
+            os.replace(path, previous)
+            os.replace(staging, path)
+            shutil.rmtree(previous, ignore_errors=True)
+        else:
+            os.replace(staging, path)
+    except OSError as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise _output_error(path, exc) from None
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
 
 
 def current_umask() -> int:

@@ -1,19 +1,21 @@
-"""Loading and validating ``params.yaml``.
+"""Loading and validating the params files: ``params.yaml`` and :data:`PARAMS_FILES`.
 
-Every stage calls :func:`load_params` first. The file is checked against :data:`SCHEMA`
+Every stage calls :func:`load_params` first. The files are checked against :data:`SCHEMA`
 before any work starts: an unknown key, a wrong type or a value out of range stops the
-stage with a message naming the key, the value and what is allowed, listing every
-problem at once.
+stage with a message naming the file, the key, the value and what is allowed, listing
+every problem at once.
 
-``methods`` and ``runs`` are maps from a user-chosen name to an entry whose schema
-depends on one of its keys (``method`` or ``task``), so adding a method is one entry in
-``params.yaml`` and one schema here, and no stage script changes.
+``methods``, ``multihead`` and ``runs`` are maps from a user-chosen name to an entry whose
+schema depends on one of its keys (``method`` or ``task``). Entries name their backbone and
+training recipe from the presets ``backbones`` and ``recipes``; :func:`validate` fills
+them in, so the entries a stage receives are written out in full.
 """
 
 from __future__ import annotations
 
 from chestssl.errors import UserError
 
+import copy
 import math
 import os
 import re
@@ -80,9 +82,22 @@ class Variant:
 
 @dataclass(frozen=True)
 class Section:
-    """A fixed mapping of keys to sub-schemas."""
+    """A fixed mapping of keys to sub-schemas; keys in ``optional`` may be left out."""
 
     fields: Mapping[str, Any] = field(default_factory=dict)
+    optional: frozenset = frozenset()
+
+
+@dataclass(frozen=True)
+class Named:
+    """A map of user-chosen names to values of one schema (a group of presets).
+
+    ``reserved`` names have their own schema (e.g. the recipe ``none``: no training).
+    """
+
+    spec: Any
+    reserved: Mapping[str, Any] = field(default_factory=dict)
+    name_pattern_doc: str = "letters, digits, '_' and '-'"
 
 
 def _positive_int(doc: str = "") -> Field:
@@ -110,6 +125,9 @@ TRAIN = Section(
         "device": Field(str, choices=("auto", "cpu", "cuda")),
     }
 )
+
+#: An entry's own ``train`` keys: any of a recipe's, replacing the recipe's value.
+TRAIN_OVERRIDES = Section(TRAIN.fields, optional=frozenset(TRAIN.fields))
 
 BACKBONE_SCHEMAS: dict[str, Mapping[str, Any]] = {
     # The down path of MONAI's BasicUNetPlusPlus (chestssl.models.unet.UNetEncoder).
@@ -159,6 +177,13 @@ BACKBONE_SCHEMAS["vit"] = {
 }
 BACKBONE = Variant("name", BACKBONE_SCHEMAS)
 
+#: How entries name their presets: ``backbone: <name>`` (under ``backbones``) and
+#: ``recipe: <name>`` (under ``recipes``, the loop's settings; ``none``: not trained).
+BACKBONE_REF = Field(str, doc="a name under `backbones`")
+RECIPE_REF = Field(str, doc="a name under `recipes`")
+#: The recipe of entries that are not trained (scratch initialisations).
+NO_RECIPE = "none"
+
 # The decoder, quantizer and loss of seed 000's autoencoders (chestssl.models.vqgan).
 AE_DECODER = Section(
     {
@@ -199,27 +224,29 @@ _SEG_LOSS_KEYS = {
 }
 
 METHOD_SCHEMAS: dict[str, Mapping[str, Any]] = {
-    "scratch": {"method": Field(str), "backbone": BACKBONE},
+    "scratch": {"method": Field(str), "backbone": BACKBONE_REF, "recipe": RECIPE_REF},
     "ae": {
         "method": Field(str),
-        "backbone": BACKBONE,
+        "backbone": BACKBONE_REF,
         "loss": Section({"l1": _nonneg_float(), "ssim": _nonneg_float()}),
-        "train": TRAIN,
+        "recipe": RECIPE_REF,
+    "train": TRAIN_OVERRIDES,
     },
     "vqgan": {
         "method": Field(str),
-        "backbone": BACKBONE,
+        "backbone": BACKBONE_REF,
         "decoder": AE_DECODER,
         "quantizer": QUANTIZER,
         "loss": AE_LOSS,
-        "train": TRAIN,
+        "recipe": RECIPE_REF,
+    "train": TRAIN_OVERRIDES,
     },
 }
 
 # Seed 001's Barlow Twins (chestssl.methods.barlow_twins).
 METHOD_SCHEMAS["barlow_twins"] = {
     "method": Field(str),
-    "backbone": BACKBONE,
+    "backbone": BACKBONE_REF,
     "projector_dim": _positive_int("output of the bias-free linear projector"),
     "lambda": _nonneg_float("weight of the off-diagonal (redundancy) term; seed 001: 5e-3"),
     "augment": Section(
@@ -231,30 +258,33 @@ METHOD_SCHEMAS["barlow_twins"] = {
             "noise_std": _nonneg_float(),
         }
     ),
-    "train": TRAIN,
+    "recipe": RECIPE_REF,
+    "train": TRAIN_OVERRIDES,
 }
 # Seed 003's Disruptive Autoencoders (chestssl.methods.dae).
 METHOD_SCHEMAS["dae"] = {
     "method": Field(str),
-    "backbone": BACKBONE,
+    "backbone": BACKBONE_REF,
     "disruption": Field(str, choices=("denoise", "superres", "local", "all")),
     "noise_variance": _nonneg_float("variance of the added Gaussian noise; seed 003: 0.1"),
     "downsample_factor": Field(int, min=2, doc="nearest down- then up-sampling factor; seed 003: 4"),
     "local_fraction": Field(float, min=0.0, max=1.0, doc="fraction of patch-embedding channels zeroed; seed 003: 0.6"),
     "mm_con": _nonneg_float("weight of the cross-modal contrastive term; seed 003: 0.03"),
     "temperature": Field(float, min=0.0, min_exclusive=True),
-    "train": TRAIN,
+    "recipe": RECIPE_REF,
+    "train": TRAIN_OVERRIDES,
 }
 # Seed 004's masked autoencoders (chestssl.methods.mae).
 _MAE = {
     "method": Field(str),
-    "backbone": BACKBONE,
+    "backbone": BACKBONE_REF,
     "mask_ratio": Field(float, min=0.0, max=1.0, min_exclusive=True),
     "norm_pix_loss": Field(bool),
     "decoder_hidden_size": _positive_int(),
     "decoder_num_layers": _positive_int(),
     "decoder_num_heads": _positive_int(),
-    "train": TRAIN,
+    "recipe": RECIPE_REF,
+    "train": TRAIN_OVERRIDES,
 }
 METHOD_SCHEMAS["mae"] = _MAE
 METHOD_SCHEMAS["diffmae"] = {
@@ -273,11 +303,12 @@ MULTIHEAD_SCHEMAS: dict[str, Mapping[str, Any]] = {
         **_SEG_LOSS_KEYS,
         "cls_arch": Field(str, choices=("resnet18", "resnet50")),
         "cls_class_weights": Field(list, item=_nonneg_float(), length=2),
-        "backbone": BACKBONE,
+        "backbone": BACKBONE_REF,
         "decoder": AE_DECODER,
         "quantizer": QUANTIZER,
         "loss": AE_LOSS,
-        "train": TRAIN,
+        "recipe": RECIPE_REF,
+    "train": TRAIN_OVERRIDES,
     }
 }
 
@@ -289,16 +320,28 @@ _SEG_RUN = {
     "class_weights": Field(list, item=_nonneg_float(), length=2),
     "focal_gamma": _nonneg_float(),
     "focal_alpha": Field(float, min=0.0, max=1.0),
-    "train": TRAIN,
+    "recipe": RECIPE_REF,
+    "train": TRAIN_OVERRIDES,
 }
 _CLS_RUN = {
     "task": Field(str),
     "arch": Field(str, choices=("resnet18", "resnet50", "linear"), doc="ResNet on the latent, or a linear head"),
     "init": Field(str, doc="an entry name under `methods` or `multihead`"),
     "class_weights": Field(list, item=_nonneg_float(), length=2),
-    "train": TRAIN,
+    "recipe": RECIPE_REF,
+    "train": TRAIN_OVERRIDES,
 }
 RUN_SCHEMAS: dict[str, Mapping[str, Any]] = {"seg": _SEG_RUN, "cls": _CLS_RUN}
+
+
+def _entry(fields: Mapping[str, Any]) -> Section:
+    """An entry's schema: its own ``train`` keys are optional (the recipe has them all)."""
+    return Section(dict(fields), optional=frozenset({"train"}) & set(fields))
+
+
+METHOD_SCHEMAS = {kind: _entry(fields) for kind, fields in METHOD_SCHEMAS.items()}
+MULTIHEAD_SCHEMAS = {kind: _entry(fields) for kind, fields in MULTIHEAD_SCHEMAS.items()}
+RUN_SCHEMAS = {kind: _entry(fields) for kind, fields in RUN_SCHEMAS.items()}
 
 SCHEMA = Section(
     {
@@ -441,6 +484,8 @@ SCHEMA = Section(
                 "max_iter": _positive_int(),
             }
         ),
+        "recipes": Named(TRAIN, reserved={NO_RECIPE: Section({})}),
+        "backbones": Named(BACKBONE),
         "methods": Entries("method", METHOD_SCHEMAS, min_entries=1),
         "multihead": Entries("method", MULTIHEAD_SCHEMAS),
         "runs": Entries("task", RUN_SCHEMAS),
@@ -551,6 +596,8 @@ def _check(value: Any, spec: Any, key: str, problems: list[str]) -> Any:
                     f"{_join(key, name)}: unknown key; allowed here: {', '.join(spec.fields)}"
                 )
         for name, sub in spec.fields.items():
+            if name not in value and name in spec.optional:
+                continue
             if name not in value:
                 problems.append(f"{_join(key, name)}: missing; expected {_expected(sub)}")
                 continue
@@ -567,6 +614,18 @@ def _check(value: Any, spec: Any, key: str, problems: list[str]) -> Any:
             )
             return value
         return _check(value, spec.schemas[kind], key, problems)
+    if isinstance(spec, Named):
+        if not isinstance(value, Mapping):
+            problems.append(f"{key}: got {value!r}, expected a mapping of named presets")
+            return value
+        out = {}
+        for name, preset in value.items():
+            preset_key = _join(key, str(name))
+            if not isinstance(name, str) or not name.replace("_", "").replace("-", "").isalnum():
+                problems.append(f"{preset_key}: preset names may contain only {spec.name_pattern_doc}")
+                continue
+            out[name] = _check(preset, spec.reserved.get(name, spec.spec), preset_key, problems)
+        return out
     if isinstance(spec, Entries):
         if not isinstance(value, Mapping) or len(value) < spec.min_entries:
             problems.append(f"{key}: expected a mapping of at least {spec.min_entries} named entries")
@@ -629,7 +688,6 @@ def _cross_checks(params: dict, problems: list[str]) -> None:
             f"multihead.{name}: the name is also used under `methods`; pretrained models are stored by name "
             "(models/pretrain/<name>), so rename one of them"
         )
-    _check_method_inputs(params, problems)
     for name, run in (params.get("runs") or {}).items():
         init = run.get("init") if isinstance(run, Mapping) else None
         init_entry = methods.get(init) or multihead.get(init)
@@ -747,30 +805,81 @@ def _check_cross_modal(params: dict, problems: list[str]) -> None:
 
 
 def _check_method_inputs(params: dict, problems: list[str]) -> None:
-    """Sizes that must agree with the data a method is fed, and ordered schedules."""
+    """Sizes that must agree with the data a method is fed, and ordered schedules.
+
+    A ViT preset is checked once, against the data of its dimension, and named with the
+    entries that use it.
+    """
+    users: dict[str, list[str]] = {}
     for section in ("methods", "multihead"):
         for name, entry in (params.get(section) or {}).items():
-            if not isinstance(entry, Mapping):
-                continue
-            backbone = entry.get("backbone") or {}
-            if backbone.get("name") == "vit":
-                three_d = backbone.get("spatial_dims") == 3
-                side = params["crops"]["size"] if three_d else params["slices"]["size"]
-                source = "crops.size" if three_d else "slices.size"
-                if backbone.get("img_size") != side:
-                    problems.append(
-                        f"{section}.{name}.backbone.img_size: got {backbone.get('img_size')}, but {source} is {side}; "
-                        "the ViT's position embeddings are built for one input size, so set them equal"
-                    )
-                elif side % backbone.get("patch_size", 1):
-                    problems.append(
-                        f"{section}.{name}.backbone.patch_size: got {backbone.get('patch_size')}, which does not "
-                        f"divide img_size {side}"
-                    )
-            if entry.get("method") == "diffmae" and entry["beta_start"] >= entry["beta_end"]:
+            if isinstance(entry, Mapping) and isinstance(entry.get("backbone"), str):
+                users.setdefault(entry["backbone"], []).append(f"{section}.{name}")
+            if isinstance(entry, Mapping) and entry.get("method") == "diffmae" and entry["beta_start"] >= entry["beta_end"]:
                 problems.append(
                     f"{section}.{name}: beta_start {entry['beta_start']:g} must be below beta_end {entry['beta_end']:g}"
                 )
+    for preset, backbone in (params.get("backbones") or {}).items():
+        if preset not in users or backbone.get("name") != "vit":
+            continue
+        used_by = f" (the backbone of {', '.join(users[preset])})"
+        three_d = backbone.get("spatial_dims") == 3
+        side = params["crops"]["size"] if three_d else params["slices"]["size"]
+        source = "crops.size" if three_d else "slices.size"
+        if backbone.get("img_size") != side:
+            problems.append(
+                f"backbones.{preset}.img_size: got {backbone.get('img_size')}, but {source} is {side}; "
+                f"the ViT's position embeddings are built for one input size, so set them equal{used_by}"
+            )
+        elif side % backbone.get("patch_size", 1):
+            problems.append(
+                f"backbones.{preset}.patch_size: got {backbone.get('patch_size')}, which does not "
+                f"divide img_size {side}{used_by}"
+            )
+
+
+#: The sections whose entries name presets, and the references each entry holds.
+PRESET_USERS = {"methods": ("backbone", "recipe"), "multihead": ("backbone", "recipe"), "runs": ("recipe",)}
+
+
+def _resolve_presets(params: dict, problems: list[str]) -> dict:
+    """``params`` with each entry's presets filled in: ``backbone: <name>`` becomes a copy
+    of ``backbones.<name>``; ``recipe: <name>`` becomes ``train``, a copy of
+    ``recipes.<name>`` updated with the entry's own ``train`` keys. Entries then look
+    as if written out in full, so their consumers never see a preset name.
+    """
+    recipes = params.get("recipes") or {}
+    backbones = params.get("backbones") or {}
+    resolved = dict(params)
+    for section, references in PRESET_USERS.items():
+        entries = {}
+        for name, raw_entry in (params.get(section) or {}).items():
+            where = f"{section}.{name}"
+            entry = copy.deepcopy(dict(raw_entry))
+            if "backbone" in references:
+                preset = entry["backbone"]
+                if preset in backbones:
+                    entry["backbone"] = copy.deepcopy(backbones[preset])
+                else:
+                    problems.append(f"{where}.backbone: got {preset!r}, expected a name under `backbones`: "
+                                    + ", ".join(backbones))
+            recipe = entry.pop("recipe")
+            untrained = entry.get("method") == "scratch"
+            if untrained and recipe != NO_RECIPE:
+                problems.append(f"{where}.recipe: got {recipe!r}, but a scratch entry is not trained; "
+                                f"set it to {NO_RECIPE!r}")
+            elif not untrained and recipe == NO_RECIPE:
+                problems.append(f"{where}.recipe: {NO_RECIPE!r} means not trained; name a training recipe under "
+                                "`recipes`: " + ", ".join(r for r in recipes if r != NO_RECIPE))
+            elif recipe not in recipes:
+                problems.append(f"{where}.recipe: got {recipe!r}, expected a name under `recipes`: " + ", ".join(recipes))
+            elif untrained and "train" in entry:
+                problems.append(f"{where}.train: a scratch entry is not trained; remove its `train` keys")
+            elif not untrained:
+                entry["train"] = {**copy.deepcopy(recipes[recipe]), **entry.get("train", {})}
+            entries[name] = entry
+        resolved[section] = entries
+    return resolved
 
 
 #: The params sections whose entries are pretraining stages (``pretrain@<name>``).
@@ -795,13 +904,17 @@ def pretrain_entry(params: Mapping[str, Any], name: str) -> tuple[str, dict[str,
 
 
 def validate(raw: Mapping[str, Any], source: str = "params.yaml") -> dict[str, Any]:
-    """Validate a parsed params mapping; returns it with floats normalised.
+    """Validate a parsed params mapping; returns it with floats normalised and every
+    entry's presets filled in (:func:`_resolve_presets`).
 
     Raises :class:`ParamsError` listing every problem found.
     """
     problems: list[str] = []
     params = _check(raw, SCHEMA, "", problems)
     if not problems:
+        checked, params = params, _resolve_presets(params, problems)
+    if not problems:
+        _check_method_inputs(checked, problems)  # on the presets, before they are copied into entries
         _cross_checks(params, problems)
     if problems:
         raise ParamsError(problems, source)
@@ -842,12 +955,84 @@ def read_yaml(path: str | os.PathLike) -> Any:
         raise ParamsError([f"not UTF-8 text ({exc})"], str(path)) from None
 
 
-def load_params(path: str | os.PathLike = "params.yaml") -> dict[str, Any]:
-    """Read and validate ``params.yaml``."""
+#: The params files besides ``params.yaml`` (paths relative to its folder) and the groups
+#: each holds. DVC parses a params file once for every stage that reads a key from it, so
+#: the large groups live in files of their own and a stage parses only those it reads
+#: (dvc.yaml names them under ``vars`` and in the stages' ``params``).
+PARAMS_FILES: dict[str, tuple[str, ...]] = {
+    "params/presets.yaml": ("recipes", "backbones"),
+    "params/methods.yaml": ("methods", "multihead"),
+    "params/runs.yaml": ("runs",),
+}
+
+
+def params_file_of(group: str, main: str = "params.yaml") -> str:
+    """The params file (relative to the repository root) that holds the top-level ``group``."""
+    for name, groups in PARAMS_FILES.items():
+        if group in groups:
+            return name
+    return main
+
+
+def read_raw_params(path: str | os.PathLike = "params.yaml") -> tuple[dict[str, Any], dict[str, str]]:
+    """The params files as written, merged into one mapping, and the file of each group.
+
+    ``path`` is ``params.yaml``; the files of :data:`PARAMS_FILES` are read from its
+    folder. A missing file, a group in the wrong file or in two files is a
+    :class:`ParamsError` naming the file.
+    """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path} not found; run stages from the repository root")
-    raw = read_yaml(path)
-    if raw is not None and not isinstance(raw, Mapping):
-        raise ParamsError([f"the file holds a {type(raw).__name__}, expected a mapping of keys to values"], str(path))
-    return validate(raw or {}, str(path))
+    merged: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    for name in ["params.yaml", *PARAMS_FILES]:
+        file = path if name == "params.yaml" else path.parent / name
+        if not file.exists():
+            raise FileNotFoundError(f"{file} not found; it holds {', '.join(PARAMS_FILES[name])} "
+                                    f"(a params file next to {path.name})")
+        raw = read_yaml(file)
+        if raw is not None and not isinstance(raw, Mapping):
+            raise ParamsError([f"the file holds a {type(raw).__name__}, expected a mapping of keys to values"], str(file))
+        for group, value in (raw or {}).items():
+            if params_file_of(str(group), "params.yaml") != name:
+                raise ParamsError([f"{group}: this group belongs in {params_file_of(str(group), 'params.yaml')} "
+                                   "(dvc.yaml reads it there); move it"], str(file))
+            merged[group] = value
+            sources[group] = name
+    return merged, sources
+
+
+def write_raw_params(raw: Mapping[str, Any], path: str | os.PathLike = "params.yaml") -> None:
+    """Write a merged params mapping back to ``params.yaml`` and :data:`PARAMS_FILES`
+    (plain YAML, without comments: for generated projects and tests)."""
+    from chestssl.io import write_text
+
+    path = Path(path)
+    for name in ["params.yaml", *PARAMS_FILES]:
+        file = path if name == "params.yaml" else path.parent / name
+        part = {group: value for group, value in raw.items() if params_file_of(group, "params.yaml") == name}
+        file.parent.mkdir(parents=True, exist_ok=True)
+        write_text(file, yaml.safe_dump(part, sort_keys=False))
+
+
+def load_params(path: str | os.PathLike = "params.yaml") -> dict[str, Any]:
+    """Read and validate ``params.yaml`` and the params files next to it (:data:`PARAMS_FILES`)."""
+    raw, sources = read_raw_params(path)
+    try:
+        return validate(raw, str(path))
+    except ParamsError as exc:
+        raise _locate(exc.problems, sources, Path(path)) from None
+
+
+def _locate(problems: list[str], sources: Mapping[str, str], main: Path) -> ParamsError:
+    """The error with each problem's file: the one holding the group its key starts with."""
+    def file_of(problem: str) -> str:
+        group = re.split(r"[.:\[ ]", problem, maxsplit=1)[0]
+        name = sources.get(group, "params.yaml")
+        return str(main) if name == "params.yaml" else str(main.parent / name)
+
+    files = [file_of(p) for p in problems]
+    if len(set(files)) == 1:
+        return ParamsError(problems, files[0])
+    return ParamsError([f"{file}: {problem}" for file, problem in zip(files, problems)], "the params files")

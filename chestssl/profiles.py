@@ -1,9 +1,10 @@
-"""Profiles: a YAML file of overrides deep-merged into ``params.yaml``.
+"""Profiles: a YAML file of overrides deep-merged into the params files.
 
-``python -m chestssl.profiles params/lidc-full.yaml`` rewrites ``params.yaml`` with the
-overrides applied (comments and key order kept), after validating the result; then
-``dvc repro`` (or ``dvc exp run``) runs what changed. Override entries under ``methods``
-and ``runs`` merge into the entry of the same name; a new name adds an entry.
+``python -m chestssl.profiles params/lidc-full.yaml`` rewrites ``params.yaml`` and the
+params files next to it (``chestssl.params.PARAMS_FILES``) with the overrides applied,
+each group in its own file (comments and key order kept), after validating the result;
+then ``dvc repro`` (or ``dvc exp run``) runs what changed. Override entries under
+``methods`` and ``runs`` merge into the entry of the same name; a new name adds an entry.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any, Mapping
 from ruamel.yaml import YAML
 
 from chestssl.io import write_text
-from chestssl.params import ParamsError, read_yaml, validate
+from chestssl.params import PARAMS_FILES, ParamsError, params_file_of, read_raw_params, read_yaml, validate
 
 
 def merge_profile(base: Any, overrides: Any) -> Any:
@@ -36,14 +37,22 @@ def apply_profile(profile: str | Path, params_path: str | Path = "params.yaml") 
     yaml = YAML()  # round-trip: keeps comments and order
     yaml.preserve_quotes = True
     params_path = Path(params_path)
-    read_yaml(params_path)  # a syntax error or a duplicate key, named with its line
-    base = yaml.load(params_path.read_text())
-    overrides = read_yaml(profile)
-    merged = merge_profile(base, overrides or {})
+    read_raw_params(params_path)  # a syntax error, a duplicate key or a misplaced group, named with its file
+    files = {name: params_path if name == "params.yaml" else params_path.parent / name
+             for name in ["params.yaml", *PARAMS_FILES]}
+    documents = {name: yaml.load(file.read_text()) for name, file in files.items()}
+    overrides = read_yaml(profile) or {}
+    changed = set()
+    for group, value in overrides.items():
+        name = params_file_of(str(group))
+        documents[name][group] = merge_profile(documents[name].get(group), value)
+        changed.add(name)
+    merged = {group: value for document in documents.values() for group, value in document.items()}
     validate(_plain(merged), f"{params_path} with {profile}")
-    buffer = io.StringIO()
-    yaml.dump(merged, buffer)
-    write_text(params_path, buffer.getvalue())
+    for name in sorted(changed):
+        buffer = io.StringIO()
+        yaml.dump(documents[name], buffer)
+        write_text(files[name], buffer.getvalue())
 
 
 def _plain(node: Any) -> Any:
@@ -72,7 +81,8 @@ def main(argv: list[str] | None = None) -> None:
     except (ParamsError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(1)
-    print(f"applied {args.profile} to {args.params}; run `dvc repro` (or `dvc exp run`) next")
+    print(f"applied {args.profile} to {args.params} and the params files next to it; "
+          "run `dvc repro` (or `dvc exp run`) next")
 
 
 if __name__ == "__main__":

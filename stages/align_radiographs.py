@@ -8,18 +8,21 @@ from chestssl import paths
 from chestssl.cli import run_stage
 from chestssl.params import ParamsError, load_params
 
+
 def main(argv: list[str]) -> None:
-    from chestssl.xray.alignment import run_alignment_study
+    from chestssl.pipeline.align_radiographs import align_radiographs
 
     if argv:
         raise ParamsError([f"align_radiographs takes no arguments, got {' '.join(argv)!r}; "
                            "set `alignment` in params.yaml"])
     params = load_params()
-    cfg = params["alignment"]  # run_alignment_study checks it again for direct callers
-    metrics = run_alignment_study(
-        params, paths.RADIOGRAPHS_DIR, paths.radiograph_model_dir(cfg["feature_method"]) / "encoder.pt",
-        out_model_dir=paths.ALIGNMENT_MODEL_DIR, report_dir=paths.ALIGNMENT_REPORT_DIR,
+    encoder = paths.radiograph_model_dir(params["alignment"]["feature_method"]) / "encoder.pt"
+    metrics = align_radiographs(
+        params, paths.RADIOGRAPHS_DIR, encoder, model_dir=paths.ALIGNMENT_MODEL_DIR,
+        report_dir=paths.ALIGNMENT_REPORT_DIR, checkpoint_path=paths.checkpoint_path("align_radiographs", "stn"),
     )
+    if metrics is None:  # under torchrun, rank 0 writes the outputs
+        return
     error, auroc = metrics["parameter_error"]["misaligned"], metrics["auroc"]["mean"]
     print(f"align_radiographs: corner displacement {error['before_px']:.2f} -> {error['after_px']:.2f} px "
           f"({error['fraction_undone']:.1%} undone); mean probe AUROC {auroc['without_alignment']} without, "

@@ -8,9 +8,9 @@ from chestssl.params import load_params
 
 
 def main(argv: list[str]) -> None:
-    from chestssl.data.preprocess import run_preprocess
+    from chestssl.pipeline.preprocess import preprocess
 
-    summary = run_preprocess(paths.RAW_DIR, paths.PROCESSED_DIR, load_params()["preprocess"])
+    summary = preprocess(load_params(), paths.RAW_DIR, paths.PROCESSED_DIR)
     print(f"preprocess: {summary}")
 
 

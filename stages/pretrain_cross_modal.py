@@ -10,12 +10,12 @@ from chestssl.params import load_params
 
 
 def main(argv: list[str]) -> None:
-    from chestssl.xray.cross_modal import pretrain_cross_modal
+    from chestssl.pipeline.pretrain_cross_modal import pretrain_cross_modal
 
     params = load_params()
     name = name_from_argv(argv, params["cross_modal"]["methods"], "cross_modal.methods")
     metrics = pretrain_cross_modal(
-        name, params, paths.PROCESSED_DIR, paths.RADIOGRAPHS_DIR, ct_only_weights=paths.method_weights_path(name),
+        params, name, paths.PROCESSED_DIR, paths.RADIOGRAPHS_DIR, ct_only_weights=paths.method_weights_path(name),
         model_dir=paths.cross_modal_model_dir(name), report_dir=paths.cross_modal_report_dir(name),
         checkpoint_path=paths.checkpoint_path("pretrain_cross_modal", name),
     )

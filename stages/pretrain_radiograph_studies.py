@@ -9,12 +9,12 @@ from chestssl.params import load_params
 
 
 def main(argv: list[str]) -> None:
-    from chestssl.xray.pretrain import pretrain_on_radiograph_studies
+    from chestssl.pipeline.pretrain_radiograph_studies import pretrain_radiograph_studies
 
     params = load_params()
     name = name_from_argv(argv, params["pretrain_radiographs"]["study_methods"], "pretrain_radiographs.study_methods")
-    metrics = pretrain_on_radiograph_studies(
-        name, params, paths.RADIOGRAPHS_DIR, model_dir=paths.radiograph_study_model_dir(name),
+    metrics = pretrain_radiograph_studies(
+        params, name, paths.RADIOGRAPHS_DIR, model_dir=paths.radiograph_study_model_dir(name),
         report_dir=paths.radiograph_study_report_dir(name),
         checkpoint_path=paths.checkpoint_path("pretrain_radiograph_studies", name),
     )

@@ -9,12 +9,12 @@ from chestssl.params import load_params
 
 
 def main(argv: list[str]) -> None:
-    from chestssl.xray.pretrain import pretrain_on_radiographs
+    from chestssl.pipeline.pretrain_radiographs import pretrain_radiographs
 
     params = load_params()
     name = name_from_argv(argv, params["pretrain_radiographs"]["methods"], "pretrain_radiographs.methods")
-    metrics = pretrain_on_radiographs(
-        name, params, paths.RADIOGRAPHS_DIR, model_dir=paths.radiograph_model_dir(name),
+    metrics = pretrain_radiographs(
+        params, name, paths.RADIOGRAPHS_DIR, model_dir=paths.radiograph_model_dir(name),
         report_dir=paths.radiograph_report_dir(name), checkpoint_path=paths.checkpoint_path("pretrain_radiographs", name),
     )
     if metrics is not None:

@@ -8,9 +8,9 @@ from chestssl.params import load_params
 
 
 def main(argv: list[str]) -> None:
-    from chestssl.report.pipeline import build_pipeline_report
+    from chestssl.pipeline.report import report
 
-    build_pipeline_report(load_params())
+    report(load_params(), paths.REPORTS_DIR)
     print(f"report: {paths.REPORTS_DIR / 'README.md'}")
 
 

@@ -46,6 +46,7 @@ def test_a_file_that_runs_code_is_refused_without_running_it(tmp_path):
 def test_finetune_refuses_a_hostile_encoder_file_in_one_line(tmp_path):
     """The issue's reproduction: a pickle in models/pretrain/<init>/encoder.pt, then the stage."""
     shutil.copy(REPO_ROOT / "params.yaml", tmp_path / "params.yaml")
+    shutil.copytree(REPO_ROOT / "params", tmp_path / "params")
     marker = tmp_path / "ran"
     _write_hostile(tmp_path / "models/pretrain/scratch_cnn_attention/encoder.pt", marker)
     done = subprocess.run([sys.executable, str(REPO_ROOT / "stages/finetune.py"), "seg_unetpp_scratch"],

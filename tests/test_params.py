@@ -3,19 +3,20 @@
 from __future__ import annotations
 
 import copy
+import shutil
 from pathlib import Path
 
 import pytest
 import yaml
 
-from chestssl.params import ParamsError, load_params, validate
+from chestssl.params import PARAMS_FILES, ParamsError, load_params, read_raw_params, validate
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
 def raw() -> dict:
-    return yaml.safe_load((ROOT / "params.yaml").read_text())
+    return read_raw_params(ROOT / "params.yaml")[0]
 
 
 def problems(params: dict) -> list[str]:
@@ -34,7 +35,7 @@ def test_shipped_params_are_valid():
 def test_full_profile_is_valid_after_merge():
     from chestssl.profiles import merge_profile
 
-    merged = merge_profile(yaml.safe_load((ROOT / "params.yaml").read_text()),
+    merged = merge_profile(read_raw_params(ROOT / "params.yaml")[0],
                            yaml.safe_load((ROOT / "params" / "lidc-full.yaml").read_text()))
     params = validate(merged)
     assert params["data"]["source"] == "tcia"
@@ -49,18 +50,20 @@ def test_unknown_key_is_named_with_the_allowed_keys(raw):
 
 
 def test_wrong_type_and_out_of_range_name_key_value_and_rule(raw):
-    raw["methods"]["ae_swin"]["train"]["batch_size"] = "big"
+    raw["recipes"]["autoencoder"]["batch_size"] = "big"
+    raw["methods"]["ae_swin"]["train"] = {"epochs": 0}  # an entry's own train keys are checked too
     raw["preprocess"]["clevel"] = 1.5
     raw["runs"]["seg_unetpp_cnn_attention"]["loss"] = "l2"
     found = problems(raw)
-    assert "methods.ae_swin.train.batch_size: got 'big', expected an integer >= 1" in found
+    assert "recipes.autoencoder.batch_size: got 'big', expected an integer >= 1" in found
+    assert "methods.ae_swin.train.epochs: got 0, expected an integer >= 1" in found
     assert "preprocess.clevel: got 1.5, expected a number > 0 and <= 1" in found
     assert any(p.startswith("runs.seg_unetpp_cnn_attention.loss: got 'l2', expected one of 'ce', 'dice', 'focal'") for p in found)
 
 
 def test_bool_is_not_an_int_and_floats_accept_scientific_strings(raw):
     raw["seed"] = True
-    raw["methods"]["ae_swin"]["train"]["lr"] = "1e-3"
+    raw["methods"]["ae_swin"]["train"] = {"lr": "1e-3"}
     (problem,) = problems(copy.deepcopy(raw))
     assert problem.startswith("seed: got True")
     raw["seed"] = 1
@@ -105,11 +108,11 @@ def test_a_chest_xray_dataset_needs_its_folder_and_matches_the_readers(raw):
 
 
 def test_backbone_schema_follows_its_name(raw):
-    raw["methods"]["ae_swin"]["backbone"]["features"] = [1, 2, 3, 4, 5]
-    raw["methods"]["scratch_swin"]["backbone"]["name"] = "densenet121"
+    raw["backbones"]["swin"]["features"] = [1, 2, 3, 4, 5]
+    raw["backbones"]["cnn_attention"]["name"] = "densenet121"
     found = problems(raw)
-    assert any(p.startswith("methods.ae_swin.backbone.features: unknown key") for p in found)
-    assert any(p.startswith("methods.scratch_swin.backbone.name: got 'densenet121', expected one of") for p in found)
+    assert any(p.startswith("backbones.swin.features: unknown key") for p in found)
+    assert any(p.startswith("backbones.cnn_attention.name: got 'densenet121', expected one of") for p in found)
 
 
 def test_multihead_seg_beta_inherits_the_top_level_value_unless_set(raw):
@@ -128,19 +131,25 @@ def test_multihead_seg_beta_inherits_the_top_level_value_unless_set(raw):
 
 
 def test_sizes_that_must_agree_with_the_data_are_checked(raw):
-    raw["methods"]["mae"]["backbone"]["img_size"] = 32  # slices.size is 64
-    raw["methods"]["diffmae"]["backbone"]["patch_size"] = 7
+    raw["backbones"]["vit"]["img_size"] = 32  # slices.size is 64
+    raw["backbones"]["vit_p7"] = {**raw["backbones"]["vit"], "img_size": 64, "patch_size": 7}
+    raw["methods"]["diffmae"]["backbone"] = "vit_p7"
     raw["methods"]["diffmae"]["beta_start"] = 0.5
-    raw["methods"]["dae_all"]["backbone"]["spatial_dims"] = 3  # runs start from it on 2D slices
+    raw["backbones"]["swin_3d"] = {**raw["backbones"]["swin"], "spatial_dims": 3}
+    raw["methods"]["dae_all"]["backbone"] = "swin_3d"  # runs start from it on 2D slices
     found = problems(raw)
-    assert any(p.startswith("methods.mae.backbone.img_size: got 32, but slices.size is 64") for p in found)
-    assert any(p.startswith("methods.diffmae.backbone.patch_size: got 7") for p in found)
+    # once per preset, naming the entries that use it
+    assert [p for p in found if p.startswith("backbones.vit.img_size")] == [
+        "backbones.vit.img_size: got 32, but slices.size is 64; the ViT's position embeddings are built for one "
+        "input size, so set them equal (the backbone of methods.scratch_vit, methods.mae)"]
+    assert any(p.startswith("backbones.vit_p7.patch_size: got 7") for p in found)
     assert any(p.startswith("methods.diffmae: beta_start 0.5 must be below beta_end 0.2") for p in found)
     assert any(p.startswith("runs.seg_swinunetr_dae_all.init: 'dae_all' has a 3D backbone") for p in found)
 
 
 def test_a_3d_vit_is_sized_by_the_crops(raw):
-    raw["methods"]["mae"]["backbone"].update(spatial_dims=3, img_size=raw["crops"]["size"])
+    raw["backbones"]["vit_3d"] = {**raw["backbones"]["vit"], "spatial_dims": 3, "img_size": raw["crops"]["size"]}
+    raw["methods"]["mae"]["backbone"] = "vit_3d"
     raw["runs"] = {name: run for name, run in raw["runs"].items() if run["init"] != "mae"}
     raw["label_fraction"]["runs"] = [name for name in raw["label_fraction"]["runs"] if name in raw["runs"]]
     raw["pretrain_radiographs"]["methods"].remove("mae")  # radiographs are 2D
@@ -167,7 +176,8 @@ def test_label_fractions_are_shares(raw):
 
 def test_radiograph_pretraining_names_2d_methods_once_sized_for_the_radiographs(raw):
     raw["pretrain_radiographs"]["methods"] = ["mae", "mae", "dae_all", "no_such_method"]
-    raw["methods"]["dae_all"]["backbone"]["spatial_dims"] = 3
+    raw["backbones"]["swin_3d"] = {**raw["backbones"]["swin"], "spatial_dims": 3}
+    raw["methods"]["dae_all"]["backbone"] = "swin_3d"
     raw["radiographs"]["size"] = 96
     raw["radiographs"]["window_percentiles"] = [99.0, 1.0]
     raw["pretrain_radiographs"]["views"] = ["frontal", "frontal"]
@@ -225,11 +235,17 @@ def test_a_yaml_syntax_error_is_one_line_naming_file_and_line(tmp_path, text, wh
     assert "\n" not in message and str(tmp_path / "params.yaml") in message and where in message
 
 
+def _copy_params(folder: Path) -> Path:
+    """The shipped params files in ``folder``; returns the copy of params.yaml."""
+    shutil.copy(ROOT / "params.yaml", folder / "params.yaml")
+    shutil.copytree(ROOT / "params", folder / "params")
+    return folder / "params.yaml"
+
+
 def test_a_profile_with_a_duplicate_key_is_refused(tmp_path):
     from chestssl.profiles import apply_profile
 
-    params = tmp_path / "params.yaml"
-    params.write_text((Path(__file__).parents[1] / "params.yaml").read_text())
+    params = _copy_params(tmp_path)
     (tmp_path / "profile.yaml").write_text("seed: 1\nseed: 2\n")
     with pytest.raises(ParamsError, match=r"profile\.yaml: line 2, column 1: key 'seed' appears twice"):
         apply_profile(tmp_path / "profile.yaml", params)
@@ -257,3 +273,85 @@ def test_tcia_min_rate_is_a_non_negative_number(raw, value):
     raw["data"]["tcia"]["min_rate_kbps"] = value
     (problem,) = problems(raw)
     assert problem.startswith(f"data.tcia.min_rate_kbps: got {value!r}, expected a number >= 0")
+
+
+def test_entries_take_their_presets_and_may_replace_recipe_keys(raw):
+    raw["methods"]["mae"]["train"] = {"epochs": 9}
+    params = validate(raw)
+    mae, diffmae = params["methods"]["mae"], params["methods"]["diffmae"]
+    assert mae["backbone"] == raw["backbones"]["vit"] and "recipe" not in mae
+    assert mae["train"] == {**raw["recipes"]["mae"], "epochs": 9}
+    assert diffmae["train"] == raw["recipes"]["mae"]  # the preset itself is not changed by mae's keys
+    assert "train" not in params["methods"]["scratch_vit"]
+    assert params["runs"]["cls_linear_mae"]["train"] == raw["recipes"]["linear_head"]
+
+
+def test_preset_references_are_checked(raw):
+    raw["methods"]["mae"]["backbone"] = "vit_huge"
+    raw["methods"]["diffmae"]["recipe"] = "none"
+    raw["methods"]["scratch_vit"]["recipe"] = "mae"
+    raw["runs"]["cls_linear_mae"]["recipe"] = "fast"
+    found = problems(raw)
+    assert any(p.startswith("methods.mae.backbone: got 'vit_huge', expected a name under `backbones`: cnn_attention, swin")
+               for p in found)
+    assert any(p.startswith("methods.diffmae.recipe: 'none' means not trained") for p in found)
+    assert "methods.scratch_vit.recipe: got 'mae', but a scratch entry is not trained; set it to 'none'" in found
+    assert any(p.startswith("runs.cls_linear_mae.recipe: got 'fast', expected a name under `recipes`") for p in found)
+
+
+def test_an_unused_preset_is_still_checked(raw):
+    raw["recipes"]["spare"] = {**raw["recipes"]["mae"], "optimizer": "lamb"}
+    (problem,) = problems(raw)
+    assert problem.startswith("recipes.spare.optimizer: got 'lamb'")
+
+
+def test_the_shipped_params_repeat_no_recipe_or_backbone_and_stay_short():
+    files = [ROOT / "params.yaml", *(ROOT / name for name in PARAMS_FILES)]
+    assert sum(len(file.read_text().splitlines()) for file in files) < 600
+    raw = read_raw_params(ROOT / "params.yaml")[0]
+    for section in ("methods", "multihead", "runs"):
+        for name, entry in raw[section].items():
+            assert isinstance(entry.get("recipe"), str), f"{section}.{name} names no recipe"
+            assert set(entry.get("train", {})) < set(raw["recipes"]["mae"]), f"{section}.{name} repeats a whole recipe"
+            if section != "runs":
+                assert isinstance(entry["backbone"], str), f"{section}.{name} spells out its backbone"
+
+
+def test_each_group_is_read_from_its_own_file_and_named_there(tmp_path):
+    params = _copy_params(tmp_path)
+    runs = tmp_path / "params" / "runs.yaml"
+    runs.write_text(runs.read_text().replace("loss: ce", "loss: l2", 1))
+    with pytest.raises(ParamsError) as error:
+        load_params(params)
+    assert str(error.value).startswith(f"invalid parameters in {runs}: runs.seg_unetpp_scratch.loss: got 'l2'")
+    presets = tmp_path / "params" / "presets.yaml"
+    presets.write_text(presets.read_text().replace("epochs: 30", "epochs: 0", 1))
+    with pytest.raises(ParamsError) as error:
+        load_params(params)
+    assert f"  - {presets}: recipes.segmentation.epochs: got 0" in str(error.value)
+    assert f"  - {runs}: runs.seg_unetpp_scratch.loss: got 'l2'" in str(error.value)
+
+
+def test_a_missing_or_misplaced_group_file_is_named(tmp_path):
+    params = _copy_params(tmp_path)
+    (tmp_path / "params" / "runs.yaml").rename(tmp_path / "runs.yaml")
+    with pytest.raises(FileNotFoundError, match=r"params/runs\.yaml not found; it holds runs"):
+        load_params(params)
+    (tmp_path / "params" / "runs.yaml").write_text("seed: 3\n" + (tmp_path / "runs.yaml").read_text())
+    with pytest.raises(ParamsError, match=r"seed: this group belongs in params\.yaml"):
+        load_params(params)
+
+
+def test_dvc_yaml_reads_each_group_from_the_file_that_holds_it():
+    """DVC looks a key up in the file a stage names (params.yaml when none): a key named
+    in the wrong file would be reported missing by DVC, not by our validator."""
+    from chestssl.params import params_file_of
+
+    dvc = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+    assert dvc["vars"] == list(PARAMS_FILES)
+    for name, stage in dvc["stages"].items():
+        body = stage.get("do", stage)
+        for item in body.get("params", []):
+            for file, keys in (item.items() if isinstance(item, dict) else [("params.yaml", [item])]):
+                for key in keys:
+                    assert params_file_of(key.split(".")[0]) == file, f"{name}: {key} is read from {file}"

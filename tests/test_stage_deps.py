@@ -27,7 +27,8 @@ PLUMBING = {
     "chestssl/paths.py",
     "chestssl/data/__init__.py",
     "chestssl/eval/__init__.py",
-    "chestssl/studies/__init__.py",
+    "chestssl/experiments/__init__.py",
+    "chestssl/pipeline/__init__.py",
 }
 
 

@@ -68,9 +68,8 @@ LOSS = {
 }
 
 
-def shrink_method_entry(entry: dict) -> None:
-    """Shrink a `methods` entry of params.yaml in place to a few-second CPU size (backbone, decoder, steps)."""
-    backbone = entry.get("backbone", {})
+def shrink_backbone(backbone: dict) -> None:
+    """Shrink a backbone of params.yaml in place to a few-second CPU size."""
     if backbone.get("name") == "cnn_attention":
         backbone.update(channels=4, channel_multipliers=[1, 2], num_res_blocks=1, latent_channels=4, norm_num_groups=2)
     elif backbone.get("name") == "swin":
@@ -79,9 +78,25 @@ def shrink_method_entry(entry: dict) -> None:
         backbone["features"] = [4, 8, 8, 16, 16]
     elif backbone.get("name") in ("resnet18", "resnet50"):
         backbone["block_inplanes"] = [4, 8, 8, 16]
-        entry.update({"projector_dim": 16} if "projector_dim" in entry else {})
     elif backbone.get("name") == "vit":
         backbone.update(patch_size=16, hidden_size=16, num_layers=1, num_heads=2, mlp_dim=32)
+
+
+#: The few steps of every shrunk training recipe.
+TINY_TRAIN = {"epochs": 1, "max_steps": 3, "batch_size": 8, "log_every": 1}
+
+
+def shrink_method_entry(entry: dict) -> None:
+    """Shrink an entry of params.yaml in place to a few-second CPU size (backbone, decoder, steps).
+
+    A resolved entry (backbone and train written out) is shrunk whole; an entry as written
+    in params.yaml, naming its presets, gets its own few-step ``train`` keys and leaves
+    the presets to :func:`shrink_presets`.
+    """
+    if isinstance(entry.get("backbone"), dict):
+        shrink_backbone(entry["backbone"])
+    if "projector_dim" in entry:
+        entry["projector_dim"] = 16
     if "decoder_hidden_size" in entry:
         entry.update(decoder_hidden_size=8, decoder_num_layers=1, decoder_num_heads=2)
     if "num_steps" in entry:
@@ -91,5 +106,22 @@ def shrink_method_entry(entry: dict) -> None:
                                 latent_channels=4)
         entry["quantizer"].update(codebook_size=16, dim=4)
         entry["loss"].update(disc_start=1, disc_channels=4)  # the adversarial path runs too
-    if "train" in entry:
-        entry["train"].update(epochs=1, max_steps=3, batch_size=8, log_every=1)
+    if "train" in entry or entry.get("recipe") not in (None, "none"):
+        entry.setdefault("train", {}).update(TINY_TRAIN)
+
+
+def shrink_presets(raw: dict) -> None:
+    """Shrink every backbone and training recipe preset of a params.yaml mapping in place."""
+    for backbone in raw.get("backbones", {}).values():
+        shrink_backbone(backbone)
+    for name, recipe in raw.get("recipes", {}).items():
+        if name != "none":
+            recipe.update(TINY_TRAIN)
+
+
+def shrink_params(raw: dict) -> None:
+    """Shrink a params.yaml mapping in place: its presets and every entry."""
+    shrink_presets(raw)
+    for section in ("methods", "multihead", "runs"):
+        for entry in raw.get(section, {}).values():
+            shrink_method_entry(entry)

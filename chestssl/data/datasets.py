@@ -24,14 +24,9 @@ import torch
 from monai.transforms import Resize, SpatialPad
 from torch.utils.data import Dataset
 
-from chestssl.data.processed import SPLITS, load_scan, read_slices
-from chestssl.errors import UserError
+from chestssl.data.processed import SPLITS, DatasetError, load_scan, read_slices
 
 TASKS = ("pretrain", "seg", "cls")
-
-
-class DatasetError(UserError, ValueError):
-    """The processed data cannot give the requested slices (names split, task and remedy)."""
 
 
 class SliceDataset(Dataset):

@@ -44,8 +44,6 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
-import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from chestssl.data.processed import load_scan, read_nodules, read_slices
@@ -245,6 +243,9 @@ class ViewGeometry:
     def resample_image(self, image: np.ndarray) -> np.ndarray:
         """``native_shape`` -> ``fitted_shape`` float32, bilinear with antialiasing (a
         triangle filter as wide as the shrink factor, so thin structures do not alias)."""
+        import torch
+        import torch.nn.functional as F
+
         self._check_native(image)
         tensor = torch.as_tensor(np.ascontiguousarray(image), dtype=torch.float32)[None, None]
         fitted = F.interpolate(tensor, size=self.fitted_shape, mode="bilinear", align_corners=False, antialias=True)
@@ -258,6 +259,9 @@ class ViewGeometry:
         A nodule that would vanish (smaller than a pixel after shrinking) keeps the one pixel
         it covers most, so no nodule present in the projection is lost.
         """
+        import torch
+        import torch.nn.functional as F
+
         self._check_native(labels)
         present = [int(k) for k in np.unique(labels) if k > 0]
         fitted = np.zeros(self.fitted_shape, np.uint8)

@@ -57,6 +57,14 @@ class ProcessedDataError(UserError):
     """A file of ``data/processed`` that is missing, corrupt or inconsistent with the others."""
 
 
+class DatasetError(UserError, ValueError):
+    """The processed data cannot give the requested slices (names split, task and remedy).
+
+    Defined here, beside the readers, so that modules that raise it need not import the
+    torch datasets of :mod:`chestssl.data.datasets` (which re-exports it).
+    """
+
+
 def scan_path(processed_dir: str | Path, scan_id: str) -> Path:
     return Path(processed_dir) / "scans" / f"{scan_id}.npz"
 

@@ -9,23 +9,28 @@ The ``radiographs`` stage fills the folder with two-view studies rendered from t
   ChestX-ray14) learn from.
 - :class:`RadiographStudyDataset`, one item per study with all its images: seed 004
   (RadDiffusion) pretrains a study-level ViT whose views share a bottleneck CLS token
-  (:mod:`chestssl.xray.study_vit`); :func:`collate_radiograph_studies` batches its items,
-  whose numbers of images may differ.
+  (:mod:`chestssl.models.study_vit`); :func:`collate_radiograph_studies` batches its items,
+  whose numbers of images may differ (:func:`collate_studies`).
 
 Labels are the study's (every image of a study has its study's labels): the label columns
 named in ``radiographs.json`` (rendered: ``nodule`` and ``malignant``; a dataset: its
 findings), as a float vector with NaN where a label is unknown. The probes
-(:mod:`chestssl.xray.probe`) leave unknown labels out.
+(:mod:`chestssl.eval.radiograph_probe`) leave unknown labels out.
 
 The split of a study is its patient's (no patient is in two splits). Images are read from
 the folder's memory map when an item is asked for, so a large dataset is never loaded
 whole.
+
+Seed 002's alignment study reads the frontal images of a split as one tensor
+(:func:`stack_images`), at most ``max_images`` of them from whole patients (:func:`capped`),
+and probes them again after moving or aligning them (:class:`ReplacedImages`);
+:class:`IndexedImages` serves such a tensor to the training loop.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -35,15 +40,18 @@ from torch.utils.data import Dataset
 from chestssl.data.datasets import DatasetError
 from chestssl.data.processed import SPLITS
 from chestssl.data.radiograph_folder import VIEWS, RadiographFolder, RadiographsNotFoundError, open_radiograph_folder
-from chestssl.xray.study_vit import collate_studies
 
 __all__ = [
+    "IndexedImages",
     "RadiographDataset",
     "RadiographStudyDataset",
     "RadiographsNotFoundError",
+    "ReplacedImages",
     "VIEWS",
+    "capped",
     "collate_radiograph_studies",
     "collate_studies",
+    "stack_images",
 ]
 
 
@@ -166,7 +174,7 @@ class RadiographDataset(Dataset):
         views: the views to include, among ``frontal`` and ``lateral`` (e.g. ``("frontal",)``
             for seed 001's frontal-only protocol); a single name is one view.
         patient_ids: if given, only these patients (all must belong to ``split``), e.g.
-            for label-fraction studies.
+            for label-fraction experiments.
 
     Items, by study id, a study's images in the order of ``views``:
 
@@ -264,8 +272,94 @@ class RadiographStudyDataset(Dataset):
         }
 
 
+# --------------------------------------------------------------------------------------
+# Batches of studies
+# --------------------------------------------------------------------------------------
+
+
+def _describe_study(position: int, study: Mapping[str, Any]) -> str:
+    """``study 3`` or ``study 3 (study_id 'abc')`` for error messages."""
+    if "study_id" in study:
+        return f"study {position} (study_id {study['study_id']!r})"
+    return f"study {position}"
+
+
+def _optional_key(studies: Sequence[Mapping[str, Any]], key: str) -> bool:
+    """Whether every study has ``key`` (True) or none has (False); a ValueError when only some do."""
+    lacking = [position for position, study in enumerate(studies) if key not in study]
+    if lacking and len(lacking) < len(studies):
+        raise ValueError(
+            f"collate_studies: studies {lacking} have no {key!r} while the others have one; "
+            f"give every study of a batch a {key!r} or none"
+        )
+    return not lacking
+
+
+def collate_studies(studies: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Collate per-study samples into one batch of views (seed 004: studies of 2-5 views).
+
+    Args:
+        studies: S dicts, each with ``images`` (V_i, C, H, W), V_i >= 1, the same (C, H, W)
+            for all, and optionally ``label`` (a tensor or number; the same shape for all)
+            and ``study_id``. ``label`` and ``study_id`` must be on every study or on none.
+
+    Returns:
+        ``images`` (sum V_i, C, H, W), the studies' views in order; ``study_index``
+        (sum V_i,) int64, the study number of each view; ``num_views`` (S,) int64;
+        ``label`` (S, ...) stacked, and ``study_id`` a list of S ids, when present.
+
+    Raises:
+        ValueError: naming the study, for an empty list, a study without ``images`` or with
+            0 views, images of another shape, and ``label`` / ``study_id`` on only some
+            studies or labels of different shapes.
+    """
+    if len(studies) == 0:
+        raise ValueError("collate_studies: got no studies; a batch needs at least one study")
+    view_shape: tuple[int, ...] | None = None
+    images: list[torch.Tensor] = []
+    for position, study in enumerate(studies):
+        name = _describe_study(position, study)
+        if "images" not in study:
+            raise ValueError(
+                f"collate_studies: {name} has no 'images'; expected a dict with 'images' (V, C, H, W) "
+                f"and optional 'label', 'study_id', got keys {sorted(study)}"
+            )
+        views = study["images"]
+        if not isinstance(views, torch.Tensor) or views.ndim != 4:
+            shape = tuple(views.shape) if isinstance(views, torch.Tensor) else type(views).__name__
+            raise ValueError(f"collate_studies: {name} has images {shape}, expected a tensor (V, C, H, W)")
+        if views.shape[0] == 0:
+            raise ValueError(f"collate_studies: {name} has 0 views; every study needs at least one view")
+        if view_shape is None:
+            view_shape = tuple(views.shape[1:])
+        elif tuple(views.shape[1:]) != view_shape:
+            raise ValueError(
+                f"collate_studies: {name} has views of (C, H, W) {tuple(views.shape[1:])}, study 0's are "
+                f"{view_shape}; every study's views must have the same (C, H, W)"
+            )
+        images.append(views)
+    num_views = torch.tensor([views.shape[0] for views in images], dtype=torch.int64)
+    batch: dict[str, Any] = {
+        "images": torch.cat(images),
+        "study_index": torch.repeat_interleave(torch.arange(len(images), dtype=torch.int64), num_views),
+        "num_views": num_views,
+    }
+    if _optional_key(studies, "label"):
+        labels = [torch.as_tensor(study["label"]) for study in studies]
+        for position, label in enumerate(labels):
+            if label.shape != labels[0].shape:
+                raise ValueError(
+                    f"collate_studies: {_describe_study(position, studies[position])} has a label of shape "
+                    f"{tuple(label.shape)}, study 0's has {tuple(labels[0].shape)}; every label must have one shape"
+                )
+        batch["label"] = torch.stack(labels)
+    if _optional_key(studies, "study_id"):
+        batch["study_id"] = [study["study_id"] for study in studies]
+    return batch
+
+
 def collate_radiograph_studies(studies: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """:func:`~chestssl.xray.study_vit.collate_studies`, keeping labels, patients and views.
+    """:func:`collate_studies`, keeping labels, patients and views.
 
     Args:
         studies: B items of :class:`RadiographStudyDataset`.
@@ -284,3 +378,77 @@ def collate_radiograph_studies(studies: Sequence[dict[str, Any]]) -> dict[str, A
     if all("views" in study for study in studies):
         batch["view"] = [view for study in studies for view in study["views"]]
     return batch
+
+
+# --------------------------------------------------------------------------------------
+# Image tensors (seed 002's alignment study)
+# --------------------------------------------------------------------------------------
+
+
+def stack_images(dataset: Dataset) -> torch.Tensor:
+    """(N, 1, S, S) float32 stack of the ``image`` of every item of ``dataset``, in order."""
+    return torch.stack([dataset[index]["image"] for index in range(len(dataset))])
+
+
+def capped(dataset: RadiographDataset, max_images: int, seed: int) -> RadiographDataset:
+    """``dataset`` cut to at most ``max_images`` images of whole patients, drawn in a seeded
+    random order (a patient whose images would pass the cap is passed over; at least one
+    patient is kept); ``dataset`` itself when ``max_images`` is 0 or not exceeded."""
+    if max_images == 0 or len(dataset) <= max_images:
+        return dataset
+    counts = dataset.frame.groupby("patient_id", sort=True).size()
+    kept, total = [], 0
+    for position in np.random.default_rng(seed).permutation(len(counts)):
+        count = int(counts.iloc[position])
+        if total + count <= max_images or not kept:
+            kept.append(str(counts.index[position]))
+            total += count
+        if total >= max_images:
+            break
+    return RadiographDataset(dataset.folder, dataset.split, dataset.views, patient_ids=kept)
+
+
+class ReplacedImages(Dataset):
+    """The items of a radiograph dataset with their ``image`` replaced by ``images[i]`` (1, H, W).
+
+    ``label_names`` are the base dataset's, so the probes read it like the base.
+    """
+
+    def __init__(self, base: Dataset, images: torch.Tensor):
+        if len(base) != images.shape[0]:
+            raise ValueError(f"{images.shape[0]} images for a dataset of {len(base)} items")
+        self.base, self.images = base, images
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    @property
+    def label_names(self) -> list[str]:
+        return list(self.base.label_names)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return {**self.base[index], "image": self.images[index]}
+
+
+class IndexedImages(Dataset):
+    """Images of a tensor (N, 1, H, W) as items ``{"image": (1, H, W), "index": int}``, with
+    optional per-image tensors (``extra``: name -> (N, ...)) added to each item as ``extra[name][i]``.
+
+    The ``index`` lets a training step put a batch back in dataset order.
+    """
+
+    def __init__(self, images: torch.Tensor, extra: Mapping[str, torch.Tensor] | None = None):
+        if images.ndim != 4:
+            raise ValueError(f"IndexedImages: expected images of shape (N, C, H, W), got {tuple(images.shape)}")
+        self.images = images
+        self.extra = dict(extra or {})
+        for name, values in self.extra.items():
+            if values.shape[0] != images.shape[0]:
+                raise ValueError(f"IndexedImages: {values.shape[0]} {name!r} values for {images.shape[0]} images")
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return {"image": self.images[index], "index": index,
+                **{name: values[index] for name, values in self.extra.items()}}

@@ -44,8 +44,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from chestssl.data.datasets import DatasetError
-from chestssl.data.processed import SPLITS
+from chestssl.data.processed import SPLITS, DatasetError
 from chestssl.io import write_csv, write_json
 
 __all__ = [

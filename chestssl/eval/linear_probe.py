@@ -273,7 +273,7 @@ class LinearProbeMonitor:
             ``SliceDataset`` of task ``cls``).
         features: ``(encoder, dataset, device, batch_size) -> ProbeFeatures``; default
             :func:`extract_features` (CT slices). Radiographs use
-            :func:`chestssl.xray.probe.extract_image_features` or ``extract_study_features``.
+            :func:`chestssl.eval.radiograph_probe.extract_image_features` or ``extract_study_features``.
         every_epochs: probe every this many epochs (``probe.every_epochs``, >= 1).
         C, max_iter, seed: as :func:`fit_linear_probe`.
         device: where features are extracted; ``None``: the device of the encoder.

@@ -30,19 +30,18 @@ from __future__ import annotations
 import os
 from itertools import permutations
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import numpy as np
 from sklearn.metrics import roc_auc_score
 
 from chestssl.eval.bootstrap import PatientBootstrap, SumMetric
-from chestssl.eval.metrics import (
-    CLASSIFICATION_METRICS,
-    SEGMENTATION_METRICS,
-    ArrayLike,
-    per_image_segmentation_scores,
-)
 from chestssl.io import write_npz
+
+# chestssl.eval.metrics (torch, MONAI) is imported by the functions that use it, so that
+# reading saved item scores (the report) does not load it.
+if TYPE_CHECKING:
+    from chestssl.eval.metrics import ArrayLike
 
 #: The per-item arrays of each task, besides ``patient_id``, ``scan_id``, ``slice_index``.
 ITEM_ARRAYS: dict[str, tuple[str, ...]] = {
@@ -80,6 +79,8 @@ def segmentation_item_scores(probs: ArrayLike, masks: ArrayLike, threshold: floa
         ``dice``, ``jaccard`` (float64), as
         :func:`~chestssl.eval.metrics.per_image_segmentation_scores` computes them.
     """
+    from chestssl.eval.metrics import per_image_segmentation_scores
+
     scores = per_image_segmentation_scores(probs, masks, threshold)
     return {name: scores[name] for name in ITEM_ARRAYS["seg"]}
 
@@ -256,6 +257,8 @@ def paired_difference(
         ValueError: the tasks differ, or the runs hold different test slices (naming both
             and the first differing slices), or their ground truth differs.
     """
+    from chestssl.eval.metrics import CLASSIFICATION_METRICS, SEGMENTATION_METRICS
+
     a_name, b_name = str(a.get("source", "run a")), str(b.get("source", "run b"))
     a = _validated(a, a_name)
     b = _validated(b, b_name)

@@ -358,7 +358,7 @@ class MaskedPatchPretraining(PretrainMethod):
         """(B, 1 + K, D) encoder tokens of ``image`` (B, 1, *S) keeping the ``visible`` (B, K) patches.
 
         Every encoder call of the methods goes through here, so a subclass can change how
-        the visible patches are encoded (study level: :mod:`chestssl.xray.study_mae`).
+        the visible patches are encoded (study level: :mod:`chestssl.methods.study_mae`).
         """
         return self.vit.encode_visible(image, visible)
 

@@ -31,10 +31,10 @@ from chestssl.methods.base import PretrainMethod
 from chestssl.methods.vqgan import AutoencoderObjective
 from chestssl.models.backbones import backbone_name, build_backbone
 from chestssl.models.classifier import latent_resnet
+from chestssl.models.losses import class_weight_tensor, make_seg_loss
+from chestssl.models.overlap import dice_iou_from_counts, overlap_counts
 from chestssl.models.seeding import seeded
 from chestssl.models.vqgan import LatentAutoencoder
-from chestssl.tasks.base import class_weight_tensor
-from chestssl.tasks.seg import dice_iou_from_counts, make_seg_loss, overlap_counts
 
 HEADS = ("seg", "cls")
 

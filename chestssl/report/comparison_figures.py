@@ -22,7 +22,6 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
 from chestssl.eval.examples import SEGMENTATION_KEYS
-from chestssl.eval.metrics import per_image_segmentation_scores
 from chestssl.report.figures import (
     _PREDICTION_COLOUR,
     _TRUTH_COLOUR,
@@ -73,6 +72,8 @@ def segmentation_comparison_figure(
         ValueError: no examples, missing arrays, mismatched shapes, or no slice common to
             all models.
     """
+    from chestssl.eval.metrics import per_image_segmentation_scores  # torch and MONAI: only when drawn
+
     if not examples:
         raise ValueError("no segmentation examples to compare")
     if not 0.0 <= float(threshold) <= 1.0:

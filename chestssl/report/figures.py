@@ -18,7 +18,6 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
-from chestssl.eval.metrics import per_image_reconstruction_scores, per_image_segmentation_scores
 from chestssl.io import atomic_path
 from chestssl.report.tables import Column, Table
 
@@ -145,6 +144,8 @@ def reconstruction_figure(path: str | os.PathLike, examples: Mapping[str, Mappin
     Each reconstruction is labelled with its PSNR / SSIM. Methods whose examples show
     other slices than the first method's get their own input row.
     """
+    from chestssl.eval.metrics import per_image_reconstruction_scores  # torch and MONAI: only when drawn
+
     if not examples:
         raise ValueError("no reconstruction examples to plot")
     methods = list(examples)
@@ -192,6 +193,8 @@ def segmentation_overlay_figure(
             optionally ``patient_id``, ``slice_index`` (``(K,)``) for the titles.
         threshold: predicted foreground where ``prob >= threshold``.
     """
+    from chestssl.eval.metrics import per_image_segmentation_scores  # torch and MONAI: only when drawn
+
     image = as_2d_images(examples["image"], f"{run} image")
     mask = as_2d_images(examples["mask"], f"{run} mask") > 0
     prob = as_2d_images(examples["prob"], f"{run} prob")

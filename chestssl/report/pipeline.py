@@ -7,18 +7,18 @@ Reads, for the entries named in params.yaml:
   ``heads/{seg,cls}_{examples,items}.npz``;
 - ``reports/evaluate/<run>/{metrics.json,examples.npz,items.npz}`` of every run (the
   classification examples with their Grad-CAM maps);
-- ``reports/{label_fraction,frozen_parts}/<run>/metrics.json`` of seed 001's studies;
+- ``reports/{label_fraction,frozen_parts}/<run>/metrics.json`` of seed 001's experiments;
 - the dvclive folders of every training stage;
 - ``data/radiographs`` (the radiographs rendered from CT),
   ``reports/pretrain_radiographs/<method>/`` (pretraining on them),
   ``reports/pretrain_radiograph_studies/<method>/`` (pretraining on whole studies) and
-  ``reports/alignment/`` (seed 002's STN alignment study);
+  ``reports/alignment/`` (seed 002's STN alignment experiment);
 
 and writes ``reports/README.md`` with the generic tables (one row per method or run),
 seed 000's tables with its published numbers beside ours
 (:mod:`chestssl.report.seed000`), the paired pretrained-vs-scratch comparison
 (:mod:`chestssl.eval.paired`), the downstream results by pretraining method and seed
-001's studies (:mod:`chestssl.report.studies`), Grad-CAM and confusion-matrix figures of
+001's experiments (:mod:`chestssl.report.experiments`), Grad-CAM and confusion-matrix figures of
 the classifiers (:mod:`chestssl.report.classifier_figures`), and the comparison figures (segmentation overlays of
 scratch / pretrained / multihead models; encoder feature maps of the downstream
 segmentation model vs the multihead model, as seed 000 showed them).
@@ -39,16 +39,16 @@ from chestssl.report.classifier_figures import classifier_figure_section
 from chestssl.report.comparison_figures import feature_map_figure, segmentation_comparison_figure
 from chestssl.report.comparisons import pretrained_vs_scratch_table
 from chestssl.report.cross_modal import contrastive_activity, cross_modal_tables, read_cross_modal_metrics
-from chestssl.report.probes import linear_probe_table
-from chestssl.report.radiograph_figures import ProbeLevel, radiograph_pretraining_section, radiograph_section
-from chestssl.report.seed000 import seed000_tables
-from chestssl.report.studies import (
-    STUDY_METRICS,
+from chestssl.report.experiments import (
+    EXPERIMENT_METRICS,
     downstream_by_method_table,
     frozen_parts_table,
     label_fraction_figure,
     label_fraction_table,
 )
+from chestssl.report.probes import linear_probe_table
+from chestssl.report.radiograph_figures import ProbeLevel, radiograph_pretraining_section, radiograph_section
+from chestssl.report.seed000 import seed000_tables
 
 #: Segmentation models compared in one overlay figure: (label, kind, entry); kind "run"
 #: reads a run's examples, "multihead" a multihead model's seg-head examples.
@@ -80,9 +80,9 @@ def _read_json(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def _study_metrics(study: str, runs: list[str]) -> dict[str, tuple[dict[str, Any], str]]:
-    """``{run: (metrics of <study>@run, its path)}``."""
-    files = {run: paths.study_report_dir(study, run) / "metrics.json" for run in runs}
+def _experiment_metrics(experiment: str, runs: list[str]) -> dict[str, tuple[dict[str, Any], str]]:
+    """``{run: (metrics of <experiment>@run, its path)}``."""
+    files = {run: paths.study_report_dir(experiment, run) / "metrics.json" for run in runs}
     return {run: (_read_json(path), str(path)) for run, path in files.items()}
 
 
@@ -164,7 +164,7 @@ def build_pipeline_report(params: Mapping[str, Any], out_dir: Path = paths.REPOR
                         for name, metrics in pretrain_metrics.items()}
     run_sources = {run: (metrics, str(paths.evaluate_dir(run) / "metrics.json")) for run, metrics in run_metrics.items()}
     fraction_runs, frozen_runs = params["label_fraction"]["runs"], params["frozen_parts"]["runs"]
-    fraction_studies = _study_metrics("label_fraction", fraction_runs)
+    fraction_experiments = _experiment_metrics("label_fraction", fraction_runs)
     if runs:
         table_sections.append((
             "Downstream results by pretraining method",
@@ -172,22 +172,22 @@ def build_pipeline_report(params: Mapping[str, Any], out_dir: Path = paths.REPOR
             "architecture, loss), so every method is read on the same tasks: classification AUROC, segmentation "
             "global Dice, the linear probe, and the label-fraction study's smallest share where the entry has one.",
             [downstream_by_method_table(entries, pretrain_sources, runs, run_sources,
-                                        {run: fraction_studies[run] for run in fraction_runs
+                                        {run: fraction_experiments[run] for run in fraction_runs
                                          if runs[run]["task"] == "cls"})],
         ))
     else:
         skipped.append("Downstream results by pretraining method: `runs` is empty.")
 
-    # Seed 001's studies: label fraction and frozen parts.
+    # Seed 001's experiments: label fraction and frozen parts.
     kinds = {name: entry["method"] for name, entry in entries.items()}
     figure_sections = []
-    if fraction_studies:
+    if fraction_experiments:
         tables, captioned = [], []
         for task in ("cls", "seg"):
-            studied = {run: value for run, value in fraction_studies.items() if runs[run]["task"] == task}
+            studied = {run: value for run, value in fraction_experiments.items() if runs[run]["task"] == task}
             if not studied:
                 continue
-            tables += [label_fraction_table(studied, kinds, task, metric) for metric, _ in STUDY_METRICS[task]]
+            tables += [label_fraction_table(studied, kinds, task, metric) for metric, _ in EXPERIMENT_METRICS[task]]
             path = label_fraction_figure(figures_dir / f"label_fraction_{task}.png",
                                          {run: metrics for run, (metrics, _) in studied.items()}, task)
             captioned.append((f"Label-fraction study ({task}): test metric vs share of training patients", path))
@@ -202,7 +202,7 @@ def build_pipeline_report(params: Mapping[str, Any], out_dir: Path = paths.REPOR
     else:
         skipped.append("Label-fraction study: `label_fraction.runs` is empty.")
     if frozen_runs:
-        frozen = _study_metrics("frozen_parts", frozen_runs)
+        frozen = _experiment_metrics("frozen_parts", frozen_runs)
         table_sections.append((
             "Frozen-parts study (seed 001)",
             "Each run trained with its head only, then with the head and more and more of the encoder's deepest "

@@ -14,17 +14,22 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
 
+from chestssl.report.published import published
 from chestssl.report.tables import Column, Table, build_table
 
 #: The labels probed (:func:`chestssl.eval.linear_probe.probe_labels`), as shown.
 PROBE_LABELS = {"nodule": "nodule", "malignant": "malignancy >= 4"}
 PROBE_METRICS = (("auroc", "AUROC"), ("auprc", "AUPRC"), ("f1", "F1"))
 
-#: Published linear-probe or downstream numbers by pretext method (the ``method`` param).
+_SEED_PROBE = {kind: published()[f"linear_probe.{kind}.mean_auroc"] for kind in ("mae", "diffmae")}
+_SEED_FINE_TUNED = published()["linear_probe.barlow_twins.accuracy"]
+#: Published linear-probe or downstream numbers by pretext method (the ``method`` param),
+#: from the ``linear_probe`` records of ``published.yaml``.
 SEED_NUMBERS = {
-    "mae": "seed 004: mean linear-probe AUROC 0.686 (14 CheXpert labels, MIMIC-CXR)",
-    "diffmae": "seed 004: mean linear-probe AUROC 0.704 (14 CheXpert labels, MIMIC-CXR)",
-    "barlow_twins": "seed 001: fine-tuned accuracy 97.4% (4-class COVID-19 radiography); no probe",
+    **{kind: f"seed {record.seed}: mean linear-probe AUROC {record.value} (14 CheXpert labels, MIMIC-CXR)"
+       for kind, record in _SEED_PROBE.items()},
+    "barlow_twins": f"seed {_SEED_FINE_TUNED.seed}: fine-tuned accuracy {_SEED_FINE_TUNED.value}% "
+                    "(4-class COVID-19 radiography); no probe",
 }
 NO_SEED_NUMBER = "—"
 

@@ -11,7 +11,8 @@ out: generation is not part of the pipeline) as rows pointing at the pipeline en
 reproduces them, and :func:`seed000_tables` fills in our metrics:
 
 - every seed metric gets our value with its bootstrap interval (``value [low, high]``) and,
-  beside it, a column quoting the seed's number exactly as published;
+  beside it, a column quoting the seed's number exactly as published (read from
+  ``published.yaml`` by :mod:`chestssl.report.published`, never written here);
 - segmentation shows our Dice and Jaccard *per image* and *global* (every pixel of the
   test split pooled, which is what seed 000 reported), the seed's number next to the
   global one;
@@ -27,12 +28,13 @@ footnote saying the two columns are not comparable.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Mapping, Sequence
 
 import pandas as pd
 
 from chestssl import paths
+from chestssl.report.published import published
 from chestssl.report.tables import (
     CLASSIFICATION_COLUMNS,
     RECONSTRUCTION_COLUMNS,
@@ -93,7 +95,8 @@ class SeedRow:
         source: one of :data:`SOURCES`.
         entry: default entry name (as in params.yaml) whose metrics fill the row.
         seed_values: metric key -> the seed's published number, as text exactly as the
-            seed printed it (``"0.7780"`` keeps its trailing zero).
+            seed printed it (``"0.9250"`` keeps its trailing zero); in
+            :data:`SEED000_TABLES` read from ``published.yaml`` by :func:`_seed_table`.
         params_section: the params.yaml section the entry belongs to (one of
             :data:`PARAMS_SECTIONS`); empty: ``runs`` for runs, ``multihead`` for heads,
             ``methods`` for reconstructions.
@@ -103,7 +106,7 @@ class SeedRow:
     label: tuple[str, ...]
     source: str
     entry: str
-    seed_values: Mapping[str, str]
+    seed_values: Mapping[str, str] = field(default_factory=dict)
     params_section: str = ""
     setting: str = ""
 
@@ -186,16 +189,13 @@ _CLASSIFICATION = tuple(
 )
 
 
-def _recon(ssim: str, psnr: str) -> dict[str, str]:
-    return {"ssim": ssim, "psnr": psnr}
-
-
-def _seg(dice: str, jaccard: str) -> dict[str, str]:
-    return {"dice_global": dice, "jaccard_global": jaccard}
-
-
-def _cls(accuracy: str, precision: str, recall: str, f1: str) -> dict[str, str]:
-    return {"accuracy": accuracy, "precision": precision, "recall": recall, "f1": f1}
+def _seed_table(name: str, title: str, row_header_columns: tuple[str, ...], metrics: tuple[SeedMetric, ...],
+                rows: tuple[SeedRow, ...], **options: Any) -> SeedTable:
+    """A :class:`SeedTable` whose rows quote the seed's numbers of ``published.yaml``
+    (records of table ``name`` whose ``row`` is the row's header cells joined by " / ")."""
+    quoted = tuple(replace(row, seed_values=published().values(seed="000", table=name, row=row.label_text))
+                   for row in rows)
+    return SeedTable(name, title, row_header_columns, metrics, quoted, **options)
 
 
 _SWIN_AE = "a VQGAN-style autoencoder on the 2D Swin encoder"
@@ -209,66 +209,66 @@ def _multihead(heads: str, beta: str = "") -> str:
 
 
 SEED000_TABLES: tuple[SeedTable, ...] = (
-    SeedTable(
+    _seed_table(
         name="seed000_reconstruction",
         title="Seed 000: reconstruction performance by backbone",
         row_header_columns=("Backbone",),
         metrics=(_SSIM, _PSNR),
         rows=(
-            SeedRow(("swin_transformer",), "method", "ae_swin", _recon("0.9715", "36.568"), setting=_SWIN_AE),
-            SeedRow(("cnn-attention",), "method", "ae_cnn_attention", _recon("0.9795", "37.978"), setting=_CNN_AE),
+            SeedRow(("swin_transformer",), "method", "ae_swin", setting=_SWIN_AE),
+            SeedRow(("cnn-attention",), "method", "ae_cnn_attention", setting=_CNN_AE),
         ),
         note=(
             "Seed 000 computed SSIM and PSNR of these single-task autoencoders with data_range 2.0 (PSNR 6.02 dB "
             "higher than at 1.0 for the same error); ours uses 1.0."
         ),
     ),
-    SeedTable(
+    _seed_table(
         name="seed000_pretrained_segmentation",
         title="Seed 000: influence of pretrained backbones on segmentation",
         row_header_columns=("Experiment", "Backbone", "Pretrained"),
         metrics=(_DICE, _JACCARD),
         rows=(
             SeedRow(
-                ("UNet++", "cnn-attention", "False"), "run", "seg_unetpp_scratch", _seg("0.7566", "0.6085"),
+                ("UNet++", "cnn-attention", "False"), "run", "seg_unetpp_scratch",
                 setting="task: seg, arch: unetpp, init: a scratch method, loss: ce",
             ),
             SeedRow(
                 ("Downstream UNet++", "cnn-attention", "True"), "run", "seg_unetpp_cnn_attention",
-                _seg("0.7664", "0.6213"), setting="task: seg, arch: unetpp, init: the CNN-attention autoencoder, loss: ce",
+                setting="task: seg, arch: unetpp, init: the CNN-attention autoencoder, loss: ce",
             ),
             SeedRow(
-                ("SwinUNETR", "swin_transformer", "False"), "run", "seg_swinunetr_scratch", _seg("0.7780", "0.6367"),
+                ("SwinUNETR", "swin_transformer", "False"), "run", "seg_swinunetr_scratch",
                 setting="task: seg, arch: swin_unetr, init: a scratch method with the Swin encoder, loss: ce",
             ),
             SeedRow(
                 ("Downstream SwinUNETR", "swin_transformer", "True"), "run", "seg_swinunetr_swin",
-                _seg("0.7865", "0.6481"), setting=_SWINUNETR_FROM_SWIN_AE + ", loss: ce",
+                setting=_SWINUNETR_FROM_SWIN_AE + ", loss: ce",
             ),
         ),
     ),
-    SeedTable(
+    _seed_table(
         name="seed000_segmentation_losses",
         title="Seed 000: loss functions on downstream SwinUNETR segmentation",
         row_header_columns=("Experiment", "Loss Function"),
         metrics=(_DICE, _JACCARD),
         rows=(
             SeedRow(
-                ("Downstream SwinUNETR", "Cross Entropy"), "run", "seg_swinunetr_swin", _seg("0.7865", "0.6481"),
+                ("Downstream SwinUNETR", "Cross Entropy"), "run", "seg_swinunetr_swin",
                 setting=_SWINUNETR_FROM_SWIN_AE + ", loss: ce",
             ),
             SeedRow(
-                ("Downstream SwinUNETR", "Focal"), "run", "seg_swinunetr_swin_focal", _seg("0.7664", "0.6213"),
+                ("Downstream SwinUNETR", "Focal"), "run", "seg_swinunetr_swin_focal",
                 setting=_SWINUNETR_FROM_SWIN_AE + ", loss: focal",
             ),
             SeedRow(
-                ("Downstream SwinUNETR", "Soft Dice"), "run", "seg_swinunetr_swin_dice", _seg("0.7903", "0.6533"),
+                ("Downstream SwinUNETR", "Soft Dice"), "run", "seg_swinunetr_swin_dice",
                 setting=_SWINUNETR_FROM_SWIN_AE + ", loss: dice",
             ),
         ),
         note="Seed 000's losses: cross entropy with class weights [1, 50], sigmoid focal (alpha 0.25, gamma 2), soft Dice.",
     ),
-    SeedTable(
+    _seed_table(
         name="seed000_classification_modules",
         title="Seed 000: classification modules on the pretrained latent",
         row_header_columns=("Experiment", "Pretrained Backbone"),
@@ -276,33 +276,33 @@ SEED000_TABLES: tuple[SeedTable, ...] = (
         rows=(
             SeedRow(
                 ("ResNet18", "swin-transformer"), "run", "cls_resnet18_swin",
-                _cls("0.8441", "0.9277", "0.8315", "0.877"), setting="task: cls, arch: resnet18, init: the Swin autoencoder",
+                setting="task: cls, arch: resnet18, init: the Swin autoencoder",
             ),
             SeedRow(
                 ("ResNet50", "swin-transformer"), "run", "cls_resnet50_swin",
-                _cls("0.9899", "0.9893", "0.9957", "0.9925"), setting="task: cls, arch: resnet50, init: the Swin autoencoder",
+                setting="task: cls, arch: resnet50, init: the Swin autoencoder",
             ),
         ),
         note="Seed 000's ResNet18 / ResNet50 are ResNets of basic blocks [2, 2, 2, 2] / [3, 4, 6, 3] on the latent.",
     ),
-    SeedTable(
+    _seed_table(
         name="seed000_multihead_reconstruction",
         title="Seed 000: reconstruction of the multihead models",
         row_header_columns=("Experiment",),
         metrics=(_SSIM, _PSNR),
         rows=(
-            SeedRow(("rec_baseline",), "method", "ae_swin", _recon("0.9715", "36.568"), setting=_SWIN_AE),
+            SeedRow(("rec_baseline",), "method", "ae_swin", setting=_SWIN_AE),
             SeedRow(
-                ("multihead_baseline (seg)",), "method", "multihead_seg", _recon("0.9405", "25.537"),
-                params_section="multihead", setting=_multihead("seg", "1"),
+                ("multihead_baseline (seg)",), "method", "multihead_seg", params_section="multihead",
+                setting=_multihead("seg", "1"),
             ),
             SeedRow(
-                ("multihead_baseline (cls)",), "method", "multihead_cls", _recon("0.9357", "25.136"),
-                params_section="multihead", setting=_multihead("cls"),
+                ("multihead_baseline (cls)",), "method", "multihead_cls", params_section="multihead",
+                setting=_multihead("cls"),
             ),
             SeedRow(
-                ("multihead_baseline (cls/seg)",), "method", "multihead_clsseg", _recon("0.9079", "22.694"),
-                params_section="multihead", setting=_multihead("seg, cls", "1"),
+                ("multihead_baseline (cls/seg)",), "method", "multihead_clsseg", params_section="multihead",
+                setting=_multihead("seg, cls", "1"),
             ),
         ),
         note=(
@@ -310,31 +310,31 @@ SEED000_TABLES: tuple[SeedTable, ...] = (
             "(6 dB apart by construction); ours uses 1.0 for every model."
         ),
     ),
-    SeedTable(
+    _seed_table(
         name="seed000_multihead_segmentation",
         title="Seed 000: segmentation of the multihead models",
         row_header_columns=("Experiment",),
         metrics=(_DICE, _JACCARD),
         rows=(
             SeedRow(
-                ("downstream_seg_baseline",), "run", "seg_swinunetr_swin_dice", _seg("0.7903", "0.6533"),
+                ("downstream_seg_baseline",), "run", "seg_swinunetr_swin_dice",
                 setting=_SWINUNETR_FROM_SWIN_AE + ", loss: dice",
             ),
             SeedRow(
-                ("multihead_baseline (seg) (1)",), "multihead_seg", "multihead_seg", _seg("0.7928", "0.6568"),
+                ("multihead_baseline (seg) (1)",), "multihead_seg", "multihead_seg",
                 setting=_multihead("seg", "1"),
             ),
             SeedRow(
-                ("multihead_baseline (seg) (2)",), "multihead_seg", "multihead_seg_beta25", _seg("0.8206", "0.6957"),
+                ("multihead_baseline (seg) (2)",), "multihead_seg", "multihead_seg_beta25",
                 setting=_multihead("seg", "25"),
             ),
             SeedRow(
-                ("multihead_baseline (cls/seg) (1)",), "multihead_seg", "multihead_clsseg", _seg("0.6781", "0.5130"),
+                ("multihead_baseline (cls/seg) (1)",), "multihead_seg", "multihead_clsseg",
                 setting=_multihead("seg, cls", "1"),
             ),
             SeedRow(
                 ("multihead_baseline (cls/seg) (2)",), "multihead_seg", "multihead_clsseg_beta25",
-                _seg("0.8308", "0.7105"), setting=_multihead("seg, cls", "25"),
+                setting=_multihead("seg, cls", "25"),
             ),
         ),
         note=(
@@ -343,23 +343,20 @@ SEED000_TABLES: tuple[SeedTable, ...] = (
         ),
         show_seg_beta=True,
     ),
-    SeedTable(
+    _seed_table(
         name="seed000_multihead_classification",
         title="Seed 000: classification of the multihead models",
         row_header_columns=("Experiment",),
         metrics=_CLASSIFICATION,
         rows=(
             SeedRow(
-                ("downstream_cls_baseline",), "run", "cls_resnet50_swin", _cls("0.9899", "0.9893", "0.9957", "0.9925"),
+                ("downstream_cls_baseline",), "run", "cls_resnet50_swin",
                 setting="task: cls, arch: resnet50, init: the Swin autoencoder",
             ),
-            SeedRow(
-                ("multihead_baseline (cls)",), "multihead_cls", "multihead_cls",
-                _cls("0.9928", "0.9984", "0.9905", "0.9946"), setting=_multihead("cls"),
-            ),
+            SeedRow(("multihead_baseline (cls)",), "multihead_cls", "multihead_cls", setting=_multihead("cls")),
             SeedRow(
                 ("multihead_baseline (cls/seg)",), "multihead_cls", "multihead_clsseg",
-                _cls("0.9985", "0.9985", "0.9842", "0.9913"), setting=_multihead("seg, cls", "1"),
+                setting=_multihead("seg, cls", "1"),
             ),
         ),
     ),

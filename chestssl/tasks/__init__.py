@@ -9,9 +9,10 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from chestssl.models.backbones import load_encoder
+from chestssl.models.losses import SEG_LOSSES
 from chestssl.tasks.base import TaskModel
 from chestssl.tasks.cls import CLS_ARCHS, ClassificationTask
-from chestssl.tasks.seg import SEG_ARCHS, SEG_LOSSES, SegmentationTask
+from chestssl.tasks.seg import SEG_ARCHS, SegmentationTask
 
 #: Task classes keyed by the ``task`` param of a ``runs`` entry.
 TASKS: dict[str, type[TaskModel]] = {

@@ -18,23 +18,6 @@ from chestssl.models.stepped import SteppedModule
 from chestssl.models.backbones import backbone_name
 
 
-def class_weight_tensor(weights: Sequence[float], key: str) -> torch.Tensor:
-    """Class weights as a tensor; refuses all-zero weights (nothing to learn).
-
-    ``key`` is the param named in errors: a run's name (``runs.<name>.class_weights``)
-    or a full key such as ``multihead.m.cls_class_weights``.
-    """
-    if "." not in key:
-        key = f"runs.{key}.class_weights"
-    tensor = torch.as_tensor([float(w) for w in weights], dtype=torch.float32)
-    if tensor.numel() != 2 or bool((tensor < 0).any()) or float(tensor.sum()) == 0.0:
-        raise ValueError(
-            f"{key}: got {list(weights)}, expected 2 non-negative weights "
-            "(background/clean, nodule) that are not both 0"
-        )
-    return tensor
-
-
 class TaskModel(SteppedModule, ABC):
     """Base of the downstream models; the whole network (encoder included) is trained.
 

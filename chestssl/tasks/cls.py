@@ -19,8 +19,9 @@ from monai.metrics import Cumulative, ROCAUCMetric
 from torch import nn
 
 from chestssl.models.classifier import RESNET_LAYERS, LatentResNetClassifier, LinearHeadClassifier
+from chestssl.models.losses import class_weight_tensor
 from chestssl.models.seeding import seeded
-from chestssl.tasks.base import TaskModel, class_weight_tensor
+from chestssl.tasks.base import TaskModel
 
 #: Backbones whose latent map a ResNet head can read.
 LATENT_HEAD_BACKBONES: tuple[str, ...] = ("unet_encoder", "cnn_attention", "swin")
@@ -105,3 +106,15 @@ class ClassificationTask(TaskModel):
     def predict(self, batch: Mapping[str, Any]) -> torch.Tensor:
         """Probability of class 1 (nodule slice), shape (B,)."""
         return torch.softmax(self(batch["image"]).float(), dim=1)[:, 1]
+
+
+def classifier_encoder(task: nn.Module) -> tuple[str, nn.Module]:
+    """``(dotted name, module)`` of the pretrained backbone inside a classification task."""
+    network = getattr(task, "network", None)
+    encoder = getattr(network, "encoder", None)
+    if not isinstance(encoder, nn.Module):
+        raise TypeError(
+            f"{type(task).__name__} has no network.encoder; pass a ClassificationTask (chestssl.tasks.cls, a "
+            "`task: cls` run), whose network (LinearHeadClassifier or LatentResNetClassifier) holds the backbone"
+        )
+    return "network.encoder", encoder

@@ -10,77 +10,26 @@ softmax; the nodule probability is ``softmax(logits)[:, 1]``:
 - ``swin_unetr``: Swin UNETR (Hatamizadeh et al., BrainLes 2021), MONAI ``SwinUNETR``,
   on a ``swin`` encoder loaded into ``swinViT``.
 
-Losses, as seed 000 compared them:
-
-- ``ce``: cross-entropy with ``class_weights`` (seed 000: [1, 50]);
-- ``dice``: soft Dice on the nodule channel over the whole batch (one Dice for all
-  pixels of the batch), smoothing 1e-5 (Milletari et al., "V-Net", 3DV 2016), MONAI
-  ``DiceLoss``;
-- ``focal``: focal loss with ``focal_gamma`` and ``focal_alpha`` (alpha for the nodule
-  class, 1 - alpha for background; Lin et al., "Focal Loss for Dense Object
-  Detection", ICCV 2017), MONAI ``FocalLoss``.
-
-``class_weights`` apply to ``ce`` only; ``focal`` balances classes with alpha.
-With two softmax channels, softmax(l)[1] = sigmoid(l1 - l0), so the Dice and focal
-losses equal seed 000's sigmoid versions on the logit difference.
+Losses (the ``loss`` param: ``ce``, ``dice``, ``focal``, as seed 000 compared them):
+:func:`chestssl.models.losses.make_seg_loss`. Dice and IoU over a validation pass:
+:mod:`chestssl.models.overlap`.
 """
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import torch
-from monai.losses import DiceLoss, FocalLoss
 from monai.metrics import Cumulative, compute_dice, compute_iou
 from torch import nn
 
+from chestssl.models.losses import make_seg_loss
+from chestssl.models.overlap import dice_iou_from_counts, overlap_counts
 from chestssl.models.unet import UNetEncoder, unetpp_from_encoder
-from chestssl.tasks.base import TaskModel, class_weight_tensor
+from chestssl.tasks.base import TaskModel
 
 #: Architectures of the ``seg`` task (the ``arch`` param) -> the backbones each accepts.
 SEG_ARCHS: dict[str, tuple[str, ...]] = {"unetpp": ("unet_encoder", "cnn_attention"), "swin_unetr": ("swin",)}
-
-
-class WeightedCrossEntropy(nn.Module):
-    """Class-weighted cross-entropy for logits (B, 2, *S) and a binary mask (B, 1, *S).
-
-    torch's mean over pixels weighted by the weight of each pixel's true class.
-    """
-
-    def __init__(self, class_weights: torch.Tensor):
-        super().__init__()
-        self.cross_entropy = nn.CrossEntropyLoss(weight=class_weights)
-
-    def forward(self, logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return self.cross_entropy(logits, mask[:, 0].long())
-
-
-#: Segmentation losses (the ``loss`` param of a seg run, ``seg_loss`` of a multihead entry).
-SEG_LOSSES = ("ce", "dice", "focal")
-
-
-def make_seg_loss(
-    kind: str,
-    class_weights: Sequence[float],
-    focal_gamma: float,
-    focal_alpha: float,
-    where: str = "runs.run",
-    keys: tuple[str, str] = ("loss", "class_weights"),
-) -> nn.Module:
-    """The segmentation loss ``kind``; it takes (logits (B, 2, *S), mask (B, 1, *S)).
-
-    ``where`` is the params entry and ``keys`` the names of its loss and class-weight
-    params, for error messages (e.g. ``runs.seg_unetpp.loss``).
-    """
-    if kind == "ce":
-        return WeightedCrossEntropy(class_weight_tensor(class_weights, f"{where}.{keys[1]}"))
-    if kind == "dice":
-        return DiceLoss(
-            include_background=False, to_onehot_y=True, softmax=True, batch=True, smooth_nr=1e-5, smooth_dr=1e-5
-        )
-    if kind == "focal":
-        return FocalLoss(to_onehot_y=True, use_softmax=True, gamma=float(focal_gamma), alpha=float(focal_alpha))
-    raise ValueError(f"{where}.{keys[0]}: got {kind!r}, expected one of {', '.join(map(repr, SEG_LOSSES))}")
 
 
 def build_seg_loss(run_cfg: Mapping[str, Any], name: str = "run") -> nn.Module:
@@ -101,22 +50,6 @@ def build_seg_network(arch: str, encoder: nn.Module, seed: int) -> nn.Module:
     from chestssl.models.cnn_attention import unetpp_from_cnn_attention
 
     return unetpp_from_cnn_attention(encoder, out_channels=2, seed=seed)
-
-
-def overlap_counts(prediction: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """(intersection, predicted pixels, true pixels) of two binary tensors, as float64 (3,)."""
-    prediction, mask = prediction.bool(), mask.bool()
-    return torch.stack([(prediction & mask).sum(), prediction.sum(), mask.sum()]).double()
-
-
-def dice_iou_from_counts(counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dice and IoU from (intersection, predicted, true) sums; 1 when both masks are empty."""
-    intersection, predicted, true = counts.unbind(-1)
-    union = predicted + true - intersection
-    if float(predicted + true) == 0.0:
-        one = torch.ones((), dtype=counts.dtype, device=counts.device)
-        return one, one
-    return 2.0 * intersection / (predicted + true), intersection / union
 
 
 class SegmentationTask(TaskModel):

@@ -28,7 +28,11 @@ What the loop takes care of:
   runs of the same fit give bitwise-identical weights on the CPU;
 - a tqdm progress bar per epoch, dvclive metrics with ``step`` = optimisation step;
 - a resume checkpoint after every epoch (written atomically) that an interrupted run
-  continues from, giving the same final weights as an uninterrupted run;
+  continues from, giving the same final weights as an uninterrupted run; dvclive writes
+  beside it (:func:`live_work_dir`, outside DVC's outputs), so a resumed run keeps its
+  earlier curve points although the stage's outputs are not ``persist`` (DVC removes
+  them before a run, and its run-cache can then restore an earlier run instead); the
+  curves are copied to the stage's curve folder when the fit starts and when it ends;
 - the best weights by a monitored metric, returned in :class:`FitResult` (the caller
   writes the model files).
 """
@@ -57,7 +61,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm.auto import tqdm
 
-from chestssl.io import write_text
+from chestssl.io import atomic_dir, write_text
 from chestssl.train.checkpoint import (
     capture_rng_state,
     describe_mismatch,
@@ -134,14 +138,17 @@ def fit(
         model: a module with ``training_step`` and ``validation_step`` (module docstring).
             It is moved to the training device and left there with the final weights.
         train_data, val_data: map-style datasets of dict items.
-        train_cfg: a validated ``train`` block of params.yaml (keys :data:`TRAIN_KEYS`).
-        live_dir: dvclive folder (a stage output): emptied on a fresh run, appended to
-            on a resume. Metrics land in ``live_dir/plots/metrics/{train,val}/<key>.tsv``
+        train_cfg: an entry's validated ``train`` settings (keys :data:`TRAIN_KEYS`).
+        live_dir: the curve folder (a stage output): ``live_dir/plots/metrics/{train,val}/<key>.tsv``
             and ``live_dir/plots/metrics/lr.tsv``, with ``step`` = optimisation step.
+            dvclive writes to :func:`live_work_dir` of ``checkpoint_path`` (emptied on a
+            fresh run, appended to on a resume); when the fit starts and when it ends its
+            curves replace ``live_dir`` whole (atomically), so nothing else is left in it.
         checkpoint_path: resume checkpoint, written after every epoch and deleted after a
-            successful fit. If it exists and was made by the same fit (same ``train_cfg``,
-            ``inputs``, seed, monitor, initial weights, dataset sizes and number of
-            processes), training resumes from it; otherwise it starts fresh and says why.
+            successful fit (with the curves beside it). If it exists and was made by the
+            same fit (same ``train_cfg``, ``inputs``, seed, monitor, initial weights,
+            dataset sizes and number of processes), training resumes from it; otherwise it
+            starts fresh and says why.
         seed: seeds everything (weights are the caller's: build them seeded).
         monitor: metric that picks the best epoch, e.g. ``val/loss`` or ``val/dice``.
         mode: ``min`` or ``max``: whether lower or higher ``monitor`` is better.
@@ -221,6 +228,23 @@ def epoch_seed(seed: int, epoch: int, rank: int, stream: int = 0) -> int:
     return int(state >> np.uint64(1))
 
 
+def live_work_dir(checkpoint_path: str | Path) -> Path:
+    """Where dvclive writes during a fit: beside the resume checkpoint (``<name>.live``),
+    kept while the checkpoint is, so an interrupted fit that resumes keeps its curves."""
+    return Path(checkpoint_path).with_suffix(".live")
+
+
+def publish_curves(work_dir: Path, live_dir: Path) -> None:
+    """Replace ``live_dir`` (atomically) with the curves dvclive wrote to ``work_dir``:
+    ``plots/metrics`` only, an empty one before anything is logged."""
+    curves = work_dir / "plots" / "metrics"
+    with atomic_dir(live_dir) as staging:
+        if curves.is_dir():
+            shutil.copytree(curves, staging / "plots" / "metrics")
+        else:
+            (staging / "plots" / "metrics").mkdir(parents=True)
+
+
 def prune_metric_logs(live_dir: Path, last_step: int) -> None:
     """Drop dvclive rows logged after ``last_step`` (by the run that was interrupted), so a
     resumed run appends without duplicate steps."""
@@ -242,7 +266,7 @@ def prune_metric_logs(live_dir: Path, last_step: int) -> None:
 def _check_train_cfg(train_cfg: Mapping[str, Any]) -> dict[str, Any]:
     missing = [key for key in TRAIN_KEYS if key not in train_cfg]
     if missing:
-        raise ValueError(f"train: missing key(s) {', '.join(missing)}; see the `train` blocks in params.yaml")
+        raise ValueError(f"train: missing key(s) {', '.join(missing)}; see `recipes` in params/presets.yaml")
     cfg = dict(train_cfg)
     for key in ("epochs", "batch_size", "log_every"):
         if not isinstance(cfg[key], int) or cfg[key] < 1:
@@ -320,6 +344,7 @@ class _Fit:
                 raise ValueError(f"{name} is empty: nothing to {'train on' if name == 'train_data' else 'validate on'}")
         self.model, self.train_data, self.val_data = model, train_data, val_data
         self.cfg, self.live_dir, self.checkpoint_path = cfg, live_dir, checkpoint_path
+        self.live_work_dir = live_work_dir(checkpoint_path)
         self.seed, self.monitor, self.mode, self.collate_fn, self.ctx = seed, monitor, mode, collate_fn, ctx
         self.epoch_hook = epoch_hook
         self.inputs = dict(inputs or {})
@@ -438,11 +463,13 @@ class _Fit:
         from dvclive import Live  # imports DVC: only where it is used
 
         if self.resumed:
-            prune_metric_logs(self.live_dir, self.global_step)
+            prune_metric_logs(self.live_work_dir, self.global_step)
         else:
-            shutil.rmtree(self.live_dir, ignore_errors=True)
-        self.live = Live(str(self.live_dir), resume=self.resumed, report=None, save_dvc_exp=False, dvcyaml=False)
+            shutil.rmtree(self.live_work_dir, ignore_errors=True)
+        self.live = Live(str(self.live_work_dir), resume=self.resumed, report=None, save_dvc_exp=False,
+                         dvcyaml=False)
         self.live.step = self.global_step
+        publish_curves(self.live_work_dir, self.live_dir)
 
     # -- training -------------------------------------------------------------------
     def run(self) -> FitResult:
@@ -680,7 +707,9 @@ class _Fit:
                 self.best_epoch, self.best_step = self.epochs_done, self.global_step
             if self.live is not None:
                 self.live.end()
+                publish_curves(self.live_work_dir, self.live_dir)
             self.checkpoint_path.unlink(missing_ok=True)
+            shutil.rmtree(self.live_work_dir, ignore_errors=True)
         barrier(self.ctx)
         return FitResult(
             best_state=copy.copy(self.best_state) if self.ctx.is_main else None,

@@ -15,9 +15,9 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Optional
 
 from torch.utils.data import Dataset
 
-from chestssl.cli import flat_metrics
 from chestssl.train.checkpoint import stage_inputs
 from chestssl.train.loop import fit
+from chestssl.train.metrics import flat_metrics
 
 if TYPE_CHECKING:
     from chestssl.methods.base import PretrainMethod

@@ -139,31 +139,33 @@ def test_stage_script_imports_the_dataset_of_data_cxr(chexpert_root, tmp_path, m
 def test_pretraining_probing_and_alignment_run_on_an_imported_dataset(tmp_path):
     """The radiograph stages' library calls, unchanged, on COVID-19 Radiography's four classes."""
     from chestssl.params import validate
-    from chestssl.xray.alignment import run_alignment_study
-    from chestssl.xray.pretrain import pretrain_on_radiographs
-    from tests.tiny_configs import shrink_method_entry
+    from chestssl.pipeline.align_radiographs import align_radiographs
+    from chestssl.pipeline.pretrain_radiographs import pretrain_radiographs
+    from chestssl.params import read_raw_params
+    from tests.tiny_configs import shrink_params
 
     build_covid(tmp_path / "covid", nested=False, per_class=8)
     radiographs = tmp_path / "radiographs"
     import_radiographs({"source": "covid_radiography", "root": str(tmp_path / "covid"), "val_fraction": 0.25,
                         "test_fraction": 0.25}, radiographs, 64)
-    raw = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
-    shrink_method_entry(raw["methods"]["barlow_twins"])
+    raw = read_raw_params(REPO_ROOT / "params.yaml")[0]
+    shrink_params(raw)
     raw["pretrain_radiographs"].update(methods=["barlow_twins"], views=["frontal"], study_methods=[],
                                        train={"epochs": 1, "batch_size": 8})
     raw["evaluate"]["bootstrap_samples"] = 10
     raw["alignment"].update(feature_method="barlow_twins", steps=2, batch_size=4, block_inplanes=[4, 8, 8, 8])
     params = validate(raw)
     out = tmp_path / "out"
-    metrics = pretrain_on_radiographs("barlow_twins", params, radiographs, out / "model", out / "report",
-                                      out / "ckpt.pt")
+    metrics = pretrain_radiographs(params, "barlow_twins", radiographs, out / "model", out / "report",
+                                   out / "ckpt.pt")
     assert metrics["labels"] == list(COVID_CLASSES)
     probed = metrics["probe"]["mean"]["labels"]
     assert probed and set(probed) <= set(COVID_CLASSES)
     # Each class is one grey level in this tree: a linear probe separates it perfectly.
     assert all(metrics["probe"][name]["auroc"]["value"] == 1.0 for name in probed)
 
-    aligned = run_alignment_study(params, radiographs, out / "model" / "encoder.pt", out / "stn", out / "alignment")
+    aligned = align_radiographs(params, radiographs, out / "model" / "encoder.pt", out / "stn", out / "alignment",
+                                out / "stn_ckpt.pt")
     assert set(aligned["auroc"]) == {*COVID_CLASSES, "mean"}
     examples = np.load(out / "alignment" / "examples.npz")
     assert all(study_id.startswith(tuple(name.replace(" ", "_") for name in COVID_CLASSES))

@@ -30,10 +30,10 @@ from chestssl.data.radiograph_datasets import (
 )
 from chestssl.data.radiograph_folder import RadiographFolderWriter, open_radiograph_folder
 from chestssl.errors import UserError
+from chestssl.eval.radiograph_probe import extract_image_features, extract_study_features
 from chestssl.models.seeding import seeded
+from chestssl.models.study_vit import encode_study, study_representation
 from chestssl.models.vit import build_vit_encoder
-from chestssl.xray.probe import extract_image_features, extract_study_features
-from chestssl.xray.study_vit import encode_study, study_representation
 
 SIZE = 32
 CFG = {"size": SIZE, "mu_water_per_mm": 0.02, "window_percentiles": [1.0, 99.0]}

@@ -8,10 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-import yaml
 
 from chestssl.methods import MultiheadAutoencoder, build_method
-from chestssl.params import pretrain_entry, validate
+from chestssl.params import pretrain_entry, read_raw_params, validate
 from tiny_configs import CNN_ATTENTION, SWIN
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -278,9 +277,13 @@ def test_short_optimisation_reduces_the_total_loss():
 
 
 def test_null_seg_beta_takes_the_top_level_value():
-    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw = read_raw_params(ROOT / "params.yaml")[0]
     raw["seg_beta"] = 7.0
-    raw["multihead"] = {"mh_inherit": _cfg(seg_beta=None), "mh_fixed": _cfg(seg_beta=2.0)}
+    entries = {"mh_inherit": _cfg(seg_beta=None), "mh_fixed": _cfg(seg_beta=2.0)}
+    raw["backbones"]["tiny_swin"] = entries["mh_inherit"]["backbone"]
+    # as params.yaml writes them: the backbone and the recipe named, the entry's own train keys over it
+    raw["multihead"] = {name: {**cfg, "backbone": "tiny_swin", "recipe": "multihead", "train": cfg.get("train", {})}
+                        for name, cfg in entries.items()}
     raw["runs"] = {}
     raw["label_fraction"]["runs"] = raw["frozen_parts"]["runs"] = []  # they list runs
     params = validate(raw)

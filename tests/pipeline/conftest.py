@@ -11,10 +11,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.tiny_configs import shrink_method_entry
+from chestssl.params import read_raw_params, write_raw_params
+from tests.tiny_configs import shrink_params
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-PROJECT_FILES = ["chestssl", "stages", "dvc.yaml", "params.yaml", "pyproject.toml", ".dvc/config", ".gitignore",
+PROJECT_FILES = ["chestssl", "stages", "dvc.yaml", "params.yaml", "params", "pyproject.toml", ".dvc/config", ".gitignore",
                  # They keep the report's input folders in place when a list in params is empty.
                  *(f"reports/{stage}/README.md" for stage in ("pretrain", "evaluate_pretrain", "finetune",
                                                              "evaluate", "label_fraction", "frozen_parts",
@@ -49,8 +50,8 @@ def tiny_params(params: dict) -> dict:
     params["data"]["phantom"].update(num_scans=8, max_slices=100)
     params["preprocess"].update(spacing=[2.5, 2.0, 2.0], min_nodule_pixels=4, workers=1)
     params["methods"] = {name: params["methods"][name] for name in TINY_METHODS}
-    params["methods"][TINY_3D_METHOD] = {**params["methods"]["dae_all"], "train": dict(params["methods"]["dae_all"]["train"])}
-    params["methods"][TINY_3D_METHOD]["backbone"] = {**params["methods"]["dae_all"]["backbone"], "spatial_dims": 3}
+    params["backbones"]["swin_3d"] = {**params["backbones"]["swin"], "spatial_dims": 3}
+    params["methods"][TINY_3D_METHOD] = {**params["methods"]["dae_all"], "backbone": "swin_3d"}
     params["crops"].update(size=64, per_scan=4)
     params["multihead"] = {name: params["multihead"][name] for name in TINY_MULTIHEAD}
     for entry in params["multihead"].values():
@@ -62,8 +63,7 @@ def tiny_params(params: dict) -> dict:
     for name, override in TINY_RUNS.items():
         base = dict(template_runs[name] if name in template_runs else template_runs["seg_swinunetr_swin_dice"])
         params["runs"][name] = {**base, **override}
-    for entry in [*params["methods"].values(), *params["multihead"].values(), *params["runs"].values()]:
-        shrink_method_entry(entry)
+    shrink_params(params)
     params["methods"][TINY_3D_METHOD]["train"].update(batch_size=2, max_steps=2)
     # Seed 001's studies on one linear-head run, two settings each.
     params["label_fraction"] = {"fractions": [0.5, 1.0], "runs": ["cls_linear_barlow_twins"]}
@@ -85,7 +85,9 @@ class Project:
         bindir = str(Path(sys.executable).parent)
         self.env = {**os.environ, "PATH": bindir + os.pathsep + os.environ.get("PATH", ""),
                     "DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "t@example.org",
-                    "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "t@example.org", "MPLBACKEND": "Agg"}
+                    "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "t@example.org", "MPLBACKEND": "Agg",
+                    # Stages import the copy's chestssl (the code DVC hashes), not an editable install's.
+                    "PYTHONPATH": str(root)}
         self.dvc = [str(Path(bindir) / "dvc")]
 
     def run(self, *cmd: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -98,10 +100,10 @@ class Project:
         return self.run(*self.dvc, *args, check=check)
 
     def params(self) -> dict:
-        return yaml.safe_load((self.root / "params.yaml").read_text())
+        return read_raw_params(self.root / "params.yaml")[0]
 
     def write_params(self, params: dict) -> None:
-        (self.root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        write_raw_params(params, self.root / "params.yaml")
 
     def commit(self, message: str) -> None:
         self.run("git", "add", "-A")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import os
+import shutil
 import socket
 from pathlib import Path
 
@@ -139,7 +140,13 @@ def test_interrupted_then_resumed_fit_equals_uninterrupted(tmp_path, scheduler, 
         run_fit(tmp_path, "run", interrupted, cfg)
     checkpoint = tmp_path / "run" / "ckpt.pt"
     assert checkpoint.exists()
-    assert max(int(r["step"]) for r in read_tsv(tmp_path / "run/live/plots/metrics/train/loss.tsv")) > 12
+    # The curves so far are kept beside the checkpoint; the curve folder is written when
+    # the fit ends (a fresh fit empties it when it starts).
+    work_curves = tmp_path / "run" / "ckpt.live" / "plots" / "metrics"
+    assert max(int(r["step"]) for r in read_tsv(work_curves / "train/loss.tsv")) > 12
+    assert not any((tmp_path / "run" / "live" / "plots" / "metrics").iterdir())
+    # DVC removes a stage's outputs (not `persist`) before running it again.
+    shutil.rmtree(tmp_path / "run" / "live")
 
     resumed_model = make_model()
     resumed = run_fit(tmp_path, "run", resumed_model, cfg)
@@ -150,7 +157,7 @@ def test_interrupted_then_resumed_fit_equals_uninterrupted(tmp_path, scheduler, 
     assert (resumed.epochs, resumed.steps, resumed.best_epoch) == (reference.epochs, reference.steps,
                                                                    reference.best_epoch)
     assert resumed.history == reference.history
-    assert not checkpoint.exists()
+    assert not checkpoint.exists() and not work_curves.exists()
     # The dvclive curves continue without duplicate steps and match the uninterrupted run.
     for name in ("train/loss.tsv", "train/mae.tsv", "val/loss.tsv", "lr.tsv"):
         assert read_tsv(tmp_path / "run/live/plots/metrics" / name) == \
@@ -230,7 +237,8 @@ def test_dvclive_metrics_use_the_optimisation_step(tmp_path):
     assert (metrics / "train" / "mae.tsv").exists()
     lrs = [float(r["lr"]) for r in read_tsv(metrics / "lr.tsv")]
     assert lrs == sorted(lrs, reverse=True) and lrs[0] < 0.01, "cosine decay per step"
-    assert (live_dir / "metrics.json").exists()
+    assert [p.name for p in live_dir.iterdir()] == ["plots"], "the curve folder holds the curves only"
+    assert not (tmp_path / "run" / "ckpt.live").exists(), "the working curves go with the checkpoint"
 
 
 def test_max_steps_stops_training_across_epochs(tmp_path):
@@ -404,18 +412,18 @@ def test_finetune_stage_fingerprints_its_data_and_run_entry(synthetic_processed,
     import runpy
     import shutil
 
-    import yaml
 
     import chestssl.train.loop as loop
     from chestssl.methods import build_method
     from chestssl.model_files import save_model_file
-    from chestssl.params import validate
+    from chestssl.params import load_params
     from tests.pipeline.conftest import REPO_ROOT
 
     project = tmp_path / "project"
     shutil.copytree(synthetic_processed, project / "data" / "processed")
     shutil.copy(REPO_ROOT / "params.yaml", project / "params.yaml")
-    params = validate(yaml.safe_load((project / "params.yaml").read_text()))
+    shutil.copytree(REPO_ROOT / "params", project / "params")
+    params = load_params(project / "params.yaml")
     init = params["runs"]["seg_unetpp_scratch"]["init"]
     save_model_file(project / "models" / "pretrain" / init / "encoder.pt",
                     build_method(init, params["methods"][init], params["seed"]).export())

@@ -1,0 +1,182 @@
+"""Train and test one downstream run under several settings, resuming after an interruption.
+
+An experiment (seed 001's label fraction or frozen parts) repeats a ``runs`` entry (same
+task, architecture, pretrained encoder and training params) under settings that change
+one thing: the training patients (:mod:`chestssl.experiments.label_fraction`) or the
+parts that train (:mod:`chestssl.experiments.parts`). Each setting is trained with the
+same loop as ``finetune`` (best epoch on the validation split) and scored on the test
+split with patient-bootstrap intervals, as ``evaluate`` scores the run itself.
+
+A finished setting's result is kept in a state folder (the stages use
+``checkpoints/<experiment>/<run>/``) as ``<key>.json`` with a fingerprint of everything it
+depends on, its training curves as ``live/<key>``, and the loop keeps its own resume
+checkpoint ``<key>.pt`` (and the curves so far) there mid-setting, so an interrupted
+experiment resumes where it stopped, its earlier curves included. The curves of every
+setting are copied to the experiment's ``live`` output when all settings are done; the
+folder is removed when the whole experiment has finished (:func:`finish_experiment`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from chestssl.io import atomic_dir, write_json
+
+log = logging.getLogger(__name__)
+
+#: The validation metric that picks the best epoch of each task (as in ``finetune``).
+MONITOR = {"seg": ("val/dice", "max"), "cls": ("val/loss", "min")}
+
+
+@dataclass(frozen=True)
+class ExperimentSetting:
+    """One setting of an experiment.
+
+    Attributes:
+        key: file-safe name of the setting (``25pct``, ``unfrozen_2``).
+        patient_ids: training patients; ``None``: the whole train split.
+        unfrozen_stages: encoder stages trained with the head (deepest first); ``None``:
+            the whole network trains, as in ``finetune``.
+    """
+
+    key: str
+    patient_ids: tuple[str, ...] | None = None
+    unfrozen_stages: int | None = None
+
+
+def interval_metrics(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``{value, ci_low, ci_high[, note]}`` entries of an evaluation, plus its image/patient counts."""
+    kept: dict[str, Any] = {key: dict(value) for key, value in metrics.items()
+                            if isinstance(value, Mapping) and {"value", "ci_low", "ci_high"} <= set(value)}
+    for key in ("n_images", "n_patients", "confusion_matrix", "threshold"):
+        if key in metrics:
+            kept[key] = metrics[key]
+    return kept
+
+
+def test_metrics(task: str, predict, dataset, evaluate_cfg: Mapping[str, Any], seed: int, device) -> dict[str, Any]:
+    """Test-split metrics of ``predict`` with patient-bootstrap intervals (as ``evaluate`` computes them)."""
+    from chestssl.eval.downstream import score_predictions
+    from chestssl.inference import predict_dataset
+
+    out = predict_dataset(predict, dataset, device=device)
+    metrics = score_predictions(task, out, evaluate_cfg, seed=seed)
+    return interval_metrics(metrics)
+
+
+def run_encoder_payload(model_path: str | Path, run_name: str) -> dict[str, Any]:
+    """The pretrained encoder payload the run's ``finetune`` stage started from, kept in its
+    ``model.pt`` (``model_path``; the stage writes ``models/finetune/<run>/model.pt``)."""
+    from chestssl.model_files import load_model_file
+
+    return load_model_file(model_path, f"finetune@{run_name}", required=("encoder",))["encoder"]
+
+
+def run_experiment(
+    experiment: str,
+    run_name: str,
+    params: Mapping[str, Any],
+    encoder_payload: Mapping[str, Any],
+    settings: Sequence[ExperimentSetting],
+    *,
+    processed_dir: str | Path,
+    model_path: str | Path,
+    report_dir: str | Path,
+    state_dir: str | Path,
+) -> dict[str, dict[str, Any]]:
+    """Train and test ``runs.<run_name>`` under each setting; returns ``{key: result}``.
+
+    Args:
+        experiment: its name in messages (``label_fraction``, ``frozen_parts``).
+        run_name, params: the run and the loaded params (``runs``, ``seed``, ``slices``,
+            ``evaluate``).
+        encoder_payload: :func:`run_encoder_payload` of the run.
+        settings: the trainings.
+        processed_dir: ``data/processed``.
+        model_path: the run's fine-tuned ``model.pt`` (it holds the encoder the run starts
+            from; part of the resume fingerprint).
+        report_dir: training curves go to ``report_dir/live/<key>`` (the whole folder
+            written when every setting is done).
+        state_dir: finished settings' results and curves, and the loop's resume checkpoint.
+
+    Each result holds the training-set size, the best epoch and the test metrics
+    (``test``). Returns an empty dict on ranks other than 0 of a distributed run.
+    """
+    from chestssl.data.datasets import SliceDataset
+    from chestssl.experiments.parts import PartlyFrozenTask
+    from chestssl.inference import auto_device
+    from chestssl.tasks import build_task
+    from chestssl.train.checkpoint import digest, stage_inputs
+    from chestssl.train.loop import fit
+
+    run = params["runs"][run_name]
+    seed, slices = params["seed"], params["slices"]
+    processed_dir, report_dir, state_dir = Path(processed_dir), Path(report_dir), Path(state_dir)
+    monitor, mode = MONITOR[run["task"]]
+    # The fine-tuned model file holds the pretrained encoder the run starts from.
+    inputs = stage_inputs({"run": run, "slices": slices}, [processed_dir, model_path])
+    common = dict(seed=seed, evaluate=params["evaluate"], inputs=inputs)
+
+    def data(split: str, patient_ids: Sequence[str] | None = None) -> SliceDataset:
+        return SliceDataset(processed_dir, split, slices["size"], run["task"],
+                            clean_per_nodule_slice=slices["clean_per_nodule_slice"], seed=seed,
+                            patient_ids=list(patient_ids) if patient_ids is not None else None)
+
+    val, test = data("val"), data("test")
+    results: dict[str, dict[str, Any]] = {}
+    for setting in settings:
+        result_path = state_dir / f"{setting.key}.json"
+        fingerprint = digest(dict(setting=asdict(setting), **common))
+        if result_path.exists():
+            earlier = json.loads(result_path.read_text())
+            if earlier.get("fingerprint") == fingerprint:
+                log.info("%s@%s: %s already done, result reused from %s", experiment, run_name, setting.key,
+                         result_path)
+                results[setting.key] = earlier
+                continue
+        train = data("train", setting.patient_ids)
+        model = build_task(run, encoder_payload, seed, name=run_name)
+        if setting.unfrozen_stages is not None:
+            model = PartlyFrozenTask(model, setting.unfrozen_stages)
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        fitted = fit(model, train, val, run["train"], state_dir / "live" / setting.key,
+                     state_dir / f"{setting.key}.pt", seed, monitor=monitor, mode=mode,
+                     inputs={**inputs, "setting": setting.key})
+        if not fitted.is_main:
+            continue
+        model.load_state_dict(fitted.best_state)
+        device = auto_device()
+        model.to(device).eval()
+        result = {
+            "fingerprint": fingerprint,
+            "n_train_images": len(train),
+            "n_train_patients": int(len(np.unique(train.frame["patient_id"]))),
+            "trainable_parameters": int(trainable),
+            "epochs": fitted.epochs,
+            "best_epoch": fitted.best_epoch,
+            f"best_{monitor.replace('/', '_')}": fitted.best_value,
+            "test": test_metrics(run["task"], model.predict, test, params["evaluate"], seed, device),
+        }
+        write_json(result_path, result)
+        results[setting.key] = result
+        log.info("%s@%s: %s done (%d training images)", experiment, run_name, setting.key, len(train))
+    if len(results) == len(settings):
+        with atomic_dir(report_dir / "live") as staging:
+            for setting in settings:
+                curves = state_dir / "live" / setting.key
+                if curves.is_dir():
+                    shutil.copytree(curves, staging / setting.key)
+    return results
+
+
+def finish_experiment(state_dir: str | Path) -> None:
+    """Remove the per-setting results kept for resuming (``state_dir`` of
+    :func:`run_experiment`), once the experiment's metrics are written."""
+    shutil.rmtree(state_dir, ignore_errors=True)

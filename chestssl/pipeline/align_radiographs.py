@@ -1,0 +1,473 @@
+"""Stage ``align_radiographs``: seed 002's STN alignment study on the frontal radiographs of ``data/radiographs``.
+
+Seed 002 aligns every chest radiograph to a *canonical chest* with a spatial transformer
+network (Jaderberg et al., "Spatial Transformer Networks", NeurIPS 2015, arXiv:1506.02025)
+and compares the downstream AUROC of a classifier on the radiographs as they are with one
+on the aligned radiographs (ChestX-ray14, DenseNet-121 fine-tuned on 14 labels: mean
+AUROC 0.8110 unaligned vs 0.8124 aligned). :func:`align_radiographs` runs that study on
+the frontal radiographs of ``data/radiographs`` (rendered from the CT by
+:mod:`chestssl.data.drr`, or a real dataset, ``data.cxr.source``):
+
+1. **Canonical chest** (:func:`~chestssl.data.canonical_chest.canonical_chest`): the mean
+   of the training split's frontal radiographs (lateral views never enter it). The seed
+   cropped each one to its lungs first; the radiographs come without lung masks here, so
+   the whole image is used.
+2. **Feature network** of the loss: the frozen encoder of
+   ``pretrain_radiographs@<feature_method>``, trained earlier by the pipeline (nothing is
+   downloaded), through :class:`~chestssl.models.losses.EncoderFeatures` (its ``feature_maps``).
+3. **Training** through the project's loop (:func:`chestssl.train.loop.fit`, with resume,
+   curves, DistributedDataParallel): an :class:`~chestssl.models.stn.AlignmentSTN` maps the
+   training frontal radiographs, misaligned and intensity-jittered on the fly by
+   :class:`~chestssl.data.affine.AlignmentAugmentation`, onto the canonical chest under
+   :class:`~chestssl.models.losses.AlignmentLoss` (``pixel_weight`` x pixel MSE + feature
+   MSE), AdamW (:class:`~chestssl.methods.alignment.STNAlignment`;
+   :func:`alignment_train_cfg` maps the ``alignment`` params onto the loop's ``train``
+   block). Each epoch is validated on the validation split's frontal radiographs (the
+   training ones when that split has none), moved by one seeded known misalignment: loss
+   and corner displacement before / after (``val/before_px``, ``val/after_px``). The STN
+   of the last step is kept.
+4. **Evaluation** on the test split's frontal radiographs. The renderer fits every CT into
+   the same frame, so rendered radiographs are already aligned with each other, and the
+   misalignment of real films is unknown; so a known misalignment is made: every probed radiograph
+   (training and test) is moved by one seeded random known transform
+   (:func:`~chestssl.data.affine.misalign`, the augmentation's shift/scale/rotation range).
+
+   a. Parameter error (:func:`~chestssl.eval.alignment.alignment_parameter_error`): mean
+      corner displacement in pixels of the known transform (before) and of it chained with
+      the STN's prediction (after), and the fraction undone; and how far the STN moves the
+      radiographs that were not misaligned (0 for a perfect STN).
+   b. AUROC per label of the folder (rendered: ``nodule``, ``malignant``) without and with
+      alignment. The seed fine-tuned a DenseNet-121; here the downstream model is the
+      linear probe of the frozen feature encoder
+      (:func:`~chestssl.eval.radiograph_probe.extract_image_features`,
+      :func:`~chestssl.eval.linear_probe.fit_linear_probe`, the ``probe`` params and the
+      patient bootstrap of ``evaluate``), fitted on the training radiographs and scored on
+      the test radiographs, (i) misaligned, not aligned; (ii) misaligned, then aligned by
+      the STN (training and test radiographs get the same treatment). The probe of the
+      radiographs as stored (condition ``as_rendered``) is reported beside them for
+      reference (:func:`~chestssl.eval.alignment.compare_aurocs`).
+   c. Examples for the report figure: misaligned input, aligned output, canonical chest.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import os
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from chestssl.model_files import load_model_file, save_model_file
+from chestssl.params import ParamsError
+
+#: The view seed 002 aligns (ChestX-ray14 holds frontal films).
+VIEW = "frontal"
+# Offsets of the random streams drawn from the ``seed`` param, so that e.g. more training
+# steps never change which transforms misalign the evaluated radiographs. The training
+# draws (batch order, augmentation) come from the loop's own seeded generators.
+_MISALIGN_TRAIN_STREAM, _MISALIGN_TEST_STREAM, _MISALIGN_VAL_STREAM = 1, 2, 3
+#: The validation metric of the loop's bookkeeping (the STN kept is the last step's).
+MONITOR = ("val/loss", "min")
+
+_FIELD_DOCS = {
+    "feature_method": "the name of a `pretrain_radiographs.methods` entry whose frozen encoder is the loss's "
+                      "feature network",
+    "block_inplanes": "a list of 4 integers >= 1 (widths of the STN's ResNet-18 layer1..4; seed 002: "
+                      "[64, 128, 256, 512])",
+    "steps": "an integer >= 1 (optimisation steps)",
+    "batch_size": "an integer >= 1 (radiographs per step, at most the training frontal radiographs)",
+    "lr": "a number > 0 (AdamW learning rate; seed 002: 1e-4)",
+    "weight_decay": "a number >= 0 (AdamW weight decay; seed 002: 1e-4)",
+    "pixel_weight": "a number >= 0 (weight of the pixel MSE against the feature MSE; seed 002: 15)",
+    "max_shift": "a number in [0, 1) (largest shift, as a fraction of the image size; seed 002: 0.05)",
+    "max_scale": "a number in [0, 1) (largest relative scale change; seed 002: 0.05)",
+    "max_rotation_deg": "a number in [0, 180] (largest rotation in degrees; seed 002: 10)",
+    "max_brightness": "a number in [0, 1) (largest relative brightness change)",
+    "max_contrast": "a number in [0, 1) (largest relative contrast change)",
+    "num_examples": "an integer >= 1 (test radiographs shown in the report figure)",
+    "max_images": "an integer >= 0 (frontal radiographs per split at most, whole patients drawn at random; "
+                  "0: all; bounds the memory on a large dataset)",
+}
+#: The keys of the ``alignment`` params block.
+ALIGNMENT_FIELDS: tuple[str, ...] = tuple(_FIELD_DOCS)
+
+
+# --------------------------------------------------------------------------------------
+# Params
+# --------------------------------------------------------------------------------------
+
+
+def _real(value: Any) -> float | None:
+    """A finite float from a number or a numeric string (YAML 1.1 reads "1e-4" as a string); else None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            return None
+    if not isinstance(value, numbers.Real) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+def _integer(value: Any, minimum: int) -> int | None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        return None
+    return int(value)
+
+
+def _in_range(
+    low: float, high: float, high_inclusive: bool, low_exclusive: bool = False
+) -> Callable[[Any], float | None]:
+    """A parser of numbers in [low, high] (or [low, high), (low, high]); None for anything else."""
+
+    def parse(value: Any) -> float | None:
+        number = _real(value)
+        if number is None or number < low or (low_exclusive and number == low):
+            return None
+        if number > high or (not high_inclusive and number == high):
+            return None
+        return number
+
+    return parse
+
+
+def _feature_method(value: Any) -> str | None:
+    return value if isinstance(value, str) and value.strip() else None
+
+
+def _block_inplanes(value: Any) -> list[int] | None:
+    if not isinstance(value, (list, tuple)) or len(value) != 4:
+        return None
+    widths = [_integer(width, 1) for width in value]
+    return None if None in widths else widths
+
+
+_PARSERS: dict[str, Callable[[Any], Any]] = {
+    "feature_method": _feature_method,
+    "block_inplanes": _block_inplanes,
+    "steps": lambda value: _integer(value, 1),
+    "batch_size": lambda value: _integer(value, 1),
+    "lr": _in_range(0.0, math.inf, True, low_exclusive=True),
+    "weight_decay": _in_range(0.0, math.inf, True),
+    "pixel_weight": _in_range(0.0, math.inf, True),
+    "max_shift": _in_range(0.0, 1.0, False),
+    "max_scale": _in_range(0.0, 1.0, False),
+    "max_rotation_deg": _in_range(0.0, 180.0, True),
+    "max_brightness": _in_range(0.0, 1.0, False),
+    "max_contrast": _in_range(0.0, 1.0, False),
+    "num_examples": lambda value: _integer(value, 1),
+    "max_images": lambda value: _integer(value, 0),
+}
+
+
+def validate_alignment_cfg(
+    cfg: Any, key: str = "alignment", feature_methods: Sequence[str] | None = None
+) -> dict[str, Any]:
+    """Check the ``alignment`` params block and return it normalised (floats as float).
+
+    Keys (:data:`ALIGNMENT_FIELDS`): ``feature_method`` (str), ``block_inplanes`` (4 ints
+    >= 1), ``steps`` (int >= 1), ``batch_size`` (int >= 1), ``lr`` (> 0),
+    ``weight_decay`` (>= 0), ``pixel_weight`` (>= 0), ``max_shift``, ``max_scale``,
+    ``max_brightness``, ``max_contrast`` (in [0, 1)), ``max_rotation_deg`` (in [0, 180]),
+    ``num_examples`` (int >= 1), ``max_images`` (int >= 0). At least one of the shift, scale and rotation must be
+    > 0, or there is no misalignment to learn or measure. ``feature_methods``: if given,
+    the ``pretrain_radiographs.methods`` that ``feature_method`` must be one of.
+
+    Raises :class:`~chestssl.params.ParamsError` listing every problem as
+    ``<key>.<field>: got <value>, expected <what is allowed>``.
+    """
+    if not isinstance(cfg, Mapping):
+        got = "missing" if cfg is None else f"got {cfg!r}"
+        raise ParamsError([f"{key}: {got}, expected a mapping with keys {', '.join(ALIGNMENT_FIELDS)}"])
+    problems = [f"{key}.{name}: unknown key; allowed keys are {', '.join(ALIGNMENT_FIELDS)}"
+                for name in sorted(set(cfg) - set(ALIGNMENT_FIELDS), key=str)]
+    checked: dict[str, Any] = {}
+    for name in ALIGNMENT_FIELDS:
+        if name not in cfg:
+            problems.append(f"{key}.{name}: missing; expected {_FIELD_DOCS[name]}")
+            continue
+        value = _PARSERS[name](cfg[name])
+        if value is None:
+            problems.append(f"{key}.{name}: got {cfg[name]!r}, expected {_FIELD_DOCS[name]}")
+        else:
+            checked[name] = value
+    geometric = ("max_shift", "max_scale", "max_rotation_deg")
+    if all(checked.get(name) == 0.0 for name in geometric):
+        problems.append(f"{key}.max_shift, {key}.max_scale, {key}.max_rotation_deg: all 0, expected at least one "
+                        "> 0 (the STN learns to undo that misalignment, and the study measures how much it undoes)")
+    method = checked.get("feature_method")
+    if method is not None and feature_methods is not None and method not in feature_methods:
+        problems.append(f"{key}.feature_method: got {method!r}, expected one of the pretrain_radiographs.methods "
+                        f"({', '.join(feature_methods) or 'none listed'}), whose encoders the pipeline trains")
+    if problems:
+        raise ParamsError(problems)
+    return checked
+
+
+# --------------------------------------------------------------------------------------
+# Training settings, the feature encoder, the protocol
+# --------------------------------------------------------------------------------------
+
+
+def alignment_train_cfg(cfg: Mapping[str, Any], n_images: int, world_size: int | None = None) -> dict[str, Any]:
+    """The training loop's ``train`` block (:data:`chestssl.train.loop.TRAIN_KEYS`) for a checked
+    ``alignment`` block and ``n_images`` training radiographs.
+
+    ``alignment.steps`` optimisation steps of ``alignment.batch_size`` radiographs
+    (``max_steps``; ``epochs`` is the most passes over the radiographs that many steps can
+    take, each pass drawing every radiograph once in a seeded order), AdamW with
+    ``alignment.lr`` and ``alignment.weight_decay`` and torch's default betas
+    (0.9, 0.999), as seed 002; a constant learning rate, no gradient clipping, float32,
+    the loss logged every step, the device chosen by the loop. ``world_size``: the
+    processes under ``torchrun`` (default: ``WORLD_SIZE``, else 1).
+    """
+    world = world_size if world_size is not None else int(os.environ.get("WORLD_SIZE") or 1)
+    per_rank = math.ceil(n_images / max(1, world))
+    fewest_steps_per_epoch = max(1, per_rank // cfg["batch_size"])
+    return {
+        "epochs": math.ceil(cfg["steps"] / fewest_steps_per_epoch),
+        "batch_size": cfg["batch_size"],
+        "lr": float(cfg["lr"]),
+        "weight_decay": float(cfg["weight_decay"]),
+        "optimizer": "adamw",
+        "betas": [0.9, 0.999],
+        "scheduler": "none",
+        "grad_clip": 0.0,
+        "max_steps": cfg["steps"],
+        "amp": False,
+        "num_workers": 0,
+        "log_every": 1,
+        "device": "auto",
+    }
+
+
+def load_feature_encoder(encoder_path: str | Path, feature_method: str = "<feature_method>") -> nn.Module:
+    """The encoder of ``pretrain_radiographs@<feature_method>`` from its ``encoder.pt`` (CPU, eval mode)."""
+    from chestssl.models.backbones import load_encoder
+
+    encoder_path = Path(encoder_path)
+    if not encoder_path.is_file():
+        raise FileNotFoundError(
+            f"{encoder_path} not found; expected models/pretrain_radiographs/{feature_method}/encoder.pt, the "
+            f"encoder written by the stage pretrain_radiographs@{feature_method} (dvc repro "
+            f"pretrain_radiographs@{feature_method}); alignment.feature_method names it"
+        )
+    payload = load_model_file(encoder_path, f"pretrain_radiographs@{feature_method}")
+    encoder = load_encoder(payload, source=str(encoder_path))
+    if getattr(encoder, "spatial_dims", 2) != 2:
+        raise ValueError(f"{encoder_path}: a {encoder.spatial_dims}D encoder; radiographs are 2D, so set "
+                         "alignment.feature_method to an entry with backbone.spatial_dims 2")
+    return encoder.eval()
+
+
+def protocol(feature_method: str) -> str:
+    """The downstream protocol, as written to ``metrics.json`` and the report."""
+    return (
+        f"linear probe (one class-balanced logistic regression per label, probe.C, probe.max_iter) on the frozen "
+        f"encoder of pretrain_radiographs@{feature_method}, fitted on the training split's frontal radiographs and "
+        "scored on the test split's, with patient bootstrap intervals; every probed radiograph is first moved by one "
+        "seeded random known transform (shift/scale/rotation of the alignment params), then left so (without "
+        "alignment) or aligned by the STN (with alignment). Seed 002 instead fine-tuned a DenseNet-121 on "
+        "ChestX-ray14 films (14 labels) as they came, without or with alignment."
+    )
+
+
+def _check_batch_size(batch_size: int, count: int, size: tuple[int, int]) -> None:
+    """``alignment.batch_size`` fits the training radiographs and the STN's batch norm."""
+    if batch_size > count:
+        raise ParamsError([f"alignment.batch_size: got {batch_size}, expected at most {count}, the training "
+                           f"split's {VIEW} radiographs"])
+    # Layer4 of the trunk has stride 32; batch norm in training needs > 1 value per channel.
+    deepest = math.ceil(size[0] / 32) * math.ceil(size[1] / 32)
+    if batch_size * deepest < 2:
+        raise ParamsError([f"alignment.batch_size: got {batch_size}, expected >= 2 for {size[0]}x{size[1]} "
+                           "radiographs (the STN's deepest batch norm needs more than one value per channel)"])
+
+
+# --------------------------------------------------------------------------------------
+# The stage
+# --------------------------------------------------------------------------------------
+
+
+def align_radiographs(
+    params: Mapping[str, Any],
+    radiographs_dir: str | Path,
+    encoder_path: str | Path,
+    model_dir: str | Path,
+    report_dir: str | Path,
+    checkpoint_path: str | Path,
+    live_dir: str | Path | None = None,
+) -> dict[str, Any] | None:
+    """Train the alignment STN on the radiographs and measure what it changes (seed 002).
+
+    Args:
+        params: the loaded params with ``alignment`` (:func:`validate_alignment_cfg`),
+            ``seed``, ``probe`` (``C``, ``max_iter``), ``evaluate`` (``bootstrap_samples``,
+            ``confidence``) and, if present, ``pretrain_radiographs.methods``.
+        radiographs_dir: ``data/radiographs`` (stage ``radiographs``).
+        encoder_path: ``encoder.pt`` of ``pretrain_radiographs@<alignment.feature_method>``.
+        model_dir: receives ``stn.pt`` (:func:`~chestssl.models.stn.stn_payload`; load with
+            :func:`~chestssl.models.stn.load_alignment_stn`).
+        report_dir: receives ``metrics.json`` and ``examples.npz``.
+        checkpoint_path: the training loop's resume checkpoint: an interrupted run resumes
+            from its last finished epoch and ends with the weights of an uninterrupted one.
+        live_dir: the training curves (dvclive; ``step`` = optimisation step); default
+            ``report_dir/live``.
+
+    ``examples.npz``: ``input`` (K, S, S) the misaligned test radiographs, ``aligned``
+    (K, S, S) the STN's output, ``original`` (K, S, S) as rendered, ``canonical`` (S, S),
+    ``study_id`` (K,) str, ``before_px`` / ``after_px`` (K,) their corner displacements;
+    K = min(``alignment.num_examples``, test radiographs), in study-id order.
+
+    Returns the metrics written to ``metrics.json`` (``None`` on a non-main process under
+    ``torchrun``): ``protocol``, ``feature_method``, ``canonical``, ``training`` (steps,
+    epochs, the first and last epochs' mean training loss, the last epoch's validation
+    metrics), ``parameter_error`` (``misaligned``: ``before_px``, ``after_px``,
+    ``fraction_undone``; ``not_misaligned``: ``displacement_px``), ``auroc``
+    (:func:`~chestssl.eval.alignment.compare_aurocs`) and ``probe`` (the full probe results
+    per condition of :data:`~chestssl.eval.alignment.CONDITIONS`).
+    """
+    from chestssl.data.affine import AlignmentAugmentation, misalign
+    from chestssl.data.canonical_chest import canonical_chest
+    from chestssl.data.datasets import DatasetError
+    from chestssl.data.radiograph_datasets import IndexedImages, RadiographDataset, ReplacedImages, capped, stack_images
+    from chestssl.data.radiograph_folder import open_radiograph_folder
+    from chestssl.eval.alignment import (
+        CONDITIONS,
+        alignment_parameter_error,
+        compare_aurocs,
+        mean_corner_displacement,
+    )
+    from chestssl.eval.linear_probe import fit_linear_probe
+    from chestssl.eval.radiograph_probe import extract_image_features
+    from chestssl.io import write_json, write_npz
+    from chestssl.methods.alignment import STNAlignment
+    from chestssl.models.losses import AlignmentLoss, EncoderFeatures
+    from chestssl.models.seeding import seeded
+    from chestssl.models.stn import DEFAULT_HIDDEN_DIM, AlignmentSTN, apply_stn, stn_payload
+    from chestssl.train.checkpoint import stage_inputs
+    from chestssl.train.loop import fit
+    from chestssl.train.metrics import flat_metrics
+
+    known_methods = (params.get("pretrain_radiographs") or {}).get("methods")
+    cfg = validate_alignment_cfg(params.get("alignment"), feature_methods=known_methods)
+    seed = int(params["seed"])
+    probe_cfg, evaluate_cfg = params["probe"], params["evaluate"]
+    model_dir, report_dir = Path(model_dir), Path(report_dir)
+    live_dir = report_dir / "live" if live_dir is None else Path(live_dir)
+
+    folder = open_radiograph_folder(radiographs_dir)
+    splits = {split: RadiographDataset(folder, split, (VIEW,)) for split in ("train", "test")}
+    used = {split: capped(data, cfg["max_images"], seed) for split, data in splits.items()}
+    train_set, test_set = used["train"], used["test"]
+    train_images, test_images = stack_images(train_set), stack_images(test_set)
+    size = (int(train_images.shape[-2]), int(train_images.shape[-1]))
+    _check_batch_size(cfg["batch_size"], train_images.shape[0], size)
+
+    canonical = canonical_chest(train_images, size=size)
+    encoder = load_feature_encoder(encoder_path, cfg["feature_method"])
+    loss = AlignmentLoss(EncoderFeatures(encoder), pixel_weight=cfg["pixel_weight"])
+    with seeded(seed):
+        stn = AlignmentSTN(output_size=size, block_inplanes=cfg["block_inplanes"], hidden_dim=DEFAULT_HIDDEN_DIM)
+    augmentation = AlignmentAugmentation(cfg["max_shift"], cfg["max_scale"], cfg["max_rotation_deg"],
+                                         cfg["max_brightness"], cfg["max_contrast"])
+
+    def misaligned(images: torch.Tensor, stream: int) -> tuple[torch.Tensor, torch.Tensor]:
+        # CPU generators: the same draws on every device.
+        return misalign(images, cfg["max_shift"], cfg["max_scale"], cfg["max_rotation_deg"],
+                        torch.Generator().manual_seed(seed + stream))
+
+    try:
+        validation_split = "val"
+        val_images = stack_images(capped(RadiographDataset(folder, "val", (VIEW,)), cfg["max_images"], seed))
+    except DatasetError:  # no frontal radiograph in the validation split: validate on the training ones
+        validation_split, val_images = "train", train_images
+    val_moved, val_applied = misaligned(val_images, _MISALIGN_VAL_STREAM)
+
+    module = STNAlignment(stn, loss, canonical, augmentation)
+    result = fit(
+        module, IndexedImages(train_images), IndexedImages(val_moved, {"applied": val_applied}),
+        alignment_train_cfg(cfg, train_images.shape[0]), live_dir, Path(checkpoint_path), seed,
+        monitor=MONITOR[0], mode=MONITOR[1],
+        # The number of report examples does not change the training.
+        inputs=stage_inputs({"alignment": {k: v for k, v in cfg.items() if k != "num_examples"}},
+                            [radiographs_dir, encoder_path]),
+    )
+    if not result.is_main:  # under torchrun, rank 0 evaluates and writes the outputs
+        return None
+    stn = module.stn  # the weights of the last step
+
+    train_moved, _ = misaligned(train_images, _MISALIGN_TRAIN_STREAM)
+    test_moved, test_applied = misaligned(test_images, _MISALIGN_TEST_STREAM)
+    train_aligned, _ = apply_stn(stn, train_moved)
+    test_aligned, test_predicted = apply_stn(stn, test_moved)
+    _, unmoved_predicted = apply_stn(stn, test_images)
+
+    error = alignment_parameter_error(test_predicted, test_applied, image_size=size)
+    unmoved_displacement = mean_corner_displacement(unmoved_predicted, image_size=size)
+    parameter_error = {
+        "misaligned": {"before_px": float(error.before.mean()), "after_px": float(error.after.mean()),
+                       "fraction_undone": error.fraction_undone, "n_images": int(test_images.shape[0])},
+        "not_misaligned": {"displacement_px": float(unmoved_displacement.mean()),
+                           "n_images": int(test_images.shape[0])},
+    }
+
+    device = next(stn.parameters()).device
+    condition_images = {"misaligned": (train_moved, test_moved), "aligned": (train_aligned, test_aligned),
+                        "as_rendered": (train_images, test_images)}
+    probes = {}
+    for condition in CONDITIONS:
+        train_condition, test_condition = condition_images[condition]
+        probes[condition] = fit_linear_probe(
+            extract_image_features(encoder, ReplacedImages(train_set, train_condition), device),
+            extract_image_features(encoder, ReplacedImages(test_set, test_condition), device),
+            C=probe_cfg["C"], max_iter=probe_cfg["max_iter"], seed=seed,
+            n_bootstrap=evaluate_cfg["bootstrap_samples"], confidence=evaluate_cfg["confidence"],
+        )
+
+    history = result.history
+    metrics: dict[str, Any] = {
+        "protocol": protocol(cfg["feature_method"]),
+        "feature_method": cfg["feature_method"],
+        "view": VIEW,
+        "canonical": {
+            "n_images": int(train_images.shape[0]),
+            "size": list(size),
+            "note": "mean of the whole training frontal radiographs: the radiographs come without lung masks, so "
+                    "they are not cropped to the lungs as in seed 002",
+        },
+        "training": {
+            "steps": result.steps, "epochs": result.epochs, "n_images": int(train_images.shape[0]),
+            # Means over the first and the last epoch (one step each when a batch holds every radiograph).
+            "first_loss": history[0]["train/loss"], "final_loss": history[-1]["train/loss"],
+            "validation": {"split": validation_split, "n_images": int(val_images.shape[0])},
+            **flat_metrics(result.final_metrics),
+        },
+        "parameter_error": parameter_error,
+        "images_used": {split: {"used": len(used[split]), "of": len(splits[split])} for split in splits},
+        "auroc": compare_aurocs(probes, train_set.label_names),
+        "probe": probes,
+    }
+
+    count = min(cfg["num_examples"], test_images.shape[0])
+    save_model_file(model_dir / "stn.pt", stn_payload(stn, canonical, {
+        "feature_method": cfg["feature_method"], "augmentation": asdict(augmentation), "history": history}))
+    write_npz(
+        report_dir / "examples.npz",
+        input=test_moved[:count, 0].numpy().astype(np.float32),
+        aligned=test_aligned[:count, 0].numpy().astype(np.float32),
+        original=test_images[:count, 0].numpy().astype(np.float32),
+        canonical=canonical[0].numpy().astype(np.float32),
+        study_id=np.asarray(test_set.frame["study_id"].iloc[:count], dtype=str),
+        before_px=error.before[:count].numpy().astype(np.float32),
+        after_px=error.after[:count].numpy().astype(np.float32),
+    )
+    write_json(report_dir / "metrics.json", metrics)
+    return metrics

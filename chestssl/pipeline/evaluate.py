@@ -1,0 +1,69 @@
+"""Stage ``evaluate@<run>``: test-split metrics of a fine-tuned model, with bootstrap CIs over patients.
+
+The run's model (stage ``finetune@<run>``) predicts every test slice
+(:func:`chestssl.eval.downstream.evaluate_predictor`): Dice / Jaccard (global and per
+image) or accuracy, precision, recall, F1, AUROC, with intervals over patients; example
+slices for the figures; per-slice scores for paired comparisons. A classifier's example
+slices also get their Grad-CAM maps (:func:`chestssl.interpret.add_gradcam_to_examples`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping
+
+from chestssl import paths
+from chestssl.io import write_json
+from chestssl.model_files import load_model_file
+from chestssl.params import ParamsError
+
+
+def evaluate(
+    params: Mapping[str, Any],
+    name: str,
+    processed_dir: str | Path = paths.PROCESSED_DIR,
+    model_path: str | Path | None = None,
+    out_dir: str | Path | None = None,
+) -> dict[str, Any]:
+    """Evaluate the fine-tuned run ``name`` on the test split; write its metrics, examples and items.
+
+    Args:
+        params: the loaded params (the run, ``seed``, ``slices``, ``evaluate``,
+            ``report.num_examples``).
+        name: an entry under ``runs``.
+        processed_dir: ``data/processed``.
+        model_path: the fine-tuned model; default :func:`chestssl.paths.finetune_model_path`.
+        out_dir: receives ``metrics.json``, ``examples.npz`` and ``items.npz``; default
+            :func:`chestssl.paths.evaluate_dir`.
+
+    Returns the metrics.
+    """
+    from chestssl.data.datasets import SliceDataset
+    from chestssl.eval.downstream import evaluate_predictor
+    from chestssl.inference import auto_device
+    from chestssl.interpret import add_gradcam_to_examples
+    from chestssl.tasks import build_task
+
+    if name not in params["runs"]:
+        raise ParamsError([f"runs: {name!r} is not an entry ({', '.join(params['runs']) or 'none'})"])
+    run = params["runs"][name]
+    seed, slices = params["seed"], params["slices"]
+    model_path = Path(model_path) if model_path is not None else paths.finetune_model_path(name)
+    out_dir = Path(out_dir) if out_dir is not None else paths.evaluate_dir(name)
+    saved = load_model_file(model_path, f"finetune@{name}", required=("encoder", "state_dict"))
+    device = auto_device()
+    model = build_task(run, saved["encoder"], seed, name=name)
+    model.load_state_dict(saved["state_dict"])
+    model.to(device).eval()
+    test = SliceDataset(processed_dir, "test", slices["size"], run["task"],
+                        clean_per_nodule_slice=slices["clean_per_nodule_slice"], seed=seed)
+    metrics = evaluate_predictor(
+        run["task"], model.predict, test, params["evaluate"], examples_path=out_dir / "examples.npz",
+        items_path=out_dir / "items.npz", num_examples=params["report"]["num_examples"], seed=seed, device=device,
+        feature_maps=getattr(model, "encoder_feature_maps", None),
+    )
+    if run["task"] == "cls":
+        # Grad-CAM of the nodule logit on the saved example slices, for the report's figure.
+        add_gradcam_to_examples(model, out_dir / "examples.npz")
+    write_json(out_dir / "metrics.json", metrics)
+    return metrics

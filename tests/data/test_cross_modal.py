@@ -1,0 +1,52 @@
+"""CT slices and radiographs in one dataset, every item tagged with its modality (seed 003)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from chestssl.data.cross_modal import CrossModalDataset
+
+
+class ConstantImages(torch.utils.data.Dataset):
+    """``n`` constant images of side ``side``, item i holding the value i."""
+
+    def __init__(self, n: int, side: int):
+        self.n, self.side = n, side
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: int) -> dict:
+        return {"image": torch.full((1, self.side, self.side), float(index), dtype=torch.float16), "other": index}
+
+
+def test_radiographs_make_up_the_set_share_of_the_items_and_are_tagged():
+    data = CrossModalDataset(ConstantImages(30, 8), ConstantImages(4, 8), radiograph_fraction=0.25)
+    assert (data.n_ct, data.n_radiograph, len(data)) == (30, 10, 40)
+    modalities = [data[i]["modality"] for i in range(len(data))]
+    assert modalities == ["ct"] * 30 + ["radiograph"] * 10 == [data.modality(i) for i in range(len(data))]
+    # CT items in order, then the radiographs cycled; every item is float32 with only image and modality.
+    assert [int(data[i]["image"][0, 0, 0]) for i in (0, 29, 30, 33, 34, 39)] == [0, 29, 0, 3, 0, 1]
+    assert set(data[31]) == {"image", "modality"} and data[31]["image"].dtype == torch.float32
+    # A tiny share still gives at least one radiograph.
+    assert CrossModalDataset(ConstantImages(3, 8), ConstantImages(2, 8), 0.01).n_radiograph == 1
+
+
+def test_radiographs_of_another_size_are_resized_to_the_slices():
+    data = CrossModalDataset(ConstantImages(4, 8), ConstantImages(2, 16), 0.5)
+    assert data[5]["image"].shape == (1, 8, 8) and float(data[5]["image"].mean()) == pytest.approx(1.0)
+    assert CrossModalDataset(ConstantImages(4, 16), ConstantImages(2, 8), 0.5)[5]["image"].shape == (1, 16, 16)
+
+
+@pytest.mark.parametrize("fraction", [0.0, 1.0, -0.5])
+def test_a_share_outside_zero_one_is_refused(fraction):
+    with pytest.raises(ValueError, match="cross_modal.radiograph_fraction"):
+        CrossModalDataset(ConstantImages(4, 8), ConstantImages(2, 8), fraction)
+
+
+def test_an_empty_modality_is_refused_with_what_to_check():
+    with pytest.raises(ValueError, match="no radiographs in this split.*dvc repro radiographs"):
+        CrossModalDataset(ConstantImages(4, 8), ConstantImages(0, 8), 0.5)
+    with pytest.raises(ValueError, match="no CT slices"):
+        CrossModalDataset(ConstantImages(0, 8), ConstantImages(2, 8), 0.5)

@@ -1,0 +1,82 @@
+"""Stage report: the tables, figures and README built from the other stages' outputs.
+
+The inputs are made by the other CT stages' functions (pretrain, evaluate_pretrain,
+finetune, evaluate, radiographs) on the synthetic processed folder, a few steps each, in a
+working folder laid out as :mod:`chestssl.paths` says.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from PIL import Image
+
+from chestssl import paths
+from chestssl.pipeline.evaluate import evaluate
+from chestssl.pipeline.evaluate_pretrain import evaluate_pretrain
+from chestssl.pipeline.finetune import finetune
+from chestssl.pipeline.pretrain import pretrain
+from chestssl.pipeline.radiographs import radiographs
+from chestssl.pipeline.report import report
+from tests.pipeline.test_pretrain import stage_params
+
+RUNS = ("seg_unetpp_scratch", "seg_unetpp_cnn_attention", "cls_linear_scratch_resnet18")
+
+
+def test_the_report_holds_every_entry_and_run(synthetic_processed, tmp_path, monkeypatch):
+    params = stage_params(runs=RUNS)
+    monkeypatch.chdir(tmp_path)
+    radiographs(params, synthetic_processed, paths.RADIOGRAPHS_DIR, progress=False)
+    for name in params["methods"]:
+        pretrain(params, name, synthetic_processed)
+        evaluate_pretrain(params, name, synthetic_processed)
+    for run in RUNS:
+        finetune(params, run, synthetic_processed)
+        evaluate(params, run, synthetic_processed)
+    # The one `pretrain_radiographs.methods` entry (the alignment block must name one): the
+    # scratch ResNet-18, untrained, with its CT probe standing in for the radiograph probe.
+    probed = paths.radiograph_report_dir("scratch_resnet18")
+    (probed / "live" / "plots" / "metrics").mkdir(parents=True)
+    shutil.copy(paths.evaluate_pretrain_dir("scratch_resnet18") / "metrics.json", probed / "metrics.json")
+
+    written = report(params, paths.REPORTS_DIR)
+
+    readme = (paths.REPORTS_DIR / "README.md").read_text()
+    assert paths.REPORTS_DIR / "README.md" in written
+    for heading in ("Linear probe of every pretrained encoder", "Downstream results by pretraining method",
+                    "Does pretraining help? (paired, pretrained - scratch)", "Radiographs rendered from CT"):
+        assert heading in readme, heading
+    # Every figure the README links exists and is a PNG.
+    figures = [Path(link) for link in _links(readme) if link.endswith(".png")]
+    for figure in figures:
+        with Image.open(paths.REPORTS_DIR / figure) as image:
+            assert image.format == "PNG"
+    assert {"reconstructions.png", "segmentation_comparison.png", "classifier_gradcam.png",
+            "radiographs.png"} <= {figure.name for figure in figures}
+    # The tables hold the evaluated numbers.
+    tables = paths.REPORTS_DIR / "tables"
+    segmentation = pd.read_csv(tables / "segmentation.csv").set_index("run")
+    for run in RUNS[:2]:
+        dice = json.loads((paths.evaluate_dir(run) / "metrics.json").read_text())["dice_global"]["value"]
+        assert segmentation.loc[run, "dice_global"] == pytest.approx(dice)
+    # The two UNet++ runs differ only in their init: a scratch vs pretrained pair.
+    paired = pd.read_csv(tables / "pretrained_vs_scratch.csv")
+    assert set(zip(paired["scratch_run"], paired["pretrained_run"])) == {RUNS[:2]}
+    assert set(pd.read_csv(tables / "linear_probe.csv")["entry"]) == set(params["methods"])
+    assert "Label-fraction study: `label_fraction.runs` is empty." in readme
+
+
+def test_a_missing_input_is_named(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match="evaluate_pretrain/scratch_cnn_attention/metrics.json"):
+        report(stage_params(), paths.REPORTS_DIR)
+
+
+def _links(markdown: str) -> list[str]:
+    import re
+
+    return re.findall(r"\]\(([^)]+)\)", markdown)

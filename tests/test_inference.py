@@ -1,0 +1,41 @@
+"""Batched inference: outputs in dataset order, passes bounded in voxels."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from chestssl.inference import MAX_VOXELS_PER_PASS, predict_dataset
+
+
+class Images(Dataset):
+    def __init__(self, count: int, shape: tuple[int, ...]) -> None:
+        self.count, self.shape = count, shape
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, index: int) -> dict:
+        return {"image": torch.full(self.shape, float(index)), "patient_id": f"p{index}"}
+
+
+def test_outputs_follow_the_dataset_and_passes_hold_a_bounded_number_of_voxels():
+    sizes = []
+
+    def predict(batch):
+        sizes.append(len(batch["image"]))
+        return batch["image"].flatten(1).mean(1)
+
+    slices = predict_dataset(predict, Images(70, (1, 64, 64)), device=torch.device("cpu"))
+    assert sizes == [64, 6], "64 slices of 64x64 per pass, as asked"
+    assert np.array_equal(slices["output"], np.arange(70, dtype=np.float32))
+    assert list(slices["patient_id"]) == [f"p{i}" for i in range(70)]
+
+    sizes.clear()
+    crops = predict_dataset(predict, Images(6, (1, 64, 64, 64)), device=torch.device("cpu"))
+    assert sizes == [4, 2] and MAX_VOXELS_PER_PASS == 4 * 64**3, "four 64^3 crops per pass, not 64"
+    assert np.array_equal(crops["output"], np.arange(6, dtype=np.float32))
+    sizes.clear()
+    predict_dataset(predict, Images(2, (1, 96, 96, 96)), device=torch.device("cpu"))
+    assert sizes == [1, 1], "at least one item per pass"
