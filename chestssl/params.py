@@ -621,7 +621,7 @@ def _check(value: Any, spec: Any, key: str, problems: list[str]) -> Any:
         out = {}
         for name, preset in value.items():
             preset_key = _join(key, str(name))
-            if not isinstance(name, str) or not name.replace("_", "").replace("-", "").isalnum():
+            if not _valid_name(name):
                 problems.append(f"{preset_key}: preset names may contain only {spec.name_pattern_doc}")
                 continue
             out[name] = _check(preset, spec.reserved.get(name, spec.spec), preset_key, problems)
@@ -633,7 +633,7 @@ def _check(value: Any, spec: Any, key: str, problems: list[str]) -> Any:
         out = {}
         for name, entry in value.items():
             entry_key = _join(key, str(name))
-            if not isinstance(name, str) or not name.replace("_", "").replace("-", "").isalnum():
+            if not _valid_name(name):
                 problems.append(f"{entry_key}: entry names may contain only {spec.name_pattern_doc}")
             if not isinstance(entry, Mapping) or spec.key not in entry:
                 problems.append(f"{entry_key}: missing `{spec.key}` (one of {', '.join(spec.schemas)})")
@@ -648,6 +648,11 @@ def _check(value: Any, spec: Any, key: str, problems: list[str]) -> Any:
             out[name] = _check(entry, spec.schemas[kind], entry_key, problems)
         return out
     raise TypeError(f"bad schema at {key}: {spec!r}")
+
+
+def _valid_name(name: Any) -> bool:
+    """Whether ``name`` may name an entry or a preset: letters, digits, '_' and '-'."""
+    return isinstance(name, str) and name.replace("_", "").replace("-", "").isalnum()
 
 
 def _expected(spec: Any) -> str:
@@ -966,12 +971,12 @@ PARAMS_FILES: dict[str, tuple[str, ...]] = {
 }
 
 
-def params_file_of(group: str, main: str = "params.yaml") -> str:
+def params_file_of(group: str) -> str:
     """The params file (relative to the repository root) that holds the top-level ``group``."""
     for name, groups in PARAMS_FILES.items():
         if group in groups:
             return name
-    return main
+    return "params.yaml"
 
 
 def read_raw_params(path: str | os.PathLike = "params.yaml") -> tuple[dict[str, Any], dict[str, str]]:
@@ -995,9 +1000,10 @@ def read_raw_params(path: str | os.PathLike = "params.yaml") -> tuple[dict[str, 
         if raw is not None and not isinstance(raw, Mapping):
             raise ParamsError([f"the file holds a {type(raw).__name__}, expected a mapping of keys to values"], str(file))
         for group, value in (raw or {}).items():
-            if params_file_of(str(group), "params.yaml") != name:
-                raise ParamsError([f"{group}: this group belongs in {params_file_of(str(group), 'params.yaml')} "
-                                   "(dvc.yaml reads it there); move it"], str(file))
+            home = params_file_of(str(group))
+            if home != name:
+                raise ParamsError([f"{group}: this group belongs in {home} (dvc.yaml reads it there); move it"],
+                                  str(file))
             merged[group] = value
             sources[group] = name
     return merged, sources
@@ -1011,7 +1017,7 @@ def write_raw_params(raw: Mapping[str, Any], path: str | os.PathLike = "params.y
     path = Path(path)
     for name in ["params.yaml", *PARAMS_FILES]:
         file = path if name == "params.yaml" else path.parent / name
-        part = {group: value for group, value in raw.items() if params_file_of(group, "params.yaml") == name}
+        part = {group: value for group, value in raw.items() if params_file_of(group) == name}
         file.parent.mkdir(parents=True, exist_ok=True)
         write_text(file, yaml.safe_dump(part, sort_keys=False))
 
