@@ -1,8 +1,7 @@
 """Argument checks shared by model and method constructors.
 
-Params are validated against the schema when a stage starts (:mod:`chestssl.params`);
-these checks guard the same values where code builds networks directly, with messages
-that name the params key.
+Params are validated when a stage starts (:mod:`chestssl.params`); these checks only keep
+a constructor from building nonsense, with messages that name its own argument.
 """
 
 from __future__ import annotations
@@ -12,7 +11,7 @@ from typing import Any
 
 
 def positive_int(value: Any, key: str, allowed: str = "a positive integer") -> int:
-    """``value`` as an int if it is an integer >= 1 (not a bool); else a ValueError naming ``key``."""
+    """``value`` as an int if it is an integer >= 1 (not a bool); else a ValueError naming ``key``, the argument."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f"{key}: got {value!r}, expected {allowed}")
     return int(value)

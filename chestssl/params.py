@@ -11,25 +11,43 @@ training recipe from the presets ``backbones`` and ``recipes``; :func:`validate`
 them in, so the entries a stage receives are written out in full.
 """
 
-from __future__ import annotations
-
-from chestssl.errors import UserError
-
 import copy
-import math
 import os
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Annotated, Any, ClassVar, Literal, Mapping, get_args
 
 import yaml
+from pydantic import AfterValidator, ConfigDict, Field, ValidationError, create_model, model_validator
 
-_REQUIRED = object()
+from chestssl.errors import UserError
+from chestssl.schema import (
+    NAME_PATTERN, Bool, Config, Float, Int, List, Names, Nullable, Str, Tagged, problem, problems_of,
+)
 
+#: The chest X-ray sources ``data.cxr.source`` may name (readers in :mod:`chestssl.data.cxr`).
+CXR_SOURCES = ("rendered", "chexpert", "chestxray14", "covid_radiography", "mimic_cxr")
+#: What CheXpert / MIMIC-CXR uncertain labels (-1) become.
+UNCERTAIN_POLICIES = ("positive", "negative", "ignore")
+#: The 14 CheXpert observations, in the order of CheXpert's and MIMIC-CXR's label files.
+CHEXPERT_LABELS = (
+    "No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity", "Lung Lesion", "Edema",
+    "Consolidation", "Pneumonia", "Atelectasis", "Pneumothorax", "Pleural Effusion", "Pleural Other",
+    "Fracture", "Support Devices",
+)
+#: The 14 ChestX-ray14 findings, as written in ``Finding Labels``.
+CHESTXRAY14_LABELS = (
+    "Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia", "Pneumothorax",
+    "Consolidation", "Edema", "Emphysema", "Fibrosis", "Pleural_Thickening", "Hernia",
+)
+#: The labels ``data.cxr.labels`` may keep, per dataset (COVID-19 Radiography has one: its class).
+CXR_LABELS = {"chexpert": CHEXPERT_LABELS, "mimic_cxr": CHEXPERT_LABELS, "chestxray14": CHESTXRAY14_LABELS,
+              "covid_radiography": ("class",)}
+#: Widths of a ViT's sin-cos position embedding must be multiples of these, per spatial dims.
+SINCOS_MULTIPLE = {2: 4, 3: 6}
 
 class ParamsError(UserError, ValueError):
-    """Raised when params.yaml does not match the schema; lists every problem."""
+    """Raised when the params files do not match :class:`Params`; lists every problem."""
 
     def __init__(self, problems: list[str], source: str = "params.yaml"):
         self.problems = problems
@@ -40,627 +58,531 @@ class ParamsError(UserError, ValueError):
         super().__init__(f"invalid parameters in {source}:\n{lines}")
 
 
-@dataclass(frozen=True)
-class Field:
-    """One scalar or list parameter.
+# ---------------------------------------------------------------- the training recipe
 
-    kind: ``int``, ``float``, ``str``, ``bool`` or ``list``. Floats accept ints, and
-    strings such as ``"1e-3"`` (YAML 1.1 readers leave those as strings).
-    """
+class TrainRecipe(Config):
+    """The training loop's settings (:func:`chestssl.train.loop.fit`); a preset under ``recipes``."""
 
-    kind: type
-    choices: tuple | None = None
-    min: float | None = None
-    max: float | None = None
-    min_exclusive: bool = False
-    item: "Field | None" = None
-    length: int | None = None
-    doc: str = ""
-    #: Whether ``null`` (None) is accepted, e.g. "inherit the top-level value".
-    nullable: bool = False
-    #: For ``str``: a regular expression the whole value must match (``doc`` says what it allows).
-    pattern: str | None = None
+    epochs: Int(ge=1)
+    batch_size: Int(ge=1)
+    lr: Float(gt=0.0)
+    weight_decay: Float(ge=0.0)
+    optimizer: Str(choices=("adam", "adamw", "sgd"))
+    betas: List(Float(ge=0.0, le=1.0), length=2)
+    scheduler: Str(choices=("none", "cosine", "plateau"))
+    grad_clip: Float(ge=0.0, doc="0 disables clipping")
+    max_steps: Int(ge=0, doc="0: no limit")
+    amp: Bool()
+    num_workers: Int(ge=0)
+    log_every: Int(ge=1)
+    device: Str(choices=("auto", "cpu", "cuda"))
 
-
-@dataclass(frozen=True)
-class Entries:
-    """A map of user-chosen names to entries whose schema is picked by ``key``."""
-
-    key: str
-    schemas: Mapping[str, Mapping[str, Any]]
-    min_entries: int = 0
-    name_pattern_doc: str = "letters, digits, '_' and '-'"
-
-
-@dataclass(frozen=True)
-class Variant:
-    """A mapping whose schema is picked by the value of one of its keys (e.g. ``backbone.name``)."""
-
-    key: str
-    schemas: Mapping[str, Mapping[str, Any]]
-
-
-@dataclass(frozen=True)
-class Section:
-    """A fixed mapping of keys to sub-schemas; keys in ``optional`` may be left out."""
-
-    fields: Mapping[str, Any] = field(default_factory=dict)
-    optional: frozenset = frozenset()
-
-
-@dataclass(frozen=True)
-class Named:
-    """A map of user-chosen names to values of one schema (a group of presets).
-
-    ``reserved`` names have their own schema (e.g. the recipe ``none``: no training).
-    """
-
-    spec: Any
-    reserved: Mapping[str, Any] = field(default_factory=dict)
-    name_pattern_doc: str = "letters, digits, '_' and '-'"
-
-
-def _positive_int(doc: str = "") -> Field:
-    return Field(int, min=1, doc=doc)
-
-
-def _nonneg_float(doc: str = "") -> Field:
-    return Field(float, min=0.0, doc=doc)
-
-
-TRAIN = Section(
-    {
-        "epochs": _positive_int(),
-        "batch_size": _positive_int(),
-        "lr": Field(float, min=0.0, min_exclusive=True),
-        "weight_decay": _nonneg_float(),
-        "optimizer": Field(str, choices=("adam", "adamw", "sgd")),
-        "betas": Field(list, item=Field(float, min=0.0, max=1.0), length=2),
-        "scheduler": Field(str, choices=("none", "cosine", "plateau")),
-        "grad_clip": _nonneg_float("0 disables clipping"),
-        "max_steps": Field(int, min=0, doc="0: no limit"),
-        "amp": Field(bool),
-        "num_workers": Field(int, min=0),
-        "log_every": _positive_int(),
-        "device": Field(str, choices=("auto", "cpu", "cuda")),
-    }
-)
 
 #: An entry's own ``train`` keys: any of a recipe's, replacing the recipe's value.
-TRAIN_OVERRIDES = Section(TRAIN.fields, optional=frozenset(TRAIN.fields))
+TrainOverrides = create_model(
+    "TrainOverrides", __base__=Config, __doc__="Some of a recipe's keys, replacing the recipe's values.",
+    **{name: (annotation, None) for name, annotation in TrainRecipe.__annotations__.items()},
+)
 
-BACKBONE_SCHEMAS: dict[str, Mapping[str, Any]] = {
-    # The down path of MONAI's BasicUNetPlusPlus (chestssl.models.unet.UNetEncoder).
-    "unet_encoder": {
-        "name": Field(str),
-        "spatial_dims": Field(int, choices=(2, 3)),
-        "features": Field(list, item=Field(int, min=1), length=5),
-    },
-    # VQGAN-style convolutional encoder with attention (chestssl.models.cnn_attention).
-    "cnn_attention": {
-        "name": Field(str),
-        "spatial_dims": Field(int, choices=(2, 3)),
-        "channels": _positive_int("width of the first level"),
-        "channel_multipliers": Field(list, item=Field(int, min=1), doc="one per level, at most 5"),
-        "num_res_blocks": _positive_int(),
-        "latent_channels": _positive_int(),
-        "norm_num_groups": _positive_int("must divide every level width"),
-    },
-    # The Swin transformer of MONAI's SwinUNETR (chestssl.models.swin).
-    "swin": {
-        "name": Field(str),
-        "spatial_dims": Field(int, choices=(2, 3)),
-        "feature_size": Field(int, min=12, doc="a multiple of 12"),
-        "patch_size": _positive_int(),
-        "window_size": _positive_int(),
-        "depths": Field(list, item=Field(int, min=1), length=4),
-        "num_heads": Field(list, item=Field(int, min=1), length=4),
-    },
-}
-# MONAI's ResNet without its fc (chestssl.models.resnet); seed 001's backbone.
-for _resnet in ("resnet18", "resnet50"):
-    BACKBONE_SCHEMAS[_resnet] = {
-        "name": Field(str),
-        "spatial_dims": Field(int, choices=(2, 3)),
-        "block_inplanes": Field(list, item=Field(int, min=1), length=4, doc="widths of layer1..4; MONAI: 64..512"),
-    }
-# A ViT with a CLS token (chestssl.models.vit); seed 004's encoder.
-BACKBONE_SCHEMAS["vit"] = {
-    "name": Field(str),
-    "spatial_dims": Field(int, choices=(2, 3)),
-    "img_size": _positive_int("side of the input; equal to slices.size (2D) or crops.size (3D)"),
-    "patch_size": _positive_int("divides img_size"),
-    "hidden_size": _positive_int("a multiple of num_heads"),
-    "num_layers": _positive_int(),
-    "num_heads": _positive_int(),
-    "mlp_dim": _positive_int(),
-}
-BACKBONE = Variant("name", BACKBONE_SCHEMAS)
+def _some_weight(weights: list[float]) -> list[float]:
+    if not any(weights):
+        raise problem(f"got {weights!r}, expected class weights that are not all 0 (nothing would be learned)")
+    return weights
 
-#: How entries name their presets: ``backbone: <name>`` (under ``backbones``) and
-#: ``recipe: <name>`` (under ``recipes``, the loop's settings; ``none``: not trained).
-BACKBONE_REF = Field(str, doc="a name under `backbones`")
-RECIPE_REF = Field(str, doc="a name under `recipes`")
+
+#: Weights of the classes (background, nodule) of a loss; not all 0.
+ClassWeights = Annotated[List(Float(ge=0.0), length=2), AfterValidator(_some_weight)]
+
 #: The recipe of entries that are not trained (scratch initialisations).
 NO_RECIPE = "none"
 
-# The decoder, quantizer and loss of seed 000's autoencoders (chestssl.models.vqgan).
-AE_DECODER = Section(
-    {
-        "channels": _positive_int("width of the full-resolution level"),
-        "channel_multipliers": Field(list, item=Field(int, min=1), doc="one per level"),
-        "num_res_blocks": _positive_int(),
-        "norm_num_groups": _positive_int(),
-        "latent_channels": _positive_int("channels of the (quantised) latent the decoder reads"),
-    }
-)
-QUANTIZER = Section(
-    {
-        "enabled": Field(bool),
-        "codebook_size": Field(int, min=2),
-        "dim": _positive_int(),
-        "beta": _nonneg_float("commitment weight"),
-    }
-)
-AE_LOSS = Section(
-    {
-        "l1": _nonneg_float(),
-        "ssim": _nonneg_float(),
-        "perceptual": _nonneg_float("needs perceptual_weights"),
-        "perceptual_weights": Field(str, doc="a local TorchScript feature network; empty: none"),
-        "codebook": _nonneg_float("weight of codebook + beta * commitment"),
-        "adversarial": _nonneg_float("factor of the (adaptive) generator loss; 0: no discriminator"),
-        "adaptive_weight": Field(bool),
-        "disc_start": Field(int, min=0, doc="step at which the discriminator starts"),
-        "disc_layers": _positive_int(),
-        "disc_channels": _positive_int(),
-    }
-)
-_SEG_LOSS_KEYS = {
-    "seg_loss": Field(str, choices=("ce", "dice", "focal")),
-    "seg_class_weights": Field(list, item=_nonneg_float(), length=2),
-    "focal_gamma": _nonneg_float(),
-    "focal_alpha": Field(float, min=0.0, max=1.0),
-}
 
-METHOD_SCHEMAS: dict[str, Mapping[str, Any]] = {
-    "scratch": {"method": Field(str), "backbone": BACKBONE_REF, "recipe": RECIPE_REF},
-    "ae": {
-        "method": Field(str),
-        "backbone": BACKBONE_REF,
-        "loss": Section({"l1": _nonneg_float(), "ssim": _nonneg_float()}),
-        "recipe": RECIPE_REF,
-    "train": TRAIN_OVERRIDES,
-    },
-    "vqgan": {
-        "method": Field(str),
-        "backbone": BACKBONE_REF,
-        "decoder": AE_DECODER,
-        "quantizer": QUANTIZER,
-        "loss": AE_LOSS,
-        "recipe": RECIPE_REF,
-    "train": TRAIN_OVERRIDES,
-    },
-}
+# ---------------------------------------------------------------- backbones (encoders)
 
-# Seed 001's Barlow Twins (chestssl.methods.barlow_twins).
-METHOD_SCHEMAS["barlow_twins"] = {
-    "method": Field(str),
-    "backbone": BACKBONE_REF,
-    "projector_dim": _positive_int("output of the bias-free linear projector"),
-    "lambda": _nonneg_float("weight of the off-diagonal (redundancy) term; seed 001: 5e-3"),
-    "augment": Section(
-        {
-            "p": Field(float, min=0.0, max=1.0, doc="probability of each augmentation"),
-            "crop_scale": Field(list, item=Field(float, min=0.0, max=1.0, min_exclusive=True), length=2),
-            "blur_sigma": Field(list, item=_nonneg_float(), length=2),
-            "perspective": Field(float, min=0.0, max=0.5, doc="corner displacement, a fraction of the side"),
-            "noise_std": _nonneg_float(),
-        }
-    ),
-    "recipe": RECIPE_REF,
-    "train": TRAIN_OVERRIDES,
-}
-# Seed 003's Disruptive Autoencoders (chestssl.methods.dae).
-METHOD_SCHEMAS["dae"] = {
-    "method": Field(str),
-    "backbone": BACKBONE_REF,
-    "disruption": Field(str, choices=("denoise", "superres", "local", "all")),
-    "noise_variance": _nonneg_float("variance of the added Gaussian noise; seed 003: 0.1"),
-    "downsample_factor": Field(int, min=2, doc="nearest down- then up-sampling factor; seed 003: 4"),
-    "local_fraction": Field(float, min=0.0, max=1.0, doc="fraction of patch-embedding channels zeroed; seed 003: 0.6"),
-    "mm_con": _nonneg_float("weight of the cross-modal contrastive term; seed 003: 0.03"),
-    "temperature": Field(float, min=0.0, min_exclusive=True),
-    "recipe": RECIPE_REF,
-    "train": TRAIN_OVERRIDES,
-}
-# Seed 004's masked autoencoders (chestssl.methods.mae).
-_MAE = {
-    "method": Field(str),
-    "backbone": BACKBONE_REF,
-    "mask_ratio": Field(float, min=0.0, max=1.0, min_exclusive=True),
-    "norm_pix_loss": Field(bool),
-    "decoder_hidden_size": _positive_int(),
-    "decoder_num_layers": _positive_int(),
-    "decoder_num_heads": _positive_int(),
-    "recipe": RECIPE_REF,
-    "train": TRAIN_OVERRIDES,
-}
-METHOD_SCHEMAS["mae"] = _MAE
-METHOD_SCHEMAS["diffmae"] = {
-    **_MAE,
-    "num_steps": Field(int, min=2, doc="diffusion steps; seed 004: 100"),
-    "beta_start": Field(float, min=0.0, max=1.0, min_exclusive=True),
-    "beta_end": Field(float, min=0.0, max=1.0, min_exclusive=True),
-}
-
-MULTIHEAD_SCHEMAS: dict[str, Mapping[str, Any]] = {
-    "multihead": {
-        "method": Field(str),
-        "heads": Field(list, item=Field(str, choices=("seg", "cls")), doc="seg, cls or both"),
-        "seg_beta": Field(float, min=0.0, nullable=True, doc="null: the top-level seg_beta"),
-        "cls_weight": _nonneg_float(),
-        **_SEG_LOSS_KEYS,
-        "cls_arch": Field(str, choices=("resnet18", "resnet50")),
-        "cls_class_weights": Field(list, item=_nonneg_float(), length=2),
-        "backbone": BACKBONE_REF,
-        "decoder": AE_DECODER,
-        "quantizer": QUANTIZER,
-        "loss": AE_LOSS,
-        "recipe": RECIPE_REF,
-    "train": TRAIN_OVERRIDES,
-    }
-}
-
-_SEG_RUN = {
-    "task": Field(str),
-    "arch": Field(str, choices=("unetpp", "swin_unetr")),
-    "init": Field(str, doc="an entry name under `methods` or `multihead`"),
-    "loss": Field(str, choices=("ce", "dice", "focal")),
-    "class_weights": Field(list, item=_nonneg_float(), length=2),
-    "focal_gamma": _nonneg_float(),
-    "focal_alpha": Field(float, min=0.0, max=1.0),
-    "recipe": RECIPE_REF,
-    "train": TRAIN_OVERRIDES,
-}
-_CLS_RUN = {
-    "task": Field(str),
-    "arch": Field(str, choices=("resnet18", "resnet50", "linear"), doc="ResNet on the latent, or a linear head"),
-    "init": Field(str, doc="an entry name under `methods` or `multihead`"),
-    "class_weights": Field(list, item=_nonneg_float(), length=2),
-    "recipe": RECIPE_REF,
-    "train": TRAIN_OVERRIDES,
-}
-RUN_SCHEMAS: dict[str, Mapping[str, Any]] = {"seg": _SEG_RUN, "cls": _CLS_RUN}
+def check_levels(channels: int, multipliers: list[int], groups: int) -> None:
+    """A VQGAN-style stack of levels: 1 to 5 of them, each width a multiple of ``groups``."""
+    if not 1 <= len(multipliers) <= 5:
+        raise problem(key="channel_multipliers", message=f"got {multipliers!r}, expected 1 to 5 levels")
+    widths = [channels * m for m in multipliers]
+    if any(width % groups for width in widths):
+        raise problem(key="norm_num_groups",
+                      message=f"got {groups}, which does not divide every level width {widths}")
 
 
-def _entry(fields: Mapping[str, Any]) -> Section:
-    """An entry's schema: its own ``train`` keys are optional (the recipe has them all)."""
-    return Section(dict(fields), optional=frozenset({"train"}) & set(fields))
+class UNetEncoderBackbone(Config):
+    """The down path of MONAI's BasicUNetPlusPlus (:mod:`chestssl.models.unet`)."""
+
+    name: Literal["unet_encoder"]
+    spatial_dims: Int(choices=(2, 3))
+    features: List(Int(ge=1), length=5)
 
 
-METHOD_SCHEMAS = {kind: _entry(fields) for kind, fields in METHOD_SCHEMAS.items()}
-MULTIHEAD_SCHEMAS = {kind: _entry(fields) for kind, fields in MULTIHEAD_SCHEMAS.items()}
-RUN_SCHEMAS = {kind: _entry(fields) for kind, fields in RUN_SCHEMAS.items()}
+class CNNAttentionBackbone(Config):
+    """VQGAN-style convolutional encoder with attention (:mod:`chestssl.models.cnn_attention`)."""
 
-SCHEMA = Section(
-    {
-        "seed": Field(int, min=0),
-        "seg_beta": _nonneg_float("weight of the segmentation loss in multihead pretraining"),
-        "data": Section(
-            {
-                "source": Field(str, choices=("phantom", "tcia", "local")),
-                "phantom": Section(
-                    {
-                        "num_scans": Field(int, min=1, max=1018),
-                        "seed": Field(int, min=0),
-                        "max_slices": Field(int, min=0, doc="0: no limit"),
-                        "noise_hu": _nonneg_float(),
-                    }
-                ),
-                "tcia": Section(
-                    {
-                        "base_url": Field(
-                            str, pattern=r"(?i)https?://(\[[0-9a-f:.]+\]|[^\s/?#@\[\]:]+)(:[0-9]{1,5})?([/?#]\S*)?",
-                            doc="an http(s) URL with a host, e.g. "
-                                "https://services.cancerimagingarchive.net/nbia-api/services/v1",
-                        ),
-                        "collection": Field(str),
-                        "modality": Field(str),
-                        "patients": Field(list, item=Field(str)),
-                        "max_patients": Field(int, min=0, doc="0: no limit"),
-                        "retries": Field(int, min=0),
-                        "backoff_s": _nonneg_float(),
-                        "timeout_s": Field(float, min=0.0, min_exclusive=True,
-                                           doc="to connect, and between received bytes"),
-                        "min_rate_kbps": _nonneg_float(
-                            "kilobits/s; a request may take timeout_s + its expected size at this rate; 0: no deadline"
-                        ),
-                    }
-                ),
-                "local": Section({"path": Field(str)}),
-                "cxr": Section(
-                    {
-                        "source": Field(
-                            str, choices=("rendered", "chexpert", "chestxray14", "covid_radiography", "mimic_cxr"),
-                            doc="rendered from the CT, or a real chest X-ray dataset at `root`",
-                        ),
-                        "root": Field(str, doc="the dataset's folder in its published layout; unused when rendered"),
-                        "labels": Field(list, item=Field(str), doc="labels to keep; empty: all of the dataset's"),
-                        "uncertain": Field(str, choices=("positive", "negative", "ignore"),
-                                           doc="CheXpert / MIMIC-CXR uncertain labels (-1)"),
-                        "frontal_only": Field(bool),
-                        "val_fraction": Field(float, min=0.0, max=1.0, doc="share of the training patients for val"),
-                        "test_fraction": Field(float, min=0.0, max=1.0, doc="COVID-19 Radiography only"),
-                        "seed": Field(int, min=0, doc="seeds the val (and COVID-19 test) draw"),
-                    }
-                ),
-            }
-        ),
-        "preprocess": Section(
-            {
-                "spacing": Field(list, item=Field(float, min=0.0, min_exclusive=True), length=3),
-                "hu_window": Field(list, item=Field(float, min=-2000.0, max=4000.0), length=2),
-                "body_threshold_hu": Field(float, min=-1100.0, max=1000.0),
-                "clevel": Field(float, min=0.0, max=1.0, min_exclusive=True),
-                "min_nodule_pixels": Field(int, min=0),
-                "split": Section(
-                    {
-                        "seed": Field(int, min=0),
-                        "train": Field(float, min=0.0, max=1.0),
-                        "val": Field(float, min=0.0, max=1.0),
-                        "test": Field(float, min=0.0, max=1.0),
-                    }
-                ),
-                "workers": _positive_int(),
-                "on_error": Field(str, choices=("raise", "skip")),
-            }
-        ),
-        "slices": Section(
-            {
-                "size": Field(int, min=32, max=1024, doc="the UNet encoder pools 4 times and needs >= 2 pixels at 1/16"),
-                "clean_per_nodule_slice": _nonneg_float(),
-            }
-        ),
-        "radiographs": Section(
-            {
-                "size": Field(int, min=32, max=1024, doc="a multiple of 16"),
-                "mu_water_per_mm": Field(float, min=0.0, min_exclusive=True, doc="linear attenuation of water per mm"),
-                "window_percentiles": Field(list, item=Field(float, min=0.0, max=100.0), length=2),
-            }
-        ),
-        "pretrain_radiographs": Section(
-            {
-                "methods": Field(list, item=Field(str), doc="`methods` entries (2D) also trained on the radiographs"),
-                "study_methods": Field(
-                    list, item=Field(str), doc="`mae` / `diffmae` entries also trained on whole studies (bottleneck CLS)"
-                ),
-                "views": Field(list, item=Field(str, choices=("frontal", "lateral"))),
-                "train": Section(
-                    {
-                        "epochs": _positive_int("replaces the entry's train.epochs"),
-                        "batch_size": _positive_int("replaces the entry's train.batch_size"),
-                    }
-                ),
-            }
-        ),
-        "cross_modal": Section(
-            {
-                "methods": Field(list, item=Field(str), doc="2D `dae` entries also trained on CT slices and radiographs"),
-                "views": Field(list, item=Field(str, choices=("frontal", "lateral"))),
-                "radiograph_fraction": Field(float, min=0.0, max=1.0, min_exclusive=True,
-                                             doc="share of each epoch's items that are radiographs, below 1"),
-            }
-        ),
-        "alignment": Section(
-            {
-                "feature_method": Field(str, doc="a pretrain_radiographs method whose frozen encoder gives the feature loss"),
-                "block_inplanes": Field(list, item=Field(int, min=1), length=4, doc="widths of the STN's ResNet-18 trunk"),
-                "steps": _positive_int(),
-                "batch_size": _positive_int(),
-                "lr": Field(float, min=0.0, min_exclusive=True),
-                "weight_decay": _nonneg_float(),
-                "pixel_weight": _nonneg_float("weight of the pixel MSE to the canonical chest; seed 002: 15"),
-                "max_shift": Field(float, min=0.0, max=1.0, doc="share of the image side"),
-                "max_scale": Field(float, min=0.0, max=1.0, doc="relative scale change"),
-                "max_rotation_deg": Field(float, min=0.0, max=180.0),
-                "max_brightness": Field(float, min=0.0, max=1.0),
-                "max_contrast": Field(float, min=0.0, max=1.0),
-                "num_examples": _positive_int("radiographs in the report's alignment figure"),
-                "max_images": Field(int, min=0, doc="frontal radiographs per split at most (whole patients); 0: all"),
-            }
-        ),
-        "crops": Section(
-            {
-                "size": Field(int, min=8, doc="side of the cubic crops of 3D methods; seed 003: 96"),
-                "per_scan": _positive_int("crops drawn per scan"),
-                "positive_fraction": Field(float, min=0.0, max=1.0, doc="share of crops centred on a nodule"),
-            }
-        ),
-        "probe": Section(
-            {
-                "every_epochs": Field(int, min=0, doc="linear probe during pretraining every N epochs; 0: only at the end"),
-                "C": Field(float, min=0.0, min_exclusive=True, doc="inverse L2 strength of the logistic regression"),
-                "max_iter": _positive_int(),
-            }
-        ),
-        "recipes": Named(TRAIN, reserved={NO_RECIPE: Section({})}),
-        "backbones": Named(BACKBONE),
-        "methods": Entries("method", METHOD_SCHEMAS, min_entries=1),
-        "multihead": Entries("method", MULTIHEAD_SCHEMAS),
-        "runs": Entries("task", RUN_SCHEMAS),
-        "label_fraction": Section(
-            {
-                "fractions": Field(list, item=Field(float, min=0.0, max=1.0, min_exclusive=True),
-                                   doc="shares of the training patients; seed 001: 1, 5, 10, 25, 50, 100%"),
-                "runs": Field(list, item=Field(str), doc="`runs` entries repeated at each fraction"),
-            }
-        ),
-        "frozen_parts": Section(
-            {
-                "unfrozen_stages": Field(list, item=Field(int, min=0),
-                                         doc="encoder stages trained with the head, deepest first; 0: head only"),
-                "runs": Field(list, item=Field(str), doc="`runs` entries (task cls) repeated per setting"),
-            }
-        ),
-        "evaluate": Section(
-            {
-                "bootstrap_samples": Field(int, min=0),
-                "confidence": Field(float, min=0.0, max=1.0, min_exclusive=True),
-                "seg_threshold": Field(float, min=0.0, max=1.0),
-                "cls_threshold": Field(float, min=0.0, max=1.0),
-            }
-        ),
-        "report": Section({"num_examples": _positive_int()}),
-    }
-)
+    name: Literal["cnn_attention"]
+    spatial_dims: Int(choices=(2, 3))
+    channels: Int(ge=1, doc="width of the first level")
+    channel_multipliers: List(Int(ge=1), doc="one per level, at most 5")
+    num_res_blocks: Int(ge=1)
+    latent_channels: Int(ge=1)
+    norm_num_groups: Int(ge=1, doc="must divide every level width")
+
+    @model_validator(mode="after")
+    def _levels(self) -> "CNNAttentionBackbone":
+        check_levels(self.channels, self.channel_multipliers, self.norm_num_groups)
+        return self
 
 
-def _describe(spec: Field) -> str:
-    if spec.choices is not None:
-        return "one of " + ", ".join(repr(c) for c in spec.choices)
-    name = spec.kind.__name__
-    if spec.kind is list:
-        inner = _describe(spec.item) if spec.item else "values"
-        size = f"{spec.length} " if spec.length else ""
-        return f"a list of {size}{inner if spec.item else inner}"
-    bounds = []
-    if spec.min is not None:
-        bounds.append(f"{'>' if spec.min_exclusive else '>='} {spec.min:g}")
-    if spec.max is not None:
-        bounds.append(f"<= {spec.max:g}")
-    text = f"{'a number' if spec.kind is float else 'an integer' if spec.kind is int else 'a ' + name}"
-    if bounds:
-        text += " " + " and ".join(bounds)
-    if spec.doc:
-        text += f" ({spec.doc})"
-    return text
+class SwinBackbone(Config):
+    """The Swin transformer of MONAI's SwinUNETR (:mod:`chestssl.models.swin`)."""
+
+    name: Literal["swin"]
+    spatial_dims: Int(choices=(2, 3))
+    feature_size: Int(ge=12, doc="a multiple of 12")
+    patch_size: Int(ge=1)
+    window_size: Int(ge=1)
+    depths: List(Int(ge=1), length=4)
+    num_heads: List(Int(ge=1), length=4, doc="the k-th divides feature_size * 2^k")
+
+    @model_validator(mode="after")
+    def _widths(self) -> "SwinBackbone":
+        if self.feature_size % 12:
+            raise problem(key="feature_size",
+                          message=f"got {self.feature_size}, expected a multiple of 12 (SwinUNETR)")
+        for stage, heads in enumerate(self.num_heads):
+            if (self.feature_size * 2**stage) % heads:
+                raise problem(key=f"num_heads[{stage}]",
+                              message=f"got {heads}, which does not divide that stage's width "
+                                      f"{self.feature_size * 2**stage} (feature_size * 2^{stage})")
+        return self
 
 
-def _check_field(value: Any, spec: Field, key: str, problems: list[str]) -> Any:
-    def bad() -> None:
-        problems.append(f"{key}: got {value!r}, expected {_describe(spec)}" + (" or null" if spec.nullable else ""))
+class ResNetBackbone(Config):
+    """MONAI's ResNet without its fc (:mod:`chestssl.models.resnet`); seed 001's backbone."""
 
-    if value is None and spec.nullable:
-        return None
-
-    if spec.kind is bool:
-        if not isinstance(value, bool):
-            return bad()
-        return value
-    if spec.kind is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            return bad()
-    elif spec.kind is float:
-        if isinstance(value, bool):
-            return bad()
-        if isinstance(value, str):
-            try:
-                value = float(value)
-            except ValueError:
-                return bad()
-        if not isinstance(value, (int, float)) or not math.isfinite(value):
-            return bad()
-        value = float(value)
-    elif spec.kind is str:
-        if not isinstance(value, str) or (spec.pattern is not None and re.fullmatch(spec.pattern, value) is None):
-            return bad()
-    elif spec.kind is list:
-        if not isinstance(value, list) or (spec.length is not None and len(value) != spec.length):
-            return bad()
-        if spec.item is not None:
-            return [_check_field(v, spec.item, f"{key}[{i}]", problems) for i, v in enumerate(value)]
-        return value
-    if spec.choices is not None and value not in spec.choices:
-        return bad()
-    if spec.min is not None and (value < spec.min or (spec.min_exclusive and value == spec.min)):
-        return bad()
-    if spec.max is not None and value > spec.max:
-        return bad()
-    return value
+    name: Literal["resnet18", "resnet50"]
+    spatial_dims: Int(choices=(2, 3))
+    block_inplanes: List(Int(ge=1), length=4, doc="widths of layer1..4; MONAI: 64..512")
 
 
-def _check(value: Any, spec: Any, key: str, problems: list[str]) -> Any:
-    if isinstance(spec, Field):
-        return _check_field(value, spec, key, problems)
-    if isinstance(spec, Mapping):
-        spec = Section(spec)
-    if isinstance(spec, Section):
-        if not isinstance(value, Mapping):
-            problems.append(f"{key}: got {value!r}, expected a mapping with keys {', '.join(spec.fields)}")
-            return value
-        out = {}
-        for name in value:
-            if name not in spec.fields:
-                problems.append(
-                    f"{_join(key, name)}: unknown key; allowed here: {', '.join(spec.fields)}"
-                )
-        for name, sub in spec.fields.items():
-            if name not in value and name in spec.optional:
-                continue
-            if name not in value:
-                problems.append(f"{_join(key, name)}: missing; expected {_expected(sub)}")
-                continue
-            out[name] = _check(value[name], sub, _join(key, name), problems)
-        return out
-    if isinstance(spec, Variant):
-        if not isinstance(value, Mapping) or spec.key not in value:
-            problems.append(f"{key}: expected a mapping with `{spec.key}` (one of {', '.join(spec.schemas)})")
-            return value
-        kind = value[spec.key]
-        if kind not in spec.schemas:
-            problems.append(
-                f"{_join(key, spec.key)}: got {kind!r}, expected one of " + ", ".join(repr(k) for k in spec.schemas)
-            )
-            return value
-        return _check(value, spec.schemas[kind], key, problems)
-    if isinstance(spec, Named):
-        if not isinstance(value, Mapping):
-            problems.append(f"{key}: got {value!r}, expected a mapping of named presets")
-            return value
-        out = {}
-        for name, preset in value.items():
-            preset_key = _join(key, str(name))
-            if not _valid_name(name):
-                problems.append(f"{preset_key}: preset names may contain only {spec.name_pattern_doc}")
-                continue
-            out[name] = _check(preset, spec.reserved.get(name, spec.spec), preset_key, problems)
-        return out
-    if isinstance(spec, Entries):
-        if not isinstance(value, Mapping) or len(value) < spec.min_entries:
-            problems.append(f"{key}: expected a mapping of at least {spec.min_entries} named entries")
-            return value
-        out = {}
-        for name, entry in value.items():
-            entry_key = _join(key, str(name))
-            if not _valid_name(name):
-                problems.append(f"{entry_key}: entry names may contain only {spec.name_pattern_doc}")
-            if not isinstance(entry, Mapping) or spec.key not in entry:
-                problems.append(f"{entry_key}: missing `{spec.key}` (one of {', '.join(spec.schemas)})")
-                continue
-            kind = entry[spec.key]
-            if kind not in spec.schemas:
-                problems.append(
-                    f"{_join(entry_key, spec.key)}: got {kind!r}, expected one of "
-                    + ", ".join(repr(k) for k in spec.schemas)
-                )
-                continue
-            out[name] = _check(entry, spec.schemas[kind], entry_key, problems)
-        return out
-    raise TypeError(f"bad schema at {key}: {spec!r}")
+class ViTBackbone(Config):
+    """A ViT with a CLS token (:mod:`chestssl.models.vit`); seed 004's encoder."""
+
+    name: Literal["vit"]
+    spatial_dims: Int(choices=(2, 3))
+    img_size: Int(ge=1, doc="side of the input; equal to slices.size (2D) or crops.size (3D)")
+    patch_size: Int(ge=1, doc="divides img_size")
+    hidden_size: Int(ge=1, doc="a multiple of num_heads")
+    num_layers: Int(ge=1)
+    num_heads: Int(ge=1)
+    mlp_dim: Int(ge=1)
+
+    @model_validator(mode="after")
+    def _width(self) -> "ViTBackbone":
+        multiple = SINCOS_MULTIPLE[self.spatial_dims]
+        if self.hidden_size % self.num_heads:
+            raise problem(key="hidden_size",
+                          message=f"got {self.hidden_size}, which is not divisible by num_heads {self.num_heads}")
+        if self.hidden_size % multiple:
+            raise problem(key="hidden_size", message=f"got {self.hidden_size}, expected a multiple of {multiple} for "
+                          f"{self.spatial_dims}D sin-cos position embeddings")
+        return self
+
+
+#: A backbone preset: its schema follows its ``name``.
+Backbone = Tagged("name", UNetEncoderBackbone, CNNAttentionBackbone, SwinBackbone, ResNetBackbone, ViTBackbone)
+
+#: How entries name their presets: ``backbone: <name>`` (under ``backbones``) and
+#: ``recipe: <name>`` (under ``recipes``, the loop's settings; ``none``: not trained).
+BackboneRef = Str(doc="a name under `backbones`")
+RecipeRef = Str(doc="a name under `recipes`")
+
+
+# ---------------------------------------------------------------- entries
+
+class Entry(Config):
+    """What every entry has: its training recipe, and its own changes to it."""
+
+    recipe: RecipeRef
+    train: TrainOverrides | None = None
+
+
+class MethodConfig(Entry):
+    """Base of a pretraining method's params entry (under ``methods`` or ``multihead``).
+
+    Each method declares its own in its module (e.g. :class:`chestssl.methods.dae.DAEConfig`),
+    with a ``method: Literal["<name>"]`` field naming it; :func:`validate` checks the
+    entries against the configs it is given (``method_configs``).
+    """
+
+    backbone: BackboneRef
+    #: The params section holding this method's entries.
+    section: ClassVar[str] = "methods"
+    #: The backbone presets (their ``name``) the method can be built on; ``None``: any.
+    backbone_names: ClassVar[tuple[str, ...] | None] = None
+
+    def entry_problems(self, backbone: Mapping[str, Any]) -> list[tuple[str, str]]:
+        """Problems of this entry that need its ``backbone`` preset (or that should be listed
+        with the cross-checks), as (key under the entry or "", message) pairs; none by default."""
+        return []
+
+
+class UncheckedMethod(MethodConfig):
+    """Any method's entry, its own keys left to its config: what stages that build no
+    method check (they import neither torch nor the methods)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    method: Str(doc="a pretraining method")
+
+
+def method_kind(config: type[MethodConfig]) -> str:
+    """The ``method`` name a config stands for (its ``Literal``)."""
+    (name,) = get_args(config.model_fields["method"].annotation)
+    return name
+
+
+
+# ---------------------------------------------------------------- downstream runs (`runs`)
+
+InitRef = Str(doc="an entry name under `methods` or `multihead`")
+
+
+#: The backbones (their ``name``) each downstream ``arch`` can be built on.
+SEG_ARCH_BACKBONES = {"unetpp": ("unet_encoder", "cnn_attention"), "swin_unetr": ("swin",)}
+CLS_ARCH_BACKBONES = {"resnet18": ("unet_encoder", "cnn_attention", "swin"),
+                      "resnet50": ("unet_encoder", "cnn_attention", "swin"),
+                      "linear": ("unet_encoder", "cnn_attention", "swin", "resnet18", "resnet50", "vit")}
+#: The patch size of a Swin encoder that SwinUNETR's decoder can read.
+SWIN_UNETR_PATCH_SIZE = 2
+
+
+class SegRun(Entry):
+    """Nodule segmentation on CT slices (:mod:`chestssl.tasks`)."""
+
+    arch_backbones: ClassVar[dict[str, tuple[str, ...]]] = SEG_ARCH_BACKBONES
+
+    task: Literal["seg"]
+    arch: Str(choices=("unetpp", "swin_unetr"))
+    init: InitRef
+    loss: Str(choices=("ce", "dice", "focal"))
+    class_weights: ClassWeights
+    focal_gamma: Float(ge=0.0)
+    focal_alpha: Float(ge=0.0, le=1.0)
+
+
+class ClsRun(Entry):
+    """Nodule classification (benign / malignant) on CT slices (:mod:`chestssl.tasks`)."""
+
+    arch_backbones: ClassVar[dict[str, tuple[str, ...]]] = CLS_ARCH_BACKBONES
+
+    task: Literal["cls"]
+    arch: Str(choices=("resnet18", "resnet50", "linear"), doc="ResNet on the latent, or a linear head")
+    init: InitRef
+    class_weights: ClassWeights
+
+
+RunEntry = Tagged("task", SegRun, ClsRun)
+
+
+# ---------------------------------------------------------------- data and preprocessing
+
+URL_PATTERN = r"(?i)https?://(\[[0-9a-f:.]+\]|[^\s/?#@\[\]:]+)(:[0-9]{1,5})?([/?#]\S*)?"
+
+
+class PhantomSource(Config):
+    num_scans: Int(ge=1, le=1018)
+    seed: Int(ge=0)
+    max_slices: Int(ge=0, doc="0: no limit")
+    noise_hu: Float(ge=0.0)
+
+
+class TCIASource(Config):
+    base_url: Str(pattern=URL_PATTERN, doc="an http(s) URL with a host, e.g. "
+                  "https://services.cancerimagingarchive.net/nbia-api/services/v1")
+    collection: Str()
+    modality: Str()
+    patients: List(Str())
+    max_patients: Int(ge=0, doc="0: no limit")
+    retries: Int(ge=0)
+    backoff_s: Float(ge=0.0)
+    timeout_s: Float(gt=0.0, doc="to connect, and between received bytes")
+    min_rate_kbps: Float(ge=0.0, doc="kilobits/s; a request may take timeout_s + its expected size at this rate; "
+                                     "0: no deadline")
+
+
+class LocalSource(Config):
+    path: Str()
+
+
+class ChestXRaySource(Config):
+    source: Str(choices=CXR_SOURCES, doc="rendered from the CT, or a real chest X-ray dataset at `root`")
+    root: Str(doc="the dataset's folder in its published layout; unused when rendered")
+    labels: List(Str(), doc="labels to keep; empty: all of the dataset's")
+    uncertain: Str(choices=UNCERTAIN_POLICIES, doc="CheXpert / MIMIC-CXR uncertain labels (-1)")
+    frontal_only: Bool()
+    val_fraction: Float(ge=0.0, lt=1.0, doc="share of the training patients for val")
+    test_fraction: Float(ge=0.0, lt=1.0, doc="COVID-19 Radiography only")
+    seed: Int(ge=0, doc="seeds the val (and COVID-19 test) draw")
+
+    @model_validator(mode="after")
+    def _labels_and_shares(self) -> "ChestXRaySource":
+        repeated = sorted({label for label in self.labels if self.labels.count(label) > 1})
+        if repeated:
+            raise problem(key="labels", message=f"got {list(self.labels)!r}, with {repeated} more than once")
+        known = CXR_LABELS.get(self.source)
+        unknown = [label for label in self.labels if known is not None and label not in known]
+        if unknown:
+            raise problem(key="labels", message=f"{unknown} are not {self.source} labels; allowed: "
+                          + ", ".join(map(repr, known)) + " (or an empty list for all)")
+        if self.source == "covid_radiography" and self.val_fraction + self.test_fraction >= 1.0:
+            raise problem(f"val_fraction + test_fraction: got {self.val_fraction:g} + {self.test_fraction:g}, "
+                          "expected a sum < 1 (the rest is the train split)")
+        return self
+
+
+class Data(Config):
+    source: Str(choices=("phantom", "tcia", "local"))
+    phantom: PhantomSource
+    tcia: TCIASource
+    local: LocalSource
+    cxr: ChestXRaySource
+
+
+class Split(Config):
+    seed: Int(ge=0)
+    train: Float(ge=0.0, le=1.0)
+    val: Float(ge=0.0, le=1.0)
+    test: Float(ge=0.0, le=1.0)
+
+
+class Preprocess(Config):
+    spacing: List(Float(gt=0.0), length=3)
+    hu_window: List(Float(ge=-2000.0, le=4000.0), length=2)
+    body_threshold_hu: Float(ge=-1100.0, le=1000.0)
+    clevel: Float(gt=0.0, le=1.0)
+    min_nodule_pixels: Int(ge=0)
+    split: Split
+    workers: Int(ge=1)
+    on_error: Str(choices=("raise", "skip"))
+
+
+class Slices(Config):
+    size: Int(ge=32, le=1024, doc="the UNet encoder pools 4 times and needs >= 2 pixels at 1/16")
+    clean_per_nodule_slice: Float(ge=0.0)
+
+
+class Radiographs(Config):
+    size: Int(ge=32, le=1024, doc="a multiple of 16")
+    mu_water_per_mm: Float(gt=0.0, doc="linear attenuation of water per mm")
+    window_percentiles: List(Float(ge=0.0, le=100.0), length=2)
+
+
+Views = List(Str(choices=("frontal", "lateral")))
+
+
+class RadiographPretrainingTrain(Config):
+    epochs: Int(ge=1, doc="replaces the entry's train.epochs")
+    batch_size: Int(ge=1, doc="replaces the entry's train.batch_size")
+
+
+class RadiographPretraining(Config):
+    methods: List(Str(), doc="`methods` entries (2D) also trained on the radiographs")
+    study_methods: List(Str(), doc="`mae` / `diffmae` entries also trained on whole studies (bottleneck CLS)")
+    views: Views
+    train: RadiographPretrainingTrain
+
+
+class CrossModal(Config):
+    methods: List(Str(), doc="2D `dae` entries also trained on CT slices and radiographs")
+    views: Views
+    radiograph_fraction: Float(gt=0.0, le=1.0, doc="share of each epoch's items that are radiographs, below 1")
+
+
+class Alignment(Config):
+    feature_method: Str(doc="a pretrain_radiographs method whose frozen encoder gives the feature loss")
+    block_inplanes: List(Int(ge=1), length=4, doc="widths of the STN's ResNet-18 trunk")
+    steps: Int(ge=1)
+    batch_size: Int(ge=1)
+    lr: Float(gt=0.0)
+    weight_decay: Float(ge=0.0)
+    pixel_weight: Float(ge=0.0, doc="weight of the pixel MSE to the canonical chest; seed 002: 15")
+    max_shift: Float(ge=0.0, lt=1.0, doc="share of the image side; seed 002: 0.05")
+    max_scale: Float(ge=0.0, lt=1.0, doc="relative scale change; seed 002: 0.05")
+    max_rotation_deg: Float(ge=0.0, le=180.0)
+    max_brightness: Float(ge=0.0, lt=1.0, doc="relative brightness change")
+    max_contrast: Float(ge=0.0, lt=1.0, doc="relative contrast change")
+    num_examples: Int(ge=1, doc="radiographs in the report's alignment figure")
+    max_images: Int(ge=0, doc="frontal radiographs per split at most (whole patients); 0: all")
+
+    @model_validator(mode="after")
+    def _some_misalignment(self) -> "Alignment":
+        if self.max_shift == 0 and self.max_scale == 0 and self.max_rotation_deg == 0:
+            raise problem("max_shift, max_scale, max_rotation_deg: all 0, expected at least one > 0 (the STN learns "
+                          "to undo that misalignment, and the alignment measures how much it undoes)")
+        return self
+
+
+class Crops(Config):
+    size: Int(ge=8, doc="side of the cubic crops of 3D methods; seed 003: 96")
+    per_scan: Int(ge=1, doc="crops drawn per scan")
+    positive_fraction: Float(ge=0.0, le=1.0, doc="share of crops centred on a nodule")
+
+
+class Probe(Config):
+    every_epochs: Int(ge=0, doc="linear probe during pretraining every N epochs; 0: only at the end")
+    C: Float(gt=0.0, doc="inverse L2 strength of the logistic regression")
+    max_iter: Int(ge=1)
+
+
+class LabelFraction(Config):
+    fractions: List(Float(gt=0.0, le=1.0), doc="shares of the training patients; seed 001: 1, 5, 10, 25, 50, 100%")
+    runs: List(Str(), doc="`runs` entries repeated at each fraction")
+
+
+class FrozenParts(Config):
+    unfrozen_stages: List(Int(ge=0), doc="encoder stages trained with the head, deepest first; 0: head only")
+    runs: List(Str(), doc="`runs` entries (task cls) repeated per setting")
+
+
+class Evaluate(Config):
+    bootstrap_samples: Int(ge=0)
+    confidence: Float(gt=0.0, lt=1.0)
+    seg_threshold: Float(ge=0.0, le=1.0)
+    cls_threshold: Float(ge=0.0, le=1.0)
+
+
+class SeedReconstructionRow(Config):
+    """A row of a seed 000 reconstruction table: the seed's row and the entry beside it."""
+
+    task: ClassVar[str | None] = None  # the head or run task the row shows (None: reconstruction)
+    seed_row: Str(doc="the seed's row-header cells joined by ' / '")
+    method: Nullable(Str(doc="a `methods` entry")) = None
+    multihead: Nullable(Str(doc="a `multihead` entry")) = None
+
+
+class SeedSegmentationRow(Config):
+    """A row of a seed 000 segmentation table: the seed's row and a run or a multihead seg head beside it."""
+
+    task: ClassVar[str | None] = "seg"
+    seed_row: Str(doc="the seed's row-header cells joined by ' / '")
+    run: Nullable(Str(doc="a `runs` entry of task seg")) = None
+    multihead: Nullable(Str(doc="a `multihead` entry with a seg head")) = None
+
+
+class SeedClassificationRow(Config):
+    """A row of a seed 000 classification table: the seed's row and a run or a multihead cls head beside it."""
+
+    task: ClassVar[str | None] = "cls"
+    seed_row: Str(doc="the seed's row-header cells joined by ' / '")
+    run: Nullable(Str(doc="a `runs` entry of task cls")) = None
+    multihead: Nullable(Str(doc="a `multihead` entry with a cls head")) = None
+
+
+class SegmentationFigureRow(Config):
+    """One model of a segmentation figure: its label and a run or a multihead seg head."""
+
+    task: ClassVar[str | None] = "seg"
+    label: Str(doc="the model's label in the figure")
+    run: Str(doc="a `runs` entry of task seg") = None
+    multihead: Str(doc="a `multihead` entry with a seg head") = None
+
+
+class Report(Config):
+    """The report: which entries each seed 000 table and each comparison figure shows, row by row."""
+
+    num_examples: Int(ge=1)
+    seed000_reconstruction: List(SeedReconstructionRow, doc="rows of `seed_row` and `method` or `multihead`")
+    seed000_pretrained_segmentation: List(SeedSegmentationRow, doc="rows of `seed_row` and `run` or `multihead`")
+    seed000_segmentation_losses: List(SeedSegmentationRow, doc="rows of `seed_row` and `run` or `multihead`")
+    seed000_classification_modules: List(SeedClassificationRow, doc="rows of `seed_row` and `run` or `multihead`")
+    seed000_multihead_reconstruction: List(SeedReconstructionRow, doc="rows of `seed_row` and `method` or `multihead`")
+    seed000_multihead_segmentation: List(SeedSegmentationRow, doc="rows of `seed_row` and `run` or `multihead`")
+    seed000_multihead_classification: List(SeedClassificationRow, doc="rows of `seed_row` and `run` or `multihead`")
+    segmentation_comparison: List(SegmentationFigureRow, doc="rows of `label` and `run` or `multihead`")
+    feature_maps: List(SegmentationFigureRow, doc="rows of `label` and `run` or `multihead`")
+
+
+class Params(Config):
+    """Every params group, as written in ``params.yaml`` and :data:`PARAMS_FILES`."""
+
+    seed: Int(ge=0)
+    seg_beta: Float(ge=0.0, doc="weight of the segmentation loss in multihead pretraining")
+    data: Data
+    preprocess: Preprocess
+    slices: Slices
+    radiographs: Radiographs
+    pretrain_radiographs: RadiographPretraining
+    cross_modal: CrossModal
+    alignment: Alignment
+    crops: Crops
+    probe: Probe
+    recipes: Names(TrainRecipe, what="preset")
+    backbones: Names(Backbone, what="preset")
+    methods: Names(UncheckedMethod, min_entries=1)
+    multihead: Names(UncheckedMethod)
+    runs: Names(RunEntry)
+    label_fraction: LabelFraction
+    frozen_parts: FrozenParts
+    evaluate: Evaluate
+    report: Report
+
+
+_CHECKED_MODELS: dict[tuple, type[Params]] = {}
+
+
+def params_model(method_configs: Mapping[str, type[MethodConfig]] | None = None) -> type[Params]:
+    """:class:`Params` with each ``methods`` / ``multihead`` entry checked against the config
+    of its ``method`` (``method_configs``: ``{name: config}``, e.g.
+    :func:`chestssl.methods.method_configs`); without them, entries are checked in shape only
+    (:class:`UncheckedMethod`)."""
+    if not method_configs:
+        return Params
+    key = tuple(sorted((name, config.__module__, config.__qualname__) for name, config in method_configs.items()))
+    if key not in _CHECKED_MODELS:
+        fields = {}
+        for section in PRETRAIN_SECTIONS:
+            members = [config for config in method_configs.values() if config.section == section]
+            minimum = Params.model_fields[section].metadata
+            entry = Tagged("method", *members) if members else UncheckedMethod
+            min_entries = next((m.min_length for m in minimum if getattr(m, "min_length", None)), 0)
+            fields[section] = (Names(entry, min_entries=min_entries), ...)
+        _CHECKED_MODELS[key] = create_model("CheckedParams", __base__=Params, **fields)
+    return _CHECKED_MODELS[key]
+
+
+def _schema_check(raw: Mapping[str, Any], problems: list[str], model: type[Params] = Params) -> dict[str, Any]:
+    """``raw`` checked against ``model``: plain data with floats normalised (keys as
+    written; an entry's own ``train`` keys only where it has them)."""
+    raw = dict(raw)
+    recipes = raw.get("recipes")
+    no_recipe = None
+    recipes_written = list(recipes) if isinstance(recipes, Mapping) else []
+    if isinstance(recipes, Mapping) and NO_RECIPE in recipes:
+        recipes = dict(recipes)
+        no_recipe = recipes.pop(NO_RECIPE)
+        raw["recipes"] = recipes
+        if no_recipe not in (None, {}):
+            problems.append(f"recipes.{NO_RECIPE}: got {no_recipe!r}, expected an empty mapping "
+                            "(the recipe of entries that are not trained)")
+    try:
+        checked = model.model_validate(raw).model_dump(by_alias=True, exclude_unset=True)
+    except ValidationError as error:
+        problems.extend(problems_of(error, model))
+        return dict(raw)
+    if no_recipe is not None:  # back in its place
+        checked["recipes"] = {name: checked["recipes"].get(name, {}) for name in recipes_written}
+    for section in PRESET_USERS:  # each entry's keys in the order they are written
+        checked[section] = {name: {key: entry[key] for key in sorted(entry, key=list(raw[section][name]).index)}
+                            for name, entry in checked[section].items()}
+    return checked
 
 
 def _valid_name(name: Any) -> bool:
     """Whether ``name`` may name an entry or a preset: letters, digits, '_' and '-'."""
-    return isinstance(name, str) and name.replace("_", "").replace("-", "").isalnum()
+    return isinstance(name, str) and re.fullmatch(NAME_PATTERN, name) is not None
 
-
-def _expected(spec: Any) -> str:
-    return _describe(spec) if isinstance(spec, Field) else "a mapping"
-
-
-def _join(prefix: str, name: str) -> str:
-    return f"{prefix}.{name}" if prefix else name
 
 
 def _cross_checks(params: dict, problems: list[str]) -> None:
@@ -707,34 +629,85 @@ def _cross_checks(params: dict, problems: list[str]) -> None:
                 f"runs.{name}.init: got {run.get('init')!r}, expected an entry name under `methods` or "
                 "`multihead`: " + ", ".join([*methods, *multihead])
             )
-    _check_studies(params, problems)
+            continue
+        backbone = (methods.get(run["init"]) or multihead.get(run["init"]))["backbone"]
+        allowed = (SEG_ARCH_BACKBONES if run["task"] == "seg" else CLS_ARCH_BACKBONES)[run["arch"]]
+        if backbone["name"] not in allowed:
+            problems.append(f"runs.{name}.arch: {run['arch']!r} needs a backbone of {', '.join(map(repr, allowed))}, "
+                            f"but init {run['init']!r} has a {backbone['name']!r} backbone; pick another init or arch")
+        elif run["arch"] == "swin_unetr" and backbone["patch_size"] != SWIN_UNETR_PATCH_SIZE:
+            problems.append(f"runs.{name}.arch: SwinUNETR's decoder needs a Swin encoder with patch_size "
+                            f"{SWIN_UNETR_PATCH_SIZE}, but init {run['init']!r} has patch_size {backbone['patch_size']}")
+    _check_ablations(params, problems)
     if params.get("data", {}).get("source") == "local" and not params["data"]["local"].get("path"):
         problems.append("data.local.path: empty, but data.source is 'local'; set it to your LIDC-IDRI folder")
     cxr = (params.get("data") or {}).get("cxr") or {}
     if cxr.get("source", "rendered") != "rendered" and not str(cxr.get("root") or "").strip():
         problems.append(f"data.cxr.root: empty, but data.cxr.source is {cxr.get('source')!r}; set it to the folder "
                         "holding that dataset in its published layout")
+    _check_report(params, problems)
 
 
-def _check_studies(params: dict, problems: list[str]) -> None:
-    """The studies name existing runs, each once, and list at least one setting."""
+def _check_report(params: dict, problems: list[str]) -> None:
+    """Each row of a ``report`` table or figure names one entry (``method``, ``run`` or
+    ``multihead``) that exists in its section, of the task the row shows; null (seed
+    tables only) names none, and the row is shown as not run."""
+    report = params.get("report")
+    if not isinstance(report, Mapping):
+        return
+    sections = {"method": "methods", "run": "runs", "multihead": "multihead"}
+    for key, field in Report.model_fields.items():
+        rows = report.get(key)
+        if not isinstance(rows, list):
+            continue
+        row_type = get_args(field.annotation)[0]
+        allowed = " or ".join(f"`{name}`" for name in sections if name in row_type.model_fields)
+        for index, row in enumerate(rows):
+            where = f"report.{key}[{index}]"
+            named = [name for name in sections if name in row]
+            if len(named) != 1:
+                problems.append(f"{where}: names {' and '.join(f'`{n}`' for n in named) or 'no entry'}; "
+                                f"name exactly one, {allowed}")
+                continue
+            entry_key = named[0]
+            name, section = row[entry_key], sections[entry_key]
+            entries = params.get(section) or {}
+            if name is None:
+                continue
+            if name not in entries:
+                problems.append(f"{where}.{entry_key}: {name!r} is not an entry under `{section}`: "
+                                + (", ".join(entries) or "none"))
+                continue
+            entry, task = entries[name], row_type.task
+            if task is None or not isinstance(entry, Mapping):
+                continue
+            if entry_key == "run" and entry.get("task") != task:
+                problems.append(f"{where}.run: {name!r} is a {entry.get('task')!r} run; `report.{key}` shows "
+                                f"`task: {task}` runs")
+            if entry_key == "multihead" and task not in (entry.get("heads") or []):
+                problems.append(f"{where}.multihead: {name!r} has no {task} head (heads: {entry.get('heads')}); "
+                                f"`report.{key}` shows its {task} head")
+
+
+def _check_ablations(params: dict, problems: list[str]) -> None:
+    """The ablations name existing runs, each once, and list at least one setting."""
     runs = params.get("runs") or {}
-    for study, settings_key in (("label_fraction", "fractions"), ("frozen_parts", "unfrozen_stages")):
-        block = params.get(study)
+    for ablation, settings_key in (("label_fraction", "fractions"), ("frozen_parts", "unfrozen_stages")):
+        block = params.get(ablation)
         if not isinstance(block, Mapping):
             continue
         named = block.get("runs") if isinstance(block.get("runs"), list) else []
         settings = block.get(settings_key) if isinstance(block.get(settings_key), list) else []
         if named and not settings:
-            problems.append(f"{study}.{settings_key}: empty; list at least one setting, or empty {study}.runs")
+            problems.append(f"{ablation}.{settings_key}: empty; list at least one setting, or empty {ablation}.runs")
         for name in sorted({n for n in named if named.count(n) > 1}):
-            problems.append(f"{study}.runs: {name!r} is listed twice; each run is one stage ({study}@{name})")
+            problems.append(f"{ablation}.runs: {name!r} is listed twice; each run is one stage ({ablation}@{name})")
         for name in named:
             if name not in runs:
-                problems.append(f"{study}.runs: {name!r} is not an entry under `runs`: " + ", ".join(runs))
-            elif study == "frozen_parts" and isinstance(runs[name], Mapping) and runs[name].get("task") != "cls":
+                problems.append(f"{ablation}.runs: {name!r} is not an entry under `runs`: " + ", ".join(runs))
+            elif ablation == "frozen_parts" and isinstance(runs[name], Mapping) and runs[name].get("task") != "cls":
                 problems.append(
-                    f"frozen_parts.runs: {name!r} is a {runs[name].get('task')!r} run; the frozen-parts study "
+                    f"frozen_parts.runs: {name!r} is a {runs[name].get('task')!r} run; the frozen-parts ablation "
                     "freezes the encoder under a classification head, so list `task: cls` runs"
                 )
 
@@ -809,21 +782,30 @@ def _check_cross_modal(params: dict, problems: list[str]) -> None:
                             f"set methods.{name}.mm_con > 0 (seed 003: 0.03)")
 
 
-def _check_method_inputs(params: dict, problems: list[str]) -> None:
-    """Sizes that must agree with the data a method is fed, and ordered schedules.
+def _check_method_inputs(params: dict, problems: list[str],
+                         method_configs: Mapping[str, type[MethodConfig]]) -> None:
+    """Sizes that must agree with the data a method is fed, and what each method's config
+    asks of its backbone (:meth:`MethodConfig.entry_problems`; with ``method_configs``).
 
     A ViT preset is checked once, against the data of its dimension, and named with the
     entries that use it.
     """
     users: dict[str, list[str]] = {}
-    for section in ("methods", "multihead"):
+    backbones = params.get("backbones") or {}
+    for section in PRETRAIN_SECTIONS:
         for name, entry in (params.get(section) or {}).items():
-            if isinstance(entry, Mapping) and isinstance(entry.get("backbone"), str):
-                users.setdefault(entry["backbone"], []).append(f"{section}.{name}")
-            if isinstance(entry, Mapping) and entry.get("method") == "diffmae" and entry["beta_start"] >= entry["beta_end"]:
-                problems.append(
-                    f"{section}.{name}: beta_start {entry['beta_start']:g} must be below beta_end {entry['beta_end']:g}"
-                )
+            users.setdefault(entry["backbone"], []).append(f"{section}.{name}")
+            config = method_configs.get(entry["method"])
+            if config is None:
+                continue
+            preset = backbones.get(entry["backbone"]) or {}
+            where = f"{section}.{name}"
+            if config.backbone_names is not None and preset.get("name") not in config.backbone_names:
+                problems.append(f"{where}.backbone: {entry['backbone']!r} is a {preset.get('name')!r} backbone, but "
+                                f"method {entry['method']!r} needs " + " or ".join(map(repr, config.backbone_names)))
+                continue
+            for key, message in config.model_validate(entry).entry_problems(preset):
+                problems.append(f"{where}.{key}: {message}" if key else f"{where}: {message}")
     for preset, backbone in (params.get("backbones") or {}).items():
         if preset not in users or backbone.get("name") != "vit":
             continue
@@ -908,18 +890,23 @@ def pretrain_entry(params: Mapping[str, Any], name: str) -> tuple[str, dict[str,
     raise ParamsError([f"{name!r} is not an entry under `methods` or `multihead` (known: {', '.join(known)})"])
 
 
-def validate(raw: Mapping[str, Any], source: str = "params.yaml") -> dict[str, Any]:
+def validate(raw: Mapping[str, Any], source: str = "params.yaml",
+             method_configs: Mapping[str, type[MethodConfig]] | None = None) -> dict[str, Any]:
     """Validate a parsed params mapping; returns it with floats normalised and every
     entry's presets filled in (:func:`_resolve_presets`).
+
+    ``method_configs`` (``{method name: config}``) checks each pretraining entry against
+    its method's config (:func:`params_model`); without it, only their shape is checked.
 
     Raises :class:`ParamsError` listing every problem found.
     """
     problems: list[str] = []
-    params = _check(raw, SCHEMA, "", problems)
+    model = params_model(method_configs)
+    params = _schema_check(raw, problems, model)
     if not problems:
         checked, params = params, _resolve_presets(params, problems)
     if not problems:
-        _check_method_inputs(checked, problems)  # on the presets, before they are copied into entries
+        _check_method_inputs(checked, problems, method_configs or {})  # on the presets, before they are copied
         _cross_checks(params, problems)
     if problems:
         raise ParamsError(problems, source)
@@ -1022,11 +1009,13 @@ def write_raw_params(raw: Mapping[str, Any], path: str | os.PathLike = "params.y
         write_text(file, yaml.safe_dump(part, sort_keys=False))
 
 
-def load_params(path: str | os.PathLike = "params.yaml") -> dict[str, Any]:
-    """Read and validate ``params.yaml`` and the params files next to it (:data:`PARAMS_FILES`)."""
+def load_params(path: str | os.PathLike = "params.yaml",
+                method_configs: Mapping[str, type[MethodConfig]] | None = None) -> dict[str, Any]:
+    """Read and validate ``params.yaml`` and the params files next to it (:data:`PARAMS_FILES`);
+    ``method_configs`` as in :func:`validate`."""
     raw, sources = read_raw_params(path)
     try:
-        return validate(raw, str(path))
+        return validate(raw, str(path), method_configs)
     except ParamsError as exc:
         raise _locate(exc.problems, sources, Path(path)) from None
 

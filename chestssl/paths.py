@@ -64,7 +64,7 @@ def cross_modal_report_dir(method: str) -> Path:
     return REPORTS_DIR / "pretrain_cross_modal" / method
 
 
-ALIGNMENT_MODEL_DIR = Path("models/alignment")  # the STN of seed 002's alignment study
+ALIGNMENT_MODEL_DIR = Path("models/alignment")  # the STN of seed 002's alignment experiment
 ALIGNMENT_REPORT_DIR = REPORTS_DIR / "alignment"
 
 
@@ -93,6 +93,6 @@ def multihead_heads_dir(name: str) -> Path:
     return evaluate_pretrain_dir(name) / "heads"
 
 
-def study_report_dir(study: str, run: str) -> Path:
-    """Metrics and training curves of a study (``label_fraction``, ``frozen_parts``) of one run."""
-    return REPORTS_DIR / study / run
+def ablation_report_dir(ablation: str, run: str) -> Path:
+    """Metrics and training curves of an ablation (``label_fraction``, ``frozen_parts``) of one run."""
+    return REPORTS_DIR / ablation / run

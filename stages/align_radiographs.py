@@ -1,4 +1,4 @@
-"""align_radiographs: seed 002's STN alignment study on the radiographs rendered from CT
+"""align_radiographs: seed 002's STN alignment experiment on the radiographs rendered from CT
 (`alignment` in params.yaml): train the STN, score its parameter error and the linear probe
 without vs with alignment."""
 
@@ -6,16 +6,17 @@ from __future__ import annotations
 
 from chestssl import paths
 from chestssl.cli import run_stage
-from chestssl.params import ParamsError, load_params
+from chestssl.params import ParamsError
 
 
 def main(argv: list[str]) -> None:
+    from chestssl.methods import load_checked_params
     from chestssl.pipeline.align_radiographs import align_radiographs
 
     if argv:
         raise ParamsError([f"align_radiographs takes no arguments, got {' '.join(argv)!r}; "
                            "set `alignment` in params.yaml"])
-    params = load_params()
+    params = load_checked_params()  # method entries checked by their methods
     encoder = paths.radiograph_model_dir(params["alignment"]["feature_method"]) / "encoder.pt"
     metrics = align_radiographs(
         params, paths.RADIOGRAPHS_DIR, encoder, model_dir=paths.ALIGNMENT_MODEL_DIR,

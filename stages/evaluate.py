@@ -13,7 +13,7 @@ from chestssl.params import load_params
 def main(argv: list[str]) -> None:
     from chestssl.pipeline.evaluate import evaluate
 
-    params = load_params()
+    params = load_params()  # method entries in shape only: the pretraining stages check them
     name, _ = entry_from_argv(argv, params, "runs")
     metrics = evaluate(params, name, paths.PROCESSED_DIR, model_path=paths.finetune_model_path(name),
                        out_dir=paths.evaluate_dir(name))

@@ -10,7 +10,7 @@ from chestssl.params import load_params
 def main(argv: list[str]) -> None:
     from chestssl.pipeline.finetune import finetune
 
-    params = load_params()
+    params = load_params()  # method entries in shape only: the pretraining stages check them
     name, run = entry_from_argv(argv, params, "runs")
     metrics = finetune(params, name, paths.PROCESSED_DIR, encoder_path=paths.encoder_path(run["init"]),
                        model_path=paths.finetune_model_path(name), report_dir=paths.finetune_report_dir(name),

@@ -10,11 +10,11 @@ from chestssl.params import load_params
 def main(argv: list[str]) -> None:
     from chestssl.pipeline.frozen_parts import frozen_parts
 
-    params = load_params()
+    params = load_params()  # method entries in shape only: the pretraining stages check them
     name = name_from_argv(argv, params["frozen_parts"]["runs"], "frozen_parts.runs")
     metrics = frozen_parts(
         params, name, paths.PROCESSED_DIR, paths.finetune_model_path(name),
-        report_dir=paths.study_report_dir("frozen_parts", name),
+        report_dir=paths.ablation_report_dir("frozen_parts", name),
         state_dir=paths.CHECKPOINT_DIR / "frozen_parts" / name,
     )
     if metrics is not None:

@@ -10,11 +10,11 @@ from chestssl.params import load_params
 def main(argv: list[str]) -> None:
     from chestssl.pipeline.label_fraction import label_fraction
 
-    params = load_params()
+    params = load_params()  # method entries in shape only: the pretraining stages check them
     name = name_from_argv(argv, params["label_fraction"]["runs"], "label_fraction.runs")
     metrics = label_fraction(
         params, name, paths.PROCESSED_DIR, paths.finetune_model_path(name),
-        report_dir=paths.study_report_dir("label_fraction", name),
+        report_dir=paths.ablation_report_dir("label_fraction", name),
         state_dir=paths.CHECKPOINT_DIR / "label_fraction" / name,
     )
     if metrics is not None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from chestssl import paths
 from chestssl.cli import run_stage
-from chestssl.params import load_params
+from chestssl.params import load_params  # method entries in shape only: this stage imports no torch
 
 
 def main(argv: list[str]) -> None:

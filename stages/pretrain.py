@@ -6,13 +6,14 @@ from __future__ import annotations
 
 from chestssl import paths
 from chestssl.cli import run_stage
-from chestssl.params import ParamsError, load_params
+from chestssl.params import ParamsError
 
 
 def main(argv: list[str]) -> None:
+    from chestssl.methods import load_checked_params
     from chestssl.pipeline.pretrain import pretrain
 
-    params = load_params()
+    params = load_checked_params()  # method entries checked by their methods
     if len(argv) != 1:
         raise ParamsError([f"pretrain: expected one entry name on the command line, got {' '.join(argv) or 'nothing'!r}"])
     name = argv[0]

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 from chestssl import paths
 from chestssl.cli import name_from_argv, run_stage
-from chestssl.params import load_params
 
 
 def main(argv: list[str]) -> None:
+    from chestssl.methods import load_checked_params
     from chestssl.pipeline.pretrain_cross_modal import pretrain_cross_modal
 
-    params = load_params()
+    params = load_checked_params()  # method entries checked by their methods
     name = name_from_argv(argv, params["cross_modal"]["methods"], "cross_modal.methods")
     metrics = pretrain_cross_modal(
         params, name, paths.PROCESSED_DIR, paths.RADIOGRAPHS_DIR, ct_only_weights=paths.method_weights_path(name),

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 from chestssl import paths
 from chestssl.cli import name_from_argv, run_stage
-from chestssl.params import load_params
 
 
 def main(argv: list[str]) -> None:
+    from chestssl.methods import load_checked_params
     from chestssl.pipeline.pretrain_radiographs import pretrain_radiographs
 
-    params = load_params()
+    params = load_checked_params()  # method entries checked by their methods
     name = name_from_argv(argv, params["pretrain_radiographs"]["methods"], "pretrain_radiographs.methods")
     metrics = pretrain_radiographs(
         params, name, paths.RADIOGRAPHS_DIR, model_dir=paths.radiograph_model_dir(name),

@@ -2,7 +2,7 @@
 
 The layers, bottom to top (:data:`LAYERS`):
 
-1. foundation: ``errors``, ``checks``, ``io``, ``params``, ``paths``, ``model_files``,
+1. foundation: ``errors``, ``checks``, ``io``, ``params``, ``schema``, ``paths``, ``model_files``,
    ``profiles``, ``inference`` and the package itself (they may import each other);
 2. ``data``: sources, preprocessing, datasets, collates, radiographs, geometry;
 3. ``models``: networks and losses;
@@ -10,7 +10,7 @@ The layers, bottom to top (:data:`LAYERS`):
 5. ``methods`` and ``tasks``: what the loop trains (pretext methods, the STN objective;
    downstream task models), independent of each other;
 6. ``train``: the training loop;
-7. ``experiments``, ``interpret``, ``report``: what is built on trained models, independent
+7. ``ablations``, ``interpret``, ``report``: what is built on trained models, independent
    of each other;
 8. ``pipeline``: one function per DVC stage;
 9. ``cli``: the stage scripts' entry-point behaviour.
@@ -41,7 +41,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("eval", ("chestssl.eval",)),
     ("methods and tasks", ("chestssl.methods", "chestssl.tasks")),
     ("training loop", ("chestssl.train",)),
-    ("experiments, interpretation and report", ("chestssl.experiments", "chestssl.interpret", "chestssl.report")),
+    ("ablations, interpretation and report", ("chestssl.ablations", "chestssl.interpret", "chestssl.report")),
     ("stages", ("chestssl.pipeline",)),
     ("entry points", ("chestssl.cli",)),
 ]

@@ -20,8 +20,10 @@ def raw() -> dict:
 
 
 def problems(params: dict) -> list[str]:
+    from chestssl.methods import method_configs
+
     with pytest.raises(ParamsError) as info:
-        validate(params)
+        validate(params, method_configs=method_configs())
     return info.value.problems
 
 
@@ -93,12 +95,7 @@ def test_local_source_needs_a_path(raw):
     assert problem.startswith("data.local.path: empty")
 
 
-def test_a_chest_xray_dataset_needs_its_folder_and_matches_the_readers(raw):
-    from chestssl.data.cxr import SOURCES, UNCERTAIN_POLICIES
-    from chestssl.params import SCHEMA
-
-    cxr = SCHEMA.fields["data"].fields["cxr"].fields
-    assert cxr["source"].choices == SOURCES and cxr["uncertain"].choices == UNCERTAIN_POLICIES
+def test_a_chest_xray_dataset_needs_its_folder(raw):
     raw["data"]["cxr"]["source"] = "mimic_cxr"
     (problem,) = problems(raw)
     assert problem.startswith("data.cxr.root: empty, but data.cxr.source is 'mimic_cxr'")
@@ -148,7 +145,8 @@ def test_sizes_that_must_agree_with_the_data_are_checked(raw):
 
 
 def test_a_3d_vit_is_sized_by_the_crops(raw):
-    raw["backbones"]["vit_3d"] = {**raw["backbones"]["vit"], "spatial_dims": 3, "img_size": raw["crops"]["size"]}
+    raw["backbones"]["vit_3d"] = {**raw["backbones"]["vit"], "spatial_dims": 3, "img_size": raw["crops"]["size"],
+                                  "hidden_size": 48}  # 3D sin-cos position embeddings need a multiple of 6
     raw["methods"]["mae"]["backbone"] = "vit_3d"
     raw["runs"] = {name: run for name, run in raw["runs"].items() if run["init"] != "mae"}
     raw["label_fraction"]["runs"] = [name for name in raw["label_fraction"]["runs"] if name in raw["runs"]]
@@ -157,7 +155,7 @@ def test_a_3d_vit_is_sized_by_the_crops(raw):
     validate(raw)
 
 
-def test_studies_name_existing_runs_once_and_frozen_parts_only_classification(raw):
+def test_ablations_name_existing_runs_once_and_frozen_parts_only_classification(raw):
     raw["label_fraction"]["runs"] = ["cls_linear_barlow_twins", "cls_linear_barlow_twins", "no_such_run"]
     raw["frozen_parts"]["runs"] = ["seg_swinunetr_scratch"]
     raw["frozen_parts"]["unfrozen_stages"] = []
@@ -355,3 +353,73 @@ def test_dvc_yaml_reads_each_group_from_the_file_that_holds_it():
             for file, keys in (item.items() if isinstance(item, dict) else [("params.yaml", [item])]):
                 for key in keys:
                     assert params_file_of(key.split(".")[0]) == file, f"{name}: {key} is read from {file}"
+
+
+def test_a_report_row_naming_a_missing_entry_is_an_error_naming_its_key(raw):
+    raw["report"]["seed000_pretrained_segmentation"][2]["run"] = "no_such_run"
+    raw["report"]["seed000_multihead_reconstruction"][1]["multihead"] = "ae_swin"  # a `methods` entry
+    raw["report"]["feature_maps"][0] = {"label": "ResNet-50", "run": "cls_resnet50_swin"}  # not a seg run
+    raw["report"]["seed000_multihead_segmentation"][1]["multihead"] = "multihead_cls"  # no seg head
+    raw["report"]["segmentation_comparison"][0] = {"label": "both", "run": "seg_unetpp_scratch",
+                                                   "multihead": "multihead_seg"}
+    found = "\n".join(problems(raw))
+    assert "report.seed000_pretrained_segmentation[2].run: 'no_such_run' is not an entry under `runs`" in found
+    assert "report.seed000_multihead_reconstruction[1].multihead: 'ae_swin' is not an entry under `multihead`" in found
+    assert "report.feature_maps[0].run: 'cls_resnet50_swin' is a 'cls' run" in found
+    assert "report.seed000_multihead_segmentation[1].multihead: 'multihead_cls' has no seg head" in found
+    assert "report.segmentation_comparison[0]: names `run` and `multihead`; name exactly one" in found
+
+
+def test_a_seed_table_row_may_name_no_entry(raw):
+    raw["report"]["seed000_reconstruction"][0]["method"] = None
+    raw["report"]["seed000_classification_modules"] = []
+    params = validate(raw)
+    assert params["report"]["seed000_reconstruction"][0] == {"seed_row": "swin_transformer", "method": None}
+
+
+def test_the_rules_the_library_used_to_check_late_are_checked_up_front(raw):
+    # Each of these once passed params.py and failed later, inside a stage, with another message.
+    raw["alignment"]["max_shift"] = 1.0
+    raw["data"]["cxr"]["val_fraction"] = 1.0
+    raw["evaluate"]["confidence"] = 1.0
+    raw["runs"]["seg_unetpp_scratch"]["class_weights"] = [0, 0]
+    raw["backbones"]["swin"]["feature_size"] = 18
+    raw["backbones"]["vit"]["num_heads"] = 3
+    raw["methods"]["dae_all"]["local_fraction"] = 1.0
+    found = problems(raw)
+    assert "alignment.max_shift: got 1.0, expected a number >= 0 and < 1 (share of the image side; seed 002: 0.05)" \
+        in found
+    assert any(p.startswith("data.cxr.val_fraction: got 1.0, expected a number >= 0 and < 1") for p in found)
+    assert any(p.startswith("evaluate.confidence: got 1.0, expected a number > 0 and < 1") for p in found)
+    assert any(p.startswith("runs.seg_unetpp_scratch.class_weights: got [0.0, 0.0], expected class weights that are "
+                            "not all 0") for p in found)
+    assert "backbones.swin.feature_size: got 18, expected a multiple of 12 (SwinUNETR)" in found
+    assert "backbones.vit.hidden_size: got 64, which is not divisible by num_heads 3" in found
+    assert any(p.startswith("methods.dae_all.local_fraction: got 1.0") for p in found)
+
+
+def test_labels_of_a_chest_xray_dataset_are_its_own_and_listed_once(raw):
+    raw["data"]["cxr"].update(source="chestxray14", root="/data/cxr14", labels=["Effusion", "Effusion"])
+    assert problems(raw) == ["data.cxr.labels: got ['Effusion', 'Effusion'], with ['Effusion'] more than once"]
+    raw["data"]["cxr"].update(source="chexpert", labels=["Effusion"])
+    (problem,) = problems(raw)
+    assert problem.startswith("data.cxr.labels: ['Effusion'] are not chexpert labels; allowed: 'No Finding'")
+
+
+def test_a_run_whose_arch_does_not_fit_its_init_is_refused(raw):
+    raw["runs"]["seg_unetpp_scratch"]["init"] = "scratch_swin"  # unetpp reads a UNet-style encoder
+    raw["backbones"]["swin_p4"] = {**raw["backbones"]["swin"], "patch_size": 4}
+    raw["methods"]["scratch_swin_p4"] = {"method": "scratch", "backbone": "swin_p4", "recipe": "none"}
+    raw["runs"]["seg_swinunetr_scratch"]["init"] = "scratch_swin_p4"
+    found = problems(raw)
+    assert any(p.startswith("runs.seg_unetpp_scratch.arch: 'unetpp' needs a backbone of 'unet_encoder', "
+                            "'cnn_attention', but init 'scratch_swin' has a 'swin' backbone") for p in found)
+    assert any(p.startswith("runs.seg_swinunetr_scratch.arch: SwinUNETR's decoder needs a Swin encoder with "
+                            "patch_size 2") for p in found)
+
+
+def test_entries_are_checked_in_shape_only_without_the_method_configs(raw):
+    # What the stages that import no torch read: a method's own keys are left to its config.
+    raw["methods"]["ae_swin"]["loss"]["l1"] = "heavy"
+    assert validate(copy.deepcopy(raw))["methods"]["ae_swin"]["loss"]["l1"] == "heavy"
+    assert problems(raw)[0].startswith("methods.ae_swin.loss.l1: got 'heavy'")

@@ -24,10 +24,11 @@ PLUMBING = {
     "chestssl/io.py",
     "chestssl/model_files.py",
     "chestssl/params.py",
+    "chestssl/schema.py",
     "chestssl/paths.py",
     "chestssl/data/__init__.py",
     "chestssl/eval/__init__.py",
-    "chestssl/experiments/__init__.py",
+    "chestssl/ablations/__init__.py",
     "chestssl/pipeline/__init__.py",
 }
 

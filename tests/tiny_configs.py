@@ -120,8 +120,31 @@ def shrink_presets(raw: dict) -> None:
 
 
 def shrink_params(raw: dict) -> None:
-    """Shrink a params.yaml mapping in place: its presets and every entry."""
+    """Shrink a params.yaml mapping in place: its presets and every entry; the report's rows
+    follow the entries kept (:func:`drop_report_rows_of_absent_entries`)."""
     shrink_presets(raw)
     for section in ("methods", "multihead", "runs"):
         for entry in raw.get(section, {}).values():
             shrink_method_entry(entry)
+    drop_report_rows_of_absent_entries(raw)
+
+
+#: The keys that name a report row's entry, and the params section each names.
+_REPORT_ENTRY_KEYS = {"method": "methods", "run": "runs", "multihead": "multihead"}
+
+
+def drop_report_rows_of_absent_entries(raw: dict) -> None:
+    """Point the ``report`` rows whose entry a params.yaml mapping no longer holds at no entry,
+    in place: a seed 000 table's row keeps its place with a null entry (shown as not run),
+    a figure's row is dropped."""
+    for key, rows in (raw.get("report") or {}).items():
+        if not isinstance(rows, list):
+            continue
+        kept = []
+        for row in rows:
+            entry_key = next(k for k in _REPORT_ENTRY_KEYS if k in row)
+            if row[entry_key] is None or row[entry_key] in (raw.get(_REPORT_ENTRY_KEYS[entry_key]) or {}):
+                kept.append(row)
+            elif "seed_row" in row:
+                kept.append({**row, entry_key: None})
+        raw["report"][key] = kept

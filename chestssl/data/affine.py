@@ -290,11 +290,11 @@ class AlignmentAugmentation:
     max_contrast: float = 0.1
 
     def __post_init__(self) -> None:
-        _fraction(self.max_shift, "augmentation.max_shift")
-        _fraction(self.max_scale, "augmentation.max_scale")
-        _angle_deg(self.max_rotation_deg, "augmentation.max_rotation_deg")
-        _fraction(self.max_brightness, "augmentation.max_brightness")
-        _fraction(self.max_contrast, "augmentation.max_contrast")
+        _fraction(self.max_shift, "max_shift")
+        _fraction(self.max_scale, "max_scale")
+        _angle_deg(self.max_rotation_deg, "max_rotation_deg")
+        _fraction(self.max_brightness, "max_brightness")
+        _fraction(self.max_contrast, "max_contrast")
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """(B, 1, H, W) -> misaligned and intensity-jittered (B, 1, H, W)."""

@@ -205,8 +205,6 @@ class TwoViewAugment:
             (seed 001: 0.15).
         noise_std: standard deviation of the additive Gaussian noise (>= 0).
         seed: seed of the augmenter's own generator.
-        where: the params key of these settings, for error messages
-            (``methods.<name>.augment``).
 
     ``augmenter(images, generator=None) -> (view1, view2)`` and
     ``augmenter.view(images, generator=None) -> view``: ``images`` (B, 1, *S) float in
@@ -224,31 +222,25 @@ class TwoViewAugment:
         perspective: float = 0.15,
         noise_std: float = 0.05,
         seed: int = 0,
-        where: str = "augment",
     ):
         if isinstance(spatial_dims, bool) or spatial_dims not in (2, 3):
-            raise ValueError(f"spatial_dims: got {spatial_dims!r}, expected 2 or 3")
+            raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims!r}")
         self.spatial_dims = int(spatial_dims)
-        self.p = _check_range(p, f"{where}.p", 0.0, 1.0)
-        self.crop_scale = _check_interval(crop_scale, f"{where}.crop_scale", 0.0, 1.0, low_open=True)
-        self.blur_sigma = _check_interval(blur_sigma, f"{where}.blur_sigma", 0.0, math.inf)
-        self.perspective = _check_range(perspective, f"{where}.perspective", 0.0, MAX_PERSPECTIVE)
-        self.noise_std = _check_range(noise_std, f"{where}.noise_std", 0.0, math.inf)
+        self.p = _check_range(p, "p", 0.0, 1.0)
+        self.crop_scale = _check_interval(crop_scale, "crop_scale", 0.0, 1.0, low_open=True)
+        self.blur_sigma = _check_interval(blur_sigma, "blur_sigma", 0.0, math.inf)
+        self.perspective = _check_range(perspective, "perspective", 0.0, MAX_PERSPECTIVE)
+        self.noise_std = _check_range(noise_std, "noise_std", 0.0, math.inf)
         self.generator = torch.Generator().manual_seed(int(seed))
         self._crop = AffineTransform(normalized=True, padding_mode="border", align_corners=False)
         self._affine = AffineTransform(normalized=True, padding_mode="zeros", align_corners=False)
 
     @classmethod
-    def from_config(
-        cls, cfg: Mapping[str, Any], spatial_dims: int, seed: int = 0, where: str = "augment"
-    ) -> "TwoViewAugment":
-        """Build from a params ``augment`` block: ``p``, ``crop_scale``, ``blur_sigma``,
+    def from_config(cls, cfg: Mapping[str, Any], spatial_dims: int, seed: int = 0) -> "TwoViewAugment":
+        """Build from a validated params ``augment`` block: ``p``, ``crop_scale``, ``blur_sigma``,
         ``perspective``, ``noise_std``."""
         keys = ("p", "crop_scale", "blur_sigma", "perspective", "noise_std")
-        missing = [key for key in keys if key not in cfg]
-        if missing:
-            raise ValueError(f"{where}: missing {', '.join(f'{where}.{key}' for key in missing)}")
-        return cls(spatial_dims, **{key: cfg[key] for key in keys}, seed=seed, where=where)
+        return cls(spatial_dims, **{key: cfg[key] for key in keys}, seed=seed)
 
     def __call__(
         self, images: torch.Tensor, generator: torch.Generator | None = None

@@ -63,11 +63,11 @@ class CropDataset(Dataset):
         if split not in SPLITS:
             raise DatasetError(f"split: got {split!r}, expected one of {', '.join(SPLITS)}")
         if not isinstance(size, int) or size < 1:
-            raise DatasetError(f"crops.size: got {size!r}, expected a positive integer")
+            raise DatasetError(f"size: got {size!r}, expected a positive integer")
         if not isinstance(crops_per_scan, int) or crops_per_scan < 1:
-            raise DatasetError(f"crops.per_scan: got {crops_per_scan!r}, expected a positive integer")
+            raise DatasetError(f"crops_per_scan: got {crops_per_scan!r}, expected a positive integer")
         if not 0.0 <= positive_fraction <= 1.0:
-            raise DatasetError(f"crops.positive_fraction: got {positive_fraction!r}, expected a number in [0, 1]")
+            raise DatasetError(f"positive_fraction: got {positive_fraction!r}, expected a number in [0, 1]")
         self.processed_dir = Path(processed_dir)
         self.split, self.size = split, size
         if not (self.processed_dir / "slices.csv").exists():

@@ -41,7 +41,7 @@ class CrossModalDataset(Dataset):
 
     def __init__(self, ct: Dataset, radiographs: Dataset, radiograph_fraction: float) -> None:
         if not 0.0 < radiograph_fraction < 1.0:
-            raise ValueError(f"cross_modal.radiograph_fraction: got {radiograph_fraction!r}, expected a number in (0, 1)")
+            raise ValueError(f"radiograph_fraction: got {radiograph_fraction!r}, expected a number in (0, 1)")
         if len(ct) == 0:
             raise ValueError("no CT slices in this split: the cross-modal term needs both modalities")
         if len(radiographs) == 0:
@@ -52,8 +52,7 @@ class CrossModalDataset(Dataset):
         self.n_radiograph = max(1, round(self.n_ct * radiograph_fraction / (1.0 - radiograph_fraction)))
         first = ct[0]["image"]
         if first.ndim != 3:
-            raise ValueError(f"CT items must be 2D slices (1, S, S), got shape {tuple(first.shape)}; "
-                             "cross_modal.methods must name entries with backbone.spatial_dims 2")
+            raise ValueError(f"CT items must be 2D slices (1, S, S), got shape {tuple(first.shape)}")
         self.size = tuple(first.shape[-2:])
         # Area averaging when shrinking, bilinear when enlarging (area degenerates to nearest).
         side = radiographs[0]["image"].shape[-1]  # folder images are square

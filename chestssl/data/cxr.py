@@ -64,28 +64,17 @@ import pandas as pd
 from chestssl.data.processed import SPLITS
 from chestssl.data.splits import split_counts
 from chestssl.errors import UserError
+from chestssl.params import CHESTXRAY14_LABELS, CHEXPERT_LABELS, CXR_SOURCES, UNCERTAIN_POLICIES
 
 LOG = logging.getLogger(__name__)
 
-SOURCES = ("rendered", "chexpert", "chestxray14", "covid_radiography", "mimic_cxr")
+SOURCES = CXR_SOURCES
 #: Sources read from disk by :func:`read_cxr_dataset` (``rendered`` comes from the CT).
 DATASET_SOURCES = SOURCES[1:]
-UNCERTAIN_POLICIES = ("positive", "negative", "ignore")
 VIEWS = ("frontal", "lateral")
 TABLE_COLUMNS = ["path", "patient_id", "study_id", "view", "view_position", "split"]
 SKIPPED_COLUMNS = ["path", "reason", "listed_in"]
 
-#: The 14 CheXpert observations, in the order of CheXpert's and MIMIC-CXR's label files.
-CHEXPERT_LABELS = (
-    "No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity", "Lung Lesion", "Edema",
-    "Consolidation", "Pneumonia", "Atelectasis", "Pneumothorax", "Pleural Effusion", "Pleural Other",
-    "Fracture", "Support Devices",
-)
-#: The 14 ChestX-ray14 findings, as written in ``Finding Labels``.
-CHESTXRAY14_LABELS = (
-    "Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia", "Pneumothorax",
-    "Consolidation", "Edema", "Emphysema", "Fibrosis", "Pleural_Thickening", "Hernia",
-)
 #: COVID-19 Radiography classes; the ``class`` column holds the index into this tuple.
 COVID_CLASSES = ("COVID", "Normal", "Lung_Opacity", "Viral Pneumonia")
 COVID_LABEL = "class"
@@ -121,14 +110,6 @@ MIMIC_LAYOUT = (
 )
 
 
-class CXRConfigError(UserError, ValueError):
-    """``data.cxr`` holds a bad value; the message lists every problem."""
-
-    def __init__(self, problems: list[str]):
-        self.problems = problems
-        super().__init__("invalid chest X-ray dataset settings:\n" + "\n".join(f"  - {p}" for p in problems))
-
-
 class CXRLayoutError(UserError, FileNotFoundError):
     """A file or folder of the dataset's published layout is missing; the message names it."""
 
@@ -154,6 +135,20 @@ class CXRConfig:
     test_fraction: float = 0.1
     seed: int = 0
 
+    @classmethod
+    def from_params(cls, cfg: Mapping[str, Any]) -> "CXRConfig":
+        """The settings of a validated ``data.cxr`` block; keys left out take the defaults.
+
+        An empty ``labels`` list becomes ``None`` (all labels), so both spellings of "all"
+        describe one dataset.
+        """
+        values = {field.name: cfg[field.name] for field in dataclasses.fields(cls) if field.name in cfg}
+        if values.get("labels") is not None:
+            values["labels"] = tuple(values["labels"]) or None
+        if values.get("root") is not None:
+            values["root"] = str(values["root"])
+        return cls(**values)
+
 
 def dataset_labels(source: str) -> tuple[str, ...]:
     """All label names a dataset source offers (for ``covid_radiography``: ``("class",)``)."""
@@ -166,83 +161,9 @@ def dataset_labels(source: str) -> tuple[str, ...]:
     raise ValueError(f"source {source!r} has no fixed label set; expected one of {', '.join(DATASET_SOURCES)}")
 
 
-def validate_cxr_cfg(cfg: CXRConfig | Mapping[str, Any], key: str = "data.cxr") -> CXRConfig:
-    """Check ``cfg`` (a :class:`CXRConfig` or a dict of its fields) and return it as a CXRConfig.
-
-    Missing dict keys take the :class:`CXRConfig` defaults. Raises :class:`CXRConfigError`
-    (a ValueError) listing every problem as ``<key>.<field>: got <value>, expected <what>``.
-    """
-    if isinstance(cfg, CXRConfig):
-        raw = dataclasses.asdict(cfg)
-    elif isinstance(cfg, Mapping):
-        raw = dict(cfg)
-    else:
-        raise CXRConfigError([f"{key}: got {cfg!r}, expected a mapping with keys {', '.join(_field_names())}"])
-    problems: list[str] = []
-    unknown = sorted(set(raw) - set(_field_names()))
-    if unknown:
-        problems.append(f"{key}: unknown keys {unknown}; allowed: {', '.join(_field_names())}")
-    values = {**dataclasses.asdict(CXRConfig()), **{k: v for k, v in raw.items() if k in _field_names()}}
-
-    def bad(field: str, expected: str) -> None:
-        problems.append(f"{key}.{field}: got {values[field]!r}, expected {expected}")
-
-    source = values["source"]
-    if source not in SOURCES:
-        bad("source", "one of " + ", ".join(repr(s) for s in SOURCES))
-    root = values["root"]
-    if source in DATASET_SOURCES and (not isinstance(root, (str, os.PathLike)) or not str(root).strip()):
-        bad("root", f"the folder holding the {source} dataset")
-    elif root is not None and not isinstance(root, (str, os.PathLike)):
-        bad("root", "a folder path or null")
-
-    labels = values["labels"]
-    if labels is not None and (
-        not isinstance(labels, (list, tuple)) or not all(isinstance(label, str) for label in labels)
-    ):
-        bad("labels", "a list of label names, or null for all")
-        labels = None
-    elif labels is not None:
-        duplicates = sorted({label for label in labels if list(labels).count(label) > 1})
-        if duplicates:
-            problems.append(f"{key}.labels: got {list(labels)!r}, with {duplicates} more than once")
-        if source in DATASET_SOURCES:
-            allowed = dataset_labels(source)
-            unknown_labels = [label for label in labels if label not in allowed]
-            if unknown_labels:
-                problems.append(
-                    f"{key}.labels: got {list(labels)!r}; {unknown_labels} are not {source} labels, allowed: "
-                    + ", ".join(repr(a) for a in allowed) + " (or null for all)"
-                )
-    if values["uncertain"] not in UNCERTAIN_POLICIES:
-        bad("uncertain", "one of " + ", ".join(repr(p) for p in UNCERTAIN_POLICIES))
-    if not isinstance(values["frontal_only"], bool):
-        bad("frontal_only", "true or false")
-    fractions_ok = True
-    for field in ("val_fraction", "test_fraction"):
-        value = values[field]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 <= value < 1):
-            bad(field, "a number >= 0 and < 1")
-            fractions_ok = False
-    if fractions_ok and values["val_fraction"] + values["test_fraction"] >= 1:
-        problems.append(
-            f"{key}.val_fraction + {key}.test_fraction: got {values['val_fraction']!r} + "
-            f"{values['test_fraction']!r}, expected a sum < 1 (the rest is the train split)"
-        )
-    if isinstance(values["seed"], bool) or not isinstance(values["seed"], int):
-        bad("seed", "an integer")
-    if problems:
-        raise CXRConfigError(problems)
-    return CXRConfig(
-        source=source,
-        root=None if root is None else str(root),
-        labels=tuple(labels) if labels else None,
-        uncertain=values["uncertain"],
-        frontal_only=values["frontal_only"],
-        val_fraction=float(values["val_fraction"]),
-        test_fraction=float(values["test_fraction"]),
-        seed=values["seed"],
-    )
+def as_cxr_config(cfg: CXRConfig | Mapping[str, Any]) -> CXRConfig:
+    """``cfg`` as a :class:`CXRConfig`: itself, or built by :meth:`CXRConfig.from_params`."""
+    return cfg if isinstance(cfg, CXRConfig) else CXRConfig.from_params(cfg)
 
 
 def read_cxr_dataset(cfg: CXRConfig | Mapping[str, Any]) -> tuple[pd.DataFrame, list[str], pd.DataFrame]:
@@ -252,18 +173,21 @@ def read_cxr_dataset(cfg: CXRConfig | Mapping[str, Any]) -> tuple[pd.DataFrame, 
     then ``label_names``), sorted by split, patient, study and path with a fresh index;
     and the skipped rows (columns :data:`SKIPPED_COLUMNS`), which are also logged.
 
-    Raises :class:`CXRConfigError` for a bad setting (including ``source: rendered``,
-    which is rendered from the CT and not read here), :class:`CXRLayoutError` for a
+    Raises ``ValueError`` for a source that is not read from disk (``rendered`` is made
+    from the CT) or labels the dataset does not have, :class:`CXRLayoutError` for a
     missing file or folder, :class:`CXRDataError` when no image is usable.
     """
-    cfg = validate_cxr_cfg(cfg)
+    cfg = as_cxr_config(cfg)
     if cfg.source not in READERS:
-        raise CXRConfigError([
-            f"data.cxr.source: got {cfg.source!r}; rendered radiographs are made from the processed CT by the "
-            f"pipeline, not read from a folder; datasets read from disk: {', '.join(DATASET_SOURCES)}"
-        ])
+        raise ValueError(f"source: got {cfg.source!r}, expected a dataset read from disk: "
+                         f"{', '.join(DATASET_SOURCES)} (rendered radiographs are made from the CT)")
+    known_labels = dataset_labels(cfg.source)
+    label_names = list(cfg.labels) if cfg.labels else list(known_labels)
+    unknown_labels = [label for label in label_names if label not in known_labels]
+    if unknown_labels:
+        raise ValueError(f"labels: {unknown_labels} are not {cfg.source} labels; known: "
+                         + ", ".join(repr(label) for label in known_labels))
     root = _require_dir(Path(cfg.root).expanduser().absolute(), cfg.source)
-    label_names = list(cfg.labels) if cfg.labels else list(dataset_labels(cfg.source))
     table, skipped_rows = READERS[cfg.source](root, cfg, label_names)
     skipped = pd.DataFrame(skipped_rows, columns=SKIPPED_COLUMNS)
     if cfg.frontal_only:
@@ -537,10 +461,6 @@ LAYOUTS = {
 
 
 # --- shared helpers -----------------------------------------------------------------------
-
-def _field_names() -> list[str]:
-    return [field.name for field in dataclasses.fields(CXRConfig)]
-
 
 def _require_dir(root: Path, source: str) -> Path:
     if not root.is_dir():

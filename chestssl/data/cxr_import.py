@@ -33,7 +33,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from chestssl.data.cxr import COVID_CLASSES, COVID_LABEL, CXRConfig, load_radiograph, read_cxr_dataset, validate_cxr_cfg
+from chestssl.data.cxr import COVID_CLASSES, COVID_LABEL, CXRConfig, as_cxr_config, load_radiograph, read_cxr_dataset
 
 __all__ = ["binary_labels", "import_radiographs", "study_table"]
 
@@ -69,7 +69,7 @@ def import_radiographs(
     """Read the dataset of ``cfg`` (``data.cxr``) and write it as the radiographs folder ``out_dir``.
 
     Args:
-        cfg: the ``data.cxr`` settings (:class:`~chestssl.data.cxr.CXRConfig`).
+        cfg: the validated ``data.cxr`` params, or a :class:`~chestssl.data.cxr.CXRConfig`.
         out_dir: the radiographs folder (``data/radiographs``).
         size: the side of the stored images (``radiographs.size``).
 
@@ -78,7 +78,7 @@ def import_radiographs(
     """
     from chestssl.data.radiograph_folder import RadiographFolderWriter, input_fingerprint
 
-    cfg = validate_cxr_cfg(cfg)
+    cfg = as_cxr_config(cfg)
     # Sorted by split, patient, study and path: a study's images are consecutive rows, as
     # the folder layout needs (the writer checks it).
     table, label_names, skipped = read_cxr_dataset(cfg)

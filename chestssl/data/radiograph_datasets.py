@@ -21,7 +21,7 @@ The split of a study is its patient's (no patient is in two splits). Images are 
 the folder's memory map when an item is asked for, so a large dataset is never loaded
 whole.
 
-Seed 002's alignment study reads the frontal images of a split as one tensor
+Seed 002's alignment experiment reads the frontal images of a split as one tensor
 (:func:`stack_images`), at most ``max_images`` of them from whole patients (:func:`capped`),
 and probes them again after moving or aligning them (:class:`ReplacedImages`);
 :class:`IndexedImages` serves such a tensor to the training loop.
@@ -381,7 +381,7 @@ def collate_radiograph_studies(studies: Sequence[dict[str, Any]]) -> dict[str, A
 
 
 # --------------------------------------------------------------------------------------
-# Image tensors (seed 002's alignment study)
+# Image tensors (seed 002's alignment experiment)
 # --------------------------------------------------------------------------------------
 
 

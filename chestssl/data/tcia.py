@@ -292,7 +292,7 @@ def list_series(
 def select_first_patients(series: list[TciaSeries], max_patients: int) -> list[TciaSeries]:
     """The series of the first ``max_patients`` patients sorted by ID (0: all)."""
     if max_patients < 0:
-        raise ValueError(f"data.tcia.max_patients: {max_patients}; use 0 (all) or a positive count")
+        raise ValueError(f"max_patients: got {max_patients}, expected 0 (all) or a positive count")
     if max_patients == 0:
         return list(series)
     keep = set(sorted({s.patient_id for s in series})[:max_patients])

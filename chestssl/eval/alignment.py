@@ -23,7 +23,7 @@ import torch
 
 from chestssl.data.affine import as_theta, chain_affines, size_pair
 
-#: The probe conditions of the alignment study: radiographs misaligned and left so,
+#: The probe conditions of the alignment experiment: radiographs misaligned and left so,
 #: misaligned then aligned by the STN, and as stored (the reference without any misalignment).
 CONDITIONS = ("misaligned", "aligned", "as_rendered")
 

@@ -89,9 +89,9 @@ class PatientBootstrap:
         if ids.ndim != 1 or ids.size == 0:
             raise ValueError(f"patient_ids must be a non-empty 1-D sequence, got shape {ids.shape}")
         if isinstance(n_bootstrap, bool) or not isinstance(n_bootstrap, (int, np.integer)) or n_bootstrap < 0:
-            raise ValueError(f"n_bootstrap (evaluate.bootstrap_samples) must be an integer >= 0, got {n_bootstrap!r}")
+            raise ValueError(f"n_bootstrap must be an integer >= 0, got {n_bootstrap!r}")
         if not 0.0 < float(confidence) < 1.0:
-            raise ValueError(f"confidence (evaluate.confidence) must be in (0, 1), got {confidence!r}")
+            raise ValueError(f"confidence must be in (0, 1), got {confidence!r}")
         self.n_bootstrap = int(n_bootstrap)
         self.confidence = float(confidence)
         self.seed = int(seed)

@@ -217,7 +217,7 @@ def fit_linear_probe(
         seed: seeds the logistic regression and the bootstrap resamples.
         n_bootstrap, confidence: see :class:`~chestssl.eval.bootstrap.PatientBootstrap`
             (0 resamples: no intervals).
-        params_key: the params block named in errors.
+        params_key: the params block named in the warning when the fit stops before converging.
 
     Returns:
         A JSON-ready dict: per label of ``train.labels``, either the metrics of
@@ -230,8 +230,8 @@ def fit_linear_probe(
         the ``labels`` it covers (``None`` values when every label was skipped); and
         ``n_features``, ``C``, ``max_iter``.
     """
-    C = _positive_real(C, f"{params_key}.C", _C_MEANING)
-    max_iter = positive_int(max_iter, f"{params_key}.max_iter")
+    C = _positive_real(C, "C", _C_MEANING)
+    max_iter = positive_int(max_iter, "max_iter")
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
         raise ValueError(f"seed: got {seed!r}, expected an integer >= 0")
     if train.dim != test.dim:
@@ -278,7 +278,7 @@ class LinearProbeMonitor:
         C, max_iter, seed: as :func:`fit_linear_probe`.
         device: where features are extracted; ``None``: the device of the encoder.
         batch_size: items per forward pass.
-        params_key: the params block named in errors.
+        params_key: the params block named in the warning when the fit stops before converging.
 
     Returns of ``__call__``: ``{"probe/<label>/auroc": float, ..., "probe/mean_auroc":
     float}`` for the labels that could be probed (a label with one class in either
@@ -301,9 +301,9 @@ class LinearProbeMonitor:
         self.features = extract_features if features is None else features
         self.train_data = train_data
         self.val_data = val_data
-        self.every_epochs = positive_int(every_epochs, f"{params_key}.every_epochs")
-        self.C = _positive_real(C, f"{params_key}.C", _C_MEANING)
-        self.max_iter = positive_int(max_iter, f"{params_key}.max_iter")
+        self.every_epochs = positive_int(every_epochs, "every_epochs")
+        self.C = _positive_real(C, "C", _C_MEANING)
+        self.max_iter = positive_int(max_iter, "max_iter")
         self.seed = int(seed)
         self.device = None if device is None else torch.device(device)
         self.batch_size = positive_int(batch_size, "batch_size")

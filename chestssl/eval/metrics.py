@@ -123,7 +123,7 @@ def per_image_segmentation_scores(probs: ArrayLike, masks: ArrayLike, threshold:
         raise ValueError(f"probs {probs_np.shape} and masks {masks_np.shape} must have the same shape")
     _check_unit_range("probs", probs_np.astype(np.float32), "foreground probabilities (apply a sigmoid/softmax)")
     if not 0.0 <= float(threshold) <= 1.0:
-        raise ValueError(f"threshold (evaluate.seg_threshold) must be in [0, 1], got {threshold!r}")
+        raise ValueError(f"threshold must be in [0, 1], got {threshold!r}")
 
     dice_metric = DiceMetric(include_background=True, reduction="none", ignore_empty=False)
     iou_metric = MeanIoU(include_background=True, reduction="none", ignore_empty=False)
@@ -257,7 +257,7 @@ def evaluate_classification(
     labels_np = labels_np.astype(np.int64)
     _check_unit_range("scores", scores_np, "positive-class probabilities (apply a sigmoid/softmax)")
     if not 0.0 <= float(threshold) <= 1.0:
-        raise ValueError(f"threshold (evaluate.cls_threshold) must be in [0, 1], got {threshold!r}")
+        raise ValueError(f"threshold must be in [0, 1], got {threshold!r}")
     ids = _check_patient_ids(patient_ids, scores_np.size)
 
     predicted = (scores_np >= threshold).astype(np.int64)

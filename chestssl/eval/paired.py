@@ -268,7 +268,7 @@ def paired_difference(
         )
     task = a["task"]
     if task == "cls" and not 0.0 <= float(threshold) <= 1.0:
-        raise ValueError(f"threshold (evaluate.cls_threshold) must be in [0, 1], got {threshold!r}")
+        raise ValueError(f"threshold must be in [0, 1], got {threshold!r}")
     a_index, b_index = _aligned_indices(a, b, a_name, b_name)
     a = {k: (v[a_index] if isinstance(v, np.ndarray) else v) for k, v in a.items()}
     b = {k: (v[b_index] if isinstance(v, np.ndarray) else v) for k, v in b.items()}

@@ -16,17 +16,40 @@ unlike seed 000 whose single-task and multihead PSNRs used different ranges.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Literal, Mapping
 
 import torch
 import torch.nn.functional as F
 from monai.losses import SSIMLoss
+from pydantic import model_validator
 from torch import nn
 
 from chestssl.methods.base import PretrainMethod
+from chestssl.params import MethodConfig
+from chestssl.schema import Config, Float, problem
 from chestssl.models.autoencoder import ConvAutoencoder
 from chestssl.models.backbones import build_backbone
 from chestssl.models.seeding import seeded
+
+
+class L1SSIMLoss(Config):
+    """Weights of the two reconstruction terms; at least one is positive."""
+
+    l1: Float(ge=0.0)
+    ssim: Float(ge=0.0)
+
+    @model_validator(mode="after")
+    def _something_to_optimise(self) -> "L1SSIMLoss":
+        if self.l1 == 0.0 and self.ssim == 0.0:
+            raise problem("l1 and ssim are both 0, so there is nothing to optimise; give at least one a positive weight")
+        return self
+
+
+class AEConfig(MethodConfig):
+    """``method: ae``: a backbone with a mirrored convolutional decoder."""
+
+    method: Literal["ae"]
+    loss: L1SSIMLoss
 
 
 class AutoencoderPretraining(PretrainMethod):
@@ -37,6 +60,7 @@ class AutoencoderPretraining(PretrainMethod):
     ``scratch`` encoder of the same seed and backbone.
     """
 
+    Config = AEConfig
     reconstructs = True
 
     # Every parameter gets a gradient in every step: DDP need not search for unused ones.
@@ -46,11 +70,6 @@ class AutoencoderPretraining(PretrainMethod):
         super().__init__(name, cfg, seed)
         self.l1_weight = float(self.cfg["loss"]["l1"])
         self.ssim_weight = float(self.cfg["loss"]["ssim"])
-        if self.l1_weight == 0.0 and self.ssim_weight == 0.0:
-            raise ValueError(
-                f"methods.{name}.loss: l1 and ssim are both 0, so there is nothing to optimise; "
-                "give at least one a positive weight"
-            )
         spatial_dims = int(self.cfg["backbone"]["spatial_dims"])
         with seeded(self.seed):
             self.autoencoder = ConvAutoencoder(build_backbone(self.cfg["backbone"]))

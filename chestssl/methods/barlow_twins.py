@@ -28,17 +28,18 @@ gets the same views, so validation losses compare across epochs.
 
 from __future__ import annotations
 
-import math
-from typing import Any, Mapping
+from typing import Annotated, Any, Literal, Mapping
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from pydantic import Field, field_validator
 from torch import nn
 
-from chestssl.checks import positive_int
 from chestssl.data.augment import TwoViewAugment
 from chestssl.methods.base import PretrainMethod
+from chestssl.params import MethodConfig
+from chestssl.schema import Config, Float, Int, List, problem
 from chestssl.models.backbones import build_backbone
 from chestssl.models.seeding import seeded
 
@@ -109,10 +110,31 @@ class BarlowTwinsObjective(nn.Module):
         return {"loss": on_diag + self.lambd * off_diag, "on_diag": on_diag.detach(), "off_diag": off_diag.detach()}
 
 
-def _non_negative_float(value: Any, key: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        raise ValueError(f"{key}: got {value!r}, expected a finite number >= 0 (seed 001: 5e-3)")
-    return float(value)
+class AugmentConfig(Config):
+    """The two views' augmentations (:class:`~chestssl.data.augment.TwoViewAugment`)."""
+
+    p: Float(ge=0.0, le=1.0, doc="probability of each augmentation")
+    crop_scale: List(Float(gt=0.0, le=1.0), length=2)
+    blur_sigma: List(Float(ge=0.0), length=2)
+    perspective: Float(ge=0.0, le=0.5, doc="corner displacement, a fraction of the side")
+    noise_std: Float(ge=0.0)
+
+    @field_validator("crop_scale", "blur_sigma")
+    @classmethod
+    def _min_then_max(cls, bounds: list[float]) -> list[float]:
+        if bounds[0] > bounds[1]:
+            raise problem(f"got {bounds!r}, expected [min, max] with min <= max")
+        return bounds
+
+
+class BarlowTwinsConfig(MethodConfig):
+    """``method: barlow_twins``: seed 001's Barlow Twins on a backbone with a global representation."""
+
+    method: Literal["barlow_twins"]
+    projector_dim: Int(ge=1, doc="output of the bias-free linear projector")
+    lambda_: Annotated[Float(ge=0.0, doc="weight of the off-diagonal (redundancy) term; seed 001: 5e-3"),
+                       Field(alias="lambda")]
+    augment: AugmentConfig
 
 
 class BarlowTwinsPretraining(PretrainMethod):
@@ -129,6 +151,7 @@ class BarlowTwinsPretraining(PretrainMethod):
     B >= 2, and return scalars ``loss``, ``on_diag`` and ``off_diag``.
     """
 
+    Config = BarlowTwinsConfig
     reconstructs = False
 
     # The backbone (no fc) and the projector both feed the loss in every step.
@@ -136,22 +159,15 @@ class BarlowTwinsPretraining(PretrainMethod):
 
     def __init__(self, name: str, cfg: Mapping[str, Any], seed: int):
         super().__init__(name, cfg, seed)
-        where = f"methods.{name}"
-        for key in ("backbone", "projector_dim", "lambda", "augment"):
-            if key not in self.cfg:
-                raise ValueError(f"{where}: missing {where}.{key}")
-        projector_dim = positive_int(self.cfg["projector_dim"], f"{where}.projector_dim")
-        lambd = _non_negative_float(self.cfg["lambda"], f"{where}.lambda")
+        projector_dim = int(self.cfg["projector_dim"])
+        lambd = float(self.cfg["lambda"])
         spatial_dims = int(self.cfg["backbone"]["spatial_dims"])
-        self.augment = TwoViewAugment.from_config(self.cfg["augment"], spatial_dims, seed=self.seed,
-                                                  where=f"{where}.augment")
+        self.augment = TwoViewAugment.from_config(self.cfg["augment"], spatial_dims, seed=self.seed)
         with seeded(self.seed):
             self.backbone = build_backbone(self.cfg["backbone"])
             if not hasattr(self.backbone, "representation_dim"):
-                raise ValueError(
-                    f"{where}.backbone.name: {self.cfg['backbone'].get('name')!r} has no global representation "
-                    "(representation_dim); use 'resnet18' or 'resnet50'"
-                )
+                raise ValueError(f"Barlow Twins needs a backbone with a global representation (representation_dim); "
+                                 f"{type(self.backbone).__name__} has none")
             self.projector = nn.Sequential(
                 nn.Linear(int(self.backbone.representation_dim), projector_dim, bias=False),
                 nn.BatchNorm1d(projector_dim, affine=False, track_running_stats=False),

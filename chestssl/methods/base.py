@@ -18,6 +18,7 @@ binary, ``label`` (B,) int64, and ``patient_id`` / ``scan_id`` lists.
 
 from __future__ import annotations
 
+import inspect
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar, Mapping
 
@@ -27,6 +28,13 @@ from torch import nn
 
 from chestssl.models.backbones import export_encoder
 from chestssl.models.stepped import SteppedModule
+from chestssl.params import MethodConfig, method_kind
+
+#: What a method trains on per item: one image (or slice, or crop), or one radiograph study.
+LEVELS = ("image", "study")
+#: Every method class, by level and then by the ``method`` name of its config; filled as
+#: the classes are defined (:meth:`PretrainMethod.__init_subclass__`).
+REGISTRY: dict[str, dict[str, type["PretrainMethod"]]] = {level: {} for level in LEVELS}
 
 
 class PretrainMethod(SteppedModule, ABC):
@@ -46,6 +54,24 @@ class PretrainMethod(SteppedModule, ABC):
     monitor: ClassVar[tuple[str, str]] = ("val/loss", "min")
     #: The downstream heads the method trains itself (multihead models): ``seg``, ``cls``.
     heads: tuple[str, ...] = ()
+    #: The method's params entry (its ``method`` literal names the method); set by each method.
+    Config: ClassVar[type[MethodConfig]]
+    #: ``image`` or ``study`` (:data:`LEVELS`).
+    level: ClassVar[str] = "image"
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Register a concrete method that declares its ``Config`` or ``level`` in its own body."""
+        super().__init_subclass__(**kwargs)
+        if inspect.isabstract(cls) or not ({"Config", "level"} & set(vars(cls))):
+            return
+        if cls.level not in LEVELS:
+            raise TypeError(f"{cls.__qualname__}.level: got {cls.level!r}, expected one of {', '.join(LEVELS)}")
+        name = method_kind(cls.Config)
+        known = REGISTRY[cls.level].get(name)
+        if known is not None and known.__qualname__ != cls.__qualname__:
+            raise TypeError(f"{cls.__qualname__}: method {name!r} ({cls.level} level) is already "
+                            f"{known.__module__}.{known.__qualname__}")
+        REGISTRY[cls.level][name] = cls
 
     def __init__(self, name: str, cfg: Mapping[str, Any], seed: int):
         super().__init__()

@@ -26,8 +26,7 @@ pass), so every epoch sees the same disruptions and its metrics are comparable.
 
 from __future__ import annotations
 
-import math
-from typing import Any, Mapping, Sequence
+from typing import Any, Literal, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -35,14 +34,37 @@ import torch.nn.functional as F
 from torch import nn
 
 from chestssl.methods.base import PretrainMethod
+from chestssl.params import MethodConfig
+from chestssl.schema import Float, Int, Str
 from chestssl.models.backbones import build_backbone
 from chestssl.models.disruptions import Disruption
 from chestssl.models.seeding import seeded
 from chestssl.models.supervised_contrastive import CrossModalContrastiveLoss
-from chestssl.models.swin import SwinEncoder, SwinUNETRSegHead
+from chestssl.models.swin import SWIN_UNETR_PATCH_SIZE, SwinEncoder, SwinUNETRSegHead
 
 #: Width of the linear projection of the bottleneck that the contrastive loss compares.
 CONTRASTIVE_DIM = 128
+
+
+class DAEConfig(MethodConfig):
+    """``method: dae``: seed 003's Disruptive Autoencoder on a Swin backbone."""
+
+    method: Literal["dae"]
+    backbone_names = ("swin",)  # its decoder is SwinUNETR's, which reads the Swin hidden states
+    disruption: Str(choices=("denoise", "superres", "local", "all"))
+    noise_variance: Float(ge=0.0, doc="variance of the added Gaussian noise; seed 003: 0.1")
+    downsample_factor: Int(ge=2, doc="nearest down- then up-sampling factor; seed 003: 4")
+    local_fraction: Float(ge=0.0, lt=1.0, doc="fraction of patch-embedding channels zeroed; seed 003: 0.6")
+    mm_con: Float(ge=0.0, doc="weight of the cross-modal contrastive term; seed 003: 0.03")
+    temperature: Float(gt=0.0, doc="of the contrastive term; seed 003: 0.5")
+
+    def entry_problems(self, backbone: Mapping[str, Any]) -> list[tuple[str, str]]:
+        """The decoder is SwinUNETR's, which needs the Swin backbone's patch size to be 2."""
+        if backbone["patch_size"] != SWIN_UNETR_PATCH_SIZE:
+            return [("backbone", f"its patch_size is {backbone['patch_size']}, but the decoder is SwinUNETR's, which "
+                                 f"needs {SWIN_UNETR_PATCH_SIZE} (its last up-sampling must reach the "
+                                 "full-resolution skip)")]
+        return []
 
 
 class DisruptiveAutoencoderPretraining(PretrainMethod):
@@ -59,23 +81,16 @@ class DisruptiveAutoencoderPretraining(PretrainMethod):
     optionally ``modality``, a list of B strings.
     """
 
+    Config = DAEConfig
     reconstructs = True
     monitor = ("val/loss", "min")
 
     def __init__(self, name: str, cfg: Mapping[str, Any], seed: int):
         super().__init__(name, cfg, seed)
-        where = f"methods.{name}"
         backbone = self.cfg["backbone"]
-        if backbone.get("name") != "swin":
-            raise ValueError(
-                f"{where}.backbone.name: got {backbone.get('name')!r}, but dae needs 'swin' "
-                "(its decoder is SwinUNETR's, which reads the Swin transformer's hidden states)"
-            )
-        self.disruption = Disruption.from_cfg(self.cfg, where)
-        self.mm_con_weight = self._number(self.cfg["mm_con"], f"{where}.mm_con", "a number >= 0 (seed 003: 0.03)")
-        temperature = self._number(self.cfg["temperature"], f"{where}.temperature", "a number > 0 (seed 003: 0.5)")
-        if temperature <= 0:
-            raise ValueError(f"{where}.temperature: got {temperature!r}, expected a number > 0 (seed 003: 0.5)")
+        self.disruption = Disruption.from_cfg(self.cfg)
+        self.mm_con_weight = float(self.cfg["mm_con"])
+        temperature = float(self.cfg["temperature"])
         spatial_dims = int(backbone["spatial_dims"])
         with seeded(self.seed):
             self.swin_encoder: SwinEncoder = build_backbone(backbone)
@@ -86,12 +101,6 @@ class DisruptiveAutoencoderPretraining(PretrainMethod):
         self.register_buffer("mm_con_active_steps", torch.zeros((), dtype=torch.int64))
         self.track_reconstruction_quality(spatial_dims)
         self._validation_batches = 0
-
-    @staticmethod
-    def _number(value: Any, key: str, allowed: str) -> float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-            raise ValueError(f"{key}: got {value!r}, expected {allowed}")
-        return float(value)
 
     @property
     def mm_con_ever_active(self) -> bool:

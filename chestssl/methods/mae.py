@@ -46,7 +46,7 @@ from __future__ import annotations
 
 from abc import abstractmethod
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Literal, Mapping
 
 import numpy as np
 import torch
@@ -59,10 +59,11 @@ from monai.networks.nets.diffusion_model_unet import get_timestep_embedding
 from monai.networks.schedulers import DDPMScheduler
 from torch import nn
 
-from chestssl.checks import positive_int
 from chestssl.methods.base import PretrainMethod
 from chestssl.models.seeding import seeded
-from chestssl.models.vit import ViTEncoder, build_vit_encoder, check_sincos_width, gather_tokens, patchify, unpatchify
+from chestssl.models.vit import SINCOS_MULTIPLE, ViTEncoder, build_vit_encoder, gather_tokens, patchify, unpatchify
+from chestssl.params import MethodConfig
+from chestssl.schema import Bool, Float, Int
 
 #: Seed streams of the random draws: training steps, validation batches, reconstructions.
 TRAIN_STREAM, VALIDATION_STREAM, RECONSTRUCTION_STREAM = 0, 1, 2
@@ -80,10 +81,53 @@ def _process_rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
-def _number(value: Any, key: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
-        raise ValueError(f"{key}: got {value!r}, expected a number")
-    return float(value)
+class MAEConfig(MethodConfig):
+    """``method: mae``: seed 004's masked autoencoder on a ViT backbone."""
+
+    method: Literal["mae"]
+    backbone_names = ("vit",)  # its encoder reads only the visible patch tokens
+    mask_ratio: Float(gt=0.0, le=1.0, doc="share of the patches masked; seed 004: 0.5")
+    norm_pix_loss: Bool()
+    decoder_hidden_size: Int(ge=1, doc="a multiple of decoder_num_heads, and of 4 (2D) or 6 (3D)")
+    decoder_num_layers: Int(ge=1)
+    decoder_num_heads: Int(ge=1)
+
+    def entry_problems(self, backbone: Mapping[str, Any]) -> list[tuple[str, str]]:
+        """The decoder's width against its heads and position embedding, and the masking and
+        pixel normalisation against the ViT's patches."""
+        problems = []
+        dims, side, patch = backbone["spatial_dims"], backbone["img_size"], backbone["patch_size"]
+        multiple = SINCOS_MULTIPLE[dims]
+        if self.decoder_hidden_size % self.decoder_num_heads:
+            problems.append(("decoder_hidden_size", f"got {self.decoder_hidden_size}, which is not divisible by "
+                                                    f"decoder_num_heads {self.decoder_num_heads}"))
+        elif self.decoder_hidden_size % multiple:
+            problems.append(("decoder_hidden_size", f"got {self.decoder_hidden_size}, expected a multiple of "
+                                                    f"{multiple} for {dims}D sin-cos position embeddings"))
+        patches = (side // patch) ** dims
+        if not 0 < round(self.mask_ratio * patches) < patches:
+            problems.append(("mask_ratio", f"got {self.mask_ratio:g}, expected a fraction that masks at least one and "
+                                           f"leaves at least one of the backbone's {patches} patches "
+                                           f"(round(ratio * {patches}) in 1..{patches - 1}); seed 004: 0.5"))
+        if self.norm_pix_loss and patch < 2:
+            problems.append(("norm_pix_loss", "true needs patches of at least 2 pixels to normalise, but the "
+                                              "backbone's patch_size is 1; raise it or set norm_pix_loss to false"))
+        return problems
+
+
+class DiffMAEConfig(MAEConfig):
+    """``method: diffmae``: seed 004's diffusion masked autoencoder."""
+
+    method: Literal["diffmae"]
+    num_steps: Int(ge=2, doc="diffusion steps; seed 004: 100")
+    beta_start: Float(gt=0.0, le=1.0, doc="below beta_end; seed 004: 1e-4")
+    beta_end: Float(gt=0.0, le=1.0, doc="seed 004: 0.2")
+
+    def entry_problems(self, backbone: Mapping[str, Any]) -> list[tuple[str, str]]:
+        problems = super().entry_problems(backbone)
+        if self.beta_start >= self.beta_end:
+            problems.append(("", f"beta_start {self.beta_start:g} must be below beta_end {self.beta_end:g}"))
+        return problems
 
 
 @dataclass(frozen=True)
@@ -292,50 +336,26 @@ class MaskedPatchPretraining(PretrainMethod):
 
     def __init__(self, name: str, cfg: Mapping[str, Any], seed: int):
         super().__init__(name, cfg, seed)
-        where = f"methods.{name}"
         backbone = self.cfg["backbone"]
-        if backbone.get("name") != "vit":
-            raise ValueError(
-                f"{where}.backbone.name: got {backbone.get('name')!r}, but {self.cfg.get('method')} needs 'vit' "
-                "(its encoder reads only the visible patch tokens)"
-            )
-        norm_pix_loss = self.cfg["norm_pix_loss"]
-        if not isinstance(norm_pix_loss, bool):
-            raise ValueError(f"{where}.norm_pix_loss: got {norm_pix_loss!r}, expected true or false")
-        self.norm_pix_loss = norm_pix_loss
-        decoder_hidden = positive_int(self.cfg["decoder_hidden_size"], f"{where}.decoder_hidden_size")
-        decoder_layers = positive_int(self.cfg["decoder_num_layers"], f"{where}.decoder_num_layers")
-        decoder_heads = positive_int(self.cfg["decoder_num_heads"], f"{where}.decoder_num_heads")
-        if decoder_hidden % decoder_heads:
-            raise ValueError(
-                f"{where}.decoder_hidden_size: got {decoder_hidden}, which is not divisible by "
-                f"{where}.decoder_num_heads {decoder_heads}"
-            )
-        spatial_dims = backbone.get("spatial_dims")
-        if spatial_dims in (2, 3):
-            check_sincos_width(decoder_hidden, spatial_dims, f"{where}.decoder_hidden_size")
+        self.norm_pix_loss = bool(self.cfg["norm_pix_loss"])
+        decoder_hidden = int(self.cfg["decoder_hidden_size"])
+        decoder_layers = int(self.cfg["decoder_num_layers"])
+        decoder_heads = int(self.cfg["decoder_num_heads"])
         with seeded(self.seed):
             self.vit: ViTEncoder = build_vit_encoder(backbone)
-            self.mask_ratio, self.num_masked = self._masking(self.cfg["mask_ratio"], f"{where}.mask_ratio")
-            if self.norm_pix_loss and self.vit.patch_dim < 2:
-                raise ValueError(
-                    f"{where}.norm_pix_loss: true needs patches of at least 2 pixels to normalise, but "
-                    f"backbone.patch_size is {self.vit.patch_size}; raise it or set norm_pix_loss to false"
-                )
+            self.mask_ratio, self.num_masked = self._masking(float(self.cfg["mask_ratio"]))
             self.decoder = self._build_decoder(decoder_hidden, decoder_layers, decoder_heads)
         # Optimisation steps taken; a buffer, so a resumed run draws the same masks.
         self.register_buffer("steps_done", torch.zeros((), dtype=torch.int64))
         self._validation_batches = 0
 
-    def _masking(self, ratio: Any, key: str) -> tuple[float, int]:
-        ratio = _number(ratio, key)
+    def _masking(self, ratio: float) -> tuple[float, int]:
+        """``ratio`` and the number of patches it masks, at least one and leaving one."""
         patches = self.vit.num_patches
         num_masked = round(ratio * patches)
-        if not 0.0 < ratio < 1.0 or not 0 < num_masked < patches:
-            raise ValueError(
-                f"{key}: got {ratio:g}, expected a fraction in (0, 1) that masks at least one and leaves at least "
-                f"one of the {patches} patches (round(ratio * {patches}) in 1..{patches - 1}); seed 004: 0.5"
-            )
+        if not 0 < num_masked < patches:
+            raise ValueError(f"mask ratio {ratio:g} masks {num_masked} of {patches} patches; "
+                             f"expected 1..{patches - 1}")
         return ratio, num_masked
 
     @abstractmethod
@@ -423,6 +443,8 @@ class MaskedPatchPretraining(PretrainMethod):
 class MaskedAutoencoderPretraining(MaskedPatchPretraining):
     """``mae``: He et al.'s masked autoencoder (module docstring); :class:`MaskedPatchDecoder`."""
 
+    Config = MAEConfig
+
     decoder: MaskedPatchDecoder
 
     def _build_decoder(self, hidden: int, num_layers: int, num_heads: int) -> nn.Module:
@@ -462,22 +484,14 @@ class DiffusionMaskedAutoencoderPretraining(MaskedPatchPretraining):
     ``beta = linspace(beta_start, beta_end, num_steps) ** 2``.
     """
 
+    Config = DiffMAEConfig
     decoder: DiffusionPatchDecoder
 
     def __init__(self, name: str, cfg: Mapping[str, Any], seed: int):
         super().__init__(name, cfg, seed)
-        where = f"methods.{name}"
-        self.num_steps = positive_int(self.cfg["num_steps"], f"{where}.num_steps", "an integer >= 2 (seed 004: 100)")
-        if self.num_steps < 2:
-            raise ValueError(f"{where}.num_steps: got {self.num_steps}, expected an integer >= 2 (seed 004: 100)")
-        self.beta_start = _number(self.cfg["beta_start"], f"{where}.beta_start")
-        self.beta_end = _number(self.cfg["beta_end"], f"{where}.beta_end")
-        if not 0.0 < self.beta_start < self.beta_end <= 1.0:
-            raise ValueError(
-                f"{where}.beta_start, {where}.beta_end: got {self.beta_start:g} and {self.beta_end:g}, expected "
-                "0 < beta_start < beta_end <= 1 (the schedule is linspace(beta_start, beta_end, num_steps)**2; "
-                "seed 004: 1e-4 and 0.2)"
-            )
+        self.num_steps = int(self.cfg["num_steps"])
+        self.beta_start = float(self.cfg["beta_start"])
+        self.beta_end = float(self.cfg["beta_end"])
         self.scheduler = DDPMScheduler(
             num_train_timesteps=self.num_steps,
             schedule="scaled_linear_beta",

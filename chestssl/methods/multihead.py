@@ -20,23 +20,81 @@ Multi-task learning: Caruana, "Multitask Learning", Machine Learning 28, 1997.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Literal, Mapping
 
 import torch
 import torch.nn.functional as F
 from monai.metrics import Cumulative
+from pydantic import ValidationInfo, field_validator
 from torch import nn
 
 from chestssl.methods.base import PretrainMethod
-from chestssl.methods.vqgan import AutoencoderObjective
+from chestssl.methods.vqgan import AutoencoderLossConfig, AutoencoderObjective, DecoderConfig, QuantizerConfig
+from chestssl.params import MethodConfig
+from chestssl.schema import Float, List, Nullable, Str, problem
 from chestssl.models.backbones import backbone_name, build_backbone
 from chestssl.models.classifier import latent_resnet
 from chestssl.models.losses import class_weight_tensor, make_seg_loss
 from chestssl.models.overlap import dice_iou_from_counts, overlap_counts
 from chestssl.models.seeding import seeded
+from chestssl.models.swin import SWIN_UNETR_PATCH_SIZE
 from chestssl.models.vqgan import LatentAutoencoder
 
 HEADS = ("seg", "cls")
+
+
+class MultiheadConfig(MethodConfig):
+    """A ``multihead`` entry: seed 000's multi-task autoencoder."""
+
+    section = "multihead"
+    method: Literal["multihead"]
+    heads: List(Str(choices=HEADS), doc="seg, cls or both, each once")
+    seg_beta: Nullable(Float(ge=0.0, doc="null: the top-level seg_beta"))
+    cls_weight: Float(ge=0.0)
+    seg_loss: Str(choices=("ce", "dice", "focal"))
+    seg_class_weights: List(Float(ge=0.0), length=2)
+    focal_gamma: Float(ge=0.0)
+    focal_alpha: Float(ge=0.0, le=1.0)
+    cls_arch: Str(choices=("resnet18", "resnet50"))
+    cls_class_weights: List(Float(ge=0.0), length=2)
+    decoder: DecoderConfig
+    quantizer: QuantizerConfig
+    loss: AutoencoderLossConfig
+
+    @field_validator("heads")
+    @classmethod
+    def _heads_once(cls, heads: list[str]) -> list[str]:
+        if not heads or len(set(heads)) != len(heads):
+            raise problem(f"got {heads!r}, expected one or both of 'seg', 'cls', each once")
+        return heads
+
+    @field_validator("cls_class_weights")
+    @classmethod
+    def _cls_weights_not_both_zero(cls, weights: list[float]) -> list[float]:
+        if not any(weights):
+            raise problem(f"got {weights!r}, expected 2 weights (clean, nodule) that are not both 0")
+        return weights
+
+    @field_validator("seg_class_weights")
+    @classmethod
+    def _seg_weights_not_both_zero(cls, weights: list[float], info: ValidationInfo) -> list[float]:
+        if info.data.get("seg_loss") == "ce" and not any(weights):
+            raise problem(f"got {weights!r}, but seg_loss 'ce' weighs each pixel by its class; expected 2 weights "
+                          "(background, nodule) that are not both 0")
+        return weights
+
+    def entry_problems(self, backbone: Mapping[str, Any]) -> list[tuple[str, str]]:
+        """The seg head is SwinUNETR's decoder: it needs a Swin backbone of patch size 2."""
+        if "seg" not in self.heads:
+            return []
+        if backbone["name"] != "swin":
+            return [("backbone", f"the seg head is SwinUNETR's decoder and needs a 'swin' backbone, "
+                                 f"got a {backbone['name']!r} one")]
+        if backbone["patch_size"] != SWIN_UNETR_PATCH_SIZE:
+            return [("backbone", f"its patch_size is {backbone['patch_size']}, but the seg head is SwinUNETR's "
+                                 f"decoder, which needs {SWIN_UNETR_PATCH_SIZE} (its last up-sampling must reach "
+                                 "the full-resolution skip)")]
+        return []
 
 
 class MultiheadAutoencoder(PretrainMethod):
@@ -51,6 +109,7 @@ class MultiheadAutoencoder(PretrainMethod):
     logits (B, 2).
     """
 
+    Config = MultiheadConfig
     reconstructs = True
     monitor = ("val/loss", "min")
 
@@ -58,8 +117,6 @@ class MultiheadAutoencoder(PretrainMethod):
         super().__init__(name, cfg, seed)
         where = f"multihead.{name}"
         heads = list(self.cfg["heads"])
-        if not heads or len(set(heads)) != len(heads) or any(h not in HEADS for h in heads):
-            raise ValueError(f"{where}.heads: got {heads!r}, expected one or both of 'seg', 'cls', each once")
         self.heads = tuple(h for h in HEADS if h in heads)
         self.seg_beta = float(self.cfg["seg_beta"])
         self.cls_weight = float(self.cfg["cls_weight"])
@@ -67,11 +124,6 @@ class MultiheadAutoencoder(PretrainMethod):
         spatial_dims = int(backbone["spatial_dims"])
         with seeded(self.seed):
             encoder = build_backbone(backbone)
-            if "seg" in self.heads and backbone_name(encoder) != "swin":
-                raise ValueError(
-                    f"{where}.backbone.name: the seg head is SwinUNETR's decoder and needs a 'swin' backbone, "
-                    f"got {backbone['name']!r}"
-                )
             self.autoencoder = LatentAutoencoder(encoder, self.cfg["decoder"], self.cfg["quantizer"])
             self.objective = AutoencoderObjective(self.cfg["loss"], spatial_dims, f"{where}.loss")
             self._deepest_map_is_latent = backbone_name(encoder) in ("swin", "unet_encoder")
@@ -84,12 +136,9 @@ class MultiheadAutoencoder(PretrainMethod):
             if "cls" in self.heads:
                 self.cls_head = latent_resnet(spatial_dims, encoder.latent_channels, self.cfg["cls_arch"], 2)
         self.seg_loss = make_seg_loss(
-            self.cfg["seg_loss"], self.cfg["seg_class_weights"], self.cfg["focal_gamma"], self.cfg["focal_alpha"],
-            where, keys=("seg_loss", "seg_class_weights"),
+            self.cfg["seg_loss"], self.cfg["seg_class_weights"], self.cfg["focal_gamma"], self.cfg["focal_alpha"]
         )
-        self.register_buffer(
-            "cls_class_weights", class_weight_tensor(self.cfg["cls_class_weights"], f"{where}.cls_class_weights")
-        )
+        self.register_buffer("cls_class_weights", class_weight_tensor(self.cfg["cls_class_weights"]))
         self.register_buffer("steps_done", torch.zeros((), dtype=torch.int64))
         self.track_reconstruction_quality(spatial_dims)
         self._seg_counts = self.register_accumulator(Cumulative())

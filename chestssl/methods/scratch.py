@@ -6,14 +6,21 @@ inputs (an encoder file), so scratch-vs-pretrained comparisons differ only in we
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Literal, Mapping
 
 import torch
 from torch import nn
 
 from chestssl.methods.base import PretrainMethod
+from chestssl.params import MethodConfig
 from chestssl.models.backbones import build_backbone
 from chestssl.models.seeding import seeded
+
+
+class ScratchConfig(MethodConfig):
+    """``method: scratch``: a backbone and no training (``recipe: none``)."""
+
+    method: Literal["scratch"]
 
 
 class Scratch(PretrainMethod):
@@ -22,6 +29,7 @@ class Scratch(PretrainMethod):
     The same seed gives the same weights as the encoder an ``ae`` run starts from.
     """
 
+    Config = ScratchConfig
     trainable = False
 
     def __init__(self, name: str, cfg: Mapping[str, Any], seed: int):

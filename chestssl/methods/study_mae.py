@@ -87,6 +87,10 @@ class _StudyEncoding(MaskedPatchPretraining):
 class StudyMaskedAutoencoder(_StudyEncoding, MaskedAutoencoderPretraining):
     """``mae`` over studies: He et al., CVPR 2022 (arXiv:2111.06377) with seed 004's bottleneck CLS."""
 
+    level = "study"
+
 
 class StudyDiffusionMaskedAutoencoder(_StudyEncoding, DiffusionMaskedAutoencoderPretraining):
     """``diffmae`` over studies: Wei et al., ICCV 2023 (arXiv:2304.03283) with seed 004's bottleneck CLS."""
+
+    level = "study"

@@ -24,19 +24,80 @@ epoch is the one with the highest validation SSIM, as in seed 000.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Literal, Mapping
 
 import torch
 import torch.nn.functional as F
 from monai.losses import SSIMLoss
+from pydantic import model_validator
 from torch import nn
 
 from chestssl.methods.base import PretrainMethod
+from chestssl.params import MethodConfig, check_levels
+from chestssl.schema import Bool, Config, Float, Int, List, Str, problem
 from chestssl.models.adversarial import PatchAdversarialTerm
 from chestssl.models.backbones import build_backbone
 from chestssl.models.perceptual import LocalPerceptualLoss
 from chestssl.models.seeding import seeded
 from chestssl.models.vqgan import LatentAutoencoder
+
+
+class DecoderConfig(Config):
+    """The decoder of seed 000's autoencoders (:class:`chestssl.models.vqgan.LatentAutoencoder`)."""
+
+    channels: Int(ge=1, doc="width of the full-resolution level")
+    channel_multipliers: List(Int(ge=1), doc="one per level")
+    num_res_blocks: Int(ge=1)
+    norm_num_groups: Int(ge=1, doc="must divide every level width")
+    latent_channels: Int(ge=1, doc="channels of the (quantised) latent the decoder reads")
+
+    @model_validator(mode="after")
+    def _levels(self) -> "DecoderConfig":
+        check_levels(self.channels, self.channel_multipliers, self.norm_num_groups)
+        return self
+
+
+class QuantizerConfig(Config):
+    """The vector quantiser between encoder and decoder (van den Oord et al., NeurIPS 2017)."""
+
+    enabled: Bool()
+    codebook_size: Int(ge=2)
+    dim: Int(ge=1)
+    beta: Float(ge=0.0, doc="commitment weight")
+
+
+class AutoencoderLossConfig(Config):
+    """The weights of :class:`AutoencoderObjective`'s terms."""
+
+    l1: Float(ge=0.0)
+    ssim: Float(ge=0.0)
+    perceptual: Float(ge=0.0, doc="needs perceptual_weights")
+    perceptual_weights: Str(doc="a local TorchScript feature network; empty: none")
+    codebook: Float(ge=0.0, doc="weight of codebook + beta * commitment")
+    adversarial: Float(ge=0.0, doc="factor of the (adaptive) generator loss; 0: no discriminator")
+    adaptive_weight: Bool()
+    disc_start: Int(ge=0, doc="step at which the discriminator starts")
+    disc_layers: Int(ge=1)
+    disc_channels: Int(ge=1)
+
+    @model_validator(mode="after")
+    def _faithful_and_complete(self) -> "AutoencoderLossConfig":
+        if self.l1 == 0.0 and self.ssim == 0.0 and self.perceptual == 0.0:
+            raise problem("l1, ssim and perceptual are all 0, so nothing asks for a faithful reconstruction; "
+                          "give at least one a positive weight")
+        if self.perceptual > 0.0 and not self.perceptual_weights:
+            raise problem(f"perceptual is {self.perceptual:g}, but perceptual_weights is empty; point it to a "
+                          "local TorchScript feature network, or set perceptual to 0")
+        return self
+
+
+class VQGANConfig(MethodConfig):
+    """``method: vqgan``: seed 000's (vector-quantised) autoencoder."""
+
+    method: Literal["vqgan"]
+    decoder: DecoderConfig
+    quantizer: QuantizerConfig
+    loss: AutoencoderLossConfig
 
 
 class AutoencoderObjective(nn.Module):
@@ -56,19 +117,9 @@ class AutoencoderObjective(nn.Module):
         self.ssim_weight = float(loss_cfg["ssim"])
         self.perceptual_weight = float(loss_cfg["perceptual"])
         self.codebook_weight = float(loss_cfg["codebook"])
-        if self.l1_weight == 0.0 and self.ssim_weight == 0.0 and self.perceptual_weight == 0.0:
-            raise ValueError(
-                f"{where}: l1, ssim and perceptual are all 0, so nothing asks for a faithful reconstruction; "
-                "give at least one a positive weight"
-            )
         self.ssim_loss = SSIMLoss(spatial_dims=spatial_dims, data_range=1.0)
         self.perceptual: LocalPerceptualLoss | None = None
         if self.perceptual_weight > 0.0:
-            if not loss_cfg["perceptual_weights"]:
-                raise ValueError(
-                    f"{where}.perceptual: got {self.perceptual_weight:g}, but {where}.perceptual_weights is empty; "
-                    "point it to a local TorchScript feature network, or set perceptual to 0"
-                )
             self.perceptual = LocalPerceptualLoss(loss_cfg["perceptual_weights"], param_key=f"{where}.perceptual_weights")
         self.adversarial: PatchAdversarialTerm | None = None
         if float(loss_cfg["adversarial"]) > 0.0:
@@ -129,6 +180,7 @@ class VQGANAutoencoderPretraining(PretrainMethod):
     block, so at step 0 it equals the ``scratch`` encoder of the same seed and backbone.
     """
 
+    Config = VQGANConfig
     reconstructs = True
     monitor = ("val/ssim", "max")
 

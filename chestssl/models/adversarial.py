@@ -73,7 +73,6 @@ class PatchAdversarialTerm(nn.Module):
         start_step: first training step with the adversarial term (VQGAN's ``disc_start``).
         adaptive: scale the generator loss by VQGAN's adaptive weight; otherwise by ``weight``.
         in_channels: image channels.
-        param_key: the params block these values come from, named in error messages.
 
     Images are (B, in_channels, *S); every side of S must leave the logits map at least
     one element (see :func:`patch_logits_size`), e.g. >= 12 for 2 layers.
@@ -88,23 +87,21 @@ class PatchAdversarialTerm(nn.Module):
         start_step: int = 0,
         adaptive: bool = True,
         in_channels: int = 1,
-        param_key: str = "loss.adversarial",
     ):
         super().__init__()
         if spatial_dims not in (2, 3) or isinstance(spatial_dims, bool):
-            raise ValueError(f"spatial_dims: got {spatial_dims!r}, expected 2 or 3")
-        self.param_key = param_key
+            raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims!r}")
         self.spatial_dims = spatial_dims
-        self.num_layers = positive_int(num_layers, f"{param_key}.num_layers")
-        self.weight = _non_negative(f"{param_key}.weight", weight)
+        self.num_layers = positive_int(num_layers, "num_layers")
+        self.weight = _non_negative("weight", weight)
         if isinstance(start_step, bool) or not isinstance(start_step, numbers.Integral) or start_step < 0:
-            raise ValueError(f"{param_key}.start_step: got {start_step!r}, expected an integer >= 0")
+            raise ValueError(f"start_step: got {start_step!r}, expected an integer >= 0")
         self.start_step = int(start_step)
         self.adaptive = bool(adaptive)
         self.discriminator = PatchDiscriminator(
             spatial_dims=spatial_dims,
             num_layers_d=self.num_layers,
-            channels=positive_int(channels, f"{param_key}.channels"),
+            channels=positive_int(channels, "channels"),
             in_channels=positive_int(in_channels, "in_channels"),
             out_channels=1,
         )
@@ -120,8 +117,7 @@ class PatchAdversarialTerm(nn.Module):
             smallest = 3 * 2**self.num_layers
             raise ValueError(
                 f"PatchAdversarialTerm: images of spatial size {spatial} are too small for "
-                f"{self.param_key}.num_layers={self.num_layers} (needs {self.spatial_dims} spatial dims, each "
-                f">= {smallest}); lower {self.param_key}.num_layers or raise slices.size"
+                f"num_layers={self.num_layers} (needs {self.spatial_dims} spatial dims, each >= {smallest})"
             )
 
     def logits(self, image: torch.Tensor) -> torch.Tensor:

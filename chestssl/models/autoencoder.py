@@ -69,5 +69,5 @@ class ConvAutoencoder(nn.Module):
         if any(size % ENCODER_STRIDE for size in spatial):
             raise ValueError(
                 f"ConvAutoencoder: spatial size {spatial} must be divisible by {ENCODER_STRIDE} "
-                "(four 2x poolings); set slices.size in params.yaml to a multiple of 16"
+                "(four 2x poolings)"
             )

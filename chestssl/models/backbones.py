@@ -97,7 +97,7 @@ def build_backbone(cfg: Mapping[str, Any]) -> nn.Module:
     """
     name = cfg.get("name")
     if name not in BACKBONES:
-        raise ValueError(f"backbone.name: got {name!r}, expected one of {', '.join(map(repr, BACKBONES))}")
+        raise ValueError(f"unknown backbone name {name!r}; known: {', '.join(map(repr, BACKBONES))}")
     return BACKBONES[name](cfg)
 
 
@@ -123,18 +123,16 @@ def _check_matches(encoder: nn.Module, cfg: Mapping[str, Any]) -> None:
     """Refuse to export weights under params that would rebuild a different network."""
     expected = build_backbone(cfg)
     if type(expected) is not type(encoder):
-        raise ValueError(f"backbone params {dict(cfg)} build a {type(expected).__name__}, not a {type(encoder).__name__}")
+        raise ValueError(f"backbone config {dict(cfg)} builds a {type(expected).__name__}, not a {type(encoder).__name__}")
     shapes = {key: tuple(value.shape) for key, value in encoder.state_dict().items()}
     expected_shapes = {key: tuple(value.shape) for key, value in expected.state_dict().items()}
     if shapes != expected_shapes:
         differing = sorted(set(shapes.items()) ^ set(expected_shapes.items()))[:3]
-        raise ValueError(f"backbone params {dict(cfg)} do not describe this encoder (first differences: {differing})")
+        raise ValueError(f"backbone config {dict(cfg)} does not describe this encoder (first differences: {differing})")
 
 
 def export_encoder(encoder: nn.Module, cfg: Mapping[str, Any]) -> dict[str, Any]:
     """The payload handed downstream: format tag, backbone params and CPU weights."""
-    if cfg.get("name") not in BACKBONES:
-        raise ValueError(f"backbone.name: got {cfg.get('name')!r}, expected one of {', '.join(map(repr, BACKBONES))}")
     _check_matches(encoder, cfg)
     return {"format": ENCODER_FORMAT, "backbone": dict(cfg), "state_dict": cpu_state_dict(encoder.state_dict())}
 

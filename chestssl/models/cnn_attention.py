@@ -37,33 +37,23 @@ UNETPP_STRIDE = 16
 DEFAULT_NORM_EPS = 1e-6
 
 
-def _level_widths(
-    prefix: str, channels: Any, channel_multipliers: Any, norm_num_groups: Any
-) -> tuple[tuple[int, ...], int]:
-    """Validate the width params of an encoder/decoder; return (level widths, norm_num_groups).
-
-    ``prefix`` is the params block the values come from (``"backbone"`` or ``"decoder"``),
-    so errors name the key to fix, e.g. ``backbone.norm_num_groups``.
-    """
-    channels = positive_int(channels, f"{prefix}.channels")
+def _level_widths(channels: Any, channel_multipliers: Any, norm_num_groups: Any) -> tuple[tuple[int, ...], int]:
+    """Check the width arguments of an encoder/decoder; return (level widths, norm_num_groups)."""
+    channels = positive_int(channels, "channels")
     if isinstance(channel_multipliers, (str, bytes)) or not isinstance(channel_multipliers, Sequence):
-        raise ValueError(
-            f"{prefix}.channel_multipliers: got {channel_multipliers!r}, expected a list of positive integers"
-        )
+        raise ValueError(f"channel_multipliers: got {channel_multipliers!r}, expected a list of positive integers")
     if not 1 <= len(channel_multipliers) <= MAX_LEVELS:
         raise ValueError(
-            f"{prefix}.channel_multipliers: got {list(channel_multipliers)} ({len(channel_multipliers)} levels), "
+            f"channel_multipliers: got {list(channel_multipliers)} ({len(channel_multipliers)} levels), "
             f"expected 1 to {MAX_LEVELS} positive integers (one per level, e.g. [1, 2, 4])"
         )
-    multipliers = [
-        positive_int(m, f"{prefix}.channel_multipliers[{i}]") for i, m in enumerate(channel_multipliers)
-    ]
-    groups = positive_int(norm_num_groups, f"{prefix}.norm_num_groups")
+    multipliers = [positive_int(m, f"channel_multipliers[{i}]") for i, m in enumerate(channel_multipliers)]
+    groups = positive_int(norm_num_groups, "norm_num_groups")
     widths = tuple(channels * m for m in multipliers)
     if any(width % groups for width in widths):
         raise ValueError(
-            f"{prefix}.norm_num_groups: {groups} does not divide every level width {list(widths)} "
-            f"({prefix}.channels * {prefix}.channel_multipliers); GroupNorm needs a divisor of all of them"
+            f"norm_num_groups: {groups} does not divide every level width {list(widths)} "
+            "(channels * channel_multipliers); GroupNorm needs a divisor of all of them"
         )
     return widths, groups
 
@@ -119,11 +109,11 @@ class CNNAttentionEncoder(Encoder):
         norm_eps: float = DEFAULT_NORM_EPS,
     ):
         if spatial_dims not in (2, 3) or isinstance(spatial_dims, bool):
-            raise ValueError(f"backbone.spatial_dims: got {spatial_dims!r}, expected 2 or 3")
+            raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims!r}")
         in_channels = positive_int(in_channels, "in_channels")
-        widths, norm_num_groups = _level_widths("backbone", channels, channel_multipliers, norm_num_groups)
-        num_res_blocks = positive_int(num_res_blocks, "backbone.num_res_blocks")
-        latent_channels = positive_int(latent_channels, "backbone.latent_channels")
+        widths, norm_num_groups = _level_widths(channels, channel_multipliers, norm_num_groups)
+        num_res_blocks = positive_int(num_res_blocks, "num_res_blocks")
+        latent_channels = positive_int(latent_channels, "latent_channels")
         if isinstance(norm_eps, bool) or not isinstance(norm_eps, numbers.Real) or not norm_eps > 0:
             raise ValueError(f"norm_eps: got {norm_eps!r}, expected a positive float")
         monai_kwargs: dict[str, Any] = dict(
@@ -195,7 +185,7 @@ class CNNAttentionEncoder(Encoder):
             raise ValueError(
                 f"CNNAttentionEncoder: input of spatial size {spatial} must have {self.spatial_dims} spatial "
                 f"dims, each divisible by latent_stride {self.latent_stride} ({len(self.widths) - 1} stride-2 "
-                f"downsamplings); set slices.size in params.yaml to a multiple of {self.latent_stride}"
+                "downsamplings)"
             )
 
 
@@ -207,13 +197,6 @@ def build_cnn_attention_encoder(cfg: Mapping[str, Any]) -> CNNAttentionEncoder:
     "norm_num_groups": int}``. Weights come from torch's global generator; wrap the call
     in :func:`chestssl.models.seeding.seeded` for a reproducible initialisation.
     """
-    if cfg.get("name") != "cnn_attention":
-        raise ValueError(f"backbone.name: got {cfg.get('name')!r}, expected 'cnn_attention'")
-    keys = ("spatial_dims", "channels", "channel_multipliers", "num_res_blocks", "latent_channels", "norm_num_groups")
-    missing = [key for key in keys if key not in cfg]
-    if missing:
-        missing_keys = ", ".join(f"backbone.{key}" for key in missing)
-        raise ValueError(f"backbone: missing {missing_keys} (required for name 'cnn_attention')")
     return CNNAttentionEncoder(
         spatial_dims=cfg["spatial_dims"],
         in_channels=1,
@@ -276,19 +259,19 @@ def build_cnn_attention_decoder(
     nearest 2x up-sampling + convolution between levels, GroupNorm and a 3x3 convolution
     to ``out_channels``. The output is raw (no sigmoid): the loss decides the squashing.
 
-    Args mirror the ``decoder`` params block (errors name ``decoder.<key>``).
+    Args mirror the ``decoder`` params block.
 
     ``forward(z)``: z (B, latent_channels, *L) -> (B, out_channels, *L * 2 ** (levels - 1)).
     """
     if spatial_dims not in (2, 3) or isinstance(spatial_dims, bool):
-        raise ValueError(f"spatial_dims: got {spatial_dims!r}, expected 2 or 3")
-    widths, norm_num_groups = _level_widths("decoder", channels, channel_multipliers, norm_num_groups)
+        raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims!r}")
+    widths, norm_num_groups = _level_widths(channels, channel_multipliers, norm_num_groups)
     return Decoder(
         spatial_dims=spatial_dims,
         channels=widths,
-        in_channels=positive_int(latent_channels, "decoder.latent_channels"),
+        in_channels=positive_int(latent_channels, "latent_channels"),
         out_channels=positive_int(out_channels, "out_channels"),
-        num_res_blocks=(positive_int(num_res_blocks, "decoder.num_res_blocks"),) * len(widths),
+        num_res_blocks=(positive_int(num_res_blocks, "num_res_blocks"),) * len(widths),
         norm_num_groups=norm_num_groups,
         norm_eps=DEFAULT_NORM_EPS,
         attention_levels=_lowest_level_attention(len(widths)),

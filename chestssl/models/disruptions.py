@@ -175,22 +175,11 @@ class Disruption:
     }
 
     @classmethod
-    def from_cfg(cls, cfg: Mapping[str, Any], where: str) -> "Disruption":
-        """Read and check ``disruption``, ``noise_variance``, ``downsample_factor`` and
-        ``local_fraction`` of a params entry; ``where`` is its key (``methods.<name>``)."""
-        kind = cfg["disruption"]
-        if kind not in DISRUPTIONS:
-            raise ValueError(f"{where}.disruption: got {kind!r}, expected one of {', '.join(map(repr, DISRUPTIONS))}")
-        variance = cfg["noise_variance"]
-        if isinstance(variance, bool) or not isinstance(variance, (int, float)) or not math.isfinite(variance) or variance < 0:
-            raise ValueError(f"{where}.noise_variance: got {variance!r}, expected a finite number >= 0 (seed 003: 0.1)")
-        factor = cfg["downsample_factor"]
-        if isinstance(factor, bool) or not isinstance(factor, int) or factor < 1:
-            raise ValueError(f"{where}.downsample_factor: got {factor!r}, expected a positive integer (seed 003: 4)")
-        fraction = cfg["local_fraction"]
-        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 <= fraction < 1.0:
-            raise ValueError(f"{where}.local_fraction: got {fraction!r}, expected a number in [0, 1) (seed 003: 0.6)")
-        return cls(kind, float(variance), int(factor), float(fraction))
+    def from_cfg(cls, cfg: Mapping[str, Any]) -> "Disruption":
+        """The disruption of a validated params entry: its ``disruption``, ``noise_variance``,
+        ``downsample_factor`` and ``local_fraction``."""
+        return cls(cfg["disruption"], float(cfg["noise_variance"]), int(cfg["downsample_factor"]),
+                   float(cfg["local_fraction"]))
 
     @property
     def parts(self) -> tuple[str, ...]:

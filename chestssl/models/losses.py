@@ -47,18 +47,12 @@ DEFAULT_PIXEL_WEIGHT = 15.0
 # --------------------------------------------------------------------------------------
 
 
-def class_weight_tensor(weights: Sequence[float], key: str) -> torch.Tensor:
-    """Class weights as a (2,) float32 tensor; refuses all-zero weights (nothing to learn).
-
-    ``key`` is the param named in errors: a run's name (``runs.<name>.class_weights``)
-    or a full key such as ``multihead.m.cls_class_weights``.
-    """
-    if "." not in key:
-        key = f"runs.{key}.class_weights"
+def class_weight_tensor(weights: Sequence[float]) -> torch.Tensor:
+    """Class weights as a (2,) float32 tensor; refuses all-zero weights (nothing to learn)."""
     tensor = torch.as_tensor([float(w) for w in weights], dtype=torch.float32)
     if tensor.numel() != 2 or bool((tensor < 0).any()) or float(tensor.sum()) == 0.0:
         raise ValueError(
-            f"{key}: got {list(weights)}, expected 2 non-negative weights "
+            f"class weights: got {list(weights)}, expected 2 non-negative weights "
             "(background/clean, nodule) that are not both 0"
         )
     return tensor
@@ -83,23 +77,17 @@ def make_seg_loss(
     class_weights: Sequence[float],
     focal_gamma: float,
     focal_alpha: float,
-    where: str = "runs.run",
-    keys: tuple[str, str] = ("loss", "class_weights"),
 ) -> nn.Module:
-    """The segmentation loss ``kind``; it takes (logits (B, 2, *S), mask (B, 1, *S)).
-
-    ``where`` is the params entry and ``keys`` the names of its loss and class-weight
-    params, for error messages (e.g. ``runs.seg_unetpp.loss``).
-    """
+    """The segmentation loss ``kind``; it takes (logits (B, 2, *S), mask (B, 1, *S))."""
     if kind == "ce":
-        return WeightedCrossEntropy(class_weight_tensor(class_weights, f"{where}.{keys[1]}"))
+        return WeightedCrossEntropy(class_weight_tensor(class_weights))
     if kind == "dice":
         return DiceLoss(
             include_background=False, to_onehot_y=True, softmax=True, batch=True, smooth_nr=1e-5, smooth_dr=1e-5
         )
     if kind == "focal":
         return FocalLoss(to_onehot_y=True, use_softmax=True, gamma=float(focal_gamma), alpha=float(focal_alpha))
-    raise ValueError(f"{where}.{keys[0]}: got {kind!r}, expected one of {', '.join(map(repr, SEG_LOSSES))}")
+    raise ValueError(f"unknown segmentation loss {kind!r}; known: {', '.join(map(repr, SEG_LOSSES))}")
 
 
 # --------------------------------------------------------------------------------------

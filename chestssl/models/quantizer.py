@@ -70,14 +70,14 @@ class VectorQuantizer(nn.Module):
 
     def __init__(self, in_channels: int, codebook_size: int, dim: int, beta: float = 0.25, spatial_dims: int = 2):
         super().__init__()
-        self.in_channels = positive_int(in_channels, "quantizer.in_channels")
-        self.codebook_size = positive_int(codebook_size, "quantizer.codebook_size")
-        self.dim = positive_int(dim, "quantizer.dim")
+        self.in_channels = positive_int(in_channels, "in_channels")
+        self.codebook_size = positive_int(codebook_size, "codebook_size")
+        self.dim = positive_int(dim, "dim")
         if isinstance(beta, bool) or not isinstance(beta, numbers.Real) or not beta >= 0:
-            raise ValueError(f"quantizer.beta: got {beta!r}, expected a float >= 0 (VQ-VAE uses 0.25)")
+            raise ValueError(f"beta: got {beta!r}, expected a float >= 0 (VQ-VAE uses 0.25)")
         self.beta = float(beta)
         if spatial_dims not in (2, 3) or isinstance(spatial_dims, bool):
-            raise ValueError(f"spatial_dims: got {spatial_dims!r}, expected 2 or 3")
+            raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims!r}")
         self.spatial_dims = spatial_dims
 
         self.project_in: nn.Module

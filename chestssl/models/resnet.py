@@ -88,17 +88,17 @@ class ResNetBackbone(ResNet):
         in_channels: int = 1,
     ):
         if name not in RESNET_NAMES:
-            raise ValueError(f"backbone.name: got {name!r}, expected one of {', '.join(map(repr, RESNET_NAMES))}")
+            raise ValueError(f"name: got {name!r}, expected one of {', '.join(map(repr, RESNET_NAMES))}")
         if isinstance(spatial_dims, bool) or spatial_dims not in (2, 3):
-            raise ValueError(f"backbone.spatial_dims: got {spatial_dims!r}, expected 2 or 3")
+            raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims!r}")
         is_list = isinstance(block_inplanes, Sequence) and not isinstance(block_inplanes, (str, bytes))
         if not is_list or len(block_inplanes) != 4:
             raise ValueError(
-                f"backbone.block_inplanes: got {block_inplanes!r}, expected a list of 4 positive integers "
+                f"block_inplanes: got {block_inplanes!r}, expected 4 positive integers "
                 f"(widths of layer1..layer4; MONAI's default {list(DEFAULT_BLOCK_INPLANES)})"
             )
-        widths = [positive_int(width, f"backbone.block_inplanes[{i}]") for i, width in enumerate(block_inplanes)]
-        in_channels = positive_int(in_channels, "ResNetBackbone in_channels")
+        widths = [positive_int(width, f"block_inplanes[{i}]") for i, width in enumerate(block_inplanes)]
+        in_channels = positive_int(in_channels, "in_channels")
         block, layers, shortcut_type, bias_downsample, _ = resnet_params[name]
         super().__init__(
             block=block,
@@ -187,13 +187,8 @@ def build_resnet_encoder(cfg: Mapping[str, Any]) -> ResNetBackbone:
     ``[64, 128, 256, 512]`` when absent. Weights come from torch's global generator; wrap
     the call in :func:`chestssl.models.seeding.seeded` for a reproducible initialisation.
     """
-    name = cfg.get("name")
-    if name not in RESNET_NAMES:
-        raise ValueError(f"backbone.name: got {name!r}, expected one of {', '.join(map(repr, RESNET_NAMES))}")
-    if "spatial_dims" not in cfg:
-        raise ValueError(f"backbone: missing backbone.spatial_dims (2 or 3) for the {name!r} backbone")
     return ResNetBackbone(
-        name=name,
+        name=cfg["name"],
         spatial_dims=cfg["spatial_dims"],
         block_inplanes=cfg.get("block_inplanes", DEFAULT_BLOCK_INPLANES),
         in_channels=1,

@@ -91,7 +91,7 @@ class AlignmentSTN(nn.Module):
         super().__init__()
         self.output_size = None if output_size is None else size_pair(output_size, "stn.output_size")
         self.padding_mode = check_padding_mode(padding_mode)
-        hidden_dim = positive_int(hidden_dim, "stn.hidden_dim")
+        hidden_dim = positive_int(hidden_dim, "hidden_dim")
         self.features = ResNetBackbone("resnet18", spatial_dims=2, block_inplanes=block_inplanes, in_channels=1)
         self.head = nn.Sequential(
             nn.Linear(self.features.representation_dim, hidden_dim),

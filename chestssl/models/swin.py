@@ -97,23 +97,23 @@ class SwinEncoder(SwinTransformer):
         normalize: bool = True,
     ):
         if spatial_dims not in (2, 3):
-            raise ValueError(f"backbone.spatial_dims: got {spatial_dims!r}, expected 2 or 3")
-        in_channels = positive_int(in_channels, "SwinEncoder in_channels")
-        feature_size = positive_int(feature_size, "backbone.feature_size")
+            raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims!r}")
+        in_channels = positive_int(in_channels, "in_channels")
+        feature_size = positive_int(feature_size, "feature_size")
         if feature_size % FEATURE_SIZE_MULTIPLE:
             raise ValueError(
-                f"backbone.feature_size: got {feature_size}, expected a multiple of {FEATURE_SIZE_MULTIPLE} "
+                f"feature_size: got {feature_size}, expected a multiple of {FEATURE_SIZE_MULTIPLE} "
                 "(SwinUNETR's rule), e.g. 12, 24 or 48"
             )
-        patch_size = positive_int(patch_size, "backbone.patch_size")
-        window_size = positive_int(window_size, "backbone.window_size")
-        depths = _stage_ints(depths, "backbone.depths")
-        num_heads = _stage_ints(num_heads, "backbone.num_heads")
+        patch_size = positive_int(patch_size, "patch_size")
+        window_size = positive_int(window_size, "window_size")
+        depths = _stage_ints(depths, "depths")
+        num_heads = _stage_ints(num_heads, "num_heads")
         for stage, heads in enumerate(num_heads):
             width = feature_size * 2**stage
             if width % heads:
                 raise ValueError(
-                    f"backbone.num_heads[{stage}]: got {heads}, but stage {stage} has {width} channels "
+                    f"num_heads[{stage}]: got {heads}, but stage {stage} has {width} channels "
                     f"(feature_size {feature_size} x 2**{stage}), which must be divisible by its number of heads"
                 )
         super().__init__(
@@ -159,8 +159,7 @@ class SwinEncoder(SwinTransformer):
         if any(size % self.latent_stride for size in spatial):
             raise ValueError(
                 f"SwinEncoder: spatial size {spatial} is not divisible by {self.latent_stride} "
-                f"(patch_size {self.patch_size} x 2**{SWIN_STAGES} patch mergings); set slices.size in "
-                f"params.yaml to a multiple of {self.latent_stride}"
+                f"(patch_size {self.patch_size} x 2**{SWIN_STAGES} patch mergings)"
             )
 
     def forward(self, x: torch.Tensor, normalize: bool | None = None) -> list[torch.Tensor]:
@@ -239,18 +238,6 @@ def build_swin_encoder(cfg: Mapping[str, Any]) -> SwinEncoder:
     generator; wrap the call in :func:`chestssl.models.seeding.seeded` for a reproducible
     initialisation.
     """
-    if cfg.get("name", "swin") != "swin":
-        raise ValueError(f"backbone.name: got {cfg.get('name')!r}, expected 'swin' for a Swin encoder")
-    required = ("spatial_dims", "feature_size", "patch_size", "window_size", "depths", "num_heads")
-    missing = [key for key in required if key not in cfg]
-    if missing:
-        raise ValueError(
-            f"backbone: missing {', '.join(f'backbone.{key}' for key in missing)} for the 'swin' backbone "
-            f"(it needs {', '.join(required)})"
-        )
-    normalize = cfg.get("normalize", True)
-    if not isinstance(normalize, bool):
-        raise ValueError(f"backbone.normalize: got {normalize!r}, expected true or false")
     return SwinEncoder(
         spatial_dims=cfg["spatial_dims"],
         in_channels=1,
@@ -259,15 +246,15 @@ def build_swin_encoder(cfg: Mapping[str, Any]) -> SwinEncoder:
         window_size=cfg["window_size"],
         depths=cfg["depths"],
         num_heads=cfg["num_heads"],
-        normalize=normalize,
+        normalize=cfg.get("normalize", True),
     )
 
 
 def _require_swin_unetr_patch(encoder: SwinEncoder) -> None:
     if encoder.patch_size != SWIN_UNETR_PATCH_SIZE:
         raise ValueError(
-            f"backbone.patch_size: got {encoder.patch_size}, but a SwinUNETR decoder needs {SWIN_UNETR_PATCH_SIZE} "
-            "(its last up-sampling must reach the full-resolution skip); set backbone.patch_size to 2"
+            f"a SwinUNETR decoder needs an encoder with patch_size {SWIN_UNETR_PATCH_SIZE}, got {encoder.patch_size} "
+            "(its last up-sampling must reach the full-resolution skip)"
         )
 
 
@@ -281,14 +268,13 @@ def check_decoder_input(spatial_shape: Sequence[int], latent_stride: int) -> Non
     spatial = tuple(int(size) for size in spatial_shape)
     if any(size % latent_stride for size in spatial):
         raise ValueError(
-            f"SwinUNETR: spatial size {spatial} is not divisible by {latent_stride}; set slices.size in "
-            f"params.yaml to a multiple of {latent_stride}"
+            f"SwinUNETR: spatial size {spatial} is not divisible by {latent_stride}, the encoder's latent stride"
         )
     deepest = tuple(size // latent_stride for size in spatial)
     if math.prod(deepest) < 2:
         raise ValueError(
             f"SwinUNETR: spatial size {spatial} leaves a deepest map of {deepest}, but the decoder's instance "
-            f"norm needs more than one element there; set slices.size in params.yaml to at least {2 * latent_stride}"
+            f"norm needs more than one element there, so a size of at least {2 * latent_stride}"
         )
 
 
@@ -296,7 +282,7 @@ class CheckedSwinUNETR(SwinUNETR):
     """MONAI's ``SwinUNETR`` whose input check also covers the decoder's smallest size.
 
     Identical modules, weights and ``forward``; only :meth:`_check_input_size` differs: on a
-    bad size it raises a ``ValueError`` that says which ``slices.size`` works (see
+    bad size it raises a ``ValueError`` that says which sizes work (see
     :func:`check_decoder_input`) instead of failing inside an instance norm.
     """
 

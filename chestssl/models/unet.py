@@ -108,7 +108,7 @@ class UNetEncoder(nn.Module):
             raise ValueError(
                 f"UNetEncoder: input of spatial size {tuple(x.shape[2:])} is too small; every size must "
                 f"be >= {MIN_INPUT_SIZE} (the 1/16 level must keep more than one element for instance "
-                "norm); raise slices.size in params.yaml"
+                "norm)"
             )
         maps = []
         for name in ENCODER_BLOCKS:

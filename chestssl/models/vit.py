@@ -140,24 +140,19 @@ class ViTEncoder(ViT):
         in_channels: int = 1,
     ):
         if isinstance(spatial_dims, bool) or spatial_dims not in (2, 3):
-            raise ValueError(f"backbone.spatial_dims: got {spatial_dims!r}, expected 2 or 3")
-        img_size = positive_int(img_size, "backbone.img_size")
-        patch_size = positive_int(patch_size, "backbone.patch_size")
+            raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims!r}")
+        img_size = positive_int(img_size, "img_size")
+        patch_size = positive_int(patch_size, "patch_size")
         if img_size % patch_size:
-            raise ValueError(
-                f"backbone.patch_size: got {patch_size}, which does not divide backbone.img_size {img_size}; "
-                "pick a divisor of img_size"
-            )
-        hidden_size = positive_int(hidden_size, "backbone.hidden_size")
-        num_layers = positive_int(num_layers, "backbone.num_layers")
-        num_heads = positive_int(num_heads, "backbone.num_heads")
-        mlp_dim = positive_int(mlp_dim, "backbone.mlp_dim")
-        in_channels = positive_int(in_channels, "ViTEncoder in_channels")
+            raise ValueError(f"patch_size: got {patch_size}, which does not divide img_size {img_size}")
+        hidden_size = positive_int(hidden_size, "hidden_size")
+        num_layers = positive_int(num_layers, "num_layers")
+        num_heads = positive_int(num_heads, "num_heads")
+        mlp_dim = positive_int(mlp_dim, "mlp_dim")
+        in_channels = positive_int(in_channels, "in_channels")
         if hidden_size % num_heads:
-            raise ValueError(
-                f"backbone.hidden_size: got {hidden_size}, which is not divisible by backbone.num_heads {num_heads}"
-            )
-        check_sincos_width(hidden_size, spatial_dims, "backbone.hidden_size")
+            raise ValueError(f"hidden_size: got {hidden_size}, which is not divisible by num_heads {num_heads}")
+        check_sincos_width(hidden_size, spatial_dims, "hidden_size")
         self.spatial_dims = int(spatial_dims)
         self.in_channels = in_channels
         self.img_size = img_size
@@ -227,9 +222,8 @@ class ViTEncoder(ViT):
             )
         if tuple(x.shape[2:]) != expected:
             raise ValueError(
-                f"ViTEncoder: input size {tuple(x.shape[2:])} differs from backbone.img_size {self.img_size} "
-                "(the position embeddings are built for one size); set backbone.img_size to the data's "
-                "slices.size (2D) or crops.size (3D)"
+                f"ViTEncoder: input size {tuple(x.shape[2:])} differs from img_size {self.img_size} "
+                "(the position embeddings are built for one size)"
             )
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -291,12 +285,4 @@ def build_vit_encoder(cfg: Mapping[str, Any]) -> ViTEncoder:
     come from torch's global generator; wrap the call in
     :func:`chestssl.models.seeding.seeded` for a reproducible initialisation.
     """
-    if cfg.get("name", "vit") != "vit":
-        raise ValueError(f"backbone.name: got {cfg.get('name')!r}, expected 'vit' for a ViT encoder")
-    missing = [key for key in VIT_KEYS if key not in cfg]
-    if missing:
-        raise ValueError(
-            f"backbone: missing {', '.join(f'backbone.{key}' for key in missing)} for the 'vit' backbone "
-            f"(it needs {', '.join(VIT_KEYS)})"
-        )
     return ViTEncoder(**{key: cfg[key] for key in VIT_KEYS}, in_channels=1)

@@ -24,9 +24,6 @@ from torch import nn
 from chestssl.models.cnn_attention import DEFAULT_NORM_EPS, build_cnn_attention_decoder
 from chestssl.models.quantizer import QuantizerOutput, VectorQuantizer
 
-DECODER_KEYS = ("channels", "channel_multipliers", "num_res_blocks", "norm_num_groups", "latent_channels")
-QUANTIZER_KEYS = ("codebook_size", "dim", "beta")
-
 
 @dataclass
 class AutoencoderOutput:
@@ -43,14 +40,6 @@ class AutoencoderOutput:
     latent: torch.Tensor
     vq_loss: torch.Tensor
     perplexity: torch.Tensor | None
-
-
-def _require(cfg: Mapping[str, Any], keys: tuple[str, ...], block: str) -> None:
-    if not isinstance(cfg, Mapping):
-        raise ValueError(f"{block}: got {cfg!r}, expected a mapping with keys {', '.join(keys)}")
-    missing = [key for key in keys if key not in cfg]
-    if missing:
-        raise ValueError(f"{block}: missing {', '.join(f'{block}.{key}' for key in missing)}")
 
 
 def _latent_adapter(
@@ -74,10 +63,8 @@ def _latent_adapter(
     steps = round(math.log2(ratio)) if ratio > 1 else 0
     if ratio <= 1 or 2**steps * decoder_stride != encoder_stride:
         raise ValueError(
-            f"decoder.channel_multipliers: the decoder up-samples by {decoder_stride} "
-            f"(2 ** (len(decoder.channel_multipliers) - 1)) but the encoder's latent has stride {encoder_stride}; "
-            "the encoder stride must equal the decoder's or be a power-of-2 multiple of it; "
-            "use fewer decoder levels (or a backbone with a larger latent stride)"
+            f"the decoder up-samples by {decoder_stride} (2 ** (levels - 1)) but the encoder's latent has stride "
+            f"{encoder_stride}; the encoder stride must equal the decoder's or be a power-of-2 multiple of it"
         )
     layers: list[nn.Module] = []
     in_channels = encoder_channels
@@ -124,8 +111,6 @@ class LatentAutoencoder(nn.Module):
         out_channels: int = 1,
     ):
         super().__init__()
-        _require(decoder_cfg, DECODER_KEYS, "decoder")
-        _require(quantizer_cfg, ("enabled",), "quantizer")
         self.encoder = encoder
         self.spatial_dims = int(encoder.spatial_dims)
         self.decoder = build_cnn_attention_decoder(
@@ -150,12 +135,8 @@ class LatentAutoencoder(nn.Module):
             norm_num_groups=int(decoder_cfg["norm_num_groups"]),
         )
 
-        enabled = quantizer_cfg["enabled"]
-        if not isinstance(enabled, bool):
-            raise ValueError(f"quantizer.enabled: got {enabled!r}, expected true or false")
         self.quantizer: VectorQuantizer | None = None
-        if enabled:
-            _require(quantizer_cfg, QUANTIZER_KEYS, "quantizer")
+        if quantizer_cfg["enabled"]:
             self.quantizer = VectorQuantizer(
                 in_channels=self.latent_channels,
                 codebook_size=quantizer_cfg["codebook_size"],
@@ -169,8 +150,7 @@ class LatentAutoencoder(nn.Module):
         if len(spatial) != self.spatial_dims or any(size % self.encoder_stride for size in spatial):
             raise ValueError(
                 f"LatentAutoencoder: input of spatial size {spatial} must have {self.spatial_dims} spatial dims, "
-                f"each divisible by the encoder's latent stride {self.encoder_stride}; set slices.size in "
-                f"params.yaml to a multiple of {self.encoder_stride}"
+                f"each divisible by the encoder's latent stride {self.encoder_stride}"
             )
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:

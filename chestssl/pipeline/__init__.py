@@ -3,7 +3,7 @@
 Each function takes the loaded params, the stage's entry name where the stage is a
 ``foreach`` template, and the paths it reads and writes (the stage scripts pass those of
 :mod:`chestssl.paths`, the unit tests temporary ones); it validates what it reads, calls
-the layers below (data, models, methods, tasks, train, eval, experiments) and writes the
+the layers below (data, models, methods, tasks, train, eval, ablations) and writes the
 stage's outputs. The scripts in ``stages/`` only map their command line to it.
 
 - :func:`~chestssl.pipeline.download.download`: ``data/raw`` from ``data.source``;
@@ -22,11 +22,11 @@ stage's outputs. The scripts in ``stages/`` only map their command line to it.
 - :func:`~chestssl.pipeline.pretrain_radiograph_studies.pretrain_radiograph_studies`:
   ``mae`` / ``diffmae`` trained on whole radiograph studies with the bottleneck CLS (seed 004);
 - :func:`~chestssl.pipeline.align_radiographs.align_radiographs`: seed 002's STN
-  alignment study;
+  alignment experiment;
 - :func:`~chestssl.pipeline.pretrain_cross_modal.pretrain_cross_modal`: a DAE trained on CT
   slices and radiographs, so its cross-modal contrastive term acts (seed 003);
 - :func:`~chestssl.pipeline.label_fraction.label_fraction` and
-  :func:`~chestssl.pipeline.frozen_parts.frozen_parts`: seed 001's experiments on a run.
+  :func:`~chestssl.pipeline.frozen_parts.frozen_parts`: seed 001's ablations on a run.
 
 Nothing below this package imports it (see ``tests/test_layering.py``).
 """

@@ -1,4 +1,4 @@
-"""Stage ``align_radiographs``: seed 002's STN alignment study on the frontal radiographs of ``data/radiographs``.
+"""Stage ``align_radiographs``: seed 002's STN alignment experiment on the frontal radiographs of ``data/radiographs``.
 
 Seed 002 aligns every chest radiograph to a *canonical chest* with a spatial transformer
 network (Jaderberg et al., "Spatial Transformer Networks", NeurIPS 2015, arXiv:1506.02025)
@@ -52,11 +52,10 @@ the frontal radiographs of ``data/radiographs`` (rendered from the CT by
 from __future__ import annotations
 
 import math
-import numbers
 import os
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping
 
 import numpy as np
 import torch
@@ -74,142 +73,6 @@ _MISALIGN_TRAIN_STREAM, _MISALIGN_TEST_STREAM, _MISALIGN_VAL_STREAM = 1, 2, 3
 #: The validation metric of the loop's bookkeeping (the STN kept is the last step's).
 MONITOR = ("val/loss", "min")
 
-_FIELD_DOCS = {
-    "feature_method": "the name of a `pretrain_radiographs.methods` entry whose frozen encoder is the loss's "
-                      "feature network",
-    "block_inplanes": "a list of 4 integers >= 1 (widths of the STN's ResNet-18 layer1..4; seed 002: "
-                      "[64, 128, 256, 512])",
-    "steps": "an integer >= 1 (optimisation steps)",
-    "batch_size": "an integer >= 1 (radiographs per step, at most the training frontal radiographs)",
-    "lr": "a number > 0 (AdamW learning rate; seed 002: 1e-4)",
-    "weight_decay": "a number >= 0 (AdamW weight decay; seed 002: 1e-4)",
-    "pixel_weight": "a number >= 0 (weight of the pixel MSE against the feature MSE; seed 002: 15)",
-    "max_shift": "a number in [0, 1) (largest shift, as a fraction of the image size; seed 002: 0.05)",
-    "max_scale": "a number in [0, 1) (largest relative scale change; seed 002: 0.05)",
-    "max_rotation_deg": "a number in [0, 180] (largest rotation in degrees; seed 002: 10)",
-    "max_brightness": "a number in [0, 1) (largest relative brightness change)",
-    "max_contrast": "a number in [0, 1) (largest relative contrast change)",
-    "num_examples": "an integer >= 1 (test radiographs shown in the report figure)",
-    "max_images": "an integer >= 0 (frontal radiographs per split at most, whole patients drawn at random; "
-                  "0: all; bounds the memory on a large dataset)",
-}
-#: The keys of the ``alignment`` params block.
-ALIGNMENT_FIELDS: tuple[str, ...] = tuple(_FIELD_DOCS)
-
-
-# --------------------------------------------------------------------------------------
-# Params
-# --------------------------------------------------------------------------------------
-
-
-def _real(value: Any) -> float | None:
-    """A finite float from a number or a numeric string (YAML 1.1 reads "1e-4" as a string); else None."""
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, str):
-        try:
-            value = float(value)
-        except ValueError:
-            return None
-    if not isinstance(value, numbers.Real) or not math.isfinite(value):
-        return None
-    return float(value)
-
-
-def _integer(value: Any, minimum: int) -> int | None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        return None
-    return int(value)
-
-
-def _in_range(
-    low: float, high: float, high_inclusive: bool, low_exclusive: bool = False
-) -> Callable[[Any], float | None]:
-    """A parser of numbers in [low, high] (or [low, high), (low, high]); None for anything else."""
-
-    def parse(value: Any) -> float | None:
-        number = _real(value)
-        if number is None or number < low or (low_exclusive and number == low):
-            return None
-        if number > high or (not high_inclusive and number == high):
-            return None
-        return number
-
-    return parse
-
-
-def _feature_method(value: Any) -> str | None:
-    return value if isinstance(value, str) and value.strip() else None
-
-
-def _block_inplanes(value: Any) -> list[int] | None:
-    if not isinstance(value, (list, tuple)) or len(value) != 4:
-        return None
-    widths = [_integer(width, 1) for width in value]
-    return None if None in widths else widths
-
-
-_PARSERS: dict[str, Callable[[Any], Any]] = {
-    "feature_method": _feature_method,
-    "block_inplanes": _block_inplanes,
-    "steps": lambda value: _integer(value, 1),
-    "batch_size": lambda value: _integer(value, 1),
-    "lr": _in_range(0.0, math.inf, True, low_exclusive=True),
-    "weight_decay": _in_range(0.0, math.inf, True),
-    "pixel_weight": _in_range(0.0, math.inf, True),
-    "max_shift": _in_range(0.0, 1.0, False),
-    "max_scale": _in_range(0.0, 1.0, False),
-    "max_rotation_deg": _in_range(0.0, 180.0, True),
-    "max_brightness": _in_range(0.0, 1.0, False),
-    "max_contrast": _in_range(0.0, 1.0, False),
-    "num_examples": lambda value: _integer(value, 1),
-    "max_images": lambda value: _integer(value, 0),
-}
-
-
-def validate_alignment_cfg(
-    cfg: Any, key: str = "alignment", feature_methods: Sequence[str] | None = None
-) -> dict[str, Any]:
-    """Check the ``alignment`` params block and return it normalised (floats as float).
-
-    Keys (:data:`ALIGNMENT_FIELDS`): ``feature_method`` (str), ``block_inplanes`` (4 ints
-    >= 1), ``steps`` (int >= 1), ``batch_size`` (int >= 1), ``lr`` (> 0),
-    ``weight_decay`` (>= 0), ``pixel_weight`` (>= 0), ``max_shift``, ``max_scale``,
-    ``max_brightness``, ``max_contrast`` (in [0, 1)), ``max_rotation_deg`` (in [0, 180]),
-    ``num_examples`` (int >= 1), ``max_images`` (int >= 0). At least one of the shift, scale and rotation must be
-    > 0, or there is no misalignment to learn or measure. ``feature_methods``: if given,
-    the ``pretrain_radiographs.methods`` that ``feature_method`` must be one of.
-
-    Raises :class:`~chestssl.params.ParamsError` listing every problem as
-    ``<key>.<field>: got <value>, expected <what is allowed>``.
-    """
-    if not isinstance(cfg, Mapping):
-        got = "missing" if cfg is None else f"got {cfg!r}"
-        raise ParamsError([f"{key}: {got}, expected a mapping with keys {', '.join(ALIGNMENT_FIELDS)}"])
-    problems = [f"{key}.{name}: unknown key; allowed keys are {', '.join(ALIGNMENT_FIELDS)}"
-                for name in sorted(set(cfg) - set(ALIGNMENT_FIELDS), key=str)]
-    checked: dict[str, Any] = {}
-    for name in ALIGNMENT_FIELDS:
-        if name not in cfg:
-            problems.append(f"{key}.{name}: missing; expected {_FIELD_DOCS[name]}")
-            continue
-        value = _PARSERS[name](cfg[name])
-        if value is None:
-            problems.append(f"{key}.{name}: got {cfg[name]!r}, expected {_FIELD_DOCS[name]}")
-        else:
-            checked[name] = value
-    geometric = ("max_shift", "max_scale", "max_rotation_deg")
-    if all(checked.get(name) == 0.0 for name in geometric):
-        problems.append(f"{key}.max_shift, {key}.max_scale, {key}.max_rotation_deg: all 0, expected at least one "
-                        "> 0 (the STN learns to undo that misalignment, and the study measures how much it undoes)")
-    method = checked.get("feature_method")
-    if method is not None and feature_methods is not None and method not in feature_methods:
-        problems.append(f"{key}.feature_method: got {method!r}, expected one of the pretrain_radiographs.methods "
-                        f"({', '.join(feature_methods) or 'none listed'}), whose encoders the pipeline trains")
-    if problems:
-        raise ParamsError(problems)
-    return checked
-
 
 # --------------------------------------------------------------------------------------
 # Training settings, the feature encoder, the protocol
@@ -217,7 +80,7 @@ def validate_alignment_cfg(
 
 
 def alignment_train_cfg(cfg: Mapping[str, Any], n_images: int, world_size: int | None = None) -> dict[str, Any]:
-    """The training loop's ``train`` block (:data:`chestssl.train.loop.TRAIN_KEYS`) for a checked
+    """The training loop's ``train`` block (:data:`chestssl.train.loop.TRAIN_KEYS`) for a validated
     ``alignment`` block and ``n_images`` training radiographs.
 
     ``alignment.steps`` optimisation steps of ``alignment.batch_size`` radiographs
@@ -308,9 +171,9 @@ def align_radiographs(
     """Train the alignment STN on the radiographs and measure what it changes (seed 002).
 
     Args:
-        params: the loaded params with ``alignment`` (:func:`validate_alignment_cfg`),
-            ``seed``, ``probe`` (``C``, ``max_iter``), ``evaluate`` (``bootstrap_samples``,
-            ``confidence``) and, if present, ``pretrain_radiographs.methods``.
+        params: the params validated by :func:`chestssl.params.load_params`, with ``alignment``,
+            ``seed``, ``probe`` (``C``, ``max_iter``) and ``evaluate`` (``bootstrap_samples``,
+            ``confidence``).
         radiographs_dir: ``data/radiographs`` (stage ``radiographs``).
         encoder_path: ``encoder.pt`` of ``pretrain_radiographs@<alignment.feature_method>``.
         model_dir: receives ``stn.pt`` (:func:`~chestssl.models.stn.stn_payload`; load with
@@ -356,8 +219,7 @@ def align_radiographs(
     from chestssl.train.loop import fit
     from chestssl.train.metrics import flat_metrics
 
-    known_methods = (params.get("pretrain_radiographs") or {}).get("methods")
-    cfg = validate_alignment_cfg(params.get("alignment"), feature_methods=known_methods)
+    cfg = params["alignment"]
     seed = int(params["seed"])
     probe_cfg, evaluate_cfg = params["probe"], params["evaluate"]
     model_dir, report_dir = Path(model_dir), Path(report_dir)

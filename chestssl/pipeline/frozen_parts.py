@@ -3,9 +3,9 @@
 Seed 001 fine-tunes its pretrained encoder with only the head trained, then with the
 deepest stage too, and so on. :func:`frozen_parts` trains the run once per entry of
 ``frozen_parts.unfrozen_stages`` with only the head and that many of the encoder's deepest
-stages trained (:mod:`chestssl.experiments.frozen_parts`,
-:class:`~chestssl.experiments.parts.PartlyFrozenTask`), tests each
-(:func:`chestssl.experiments.runner.run_experiment`) and writes one entry per setting,
+stages trained (:mod:`chestssl.ablations.frozen_parts`,
+:class:`~chestssl.ablations.parts.PartlyFrozenTask`), tests each
+(:func:`chestssl.ablations.runner.run_ablation`) and writes one entry per setting,
 naming the stages it trained, to ``metrics.json``.
 """
 
@@ -43,8 +43,8 @@ def frozen_parts(
 
     Returns the metrics, or ``None`` on a non-main process under ``torchrun``.
     """
-    from chestssl.experiments.frozen_parts import frozen_parts_metrics, frozen_parts_settings
-    from chestssl.experiments.runner import finish_experiment, run_encoder_payload, run_experiment
+    from chestssl.ablations.frozen_parts import frozen_parts_metrics, frozen_parts_settings
+    from chestssl.ablations.runner import finish_ablation, run_ablation, run_encoder_payload
     from chestssl.models.backbones import load_encoder
 
     block = params[STAGE]
@@ -54,12 +54,15 @@ def frozen_parts(
     report_dir = Path(report_dir)
     payload = run_encoder_payload(model_path, name)
     encoder = load_encoder(payload, source=f"{model_path} (encoder)")
-    settings = frozen_parts_settings(encoder, block["unfrozen_stages"], name)
-    results = run_experiment(STAGE, name, params, payload, settings, processed_dir=processed_dir,
-                             model_path=model_path, report_dir=report_dir, state_dir=state_dir)
+    try:
+        settings = frozen_parts_settings(encoder, block["unfrozen_stages"], name)
+    except ValueError as exc:  # the counts a backbone allows are known only once its encoder is built
+        raise ParamsError([f"{STAGE}.unfrozen_stages: {exc}"]) from exc
+    results = run_ablation(STAGE, name, params, payload, settings, processed_dir=processed_dir,
+                           model_path=model_path, report_dir=report_dir, state_dir=state_dir)
     if not results:  # under torchrun, rank 0 writes the outputs
         return None
     metrics = frozen_parts_metrics(name, run, encoder, results)
     write_json(report_dir / "metrics.json", metrics)
-    finish_experiment(state_dir)
+    finish_ablation(state_dir)
     return metrics

@@ -2,8 +2,8 @@
 
 Seed 001 fine-tunes on 1%, 5%, 10%, ... 100% of its labelled training data to show how
 many labels pretraining saves. :func:`label_fraction` draws nested subsets of the training
-patients with nodule slices (:mod:`chestssl.experiments.label_fraction`), trains the run
-on each and tests it (:func:`chestssl.experiments.runner.run_experiment`), and writes one
+patients with nodule slices (:mod:`chestssl.ablations.label_fraction`), trains the run
+on each and tests it (:func:`chestssl.ablations.runner.run_ablation`), and writes one
 entry per fraction to ``metrics.json``.
 """
 
@@ -41,13 +41,13 @@ def label_fraction(
 
     Returns the metrics, or ``None`` on a non-main process under ``torchrun``.
     """
-    from chestssl.data.processed import read_splits
-    from chestssl.experiments.label_fraction import (
+    from chestssl.ablations.label_fraction import (
         label_fraction_metrics,
         label_fraction_settings,
         labelled_patients,
     )
-    from chestssl.experiments.runner import finish_experiment, run_encoder_payload, run_experiment
+    from chestssl.ablations.runner import finish_ablation, run_ablation, run_encoder_payload
+    from chestssl.data.processed import read_splits
 
     block = params[STAGE]
     if name not in block["runs"]:
@@ -57,12 +57,12 @@ def label_fraction(
     split_patients = read_splits(processed_dir)["train"]
     patients = labelled_patients(processed_dir, "train")
     settings, served_by = label_fraction_settings(patients, block["fractions"], params["seed"])
-    results = run_experiment(STAGE, name, params, run_encoder_payload(model_path, name), settings,
-                             processed_dir=processed_dir, model_path=model_path, report_dir=report_dir,
-                             state_dir=state_dir)
+    results = run_ablation(STAGE, name, params, run_encoder_payload(model_path, name), settings,
+                           processed_dir=processed_dir, model_path=model_path, report_dir=report_dir,
+                           state_dir=state_dir)
     if not results:  # under torchrun, rank 0 writes the outputs
         return None
     metrics = label_fraction_metrics(name, run, len(split_patients), len(patients), served_by, results)
     write_json(report_dir / "metrics.json", metrics)
-    finish_experiment(state_dir)
+    finish_ablation(state_dir)
     return metrics

@@ -74,9 +74,6 @@ def pretrain_cross_modal(
 
     processed_dir, model_dir, report_dir = Path(processed_dir), Path(model_dir), Path(report_dir)
     cfg = cross_modal_entry(params, name)
-    if cfg["method"] != "dae":
-        raise ValueError(f"cross_modal.methods: {name!r} is a {cfg['method']!r} entry; list `dae` entries, whose "
-                         "loss has the cross-modal contrastive term")
     block, seed, probe = params["cross_modal"], params["seed"], params["probe"]
     folder = open_radiograph_folder(radiographs_dir)  # read once for the three splits
 

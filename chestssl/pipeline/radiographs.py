@@ -33,9 +33,8 @@ def radiographs(params: Mapping[str, Any], processed_dir: str | Path = paths.PRO
     if cxr["source"] == "rendered":
         from chestssl.data.drr import render_radiographs
 
-        cfg = params["radiographs"]  # render_radiographs checks it again for direct callers
-        return render_radiographs(processed_dir, radiographs_dir, cfg, hu_window=params["preprocess"]["hu_window"],
-                                  progress=progress)
+        return render_radiographs(processed_dir, radiographs_dir, params["radiographs"],
+                                  hu_window=params["preprocess"]["hu_window"], progress=progress)
     from chestssl.data.cxr_import import import_radiographs
 
     return import_radiographs(cxr, radiographs_dir, params["radiographs"]["size"], progress=progress)

@@ -1,8 +1,8 @@
-"""The report's figure and table of the STN alignment study (seed 002, stage ``align_radiographs``).
+"""The report's figure and table of the STN alignment experiment (seed 002, stage ``align_radiographs``).
 
 - :func:`alignment_figure`: one row per test radiograph: the misaligned input, the STN's
   output and the canonical chest it aligns to (``examples.npz`` of
-  :func:`chestssl.xray.alignment.run_alignment_study`).
+  :func:`chestssl.pipeline.align_radiographs.align_radiographs`).
 - :func:`alignment_table`: linear-probe AUROC per label without and with alignment, their
   difference, the radiographs as rendered for reference, and seed 002's published numbers
   (other data and model) quoted beside ours; the STN's parameter error in a footnote.
@@ -121,7 +121,7 @@ def alignment_table(metrics: Mapping[str, Any], source: str) -> Table:
 
     Args:
         metrics: ``metrics.json`` of the ``align_radiographs`` stage
-            (:func:`chestssl.xray.alignment.run_alignment_study`): ``auroc`` per label
+            (:func:`chestssl.pipeline.align_radiographs.align_radiographs`): ``auroc`` per label
             (``without_alignment``, ``with_alignment``, ``as_rendered`` as ``{value,
             ci_low, ci_high[, note]}``, ``difference``, ``n_images``, ``n_patients``) and
             ``mean``; ``parameter_error``; ``protocol``.

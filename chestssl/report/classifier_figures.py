@@ -270,7 +270,7 @@ def classifier_figure_section(
             (invalid JSON, bad counts, examples without image / label / score).
     """
     if not isinstance(runs, Mapping):
-        raise TypeError(f"runs must be the runs block of params.yaml (a mapping), got {type(runs).__name__}")
+        raise TypeError(f"runs must map run names to their entries (a mapping), got {type(runs).__name__}")
     if not callable(evaluate_dir):
         raise TypeError("evaluate_dir must be a function run name -> folder, e.g. chestssl.paths.evaluate_dir")
     for run, entry in runs.items():

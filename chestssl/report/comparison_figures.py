@@ -77,7 +77,7 @@ def segmentation_comparison_figure(
     if not examples:
         raise ValueError("no segmentation examples to compare")
     if not 0.0 <= float(threshold) <= 1.0:
-        raise ValueError(f"threshold (evaluate.seg_threshold) must be in [0, 1], got {threshold!r}")
+        raise ValueError(f"threshold must be in [0, 1], got {threshold!r}")
     labels = list(examples)
     keys = {label: _slice_keys(label, examples[label]) for label in labels}
     shared = set.intersection(*(set(k) for k in keys.values()))

@@ -3,7 +3,7 @@
 Each DAE entry of ``cross_modal.methods`` has two encoders: ``pretrain@<entry>`` (CT
 slices only, the contrastive term inactive) and ``pretrain_cross_modal@<entry>`` (CT
 slices mixed with radiographs, the term active). The stage probes both the same way on
-both modalities (:func:`chestssl.xray.cross_modal.both_modalities_probe`); here they
+both modalities (:func:`chestssl.eval.radiograph_probe.both_modalities_probe`); here they
 become two tables, one per probed modality, two rows per entry.
 """
 

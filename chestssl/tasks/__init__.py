@@ -1,7 +1,7 @@
 """Downstream tasks (nodule segmentation and classification) built on a pretrained encoder.
 
-Adding a task is one module here, one entry in :data:`TASKS` and one schema in
-``chestssl.params.RUN_SCHEMAS``.
+Adding a task is one module here, one entry in :data:`TASKS` and one config in
+``chestssl.params.RunEntry`` (``SegRun``, ``ClsRun``).
 """
 
 from __future__ import annotations

@@ -34,18 +34,16 @@ class TaskModel(SteppedModule, ABC):
         self.seed = int(seed)
 
     def checked_arch(self, allowed: Mapping[str, Sequence[str]], encoder: torch.nn.Module) -> str:
-        """``runs.<name>.arch`` if it is a key of ``allowed`` and ``encoder``'s backbone is
-        one of the backbone names ``allowed[arch]``."""
+        """The run's ``arch`` if it is a key of ``allowed`` and ``encoder``'s backbone is one
+        of the backbone names ``allowed[arch]`` (params are checked for this up front; this
+        guards direct use)."""
         arch = self.run_cfg.get("arch")
         if arch not in allowed:
-            raise ValueError(f"runs.{self.name}.arch: got {arch!r}, expected one of {', '.join(map(repr, allowed))}")
+            raise ValueError(f"{self.name}: unknown arch {arch!r}; known: {', '.join(map(repr, allowed))}")
         backbone = backbone_name(encoder)
         if backbone not in allowed[arch]:
-            raise ValueError(
-                f"runs.{self.name}: arch {arch!r} needs a backbone of {', '.join(map(repr, allowed[arch]))}, but "
-                f"init {self.run_cfg.get('init')!r} has backbone {backbone!r}; pick an init whose backbone.name fits, "
-                "or another arch"
-            )
+            raise ValueError(f"{self.name}: arch {arch!r} needs a backbone of {', '.join(map(repr, allowed[arch]))}, "
+                             f"got a {backbone!r} encoder")
         return arch
 
     @abstractmethod

@@ -21,17 +21,16 @@ from torch import nn
 from chestssl.models.classifier import RESNET_LAYERS, LatentResNetClassifier, LinearHeadClassifier
 from chestssl.models.losses import class_weight_tensor
 from chestssl.models.seeding import seeded
+from chestssl.params import CLS_ARCH_BACKBONES
 from chestssl.tasks.base import TaskModel
 
+#: Architectures of the ``cls`` task (the ``arch`` param) and the backbones each accepts:
+#: a ResNet on the latent map, or a linear head on the global ``representation``.
+CLS_ARCHS: dict[str, tuple[str, ...]] = CLS_ARCH_BACKBONES
 #: Backbones whose latent map a ResNet head can read.
-LATENT_HEAD_BACKBONES: tuple[str, ...] = ("unet_encoder", "cnn_attention", "swin")
+LATENT_HEAD_BACKBONES: tuple[str, ...] = CLS_ARCHS["resnet18"]
 #: Backbones with a global ``representation`` for the linear head.
-LINEAR_HEAD_BACKBONES: tuple[str, ...] = ("unet_encoder", "cnn_attention", "swin", "resnet18", "resnet50", "vit")
-#: Architectures of the ``cls`` task (the ``arch`` param) and the backbones each accepts.
-CLS_ARCHS: dict[str, tuple[str, ...]] = {
-    **{arch: LATENT_HEAD_BACKBONES for arch in RESNET_LAYERS},
-    "linear": LINEAR_HEAD_BACKBONES,
-}
+LINEAR_HEAD_BACKBONES: tuple[str, ...] = CLS_ARCHS["linear"]
 
 
 class ClassificationTask(TaskModel):
@@ -59,7 +58,7 @@ class ClassificationTask(TaskModel):
                 self.network: nn.Module = LinearHeadClassifier(encoder, num_classes=2)
             else:
                 self.network = LatentResNetClassifier(encoder, arch=self.arch, num_classes=2)
-        self.loss_fn = nn.CrossEntropyLoss(weight=class_weight_tensor(self.run_cfg["class_weights"], name))
+        self.loss_fn = nn.CrossEntropyLoss(weight=class_weight_tensor(self.run_cfg["class_weights"]))
         self._epoch_auroc = self.register_accumulator(ROCAUCMetric())
         self._epoch_correct = self.register_accumulator(Cumulative())
 

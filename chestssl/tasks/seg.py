@@ -26,17 +26,16 @@ from torch import nn
 from chestssl.models.losses import make_seg_loss
 from chestssl.models.overlap import dice_iou_from_counts, overlap_counts
 from chestssl.models.unet import UNetEncoder, unetpp_from_encoder
+from chestssl.params import SEG_ARCH_BACKBONES
 from chestssl.tasks.base import TaskModel
 
 #: Architectures of the ``seg`` task (the ``arch`` param) -> the backbones each accepts.
-SEG_ARCHS: dict[str, tuple[str, ...]] = {"unetpp": ("unet_encoder", "cnn_attention"), "swin_unetr": ("swin",)}
+SEG_ARCHS: dict[str, tuple[str, ...]] = SEG_ARCH_BACKBONES
 
 
-def build_seg_loss(run_cfg: Mapping[str, Any], name: str = "run") -> nn.Module:
+def build_seg_loss(run_cfg: Mapping[str, Any]) -> nn.Module:
     """The loss named by ``run_cfg["loss"]`` with the run's class weights and focal settings."""
-    return make_seg_loss(
-        run_cfg.get("loss"), run_cfg["class_weights"], run_cfg["focal_gamma"], run_cfg["focal_alpha"], f"runs.{name}"
-    )
+    return make_seg_loss(run_cfg.get("loss"), run_cfg["class_weights"], run_cfg["focal_gamma"], run_cfg["focal_alpha"])
 
 
 def build_seg_network(arch: str, encoder: nn.Module, seed: int) -> nn.Module:
@@ -73,7 +72,7 @@ class SegmentationTask(TaskModel):
         self.threshold = float(threshold)
         self.arch = arch
         self.network = build_seg_network(arch, encoder, self.seed)
-        self.loss_fn = build_seg_loss(self.run_cfg, name)
+        self.loss_fn = build_seg_loss(self.run_cfg)
         self._epoch_counts = self.register_accumulator(Cumulative())
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:

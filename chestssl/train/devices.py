@@ -17,7 +17,7 @@ def resolve_device(choice: str, local_rank: int = 0) -> torch.device:
     takes the GPU of its ``LOCAL_RANK``.
     """
     if choice not in DEVICE_CHOICES:
-        raise ValueError(f"train.device: got {choice!r}, expected one of {', '.join(DEVICE_CHOICES)}")
+        raise ValueError(f"unknown device choice {choice!r}; known: {', '.join(DEVICE_CHOICES)}")
     if choice == "cpu" or (choice == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():

@@ -162,7 +162,7 @@ def fit(
             digest of the data it reads (:func:`~chestssl.train.checkpoint.stage_inputs`),
             so a checkpoint is never resumed on edited params or changed data.
     """
-    cfg = _check_train_cfg(train_cfg)
+    cfg = dict(train_cfg)
     if mode not in ("min", "max"):
         raise ValueError(f"mode: got {mode!r}, expected 'min' or 'max'")
     ctx = setup_distributed(cfg["device"])
@@ -188,7 +188,7 @@ def build_optimizer(parameters: Iterable[nn.Parameter], cfg: Mapping[str, Any]) 
         return torch.optim.AdamW(parameters, lr=lr, betas=(beta1, beta2), weight_decay=weight_decay)
     if name == "sgd":
         return torch.optim.SGD(parameters, lr=lr, momentum=beta1, weight_decay=weight_decay)
-    raise ValueError(f"train.optimizer: got {name!r}, expected one of {', '.join(OPTIMIZERS)}")
+    raise ValueError(f"unknown optimizer {name!r}; known: {', '.join(OPTIMIZERS)}")
 
 
 def build_scheduler(
@@ -206,7 +206,7 @@ def build_scheduler(
         return torch.optim.lr_scheduler.ReduceLROnPlateau(
             optimizer, mode=mode, factor=PLATEAU_FACTOR, patience=PLATEAU_PATIENCE
         )
-    raise ValueError(f"train.scheduler: got {name!r}, expected one of {', '.join(SCHEDULERS)}")
+    raise ValueError(f"unknown scheduler {name!r}; known: {', '.join(SCHEDULERS)}")
 
 
 def seed_worker(worker_id: int) -> None:
@@ -261,23 +261,6 @@ def prune_metric_logs(live_dir: Path, last_step: int) -> None:
         writer.writeheader()
         writer.writerows(rows)
         write_text(tsv, out.getvalue())
-
-
-def _check_train_cfg(train_cfg: Mapping[str, Any]) -> dict[str, Any]:
-    missing = [key for key in TRAIN_KEYS if key not in train_cfg]
-    if missing:
-        raise ValueError(f"train: missing key(s) {', '.join(missing)}; see `recipes` in params/presets.yaml")
-    cfg = dict(train_cfg)
-    for key in ("epochs", "batch_size", "log_every"):
-        if not isinstance(cfg[key], int) or cfg[key] < 1:
-            raise ValueError(f"train.{key}: got {cfg[key]!r}, expected an integer >= 1")
-    if not isinstance(cfg["max_steps"], int) or cfg["max_steps"] < 0:
-        raise ValueError(f"train.max_steps: got {cfg['max_steps']!r}, expected an integer >= 0 (0: no limit)")
-    if cfg["optimizer"] not in OPTIMIZERS:
-        raise ValueError(f"train.optimizer: got {cfg['optimizer']!r}, expected one of {', '.join(OPTIMIZERS)}")
-    if cfg["scheduler"] not in SCHEDULERS:
-        raise ValueError(f"train.scheduler: got {cfg['scheduler']!r}, expected one of {', '.join(SCHEDULERS)}")
-    return cfg
 
 
 def _improved(value: float, best: float | None, mode: str) -> bool:

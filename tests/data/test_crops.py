@@ -42,10 +42,10 @@ def test_negative_crops_only_leave_nodules_out(synthetic_processed):
 
 @pytest.mark.parametrize(
     ("kwargs", "key"),
-    [({"size": 0}, "crops.size"), ({"crops_per_scan": 0}, "crops.per_scan"),
-     ({"positive_fraction": 1.5}, "crops.positive_fraction")],
+    [({"size": 0}, "size: got 0"), ({"crops_per_scan": 0}, "crops_per_scan: got 0"),
+     ({"positive_fraction": 1.5}, r"positive_fraction: got 1\.5, expected a number in \[0, 1\]")],
 )
-def test_bad_arguments_name_the_param(synthetic_processed, kwargs, key):
+def test_bad_arguments_are_named(synthetic_processed, kwargs, key):
     args = {"size": 8, "crops_per_scan": 2, "positive_fraction": 0.5}
     args.update(kwargs)
     with pytest.raises(DatasetError, match=key):

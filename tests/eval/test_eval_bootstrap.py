@@ -126,10 +126,10 @@ def test_weighted_auroc_equals_sklearn_on_each_resample():
     "kwargs, message",
     [
         ({"patient_ids": [], "n_bootstrap": 10, "confidence": 0.95}, "non-empty"),
-        ({"patient_ids": ["a"], "n_bootstrap": -1, "confidence": 0.95}, "evaluate.bootstrap_samples"),
-        ({"patient_ids": ["a"], "n_bootstrap": 10, "confidence": 1.0}, "evaluate.confidence"),
+        ({"patient_ids": ["a"], "n_bootstrap": -1, "confidence": 0.95}, "n_bootstrap must be an integer >= 0, got -1"),
+        ({"patient_ids": ["a"], "n_bootstrap": 10, "confidence": 1.0}, r"confidence must be in \(0, 1\), got 1.0"),
     ],
 )
-def test_bad_settings_name_the_parameter(kwargs, message):
+def test_bad_settings_name_the_argument(kwargs, message):
     with pytest.raises(ValueError, match=message):
         PatientBootstrap(seed=0, **kwargs)

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from monai.metrics import SSIMMetric
 
 from chestssl.methods import AutoencoderPretraining, build_method
+from shipped_params import problem_starting_with, read_shipped_params, validate_with_method_configs
 
 BACKBONE = {"name": "unet_encoder", "spatial_dims": 2, "features": [4, 8, 8, 16, 16]}
 
@@ -48,9 +49,13 @@ def test_weights_are_applied():
     assert float(one_minus_ssim) > 0.05
 
 
-def test_zero_weights_are_refused():
-    with pytest.raises(ValueError, match=r"methods\.ae\.loss: l1 and ssim are both 0"):
-        _ae(l1=0.0, ssim=0.0)
+def test_zero_weights_are_refused_by_the_params_check():
+    raw = read_shipped_params()
+    raw["methods"]["ae"] = {"method": "ae", "backbone": "cnn_attention", "recipe": "autoencoder",
+                            "loss": {"l1": 0.0, "ssim": 1.0}}
+    assert validate_with_method_configs(raw)["methods"]["ae"]["loss"] == {"l1": 0.0, "ssim": 1.0}
+    raw["methods"]["ae"]["loss"]["ssim"] = 0.0
+    problem_starting_with(raw, "methods.ae.loss: l1 and ssim are both 0, so there is nothing to optimise")
 
 
 def test_validation_metrics_and_epoch_aggregate():

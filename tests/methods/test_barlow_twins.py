@@ -10,10 +10,12 @@ import torch.multiprocessing as mp
 from monai.losses import BarlowTwinsLoss
 from torch import nn
 
-from chestssl.methods.barlow_twins import BarlowTwinsObjective, BarlowTwinsPretraining
+from chestssl.methods.barlow_twins import BarlowTwinsConfig, BarlowTwinsObjective, BarlowTwinsPretraining
 from chestssl.models import backbones
 from chestssl.models.backbones import load_encoder
 from chestssl.models.resnet import ResNetBackbone, build_resnet_encoder
+from shipped_params import problem_starting_with, read_shipped_params
+from tiny_configs import CNN_ATTENTION
 
 LAMBDA = 5e-3
 
@@ -234,22 +236,37 @@ def test_3d_resnet50_step():
 
 
 @pytest.mark.parametrize(
-    "overrides,match",
+    "key,value,problem",
     [
-        ({"projector_dim": 0}, r"methods\.bt\.projector_dim: got 0, expected a positive integer"),
-        ({"lambda": -1.0}, r"methods\.bt\.lambda: got -1\.0, expected a finite number >= 0"),
-        ({"augment": {"p": 2.0, "crop_scale": [0.5, 1.0], "blur_sigma": [0.1, 2.0], "perspective": 0.1, "noise_std": 0.0}},
-         r"methods\.bt\.augment\.p: got 2\.0"),
+        ("projector_dim", 0, "methods.barlow_twins.projector_dim: got 0, expected an integer >= 1"),
+        ("lambda", -1.0, "methods.barlow_twins.lambda: got -1.0, expected a number >= 0"),
+        ("augment.p", 2.0, "methods.barlow_twins.augment.p: got 2.0, expected a number >= 0 and <= 1"),
+        ("augment.crop_scale", [1.0, 0.5],
+         "methods.barlow_twins.augment.crop_scale: got [1.0, 0.5], expected [min, max] with min <= max"),
+        ("augment.blur_sigma", [2.0, 0.1],
+         "methods.barlow_twins.augment.blur_sigma: got [2.0, 0.1], expected [min, max] with min <= max"),
     ],
 )
-def test_bad_config_names_the_params_key(overrides, match):
-    with pytest.raises(ValueError, match=match):
-        BarlowTwinsPretraining("bt", _config(**overrides), seed=0)
+def test_bad_params_are_refused_naming_the_key(key, value, problem):
+    raw = read_shipped_params()
+    *parents, last = key.split(".")
+    block = raw["methods"]["barlow_twins"]
+    for parent in parents:
+        block = block[parent]
+    block[last] = value
+    problem_starting_with(raw, problem)
+
+
+def test_every_backbone_preset_has_the_global_representation_the_projector_reads():
+    assert BarlowTwinsConfig.backbone_names is None  # any backbone: each has a representation
+    for name, backbone in read_shipped_params()["backbones"].items():
+        method = BarlowTwinsPretraining("bt", _config(backbone=backbone), seed=0)
+        assert method.projector[0].in_features == method.encoder().representation_dim, name
 
 
 def test_backbone_without_a_representation_and_single_image_batches_are_refused(monkeypatch):
     monkeypatch.setitem(backbones.BACKBONES, "plain", lambda cfg: nn.Conv2d(1, 4, 3))
-    with pytest.raises(ValueError, match=r"methods\.bt\.backbone\.name: 'plain' has no global representation"):
+    with pytest.raises(ValueError, match=r"Barlow Twins needs a backbone with a global representation.*Conv2d has none"):
         BarlowTwinsPretraining("bt", _config(backbone={"name": "plain", "spatial_dims": 2}), seed=0)
     method = BarlowTwinsPretraining("bt", _config(), seed=0)
     with pytest.raises(ValueError, match=r"at least 2 images per batch.*methods\.bt\.train\.batch_size"):

@@ -10,6 +10,7 @@ from chestssl.methods.dae import DisruptiveAutoencoderPretraining
 from chestssl.models.backbones import load_encoder
 from chestssl.models.disruptions import PatchEmbeddingChannelDrop
 from chestssl.models.swin import swin_unetr_from_parts
+from shipped_params import problem_starting_with, read_shipped_params
 from tests.tiny_configs import SWIN
 
 # SwinUNETR needs sizes divisible by 32 and more than one element in the deepest map.
@@ -226,20 +227,32 @@ def test_validation_scores_the_reconstruction_against_the_clean_image():
 
 
 @pytest.mark.parametrize(
-    ("overrides", "message"),
+    ("changes", "problem"),
     [
-        ({"backbone": {"name": "unet_encoder", "spatial_dims": 2, "features": [4, 8, 8, 16, 16]}},
-         r"methods\.dae_all\.backbone\.name: got 'unet_encoder', but dae needs 'swin'"),
-        ({"mm_con": -1.0}, r"methods\.dae_all\.mm_con: got -1\.0, expected a number >= 0"),
-        ({"temperature": 0.0}, r"methods\.dae_all\.temperature: got 0\.0, expected a number > 0"),
-        ({"local_fraction": 1.0}, r"methods\.dae_all\.local_fraction: got 1\.0, expected a number in \[0, 1\)"),
-        ({"disruption": "mask"}, r"methods\.dae_all\.disruption: got 'mask'"),
-        ({"backbone": {**SWIN, "patch_size": 4}}, r"backbone\.patch_size: got 4"),
+        ({"backbone": "unet_encoder"},
+         "methods.dae_all.backbone: 'unet_encoder' is a 'unet_encoder' backbone, but method 'dae' needs 'swin'"),
+        ({"backbone": "swin_patch4"},
+         "methods.dae_all.backbone: its patch_size is 4, but the decoder is SwinUNETR's, which needs 2"),
+        ({"mm_con": -1.0}, "methods.dae_all.mm_con: got -1.0, expected a number >= 0"),
+        ({"temperature": 0.0}, "methods.dae_all.temperature: got 0.0, expected a number > 0"),
+        ({"local_fraction": 1.0}, "methods.dae_all.local_fraction: got 1.0, expected a number >= 0 and < 1"),
+        ({"local_fraction": -0.1}, "methods.dae_all.local_fraction: got -0.1, expected a number >= 0"),
+        ({"disruption": "mask"},
+         "methods.dae_all.disruption: got 'mask', expected one of 'denoise', 'superres', 'local', 'all'"),
+        ({"downsample_factor": 1}, "methods.dae_all.downsample_factor: got 1, expected an integer >= 2"),
     ],
 )
-def test_bad_config_names_the_key(overrides, message):
-    with pytest.raises(ValueError, match=message):
-        DisruptiveAutoencoderPretraining("dae_all", {**_cfg("all"), **overrides}, 0)
+def test_bad_params_are_refused_naming_the_key(changes, problem):
+    raw = read_shipped_params()
+    raw["backbones"]["unet_encoder"] = {"name": "unet_encoder", "spatial_dims": 2, "features": [4, 8, 8, 16, 16]}
+    raw["backbones"]["swin_patch4"] = {**raw["backbones"]["swin"], "patch_size": 4}
+    raw["methods"]["dae_all"].update(changes)
+    problem_starting_with(raw, problem)
+
+
+def test_the_decoder_itself_refuses_a_swin_backbone_of_patch_size_4():
+    with pytest.raises(ValueError, match=r"SwinUNETR decoder needs an encoder with patch_size 2, got 4"):
+        DisruptiveAutoencoderPretraining("dae_all", _cfg("all", backbone={**SWIN, "patch_size": 4}), 0)
 
 
 def test_modality_list_must_match_the_batch():

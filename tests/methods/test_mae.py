@@ -14,6 +14,7 @@ from chestssl.methods.mae import (
 )
 from chestssl.models.seeding import seeded
 from chestssl.models.vit import build_vit_encoder, gather_tokens, patchify
+from shipped_params import problem_starting_with, read_shipped_params
 from tests.tiny_configs import DIFFMAE as TINY_DIFFMAE, MAE as TINY_MAE, VIT as TINY_VIT
 
 VIT = {**TINY_VIT, "num_layers": 1}
@@ -244,22 +245,31 @@ def test_encoder_equals_scratch_and_steps_are_reproducible(cls, cfg):
     torch.testing.assert_close(resumed.training_step({"image": image})["loss"], second, rtol=0, atol=0)
 
 
+MASKS_ONE_AND_LEAVES_ONE = "expected a fraction that masks at least one and leaves at least one of the backbone's 64"
+
+
 @pytest.mark.parametrize(
-    "change,key",
+    "changes,problem",
     [
-        ({"mask_ratio": 0.99}, "methods.m.mask_ratio"),
-        ({"mask_ratio": 0.0}, "methods.m.mask_ratio"),
-        ({"decoder_hidden_size": 18, "decoder_num_heads": 4}, "methods.m.decoder_hidden_size"),
-        ({"decoder_hidden_size": 18, "decoder_num_heads": 2}, "methods.m.decoder_hidden_size"),
-        ({"norm_pix_loss": "yes"}, "methods.m.norm_pix_loss"),
-        ({"backbone": {"name": "swin"}}, "methods.m.backbone.name"),
-        ({"beta_start": 0.3}, "methods.m.beta_start"),
-        ({"num_steps": 1}, "methods.m.num_steps"),
+        ({"mask_ratio": 0.995}, f"methods.diffmae.mask_ratio: got 0.995, {MASKS_ONE_AND_LEAVES_ONE}"),
+        ({"mask_ratio": 0.005}, f"methods.diffmae.mask_ratio: got 0.005, {MASKS_ONE_AND_LEAVES_ONE}"),
+        ({"mask_ratio": 0.0}, "methods.diffmae.mask_ratio: got 0.0, expected a number > 0 and <= 1"),
+        ({"decoder_hidden_size": 18, "decoder_num_heads": 4},
+         "methods.diffmae.decoder_hidden_size: got 18, which is not divisible by decoder_num_heads 4"),
+        ({"decoder_hidden_size": 18, "decoder_num_heads": 2},
+         "methods.diffmae.decoder_hidden_size: got 18, expected a multiple of 4 for 2D sin-cos position embeddings"),
+        ({"norm_pix_loss": "yes"}, "methods.diffmae.norm_pix_loss: got 'yes', expected true or false"),
+        ({"backbone": "vit_patch1"}, "methods.diffmae.norm_pix_loss: true needs patches of at least 2 pixels"),
+        ({"backbone": "swin"}, "methods.diffmae.backbone: 'swin' is a 'swin' backbone, but method 'diffmae' needs 'vit'"),
+        ({"beta_start": 0.3}, "methods.diffmae: beta_start 0.3 must be below beta_end 0.2"),
+        ({"num_steps": 1}, "methods.diffmae.num_steps: got 1, expected an integer >= 2"),
     ],
 )
-def test_bad_params_name_the_key(change, key):
-    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
-        DiffusionMaskedAutoencoderPretraining("m", {**DIFFMAE, **change}, seed=0)
+def test_bad_params_are_refused_naming_the_key(changes, problem):
+    raw = read_shipped_params()  # the shipped ViT: 64 patches of 8x8
+    raw["backbones"]["vit_patch1"] = {**raw["backbones"]["vit"], "patch_size": 1}
+    raw["methods"]["diffmae"].update(changes)
+    problem_starting_with(raw, problem)
 
 
 def test_mask_ratio_message_states_the_allowed_range():

@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from chestssl.methods import MultiheadAutoencoder, build_method
-from chestssl.params import pretrain_entry, read_raw_params, validate
-from tiny_configs import CNN_ATTENTION, SWIN
+from chestssl.params import pretrain_entry
+from shipped_params import problem_starting_with, read_shipped_params, validate_with_method_configs
+from tiny_configs import CNN_ATTENTION, SWIN, drop_report_rows_of_absent_entries
 
-ROOT = Path(__file__).resolve().parents[2]
 SIZE = 64  # SwinUNETR's decoder needs a deepest map of more than one pixel: 64 / 32 = 2.
 
 TRAIN = {
@@ -154,15 +153,45 @@ def test_cls_only_model_on_a_cnn_attention_backbone():
     torch.testing.assert_close(method.predict_classification(batch["image"]), torch.softmax(logits, dim=1)[:, 1])
 
 
-def test_seg_head_needs_a_swin_backbone():
-    with pytest.raises(ValueError, match=r"multihead\.mh_cnn\.backbone\.name: .*'swin' backbone, got 'cnn_attention'"):
-        _method(name="mh_cnn", heads=["seg", "cls"], backbone=CNN_ATTENTION)
+def test_seg_head_needs_a_swin_backbone_of_patch_size_2():
+    raw = read_shipped_params()
+    raw["multihead"]["multihead_cls"]["backbone"] = "cnn_attention"  # a cls head alone takes any backbone
+    validate_with_method_configs(raw)
+    raw["multihead"]["multihead_seg"]["backbone"] = "cnn_attention"
+    raw["backbones"]["swin_patch4"] = {**raw["backbones"]["swin"], "patch_size": 4}
+    raw["multihead"]["multihead_clsseg"]["backbone"] = "swin_patch4"
+    problem_starting_with(raw, "multihead.multihead_seg.backbone: the seg head is SwinUNETR's decoder and needs a "
+                               "'swin' backbone, got a 'cnn_attention' one")
+    problem_starting_with(raw, "multihead.multihead_clsseg.backbone: its patch_size is 4, but the seg head is "
+                               "SwinUNETR's decoder, which needs 2")
 
 
-@pytest.mark.parametrize("heads", [[], ["seg", "seg"], ["seg", "box"]], ids=["empty", "duplicate", "unknown"])
-def test_bad_heads_are_refused(heads):
-    with pytest.raises(ValueError, match=r"multihead\.mh_bad\.heads: got .*expected one or both of 'seg', 'cls'"):
-        _method(name="mh_bad", heads=heads)
+@pytest.mark.parametrize(
+    "heads,problem",
+    [
+        ([], "multihead.multihead_seg.heads: got [], expected one or both of 'seg', 'cls', each once"),
+        (["seg", "seg"], "multihead.multihead_seg.heads: got ['seg', 'seg'], expected one or both of 'seg', 'cls', "
+                         "each once"),
+        (["seg", "box"], "multihead.multihead_seg.heads[1]: got 'box', expected one of 'seg', 'cls'"),
+    ],
+    ids=["empty", "duplicate", "unknown"],
+)
+def test_bad_heads_are_refused(heads, problem):
+    raw = read_shipped_params()
+    raw["multihead"]["multihead_seg"]["heads"] = heads
+    problem_starting_with(raw, problem)
+
+
+def test_class_weights_that_are_both_zero_are_refused_where_a_loss_reads_them():
+    raw = read_shipped_params()
+    raw["multihead"]["multihead_seg"]["seg_class_weights"] = [0.0, 0.0]  # its seg_loss, dice, does not read them
+    validate_with_method_configs(raw)
+    raw["multihead"]["multihead_seg"]["seg_loss"] = "ce"
+    raw["multihead"]["multihead_seg"]["cls_class_weights"] = [0.0, 0.0]  # always read, with or without a cls head
+    problem_starting_with(raw, "multihead.multihead_seg.seg_class_weights: got [0.0, 0.0], but seg_loss 'ce' weighs "
+                               "each pixel by its class")
+    problem_starting_with(raw, "multihead.multihead_seg.cls_class_weights: got [0.0, 0.0], expected 2 weights "
+                               "(clean, nodule) that are not both 0")
 
 
 # -- the objective ------------------------------------------------------------------------
@@ -277,7 +306,7 @@ def test_short_optimisation_reduces_the_total_loss():
 
 
 def test_null_seg_beta_takes_the_top_level_value():
-    raw = read_raw_params(ROOT / "params.yaml")[0]
+    raw = read_shipped_params()
     raw["seg_beta"] = 7.0
     entries = {"mh_inherit": _cfg(seg_beta=None), "mh_fixed": _cfg(seg_beta=2.0)}
     raw["backbones"]["tiny_swin"] = entries["mh_inherit"]["backbone"]
@@ -286,7 +315,8 @@ def test_null_seg_beta_takes_the_top_level_value():
                         for name, cfg in entries.items()}
     raw["runs"] = {}
     raw["label_fraction"]["runs"] = raw["frozen_parts"]["runs"] = []  # they list runs
-    params = validate(raw)
+    drop_report_rows_of_absent_entries(raw)  # so do the report's rows
+    params = validate_with_method_configs(raw)
     assert params["multihead"]["mh_inherit"]["seg_beta"] is None
     section, entry = pretrain_entry(params, "mh_inherit")
     assert section == "multihead" and entry["seg_beta"] == 7.0

@@ -13,6 +13,7 @@ from torch import nn
 from chestssl.methods import VQGANAutoencoderPretraining, build_method
 from chestssl.models.perceptual import save_feature_network
 from chestssl.models.vqgan import AutoencoderOutput
+from shipped_params import problem_starting_with, read_shipped_params
 from tiny_configs import CNN_ATTENTION, DECODER, LOSS, QUANTIZER, SWIN
 
 SIZE = {"cnn_attention": 32, "swin": 64}
@@ -198,9 +199,15 @@ def test_encoder_at_step_0_equals_the_scratch_encoder(backbone):
     assert not all(torch.equal(other.encoder().state_dict()[k], v) for k, v in expected.items())
 
 
-def test_perceptual_weight_without_a_file_names_the_key():
-    with pytest.raises(ValueError, match=r"methods\.ae_named\.loss\.perceptual: got 0\.5.*perceptual_weights is empty"):
-        _method(name="ae_named", perceptual=0.5, perceptual_weights="")
+#: A vqgan entry and a multihead entry: the same loss block and rules.
+LOSS_BLOCKS = [("methods", "ae_swin"), ("multihead", "multihead_cls")]
+
+
+@pytest.mark.parametrize("section,name", LOSS_BLOCKS)
+def test_perceptual_weight_without_a_file_is_refused(section, name):
+    raw = read_shipped_params()
+    raw[section][name]["loss"].update(perceptual=0.5, perceptual_weights="")
+    problem_starting_with(raw, f"{section}.{name}.loss: perceptual is 0.5, but perceptual_weights is empty")
 
 
 def test_perceptual_weight_with_a_missing_file_names_the_key(tmp_path):
@@ -223,9 +230,11 @@ def test_perceptual_term_from_a_local_file(tmp_path):
     assert not perceptual_network.training
 
 
-def test_all_reconstruction_weights_zero_is_refused():
-    with pytest.raises(ValueError, match=r"methods\.ae_zero\.loss: l1, ssim and perceptual are all 0"):
-        _method(name="ae_zero", l1=0.0)
+@pytest.mark.parametrize("section,name", LOSS_BLOCKS)
+def test_all_reconstruction_weights_zero_is_refused(section, name):
+    raw = read_shipped_params()
+    raw[section][name]["loss"].update(l1=0.0, ssim=0.0, perceptual=0.0)
+    problem_starting_with(raw, f"{section}.{name}.loss: l1, ssim and perceptual are all 0")
 
 
 def test_exported_cnn_attention_encoder_loads_into_monai_autoencoderkl_encoder():

@@ -117,11 +117,11 @@ def test_logits_shapes(spatial_dims, size):
     assert all(value.dim() == 0 for value in parts.values())
 
 
-def test_too_small_images_and_bad_params_are_reported():
+def test_too_small_images_and_bad_arguments_are_reported():
     _, term, _ = _setup()
-    with pytest.raises(ValueError, match="loss.adversarial.num_layers=2.*>= 12"):
+    with pytest.raises(ValueError, match="too small for num_layers=2.*>= 12"):
         term.logits(torch.rand(2, 1, 8, 8))
-    with pytest.raises(ValueError, match="methods.ae_cnn.loss.adversarial.num_layers"):
-        PatchAdversarialTerm(2, num_layers=0, param_key="methods.ae_cnn.loss.adversarial")
-    with pytest.raises(ValueError, match="loss.adversarial.start_step"):
+    with pytest.raises(ValueError, match="num_layers: got 0"):
+        PatchAdversarialTerm(2, num_layers=0)
+    with pytest.raises(ValueError, match="start_step: got -1, expected an integer >= 0"):
         PatchAdversarialTerm(2, start_step=-1)

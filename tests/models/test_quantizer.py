@@ -106,15 +106,15 @@ def test_distances_stay_float32_under_autocast():
 
 
 @pytest.mark.parametrize(
-    "kwargs,key",
+    "kwargs,match",
     [
-        ({"in_channels": 2, "codebook_size": 0, "dim": 2}, "quantizer.codebook_size"),
-        ({"in_channels": 2, "codebook_size": 4, "dim": 2.5}, "quantizer.dim"),
-        ({"in_channels": 2, "codebook_size": 4, "dim": 2, "beta": -1.0}, "quantizer.beta"),
+        ({"in_channels": 2, "codebook_size": 0, "dim": 2}, "codebook_size: got 0"),
+        ({"in_channels": 2, "codebook_size": 4, "dim": 2.5}, "dim: got 2.5"),
+        ({"in_channels": 2, "codebook_size": 4, "dim": 2, "beta": -1.0}, "beta: got -1.0, expected a float >= 0"),
     ],
 )
-def test_bad_params_name_the_key(kwargs, key):
-    with pytest.raises(ValueError, match=key):
+def test_bad_arguments_are_named(kwargs, match):
+    with pytest.raises(ValueError, match=match):
         VectorQuantizer(**kwargs)
 
 

@@ -135,19 +135,18 @@ def test_same_seed_same_weights_and_config_round_trip():
 
 
 @pytest.mark.parametrize(
-    "cfg,match",
+    "kwargs,match",
     [
-        ({"name": "resnet34", "spatial_dims": 2}, r"backbone\.name: got 'resnet34'.*'resnet18', 'resnet50'"),
-        ({"name": "resnet18", "spatial_dims": 4}, r"backbone\.spatial_dims: got 4, expected 2 or 3"),
-        ({"name": "resnet18"}, r"missing backbone\.spatial_dims"),
-        ({"name": "resnet18", "spatial_dims": 2, "block_inplanes": [8, 8]}, r"backbone\.block_inplanes: got \[8, 8\]"),
-        ({"name": "resnet18", "spatial_dims": 2, "block_inplanes": [8, 0, 8, 8]}, r"backbone\.block_inplanes\[1\]: got 0"),
+        ({"name": "resnet34", "spatial_dims": 2}, r"name: got 'resnet34'.*'resnet18', 'resnet50'"),
+        ({"name": "resnet18", "spatial_dims": 4}, r"spatial_dims must be 2 or 3, got 4"),
+        ({"name": "resnet18", "spatial_dims": 2, "block_inplanes": [8, 8]}, r"block_inplanes: got \[8, 8\]"),
+        ({"name": "resnet18", "spatial_dims": 2, "block_inplanes": [8, 0, 8, 8]}, r"block_inplanes\[1\]: got 0"),
         ({"name": "resnet18", "spatial_dims": 2, "block_inplanes": [8, True, 8, 8]}, r"block_inplanes\[1\]: got True"),
     ],
 )
-def test_bad_config_names_the_key(cfg, match):
+def test_bad_arguments_are_named(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        build_resnet_encoder(cfg)
+        ResNetBackbone(**kwargs)
 
 
 def test_wrong_input_shape_is_refused():

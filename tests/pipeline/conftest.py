@@ -65,7 +65,7 @@ def tiny_params(params: dict) -> dict:
         params["runs"][name] = {**base, **override}
     shrink_params(params)
     params["methods"][TINY_3D_METHOD]["train"].update(batch_size=2, max_steps=2)
-    # Seed 001's studies on one linear-head run, two settings each.
+    # Seed 001's ablations on one linear-head run, two settings each.
     params["label_fraction"] = {"fractions": [0.5, 1.0], "runs": ["cls_linear_barlow_twins"]}
     params["frozen_parts"] = {"unfrozen_stages": [0, 2], "runs": ["cls_linear_barlow_twins"]}
     # Seeds 001 and 004 on the rendered radiographs: Barlow Twins and diffusion MAE, the latter also on studies.

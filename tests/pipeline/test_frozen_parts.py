@@ -8,11 +8,11 @@ import pytest
 
 from chestssl.params import ParamsError
 from chestssl.pipeline.frozen_parts import frozen_parts
-from tests.pipeline.test_label_fraction import experiment_inputs  # noqa: F401 (a fixture)
+from tests.pipeline.test_label_fraction import ablation_inputs  # noqa: F401 (a fixture)
 
 
-def test_each_setting_names_and_trains_its_stages(experiment_inputs):  # noqa: F811
-    params, where = experiment_inputs
+def test_each_setting_names_and_trains_its_stages(ablation_inputs):  # noqa: F811
+    params, where = ablation_inputs
     metrics = frozen_parts(params, "r", **where)
     assert json.loads((where["report_dir"] / "metrics.json").read_text()) == json.loads(json.dumps(metrics))
     assert metrics["encoder_stages"] == ["stem", "layer1", "layer2", "layer3", "layer4"]
@@ -23,10 +23,10 @@ def test_each_setting_names_and_trains_its_stages(experiment_inputs):  # noqa: F
     assert not where["state_dir"].exists()
 
 
-def test_a_run_not_listed_or_too_many_stages_are_refused(experiment_inputs):  # noqa: F811
-    params, where = experiment_inputs
+def test_a_run_not_listed_or_too_many_stages_are_refused(ablation_inputs):  # noqa: F811
+    params, where = ablation_inputs
     params["frozen_parts"]["unfrozen_stages"] = [0, 7]
-    with pytest.raises(ValueError, match="exceed the 5 stages"):
+    with pytest.raises(ParamsError, match=r"frozen_parts.unfrozen_stages: .*\[7\] exceed the 5 stages"):
         frozen_parts(params, "r", **where)
     params["frozen_parts"]["runs"] = []
     with pytest.raises(ParamsError, match="frozen_parts.runs: 'r' is not listed"):

@@ -21,7 +21,7 @@ RUN = {"task": "cls", "arch": "linear", "init": "scratch_resnet18", "class_weigh
 
 
 @pytest.fixture
-def experiment_inputs(synthetic_processed, tmp_path):
+def ablation_inputs(synthetic_processed, tmp_path):
     """(params, paths): data/processed where both training patients have nodule slices, and the
     fine-tuned model file of run ``r`` (only its encoder is read)."""
     slices = pd.read_csv(synthetic_processed / "slices.csv", dtype={"patient_id": str, "scan_id": str})
@@ -40,8 +40,8 @@ def experiment_inputs(synthetic_processed, tmp_path):
     return params, where
 
 
-def test_each_share_is_trained_tested_and_written(experiment_inputs):
-    params, where = experiment_inputs
+def test_each_share_is_trained_tested_and_written(ablation_inputs):
+    params, where = ablation_inputs
     metrics = label_fraction(params, "r", **where)
     assert json.loads((where["report_dir"] / "metrics.json").read_text()) == json.loads(json.dumps(metrics))
     fractions = metrics["fractions"]
@@ -55,8 +55,8 @@ def test_each_share_is_trained_tested_and_written(experiment_inputs):
     assert not where["state_dir"].exists()  # removed once the metrics are written
 
 
-def test_a_run_not_listed_is_refused(experiment_inputs):
-    params, where = experiment_inputs
+def test_a_run_not_listed_is_refused(ablation_inputs):
+    params, where = ablation_inputs
     params["label_fraction"]["runs"] = []
     with pytest.raises(ParamsError, match="label_fraction.runs: 'r' is not listed"):
         label_fraction(params, "r", **where)

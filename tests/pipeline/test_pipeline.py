@@ -1,7 +1,7 @@
 """End to end: the real `dvc repro` of the whole DAG on a tiny profile, then experiments.
 
 Only what needs a real run runs: the full repro, a second repro that does nothing, one
-stage run twice, a bad param, the report of empty study lists and one `dvc exp run`
+stage run twice, a bad param, the report of empty ablation lists and one `dvc exp run`
 followed by DVC's run-cache restoring the earlier results. Which stages a params change
 reruns is what dvc.yaml declares, so it is read from `dvc status` and `dvc dag` instead
 of rerunning them.
@@ -106,19 +106,19 @@ def test_repro_builds_the_report_and_a_second_repro_does_nothing(reproduced_proj
         if entry["method"] != "scratch":
             assert (root / "reports" / "pretrain" / method / "live" / "plots" / "metrics" / "probe"
                     / "mean_auroc.tsv").exists(), method
-    # Seed 001's studies: metrics per setting, in the report as a figure and tables.
+    # Seed 001's ablations: metrics per setting, in the report as a figure and tables.
     for run in params["label_fraction"]["runs"]:
-        study = json.loads((root / "reports" / "label_fraction" / run / "metrics.json").read_text())
-        assert sorted(entry["fraction"] for entry in study["fractions"].values()) == params["label_fraction"]["fractions"]
-        assert all(0.0 <= entry["accuracy"]["value"] <= 1.0 for entry in study["fractions"].values())
-        for key in study["fractions"]:
+        ablation = json.loads((root / "reports" / "label_fraction" / run / "metrics.json").read_text())
+        assert sorted(entry["fraction"] for entry in ablation["fractions"].values()) == params["label_fraction"]["fractions"]
+        assert all(0.0 <= entry["accuracy"]["value"] <= 1.0 for entry in ablation["fractions"].values())
+        for key in ablation["fractions"]:
             assert (root / "reports" / "label_fraction" / run / "live" / key / "plots" / "metrics" / "val"
                     / "loss.tsv").exists(), key
     for run in params["frozen_parts"]["runs"]:
-        study = json.loads((root / "reports" / "frozen_parts" / run / "metrics.json").read_text())
-        labels = [entry["label"] for entry in sorted(study["settings"].values(), key=lambda e: e["unfrozen_stages"])]
+        ablation = json.loads((root / "reports" / "frozen_parts" / run / "metrics.json").read_text())
+        labels = [entry["label"] for entry in sorted(ablation["settings"].values(), key=lambda e: e["unfrozen_stages"])]
         assert labels == ["head", "head + layer4, layer3"], labels
-    assert "Label-fraction study" in report and "Frozen-parts study" in report
+    assert "Label-fraction ablation" in report and "Frozen-parts ablation" in report
     assert (root / "reports" / "figures" / "label_fraction_cls.png").exists()
     assert "Grad-CAM" in report and "confusion matrices" in report.lower()
     assert "Downstream results by pretraining method" in report
@@ -152,7 +152,7 @@ def test_repro_builds_the_report_and_a_second_repro_does_nothing(reproduced_proj
     assert out_of_date(reproduced_project) == set()
 
 
-def test_changing_the_label_fractions_reruns_only_that_study_and_the_report(reproduced_project):
+def test_changing_the_label_fractions_reruns_only_that_ablation_and_the_report(reproduced_project):
     runs = reproduced_project.params()["label_fraction"]["runs"]
 
     def change(params):
@@ -161,7 +161,7 @@ def test_changing_the_label_fractions_reruns_only_that_study_and_the_report(repr
     assert out_of_date_after(reproduced_project, change) == {f"label_fraction@{r}" for r in runs} | {"report"}
 
 
-def test_empty_study_lists_rerun_only_the_report_which_says_so(reproduced_project, tmp_path):
+def test_empty_ablation_lists_rerun_only_the_report_which_says_so(reproduced_project, tmp_path):
     project = reproduced_project
 
     def change(params):
@@ -179,8 +179,8 @@ def test_empty_study_lists_rerun_only_the_report_which_says_so(reproduced_projec
     try:
         project.run("python", "stages/report.py")
         report = (project.root / "reports" / "README.md").read_text()
-        assert "Label-fraction study: `label_fraction.runs` is empty." in report
-        assert "Frozen-parts study: `frozen_parts.runs` is empty." in report
+        assert "Label-fraction ablation: `label_fraction.runs` is empty." in report
+        assert "Frozen-parts ablation: `frozen_parts.runs` is empty." in report
     finally:
         restore_params(project)
         for path in outputs:

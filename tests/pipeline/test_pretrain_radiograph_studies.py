@@ -42,6 +42,6 @@ def test_only_listed_masked_patch_entries_train_on_studies(params, radiographs, 
     with pytest.raises(ParamsError, match="pretrain_radiographs.study_methods: 'diffmae' is not listed"):
         radiograph_entry(params, "diffmae", listed_in="study_methods")
     listed = {**params, "pretrain_radiographs": {**params["pretrain_radiographs"], "study_methods": ["barlow_twins"]}}
-    with pytest.raises(ValueError, match="study-level pretraining .* exists for 'mae', 'diffmae' only"):
+    with pytest.raises(ValueError, match="has no study-level form .*those that have one: 'mae', 'diffmae'"):
         pretrain_radiograph_studies(listed, "barlow_twins", radiographs, tmp_path / "model", tmp_path / "report",
                                     tmp_path / "ckpt.pt")

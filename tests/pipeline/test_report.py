@@ -7,6 +7,7 @@ working folder laid out as :mod:`chestssl.paths` says.
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 from pathlib import Path
@@ -67,7 +68,21 @@ def test_the_report_holds_every_entry_and_run(synthetic_processed, tmp_path, mon
     paired = pd.read_csv(tables / "pretrained_vs_scratch.csv")
     assert set(zip(paired["scratch_run"], paired["pretrained_run"])) == {RUNS[:2]}
     assert set(pd.read_csv(tables / "linear_probe.csv")["entry"]) == set(params["methods"])
-    assert "Label-fraction study: `label_fraction.runs` is empty." in readme
+    assert "Label-fraction ablation: `label_fraction.runs` is empty." in readme
+    # The seed tables' rows and the figures' models are the `report` params' rows, in order.
+    seed_rows = pd.read_csv(tables / "seed000_pretrained_segmentation.csv")
+    assert seed_rows["entry"].tolist()[:2] == list(RUNS[:2]) and seed_rows["entry"].isna().tolist()[2:] == [True, True]
+    assert "Segmentation: UNet++ scratch vs UNet++ CNN-attention AE" in readme
+
+    # A row naming an entry the params lack (params that skipped validation) is shown missing.
+    absent = copy.deepcopy(params)
+    absent["report"]["seed000_reconstruction"][0]["method"] = "ae_swin"
+    absent["report"]["feature_maps"] = [{"label": "SwinUNETR (soft Dice)", "run": "seg_swinunetr_swin_dice"}]
+    report(absent, tmp_path / "absent")
+    readme = (tmp_path / "absent" / "README.md").read_text()
+    assert "| swin_transformer | `ae_swin`[^seed000-reconstruction-3] | not run |" in readme
+    assert "`ae_swin` has no metrics" in readme
+    assert "Feature-map figure: needs `seg_swinunetr_swin_dice` in params.yaml." in readme
 
 
 def test_a_missing_input_is_named(tmp_path, monkeypatch):

@@ -1,4 +1,4 @@
-"""The report's figure and table of the STN alignment study (seed 002)."""
+"""The report's figure and table of the STN alignment experiment (seed 002)."""
 
 from __future__ import annotations
 

@@ -212,7 +212,7 @@ def test_section_without_cls_runs_or_maps(tmp_path):
 
 
 def test_section_refuses_bad_input(tmp_path):
-    with pytest.raises(TypeError, match="runs must be the runs block"):
+    with pytest.raises(TypeError, match=r"runs must map run names to their entries \(a mapping\)"):
         classifier_figure_section([("r", {"task": "cls"})], lambda run: tmp_path, tmp_path)
     with pytest.raises(TypeError, match="evaluate_dir must be a function"):
         classifier_figure_section({"r": {"task": "cls"}}, tmp_path, tmp_path)

@@ -17,15 +17,15 @@ import yaml
 
 from chestssl.params import ParamsError
 from chestssl.report import published as published_module
+from chestssl.report.ablations import frozen_parts_table, label_fraction_table
 from chestssl.report.alignment_figures import alignment_table
-from chestssl.report.experiments import frozen_parts_table, label_fraction_table
 from chestssl.report.probes import linear_probe_table
 from chestssl.report.published import PUBLISHED_FILE, REQUIRED_FIELDS, PublishedError, published, read_published
 from chestssl.report.seed000 import SEED000_TABLES, seed000_tables
+from tests.report.test_ablations_report import ABLATIONS
 from tests.report.test_alignment_figures import _metrics as _alignment_metrics
-from tests.report.test_experiments_report import EXPERIMENTS
 from tests.report.test_probes import _probe
-from tests.report.test_seed000 import SEED_README
+from tests.report.test_seed000 import SEED_README, SHIPPED_REPORT
 from tests.test_stage_deps import STAGES, _import_closure
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -66,7 +66,7 @@ def _seed_cells(table, seed_header_prefix):
 
 
 def test_seed000_tables_built_from_the_file_quote_the_seeds_readme():
-    tables = seed000_tables({}, {}, "synthetic CT")
+    tables = seed000_tables(SHIPPED_REPORT, {}, {}, "synthetic CT")
     assert [table.name for table in tables] == list(SEED_README)
     for spec, table in zip(SEED000_TABLES, tables):
         expected = SEED_README[table.name]
@@ -89,7 +89,7 @@ def _frozen_parts():
 
 
 def test_the_other_tables_built_from_the_file_quote_the_seeds():
-    fraction = label_fraction_table(EXPERIMENTS, {"barlow": "barlow_twins", "scratch_resnet18": "scratch"}, "cls",
+    fraction = label_fraction_table(ABLATIONS, {"barlow": "barlow_twins", "scratch_resnet18": "scratch"}, "cls",
                                     "accuracy")
     assert list(fraction.text[SEED_COLUMN]) == [LABEL_FRACTION["barlow_twins"], LABEL_FRACTION["scratch"]]
     assert list(_frozen_parts().text[SEED_COLUMN]) == list(FROZEN_PARTS.values())
@@ -219,17 +219,18 @@ _RENDER = textwrap.dedent('''
     from pathlib import Path
     import chestssl.report.published as published
     published.PUBLISHED_FILE = Path(sys.argv[1])
+    from chestssl.report.ablations import downstream_by_method_table, label_fraction_table
     from chestssl.report.alignment_figures import alignment_table
-    from chestssl.report.experiments import downstream_by_method_table, label_fraction_table
     from chestssl.report.probes import linear_probe_table
     from chestssl.report.seed000 import seed000_tables
+    from tests.report.test_ablations_report import ABLATIONS
     from tests.report.test_alignment_figures import _metrics
-    from tests.report.test_experiments_report import EXPERIMENTS
     from tests.report.test_probes import _probe
     from tests.report.test_published import PROBE_ENTRIES, _frozen_parts
+    from tests.report.test_seed000 import SHIPPED_REPORT
 
-    tables = seed000_tables({}, {}, "synthetic CT")
-    tables.append(label_fraction_table({"a": EXPERIMENTS["cls_barlow"], "b": EXPERIMENTS["cls_scratch"]},
+    tables = seed000_tables(SHIPPED_REPORT, {}, {}, "synthetic CT")
+    tables.append(label_fraction_table({"a": ABLATIONS["cls_barlow"], "b": ABLATIONS["cls_scratch"]},
                                        {"barlow": "barlow_twins", "scratch_resnet18": "scratch"}, "cls", "accuracy"))
     tables.append(_frozen_parts())
     probes = {kind: ({"probe": _probe(0.7)}, kind) for kind in PROBE_ENTRIES}

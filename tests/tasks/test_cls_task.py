@@ -112,7 +112,7 @@ def test_batch_of_one_is_refused_with_advice():
 
 
 def test_bad_run_params_are_reported():
-    with pytest.raises(ValueError, match=r"runs\.r\.arch: got 'vgg'.*'resnet18', 'resnet50'"):
+    with pytest.raises(ValueError, match=r"r: unknown arch 'vgg'; known: 'resnet18', 'resnet50'"):
         build_task(_run(arch="vgg"), _payload(), seed=0, name="r")
 
 
@@ -175,9 +175,9 @@ def test_cls_archs_offer_the_linear_head_on_every_backbone():
     assert set(CLS_ARCHS["linear"]) == {"unet_encoder", "cnn_attention", "swin", "resnet18", "resnet50", "vit"}
     for arch in ("resnet18", "resnet50"):
         assert set(CLS_ARCHS[arch]) == {"unet_encoder", "cnn_attention", "swin"}
-    with pytest.raises(ValueError, match=r"runs\.r\.arch: got 'vgg'.*'linear'"):
+    with pytest.raises(ValueError, match=r"r: unknown arch 'vgg'; known: .*'linear'"):
         build_task(_run(arch="vgg"), _payload(), seed=0, name="r")
-    with pytest.raises(ValueError, match=r"runs\.r: arch 'resnet50' needs a backbone of .*backbone 'resnet18'"):
+    with pytest.raises(ValueError, match=r"r: arch 'resnet50' needs a backbone of .*got a 'resnet18' encoder"):
         build_task(_run(arch="resnet50"), _tiny_payload(RESNET18), seed=0, name="r")
 
 

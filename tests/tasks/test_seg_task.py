@@ -161,9 +161,9 @@ def test_short_optimisation_reduces_the_loss(loss, ratio):
 
 
 def test_bad_run_params_are_reported():
-    with pytest.raises(ValueError, match=r"runs\.r\.loss: got 'bce'.*'ce', 'dice', 'focal'"):
+    with pytest.raises(ValueError, match=r"unknown segmentation loss 'bce'.*'ce', 'dice', 'focal'"):
         build_task(_run(loss="bce"), _payload(), seed=0, name="r")
-    with pytest.raises(ValueError, match=r"runs\.r\.arch: got 'unet'.*'unetpp'"):
+    with pytest.raises(ValueError, match=r"r: unknown arch 'unet'; known: 'unetpp'"):
         build_task(_run(arch="unet"), _payload(), seed=0, name="r")
-    with pytest.raises(ValueError, match=r"runs\.r\.class_weights"):
+    with pytest.raises(ValueError, match=r"class weights: got \[0\.0, 0\.0\]"):
         build_task(_run(class_weights=[0.0, 0.0]), _payload(), seed=0, name="r")

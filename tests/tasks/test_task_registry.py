@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from chestssl.methods import build_method
-from chestssl.params import RUN_SCHEMAS, load_params, pretrain_entry
+from chestssl.methods import build_method, load_checked_params
+from chestssl.params import RunEntry, pretrain_entry
+from chestssl.schema import tags
 from chestssl.tasks import TASKS, build_task
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -16,7 +17,7 @@ BACKBONE = {"name": "unet_encoder", "spatial_dims": 2, "features": [4, 8, 8, 16,
 
 
 def test_registry_matches_params_schema():
-    assert set(TASKS) == set(RUN_SCHEMAS)
+    assert set(TASKS) == set(tags(RunEntry)) == {"seg", "cls"}
 
 
 def test_unknown_task_and_bad_payload_are_reported():
@@ -28,7 +29,7 @@ def test_unknown_task_and_bad_payload_are_reported():
 
 
 def test_every_run_of_params_yaml_builds():
-    params = load_params(ROOT / "params.yaml")
+    params = load_checked_params(ROOT / "params.yaml")
     payloads = {}
     for name in [*params["methods"], *params["multihead"]]:
         payloads[name] = build_method(name, pretrain_entry(params, name)[1], seed=params["seed"]).export()

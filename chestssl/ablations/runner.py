@@ -1,19 +1,19 @@
 """Train and test one downstream run under several settings, resuming after an interruption.
 
-An experiment (seed 001's label fraction or frozen parts) repeats a ``runs`` entry (same
+An ablation (seed 001's label fraction or frozen parts) repeats a ``runs`` entry (same
 task, architecture, pretrained encoder and training params) under settings that change
-one thing: the training patients (:mod:`chestssl.experiments.label_fraction`) or the
-parts that train (:mod:`chestssl.experiments.parts`). Each setting is trained with the
+one thing: the training patients (:mod:`chestssl.ablations.label_fraction`) or the
+parts that train (:mod:`chestssl.ablations.parts`). Each setting is trained with the
 same loop as ``finetune`` (best epoch on the validation split) and scored on the test
 split with patient-bootstrap intervals, as ``evaluate`` scores the run itself.
 
 A finished setting's result is kept in a state folder (the stages use
-``checkpoints/<experiment>/<run>/``) as ``<key>.json`` with a fingerprint of everything it
+``checkpoints/<ablation>/<run>/``) as ``<key>.json`` with a fingerprint of everything it
 depends on, its training curves as ``live/<key>``, and the loop keeps its own resume
 checkpoint ``<key>.pt`` (and the curves so far) there mid-setting, so an interrupted
-experiment resumes where it stopped, its earlier curves included. The curves of every
-setting are copied to the experiment's ``live`` output when all settings are done; the
-folder is removed when the whole experiment has finished (:func:`finish_experiment`).
+ablation resumes where it stopped, its earlier curves included. The curves of every
+setting are copied to the ablation's ``live`` output when all settings are done; the
+folder is removed when the whole ablation has finished (:func:`finish_ablation`).
 """
 
 from __future__ import annotations
@@ -36,8 +36,8 @@ MONITOR = {"seg": ("val/dice", "max"), "cls": ("val/loss", "min")}
 
 
 @dataclass(frozen=True)
-class ExperimentSetting:
-    """One setting of an experiment.
+class AblationSetting:
+    """One setting of an ablation.
 
     Attributes:
         key: file-safe name of the setting (``25pct``, ``unfrozen_2``).
@@ -79,12 +79,12 @@ def run_encoder_payload(model_path: str | Path, run_name: str) -> dict[str, Any]
     return load_model_file(model_path, f"finetune@{run_name}", required=("encoder",))["encoder"]
 
 
-def run_experiment(
-    experiment: str,
+def run_ablation(
+    ablation: str,
     run_name: str,
     params: Mapping[str, Any],
     encoder_payload: Mapping[str, Any],
-    settings: Sequence[ExperimentSetting],
+    settings: Sequence[AblationSetting],
     *,
     processed_dir: str | Path,
     model_path: str | Path,
@@ -94,7 +94,7 @@ def run_experiment(
     """Train and test ``runs.<run_name>`` under each setting; returns ``{key: result}``.
 
     Args:
-        experiment: its name in messages (``label_fraction``, ``frozen_parts``).
+        ablation: its name in messages (``label_fraction``, ``frozen_parts``).
         run_name, params: the run and the loaded params (``runs``, ``seed``, ``slices``,
             ``evaluate``).
         encoder_payload: :func:`run_encoder_payload` of the run.
@@ -109,8 +109,8 @@ def run_experiment(
     Each result holds the training-set size, the best epoch and the test metrics
     (``test``). Returns an empty dict on ranks other than 0 of a distributed run.
     """
+    from chestssl.ablations.parts import PartlyFrozenTask
     from chestssl.data.datasets import SliceDataset
-    from chestssl.experiments.parts import PartlyFrozenTask
     from chestssl.inference import auto_device
     from chestssl.tasks import build_task
     from chestssl.train.checkpoint import digest, stage_inputs
@@ -137,7 +137,7 @@ def run_experiment(
         if result_path.exists():
             earlier = json.loads(result_path.read_text())
             if earlier.get("fingerprint") == fingerprint:
-                log.info("%s@%s: %s already done, result reused from %s", experiment, run_name, setting.key,
+                log.info("%s@%s: %s already done, result reused from %s", ablation, run_name, setting.key,
                          result_path)
                 results[setting.key] = earlier
                 continue
@@ -166,7 +166,7 @@ def run_experiment(
         }
         write_json(result_path, result)
         results[setting.key] = result
-        log.info("%s@%s: %s done (%d training images)", experiment, run_name, setting.key, len(train))
+        log.info("%s@%s: %s done (%d training images)", ablation, run_name, setting.key, len(train))
     if len(results) == len(settings):
         with atomic_dir(report_dir / "live") as staging:
             for setting in settings:
@@ -176,7 +176,7 @@ def run_experiment(
     return results
 
 
-def finish_experiment(state_dir: str | Path) -> None:
+def finish_ablation(state_dir: str | Path) -> None:
     """Remove the per-setting results kept for resuming (``state_dir`` of
-    :func:`run_experiment`), once the experiment's metrics are written."""
+    :func:`run_ablation`), once the ablation's metrics are written."""
     shutil.rmtree(state_dir, ignore_errors=True)

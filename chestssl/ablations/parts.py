@@ -1,6 +1,6 @@
 """Named stages of every backbone, and a task model trained with only some of them.
 
-Seed 001's frozen-parts experiment fine-tunes a pretrained ResNet-18 classifier with only the
+Seed 001's frozen-parts ablation fine-tunes a pretrained ResNet-18 classifier with only the
 head trained, then with the head and ``layer4``, then ``layer3``-``layer4``, and so on
 down to the whole network, to show how much of the pretrained representation is reused.
 Its freezing code trained one stage fewer than it said; here the stages a setting trains

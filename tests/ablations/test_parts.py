@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from chestssl.experiments.parts import PartlyFrozenTask, encoder_stages
+from chestssl.ablations.parts import PartlyFrozenTask, encoder_stages
 from chestssl.models.backbones import build_backbone, export_encoder
 from chestssl.models.seeding import seeded
 from chestssl.tasks import build_task

@@ -1,4 +1,4 @@
-"""Report parts of seed 001's experiments, and the downstream results by pretraining method.
+"""Report parts of seed 001's ablations, and the downstream results by pretraining method.
 
 - :func:`label_fraction_figure`: test metric against the share of training patients, one
   line per run (its ``init``) with the bootstrap interval as a band; seed 001 plotted
@@ -28,8 +28,8 @@ from chestssl.report.probes import NO_SEED_NUMBER, SEED_NUMBERS
 from chestssl.report.published import published
 from chestssl.report.tables import Column, Table, build_table
 
-#: The metric each task's experiment figure and tables show first (key, shown).
-EXPERIMENT_METRICS = {"cls": (("accuracy", "accuracy"), ("auroc", "AUROC")), "seg": (("dice_global", "Dice (global)"),)}
+#: The metric each task's ablation figure and tables show first (key, shown).
+ABLATION_METRICS = {"cls": (("accuracy", "accuracy"), ("auroc", "AUROC")), "seg": (("dice_global", "Dice (global)"),)}
 #: The metric of each task in the by-method table.
 DOWNSTREAM_METRIC = {"cls": ("auroc", "AUROC"), "seg": ("dice_global", "Dice")}
 
@@ -54,9 +54,9 @@ SEED_FROZEN_PARTS = {
 SEED_FROZEN_NOTE = "seed 001 (Barlow Twins ResNet-18, COVID-19 radiography)"
 
 
-def fraction_entries(experiment: Mapping[str, Any]) -> list[tuple[str, Mapping[str, Any]]]:
+def fraction_entries(ablation: Mapping[str, Any]) -> list[tuple[str, Mapping[str, Any]]]:
     """``(key, entry)`` of a label-fraction metrics file by increasing fraction (JSON keys are sorted as text)."""
-    return sorted(experiment["fractions"].items(), key=lambda item: item[1]["fraction"])
+    return sorted(ablation["fractions"].items(), key=lambda item: item[1]["fraction"])
 
 
 def _missing(note: str) -> dict[str, Any]:
@@ -64,36 +64,36 @@ def _missing(note: str) -> dict[str, Any]:
 
 
 def label_fraction_figure(
-    path: str | os.PathLike, experiments: Mapping[str, Mapping[str, Any]], task: str
+    path: str | os.PathLike, ablations: Mapping[str, Mapping[str, Any]], task: str
 ) -> Path:
     """Metric vs share of training patients (log axis), one line per run, the CI as a band.
 
-    ``experiments``: ``{run: metrics of label_fraction@run}`` of one ``task``.
+    ``ablations``: ``{run: metrics of label_fraction@run}`` of one ``task``.
     """
-    metrics = EXPERIMENT_METRICS[task]
-    palette = sns.color_palette("deep", n_colors=max(len(experiments), 1))
+    metrics = ABLATION_METRICS[task]
+    palette = sns.color_palette("deep", n_colors=max(len(ablations), 1))
     with sns.axes_style("whitegrid"), sns.plotting_context("paper"):
         figure = _new_figure(4.2 * len(metrics), 3.4)
         axes = figure.subplots(1, len(metrics), squeeze=False)[0]
         for ax, (key, shown) in zip(axes, metrics):
-            for colour, (run, experiment) in zip(palette, experiments.items()):
-                entries = [entry for _, entry in fraction_entries(experiment)]
+            for colour, (run, ablation) in zip(palette, ablations.items()):
+                entries = [entry for _, entry in fraction_entries(ablation)]
                 x = np.array([100.0 * entry["fraction"] for entry in entries])
                 value = np.array([_number(entry[key]["value"]) for entry in entries])
                 low = np.array([_number(entry[key]["ci_low"]) for entry in entries])
                 high = np.array([_number(entry[key]["ci_high"]) for entry in entries])
-                ax.plot(x, value, "o-", color=colour, label=f"{experiment['init']} ({run})")
+                ax.plot(x, value, "o-", color=colour, label=f"{ablation['init']} ({run})")
                 ax.fill_between(x, low, high, color=colour, alpha=0.15, linewidth=0)
             ax.set_xscale("log")
-            shares = sorted({100.0 * entry["fraction"] for experiment in experiments.values()
-                             for entry in experiment["fractions"].values()})
+            shares = sorted({100.0 * entry["fraction"] for ablation in ablations.values()
+                             for entry in ablation["fractions"].values()})
             ax.set_xticks(shares, [f"{share:g}" for share in shares])
             ax.minorticks_off()
             ax.set_xlabel("training patients (%)")
             ax.set_ylabel(f"test {shown}")
             ax.set_title(shown)
         axes[0].legend(fontsize="small", loc="best")
-        figure.suptitle("Label-fraction study: test metric vs share of training patients\n(bands: confidence interval over test patients)")
+        figure.suptitle("Label-fraction ablation: test metric vs share of training patients\n(bands: confidence interval over test patients)")
     return save_figure(figure, path)
 
 
@@ -102,63 +102,63 @@ def _number(value: Any) -> float:
 
 
 def label_fraction_table(
-    experiments: Mapping[str, tuple[Mapping[str, Any], str]], methods: Mapping[str, str], task: str, metric: str
+    ablations: Mapping[str, tuple[Mapping[str, Any], str]], methods: Mapping[str, str], task: str, metric: str
 ) -> Table:
     """One row per run, one column per fraction: the test ``metric`` with its interval.
 
     Args:
-        experiments: ``{run: (metrics of label_fraction@run, path)}``, all of one ``task``
+        ablations: ``{run: (metrics of label_fraction@run, path)}``, all of one ``task``
             and the same fractions.
         methods: pretext method (the ``method`` param) of each pretraining entry.
     """
-    shown = dict(EXPERIMENT_METRICS[task])[metric]
-    first = fraction_entries(next(iter(experiments.values()))[0])
+    shown = dict(ABLATION_METRICS[task])[metric]
+    first = fraction_entries(next(iter(ablations.values()))[0])
     keys = [key for key, _ in first]
     columns = [Column(key, f"{100.0 * entry['fraction']:g}%") for key, entry in first]
     rows = []
-    for run, (experiment, source) in experiments.items():
-        if [key for key, _ in fraction_entries(experiment)] != keys:
-            raise ValueError(f"{source}: fractions {list(experiment['fractions'])} differ from {keys}; rerun label_fraction")
-        method = methods.get(experiment["init"], "")
+    for run, (ablation, source) in ablations.items():
+        if [key for key, _ in fraction_entries(ablation)] != keys:
+            raise ValueError(f"{source}: fractions {list(ablation['fractions'])} differ from {keys}; rerun label_fraction")
+        method = methods.get(ablation["init"], "")
         descriptors = {
             "run": run,
-            "init": experiment["init"],
-            "training patients": ", ".join(str(entry["n_train_patients"]) for _, entry in fraction_entries(experiment)),
+            "init": ablation["init"],
+            "training patients": ", ".join(str(entry["n_train_patients"]) for _, entry in fraction_entries(ablation)),
             "seed's number (other data)": SEED_LABEL_FRACTION.get(method, NO_SEED_NUMBER),
         }
-        cells: dict[str, Any] = {key: dict(entry[metric]) for key, entry in experiment["fractions"].items()}
-        test_counts = experiment["fractions"][keys[-1]]  # the same test split at every fraction
+        cells: dict[str, Any] = {key: dict(entry[metric]) for key, entry in ablation["fractions"].items()}
+        test_counts = ablation["fractions"][keys[-1]]  # the same test split at every fraction
         cells["n_images"], cells["n_patients"] = test_counts.get("n_images"), test_counts.get("n_patients")
         rows.append((descriptors, cells, source))
     return build_table(f"label_fraction_{task}_{metric}",
-                       f"Label-fraction study: test {shown} by share of training patients", rows, columns)
+                       f"Label-fraction ablation: test {shown} by share of training patients", rows, columns)
 
 
 def frozen_parts_table(
-    experiments: Mapping[str, tuple[Mapping[str, Any], str]], methods: Mapping[str, str], backbones: Mapping[str, str]
+    ablations: Mapping[str, tuple[Mapping[str, Any], str]], methods: Mapping[str, str], backbones: Mapping[str, str]
 ) -> Table:
     """One row per (run, setting): what trained, how many parameters, test accuracy and AUROC.
 
     Args:
-        experiments: ``{run: (metrics of frozen_parts@run, path)}``.
+        ablations: ``{run: (metrics of frozen_parts@run, path)}``.
         methods / backbones: pretext method and ``backbone.name`` of each pretraining entry.
     """
     rows = []
-    for run, (experiment, source) in experiments.items():
-        init = experiment["init"]
+    for run, (ablation, source) in ablations.items():
+        init = ablation["init"]
         seed_applies = methods.get(init) == "barlow_twins" and backbones.get(init) == "resnet18"
-        for entry in sorted(experiment["settings"].values(), key=lambda entry: entry["unfrozen_stages"]):
+        for entry in sorted(ablation["settings"].values(), key=lambda entry: entry["unfrozen_stages"]):
             seed = SEED_FROZEN_PARTS.get(entry["unfrozen_stages"]) if seed_applies else None
             descriptors = {
                 "run": run,
-                "init": experiment["init"],
+                "init": ablation["init"],
                 "trained": entry["label"],
                 "trained parameters": entry["trainable_parameters"],
                 "seed's number (other data)": f"{SEED_FROZEN_NOTE}: {seed}" if seed else NO_SEED_NUMBER,
             }
             rows.append((descriptors, entry, source))
     columns = [Column("accuracy", "Accuracy"), Column("auroc", "AUROC")]
-    return build_table("frozen_parts", "Frozen-parts study: head only, then deeper encoder stages (test split)",
+    return build_table("frozen_parts", "Frozen-parts ablation: head only, then deeper encoder stages (test split)",
                        rows, columns)
 
 
@@ -181,7 +181,7 @@ def downstream_by_method_table(
         pretrain_metrics: ``{entry: (metrics of evaluate_pretrain, path)}`` (for the probe).
         runs: the validated ``runs`` block; run_metrics: ``{run: (test metrics, path)}``.
         label_fraction: ``{run: (metrics of label_fraction@run, path)}``; adds the metric at
-            the smallest fraction for the runs studied.
+            the smallest fraction for the runs it holds.
     """
     label_fraction = label_fraction or {}
     kinds: dict[str, str] = {}
@@ -218,7 +218,7 @@ def downstream_by_method_table(
             if smallest is not None and run_name in label_fraction:
                 cells["fraction_auroc"] = dict(fraction_entries(label_fraction[run_name][0])[0][1]["auroc"])
         if smallest is not None:
-            cells.setdefault("fraction_auroc", _missing("no label-fraction study of a run from this entry"))
+            cells.setdefault("fraction_auroc", _missing("no label-fraction ablation of a run from this entry"))
         descriptors = {
             "pretraining": name,
             "method": entry["method"],

@@ -1,4 +1,4 @@
-"""Label-fraction experiment (seed 001): fine-tune on a share of the training patients.
+"""Label-fraction ablation (seed 001): fine-tune on a share of the training patients.
 
 Seed 001 fine-tunes its Barlow Twins encoder and a randomly initialised one on 1%, 5%, 10%,
 ... 100% of the labelled training data and plots test accuracy against the share, to show
@@ -20,7 +20,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from chestssl.experiments.runner import ExperimentSetting
+from chestssl.ablations.runner import AblationSetting
 
 
 def labelled_patients(processed_dir, split: str = "train") -> list[str]:
@@ -44,10 +44,10 @@ def patient_subsets(patients: Sequence[str], fractions: Sequence[float], seed: i
         ValueError: no patients, or a fraction outside (0, 1].
     """
     if len(patients) == 0:
-        raise ValueError("the train split holds no patients; the label-fraction experiment needs at least one")
+        raise ValueError("the train split holds no patients; the label-fraction ablation needs at least one")
     for fraction in fractions:
         if not 0.0 < float(fraction) <= 1.0:
-            raise ValueError(f"label_fraction.fractions: got {fraction!r}, expected fractions in (0, 1]")
+            raise ValueError(f"fractions must be in (0, 1], got {fraction!r}")
     # sorted() first: the order depends on the seed only, not on how the split was listed.
     listed = sorted(patients)
     order = [listed[i] for i in np.random.default_rng(seed).permutation(len(listed))]
@@ -56,19 +56,19 @@ def patient_subsets(patients: Sequence[str], fractions: Sequence[float], seed: i
 
 def label_fraction_settings(
     patients: Sequence[str], fractions: Sequence[float], seed: int
-) -> tuple[list[ExperimentSetting], dict[float, str]]:
-    """The trainings of the experiment and, per fraction, the key of the training that serves it.
+) -> tuple[list[AblationSetting], dict[float, str]]:
+    """The trainings of the ablation and, per fraction, the key of the training that serves it.
 
     Fractions giving the same number of patients map to one setting (the nested subsets
     are then identical), named after the smallest such fraction.
     """
     subsets = patient_subsets(patients, fractions, seed)
-    settings: dict[tuple[str, ...], ExperimentSetting] = {}
+    settings: dict[tuple[str, ...], AblationSetting] = {}
     served_by: dict[float, str] = {}
     for fraction in sorted(subsets):
         ids = subsets[fraction]
         if ids not in settings:
-            settings[ids] = ExperimentSetting(key=fraction_key(fraction), patient_ids=ids)
+            settings[ids] = AblationSetting(key=fraction_key(fraction), patient_ids=ids)
         served_by[fraction] = settings[ids].key
     return list(settings.values()), served_by
 

@@ -1,4 +1,4 @@
-"""Label-fraction subsets, and both experiments' settings trained and tested on tiny data, with resume."""
+"""Label-fraction subsets, and both ablations' settings trained and tested on tiny data, with resume."""
 
 from __future__ import annotations
 
@@ -10,18 +10,18 @@ import pandas as pd
 import pytest
 
 from chestssl import paths
-from chestssl.io import save_torch
-from chestssl.models.backbones import build_backbone, export_encoder
-from chestssl.models.seeding import seeded
-from chestssl.experiments.frozen_parts import frozen_parts_metrics, frozen_parts_settings
-from chestssl.experiments.label_fraction import (
+from chestssl.ablations.frozen_parts import frozen_parts_metrics, frozen_parts_settings
+from chestssl.ablations.label_fraction import (
     fraction_key,
     label_fraction_metrics,
     label_fraction_settings,
     labelled_patients,
     patient_subsets,
 )
-from chestssl.experiments.runner import finish_experiment, run_encoder_payload, run_experiment
+from chestssl.ablations.runner import finish_ablation, run_ablation, run_encoder_payload
+from chestssl.io import save_torch
+from chestssl.models.backbones import build_backbone, export_encoder
+from chestssl.models.seeding import seeded
 
 RESNET = {"name": "resnet18", "spatial_dims": 2, "block_inplanes": [4, 8, 8, 16]}
 TRAIN = {"epochs": 2, "batch_size": 4, "lr": 0.001, "weight_decay": 0.0, "optimizer": "adam", "betas": [0.9, 0.999],
@@ -52,7 +52,7 @@ def test_fractions_with_the_same_patients_share_one_training():
 
 @pytest.mark.parametrize("bad", [0.0, 1.5, -0.1])
 def test_bad_fraction_is_refused(bad):
-    with pytest.raises(ValueError, match=r"label_fraction.fractions"):
+    with pytest.raises(ValueError, match=r"fractions must be in \(0, 1\]"):
         patient_subsets(["a", "b"], [bad], seed=0)
 
 
@@ -66,13 +66,13 @@ def test_empty_train_split_is_refused():
         patient_subsets([], [0.5], seed=0)
 
 
-def _run(experiment, params, settings):
-    """:func:`run_experiment` of run ``r`` with the stage's paths (relative to the workspace)."""
+def _run(ablation, params, settings):
+    """:func:`run_ablation` of run ``r`` with the stage's paths (relative to the workspace)."""
     model_path = paths.finetune_model_path("r")
-    return run_experiment(experiment, "r", params, run_encoder_payload(model_path, "r"), settings,
-                          processed_dir=paths.PROCESSED_DIR, model_path=model_path,
-                          report_dir=paths.study_report_dir(experiment, "r"),
-                          state_dir=paths.CHECKPOINT_DIR / experiment / "r")
+    return run_ablation(ablation, "r", params, run_encoder_payload(model_path, "r"), settings,
+                        processed_dir=paths.PROCESSED_DIR, model_path=model_path,
+                        report_dir=paths.ablation_report_dir(ablation, "r"),
+                        state_dir=paths.CHECKPOINT_DIR / ablation / "r")
 
 
 @pytest.fixture
@@ -97,7 +97,7 @@ def test_label_fraction_settings_train_test_and_resume(workspace, monkeypatch):
     patients = labelled_patients(paths.PROCESSED_DIR, "train")
     assert patients == ["p0", "p1"]
     settings, served_by = label_fraction_settings(patients, [0.5, 1.0], seed=0)
-    report_dir = paths.study_report_dir("label_fraction", "r")
+    report_dir = paths.ablation_report_dir("label_fraction", "r")
     results = _run("label_fraction", params, settings)
     assert set(results) == {"50pct", "100pct"}
     assert results["50pct"]["n_train_patients"] == 1 and results["100pct"]["n_train_patients"] == 2
@@ -123,7 +123,7 @@ def test_label_fraction_settings_train_test_and_resume(workspace, monkeypatch):
     again = _run("label_fraction", params, settings)
     assert again == results
     assert (report_dir / "live" / "50pct" / curve).read_text() == published, "the finished settings' curves are kept"
-    finish_experiment(paths.CHECKPOINT_DIR / "label_fraction" / "r")
+    finish_ablation(paths.CHECKPOINT_DIR / "label_fraction" / "r")
     assert not (paths.CHECKPOINT_DIR / "label_fraction" / "r").exists()
 
 
