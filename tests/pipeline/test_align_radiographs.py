@@ -102,7 +102,7 @@ def _run(params, radiographs, encoder_path, out):
     return align_radiographs(params, radiographs, encoder_path, out / "model", out / "report", out / "ckpt.pt")
 
 
-def test_the_study_learns_to_undo_shifts_and_writes_its_outputs(params, study_inputs, tmp_path):
+def test_the_stn_learns_to_undo_shifts_and_writes_its_outputs(params, study_inputs, tmp_path):
     radiographs, encoder_path = study_inputs
     metrics = _run(params, radiographs, encoder_path, tmp_path)
 
