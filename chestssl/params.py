@@ -44,7 +44,7 @@ CHESTXRAY14_LABELS = (
 CXR_LABELS = {"chexpert": CHEXPERT_LABELS, "mimic_cxr": CHEXPERT_LABELS, "chestxray14": CHESTXRAY14_LABELS,
               "covid_radiography": ("class",)}
 #: Widths of a ViT's sin-cos position embedding must be multiples of these, per spatial dims.
-SINCOS_MULTIPLE = {2: 4, 3: 6}
+SINCOS_MULTIPLE = {2: 4, 3: 6}  # hidden_size divisibility of MONAI's sin-cos position embedding
 
 class ParamsError(UserError, ValueError):
     """Raised when the params files do not match :class:`Params`; lists every problem."""
@@ -92,6 +92,9 @@ def _some_weight(weights: list[float]) -> list[float]:
 
 #: Weights of the classes (background, nodule) of a loss; not all 0.
 ClassWeights = Annotated[List(Float(ge=0.0), length=2), AfterValidator(_some_weight)]
+
+#: The fewest entries each pretraining section may hold.
+MIN_ENTRIES = {"methods": 1, "multihead": 0}
 
 #: The recipe of entries that are not trained (scratch initialisations).
 NO_RECIPE = "none"
@@ -520,8 +523,8 @@ class Params(Config):
     probe: Probe
     recipes: Names(TrainRecipe, what="preset")
     backbones: Names(Backbone, what="preset")
-    methods: Names(UncheckedMethod, min_entries=1)
-    multihead: Names(UncheckedMethod)
+    methods: Names(UncheckedMethod, min_entries=MIN_ENTRIES["methods"])
+    multihead: Names(UncheckedMethod, min_entries=MIN_ENTRIES["multihead"])
     runs: Names(RunEntry)
     label_fraction: LabelFraction
     frozen_parts: FrozenParts
@@ -544,10 +547,8 @@ def params_model(method_configs: Mapping[str, type[MethodConfig]] | None = None)
         fields = {}
         for section in PRETRAIN_SECTIONS:
             members = [config for config in method_configs.values() if config.section == section]
-            minimum = Params.model_fields[section].metadata
             entry = Tagged("method", *members) if members else UncheckedMethod
-            min_entries = next((m.min_length for m in minimum if getattr(m, "min_length", None)), 0)
-            fields[section] = (Names(entry, min_entries=min_entries), ...)
+            fields[section] = (Names(entry, min_entries=MIN_ENTRIES[section]), ...)
         _CHECKED_MODELS[key] = create_model("CheckedParams", __base__=Params, **fields)
     return _CHECKED_MODELS[key]
 

@@ -130,15 +130,7 @@ def List(item: Any, length: int | None = None, doc: str = "") -> Any:
 
 def Nullable(spec: Any) -> Any:
     """``spec`` or null (``None``)."""
-    text = f"{_description(spec)} or null"
-
-    def rephrase(value: Any, handler):
-        try:
-            return handler(value)
-        except ValidationError:
-            raise problem(f"got {value!r}, expected {text}") from None
-
-    return Annotated[Union[spec, None], Field(description=text), WrapValidator(rephrase)]
+    return _described(Union[spec, None], f"{_description(spec)} or null", "")
 
 
 def _plural(text: str) -> str:

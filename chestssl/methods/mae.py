@@ -61,8 +61,8 @@ from torch import nn
 
 from chestssl.methods.base import PretrainMethod
 from chestssl.models.seeding import seeded
-from chestssl.models.vit import SINCOS_MULTIPLE, ViTEncoder, build_vit_encoder, gather_tokens, patchify, unpatchify
-from chestssl.params import MethodConfig
+from chestssl.models.vit import ViTEncoder, build_vit_encoder, gather_tokens, patchify, unpatchify
+from chestssl.params import SINCOS_MULTIPLE, MethodConfig
 from chestssl.schema import Bool, Float, Int
 
 #: Seed streams of the random draws: training steps, validation batches, reconstructions.

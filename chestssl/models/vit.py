@@ -55,9 +55,8 @@ import torch
 from monai.networks.nets import ViT
 
 from chestssl.checks import positive_int
+from chestssl.params import SINCOS_MULTIPLE  # what MONAI's sin-cos position embedding needs
 
-#: Divisibility of ``hidden_size`` required by MONAI's sin-cos position embedding, per spatial_dims.
-SINCOS_MULTIPLE = {2: 4, 3: 6}
 #: The ``backbone`` keys the ``vit`` builder reads (besides ``name``).
 VIT_KEYS = ("spatial_dims", "img_size", "patch_size", "hidden_size", "num_layers", "num_heads", "mlp_dim")
 
