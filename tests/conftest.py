@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import gc
 import os
 
 import numpy as np
@@ -10,6 +13,28 @@ import pytest
 
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")
+
+
+def pytest_collection_modifyitems(config, items):
+    """The end-to-end modules (marked ``slow``) first. With ``--dist loadfile
+    --no-loadscope-reorder`` (the Makefile's) each then goes whole to a worker at the start
+    and the unit tests fill in around them; last, one would run alone at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
+_LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def release_memory_after_each_module():
+    """Hand the memory a test module freed back to the system. glibc keeps freed heap pages
+    of large tensors and arrays for reuse, so a worker would otherwise hold the peak of its
+    heaviest module until the run ends, beside the end-to-end tests' stage processes."""
+    yield
+    gc.collect()
+    trim = getattr(_LIBC, "malloc_trim", None)  # glibc only
+    if trim is not None:
+        trim(0)
 
 
 @pytest.fixture(autouse=True)

@@ -33,8 +33,11 @@ def test_outputs_follow_the_dataset_and_passes_hold_a_bounded_number_of_voxels()
     assert list(slices["patient_id"]) == [f"p{i}" for i in range(70)]
 
     sizes.clear()
+    predict_dataset(predict, Images(40, (1, 128, 128)), device=torch.device("cpu"))
+    assert sizes == [32, 8], "32 slices of 128x128 per pass"
+    sizes.clear()
     crops = predict_dataset(predict, Images(6, (1, 64, 64, 64)), device=torch.device("cpu"))
-    assert sizes == [4, 2] and MAX_VOXELS_PER_PASS == 4 * 64**3, "four 64^3 crops per pass, not 64"
+    assert sizes == [2, 2, 2] and MAX_VOXELS_PER_PASS == 2 * 64**3, "two 64^3 crops per pass, not 64"
     assert np.array_equal(crops["output"], np.arange(6, dtype=np.float32))
     sizes.clear()
     predict_dataset(predict, Images(2, (1, 96, 96, 96)), device=torch.device("cpu"))

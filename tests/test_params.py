@@ -423,3 +423,25 @@ def test_entries_are_checked_in_shape_only_without_the_method_configs(raw):
     raw["methods"]["ae_swin"]["loss"]["l1"] = "heavy"
     assert validate(copy.deepcopy(raw))["methods"]["ae_swin"]["loss"]["l1"] == "heavy"
     assert problems(raw)[0].startswith("methods.ae_swin.loss.l1: got 'heavy'")
+
+
+def test_every_set_param_in_the_readme_names_the_file_that_holds_its_key(raw):
+    """``dvc exp run -S key=value`` edits params.yaml unless the key is prefixed with its
+    file (``params/runs.yaml:runs....``); DVC refuses a key params.yaml does not hold."""
+    import re
+
+    from chestssl.params import params_file_of
+
+    readme = (ROOT / "README.md").read_text()
+    settings = re.findall(r"-S\s+'?([^'\s]+)", readme)
+    assert len(settings) >= 6, settings
+    for setting in settings:
+        file, _, override = setting.rpartition(":") if ":" in setting.split("=")[0] else ("", "", setting)
+        key = override.split("=")[0].lstrip("+~")
+        group = key.split(".")[0]
+        assert (file or "params.yaml") == params_file_of(group), f"README: -S {setting}: {group} is in {params_file_of(group)}"
+        if not override.startswith("+"):
+            node = raw
+            for part in key.split("."):
+                assert isinstance(node, dict) and part in node, f"README: -S {setting}: no key {key}"
+                node = node[part]

@@ -1,89 +1,27 @@
-"""End to end: the real `dvc repro` of the whole DAG on a tiny profile, then experiments.
+"""End to end: the real `dvc repro` of the whole DAG on a tiny profile.
 
 Only what needs a real run runs: the full repro, a second repro that does nothing, one
-stage run twice, a bad param, the report of empty ablation lists and one `dvc exp run`
-followed by DVC's run-cache restoring the earlier results. Which stages a params change
-reruns is what dvc.yaml declares, so it is read from `dvc status` and `dvc dag` instead
-of rerunning them.
+stage run twice, a bad param and the report of empty ablation lists. Which stages a params
+change reruns is what dvc.yaml declares, so it is read from `dvc status` and `dvc dag`
+instead of rerunning them. `dvc exp run` and the run-cache are in test_exp_run.py, on a
+project of their own, so that they run beside this module.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import re
-import shutil
 from pathlib import Path
 
 import pytest
+
+from tests.pipeline.dvc_checks import (copy_path, file_digests, out_of_date, out_of_date_after, ran_stages,
+                                       restore_params)
 
 pytestmark = pytest.mark.slow
 
 #: The outputs of the `report` stage, under reports/ (dvc.yaml).
 REPORT_OUTPUTS = ("README.md", "tables", "figures")
-#: What DVC logs for a stage that its run-cache restores (dvc/stage/cache.py).
-RUN_CACHE_HIT = re.compile(r"Stage '([^']+)' is cached - skipping run, checking out outputs")
-
-
-def ran_stages(output: str) -> set[str]:
-    return {line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage")}
-
-
-def out_of_date(project) -> set[str]:
-    """The stages `dvc repro` would run: those whose own dependencies `dvc status` finds
-    changed, and every stage downstream of one of them in `dvc dag`."""
-    changed = set(json.loads(project.dvc_run("status", "--json").stdout or "{}"))
-    edges = re.findall(r'^"([^"]+)" -> "([^"]+)";$', project.dvc_run("dag", "--dot").stdout, re.MULTILINE)
-    assert edges, "dvc dag --dot printed no edges"
-    stale, pending = set(), list(changed)
-    while pending:
-        stage = pending.pop()
-        if stage not in stale:
-            stale.add(stage)
-            pending.extend(child for parent, child in edges if parent == stage)
-    return stale
-
-
-def params_files(project) -> list[str]:
-    """The params files (``params.yaml`` and the ``params`` folder where there is one)."""
-    return [name for name in ("params.yaml", "params") if (project.root / name).exists()]
-
-
-def restore_params(project) -> None:
-    """Put the params files back as committed."""
-    project.run("git", "checkout", "--", *params_files(project))
-
-
-def out_of_date_after(project, change) -> set[str]:
-    """Apply ``change`` to the params, return :func:`out_of_date`, put the params back."""
-    params = project.params()
-    change(params)
-    project.write_params(params)
-    try:
-        return out_of_date(project)
-    finally:
-        restore_params(project)
-
-
-def copy_path(src: Path, dst: Path) -> None:
-    """Replace ``dst`` with a copy of the file or folder ``src``."""
-    if dst.is_dir():
-        shutil.rmtree(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    if src.is_dir():
-        shutil.copytree(src, dst)
-    else:
-        shutil.copy2(src, dst)
-
-
-def file_digests(root: Path, folders) -> dict[str, str]:
-    """SHA-256 of every file under ``folders`` (relative to ``root``), by relative path."""
-    digests = {}
-    for folder in folders:
-        for path in sorted((root / folder).rglob("*")):
-            if path.is_file():
-                digests[path.relative_to(root).as_posix()] = hashlib.sha256(path.read_bytes()).hexdigest()
-    return digests
 
 
 def test_repro_builds_the_report_and_a_second_repro_does_nothing(reproduced_project):
@@ -241,51 +179,3 @@ def test_a_bad_param_stops_the_stage_with_a_clear_message(reproduced_project):
         assert "Traceback" not in result.stderr
     finally:
         restore_params(reproduced_project)
-
-
-def test_exp_run_with_seg_beta_then_the_run_cache_restores_the_earlier_results(reproduced_project):
-    """`dvc exp run -S seg_beta=25` reruns the multihead stages and their dependents only;
-    `dvc metrics diff` and `dvc exp show` show it. Putting seg_beta back, `dvc repro`
-    restores every one of those stages from DVC's run-cache (no training) byte for byte,
-    except the report, whose outputs are kept in git (`cache: false`): DVC never
-    run-caches a stage with such an output (dvc/stage/__init__.py), so it is rebuilt."""
-    project = reproduced_project
-    root = project.root
-    params = project.params()
-    multihead = list(params["multihead"])
-    dependent_runs = [name for name, run in params["runs"].items() if run["init"] in multihead]
-    assert multihead and dependent_runs
-    trained = {f"pretrain_multihead@{m}" for m in multihead} | {f"evaluate_multihead@{m}" for m in multihead}
-    trained |= {f"finetune@{r}" for r in dependent_runs} | {f"evaluate@{r}" for r in dependent_runs}
-    outputs = [f"{kind}/{m}" for m in multihead for kind in ("models/pretrain", "reports/pretrain",
-                                                             "reports/evaluate_pretrain")]
-    outputs += [f"{kind}/{r}" for r in dependent_runs for kind in ("models/finetune", "reports/finetune",
-                                                                   "reports/evaluate")]
-    originals = file_digests(root, outputs)
-    assert any("/live/plots/metrics/" in path for path in originals)
-    lock = (root / "dvc.lock").read_text()
-
-    result = project.dvc_run("exp", "run", "-S", "seg_beta=25")
-    assert ran_stages(result.stdout) == trained | {"report"}, result.stdout
-    for name in multihead:
-        metrics = json.loads((root / "reports" / "evaluate_pretrain" / name / "metrics.json").read_text())
-        if params["multihead"][name]["seg_beta"] is None:
-            assert metrics["seg_beta"] == 25.0
-    diff = json.loads(project.dvc_run("metrics", "diff", "--json").stdout or "{}")
-    for name in multihead:
-        assert diff.get(f"reports/evaluate_pretrain/{name}/metrics.json", {}).get("seg_beta", {}).get("new") == 25.0, diff
-    assert any(run in path for path in diff for run in dependent_runs), diff
-    shown = project.dvc_run("exp", "show", "--json").stdout
-    assert re.search(r'"seg_beta":\s*25', shown), shown[:2000]
-    assert file_digests(root, outputs) != originals
-
-    restore_params(project)
-    restored = project.dvc_run("repro")
-    hits = set(RUN_CACHE_HIT.findall(restored.stdout))
-    assert hits == trained, restored.stdout
-    assert ran_stages(restored.stdout) == {"report"}, restored.stdout
-    assert "epoch 1/" not in restored.stderr, "a restored stage trained"
-    assert not [p for p in (root / "checkpoints").rglob("*") if p.is_file()]
-    assert file_digests(root, outputs) == originals
-    assert (root / "dvc.lock").read_text() == lock
-    assert out_of_date(project) == set()
