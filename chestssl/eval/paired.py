@@ -410,19 +410,24 @@ def _difference_entry(
 
 
 def scratch_pairs(
-    run_params: Mapping[str, Mapping[str, Any]], method_kinds: Mapping[str, str]
+    run_params: Mapping[str, Mapping[str, Any]],
+    method_kinds: Mapping[str, str],
+    method_backbones: Mapping[str, Any],
 ) -> list[tuple[str, str]]:
-    """``(scratch run, pretrained run)`` pairs that differ only in their initialisation.
+    """``(scratch run, pretrained run)`` pairs that differ in their initial weights only.
 
     Two runs pair when their params other than ``init`` are identical (``task``, ``arch``,
-    loss, training schedule...; nested blocks compared exactly), the first run's ``init``
-    is an entry of kind ``"scratch"`` and the second's is not.
+    loss, recipe and its overrides...; nested blocks compared exactly), their ``init``
+    entries have the same backbone (preset resolved: a scratch ResNet-18 never pairs with
+    a pretrained ViT), and the first run's ``init`` is an entry of kind ``"scratch"`` while
+    the second's is not.
 
     Args:
         run_params: run name -> its ``runs.<run>`` params block.
         method_kinds: entry name under ``methods`` / ``multihead`` -> its kind (the
             ``method`` key, e.g. ``{"scratch": "scratch", "ae": "vqgan",
             "multihead_seg": "multihead"}``).
+        method_backbones: the same entry names -> their resolved ``backbone`` block.
 
     Returns:
         The pairs, sorted.
@@ -430,7 +435,7 @@ def scratch_pairs(
     kinds = {}
     for run, params in run_params.items():
         init = params.get("init")
-        if init not in method_kinds:
+        if init not in method_kinds or init not in method_backbones:
             raise ValueError(
                 f"runs.{run}.init: got {init!r}, expected an entry name under `methods` or `multihead`: "
                 f"{', '.join(sorted(method_kinds)) or 'none given'}"
@@ -442,5 +447,6 @@ def scratch_pairs(
         for scratch, pretrained in permutations(run_params, 2)
         if kinds[scratch] == "scratch" and kinds[pretrained] != "scratch"
         and without_init[scratch] == without_init[pretrained]
+        and method_backbones[run_params[scratch]["init"]] == method_backbones[run_params[pretrained]["init"]]
     ]
     return sorted(pairs)

@@ -80,7 +80,7 @@ def pretrained_vs_scratch_table(
         KeyError: a run has no params.
     """
     if not results:
-        raise ValueError("no pretrained-vs-scratch pairs to tabulate (no two runs differ only in `init`)")
+        raise ValueError("no pretrained-vs-scratch pairs to tabulate (no two runs differ only in their initial weights)")
     footnotes = [_method_footnote(results)]
     prefix = TABLE_NAME.replace("_", "-")
     cell_notes: list[str] = []

@@ -219,7 +219,7 @@ def build_pipeline_report(params: Mapping[str, Any], out_dir: Path = paths.REPOR
         skipped.append("Frozen-parts ablation: `frozen_parts.runs` is empty.")
 
     # Pretrained vs scratch: paired differences on the same test patients.
-    pairs = scratch_pairs(runs, kinds)
+    pairs = scratch_pairs(runs, kinds, {name: entry["backbone"] for name, entry in entries.items()})
     if pairs:
         results = {}
         for scratch, pretrained_run in pairs:
@@ -231,13 +231,14 @@ def build_pipeline_report(params: Mapping[str, Any], out_dir: Path = paths.REPOR
             )
         table_sections.append((
             "Does pretraining help? (paired, pretrained - scratch)",
-            "Runs that differ only in `init` (a `scratch` method vs a pretrained one) are compared on the same "
-            "test slices: the interval is a paired bootstrap over test patients of the difference. *pretrained "
+            "Runs that differ only in their initial weights (same params and backbone; a `scratch` entry vs a "
+            "pretrained one) are compared on the same test slices: the interval is a paired bootstrap over test patients of the difference. *pretrained "
             "better* / *scratch better* only where the interval excludes 0.",
             [pretrained_vs_scratch_table(results, runs)],
         ))
     else:
-        skipped.append("Pretrained vs scratch: no two runs differ only in `init` (a scratch method vs a pretrained one).")
+        skipped.append("Pretrained vs scratch: no two runs differ only in their initial weights (same params and "
+                       "backbone, a scratch entry vs a pretrained one).")
 
     # Classifiers: Grad-CAM on test slices and confusion matrices.
     classifier_figures, classifier_skipped = classifier_figure_section(runs, paths.evaluate_dir, figures_dir)

@@ -216,29 +216,48 @@ def seg_run(arch: str, init: str, loss: str = "ce", lr: float = 0.001) -> dict:
             "train": {"epochs": 2, "lr": lr, "betas": [0.9, 0.999]}}
 
 
+CNN = {"name": "cnn_attention", "spatial_dims": 2}
+SWIN = {"name": "swin", "spatial_dims": 2, "feature_size": 12}
+
+
 def test_scratch_pairs_differ_only_in_init():
     kinds = {"scratch": "scratch", "scratch_swin": "scratch", "ae": "vqgan", "ae_swin": "vqgan",
              "multihead_seg": "multihead"}
+    backbones = {"scratch": CNN, "ae": dict(CNN), "scratch_swin": SWIN, "ae_swin": dict(SWIN), "multihead_seg": SWIN}
     runs = {
         "seg_unetpp_scratch": seg_run("unetpp", "scratch"),
         "seg_unetpp_ae": seg_run("unetpp", "ae"),
         "seg_unetpp_ae_dice": seg_run("unetpp", "ae", loss="dice"),  # another loss: not a pair
         "seg_unetpp_ae_lr": seg_run("unetpp", "ae", lr=0.01),  # another nested train value: not a pair
         "seg_swin_scratch": seg_run("swin_unetr", "scratch_swin"),
-        "seg_swin_scratch_copy": seg_run("swin_unetr", "scratch"),  # two scratch inits pair with nothing
+        "seg_swin_scratch_cnn": seg_run("swin_unetr", "scratch"),  # a scratch CNN: pairs with no Swin
         "seg_swin_ae": seg_run("swin_unetr", "ae_swin"),
         "seg_swin_multihead": seg_run("swin_unetr", "multihead_seg"),
         "cls_scratch": {"task": "cls", "arch": "resnet18", "init": "scratch", "class_weights": [1.0, 1.0]},
         "cls_ae": {"task": "cls", "arch": "resnet18", "init": "ae", "class_weights": [1.0, 1.0]},
     }
-    assert scratch_pairs(runs, kinds) == [
+    assert scratch_pairs(runs, kinds, backbones) == [
         ("cls_scratch", "cls_ae"),
         ("seg_swin_scratch", "seg_swin_ae"),
         ("seg_swin_scratch", "seg_swin_multihead"),
-        ("seg_swin_scratch_copy", "seg_swin_ae"),
-        ("seg_swin_scratch_copy", "seg_swin_multihead"),
         ("seg_unetpp_scratch", "seg_unetpp_ae"),
     ]
-    assert scratch_pairs(dict(reversed(runs.items())), kinds) == scratch_pairs(runs, kinds)
+    assert scratch_pairs(dict(reversed(runs.items())), kinds, backbones) == scratch_pairs(runs, kinds, backbones)
     with pytest.raises(ValueError, match=r"runs\.bad\.init: got 'mae'"):
-        scratch_pairs({"bad": seg_run("unetpp", "mae")}, kinds)
+        scratch_pairs({"bad": seg_run("unetpp", "mae")}, kinds, backbones)
+
+
+def test_a_linear_head_on_a_scratch_resnet_pairs_only_with_a_pretrained_resnet():
+    """The same linear-head params on other encoders compare encoders, not pretraining."""
+    resnet = {"name": "resnet18", "spatial_dims": 2, "block_inplanes": [16, 32, 64, 128]}
+    vit = {"name": "vit", "spatial_dims": 2, "patch_size": 8}
+    kinds = {"scratch_resnet18": "scratch", "barlow_twins": "barlow_twins", "scratch_vit": "scratch", "mae": "mae",
+             "barlow_twins_wide": "barlow_twins"}
+    backbones = {"scratch_resnet18": resnet, "barlow_twins": dict(resnet), "scratch_vit": vit, "mae": dict(vit),
+                 "barlow_twins_wide": {**resnet, "block_inplanes": [64, 128, 256, 512]}}
+    linear = {"task": "cls", "arch": "linear", "recipe": "linear_head", "class_weights": [1.0, 1.0]}
+    runs = {f"cls_linear_{name}": {**linear, "init": name} for name in kinds}
+    assert scratch_pairs(runs, kinds, backbones) == [
+        ("cls_linear_scratch_resnet18", "cls_linear_barlow_twins"),
+        ("cls_linear_scratch_vit", "cls_linear_mae"),
+    ]
