@@ -60,6 +60,10 @@ class ParamsError(UserError, ValueError):
 
 # ---------------------------------------------------------------- the training recipe
 
+#: The recipe keys that may be left out, and their values then: no warm-up, cosine to 0.
+TRAIN_DEFAULTS = {"warmup_epochs": 0.0, "min_lr": 0.0}
+
+
 class TrainRecipe(Config):
     """The training loop's settings (:func:`chestssl.train.loop.fit`); a preset under ``recipes``."""
 
@@ -76,6 +80,33 @@ class TrainRecipe(Config):
     num_workers: Int(ge=0)
     log_every: Int(ge=1)
     device: Str(choices=("auto", "cpu", "cuda"))
+    warmup_epochs: Float(ge=0.0, doc="linear warm-up of the learning rate from 0 over this many epochs "
+                                     "(fractions allowed), then the scheduler; seed 003: 4") = TRAIN_DEFAULTS["warmup_epochs"]
+    min_lr: Float(ge=0.0, doc="the floor the cosine schedule ends at; seed 003: 1e-5") = TRAIN_DEFAULTS["min_lr"]
+
+    @model_validator(mode="after")
+    def _schedule(self) -> "TrainRecipe":
+        for key, message in schedule_problems(self.model_dump()):
+            raise problem(message, key)
+        return self
+
+
+def schedule_problems(train: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """``(key, message)`` for each learning-rate setting of a whole ``train`` block (a
+    recipe, or a recipe with an entry's own keys over it) that the others contradict."""
+    found = []
+    warmup, min_lr = (train.get(key, default) for key, default in TRAIN_DEFAULTS.items())
+    if warmup > 0 and train["scheduler"] == "plateau":
+        found.append(("warmup_epochs", f"got {warmup:g}, but a warm-up needs scheduler 'cosine' or 'none' "
+                                       "(plateau lowers the rate from the validation metric)"))
+    if 0 < train["epochs"] <= warmup:
+        found.append(("warmup_epochs", f"got {warmup:g}, expected fewer than the {train['epochs']} epochs"))
+    if min_lr > 0 and train["scheduler"] != "cosine":
+        found.append(("min_lr", f"got {min_lr:g}, but only the cosine schedule has a floor (scheduler is "
+                                f"{train['scheduler']!r}); set it to 0"))
+    if 0 < train["lr"] <= min_lr:
+        found.append(("min_lr", f"got {min_lr:g}, expected less than lr ({train['lr']:g})"))
+    return found
 
 
 #: An entry's own ``train`` keys: any of a recipe's, replacing the recipe's value.
@@ -865,6 +896,7 @@ def _resolve_presets(params: dict, problems: list[str]) -> dict:
                 problems.append(f"{where}.train: a scratch entry is not trained; remove its `train` keys")
             elif not untrained:
                 entry["train"] = {**copy.deepcopy(recipes[recipe]), **entry.get("train", {})}
+                problems.extend(f"{where}.train.{key}: {message}" for key, message in schedule_problems(entry["train"]))
             entries[name] = entry
         resolved[section] = entries
     return resolved

@@ -445,3 +445,27 @@ def test_every_set_param_in_the_readme_names_the_file_that_holds_its_key(raw):
             for part in key.split("."):
                 assert isinstance(node, dict) and part in node, f"README: -S {setting}: no key {key}"
                 node = node[part]
+
+
+def test_warm_up_and_floor_are_checked_against_the_schedule_in_recipes(raw):
+    raw["recipes"]["segmentation"].update(warmup_epochs=2.0, min_lr=1e-5)  # cosine, 30 epochs: fine
+    raw["recipes"]["dae"].update(scheduler="plateau", warmup_epochs=1.0)
+    raw["recipes"]["classifier"].update(min_lr=1.0)
+    assert problems(raw) == [
+        "recipes.dae.warmup_epochs: got 1, but a warm-up needs scheduler 'cosine' or 'none' (plateau lowers the "
+        "rate from the validation metric)",
+        "recipes.classifier.min_lr: got 1, expected less than lr (0.001)",
+    ]
+
+
+def test_an_entry_whose_own_train_keys_contradict_its_recipe_is_named(raw):
+    raw["recipes"]["segmentation"].update(warmup_epochs=2.0, min_lr=1e-5)
+    raw["runs"]["seg_unetpp_scratch"]["train"] = {"scheduler": "none"}  # the recipe's floor needs the cosine
+    assert problems(raw) == ["runs.seg_unetpp_scratch.train.min_lr: got 1e-05, but only the cosine schedule has a "
+                             "floor (scheduler is 'none'); set it to 0"]
+
+
+def test_a_warm_up_as_long_as_the_training_is_refused(raw):
+    raw["recipes"]["segmentation"]["warmup_epochs"] = 30
+    (problem,) = problems(raw)
+    assert problem == "recipes.segmentation.warmup_epochs: got 30, expected fewer than the 30 epochs"

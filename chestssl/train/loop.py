@@ -83,6 +83,8 @@ from chestssl.train.distributed import (
     teardown_distributed,
 )
 
+#: The keys of a ``train`` block; ``warmup_epochs`` and ``min_lr`` may be left out
+#: (:data:`chestssl.params.TRAIN_DEFAULTS`).
 TRAIN_KEYS = (
     "epochs", "batch_size", "lr", "weight_decay", "optimizer", "betas", "scheduler", "grad_clip",
     "max_steps", "amp", "num_workers", "log_every", "device",
@@ -192,21 +194,38 @@ def build_optimizer(parameters: Iterable[nn.Parameter], cfg: Mapping[str, Any]) 
 
 
 def build_scheduler(
-    optimizer: torch.optim.Optimizer, cfg: Mapping[str, Any], total_steps: int, mode: str
+    optimizer: torch.optim.Optimizer, cfg: Mapping[str, Any], total_steps: int, mode: str, steps_per_epoch: int = 1
 ) -> torch.optim.lr_scheduler.LRScheduler | torch.optim.lr_scheduler.ReduceLROnPlateau | None:
-    """``none``; ``cosine``: cosine annealing to 0 over ``total_steps`` optimisation steps,
-    stepped after every step; ``plateau``: ReduceLROnPlateau (factor 0.1, patience 5, as in
-    seed 000) on the monitored metric, stepped after every validation."""
+    """The learning-rate schedule of ``cfg``:
+
+    - ``none``: constant; ``cosine``: cosine annealing from ``lr`` to ``min_lr`` (default 0)
+      over ``total_steps`` optimisation steps, stepped after every step; ``plateau``:
+      ReduceLROnPlateau (factor 0.1, patience 5, as in seed 000) on the monitored metric,
+      stepped after every validation.
+    - ``warmup_epochs`` > 0 (``none`` and ``cosine``): first a linear warm-up over that many
+      epochs of steps (``steps_per_epoch`` each, rounded), from ``lr / (n + 1)`` to ``lr``
+      in ``n`` steps; the cosine then spans the steps left. Seed 003 (Swin UNETR
+      pretraining, Tang et al., CVPR 2022) warms up 4 epochs and decays to 1e-5.
+    """
     name = cfg["scheduler"]
-    if name == "none":
-        return None
-    if name == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, total_steps))
+    if name not in SCHEDULERS:
+        raise ValueError(f"unknown scheduler {name!r}; known: {', '.join(SCHEDULERS)}")
     if name == "plateau":
         return torch.optim.lr_scheduler.ReduceLROnPlateau(
             optimizer, mode=mode, factor=PLATEAU_FACTOR, patience=PLATEAU_PATIENCE
         )
-    raise ValueError(f"unknown scheduler {name!r}; known: {', '.join(SCHEDULERS)}")
+    warmup_steps = min(max(0, total_steps - 1), round(cfg.get("warmup_epochs", 0.0) * steps_per_epoch))
+    warmup = torch.optim.lr_scheduler.LinearLR(
+        optimizer, start_factor=1.0 / (warmup_steps + 1), end_factor=1.0, total_iters=warmup_steps
+    ) if warmup_steps else None
+    if name == "none":
+        return warmup
+    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(
+        optimizer, T_max=max(1, total_steps - warmup_steps), eta_min=cfg.get("min_lr", 0.0)
+    )
+    if warmup is None:
+        return cosine
+    return torch.optim.lr_scheduler.SequentialLR(optimizer, [warmup, cosine], milestones=[warmup_steps])
 
 
 def seed_worker(worker_id: int) -> None:
@@ -385,7 +404,7 @@ class _Fit:
         total = cfg["epochs"] * self.steps_per_epoch
         self.total_steps = min(total, cfg["max_steps"]) if cfg["max_steps"] > 0 else total
         self.optimizer = build_optimizer(self.parameters, cfg)
-        self.scheduler = build_scheduler(self.optimizer, cfg, self.total_steps, self.mode)
+        self.scheduler = build_scheduler(self.optimizer, cfg, self.total_steps, self.mode, self.steps_per_epoch)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp)
         self.fingerprint = fingerprint(
             {
@@ -521,8 +540,10 @@ class _Fit:
                     torch.nn.utils.clip_grad_norm_(self.parameters, self.cfg["grad_clip"])
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
-                if isinstance(self.scheduler, torch.optim.lr_scheduler.CosineAnnealingLR):
-                    self.scheduler.step()
+                if self.scheduler is not None and not isinstance(
+                    self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau
+                ):
+                    self.scheduler.step()  # per-step schedules: warm-up, cosine
                 self.global_step += 1
                 bar.update(1)
                 scalars = _scalar_entries(output)

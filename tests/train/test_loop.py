@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from chestssl.train.checkpoint import files_digest, stage_inputs
-from chestssl.train.loop import FitResult, fit
+from chestssl.train.loop import FitResult, build_scheduler, fit
 
 WEIGHTS = torch.tensor([1.0, -2.0, 0.5, 3.0])
 
@@ -128,9 +128,10 @@ def test_two_fits_give_bitwise_identical_weights(tmp_path, num_workers):
     assert not torch.equal(other_model.net[0].weight, first_model.net[0].weight), "the seed must matter"
 
 
-@pytest.mark.parametrize("scheduler", ["cosine", "plateau"])
-def test_interrupted_then_resumed_fit_equals_uninterrupted(tmp_path, scheduler, capsys):
-    cfg = train_cfg(epochs=4, scheduler=scheduler, optimizer="adamw", weight_decay=0.01)
+@pytest.mark.parametrize("scheduler, schedule", [("cosine", {}), ("plateau", {}),
+                                                 ("cosine", {"warmup_epochs": 2.5, "min_lr": 1e-4})])
+def test_interrupted_then_resumed_fit_equals_uninterrupted(tmp_path, scheduler, schedule, capsys):
+    cfg = train_cfg(epochs=4, scheduler=scheduler, optimizer="adamw", weight_decay=0.01, **schedule)
     reference_model = make_model()
     reference = run_fit(tmp_path, "reference", reference_model, cfg)
 
@@ -162,6 +163,41 @@ def test_interrupted_then_resumed_fit_equals_uninterrupted(tmp_path, scheduler, 
     for name in ("train/loss.tsv", "train/mae.tsv", "val/loss.tsv", "lr.tsv"):
         assert read_tsv(tmp_path / "run/live/plots/metrics" / name) == \
             read_tsv(tmp_path / "reference/live/plots/metrics" / name), name
+
+
+def _learning_rates(cfg: dict, total_steps: int, steps_per_epoch: int) -> list[float]:
+    """The learning rate of each of ``total_steps`` steps under ``cfg``'s schedule."""
+    optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=cfg["lr"])
+    scheduler = build_scheduler(optimizer, cfg, total_steps, "min", steps_per_epoch)
+    rates = []
+    for _ in range(total_steps):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+    return rates
+
+
+def test_warm_up_rises_linearly_then_the_cosine_ends_at_its_floor():
+    cfg = train_cfg(lr=0.1, scheduler="cosine", warmup_epochs=1.5, min_lr=0.01)
+    rates = _learning_rates(cfg, total_steps=20, steps_per_epoch=4)  # a warm-up of 6 steps
+    assert rates[:7] == pytest.approx([0.1 * k / 7 for k in range(1, 8)][:6] + [0.1])
+    assert rates[6] == pytest.approx(0.1) and all(a > b for a, b in zip(rates[6:], rates[7:]))
+    cosine_steps = 20 - 6
+    assert rates[-1] == pytest.approx(0.01 + 0.09 * (1 + np.cos(np.pi * (cosine_steps - 1) / cosine_steps)) / 2)
+    # `none` with a warm-up: the same rise, then constant.
+    flat = _learning_rates({**cfg, "scheduler": "none", "min_lr": 0.0}, total_steps=20, steps_per_epoch=4)
+    assert flat[:6] == pytest.approx(rates[:6]) and flat[6:] == pytest.approx([0.1] * 14)
+
+
+def test_without_warm_up_or_floor_the_schedule_is_plain_cosine_annealing_to_zero():
+    """The recipes that set neither key train exactly as before the keys existed."""
+    cfg = train_cfg(lr=0.1, scheduler="cosine")
+    optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
+    scheduler = build_scheduler(optimizer, cfg, 12, "min", 4)
+    assert type(scheduler) is torch.optim.lr_scheduler.CosineAnnealingLR
+    assert (scheduler.T_max, scheduler.eta_min) == (12, 0.0)
+    assert build_scheduler(optimizer, train_cfg(scheduler="none"), 12, "min", 4) is None
 
 
 def test_checkpoint_of_a_different_fit_is_not_resumed(tmp_path, capsys):
