@@ -133,7 +133,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base", type=Path, help="another checkout, measured first for the ratios")
     parser.add_argument("--jobs", type=int, default=2, help="pytest-xdist workers (the Makefile's TEST_JOBS)")
-    parser.add_argument("--interval", type=float, default=0.25, help="seconds between memory samples")
+    parser.add_argument("--interval", type=float, default=1.0, help="seconds between memory samples")
     parser.add_argument("--out", type=Path, default=REPO / "reports" / "benchmarks" / "test_suite.json")
     parser.add_argument("--command", help="measure this shell command instead (e.g. 'make test' in a fresh "
                                           "clone, the set-up included)")

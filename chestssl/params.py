@@ -60,8 +60,9 @@ class ParamsError(UserError, ValueError):
 
 # ---------------------------------------------------------------- the training recipe
 
-#: The recipe keys that may be left out, and their values then: no warm-up, cosine to 0.
-TRAIN_DEFAULTS = {"warmup_epochs": 0.0, "min_lr": 0.0}
+#: The recipe keys that may be left out, and their values then: no warm-up, cosine to 0,
+#: one batch per optimisation step.
+TRAIN_DEFAULTS = {"warmup_epochs": 0.0, "min_lr": 0.0, "accumulate": 1}
 
 
 class TrainRecipe(Config):
@@ -83,6 +84,10 @@ class TrainRecipe(Config):
     warmup_epochs: Float(ge=0.0, doc="linear warm-up of the learning rate from 0 over this many epochs "
                                      "(fractions allowed), then the scheduler; seed 003: 4") = TRAIN_DEFAULTS["warmup_epochs"]
     min_lr: Float(ge=0.0, doc="the floor the cosine schedule ends at; seed 003: 1e-5") = TRAIN_DEFAULTS["min_lr"]
+    accumulate: Int(ge=1, doc="batches whose gradients are averaged into one optimisation step, so the global "
+                              "batch is batch_size x accumulate x processes; as under DDP, a loss that couples "
+                              "a batch's items (Barlow Twins, contrastive) sees batch_size items") = \
+        TRAIN_DEFAULTS["accumulate"]
 
     @model_validator(mode="after")
     def _schedule(self) -> "TrainRecipe":
@@ -95,7 +100,7 @@ def schedule_problems(train: Mapping[str, Any]) -> list[tuple[str, str]]:
     """``(key, message)`` for each learning-rate setting of a whole ``train`` block (a
     recipe, or a recipe with an entry's own keys over it) that the others contradict."""
     found = []
-    warmup, min_lr = (train.get(key, default) for key, default in TRAIN_DEFAULTS.items())
+    warmup, min_lr = (train.get(key, TRAIN_DEFAULTS[key]) for key in ("warmup_epochs", "min_lr"))
     if warmup > 0 and train["scheduler"] == "plateau":
         found.append(("warmup_epochs", f"got {warmup:g}, but a warm-up needs scheduler 'cosine' or 'none' "
                                        "(plateau lowers the rate from the validation metric)"))

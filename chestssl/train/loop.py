@@ -83,8 +83,8 @@ from chestssl.train.distributed import (
     teardown_distributed,
 )
 
-#: The keys of a ``train`` block; ``warmup_epochs`` and ``min_lr`` may be left out
-#: (:data:`chestssl.params.TRAIN_DEFAULTS`).
+#: The keys of a ``train`` block; ``warmup_epochs``, ``min_lr`` and ``accumulate`` may be
+#: left out (:data:`chestssl.params.TRAIN_DEFAULTS`).
 TRAIN_KEYS = (
     "epochs", "batch_size", "lr", "weight_decay", "optimizer", "betas", "scheduler", "grad_clip",
     "max_steps", "amp", "num_workers", "log_every", "device",
@@ -307,6 +307,16 @@ def _scalar_entries(output: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     return scalars
 
 
+def _add_scalars(output: Mapping[str, Any], window: dict, epoch_sums: dict, window_steps: int,
+                 epoch_steps: int) -> tuple[int, int]:
+    """Add one batch's scalar outputs to the logging window's and the epoch's sums; the
+    batch counts of both, one more."""
+    for key, value in _scalar_entries(output).items():
+        window[key] = window.get(key, 0.0) + value
+        epoch_sums[key] = epoch_sums.get(key, 0.0) + value
+    return window_steps + 1, epoch_steps + 1
+
+
 class _TrainingStep(nn.Module):
     """Routes ``forward`` to ``model.training_step``: DistributedDataParallel synchronises
     the gradients of what its wrapped module's ``forward`` computed."""
@@ -400,7 +410,9 @@ class _Fit:
             num_workers=cfg["num_workers"], collate_fn=self.collate_fn, pin_memory=pin, worker_init_fn=seed_worker,
             generator=self.val_generator,
         )
-        self.steps_per_epoch = len(self.train_loader)
+        # Optimisation steps: each takes `accumulate` batches (the epoch's last may take fewer).
+        self.accumulate = int(cfg.get("accumulate", 1))
+        self.steps_per_epoch = math.ceil(len(self.train_loader) / self.accumulate)
         total = cfg["epochs"] * self.steps_per_epoch
         self.total_steps = min(total, cfg["max_steps"]) if cfg["max_steps"] > 0 else total
         self.optimizer = build_optimizer(self.parameters, cfg)
@@ -525,16 +537,27 @@ class _Fit:
         window_steps = 0
         epoch_sums: dict[str, torch.Tensor] = {}
         epoch_steps = 0
+        batches = len(self.train_loader)
         with bar:
-            for batch in self.train_loader:
-                if self._step_limit_reached():
-                    break
+            for index, batch in enumerate(self.train_loader):
+                position = index % self.accumulate  # within this optimisation step's batches
+                if position == 0:
+                    if self._step_limit_reached():
+                        break
+                    self.optimizer.zero_grad(set_to_none=True)
+                    group = min(self.accumulate, batches - index)
+                last = position == group - 1
                 batch = move_to_device(batch, self.device, non_blocking=self.device.type == "cuda")
-                self.optimizer.zero_grad(set_to_none=True)
-                with self._autocast():
-                    output = step_module(batch)
-                loss = self._check_output(output)
-                self.scaler.scale(loss).backward()
+                # DDP averages gradients across processes at the step's last backward only.
+                sync = nullcontext() if last or not hasattr(step_module, "no_sync") else step_module.no_sync()
+                with sync:
+                    with self._autocast():
+                        output = step_module(batch)
+                    loss = self._check_output(output)
+                    self.scaler.scale(loss if group == 1 else loss / group).backward()
+                if not last:
+                    window_steps, epoch_steps = _add_scalars(output, window, epoch_sums, window_steps, epoch_steps)
+                    continue
                 if self.cfg["grad_clip"] > 0:
                     self.scaler.unscale_(self.optimizer)
                     torch.nn.utils.clip_grad_norm_(self.parameters, self.cfg["grad_clip"])
@@ -546,12 +569,8 @@ class _Fit:
                     self.scheduler.step()  # per-step schedules: warm-up, cosine
                 self.global_step += 1
                 bar.update(1)
-                scalars = _scalar_entries(output)
-                for key, value in scalars.items():
-                    window[key] = window.get(key, 0.0) + value
-                    epoch_sums[key] = epoch_sums.get(key, 0.0) + value
-                window_steps += 1
-                epoch_steps += 1
+                # After the step, as an output that is a parameter's view reads its new value.
+                window_steps, epoch_steps = _add_scalars(output, window, epoch_sums, window_steps, epoch_steps)
                 if self.global_step % self.cfg["log_every"] == 0:
                     means = self._reduce_means(window, window_steps)
                     self._log({f"train/{k}": v for k, v in means.items()} | {"lr": self._lr()})

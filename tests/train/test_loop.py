@@ -200,6 +200,34 @@ def test_without_warm_up_or_floor_the_schedule_is_plain_cosine_annealing_to_zero
     assert build_scheduler(optimizer, train_cfg(scheduler="none"), 12, "min", 4) is None
 
 
+def test_accumulated_half_batches_train_as_whole_batches(tmp_path):
+    """Two batches of 4 per step give the whole batch of 8's gradient (a mean loss over
+    equal halves), so the same weights, steps and schedule, up to rounding."""
+    whole_model, halves_model = make_model(dropout=0.0), make_model(dropout=0.0)
+    whole = run_fit(tmp_path, "whole", whole_model, train_cfg(batch_size=8, grad_clip=0.0))
+    halves = run_fit(tmp_path, "halves", halves_model, train_cfg(batch_size=4, accumulate=2, grad_clip=0.0))
+    assert (halves.steps, halves.epochs) == (whole.steps, whole.epochs) == (4 * 6, 4)
+    for key, value in whole_model.state_dict().items():
+        torch.testing.assert_close(halves_model.state_dict()[key], value, rtol=1e-5, atol=1e-6)
+    assert read_tsv(tmp_path / "halves/live/plots/metrics/lr.tsv") == read_tsv(tmp_path / "whole/live/plots/metrics/lr.tsv")
+
+
+def test_an_epoch_ends_with_a_shorter_accumulation_and_resumes_identically(tmp_path):
+    """48 items in batches of 8 are 6 batches: with accumulate 4, a step of 4 then one of 2."""
+    cfg = train_cfg(epochs=3, batch_size=8, accumulate=4, scheduler="cosine", warmup_epochs=1.0)
+    reference_model = make_model()
+    reference = run_fit(tmp_path, "reference", reference_model, cfg)
+    assert reference.steps == 3 * 2 and reference_model.calls == 3 * 6
+    interrupted = make_model(fail_at_call=9)  # in the second epoch, inside its first step
+    with pytest.raises(RuntimeError, match="simulated interruption"):
+        run_fit(tmp_path, "run", interrupted, cfg)
+    shutil.rmtree(tmp_path / "run" / "live")
+    resumed_model = make_model()
+    resumed = run_fit(tmp_path, "run", resumed_model, cfg)
+    assert resumed.resumed and resumed.steps == reference.steps
+    assert_same_weights(reference_model.state_dict(), resumed_model.state_dict())
+
+
 def test_checkpoint_of_a_different_fit_is_not_resumed(tmp_path, capsys):
     with pytest.raises(RuntimeError):
         run_fit(tmp_path, "run", make_model(fail_at_call=8), train_cfg())
@@ -366,6 +394,12 @@ def _ddp_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
     torch.save({"weights": model.state_dict(), "best_state": result.best_state, "is_main": result.is_main,
                 "steps": result.steps, "final_metrics": result.final_metrics, "calls": model.calls},
                Path(out_dir) / f"rank{rank}.pt")
+    # Accumulating two batches per step: the processes synchronise at each step's last batch only.
+    accumulating = make_model()
+    steps = fit(accumulating, Regression(32, 1), Regression(10, 2), train_cfg(epochs=2, batch_size=4, accumulate=2),
+                Path(out_dir) / "accumulate" / "live", Path(out_dir) / "accumulate" / "ckpt.pt", seed=0).steps
+    torch.save({"weights": accumulating.state_dict(), "steps": steps, "calls": accumulating.calls},
+               Path(out_dir) / f"accumulate_rank{rank}.pt")
 
 
 def test_ddp_two_processes_gloo_stay_in_sync(tmp_path):
@@ -382,6 +416,10 @@ def test_ddp_two_processes_gloo_stay_in_sync(tmp_path):
     assert rank0["final_metrics"] == rank1["final_metrics"]
     assert (tmp_path / "live" / "plots" / "metrics" / "val" / "loss.tsv").exists()
     assert not (tmp_path / "ckpt.pt").exists()
+    accumulated = [torch.load(tmp_path / f"accumulate_rank{rank}.pt", weights_only=True) for rank in (0, 1)]
+    assert_same_weights(accumulated[0]["weights"], accumulated[1]["weights"])
+    assert accumulated[0]["steps"] == 4 and accumulated[0]["calls"] == 8, "2 steps of 2 batches per epoch"
+    assert not torch.equal(accumulated[0]["weights"]["net.0.weight"], rank0["weights"]["net.0.weight"])
 
 
 class WholePassRegressor(TinyRegressor):
