@@ -61,8 +61,8 @@ class ParamsError(UserError, ValueError):
 # ---------------------------------------------------------------- the training recipe
 
 #: The recipe keys that may be left out, and their values then: no warm-up, cosine to 0,
-#: one batch per optimisation step.
-TRAIN_DEFAULTS = {"warmup_epochs": 0.0, "min_lr": 0.0, "accumulate": 1}
+#: one batch per optimisation step, float16 when ``amp`` is on.
+TRAIN_DEFAULTS = {"warmup_epochs": 0.0, "min_lr": 0.0, "accumulate": 1, "amp_dtype": "fp16"}
 
 
 class TrainRecipe(Config):
@@ -88,6 +88,8 @@ class TrainRecipe(Config):
                               "batch is batch_size x accumulate x processes; as under DDP, a loss that couples "
                               "a batch's items (Barlow Twins, contrastive) sees batch_size items") = \
         TRAIN_DEFAULTS["accumulate"]
+    amp_dtype: Str(choices=("fp16", "bf16"), doc="the precision of `amp`: fp16 (with loss scaling) or bf16 "
+                                                 "(Ampere GPUs and later; no scaling)") = TRAIN_DEFAULTS["amp_dtype"]
 
     @model_validator(mode="after")
     def _schedule(self) -> "TrainRecipe":

@@ -19,7 +19,9 @@ tensors, lists of strings for ids); the loop moves their tensors to the device.
 What the loop takes care of:
 
 - device ``auto`` (CUDA when present), automatic mixed precision on CUDA when
-  ``train.amp`` is true (``torch.autocast`` float16 + ``GradScaler``), fp32 on the CPU;
+  ``train.amp`` is true (``torch.autocast`` float16 + ``GradScaler``, or bfloat16 without
+  scaling: ``train.amp_dtype``), fp32 on the CPU;
+- learning-rate warm-up and schedules, gradient accumulation (``train.accumulate``);
 - ``torchrun`` multi-GPU / multi-node training (DistributedDataParallel; see
   :mod:`chestssl.train.distributed`): rank 0 logs, writes the checkpoint and returns
   the weights;
@@ -83,13 +85,15 @@ from chestssl.train.distributed import (
     teardown_distributed,
 )
 
-#: The keys of a ``train`` block; ``warmup_epochs``, ``min_lr`` and ``accumulate`` may be
-#: left out (:data:`chestssl.params.TRAIN_DEFAULTS`).
+#: The keys of a ``train`` block; ``warmup_epochs``, ``min_lr``, ``accumulate`` and
+#: ``amp_dtype`` may be left out (:data:`chestssl.params.TRAIN_DEFAULTS`).
 TRAIN_KEYS = (
     "epochs", "batch_size", "lr", "weight_decay", "optimizer", "betas", "scheduler", "grad_clip",
     "max_steps", "amp", "num_workers", "log_every", "device",
 )
 OPTIMIZERS = ("adam", "adamw", "sgd")
+#: ``train.amp_dtype``: the autocast precision when ``train.amp`` is true.
+AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 SCHEDULERS = ("none", "cosine", "plateau")
 # ReduceLROnPlateau settings of seed 000's segmentation fine-tuning.
 PLATEAU_FACTOR = 0.1
@@ -362,6 +366,7 @@ class _Fit:
         self.inputs = dict(inputs or {})
         self.device = ctx.device
         self.amp = amp_enabled(cfg["amp"], self.device, announce=ctx.is_main)
+        self.amp_dtype = AMP_DTYPES[cfg.get("amp_dtype", "fp16")]
         self.epochs_done = 0
         self.global_step = 0
         self.best_value: float | None = None
@@ -417,7 +422,8 @@ class _Fit:
         self.total_steps = min(total, cfg["max_steps"]) if cfg["max_steps"] > 0 else total
         self.optimizer = build_optimizer(self.parameters, cfg)
         self.scheduler = build_scheduler(self.optimizer, cfg, self.total_steps, self.mode, self.steps_per_epoch)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp)
+        # bfloat16 has float32's exponent range: its gradients need no loss scaling.
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp and self.amp_dtype == torch.float16)
         self.fingerprint = fingerprint(
             {
                 "train config": {key: cfg[key] for key in sorted(cfg)},
@@ -582,7 +588,7 @@ class _Fit:
 
     def _autocast(self):
         if self.amp:
-            return torch.autocast(device_type=self.device.type, dtype=torch.float16)
+            return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
         return nullcontext()
 
     def _check_output(self, output: Any) -> torch.Tensor:

@@ -366,6 +366,33 @@ def test_non_finite_loss_stops_with_advice(tmp_path):
         run_fit(tmp_path, "run", Diverging(), train_cfg())
 
 
+class PrecisionRecorder(TinyRegressor):
+    """Records the autocast state each training step runs under."""
+
+    def __init__(self) -> None:
+        super().__init__(dropout=0.0)
+        self.seen: set[tuple[bool, torch.dtype]] = set()
+
+    def training_step(self, batch: dict) -> dict[str, torch.Tensor]:
+        self.seen.add((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
+        return super().training_step(batch)
+
+
+@pytest.mark.parametrize("amp_dtype, dtype, scaled", [("fp16", torch.float16, True), ("bf16", torch.bfloat16, False)])
+def test_amp_dtype_sets_the_autocast_precision_and_loss_scaling(tmp_path, monkeypatch, amp_dtype, dtype, scaled):
+    """Where mixed precision runs (CUDA; here the CPU's autocast stands in for it), fp16
+    scales the loss and bf16 does not."""
+    import chestssl.train.loop as loop
+
+    monkeypatch.setattr(loop, "amp_enabled", lambda requested, device, announce=True: requested)
+    scalers = []
+    original = torch.amp.GradScaler
+    monkeypatch.setattr(torch.amp, "GradScaler", lambda *a, **k: scalers.append(k["enabled"]) or original(*a, **k))
+    model = PrecisionRecorder()
+    run_fit(tmp_path, amp_dtype, model, train_cfg(amp=True, amp_dtype=amp_dtype, epochs=1))
+    assert model.seen == {(True, dtype)} and scalers == [scaled]
+
+
 def test_amp_requested_on_cpu_trains_in_fp32(tmp_path, capsys):
     amp_model, fp32_model = make_model(), make_model()
     run_fit(tmp_path, "amp", amp_model, train_cfg(amp=True, epochs=2))
