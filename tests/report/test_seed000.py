@@ -23,6 +23,7 @@ from chestssl.report.seed000 import (
     SeedRow,
     SeedTable,
     comparability_note,
+    perceptual_notes,
     seed000_tables,
 )
 
@@ -379,6 +380,24 @@ def test_stale_or_unusable_metrics_files_fail_or_say_why():
                for note in table.footnotes)
     with pytest.raises(ValueError, match="dataset_note"):
         _tables({}, {}, dataset="  ")
+
+
+def test_an_autoencoder_without_the_perceptual_term_is_footnoted_on_its_rows_and_its_runs():
+    from tests.shipped_params import read_shipped_params, validate_with_method_configs
+
+    params = validate_with_method_configs(read_shipped_params())
+    entries = {**params["methods"], **params["multihead"]}
+    entries["ae_cnn_attention"]["loss"]["perceptual"] = 0.5  # as if given a feature network
+    notes = perceptual_notes(entries, params["runs"])
+    assert "ae_cnn_attention" not in notes and "seg_unetpp_cnn_attention" not in notes
+    assert notes["ae_swin"].startswith("`ae_swin` trains without seed 000's perceptual term (LPIPS on VGG features")
+    assert notes["seg_swinunetr_swin"].startswith("`seg_swinunetr_swin` starts from `ae_swin`")
+    assert "dae_all" not in notes and "barlow_twins" not in notes, "only the autoencoders have the term"
+    method_metrics = {"ae_swin": _recon(0.91, 31.0), "ae_cnn_attention": _recon(0.95, 33.0)}
+    table = seed000_tables(SHIPPED_REPORT, method_metrics, {}, DATASET, notes)[0]
+    mark = f"[^seed000-reconstruction-{table.footnotes.index(notes['ae_swin']) + 1}]"
+    assert table.text[ENTRY_HEADER].tolist() == [f"`ae_swin`{mark}", "`ae_cnn_attention`"]
+    assert notes["ae_swin"] in table.numbers.loc[0, "notes"]
 
 
 def test_every_footnote_is_referenced_and_the_note_line_is_on_every_table():
