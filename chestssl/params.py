@@ -545,11 +545,28 @@ class Report(Config):
     feature_maps: List(SegmentationFigureRow, doc="rows of `label` and `run` or `multihead`")
 
 
+class Launch(Config):
+    """How many processes each training stage runs in (:mod:`chestssl.launch`)."""
+
+    nproc_per_node: Int(ge=1, doc="processes (GPUs) per node; more than 1 in all starts torchrun")
+    nnodes: Int(ge=1)
+    rdzv_endpoint: Str(doc="host:port of the rendezvous, when nnodes > 1")
+    rdzv_id: Str(doc="the job's rendezvous id, the same on every node")
+
+    @model_validator(mode="after")
+    def _rendezvous(self) -> "Launch":
+        if self.nnodes > 1 and not self.rdzv_endpoint:
+            raise problem(f"nnodes is {self.nnodes}, but rdzv_endpoint is empty; give host:port of node 0, "
+                          "reachable from every node", key="rdzv_endpoint")
+        return self
+
+
 class Params(Config):
     """Every params group, as written in ``params.yaml`` and :data:`PARAMS_FILES`."""
 
     seed: Int(ge=0)
     seg_beta: Float(ge=0.0, doc="weight of the segmentation loss in multihead pretraining")
+    launch: Launch
     data: Data
     preprocess: Preprocess
     slices: Slices

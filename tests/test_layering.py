@@ -43,7 +43,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("training loop", ("chestssl.train",)),
     ("ablations, interpretation and report", ("chestssl.ablations", "chestssl.interpret", "chestssl.report")),
     ("stages", ("chestssl.pipeline",)),
-    ("entry points", ("chestssl.cli",)),
+    ("entry points", ("chestssl.cli", "chestssl.launch")),
 ]
 #: The foundation's modules import each other freely (they are one unit).
 FOUNDATION = LAYERS[0][1]

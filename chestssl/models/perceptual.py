@@ -22,12 +22,13 @@ writes such a file from any scriptable ``nn.Module``.
 
 from __future__ import annotations
 
-import hashlib
 import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from chestssl.io import file_sha256
 
 #: Keeps the channel normalisation finite where all features are zero (as LPIPS).
 NORM_EPS = 1e-10
@@ -53,15 +54,6 @@ def save_feature_network(module: nn.Module, path: str | Path) -> Path:
     finally:
         module.train(was_training)
     return path
-
-
-def file_sha256(path: str | Path) -> str:
-    """The SHA-256 hex digest of the file at ``path``, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _normalise_channels(features: torch.Tensor) -> torch.Tensor:

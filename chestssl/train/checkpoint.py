@@ -21,7 +21,7 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 import torch
 
-from chestssl.io import save_torch
+from chestssl.io import file_sha256, save_torch
 
 CHECKPOINT_FORMAT = 1
 
@@ -47,15 +47,6 @@ def state_dict_digest(state_dict: Mapping[str, torch.Tensor]) -> str:
     return sha.hexdigest()
 
 
-def file_digest(path: str | Path) -> str:
-    """SHA-256 of a file's bytes."""
-    sha = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            sha.update(chunk)
-    return sha.hexdigest()
-
-
 def files_digest(paths: Iterable[str | Path]) -> str:
     """SHA-256 over the relative names and bytes of every file under ``paths`` (files or
     folders, walked in sorted order); a missing path counts as such.
@@ -68,7 +59,7 @@ def files_digest(paths: Iterable[str | Path]) -> str:
         files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
         for path in files:
             sha.update(f"{path.as_posix()}\0".encode())
-            sha.update((file_digest(path) if path.is_file() else "missing").encode())
+            sha.update((file_sha256(path) if path.is_file() else "missing").encode())
     return sha.hexdigest()
 
 

@@ -494,6 +494,9 @@ class _Fit:
     # -- training -------------------------------------------------------------------
     def run(self) -> FitResult:
         self._setup()
+        if self.ctx.is_main:
+            print(f"world size {self.ctx.world_size} ({self.device.type}); global batch "
+                  f"{self.cfg['batch_size'] * self.accumulate * self.ctx.world_size}", file=sys.stderr, flush=True)
         self._resume()
         self._open_live()
         raw_model = self.model

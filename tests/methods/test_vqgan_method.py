@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from chestssl.methods import VQGANAutoencoderPretraining, build_method
-from chestssl.models.perceptual import file_sha256, save_feature_network
+from chestssl.io import file_sha256
+from chestssl.models.perceptual import save_feature_network
 from chestssl.models.vqgan import AutoencoderOutput
 from shipped_params import problem_starting_with, read_shipped_params
 from tiny_configs import CNN_ATTENTION, DECODER, LOSS, QUANTIZER, SWIN

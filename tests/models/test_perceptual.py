@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from chestssl.models.perceptual import LocalPerceptualLoss, file_sha256, save_feature_network
+from chestssl.io import file_sha256
+from chestssl.models.perceptual import LocalPerceptualLoss, save_feature_network
 
 
 class TinyFeatures(nn.Module):

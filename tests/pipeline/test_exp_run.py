@@ -74,3 +74,26 @@ def test_exp_run_with_seg_beta_then_the_run_cache_restores_the_earlier_results(m
     assert file_digests(root, outputs) == originals
     assert (root / "dvc.lock").read_text() == lock
     assert "up to date" in project.dvc_run("status", *targets).stdout
+
+
+def test_a_fine_tuning_stage_trains_on_two_gloo_processes_through_params(multihead_project):
+    """`launch.nproc_per_node: 2` makes `dvc repro` start the stage under torchrun: two
+    CPU processes (gloo), the data split between them, one set of outputs from rank 0."""
+    project, _, _, dependent_runs = multihead_project
+    run = dependent_runs[0]
+    params = project.params()
+    params["launch"]["nproc_per_node"] = 2
+    project.write_params(params)
+    try:
+        result = project.dvc_run("repro", "--single-item", f"finetune@{run}")
+        output = result.stdout + result.stderr
+        assert f"Running stage 'finetune@{run}'" in output, output
+        assert "launch: -m torch.distributed.run --nproc-per-node 2 --standalone" in output, output
+        assert "world size 2 (cpu)" in output and "world size 1" not in output, output
+        metrics = json.loads((project.root / "reports" / "finetune" / run / "metrics.json").read_text())
+        assert metrics["steps"] > 0
+        lock = project.root / "dvc.lock"
+        assert "nproc_per_node: 2" in lock.read_text(), "the process count is recorded with the run"
+        assert "up to date" in project.dvc_run("status", f"finetune@{run}").stdout
+    finally:
+        restore_params(project)
