@@ -41,14 +41,11 @@ from chestssl.methods.base import PretrainMethod
 from chestssl.params import MethodConfig
 from chestssl.schema import Config, Float, Int, List, problem
 from chestssl.models.backbones import build_backbone
+from chestssl.models.collectives import distributed_world_size
 from chestssl.models.seeding import seeded
 
 #: Streams of the augmentation seeds: training steps and validation batches.
 TRAIN_STREAM, VALIDATION_STREAM = 0, 1
-
-
-def _distributed_world() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def _stream_seed(*entropy: int) -> int:
@@ -93,7 +90,7 @@ class BarlowTwinsObjective(nn.Module):
             z1, z2 = z1.float(), z2.float()
             correlation = z1.t() @ z2
             count = torch.tensor(float(z1.shape[0]), device=z1.device)
-            if reduce_across_processes and _distributed_world() > 1:
+            if reduce_across_processes and distributed_world_size() > 1:
                 import torch.distributed.nn.functional as distributed_functional
 
                 correlation = distributed_functional.all_reduce(correlation)
@@ -209,7 +206,7 @@ class BarlowTwinsPretraining(PretrainMethod):
         """``loss`` (optimised), ``on_diag`` and ``off_diag`` of this step's two views of the batch."""
         images = batch["image"]
         self._check_batch(images)
-        rank = dist.get_rank() if _distributed_world() > 1 else 0
+        rank = dist.get_rank() if distributed_world_size() > 1 else 0
         generator = torch.Generator().manual_seed(
             _stream_seed(self.seed, TRAIN_STREAM, rank, int(self.steps_done))
         )

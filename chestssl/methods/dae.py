@@ -37,6 +37,7 @@ from chestssl.methods.base import PretrainMethod
 from chestssl.params import MethodConfig
 from chestssl.schema import Float, Int, Str
 from chestssl.models.backbones import build_backbone
+from chestssl.models.collectives import distributed_world_size
 from chestssl.models.disruptions import Disruption
 from chestssl.models.seeding import seeded
 from chestssl.models.supervised_contrastive import CrossModalContrastiveLoss
@@ -149,18 +150,25 @@ class DisruptiveAutoencoderPretraining(PretrainMethod):
         """The cross-modal contrastive loss on the bottleneck, and whether it was active.
 
         Inactive (0) when ``mm_con`` is 0 or the batch carries fewer than two modalities
-        (see :meth:`CrossModalContrastiveLoss.informative`). Computed in float32.
+        (see :meth:`CrossModalContrastiveLoss.informative`). Computed in float32. In
+        training under DDP, the batch is every process's part: the term is active when the
+        whole batch is informative, and each anchor is contrasted with all of it (as on
+        one process with the whole batch, seed 003's 8 GPUs included).
         """
         deepest = hidden_states[-1]
         zero = torch.zeros((), device=deepest.device)
-        if self.mm_con_weight == 0.0 or not CrossModalContrastiveLoss.informative(modalities):
+        if self.mm_con_weight == 0.0 or modalities is None:
             return zero, False
         if len(modalities) != deepest.shape[0]:
             raise ValueError(f"batch['modality'] has {len(modalities)} entries for a batch of {deepest.shape[0]} images")
+        # Validation shards may hold unequal batch counts, so only training steps gather.
+        across = self.training and distributed_world_size() > 1
+        if not CrossModalContrastiveLoss.informative(_all_processes(modalities) if across else modalities):
+            return zero, False
         with torch.autocast(device_type=deepest.device.type, enabled=False):
             bottleneck = deepest.float().flatten(2).mean(dim=2)
             embeddings = self.contrastive_head(bottleneck)
-            return self.contrastive_loss(embeddings, modalities), True
+            return self.contrastive_loss(embeddings, modalities, gather_across_processes=across), True
 
     def _losses(
         self, image: torch.Tensor, modalities: Sequence[str] | None, generator: torch.Generator
@@ -217,3 +225,12 @@ class DisruptiveAutoencoderPretraining(PretrainMethod):
     def reconstruct(self, image: torch.Tensor) -> torch.Tensor:
         """Reconstruction (B, 1, *S) in (0, 1) of the undisrupted ``image`` (B, 1, *S)."""
         return self.forward_disrupted(image, None)[0]
+
+
+def _all_processes(modalities: Sequence[str]) -> list[str]:
+    """The modalities of every process's part of the batch, in rank order."""
+    import torch.distributed as dist
+
+    every: list = [None] * dist.get_world_size()
+    dist.all_gather_object(every, list(modalities))
+    return [modality for part in every for modality in part]

@@ -16,6 +16,11 @@ with a single modality every pair is positive and the loss only pulls all embedd
 together.
 
 Always computed in float32 with autocast off: seed 003's loss went NaN under AMP.
+
+Under DistributedDataParallel each process holds a part of the batch; with
+``gather_across_processes`` every process contrasts its anchors with the embeddings of
+all processes (gathered with gradient) and the loss is scaled so that DDP's averaged
+gradients are those of one process holding the whole batch.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from chestssl.models.collectives import distributed_world_size
 
 
 def modality_indices(modalities: Sequence[str], device: torch.device | str | None = None) -> torch.Tensor:
@@ -62,7 +69,10 @@ class CrossModalContrastiveLoss(nn.Module):
             counts[modality] = counts.get(modality, 0) + 1
         return len(counts) >= 2 and max(counts.values()) >= 2
 
-    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor | Sequence[str]) -> torch.Tensor:
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor | Sequence[str],
+                gather_across_processes: bool = False) -> torch.Tensor:
+        if gather_across_processes and distributed_world_size() > 1:
+            return self._across_processes(embeddings, labels)
         if embeddings.ndim != 2:
             raise ValueError(f"CrossModalContrastiveLoss: expected embeddings of shape (B, D), got {tuple(embeddings.shape)}")
         if not isinstance(labels, torch.Tensor):
@@ -84,3 +94,44 @@ class CrossModalContrastiveLoss(nn.Module):
             mean_log_prob = torch.where(positives, log_prob, torch.zeros_like(log_prob)).sum(dim=1)
             mean_log_prob = mean_log_prob[anchors] / positive_counts[anchors]
             return -mean_log_prob.mean()
+
+    def _across_processes(self, embeddings: torch.Tensor, labels: torch.Tensor | Sequence[str]) -> torch.Tensor:
+        """This process's anchors against every process's embeddings (module docstring).
+
+        The loss returned is ``world size x`` (this process's anchor terms) / (all
+        processes' anchors): summed over processes it is ``world size`` times the loss of
+        the whole batch, which DDP's gradient averaging divides back.
+        """
+        import torch.distributed as dist
+        import torch.distributed.nn.functional as distributed_functional
+
+        world, rank = dist.get_world_size(), dist.get_rank()
+        local = labels.tolist() if isinstance(labels, torch.Tensor) else list(labels)
+        if embeddings.ndim != 2 or len(local) != embeddings.shape[0]:
+            raise ValueError(f"CrossModalContrastiveLoss: embeddings {tuple(embeddings.shape)} and {len(local)} labels")
+        every: list = [None] * world
+        dist.all_gather_object(every, local)
+        sizes = [len(part) for part in every]
+        everyone = [label for part in every for label in part]
+        with torch.autocast(device_type=embeddings.device.type, enabled=False):
+            z = F.normalize(embeddings.float(), dim=1)
+            # all_gather needs one shape: pad to the largest part, then drop the padding.
+            padded = F.pad(z, (0, 0, 0, max(sizes) - z.shape[0]))
+            z_all = torch.cat([part[:size] for part, size in zip(distributed_functional.all_gather(padded), sizes)])
+            labels_all = (modality_indices(everyone, z.device) if any(isinstance(x, str) for x in everyone)
+                          else torch.tensor(everyone, dtype=torch.int64, device=z.device))
+            start = sum(sizes[:rank])
+            rows = torch.arange(z.shape[0], device=z.device)
+            logits = z @ z_all.T / self.temperature  # (B, N): this process's anchors, every candidate
+            self_pair = torch.zeros_like(logits, dtype=torch.bool)
+            self_pair[rows, start + rows] = True
+            log_prob = logits - torch.logsumexp(logits.masked_fill(self_pair, float("-inf")), dim=1, keepdim=True)
+            positives = (labels_all[start + rows][:, None] == labels_all[None, :]) & ~self_pair
+            positive_counts = positives.sum(dim=1)
+            anchors = positive_counts > 0
+            total_anchors = anchors.sum().to(torch.float32)
+            dist.all_reduce(total_anchors)
+            if float(total_anchors) == 0.0:
+                return logits.sum() * 0.0
+            terms = torch.where(positives, log_prob, torch.zeros_like(log_prob)).sum(dim=1)[anchors]
+            return -(terms / positive_counts[anchors]).sum() * world / total_anchors

@@ -113,3 +113,42 @@ def test_bad_inputs():
         CrossModalContrastiveLoss(0.5)(torch.randn(2, 3, 4), ["CT", "MR"])
     with pytest.raises(ValueError, match="3 embeddings but 2 labels"):
         CrossModalContrastiveLoss(0.5)(torch.randn(3, 4), ["CT", "MR"])
+
+
+def _distributed_worker(rank: int, world: int, init_file: str, x, labels, weight, sizes, results) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        shared = torch.nn.Parameter(weight.clone())
+        start = sum(sizes[:rank])
+        rows = slice(start, start + sizes[rank])
+        loss = CrossModalContrastiveLoss(0.5)(x[rows] @ shared, labels[rows], gather_across_processes=True)
+        loss.backward()
+        grad = shared.grad.clone()
+        dist.all_reduce(grad)  # what DDP does: average the gradients over the processes
+        results[rank] = (float(loss.detach()), grad / world)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_under_ddp_the_gathered_loss_gives_the_gradients_of_the_whole_batch(tmp_path):
+    """Two processes holding 5 and 3 of 8 samples train as one process holding all 8: each
+    anchor is contrasted with the other process's samples too (seed 003 trained on 8 GPUs)."""
+    import torch.multiprocessing as mp
+
+    generator = torch.Generator().manual_seed(0)
+    x, weight = torch.randn(8, 6, generator=generator), torch.randn(6, 4, generator=generator)
+    labels = ["ct", "ct", "xr", "ct", "xr", "xr", "ct", "xr"]
+    shared = torch.nn.Parameter(weight.clone())
+    whole = CrossModalContrastiveLoss(0.5)(x @ shared, labels)
+    whole.backward()
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_distributed_worker, args=(2, str(tmp_path / "pg"), x, labels, weight, [5, 3], results), nprocs=2)
+        results = dict(results)
+    # Each process's loss is its anchors' share, times the process count.
+    assert (results[0][0] + results[1][0]) / 2 == pytest.approx(float(whole.detach()), rel=1e-5)
+    for rank in (0, 1):
+        torch.testing.assert_close(results[rank][1], shared.grad, rtol=1e-4, atol=1e-6)
