@@ -64,6 +64,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm.auto import tqdm
 
 from chestssl.io import atomic_dir, write_text
+from chestssl.params import TRAIN_DEFAULTS
 from chestssl.train.checkpoint import (
     capture_rng_state,
     describe_mismatch,
@@ -197,6 +198,11 @@ def build_optimizer(parameters: Iterable[nn.Parameter], cfg: Mapping[str, Any]) 
     raise ValueError(f"unknown optimizer {name!r}; known: {', '.join(OPTIMIZERS)}")
 
 
+def train_setting(cfg: Mapping[str, Any], key: str) -> Any:
+    """``cfg[key]``, or the value an optional recipe key has when left out (:data:`TRAIN_DEFAULTS`)."""
+    return cfg.get(key, TRAIN_DEFAULTS[key])
+
+
 def build_scheduler(
     optimizer: torch.optim.Optimizer, cfg: Mapping[str, Any], total_steps: int, mode: str, steps_per_epoch: int = 1
 ) -> torch.optim.lr_scheduler.LRScheduler | torch.optim.lr_scheduler.ReduceLROnPlateau | None:
@@ -218,14 +224,14 @@ def build_scheduler(
         return torch.optim.lr_scheduler.ReduceLROnPlateau(
             optimizer, mode=mode, factor=PLATEAU_FACTOR, patience=PLATEAU_PATIENCE
         )
-    warmup_steps = min(max(0, total_steps - 1), round(cfg.get("warmup_epochs", 0.0) * steps_per_epoch))
+    warmup_steps = min(max(0, total_steps - 1), round(train_setting(cfg, "warmup_epochs") * steps_per_epoch))
     warmup = torch.optim.lr_scheduler.LinearLR(
         optimizer, start_factor=1.0 / (warmup_steps + 1), end_factor=1.0, total_iters=warmup_steps
     ) if warmup_steps else None
     if name == "none":
         return warmup
     cosine = torch.optim.lr_scheduler.CosineAnnealingLR(
-        optimizer, T_max=max(1, total_steps - warmup_steps), eta_min=cfg.get("min_lr", 0.0)
+        optimizer, T_max=max(1, total_steps - warmup_steps), eta_min=train_setting(cfg, "min_lr")
     )
     if warmup is None:
         return cosine
@@ -366,7 +372,7 @@ class _Fit:
         self.inputs = dict(inputs or {})
         self.device = ctx.device
         self.amp = amp_enabled(cfg["amp"], self.device, announce=ctx.is_main)
-        self.amp_dtype = AMP_DTYPES[cfg.get("amp_dtype", "fp16")]
+        self.amp_dtype = AMP_DTYPES[train_setting(cfg, "amp_dtype")]
         self.epochs_done = 0
         self.global_step = 0
         self.best_value: float | None = None
@@ -416,7 +422,7 @@ class _Fit:
             generator=self.val_generator,
         )
         # Optimisation steps: each takes `accumulate` batches (the epoch's last may take fewer).
-        self.accumulate = int(cfg.get("accumulate", 1))
+        self.accumulate = int(train_setting(cfg, "accumulate"))
         self.steps_per_epoch = math.ceil(len(self.train_loader) / self.accumulate)
         total = cfg["epochs"] * self.steps_per_epoch
         self.total_steps = min(total, cfg["max_steps"]) if cfg["max_steps"] > 0 else total
