@@ -9,7 +9,7 @@ TEST_JOBS ?= 2
 export DVC_NO_ANALYTICS := 1
 export MPLBACKEND := Agg
 
-.PHONY: reproduce test test-fast clean-venv
+.PHONY: reproduce test test-fast cost clean-venv
 
 $(STAMP): requirements.txt pyproject.toml
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "error: $(PYTHON) not found; install Python 3.11 or run 'make PYTHON=/path/to/python3.11 ...'"; exit 1; }
@@ -31,6 +31,12 @@ test: $(STAMP)
 # Unit tests only.
 test-fast: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q -n $(TEST_JOBS) --dist loadfile --no-loadscope-reorder -m "not slow"
+
+# What the full protocol (params/lidc-full.yaml) costs: every training stage measured at full
+# size on a few phantom scans, steps for the whole LIDC-IDRI -> reports/cost.md, reports/cost.csv.
+# `make cost COST_ARGS="--gpu H100-SXM --utilisation 0.4"` changes the estimate's GPU.
+cost: $(STAMP)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m chestssl.cost $(COST_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

@@ -18,7 +18,9 @@ from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, Mapping, get_args
 
 import yaml
-from pydantic import AfterValidator, ConfigDict, Field, ValidationError, create_model, model_validator
+from pydantic import (
+    AfterValidator, ConfigDict, Field, PlainSerializer, ValidationError, WrapValidator, create_model, model_validator,
+)
 
 from chestssl.errors import UserError
 from chestssl.schema import (
@@ -130,6 +132,24 @@ def _some_weight(weights: list[float]) -> list[float]:
 
 #: Weights of the classes (background, nodule) of a loss; not all 0.
 ClassWeights = Annotated[List(Float(ge=0.0), length=2), AfterValidator(_some_weight)]
+#: ``class_weights`` of a classification run that are computed from its training set's class counts.
+BALANCED = "balanced"
+
+
+def _balanced_or_weights(value: Any, handler):
+    if value == BALANCED:
+        return value
+    if not isinstance(value, list) or len(value) != 2:
+        raise problem(f"got {value!r}, expected {BALANCED!r} (weights from the training set's class counts) or a "
+                      "list of 2 numbers >= 0 (clean, nodule), not both 0")
+    return handler(value)
+
+
+#: Weights of the classes (clean, nodule) of a classification loss: :data:`ClassWeights`,
+#: or ``balanced``: ``n_items / (2 * n_items_of_the_class)`` over the run's actual training
+#: set (sklearn's "balanced"; :func:`chestssl.tasks.cls.resolve_class_weights`).
+ClsClassWeights = Annotated[ClassWeights, WrapValidator(_balanced_or_weights),
+                            PlainSerializer(lambda value: value, return_type=Any)]
 
 #: The fewest entries each pretraining section may hold.
 MIN_ENTRIES = {"methods": 1, "multihead": 0}
@@ -212,7 +232,8 @@ class ViTBackbone(Config):
 
     name: Literal["vit"]
     spatial_dims: Int(choices=(2, 3))
-    img_size: Int(ge=1, doc="side of the input; equal to slices.size (2D) or crops.size (3D)")
+    img_size: Int(ge=1, doc="side of the input; equal to slices.size (2D) or crops.size (3D); an entry trained "
+                            "on radiographs takes radiographs.size instead")
     patch_size: Int(ge=1, doc="divides img_size")
     hidden_size: Int(ge=1, doc="a multiple of num_heads")
     num_layers: Int(ge=1)
@@ -321,7 +342,7 @@ class ClsRun(Entry):
     task: Literal["cls"]
     arch: Str(choices=("resnet18", "resnet50", "linear"), doc="ResNet on the latent, or a linear head")
     init: InitRef
-    class_weights: ClassWeights
+    class_weights: ClsClassWeights
 
 
 RunEntry = Tagged("task", SegRun, ClsRun)
@@ -409,9 +430,17 @@ class Preprocess(Config):
     on_error: Str(choices=("raise", "skip"))
 
 
+#: Where classification's clean slices come from (``slices.clean_source``): any slice without
+#: nodule pixels, or only patients without any annotation (seed 000;
+#: :class:`chestssl.data.datasets.SliceDataset`).
+CLEAN_SOURCES = ("any_slice", "nodule_free_patients")
+
+
 class Slices(Config):
     size: Int(ge=32, le=1024, doc="the UNet encoder pools 4 times and needs >= 2 pixels at 1/16")
     clean_per_nodule_slice: Float(ge=0.0)
+    clean_source: Str(choices=CLEAN_SOURCES, doc="clean slices from any slice without nodule pixels, or only from "
+                                                 "patients without any annotation (seed 000)")
 
 
 class Radiographs(Config):
@@ -428,11 +457,27 @@ class RadiographPretrainingTrain(Config):
     batch_size: Int(ge=1, doc="replaces the entry's train.batch_size")
 
 
+#: Backbone keys ``pretrain_radiographs.per_entry.<name>.backbone`` may not set: the network's
+#: kind and dimension are the entry's, and a ViT's ``img_size`` is ``radiographs.size``.
+RADIOGRAPH_FIXED_BACKBONE_KEYS = ("name", "spatial_dims", "img_size")
+
+
+class RadiographEntrySettings(Config):
+    """One entry's own settings on radiographs (``pretrain_radiographs.per_entry.<name>``), applied
+    after ``pretrain_radiographs.train``: seed 001's Barlow Twins ran 60 epochs at batch 128 on
+    CheXpert, seed 004's MAE 200 epochs at batch 512 studies with patch 32 on 256 px."""
+
+    train: TrainOverrides | None = None
+    backbone: Nullable(Annotated[dict[str, Any], Field(description="a mapping of some of the entry's backbone keys "
+                                                                   "(not name, spatial_dims, img_size) to new values")]) = None
+
+
 class RadiographPretraining(Config):
     methods: List(Str(), doc="`methods` entries (2D) also trained on the radiographs")
     study_methods: List(Str(), doc="`mae` / `diffmae` entries also trained on whole studies (bottleneck CLS)")
     views: Views
     train: RadiographPretrainingTrain
+    per_entry: Names(RadiographEntrySettings)
 
 
 class CrossModal(Config):
@@ -465,10 +510,17 @@ class Alignment(Config):
         return self
 
 
+#: ``crops.draw``: the training crops' positions drawn ``once`` (seeded, the same every
+#: epoch) or anew ``every_epoch`` (seed 003); validation and test crops are always drawn once.
+CROP_DRAWS = ("once", "every_epoch")
+
+
 class Crops(Config):
     size: Int(ge=8, doc="side of the cubic crops of 3D methods; seed 003: 96")
-    per_scan: Int(ge=1, doc="crops drawn per scan")
+    per_scan: Int(ge=1, doc="crops per scan (per epoch with draw every_epoch)")
     positive_fraction: Float(ge=0.0, le=1.0, doc="share of crops centred on a nodule")
+    draw: Str(choices=CROP_DRAWS, doc="training crop positions drawn once, or anew every epoch (seed 003); "
+                                      "validation and test crops are drawn once")
 
 
 class Probe(Config):
@@ -478,8 +530,12 @@ class Probe(Config):
 
 
 class LabelFraction(Config):
-    fractions: List(Float(gt=0.0, le=1.0), doc="shares of the training patients; seed 001: 1, 5, 10, 25, 50, 100%")
+    fractions: List(Float(gt=0.0, le=1.0), doc="nested shares of the training data (see `unit`); seed 001: 1, 5, "
+                                               "10, 15, 20, 25, 50, 100% of the training images")
     runs: List(Str(), doc="`runs` entries repeated at each fraction")
+    unit: Str(choices=("patients", "images"),
+              doc="what the fractions are shares of: the training patients with nodule slices, or the run's "
+                  "training images (seed 001's unit; classes kept in proportion)")
 
 
 class FrozenParts(Config):
@@ -769,8 +825,9 @@ def _check_ablations(params: dict, problems: list[str]) -> None:
 
 
 def _check_radiograph_pretraining(params: dict, problems: list[str]) -> None:
-    """``pretrain_radiographs`` names 2D ``methods`` entries, each once, fed radiographs of their input size;
-    its ``study_methods`` are ``mae`` / ``diffmae`` entries, and studies have at least two views."""
+    """``pretrain_radiographs`` names 2D ``methods`` entries, each once; its ``study_methods`` are
+    ``mae`` / ``diffmae`` entries, and studies have at least two views. (What the entries become on
+    radiographs is checked by :func:`_check_radiograph_entries`.)"""
     block = params.get("pretrain_radiographs")
     if not isinstance(block, Mapping):
         return
@@ -778,7 +835,6 @@ def _check_radiograph_pretraining(params: dict, problems: list[str]) -> None:
     views = block.get("views") if isinstance(block.get("views"), list) else []
     for view in sorted({v for v in views if views.count(v) > 1}):
         problems.append(f"pretrain_radiographs.views: {view!r} is listed twice")
-    size = (params.get("radiographs") or {}).get("size")
     listed = {key: block.get(key) if isinstance(block.get(key), list) else [] for key in ("methods", "study_methods")}
     if any(listed.values()) and not views:
         problems.append("pretrain_radiographs.views: empty; list frontal, lateral or both")
@@ -798,13 +854,86 @@ def _check_radiograph_pretraining(params: dict, problems: list[str]) -> None:
             if backbone.get("spatial_dims") != 2:
                 problems.append(f"{where}: {name!r} has a {backbone.get('spatial_dims')}D backbone; "
                                 "radiographs are 2D, so list entries with backbone.spatial_dims 2")
-            elif backbone.get("name") == "vit" and backbone.get("img_size") != size:
-                problems.append(f"{where}: {name!r} is a ViT built for {backbone.get('img_size')}-pixel "
-                                f"inputs, but radiographs.size is {size}; set them equal")
         rendered = ((params.get("data") or {}).get("cxr") or {}).get("source", "rendered") == "rendered"
         if key == "study_methods" and named and len(views) == 1 and rendered:
             problems.append(f"pretrain_radiographs.study_methods: studies of the single view {views[0]!r} share "
                             "nothing; list both views in pretrain_radiographs.views or leave study_methods empty")
+
+
+def _check_radiograph_entries(params: dict, problems: list[str],
+                              method_configs: Mapping[str, type[MethodConfig]]) -> None:
+    """``pretrain_radiographs.per_entry`` names listed entries and keys they have; and every
+    listed entry as trained on radiographs (:func:`radiograph_entry`) holds together: its
+    ``train`` block passes :func:`schedule_problems` (e.g. seed 004's 10-epoch warm-up needs
+    more than 10 radiograph epochs), its backbone its preset's schema, a ViT's patches tile
+    ``radiographs.size``, and its method's config accepts that backbone (``method_configs``)."""
+    from chestssl.schema import tags
+
+    block = params.get("pretrain_radiographs")
+    methods = params.get("methods") or {}
+    if not isinstance(block, Mapping):
+        return
+    listed = [name for key in ("methods", "study_methods") for name in block.get(key) or []]
+    listed = [name for name in dict.fromkeys(listed) if isinstance(methods.get(name), Mapping)]
+    size = params["radiographs"]["size"]
+    usable = set(listed)
+    for name, own in (block.get("per_entry") or {}).items():
+        where = f"pretrain_radiographs.per_entry.{name}"
+        if name not in listed:
+            problems.append(f"{where}: {name!r} is listed in neither pretrain_radiographs.methods nor "
+                            "pretrain_radiographs.study_methods; list it there or remove its settings")
+            continue
+        entry = methods[name]
+        if own.get("train") and "train" not in entry:
+            problems.append(f"{where}.train: {name!r} is a scratch entry, not trained; remove its `train` keys")
+            usable.discard(name)
+        backbone = entry.get("backbone") or {}
+        for key in own.get("backbone") or {}:
+            if key == "img_size" and backbone.get("name") == "vit":
+                problems.append(f"{where}.backbone.img_size: a ViT trained on radiographs takes radiographs.size "
+                                f"({size}) as its img_size; change radiographs.size instead")
+            elif key in RADIOGRAPH_FIXED_BACKBONE_KEYS or key not in backbone:
+                allowed = [k for k in backbone if k not in RADIOGRAPH_FIXED_BACKBONE_KEYS]
+                problems.append(f"{where}.backbone.{key}: not a key this override may set; the "
+                                f"{backbone.get('name')!r} backbone of methods.{name} allows: {', '.join(allowed)}")
+            else:
+                continue
+            usable.discard(name)
+    for name in listed:
+        entry = methods[name]
+        if name not in usable or (entry.get("backbone") or {}).get("spatial_dims") != 2:
+            continue  # named above, or by _check_radiograph_pretraining
+        where = f"pretrain_radiographs.per_entry.{name}"
+        merged = radiograph_entry(params, name, listed_in=None)
+        if "train" in merged:
+            problems.extend(f"{where}.train.{key}: {message} (the train block of {name!r} on radiographs: its own, "
+                            "then pretrain_radiographs.train, then this)"
+                            for key, message in schedule_problems(merged["train"]))
+        backbone = merged["backbone"]
+        if backbone == entry["backbone"]:
+            continue  # as checked on CT
+        member = tags(Backbone).get(backbone.get("name"))
+        try:
+            member.model_validate(backbone)
+        except ValidationError as error:
+            problems.extend(problems_of(error, member, prefix=(*where.split("."), "backbone")))
+            continue
+        if backbone["name"] == "vit" and size % backbone["patch_size"]:
+            own = (block["per_entry"].get(name) or {}).get("backbone") or {}
+            source = "" if "patch_size" in own else " (the preset's)"
+            problems.append(f"{where}.backbone.patch_size: got {backbone['patch_size']}{source}, which does not "
+                            f"divide radiographs.size {size}, the ViT's img_size on radiographs")
+            continue
+        config = method_configs.get(entry.get("method"))
+        if config is None:
+            continue
+        bare = {key: value for key, value in entry.items() if key not in ("backbone", "train")}
+        try:
+            found = config.model_validate({**bare, "backbone": name, "recipe": name}).entry_problems(backbone)
+        except ValidationError:
+            continue  # the entry itself is named by _check_method_inputs
+        problems.extend(f"{where}.backbone: with this backbone on radiographs, methods.{name}"
+                        + (f".{key}" if key else "") + f": {message}" for key, message in found)
 
 
 def _check_cross_modal(params: dict, problems: list[str]) -> None:
@@ -947,6 +1076,34 @@ def pretrain_entry(params: Mapping[str, Any], name: str) -> tuple[str, dict[str,
     raise ParamsError([f"{name!r} is not an entry under `methods` or `multihead` (known: {', '.join(known)})"])
 
 
+def radiograph_entry(params: Mapping[str, Any], name: str, listed_in: str | None = "methods") -> dict[str, Any]:
+    """The ``methods`` entry ``name`` as trained on radiographs (seeds 001, 004).
+
+    Its ``train`` block (none for ``scratch`` entries) takes ``pretrain_radiographs.train``,
+    then the entry's own ``pretrain_radiographs.per_entry.<name>.train``; a ViT backbone takes
+    ``radiographs.size`` as its ``img_size`` (so radiographs never force the CT's
+    ``slices.size``; seed 004: 256 px), then any backbone keys of
+    ``pretrain_radiographs.per_entry.<name>.backbone`` (seed 004: ``patch_size`` 32).
+    Exported encoders carry this backbone, so their consumers rebuild it from the file.
+
+    ``listed_in``: the ``pretrain_radiographs`` list that must name it (``methods``, or
+    ``study_methods`` for study-level pretraining; ``None``: not checked).
+    """
+    block = params["pretrain_radiographs"]
+    if listed_in is not None and name not in block[listed_in]:
+        raise ParamsError([f"pretrain_radiographs.{listed_in}: {name!r} is not listed "
+                           f"({', '.join(block[listed_in]) or 'empty'})"])
+    own = (block.get("per_entry") or {}).get(name) or {}
+    entry = copy.deepcopy(dict(params["methods"][name]))
+    if "train" in entry:  # `scratch` entries train nothing
+        entry["train"] = {**entry["train"], **block["train"], **(own.get("train") or {})}
+    backbone = dict(entry["backbone"])
+    if backbone.get("name") == "vit":
+        backbone["img_size"] = params["radiographs"]["size"]
+    entry["backbone"] = {**backbone, **copy.deepcopy(own.get("backbone") or {})}
+    return entry
+
+
 def validate(raw: Mapping[str, Any], source: str = "params.yaml",
              method_configs: Mapping[str, type[MethodConfig]] | None = None) -> dict[str, Any]:
     """Validate a parsed params mapping; returns it with floats normalised and every
@@ -965,6 +1122,7 @@ def validate(raw: Mapping[str, Any], source: str = "params.yaml",
     if not problems:
         _check_method_inputs(checked, problems, method_configs or {})  # on the presets, before they are copied
         _cross_checks(params, problems)
+        _check_radiograph_entries(params, problems, method_configs or {})
     if problems:
         raise ParamsError(problems, source)
     return params

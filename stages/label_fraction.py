@@ -1,4 +1,4 @@
-"""label_fraction@<run>: the run fine-tuned again on nested shares of the training patients (seed 001)."""
+"""label_fraction@<run>: the run fine-tuned again on nested shares of the training patients or images (seed 001)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ def main(argv: list[str]) -> None:
     )
     if metrics is not None:
         print(f"label_fraction@{name}: " + ", ".join(
-            f"{key}: {entry['n_train_patients']} patients" for key, entry in metrics["fractions"].items()))
+            f"{key}: {entry['n_train_images']} images of {entry['n_train_patients']} patients" for key, entry in metrics["fractions"].items()))
 
 
 if __name__ == "__main__":

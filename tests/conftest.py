@@ -88,8 +88,3 @@ def synthetic_processed(tmp_path):
     write_json(root / "splits.json", splits)
     return root
 
-
-def pytest_collection_modifyitems(items):
-    """Slow (end-to-end) tests first: with several test processes (`make test` runs two),
-    the longest file starts at once and the unit tests run beside it."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

@@ -13,7 +13,8 @@ The layers, bottom to top (:data:`LAYERS`):
 7. ``ablations``, ``interpret``, ``report``: what is built on trained models, independent
    of each other;
 8. ``pipeline``: one function per DVC stage;
-9. ``cli``: the stage scripts' entry-point behaviour.
+9. ``cli``, ``launch``, ``cost``: entry points (the stage scripts' behaviour, the launcher,
+   the cost estimate).
 
 A module may import its own package (e.g. ``chestssl.methods.multihead`` ->
 ``chestssl.methods.vqgan``) and anything in a lower layer; never a higher layer, nor a
@@ -43,7 +44,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("training loop", ("chestssl.train",)),
     ("ablations, interpretation and report", ("chestssl.ablations", "chestssl.interpret", "chestssl.report")),
     ("stages", ("chestssl.pipeline",)),
-    ("entry points", ("chestssl.cli", "chestssl.launch")),
+    ("entry points", ("chestssl.cli", "chestssl.launch", "chestssl.cost")),
 ]
 #: The foundation's modules import each other freely (they are one unit).
 FOUNDATION = LAYERS[0][1]

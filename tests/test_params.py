@@ -35,13 +35,25 @@ def test_shipped_params_are_valid():
 
 
 def test_full_profile_is_valid_after_merge():
+    from chestssl.methods import method_configs
+    from chestssl.params import radiograph_entry
     from chestssl.profiles import merge_profile
 
     merged = merge_profile(read_raw_params(ROOT / "params.yaml")[0],
                            yaml.safe_load((ROOT / "params" / "lidc-full.yaml").read_text()))
-    params = validate(merged)
+    params = validate(merged, method_configs=method_configs())
     assert params["data"]["source"] == "tcia"
     assert params["slices"]["size"] == 128
+    # Each seed's own radiograph recipe (seed 001: 60 epochs at 128; seed 004: 200 at 512, 5% warm-up,
+    # 256 px in patches of 32), the CT's ViT left at 128 px.
+    barlow = radiograph_entry(params, "barlow_twins")["train"]
+    assert (barlow["epochs"], barlow["batch_size"]) == (60, 128)
+    for name, listed_in in (("mae", "methods"), ("diffmae", "methods"), ("mae", "study_methods")):
+        entry = radiograph_entry(params, name, listed_in)
+        assert (entry["train"]["epochs"], entry["train"]["batch_size"], entry["train"]["warmup_epochs"]) == (200, 512, 10)
+        assert (entry["backbone"]["img_size"], entry["backbone"]["patch_size"]) == (256, 32)
+        assert params["methods"][name]["backbone"]["img_size"] == params["slices"]["size"] == 128
+    assert radiograph_entry(params, "scratch_vit")["backbone"]["patch_size"] == 32
 
 
 def test_unknown_key_is_named_with_the_allowed_keys(raw):
@@ -172,6 +184,15 @@ def test_label_fractions_are_shares(raw):
     assert "label_fraction.fractions[1]" in found and "label_fraction.fractions[2]" in found
 
 
+def test_label_fraction_unit_is_patients_or_images(raw):
+    assert validate(copy.deepcopy(raw))["label_fraction"]["unit"] == "patients"  # the default profile's
+    raw["label_fraction"]["unit"] = "slices"
+    found = "\n".join(problems(raw))
+    assert "label_fraction.unit" in found and "'patients', 'images'" in found
+    del raw["label_fraction"]["unit"]
+    assert "label_fraction.unit" in "\n".join(problems(raw))
+
+
 def test_radiograph_pretraining_names_2d_methods_once_sized_for_the_radiographs(raw):
     raw["pretrain_radiographs"]["methods"] = ["mae", "mae", "dae_all", "no_such_method"]
     raw["backbones"]["swin_3d"] = {**raw["backbones"]["swin"], "spatial_dims": 3}
@@ -183,7 +204,7 @@ def test_radiograph_pretraining_names_2d_methods_once_sized_for_the_radiographs(
     assert "pretrain_radiographs.methods: 'mae' is listed twice" in found
     assert "pretrain_radiographs.methods: 'no_such_method' is not an entry under `methods`" in found
     assert "pretrain_radiographs.methods: 'dae_all' has a 3D backbone" in found
-    assert "'mae' is a ViT built for 64-pixel inputs, but radiographs.size is 96" in found
+    assert "ViT" not in found and "per_entry" not in found  # a ViT takes radiographs.size (96), not slices.size
     assert "radiographs.window_percentiles: got [99.0, 1.0], expected [low, high] with low < high" in found
     assert "pretrain_radiographs.views: 'frontal' is listed twice" in found
 
@@ -469,3 +490,126 @@ def test_a_warm_up_as_long_as_the_training_is_refused(raw):
     raw["recipes"]["segmentation"]["warmup_epochs"] = 30
     (problem,) = problems(raw)
     assert problem == "recipes.segmentation.warmup_epochs: got 30, expected fewer than the 30 epochs"
+
+
+def test_per_entry_radiograph_settings_are_checked_with_their_key(raw):
+    per_entry = raw["pretrain_radiographs"]["per_entry"]
+    per_entry["mae"] = {"train": {"epoch": 3, "batch_size": 0}, "recipe": "mae"}
+    per_entry["dae_all"] = {"train": {"epochs": 3}}
+    per_entry["bad name!"] = {}
+    found = problems(raw)
+    assert any(p.startswith("pretrain_radiographs.per_entry.mae.train.epoch: unknown key; allowed here: epochs,")
+               for p in found)
+    assert "pretrain_radiographs.per_entry.mae.train.batch_size: got 0, expected an integer >= 1" in found
+    assert "pretrain_radiographs.per_entry.mae.recipe: unknown key; allowed here: train, backbone" in found
+    assert "pretrain_radiographs.per_entry.bad name!: entry names may contain only letters, digits, '_' and '-'" \
+        in found
+
+    per_entry.clear()
+    per_entry["dae_all"] = {"train": {"epochs": 3}}  # listed in neither list
+    per_entry["scratch_vit"] = {"train": {"epochs": 3}}  # trains nothing
+    per_entry["barlow_twins"] = {"backbone": {"patch_size": 32, "name": "resnet50"}}  # not a ResNet key; fixed
+    per_entry["mae"] = {"backbone": {"img_size": 128}}  # radiographs.size decides
+    per_entry["diffmae"] = {"backbone": {"hidden_size": 66}}
+    assert problems(raw) == [
+        "pretrain_radiographs.per_entry.dae_all: 'dae_all' is listed in neither pretrain_radiographs.methods nor "
+        "pretrain_radiographs.study_methods; list it there or remove its settings",
+        "pretrain_radiographs.per_entry.scratch_vit.train: 'scratch_vit' is a scratch entry, not trained; remove its "
+        "`train` keys",
+        "pretrain_radiographs.per_entry.barlow_twins.backbone.patch_size: not a key this override may set; the "
+        "'resnet18' backbone of methods.barlow_twins allows: block_inplanes",
+        "pretrain_radiographs.per_entry.barlow_twins.backbone.name: not a key this override may set; the "
+        "'resnet18' backbone of methods.barlow_twins allows: block_inplanes",
+        "pretrain_radiographs.per_entry.mae.backbone.img_size: a ViT trained on radiographs takes radiographs.size "
+        "(64) as its img_size; change radiographs.size instead",
+        "pretrain_radiographs.per_entry.diffmae.backbone.hidden_size: got 66, which is not divisible by num_heads 4",
+    ]
+
+
+def test_a_radiograph_vit_is_sized_by_the_radiographs_and_its_patches_must_tile_them(raw):
+    from chestssl.params import radiograph_entry
+
+    raw["radiographs"]["size"] = 128  # slices.size stays 64, and so does the CT's ViT
+    raw["pretrain_radiographs"]["per_entry"] = {"mae": {"backbone": {"patch_size": 16}}}
+    params = validate(copy.deepcopy(raw))
+    assert radiograph_entry(params, "mae")["backbone"]["img_size"] == 128
+    assert radiograph_entry(params, "mae")["backbone"]["patch_size"] == 16
+    assert radiograph_entry(params, "diffmae", "study_methods")["backbone"]["patch_size"] == 8  # the preset's
+    assert params["methods"]["mae"]["backbone"]["img_size"] == params["slices"]["size"] == 64
+
+    raw["radiographs"]["size"] = 80
+    raw["pretrain_radiographs"]["per_entry"] = {"mae": {"backbone": {"patch_size": 32}}}
+    raw["backbones"]["vit"]["patch_size"] = 16  # divides 64 and 80
+    assert problems(raw) == ["pretrain_radiographs.per_entry.mae.backbone.patch_size: got 32, which does not divide "
+                             "radiographs.size 80, the ViT's img_size on radiographs"]
+    raw["backbones"]["vit"]["patch_size"] = 32  # divides 64, not 80
+    raw["pretrain_radiographs"]["per_entry"] = {}
+    assert "pretrain_radiographs.per_entry.scratch_vit.backbone.patch_size: got 32 (the preset's), which does not " \
+           "divide radiographs.size 80, the ViT's img_size on radiographs" in problems(raw)
+
+    # What the method asks of its backbone is checked on the radiographs' one too: one patch masks nothing.
+    raw["radiographs"]["size"] = 64
+    raw["backbones"]["vit"]["patch_size"] = 8
+    raw["pretrain_radiographs"]["per_entry"] = {"mae": {"backbone": {"patch_size": 64}}}
+    (problem,) = problems(raw)
+    assert problem.startswith("pretrain_radiographs.per_entry.mae.backbone: with this backbone on radiographs, "
+                              "methods.mae.mask_ratio: got 0.5, expected a fraction that masks at least one")
+
+
+def test_a_warm_up_as_long_as_a_radiograph_run_is_refused(raw):
+    raw["recipes"]["mae"]["warmup_epochs"] = 5  # 6 epochs on CT: fine
+    raw["pretrain_radiographs"]["train"]["epochs"] = 5
+    raw["pretrain_radiographs"]["per_entry"] = {"diffmae": {"train": {"epochs": 20}}}
+    assert problems(raw) == [
+        "pretrain_radiographs.per_entry.mae.train.warmup_epochs: got 5, expected fewer than the 5 epochs (the train "
+        "block of 'mae' on radiographs: its own, then pretrain_radiographs.train, then this)",
+    ]
+    raw["pretrain_radiographs"]["per_entry"] = {"mae": {"train": {"scheduler": "plateau"}}}
+    raw["pretrain_radiographs"]["train"]["epochs"] = 8
+    (problem,) = problems(raw)
+    assert problem.startswith("pretrain_radiographs.per_entry.mae.train.warmup_epochs: got 5, but a warm-up needs "
+                              "scheduler 'cosine' or 'none'")
+
+
+def test_the_full_profile_without_its_radiograph_recipes_is_refused():
+    """The MAE recipe's 10-epoch warm-up outlasts the quick profile's 8 radiograph epochs."""
+    from chestssl.profiles import merge_profile
+
+    profile = yaml.safe_load((ROOT / "params" / "lidc-full.yaml").read_text())
+    del profile["pretrain_radiographs"]
+    profile["radiographs"]["size"] = 128
+    merged = merge_profile(read_raw_params(ROOT / "params.yaml")[0], profile)
+    with pytest.raises(ParamsError) as error:
+        validate(merged)
+    assert "pretrain_radiographs.per_entry.mae.train.warmup_epochs: got 10, expected fewer than the 8 epochs" \
+        in str(error.value)
+
+
+def test_classification_class_weights_may_be_balanced_and_clean_source_is_one_of_two(raw):
+    from chestssl.profiles import merge_profile
+
+    raw["runs"]["cls_resnet18_swin"]["class_weights"] = "balanced"
+    params = validate(copy.deepcopy(raw))
+    assert params["runs"]["cls_resnet18_swin"]["class_weights"] == "balanced"
+    assert params["runs"]["cls_resnet50_swin"]["class_weights"] == [1.0, 1.0]
+    assert params["slices"]["clean_source"] == "any_slice"
+    raw["runs"]["cls_resnet50_swin"]["class_weights"] = "balance"
+    raw["runs"]["cls_resnet50_scratch"]["class_weights"] = [1.0]
+    raw["runs"]["seg_unetpp_scratch"]["class_weights"] = "balanced"  # segmentation weighs pixels: lists only
+    raw["slices"]["clean_source"] = "nodule_free"
+    found = problems(raw)
+    either = "expected 'balanced' (weights from the training set's class counts) or a list of 2 numbers >= 0 (clean, " \
+             "nodule), not both 0"
+    assert f"runs.cls_resnet50_swin.class_weights: got 'balance', {either}" in found
+    assert f"runs.cls_resnet50_scratch.class_weights: got [1.0], {either}" in found
+    assert "runs.seg_unetpp_scratch.class_weights: got 'balanced', expected a list of 2 numbers >= 0" in found
+    assert any(p.startswith("slices.clean_source: got 'nodule_free', expected one of 'any_slice', "
+                            "'nodule_free_patients'") for p in found)
+    del raw["slices"]["clean_source"]
+    assert any(p.startswith("slices.clean_source: missing") for p in problems(raw))
+    # The full profile: seed 000's clean slices and weights balanced to our own sampling.
+    full = validate(merge_profile(read_raw_params(ROOT / "params.yaml")[0],
+                                  yaml.safe_load((ROOT / "params" / "lidc-full.yaml").read_text())))
+    assert full["slices"]["clean_source"] == "nodule_free_patients"
+    assert {name for name, run in full["runs"].items() if run.get("class_weights") == "balanced"} == {
+        "cls_resnet18_swin", "cls_resnet50_swin", "cls_resnet50_scratch", "cls_resnet50_multihead_cls"}

@@ -2,8 +2,8 @@
 
 An ablation (seed 001's label fraction or frozen parts) repeats a ``runs`` entry (same
 task, architecture, pretrained encoder and training params) under settings that change
-one thing: the training patients (:mod:`chestssl.ablations.label_fraction`) or the
-parts that train (:mod:`chestssl.ablations.parts`). Each setting is trained with the
+one thing: the training patients or training images (:mod:`chestssl.ablations.label_fraction`)
+or the parts that train (:mod:`chestssl.ablations.parts`). Each setting is trained with the
 same loop as ``finetune`` (best epoch on the validation split) and scored on the test
 split with patient-bootstrap intervals, as ``evaluate`` scores the run itself.
 
@@ -23,13 +23,16 @@ import logging
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
 
 from chestssl.io import atomic_dir, write_json
 
 log = logging.getLogger(__name__)
+
+if TYPE_CHECKING:
+    from chestssl.data.datasets import SliceDataset
 
 #: The validation metric that picks the best epoch of each task (as in ``finetune``).
 MONITOR = {"seg": ("val/dice", "max"), "cls": ("val/loss", "min")}
@@ -44,11 +47,67 @@ class AblationSetting:
         patient_ids: training patients; ``None``: the whole train split.
         unfrozen_stages: encoder stages trained with the head (deepest first); ``None``:
             the whole network trains, as in ``finetune``.
+        item_indices: training items, as positions among the items of the whole train
+            split for the run's task (:func:`run_dataset`); ``None``: every item of the
+            patients above. Names a subset of images rather than of patients, so it
+            excludes ``patient_ids``.
     """
 
     key: str
     patient_ids: tuple[str, ...] | None = None
     unfrozen_stages: int | None = None
+    item_indices: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.item_indices is not None:
+            if self.patient_ids is not None:
+                raise ValueError(f"setting {self.key!r}: name training patients or training items, not both")
+            if len(self.item_indices) == 0:
+                raise ValueError(f"setting {self.key!r}: item_indices is empty; a setting trains on at least one item")
+
+
+class TrainingItems:
+    """The items of ``items`` at ``indices`` (in that order), with their rows of ``items.frame``:
+    a map-style dataset, as :func:`chestssl.train.loop.fit` takes."""
+
+    def __init__(self, items: "SliceDataset", indices: Sequence[int]) -> None:
+        self.items, self.indices = items, [int(i) for i in indices]
+        outside = [i for i in self.indices if not 0 <= i < len(items)]
+        if outside:
+            raise IndexError(f"item indices {outside[:10]} outside the {len(items)} training items; "
+                             "the processed data changed since the subsets were drawn")
+        self.frame = items.frame.iloc[self.indices].reset_index(drop=True)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.items[self.indices[index]]
+
+
+def items_digest(frame) -> str:
+    """Digest of which slices a training set holds (scan, slice index and label of each item, in order)."""
+    from chestssl.train.checkpoint import digest
+
+    return digest([[str(scan), int(index), int(label)] for scan, index, label
+                   in zip(frame["scan_id"], frame["slice_index"], frame["label"])])
+
+
+def setting_fingerprint(setting: AblationSetting, common: Mapping[str, Any], items: str | None = None) -> str:
+    """What a finished setting's result depends on: the setting, ``common`` (seed, evaluation
+    params, stage inputs) and, for a setting of items, :func:`items_digest` of its training set.
+
+    A setting that names no items is fingerprinted as before items could be named, so
+    results kept for patient and frozen-parts settings stay valid.
+    """
+    from chestssl.train.checkpoint import digest
+
+    fields = asdict(setting)
+    if fields["item_indices"] is None:
+        del fields["item_indices"]
+    else:
+        fields["training_items"] = items
+    return digest(dict(setting=fields, **common))
 
 
 def interval_metrics(metrics: Mapping[str, Any]) -> dict[str, Any]:
@@ -79,6 +138,21 @@ def run_encoder_payload(model_path: str | Path, run_name: str) -> dict[str, Any]
     return load_model_file(model_path, f"finetune@{run_name}", required=("encoder",))["encoder"]
 
 
+def run_dataset(
+    params: Mapping[str, Any], run_name: str, processed_dir: str | Path, split: str,
+    patient_ids: Sequence[str] | None = None,
+) -> "SliceDataset":
+    """The items of ``split`` for the task of ``runs.<run_name>`` (all patients, or ``patient_ids``),
+    sampled as ``finetune`` samples them (``slices`` params, ``seed``)."""
+    from chestssl.data.datasets import SliceDataset
+
+    run, slices = params["runs"][run_name], params["slices"]
+    return SliceDataset(Path(processed_dir), split, slices["size"], run["task"],
+                        clean_per_nodule_slice=slices["clean_per_nodule_slice"], seed=params["seed"],
+                        clean_source=slices["clean_source"],
+                        patient_ids=list(patient_ids) if patient_ids is not None else None)
+
+
 def run_ablation(
     ablation: str,
     run_name: str,
@@ -90,6 +164,7 @@ def run_ablation(
     model_path: str | Path,
     report_dir: str | Path,
     state_dir: str | Path,
+    train_items: "SliceDataset | None" = None,
 ) -> dict[str, dict[str, Any]]:
     """Train and test ``runs.<run_name>`` under each setting; returns ``{key: result}``.
 
@@ -105,15 +180,16 @@ def run_ablation(
         report_dir: training curves go to ``report_dir/live/<key>`` (the whole folder
             written when every setting is done).
         state_dir: finished settings' results and curves, and the loop's resume checkpoint.
+        train_items: :func:`run_dataset` of the train split, which the ``item_indices`` of
+            settings index (built here when a setting names items and it is not given).
 
     Each result holds the training-set size, the best epoch and the test metrics
     (``test``). Returns an empty dict on ranks other than 0 of a distributed run.
     """
     from chestssl.ablations.parts import PartlyFrozenTask
-    from chestssl.data.datasets import SliceDataset
     from chestssl.inference import auto_device
     from chestssl.tasks import build_task
-    from chestssl.train.checkpoint import digest, stage_inputs
+    from chestssl.train.checkpoint import stage_inputs
     from chestssl.train.loop import fit
 
     run = params["runs"][run_name]
@@ -124,16 +200,18 @@ def run_ablation(
     inputs = stage_inputs({"run": run, "slices": slices}, [processed_dir, model_path])
     common = dict(seed=seed, evaluate=params["evaluate"], inputs=inputs)
 
-    def data(split: str, patient_ids: Sequence[str] | None = None) -> SliceDataset:
-        return SliceDataset(processed_dir, split, slices["size"], run["task"],
-                            clean_per_nodule_slice=slices["clean_per_nodule_slice"], seed=seed,
-                            patient_ids=list(patient_ids) if patient_ids is not None else None)
+    def data(split: str, patient_ids: Sequence[str] | None = None):
+        return run_dataset(params, run_name, processed_dir, split, patient_ids)
 
     val, test = data("val"), data("test")
+    if train_items is None and any(setting.item_indices is not None for setting in settings):
+        train_items = data("train")
     results: dict[str, dict[str, Any]] = {}
     for setting in settings:
         result_path = state_dir / f"{setting.key}.json"
-        fingerprint = digest(dict(setting=asdict(setting), **common))
+        chosen = None if setting.item_indices is None else TrainingItems(train_items, setting.item_indices)
+        chosen_digest = None if chosen is None else items_digest(chosen.frame)
+        fingerprint = setting_fingerprint(setting, common, chosen_digest)
         if result_path.exists():
             earlier = json.loads(result_path.read_text())
             if earlier.get("fingerprint") == fingerprint:
@@ -141,14 +219,16 @@ def run_ablation(
                          result_path)
                 results[setting.key] = earlier
                 continue
-        train = data("train", setting.patient_ids)
-        model = build_task(run, encoder_payload, seed, name=run_name)
+        train = chosen if chosen is not None else data("train", setting.patient_ids)
+        # `class_weights: balanced` is computed from this setting's own training items.
+        model = build_task(run, encoder_payload, seed, name=run_name, train_labels=train.frame["label"].to_numpy())
         if setting.unfrozen_stages is not None:
             model = PartlyFrozenTask(model, setting.unfrozen_stages)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         fitted = fit(model, train, val, run["train"], state_dir / "live" / setting.key,
                      state_dir / f"{setting.key}.pt", seed, monitor=monitor, mode=mode,
-                     inputs={**inputs, "setting": setting.key})
+                     inputs={**inputs, "setting": setting.key,
+                             **({"training items": chosen_digest} if chosen_digest is not None else {})})
         if not fitted.is_main:
             continue
         model.load_state_dict(fitted.best_state)

@@ -4,7 +4,9 @@ The slice protocol follows the multi-task chest CT autoencoder (seed 000,
 "lidc-autoencoder"): axial slices of the windowed CT, a nodule slice being one whose
 consensus mask has more than ``preprocess.min_nodule_pixels`` pixels. Unlike seed 000,
 whose 8:1:1 split was drawn over slices (one patient's slices in train and test), every
-slice here inherits its patient's split from ``splits.json``.
+slice here inherits its patient's split from ``splits.json``. Seed 000 took its clean
+slices from patients without annotations; ``clean_source`` chooses between that and any
+slice without nodule pixels (the default).
 
 Each slice is padded to a square with 0 (air after windowing, so the padding looks like
 the background outside the body) and resized to ``size`` x ``size``: the image with area
@@ -24,7 +26,8 @@ import torch
 from monai.transforms import Resize, SpatialPad
 from torch.utils.data import Dataset
 
-from chestssl.data.processed import SPLITS, DatasetError, load_scan, read_slices
+from chestssl.data.processed import SPLITS, DatasetError, load_scan, read_nodules, read_slices
+from chestssl.params import CLEAN_SOURCES  # where the clean slices of cls come from (slices.clean_source)
 
 TASKS = ("pretrain", "seg", "cls")
 
@@ -40,10 +43,19 @@ class SliceDataset(Dataset):
             ``label == 1``) or ``cls`` (nodule slices, label 1, plus clean slices,
             label 0, sampled at ``clean_per_nodule_slice`` per nodule slice; slices with
             ``label == -1``, a few nodule pixels only, are left out).
-        clean_per_nodule_slice: clean slices drawn per nodule slice for ``cls``.
+        clean_per_nodule_slice: clean slices drawn per nodule slice for ``cls``, whatever
+            ``clean_source`` is (all of them, with a warning, when fewer are available).
         seed: seeds the sampling of clean slices.
         patient_ids: if given, only these patients (all must belong to ``split``), e.g.
             for label-fraction studies.
+        clean_source: where the clean slices of ``cls`` are drawn from
+            (``slices.clean_source``, one of :data:`CLEAN_SOURCES`): ``any_slice``, every
+            slice without nodule pixels of the split's patients; ``nodule_free_patients``,
+            seed 000's "clean slices from patients without annotations": only the slices of
+            the split's patients (within ``patient_ids`` if given) that have no annotated
+            nodule (no row in ``nodules.csv``, no nodule pixel in ``slices.csv``). A split
+            without such a patient is then an error. Nodule slices and the other tasks do
+            not depend on it.
 
     All items are computed once, at construction: each scan is loaded once and only the
     needed slices are kept, stored as float16 images and uint8 masks.
@@ -71,6 +83,7 @@ class SliceDataset(Dataset):
         clean_per_nodule_slice: float = 1.0,
         seed: int = 0,
         patient_ids: list[str] | None = None,
+        clean_source: str = "any_slice",
     ) -> None:
         if split not in SPLITS:
             raise DatasetError(f"split: got {split!r}, expected one of {', '.join(SPLITS)}")
@@ -80,6 +93,8 @@ class SliceDataset(Dataset):
             raise DatasetError(f"size: got {size!r}, expected a positive integer")
         if clean_per_nodule_slice < 0:
             raise DatasetError(f"clean_per_nodule_slice: got {clean_per_nodule_slice!r}, expected a number >= 0")
+        if clean_source not in CLEAN_SOURCES:
+            raise DatasetError(f"clean_source: got {clean_source!r}, expected one of {', '.join(CLEAN_SOURCES)}")
         self.processed_dir = Path(processed_dir)
         self.split, self.size, self.task = split, size, task
         if not (self.processed_dir / "slices.csv").exists():
@@ -90,7 +105,12 @@ class SliceDataset(Dataset):
         split_rows = split_rows[split_rows["split"] == split]
         if patient_ids is not None:
             split_rows = _restrict_to_patients(split_rows, patient_ids, split, self.processed_dir)
-        frame = _select_rows(split_rows, task, clean_per_nodule_slice, seed)
+        clean_patients = None
+        if task == "cls" and clean_source == "nodule_free_patients":
+            clean_patients = _nodule_free(split_rows, read_nodules(self.processed_dir))
+            if not clean_patients:
+                raise DatasetError(_no_nodule_free_patients(split_rows, split, self.processed_dir, patient_ids))
+        frame = _select_rows(split_rows, task, clean_per_nodule_slice, seed, clean_patients)
         if frame.empty:
             scans = sorted(split_rows["scan_id"].unique())
             raise DatasetError(
@@ -178,8 +198,50 @@ def _restrict_to_patients(rows: pd.DataFrame, patient_ids: list[str], split: str
     return rows[rows["patient_id"].isin(set(wanted))]
 
 
-def _select_rows(rows: pd.DataFrame, task: str, clean_per_nodule_slice: float, seed: int) -> pd.DataFrame:
-    """The slices of ``task``, sorted by scan and slice index."""
+def nodule_free_patients(processed_dir: str | Path, split: str) -> list[str]:
+    """Patients of ``split`` without any annotated nodule, sorted: seed 000's source of clean
+    slices (``slices.clean_source: nodule_free_patients``).
+
+    A patient is nodule-free when ``nodules.csv`` lists no nodule of any of its scans (no
+    annotation clustered into a nodule, even one whose consensus mask is empty) and none
+    of its slices has a nodule pixel or a label other than 0 in ``slices.csv``.
+    """
+    if split not in SPLITS:
+        raise DatasetError(f"split: got {split!r}, expected one of {', '.join(SPLITS)}")
+    rows = read_slices(processed_dir)
+    return sorted(_nodule_free(rows[rows["split"] == split], read_nodules(processed_dir)))
+
+
+def _nodule_free(rows: pd.DataFrame, nodules: pd.DataFrame) -> set[str]:
+    """The patients of ``rows`` (slices) with no nodule in ``nodules`` and no slice with nodule pixels."""
+    marked = (rows["nodule_pixels"] > 0) | (rows["label"] != 0)
+    annotated = set(nodules["patient_id"]) | set(rows.loc[marked, "patient_id"])
+    return set(rows["patient_id"]) - annotated
+
+
+def _no_nodule_free_patients(rows: pd.DataFrame, split: str, processed_dir: Path,
+                             patient_ids: list[str] | None) -> str:
+    patients = rows["patient_id"].nunique()
+    if patient_ids is not None:
+        return (
+            f"slices.clean_source: 'nodule_free_patients' draws the clean slices of classification from patients "
+            f"without any annotation (seed 000), but the {patients} patient(s) of patient_ids in split {split!r} of "
+            f"{processed_dir} all have annotated nodules (nodules.csv); include a patient without nodules in "
+            "patient_ids, or set slices.clean_source: any_slice (clean slices from any slice without nodule pixels)"
+        )
+    return (
+        f"slices.clean_source: 'nodule_free_patients' draws the clean slices of classification from patients "
+        f"without any annotation (seed 000), but the {patients} patient(s) of split {split!r} in {processed_dir} "
+        "all have annotated nodules (nodules.csv); set slices.clean_source: any_slice (clean slices from any slice "
+        "without nodule pixels), or preprocess more patients (data.tcia.max_patients, data.phantom.num_scans) or "
+        "change preprocess.split so that every split holds a patient without nodules"
+    )
+
+
+def _select_rows(rows: pd.DataFrame, task: str, clean_per_nodule_slice: float, seed: int,
+                 clean_patients: set[str] | None = None) -> pd.DataFrame:
+    """The slices of ``task``, sorted by scan and slice index; the clean slices of ``cls``
+    are drawn from ``clean_patients`` only when given."""
     rows = rows.sort_values(["scan_id", "slice_index"], kind="stable")
     if task == "pretrain":
         return rows
@@ -187,11 +249,14 @@ def _select_rows(rows: pd.DataFrame, task: str, clean_per_nodule_slice: float, s
     if task == "seg":
         return nodule
     clean = rows[rows["label"] == 0]
+    if clean_patients is not None:
+        clean = clean[clean["patient_id"].isin(clean_patients)]
     wanted = int(round(clean_per_nodule_slice * len(nodule)))
     if wanted > len(clean):
         warnings.warn(
             f"cls: {wanted} clean slices wanted ({clean_per_nodule_slice:g} per nodule slice x {len(nodule)}), "
-            f"only {len(clean)} available; using all of them",
+            f"only {len(clean)} available{' from patients without nodules' if clean_patients is not None else ''}; "
+            "using all of them",
             stacklevel=3,
         )
         wanted = len(clean)

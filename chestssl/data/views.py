@@ -8,7 +8,10 @@ no change to a stage script.
 Two views per split:
 
 - :func:`pretrain_view`: what the pretext task trains on (every slice of the split's
-  scans, or ``crops.per_scan`` crops per scan);
+  scans, or ``crops.per_scan`` crops per scan; with ``crops.draw: every_epoch`` the
+  training crops are drawn anew every epoch, as in seed 003,
+  :class:`~chestssl.data.crops.EpochCropDataset`, and the validation crops once, so
+  validation metrics compare across epochs);
 - :func:`labelled_view`: items with a reliable label, for linear probing (nodule and
   clean slices, leaving out slices with a few nodule pixels only; or the crops, labelled
   by whether they hold nodule voxels).
@@ -21,7 +24,7 @@ from typing import Any, Mapping
 
 from torch.utils.data import Dataset
 
-from chestssl.data.crops import CropDataset
+from chestssl.data.crops import CropDataset, EpochCropDataset
 from chestssl.data.datasets import SliceDataset
 
 
@@ -36,9 +39,13 @@ def view_params(params: Mapping[str, Any]) -> dict[str, Any]:
             "min_nodule_pixels": params["preprocess"]["min_nodule_pixels"]}
 
 
-def _crops(params: Mapping[str, Any], processed_dir: Path, split: str) -> CropDataset:
+def _crops(params: Mapping[str, Any], processed_dir: Path, split: str,
+           pretext: bool = False) -> CropDataset | EpochCropDataset:
+    """The split's crops: the pretext task's training crops drawn anew every epoch with
+    ``crops.draw: every_epoch``, any other drawn once."""
     crops = params["crops"]
-    return CropDataset(
+    kind = EpochCropDataset if pretext and split == "train" and crops["draw"] == "every_epoch" else CropDataset
+    return kind(
         processed_dir, split, crops["size"], crops["per_scan"], crops["positive_fraction"], seed=params["seed"],
         min_nodule_voxels=params["preprocess"]["min_nodule_pixels"],
     )
@@ -47,7 +54,7 @@ def _crops(params: Mapping[str, Any], processed_dir: Path, split: str) -> CropDa
 def pretrain_view(params: Mapping[str, Any], entry: Mapping[str, Any], split: str, processed_dir: Path) -> Dataset:
     """The items the pretext task of ``entry`` trains or is validated on, for ``split``."""
     if spatial_dims_of(entry) == 3:
-        return _crops(params, processed_dir, split)
+        return _crops(params, processed_dir, split, pretext=True)
     return SliceDataset(processed_dir, split, params["slices"]["size"], "pretrain", seed=params["seed"])
 
 
@@ -57,4 +64,5 @@ def labelled_view(params: Mapping[str, Any], entry: Mapping[str, Any], split: st
         return _crops(params, processed_dir, split)
     slices = params["slices"]
     return SliceDataset(processed_dir, split, slices["size"], "cls",
-                        clean_per_nodule_slice=slices["clean_per_nodule_slice"], seed=params["seed"])
+                        clean_per_nodule_slice=slices["clean_per_nodule_slice"], seed=params["seed"],
+                        clean_source=slices["clean_source"])

@@ -111,8 +111,14 @@ def alignment_train_cfg(cfg: Mapping[str, Any], n_images: int, world_size: int |
     }
 
 
-def load_feature_encoder(encoder_path: str | Path, feature_method: str = "<feature_method>") -> nn.Module:
-    """The encoder of ``pretrain_radiographs@<feature_method>`` from its ``encoder.pt`` (CPU, eval mode)."""
+def load_feature_encoder(encoder_path: str | Path, feature_method: str = "<feature_method>",
+                         image_size: tuple[int, int] | None = None) -> nn.Module:
+    """The encoder of ``pretrain_radiographs@<feature_method>`` from its ``encoder.pt`` (CPU, eval mode).
+
+    The file records the backbone it was trained with, so a ViT comes back built for
+    ``radiographs.size`` (its ``img_size`` on radiographs, whatever the CT's ``slices.size``);
+    ``image_size`` (rows, cols of the radiographs it will read) refuses one built for another size.
+    """
     from chestssl.models.backbones import load_encoder
 
     encoder_path = Path(encoder_path)
@@ -127,6 +133,11 @@ def load_feature_encoder(encoder_path: str | Path, feature_method: str = "<featu
     if getattr(encoder, "spatial_dims", 2) != 2:
         raise ValueError(f"{encoder_path}: a {encoder.spatial_dims}D encoder; radiographs are 2D, so set "
                          "alignment.feature_method to an entry with backbone.spatial_dims 2")
+    side = getattr(encoder, "img_size", None)  # a ViT's position embeddings fit one input size
+    if side is not None and image_size is not None and tuple(image_size) != (side, side):
+        raise ValueError(f"{encoder_path}: a ViT built for {side} x {side} px radiographs, but the radiographs are "
+                         f"{image_size[0]} x {image_size[1]} px; rerun pretrain_radiographs@{feature_method}, which "
+                         "builds it for radiographs.size")
     return encoder.eval()
 
 
@@ -143,8 +154,14 @@ def protocol(feature_method: str) -> str:
 
 
 def _check_batch_size(batch_size: int, count: int, size: tuple[int, int]) -> None:
-    """``alignment.batch_size`` fits the training radiographs and the STN's batch norm."""
-    if batch_size > count:
+    """``alignment.batch_size`` fits the training radiographs and the STN's batch norm.
+
+    A cost measurement (:mod:`chestssl.cost`) draws its batches with replacement, so a
+    sample of a few scans may hold fewer radiographs than a batch.
+    """
+    from chestssl.train.cost_probe import cost_request
+
+    if batch_size > count and cost_request() is None:
         raise ParamsError([f"alignment.batch_size: got {batch_size}, expected at most {count}, the training "
                            f"split's {VIEW} radiographs"])
     # Layer4 of the trunk has stride 32; batch norm in training needs > 1 value per channel.
@@ -234,7 +251,7 @@ def align_radiographs(
     _check_batch_size(cfg["batch_size"], train_images.shape[0], size)
 
     canonical = canonical_chest(train_images, size=size)
-    encoder = load_feature_encoder(encoder_path, cfg["feature_method"])
+    encoder = load_feature_encoder(encoder_path, cfg["feature_method"], size)
     loss = AlignmentLoss(EncoderFeatures(encoder), pixel_weight=cfg["pixel_weight"])
     with seeded(seed):
         stn = AlignmentSTN(output_size=size, block_inplanes=cfg["block_inplanes"], hidden_dim=DEFAULT_HIDDEN_DIM)
@@ -307,8 +324,10 @@ def align_radiographs(
         },
         "training": {
             "steps": result.steps, "epochs": result.epochs, "n_images": int(train_images.shape[0]),
-            # Means over the first and the last epoch (one step each when a batch holds every radiograph).
-            "first_loss": history[0]["train/loss"], "final_loss": history[-1]["train/loss"],
+            # Means over the first and the last epoch (one step each when a batch holds every radiograph);
+            # none when the fit trained no epoch (a cost measurement, chestssl.cost).
+            "first_loss": history[0]["train/loss"] if history else None,
+            "final_loss": history[-1]["train/loss"] if history else None,
             "validation": {"split": validation_split, "n_images": int(val_images.shape[0])},
             **flat_metrics(result.final_metrics),
         },

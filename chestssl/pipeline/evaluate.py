@@ -52,11 +52,12 @@ def evaluate(
     out_dir = Path(out_dir) if out_dir is not None else paths.evaluate_dir(name)
     saved = load_model_file(model_path, f"finetune@{name}", required=("encoder", "state_dict"))
     device = auto_device()
-    model = build_task(run, saved["encoder"], seed, name=name)
+    model = build_task(_with_recorded_weights(run, saved, name, model_path), saved["encoder"], seed, name=name)
     model.load_state_dict(saved["state_dict"])
     model.to(device).eval()
     test = SliceDataset(processed_dir, "test", slices["size"], run["task"],
-                        clean_per_nodule_slice=slices["clean_per_nodule_slice"], seed=seed)
+                        clean_per_nodule_slice=slices["clean_per_nodule_slice"], seed=seed,
+                        clean_source=slices["clean_source"])
     metrics = evaluate_predictor(
         run["task"], model.predict, test, params["evaluate"], examples_path=out_dir / "examples.npz",
         items_path=out_dir / "items.npz", num_examples=params["report"]["num_examples"], seed=seed, device=device,
@@ -67,3 +68,20 @@ def evaluate(
         add_gradcam_to_examples(model, out_dir / "examples.npz")
     write_json(out_dir / "metrics.json", metrics)
     return metrics
+
+
+def _with_recorded_weights(run: Mapping[str, Any], saved: Mapping[str, Any], name: str,
+                           model_path: Path) -> Mapping[str, Any]:
+    """``run`` with ``class_weights: balanced`` replaced by the weights finetune computed from
+    its training set and recorded in the model file (:func:`chestssl.pipeline.finetune.class_weighting`)."""
+    from chestssl.model_files import ModelFileError
+    from chestssl.params import BALANCED
+    from chestssl.tasks.cls import CLASSES
+
+    if run.get("task") != "cls" or run.get("class_weights") != BALANCED:
+        return run
+    recorded = saved.get("class_weights")
+    if not isinstance(recorded, Mapping) or set(recorded) != set(CLASSES):
+        raise ModelFileError(f"{model_path}: no class_weights recorded for runs.{name}.class_weights: {BALANCED!r}; "
+                             f"rerun `dvc repro finetune@{name}`")
+    return {**run, "class_weights": [float(recorded[c]) for c in CLASSES]}

@@ -96,7 +96,8 @@ def evaluate_pretrain(
             if task not in method.heads:
                 continue
             data = SliceDataset(processed_dir, "test", slices["size"], task,
-                                clean_per_nodule_slice=slices["clean_per_nodule_slice"], seed=seed)
+                                clean_per_nodule_slice=slices["clean_per_nodule_slice"], seed=seed,
+                                clean_source=slices["clean_source"])
             metrics[key] = evaluate_predictor(
                 task, lambda batch, predict=predict: predict(batch["image"]), data, cfg_eval,
                 examples_path=heads_dir / f"{task}_examples.npz", items_path=heads_dir / f"{task}_items.npz",

@@ -38,7 +38,8 @@ def pretrain(
         processed_dir: ``data/processed`` (stage ``preprocess``).
         model_dir: receives ``encoder.pt`` and ``method.pt``; default
             :func:`chestssl.paths.pretrain_model_dir`.
-        report_dir: receives ``live/`` (curves) and ``metrics.json``; default
+        report_dir: receives ``live/`` (curves), ``metrics.json`` and ``cost.json`` (what the
+            training cost); default
             :func:`chestssl.paths.pretrain_report_dir`.
         checkpoint_path: the training loop's resume checkpoint; default
             ``checkpoints/pretrain/<name>.pt``.
@@ -73,7 +74,7 @@ def pretrain(
 
     read = {"entry": cfg, **view_params(params)}
     metrics = train_pretext(method, data, cfg.get("train"), report_dir / "live", checkpoint_path, seed, read,
-                            [processed_dir])
+                            [processed_dir], cost_path=report_dir / "cost.json")
     if metrics is None:  # under torchrun, rank 0 writes the outputs
         return None
     save_model_file(model_dir / "encoder.pt", method.export())

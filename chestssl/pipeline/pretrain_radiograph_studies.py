@@ -3,7 +3,8 @@
 Seed 004 (RadDiffusion) pretrains on studies: the ``mae`` and ``diffmae`` entries of
 ``pretrain_radiographs.study_methods`` are trained on whole studies
 (:class:`~chestssl.data.radiograph_datasets.RadiographStudyDataset`, batches of
-``pretrain_radiographs.train.batch_size`` studies), every view masked on its own, the
+``train.batch_size`` studies: ``pretrain_radiographs.train``, or the entry's
+``pretrain_radiographs.per_entry``; seed 004: 512), every view masked on its own, the
 views of a study sharing one bottleneck CLS token (:mod:`chestssl.methods.study_mae`),
 and probed on one feature per study
 (:func:`~chestssl.eval.radiograph_probe.extract_study_features`). Training length, views,

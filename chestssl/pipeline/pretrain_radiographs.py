@@ -7,7 +7,11 @@ radiographs (:class:`~chestssl.data.radiograph_datasets.RadiographDataset`, the 
 ``pretrain_radiographs.views``) instead of CT slices: rendered from the CT or a real
 dataset (``data.cxr.source``). Rendered studies are one per scan, so the split has about a
 hundredth of the CT slices: ``pretrain_radiographs.train`` overrides the ``epochs`` and
-``batch_size`` of the entry's ``train`` block (:func:`radiograph_entry`).
+``batch_size`` of the entry's ``train`` block, and ``pretrain_radiographs.per_entry.<name>``
+any of its recipe keys (``train``) and backbone keys (``backbone``), so that each seed keeps its
+own recipe (seed 001: 60 epochs at batch 128; seed 004: 200 epochs at batch 512 studies, patch
+32). A ViT entry is built for ``radiographs.size`` (its ``img_size``), whatever the CT's
+``slices.size``; the exported ``encoder.pt`` records that backbone (:func:`radiograph_entry`).
 
 The encoder's linear probe (:mod:`chestssl.eval.radiograph_probe`: one balanced logistic
 regression per label of the folder, e.g. ``nodule`` and ``malignant`` when rendered, on
@@ -30,22 +34,18 @@ from torch.utils.data import Dataset
 
 from chestssl.io import write_json
 from chestssl.model_files import save_model_file
-from chestssl.params import ParamsError
+from chestssl.params import radiograph_entry as params_radiograph_entry
 
 
 def radiograph_entry(params: Mapping[str, Any], name: str, listed_in: str = "methods") -> dict[str, Any]:
-    """The ``methods`` entry ``name`` with ``pretrain_radiographs.train`` applied to its ``train`` block.
+    """The ``methods`` entry ``name`` as trained on radiographs: :func:`chestssl.params.radiograph_entry`
+    (``pretrain_radiographs.train``, then ``pretrain_radiographs.per_entry.<name>``; a ViT sized by
+    ``radiographs.size``).
 
     ``listed_in``: the ``pretrain_radiographs`` list that must name it (``methods``, or
     ``study_methods`` for study-level pretraining).
     """
-    listed = params["pretrain_radiographs"][listed_in]
-    if name not in listed:
-        raise ParamsError([f"pretrain_radiographs.{listed_in}: {name!r} is not listed ({', '.join(listed) or 'empty'})"])
-    entry = dict(params["methods"][name])
-    if "train" in entry:  # `scratch` entries train nothing
-        entry["train"] = {**entry["train"], **params["pretrain_radiographs"]["train"]}
-    return entry
+    return params_radiograph_entry(params, name, listed_in)
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,9 @@
 """Report parts of seed 001's ablations, and the downstream results by pretraining method.
 
-- :func:`label_fraction_figure`: test metric against the share of training patients, one
-  line per run (its ``init``) with the bootstrap interval as a band; seed 001 plotted
-  accuracy against the label fraction for Barlow Twins and scratch.
+- :func:`label_fraction_figure`: test metric against the share of training patients or
+  images (the ablation's ``unit``, named on the axis), one line per run (its ``init``)
+  with the bootstrap interval as a band; seed 001 plotted accuracy against the share of
+  its training images for Barlow Twins and scratch.
 - :func:`label_fraction_table` / :func:`frozen_parts_table`: the same numbers as tables,
   with seed 001's published accuracies (records of ``published.yaml``) quoted beside ours
   where they exist.
@@ -32,6 +33,8 @@ from chestssl.report.tables import Column, Table, build_table
 ABLATION_METRICS = {"cls": (("accuracy", "accuracy"), ("auroc", "AUROC")), "seg": (("dice_global", "Dice (global)"),)}
 #: The metric of each task in the by-method table.
 DOWNSTREAM_METRIC = {"cls": ("auroc", "AUROC"), "seg": ("dice_global", "Dice")}
+#: What a label-fraction metrics file's ``unit`` is a share of (files without one are of patients).
+FRACTION_UNITS = {"patients": "training patients", "images": "training images"}
 
 
 def _label_fraction_quote(method: str, what: str) -> str:
@@ -59,6 +62,23 @@ def fraction_entries(ablation: Mapping[str, Any]) -> list[tuple[str, Mapping[str
     return sorted(ablation["fractions"].items(), key=lambda item: item[1]["fraction"])
 
 
+def fraction_unit(ablations: Mapping[str, Mapping[str, Any]]) -> str:
+    """What the fractions of the label-fraction metrics files ``{run: metrics}`` are shares of
+    (``training images`` or ``training patients``).
+
+    Raises:
+        ValueError: the files hold different units (rerun label_fraction).
+    """
+    units = {run: ablation.get("unit", "patients") for run, ablation in ablations.items()}
+    if len(set(units.values())) > 1:
+        listed = ", ".join(f"{run}: {unit}" for run, unit in units.items())
+        raise ValueError(f"label-fraction results of different units ({listed}); rerun label_fraction")
+    unit = next(iter(units.values()), "patients")
+    if unit not in FRACTION_UNITS:
+        raise ValueError(f"label-fraction unit {unit!r}: expected one of {', '.join(FRACTION_UNITS)}")
+    return FRACTION_UNITS[unit]
+
+
 def _missing(note: str) -> dict[str, Any]:
     return {"value": None, "ci_low": None, "ci_high": None, "note": note}
 
@@ -66,11 +86,13 @@ def _missing(note: str) -> dict[str, Any]:
 def label_fraction_figure(
     path: str | os.PathLike, ablations: Mapping[str, Mapping[str, Any]], task: str
 ) -> Path:
-    """Metric vs share of training patients (log axis), one line per run, the CI as a band.
+    """Metric vs share of training patients or images (the files' ``unit``; log axis), one
+    line per run, the CI as a band.
 
-    ``ablations``: ``{run: metrics of label_fraction@run}`` of one ``task``.
+    ``ablations``: ``{run: metrics of label_fraction@run}`` of one ``task`` and one unit.
     """
     metrics = ABLATION_METRICS[task]
+    unit = fraction_unit(ablations)
     palette = sns.color_palette("deep", n_colors=max(len(ablations), 1))
     with sns.axes_style("whitegrid"), sns.plotting_context("paper"):
         figure = _new_figure(4.2 * len(metrics), 3.4)
@@ -89,11 +111,12 @@ def label_fraction_figure(
                              for entry in ablation["fractions"].values()})
             ax.set_xticks(shares, [f"{share:g}" for share in shares])
             ax.minorticks_off()
-            ax.set_xlabel("training patients (%)")
+            ax.set_xlabel(f"share of {unit} (%)")
             ax.set_ylabel(f"test {shown}")
             ax.set_title(shown)
         axes[0].legend(fontsize="small", loc="best")
-        figure.suptitle("Label-fraction ablation: test metric vs share of training patients\n(bands: confidence interval over test patients)")
+        figure.suptitle(f"Label-fraction ablation: test metric vs share of {unit}\n"
+                        "(bands: confidence interval over test patients)")
     return save_figure(figure, path)
 
 
@@ -107,11 +130,12 @@ def label_fraction_table(
     """One row per run, one column per fraction: the test ``metric`` with its interval.
 
     Args:
-        ablations: ``{run: (metrics of label_fraction@run, path)}``, all of one ``task``
-            and the same fractions.
+        ablations: ``{run: (metrics of label_fraction@run, path)}``, all of one ``task``,
+            the same fractions and the same unit (named in the title).
         methods: pretext method (the ``method`` param) of each pretraining entry.
     """
     shown = dict(ABLATION_METRICS[task])[metric]
+    unit = fraction_unit({run: ablation for run, (ablation, _) in ablations.items()})
     first = fraction_entries(next(iter(ablations.values()))[0])
     keys = [key for key, _ in first]
     columns = [Column(key, f"{100.0 * entry['fraction']:g}%") for key, entry in first]
@@ -124,6 +148,7 @@ def label_fraction_table(
             "run": run,
             "init": ablation["init"],
             "training patients": ", ".join(str(entry["n_train_patients"]) for _, entry in fraction_entries(ablation)),
+            "training images": ", ".join(str(entry["n_train_images"]) for _, entry in fraction_entries(ablation)),
             "seed's number (other data)": SEED_LABEL_FRACTION.get(method, NO_SEED_NUMBER),
         }
         cells: dict[str, Any] = {key: dict(entry[metric]) for key, entry in ablation["fractions"].items()}
@@ -131,7 +156,7 @@ def label_fraction_table(
         cells["n_images"], cells["n_patients"] = test_counts.get("n_images"), test_counts.get("n_patients")
         rows.append((descriptors, cells, source))
     return build_table(f"label_fraction_{task}_{metric}",
-                       f"Label-fraction ablation: test {shown} by share of training patients", rows, columns)
+                       f"Label-fraction ablation: test {shown} by share of {unit}", rows, columns)
 
 
 def frozen_parts_table(
@@ -191,10 +216,11 @@ def downstream_by_method_table(
     smallest = None
     if label_fraction:
         smallest = fraction_entries(next(iter(label_fraction.values()))[0])[0][1]
+        unit = fraction_unit({run: ablation for run, (ablation, _) in label_fraction.items()})
     columns = [Column("probe_nodule_auroc", "linear probe: nodule AUROC")]
     columns += [Column(kind, header) for kind, header in kinds.items()]
     if smallest is not None:
-        columns.append(Column("fraction_auroc", f"{100 * smallest['fraction']:g}% of labels: AUROC"))
+        columns.append(Column("fraction_auroc", f"{100 * smallest['fraction']:g}% of {unit}: AUROC"))
     inits = [name for name in entries if any(run["init"] == name for run in runs.values())]
     rows = []
     for name in inits:

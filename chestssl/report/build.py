@@ -3,6 +3,7 @@
 Layout written under ``out_dir``::
 
     tables/{reconstruction,segmentation,classification}.{csv,md}
+    tables/protocol_differences.{csv,md}  where our protocol differs from the seeds' (from params)
     figures/reconstructions.png          input row + one row per pretraining method
     figures/segmentation_intervals.png   Dice with confidence intervals per run
     figures/classification_intervals.png F1 / AUROC with confidence intervals per run
@@ -25,6 +26,7 @@ from typing import Any, Mapping, Sequence
 from chestssl.eval.examples import example_kind, load_examples
 from chestssl.io import write_csv, write_text
 from chestssl.report import figures
+from chestssl.report.protocol_differences import protocol_differences, protocol_differences_table
 from chestssl.report.tables import (
     CLASSIFICATION_COLUMNS,
     SEGMENTATION_COLUMNS,
@@ -33,6 +35,7 @@ from chestssl.report.tables import (
     classification_table,
     reconstruction_table,
     segmentation_table,
+    with_costs,
 )
 
 PathLike = str | os.PathLike
@@ -77,7 +80,7 @@ def _link(out_dir: Path, path: Path) -> str:
     return path.relative_to(out_dir).as_posix()
 
 
-def _protocol(params: Mapping[str, Any] | None, bootstrap: Mapping[str, Any] | None) -> str:
+def _protocol(params: Mapping[str, Any] | None, bootstrap: Mapping[str, Any] | None, with_costs: bool = False) -> str:
     lines = []
     if params is None:
         lines.append("- **Data and split:** not recorded (the report was built without the parameters).")
@@ -128,11 +131,26 @@ def _protocol(params: Mapping[str, Any] | None, bootstrap: Mapping[str, Any] | N
         "`MeanIoU`), where a slice with an empty target scores 1 if nothing is predicted and 0 otherwise; *per "
         "nodule image* averages only slices whose target is not empty."
     )
+    if with_costs:
+        lines.append(
+            "- **Cost columns:** what each row's own training stage cost (`cost.json` of `pretrain@` or "
+            "`finetune@`, not of the pretraining a run started from): parameters, optimisation steps, wall-clock "
+            "training time (validation included) and peak memory, the stage process's peak resident size on a "
+            "CPU or the peak of allocated CUDA memory on a GPU. A method that trains nothing has 0 steps."
+        )
     lines.append(
         "- **Reconstruction metrics:** SSIM and PSNR with one data range, 1.0 (images in [0, 1], reconstructions "
         "clamped to [0, 1]), mean over test slices; a slice's PSNR is capped at 100 dB."
     )
     return "\n".join(lines)
+
+
+#: The sentence before the table of differences from the seeds' protocols.
+DIFFERENCES_INTRO = (
+    "Each row sets one point of the protocol behind these numbers, read from the params in force, beside the "
+    "protocol of the seed system it comes from; where *Same?* is *no*, our number measures something else and "
+    "must not be read as the seed's."
+)
 
 
 def _figure_markdown(out_dir: Path, path: Path, alt: str) -> str:
@@ -157,6 +175,7 @@ def build_report(
     table_sections: Sequence[TableSection] = (),
     figure_sections: Sequence[FigureSection] = (),
     reconstruction_notes: Mapping[str, str] | None = None,
+    costs: Mapping[str, PathLike] | None = None,
 ) -> list[Path]:
     """Write the tables, figures and ``README.md`` of the report under ``out_dir``.
 
@@ -171,13 +190,18 @@ def build_report(
         examples: name -> example file (:func:`chestssl.eval.save_examples`): reconstruction
             examples keyed by pretraining method, segmentation examples keyed by run.
         extra_sections: further README sections, ``{title: markdown}`` or pairs.
-        params: the validated ``params.yaml``, for the protocol section.
+        params: the validated ``params.yaml``, for the protocol section and its table of
+            differences from the seeds' protocols
+            (:mod:`chestssl.report.protocol_differences`, ``tables/protocol_differences``).
         not_applicable: further lines for the README's "Skipped or not applicable" list.
         table_sections: further sections of tables (written as CSV + Markdown like the
             others), placed after the classification section.
         figure_sections: further sections of figures already written under ``out_dir``.
         reconstruction_notes: a caveat per pretraining method, footnoted in the
             reconstruction table.
+        costs: training stage (``pretrain@<method>``, ``finetune@<run>``) -> its ``cost.json``
+            (:func:`chestssl.train.cost_probe.fit_cost`), shown beside the scores
+            (:func:`~chestssl.report.tables.with_costs`); a file not there shows ``n/a``.
 
     Returns:
         The paths written.
@@ -209,6 +233,9 @@ def build_report(
     tables_dir, figures_dir = out_dir / "tables", out_dir / "figures"
 
     recon_metrics = {m: (_read_metrics(p), str(p)) for m, p in pretrain_metrics.items()}
+    cost_of = {name: _read_metrics(path) if Path(path).is_file() else None for name, path in (costs or {}).items()}
+    method_costs = {m: cost_of.get(f"pretrain@{m}") for m in recon_metrics}
+    run_costs = {r: cost_of.get(f"finetune@{r}") for r in eval_metrics}
     run_metrics = {r: (_read_metrics(p), str(p)) for r, p in eval_metrics.items()}
     by_task = {
         task: {r: v for r, v in run_metrics.items() if run_params[r]["task"] == task} for task in _TASKS
@@ -243,10 +270,16 @@ def build_report(
         written.append(path)
         return _figure_markdown(out_dir, path, f"{table.title} with confidence intervals")
 
+    # The protocol's differences from the seeds', computed from the params.
+    protocol = _protocol(params, bootstrap, costs is not None)
+    if params is not None:
+        table = protocol_differences_table(protocol_differences(params))
+        protocol += f"\n\n### {table.title}\n\n{DIFFERENCES_INTRO}\n\n" + write_table(table)
+
     # Reconstruction.
     body = []
     if recon_metrics:
-        body.append(write_table(reconstruction_table(recon_metrics, reconstruction_notes)))
+        body.append(write_table(with_costs(reconstruction_table(recon_metrics, reconstruction_notes), method_costs)))
     else:
         skipped.append("Reconstruction table: no pretraining method with reconstruction metrics was given.")
     recon_examples = {n: a for n, a in example_arrays.items() if example_kinds[n] == "reconstruction"}
@@ -273,7 +306,7 @@ def build_report(
     body = []
     seg_runs = by_task["seg"]
     if seg_runs:
-        table = segmentation_table(seg_runs, run_params)
+        table = with_costs(segmentation_table(seg_runs, run_params), run_costs)
         body.append(write_table(table))
         body.append(interval_plot(table, SEGMENTATION_COLUMNS[:3], "run"))
     else:
@@ -303,7 +336,7 @@ def build_report(
     # Classification.
     cls_runs = by_task["cls"]
     if cls_runs:
-        table = classification_table(cls_runs, run_params)
+        table = with_costs(classification_table(cls_runs, run_params), run_costs)
         body = [write_table(table), interval_plot(table, (CLASSIFICATION_COLUMNS[3], CLASSIFICATION_COLUMNS[4]), "run")]
         sections.append("## Nodule-slice classification\n\n" + "\n\n".join(body))
     else:
@@ -351,7 +384,7 @@ def build_report(
             "# ChestSSL results",
             "Written by the `report` stage (`dvc repro report`) from the metrics, training logs and examples of "
             "the pipeline; edits here are overwritten.",
-            "## Protocol\n\n" + _protocol(params, bootstrap),
+            "## Protocol\n\n" + protocol,
             *sections,
             "## Skipped or not applicable\n\n" + skipped_text,
         ]

@@ -40,6 +40,7 @@ from chestssl.eval.paired import load_item_scores, paired_difference, scratch_pa
 from chestssl.report.ablations import (
     ABLATION_METRICS,
     downstream_by_method_table,
+    fraction_unit,
     frozen_parts_table,
     label_fraction_figure,
     label_fraction_table,
@@ -189,6 +190,7 @@ def build_pipeline_report(params: Mapping[str, Any], out_dir: Path = paths.REPOR
     figure_sections = []
     if fraction_ablations:
         tables, captioned = [], []
+        unit = fraction_unit({run: metrics for run, (metrics, _) in fraction_ablations.items()})
         for task in ("cls", "seg"):
             of_task = {run: value for run, value in fraction_ablations.items() if runs[run]["task"] == task}
             if not of_task:
@@ -196,12 +198,18 @@ def build_pipeline_report(params: Mapping[str, Any], out_dir: Path = paths.REPOR
             tables += [label_fraction_table(of_task, kinds, task, metric) for metric, _ in ABLATION_METRICS[task]]
             path = label_fraction_figure(figures_dir / f"label_fraction_{task}.png",
                                          {run: metrics for run, (metrics, _) in of_task.items()}, task)
-            captioned.append((f"Label-fraction ablation ({task}): test metric vs share of training patients", path))
+            captioned.append((f"Label-fraction ablation ({task}): test metric vs share of {unit}", path))
+        if unit == "training images":
+            drawn = ("the run's training images (the slices it is fine-tuned on, as seed 001 drew its shares; "
+                     "classification shares keep both classes in their overall proportion, at least one image "
+                     "of each; shares with the same images share one training)")
+        else:
+            drawn = ("the training patients that have nodule slices (at least one patient; shares with the same "
+                     "patient count share one training)")
         table_sections.append((
             "Label-fraction ablation (seed 001)",
-            "Each run fine-tuned again, same params, on nested shares of the training patients that have nodule "
-            "slices (at least one patient; shares with the same patient count share one training), and tested "
-            "on the whole test split with bootstrap intervals over patients.",
+            f"Each run fine-tuned again, same params, on nested shares of {drawn}, and tested on the whole test "
+            "split with bootstrap intervals over patients.",
             tables,
         ))
         figure_sections.append(("Label-fraction ablation", captioned))
@@ -362,4 +370,6 @@ def build_pipeline_report(params: Mapping[str, Any], out_dir: Path = paths.REPOR
         figure_sections=figure_sections,
         reconstruction_notes={name: RECONSTRUCTION_CAVEATS[entry["method"]] for name, entry in methods.items()
                               if entry["method"] in RECONSTRUCTION_CAVEATS},
+        costs={**{f"pretrain@{name}": paths.pretrain_report_dir(name) / "cost.json" for name in reconstructing},
+               **{f"finetune@{run}": paths.finetune_report_dir(run) / "cost.json" for run in runs}},
     )

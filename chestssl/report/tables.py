@@ -197,3 +197,54 @@ def classification_table(
         descriptors = {"run": run, "arch": params.get("arch", ""), "init": params.get("init", "")}
         rows.append((descriptors, metrics, source))
     return build_table("classification", "Nodule-slice classification (test split)", rows, CLASSIFICATION_COLUMNS)
+
+
+#: The cost columns beside the scores (keys of a training stage's ``cost.json``).
+COST_HEADERS = {"parameters": "Parameters", "steps": "Steps", "train_seconds": "Training time",
+                "peak_memory_gb": "Peak memory (GB)"}
+
+
+def _count(value: float) -> str:
+    for factor, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if value >= factor:
+            return f"{value / factor:.3g}{suffix}"
+    return f"{value:g}"
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.0f} s"
+    if seconds < 3600:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def with_costs(table: Table, costs: Mapping[str, Mapping[str, Any] | None]) -> Table:
+    """``table`` with what each row's training cost (:data:`COST_HEADERS`), looked up by the
+    row's first column (a run or method name); ``n/a`` where a row has no cost file.
+
+    A cost is that of the row's own training stage (e.g. the fine-tuning, not the
+    pretraining it started from); ``peak_memory_gb`` is the stage process's peak resident
+    size on a CPU, the peak of allocated CUDA memory on a GPU.
+    """
+    numbers, text = table.numbers.copy(), table.text.copy()
+    label = text.columns[0]
+    for key, header in COST_HEADERS.items():
+        values, cells = [], []
+        for name in text[label]:
+            cost = costs.get(str(name)) or {}
+            value = cost.get(key)
+            values.append(value)
+            if value is None:
+                cells.append("n/a")
+            elif key == "parameters":
+                cells.append(_count(float(value)))
+            elif key == "steps":
+                cells.append(f"{int(value):,}")
+            elif key == "train_seconds":
+                cells.append(_duration(float(value)))
+            else:
+                cells.append(f"{float(value):.2f}")
+        numbers[key] = values
+        text[header] = cells
+    return Table(table.name, table.title, numbers, text, list(table.footnotes), list(table.cell_notes))

@@ -7,13 +7,19 @@
   ``representation`` (global average pool) -> one linear layer -> two logits.
 
 Two logits (clean, nodule); class-weighted cross-entropy. The whole network, encoder
-included, is trained.
+included, is trained. ``class_weights`` is a list (clean, nodule), or ``balanced``:
+computed from the class counts of the run's own training set
+(:func:`resolve_class_weights`). Seed 000 weighed the classes [50, 1] for its own data;
+the clean slices drawn here (``slices.clean_per_nodule_slice`` per nodule slice) give
+other class counts, so ``balanced`` derives the weights from the counts of the set
+actually trained on.
 """
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
+import numpy as np
 import torch
 from monai.metrics import Cumulative, ROCAUCMetric
 from torch import nn
@@ -21,7 +27,7 @@ from torch import nn
 from chestssl.models.classifier import RESNET_LAYERS, LatentResNetClassifier, LinearHeadClassifier
 from chestssl.models.losses import class_weight_tensor
 from chestssl.models.seeding import seeded
-from chestssl.params import CLS_ARCH_BACKBONES
+from chestssl.params import BALANCED, CLS_ARCH_BACKBONES
 from chestssl.tasks.base import TaskModel
 
 #: Architectures of the ``cls`` task (the ``arch`` param) and the backbones each accepts:
@@ -31,6 +37,51 @@ CLS_ARCHS: dict[str, tuple[str, ...]] = CLS_ARCH_BACKBONES
 LATENT_HEAD_BACKBONES: tuple[str, ...] = CLS_ARCHS["resnet18"]
 #: Backbones with a global ``representation`` for the linear head.
 LINEAR_HEAD_BACKBONES: tuple[str, ...] = CLS_ARCHS["linear"]
+#: The classes, in the order of the logits and of ``class_weights``.
+CLASSES = ("clean", "nodule")
+
+
+def class_counts(labels: Sequence[int] | torch.Tensor | np.ndarray) -> list[int]:
+    """How many of ``labels`` are 0 (clean) and 1 (nodule); any other label is an error."""
+    values = np.asarray(labels.cpu() if isinstance(labels, torch.Tensor) else labels).astype(np.int64).ravel()
+    other = sorted(set(values.tolist()) - {0, 1})
+    if other:
+        raise ValueError(f"training labels: got {other[:5]}, expected 0 (clean) and 1 (nodule) only")
+    return [int((values == k).sum()) for k in range(len(CLASSES))]
+
+
+def resolve_class_weights(
+    weights: str | Sequence[float], labels: Sequence[int] | torch.Tensor | np.ndarray | None, name: str = "run"
+) -> list[float]:
+    """The class weights (clean, nodule) a ``runs.<name>`` entry trains with.
+
+    A list is returned as given (as floats). ``balanced`` (:data:`chestssl.params.BALANCED`)
+    is computed from ``labels``, the labels of the run's training set (``SliceDataset.frame``):
+    ``n_items / (2 * n_items_of_the_class)``, sklearn's "balanced" class weights, which
+    average 1 over the training items and make both classes weigh the same in the loss.
+    With one clean slice drawn per nodule slice (``slices.clean_per_nodule_slice: 1``) and
+    enough clean slices, they are [1, 1].
+
+    Raises:
+        ValueError: ``balanced`` without ``labels``, or with a class that has no item.
+    """
+    if not isinstance(weights, str):
+        return [float(w) for w in weights]
+    if weights != BALANCED:
+        raise ValueError(f"runs.{name}.class_weights: got {weights!r}, expected {BALANCED!r} or 2 weights")
+    if labels is None:
+        raise ValueError(f"runs.{name}.class_weights: {BALANCED!r} weights are computed from the training set's "
+                         "labels; pass them (train_labels)")
+    counts = class_counts(labels)
+    empty = [cls for cls, count in zip(CLASSES, counts) if count == 0]
+    if empty:
+        raise ValueError(
+            f"runs.{name}.class_weights: {BALANCED!r} weighs each class by its share of the training set, but the "
+            f"training set of {sum(counts)} slice(s) holds no {' and no '.join(empty)} slice; give explicit "
+            "weights, or draw clean slices (slices.clean_per_nodule_slice > 0) from a split that has them"
+        )
+    total = sum(counts)
+    return [total / (len(CLASSES) * count) for count in counts]
 
 
 class ClassificationTask(TaskModel):
@@ -44,21 +95,29 @@ class ClassificationTask(TaskModel):
         name, run_cfg, seed: see :class:`~chestssl.tasks.base.TaskModel`; ``run_cfg``
             holds ``arch`` and ``class_weights``; ``seed`` seeds the head.
         encoder: the pretrained backbone (copied into the classifier).
+        train_labels: the labels of the training set, which ``class_weights: balanced``
+            needs (:func:`resolve_class_weights`); an explicit list ignores them.
+
+    ``class_weights`` holds the weights the loss uses (a list, ``balanced`` resolved) and
+    ``class_counts`` the training set's (clean, nodule) counts, ``None`` without ``train_labels``.
     """
 
     # Every parameter gets a gradient in every step (the backbone protocol promises it for
     # ``representation``): DDP need not search for unused ones.
     ddp_find_unused_parameters = False
 
-    def __init__(self, name: str, run_cfg: Mapping[str, Any], encoder: nn.Module, seed: int):
+    def __init__(self, name: str, run_cfg: Mapping[str, Any], encoder: nn.Module, seed: int,
+                 train_labels: Sequence[int] | torch.Tensor | None = None):
         super().__init__(name, run_cfg, seed)
+        self.class_weights = resolve_class_weights(self.run_cfg["class_weights"], train_labels, name)
+        self.class_counts = class_counts(train_labels) if train_labels is not None else None
         self.arch = self.checked_arch(CLS_ARCHS, encoder)
         with seeded(self.seed):
             if self.arch == "linear":
                 self.network: nn.Module = LinearHeadClassifier(encoder, num_classes=2)
             else:
                 self.network = LatentResNetClassifier(encoder, arch=self.arch, num_classes=2)
-        self.loss_fn = nn.CrossEntropyLoss(weight=class_weight_tensor(self.run_cfg["class_weights"]))
+        self.loss_fn = nn.CrossEntropyLoss(weight=class_weight_tensor(self.class_weights))
         self._epoch_auroc = self.register_accumulator(ROCAUCMetric())
         self._epoch_correct = self.register_accumulator(Cumulative())
 

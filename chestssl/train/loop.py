@@ -36,7 +36,10 @@ What the loop takes care of:
   them before a run, and its run-cache can then restore an earlier run instead); the
   curves are copied to the stage's curve folder when the fit starts and when it ends;
 - the best weights by a monitored metric, returned in :class:`FitResult` (the caller
-  writes the model files).
+  writes the model files), with the fit's wall-clock time and peak memory;
+- the step plan (:func:`plan_steps`), which :mod:`chestssl.cost` also uses to estimate a
+  protocol's steps; when it asks (:mod:`chestssl.train.cost_probe`), a fit measures a few
+  batches instead of training.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ import math
 import random
 import shutil
 import sys
+import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,6 +69,7 @@ from tqdm.auto import tqdm
 
 from chestssl.io import atomic_dir, write_text
 from chestssl.params import TRAIN_DEFAULTS
+from chestssl.train import cost_probe
 from chestssl.train.checkpoint import (
     capture_rng_state,
     describe_mismatch,
@@ -75,6 +80,7 @@ from chestssl.train.checkpoint import (
     state_dict_digest,
 )
 from chestssl.train.devices import amp_enabled, batch_size_of, move_to_device
+from chestssl.train.cost_probe import CostRequest
 from chestssl.train.distributed import (
     DistContext,
     ShardSampler,
@@ -123,6 +129,13 @@ class FitResult:
     resumed: bool = False
     is_main: bool = True
     history: list[dict[str, float]] = field(default_factory=list)
+    #: Wall-clock seconds of training and validation, over every resumed part of the fit.
+    train_seconds: float = 0.0
+    #: Peak memory of rank 0 and what it measures (:func:`~chestssl.train.cost_probe.peak_memory`).
+    peak_memory_bytes: int = 0
+    memory_kind: str = ""
+    device: str = "cpu"
+    world_size: int = 1
 
 
 def fit(
@@ -181,6 +194,43 @@ def fit(
     finally:
         torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])
         teardown_distributed(ctx)
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """How many batches and optimisation steps a fit takes (:func:`plan_steps`)."""
+
+    batches_per_epoch: int
+    #: Batches per optimisation step (``train.accumulate``); an epoch's last step may take fewer.
+    accumulate: int
+    steps_per_epoch: int
+    #: ``epochs`` x ``steps_per_epoch``, or ``max_steps`` when that is smaller.
+    total_steps: int
+    #: Whether the epoch's trailing batch is dropped (it would hold a single sample).
+    drop_last: bool
+
+
+def plan_steps(num_items: int, cfg: Mapping[str, Any], world_size: int = 1) -> StepPlan:
+    """The batches and steps :func:`fit` takes on ``num_items`` training items.
+
+    Each of ``world_size`` processes sees ``ceil(num_items / world_size)`` items per epoch
+    (``DistributedSampler`` pads the last share). A trailing batch of a single sample is
+    dropped: it breaks batch statistics (BatchNorm, the cross-correlation of Barlow
+    Twins), and as the data order changes every epoch, the sample left out of one epoch
+    is seen in the others. :func:`fit` trains by this plan and :mod:`chestssl.cost`
+    estimates the full protocol's steps with it.
+    """
+    if num_items < 1 or world_size < 1:
+        raise ValueError(f"num_items and world_size must be >= 1; got {num_items} and {world_size}")
+    per_rank = math.ceil(num_items / world_size)
+    batch_size = int(cfg["batch_size"])
+    drop_last = per_rank > batch_size and per_rank % batch_size == 1
+    batches = per_rank // batch_size if drop_last else math.ceil(per_rank / batch_size)
+    accumulate = int(train_setting(cfg, "accumulate"))
+    steps_per_epoch = math.ceil(batches / accumulate)
+    total = int(cfg["epochs"]) * steps_per_epoch
+    total = min(total, int(cfg["max_steps"])) if int(cfg["max_steps"]) > 0 else total
+    return StepPlan(batches, accumulate, steps_per_epoch, total, drop_last)
 
 
 def build_optimizer(parameters: Iterable[nn.Parameter], cfg: Mapping[str, Any]) -> torch.optim.Optimizer:
@@ -383,6 +433,9 @@ class _Fit:
         self.history: list[dict[str, float]] = []
         self.resumed = False
         self.live = None
+        # Time and peak memory of the earlier parts of a resumed fit.
+        self.seconds_before, self.peak_before = 0.0, 0
+        self.clock = 0.0
 
     # -- setup ----------------------------------------------------------------------
     def _setup(self) -> None:
@@ -404,16 +457,12 @@ class _Fit:
         self.train_sampler = DistributedSampler(
             self.train_data, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=self.seed, drop_last=False
         )
-        per_rank = len(self.train_sampler)
+        self.plan = plan_steps(len(self.train_data), cfg, ctx.world_size)
         batch_size = cfg["batch_size"]
-        # A trailing batch of a single sample breaks batch statistics (BatchNorm, the
-        # cross-correlation of Barlow Twins); the data order changes every epoch, so the
-        # sample left out of one epoch is seen in the others.
-        drop_last = per_rank > batch_size and per_rank % batch_size == 1
         pin = self.device.type == "cuda"
         self.train_loader = DataLoader(
             self.train_data, batch_size=batch_size, sampler=self.train_sampler, num_workers=cfg["num_workers"],
-            collate_fn=self.collate_fn, pin_memory=pin, drop_last=drop_last, worker_init_fn=seed_worker,
+            collate_fn=self.collate_fn, pin_memory=pin, drop_last=self.plan.drop_last, worker_init_fn=seed_worker,
             generator=self.loader_generator,
         )
         self.val_loader = DataLoader(
@@ -421,11 +470,11 @@ class _Fit:
             num_workers=cfg["num_workers"], collate_fn=self.collate_fn, pin_memory=pin, worker_init_fn=seed_worker,
             generator=self.val_generator,
         )
-        # Optimisation steps: each takes `accumulate` batches (the epoch's last may take fewer).
-        self.accumulate = int(train_setting(cfg, "accumulate"))
-        self.steps_per_epoch = math.ceil(len(self.train_loader) / self.accumulate)
-        total = cfg["epochs"] * self.steps_per_epoch
-        self.total_steps = min(total, cfg["max_steps"]) if cfg["max_steps"] > 0 else total
+        if len(self.train_loader) != self.plan.batches_per_epoch:  # the plan is what the cost estimate uses
+            raise RuntimeError(f"the training loader has {len(self.train_loader)} batches per epoch, the step plan "
+                               f"{self.plan.batches_per_epoch}")
+        self.accumulate = self.plan.accumulate
+        self.steps_per_epoch, self.total_steps = self.plan.steps_per_epoch, self.plan.total_steps
         self.optimizer = build_optimizer(self.parameters, cfg)
         self.scheduler = build_scheduler(self.optimizer, cfg, self.total_steps, self.mode, self.steps_per_epoch)
         # bfloat16 has float32's exponent range: its gradients need no loss scaling.
@@ -476,6 +525,8 @@ class _Fit:
         self.final_metrics = dict(shared["final_metrics"])
         self.history = [dict(h) for h in shared["history"]]
         restore_rng_state(shared["rng"][self.ctx.rank])
+        self.seconds_before = float(shared.get("train_seconds", 0.0))
+        self.peak_before = int(shared.get("peak_memory_bytes", 0))
         self.resumed = True
         if self.ctx.is_main:
             print(
@@ -503,7 +554,9 @@ class _Fit:
         if self.ctx.is_main:
             print(f"world size {self.ctx.world_size} ({self.device.type}); global batch "
                   f"{self.cfg['batch_size'] * self.accumulate * self.ctx.world_size}", file=sys.stderr, flush=True)
-        self._resume()
+        request = cost_probe.cost_request()
+        if request is None:
+            self._resume()
         self._open_live()
         raw_model = self.model
         if self.ctx.distributed:
@@ -514,6 +567,12 @@ class _Fit:
             )
         else:
             step_module = _TrainingStep(raw_model)
+        if request is not None:  # measure a batch's cost, train nothing (chestssl.cost)
+            self._measure_cost(step_module, raw_model, request)
+            return self._finish(raw_model)
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self.clock = time.perf_counter()
         try:
             while self.epochs_done < self.cfg["epochs"] and not self._step_limit_reached():
                 train_means = self._train_epoch(step_module)
@@ -562,26 +621,11 @@ class _Fit:
                     self.optimizer.zero_grad(set_to_none=True)
                     group = min(self.accumulate, batches - index)
                 last = position == group - 1
-                batch = move_to_device(batch, self.device, non_blocking=self.device.type == "cuda")
-                # DDP averages gradients across processes at the step's last backward only.
-                sync = nullcontext() if last or not hasattr(step_module, "no_sync") else step_module.no_sync()
-                with sync:
-                    with self._autocast():
-                        output = step_module(batch)
-                    loss = self._check_output(output)
-                    self.scaler.scale(loss if group == 1 else loss / group).backward()
+                output = self._backward(step_module, batch, group, last)
                 if not last:
                     window_steps, epoch_steps = _add_scalars(output, window, epoch_sums, window_steps, epoch_steps)
                     continue
-                if self.cfg["grad_clip"] > 0:
-                    self.scaler.unscale_(self.optimizer)
-                    torch.nn.utils.clip_grad_norm_(self.parameters, self.cfg["grad_clip"])
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-                if self.scheduler is not None and not isinstance(
-                    self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau
-                ):
-                    self.scheduler.step()  # per-step schedules: warm-up, cosine
+                self._optimizer_step()
                 self.global_step += 1
                 bar.update(1)
                 # After the step, as an output that is a parameter's view reads its new value.
@@ -594,6 +638,72 @@ class _Fit:
         if epoch_steps == 0:
             return {}
         return {f"train/{k}": v for k, v in self._reduce_means(epoch_sums, epoch_steps).items()}
+
+    def _backward(self, step_module: nn.Module, batch: Any, group: int, last: bool) -> Any:
+        """Forward and backward pass of one of a step's ``group`` batches; returns the step's output."""
+        batch = move_to_device(batch, self.device, non_blocking=self.device.type == "cuda")
+        # DDP averages gradients across processes at the step's last backward only.
+        sync = nullcontext() if last or not hasattr(step_module, "no_sync") else step_module.no_sync()
+        with sync:
+            with self._autocast():
+                output = step_module(batch)
+            loss = self._check_output(output)
+            self.scaler.scale(loss if group == 1 else loss / group).backward()
+        return output
+
+    def _optimizer_step(self) -> None:
+        if self.cfg["grad_clip"] > 0:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.parameters, self.cfg["grad_clip"])
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        if self.scheduler is not None and not isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            self.scheduler.step()  # per-step schedules: warm-up, cosine
+
+    def _measure_cost(self, step_module: nn.Module, raw_model: nn.Module, request: CostRequest) -> None:
+        """Measure batches instead of training (:mod:`chestssl.train.cost_probe`); rank 0 logs them."""
+
+        def run_batch(batch: Any) -> None:
+            self.optimizer.zero_grad(set_to_none=True)
+            self._backward(step_module, batch, 1, True)
+            self._optimizer_step()
+
+        self.model.train()
+        batch_size = request.measured_batch(self.cfg["batch_size"])
+        # Full batches, drawn with replacement: a small sample may hold fewer items than a batch.
+        loader = DataLoader(
+            self.train_data, batch_size=batch_size, collate_fn=self.collate_fn,
+            sampler=torch.utils.data.RandomSampler(self.train_data, replacement=True,
+                                                   num_samples=batch_size * (request.batches + 1),
+                                                   generator=torch.Generator().manual_seed(self.seed)),
+        )
+        first = next(iter(loader))
+        shapes = cost_probe.tensor_shapes(first)
+        key = cost_probe.measurement_key(raw_model, {**TRAIN_DEFAULTS, **self.cfg}, shapes)
+        earlier = cost_probe.earlier_measurement(request.log, key)
+        if earlier is None:
+            measured = cost_probe.measure_batches(run_batch, lambda: loader, request.batches, self.device)
+            scale = self.cfg["batch_size"] / batch_size  # FLOPs and time grow linearly with the batch
+            measured.update(flops_per_batch=round(measured["flops_per_batch"] * scale),
+                            seconds_per_batch=measured["seconds_per_batch"] * scale, measured_batch_size=batch_size)
+        else:
+            measured = {name: earlier.get(name) for name in
+                        ("flops_per_batch", "seconds_per_batch", "timed_batches", "peak_memory_bytes", "memory_kind",
+                         "measured_batch_size")}
+        if not self.ctx.is_main:
+            return
+        total, trainable = cost_probe.parameter_counts(raw_model)
+        record = {
+            "argv": list(sys.argv), "key": key, "reused": earlier is not None, **measured,
+            "model": type(raw_model).__name__, "dataset": type(self.train_data).__name__,
+            "task": getattr(self.train_data, "task", None), "train_items": len(self.train_data),
+            "input_shapes": shapes, "parameters": total, "trainable_parameters": trainable,
+            "device": self.device.type, "world_size": self.ctx.world_size, "amp": self.amp,
+            "train": {key: self.cfg[key] for key in ("epochs", "batch_size", "max_steps", "amp")}
+            | {key: train_setting(self.cfg, key) for key in ("accumulate", "amp_dtype")},
+            "steps_here": self.total_steps,
+        }
+        cost_probe.append_record(request.log, record)
 
     def _autocast(self):
         if self.amp:
@@ -729,17 +839,26 @@ class _Fit:
                 "final_metrics": self.final_metrics,
                 "history": self.history,
                 "rng": rng_states,
+                "train_seconds": self._train_seconds(),
+                "peak_memory_bytes": self._peak_memory()[0],
             },
         )
 
+    def _train_seconds(self) -> float:
+        return self.seconds_before + (time.perf_counter() - self.clock if self.clock else 0.0)
+
+    def _peak_memory(self) -> tuple[int, str]:
+        peak, kind = cost_probe.peak_memory(self.device)
+        return max(peak, self.peak_before), kind
+
     def _finish(self, raw_model: nn.Module) -> FitResult:
+        peak, memory_kind = self._peak_memory()
         best_value = self.best_value
         if self.ctx.is_main:
             if best_value is None or math.isnan(best_value):
-                print(
-                    f"{self.monitor} was never a number; returning the final weights as the best",
-                    file=sys.stderr,
-                )
+                if self.epochs_done > 0:
+                    print(f"{self.monitor} was never a number; returning the final weights as the best",
+                          file=sys.stderr)
                 self.best_state = _cpu_state(raw_model)
                 best_value = math.nan
                 self.best_epoch, self.best_step = self.epochs_done, self.global_step
@@ -762,4 +881,9 @@ class _Fit:
             resumed=self.resumed,
             is_main=self.ctx.is_main,
             history=list(self.history),
+            train_seconds=self._train_seconds(),
+            peak_memory_bytes=peak,
+            memory_kind=memory_kind,
+            device=self.device.type,
+            world_size=self.ctx.world_size,
         )

@@ -15,7 +15,9 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Optional
 
 from torch.utils.data import Dataset
 
+from chestssl.io import write_json
 from chestssl.train.checkpoint import stage_inputs
+from chestssl.train.cost_probe import fit_cost
 from chestssl.train.loop import fit
 from chestssl.train.metrics import flat_metrics
 
@@ -37,6 +39,7 @@ def train_pretext(
     params_read: Mapping[str, Any],
     data_paths: Iterable[str | Path],
     collate_fn: Callable | None = None,
+    cost_path: Path | None = None,
 ) -> dict[str, Any] | None:
     """Train ``method`` if it has anything to train; returns the training metrics.
 
@@ -53,6 +56,8 @@ def train_pretext(
         params_read, data_paths: the params the stage reads (its whole entry included)
             and the data files or folders it reads; both are part of the checkpoint's
             fingerprint, so a resume never continues on other params or data.
+        cost_path: if given, receives what the training cost
+            (:func:`~chestssl.train.cost_probe.fit_cost`; no steps for a method that trains nothing).
 
     Returns:
         ``{"trained", "epochs", "steps", "best_<monitor>", <final metrics>}``, ``{"trained":
@@ -62,6 +67,8 @@ def train_pretext(
     if not method.trainable:
         shutil.rmtree(live_dir, ignore_errors=True)
         (live_dir / "plots" / "metrics").mkdir(parents=True)
+        if cost_path is not None:
+            write_json(cost_path, fit_cost(method))
         return {"trained": False}
     train, val, epoch_hook = data()
     monitor, mode = method.monitor
@@ -71,5 +78,7 @@ def train_pretext(
     if not result.is_main:
         return None
     method.load_state_dict(result.best_state)
+    if cost_path is not None:
+        write_json(cost_path, fit_cost(method, result))
     return {"trained": True, "epochs": result.epochs, "steps": result.steps,
             f"best_{monitor.replace('/', '_')}": result.best_value, **flat_metrics(result.final_metrics)}

@@ -1,11 +1,15 @@
-"""Label-fraction subsets, and both ablations' settings trained and tested on tiny data, with resume."""
+"""Label-fraction subsets (of patients or of images), and both ablations' settings trained and tested
+on tiny data, with resume."""
 
 from __future__ import annotations
 
 import json
+import math
 import shutil
+from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -13,15 +17,25 @@ from chestssl import paths
 from chestssl.ablations.frozen_parts import frozen_parts_metrics, frozen_parts_settings
 from chestssl.ablations.label_fraction import (
     fraction_key,
+    image_fraction_settings,
+    item_subsets,
     label_fraction_metrics,
     label_fraction_settings,
     labelled_patients,
     patient_subsets,
 )
-from chestssl.ablations.runner import finish_ablation, run_ablation, run_encoder_payload
+from chestssl.ablations.runner import (
+    AblationSetting,
+    finish_ablation,
+    run_ablation,
+    run_dataset,
+    run_encoder_payload,
+    setting_fingerprint,
+)
 from chestssl.io import save_torch
 from chestssl.models.backbones import build_backbone, export_encoder
 from chestssl.models.seeding import seeded
+from chestssl.train.checkpoint import digest
 
 RESNET = {"name": "resnet18", "spatial_dims": 2, "block_inplanes": [4, 8, 8, 16]}
 TRAIN = {"epochs": 2, "batch_size": 4, "lr": 0.001, "weight_decay": 0.0, "optimizer": "adam", "betas": [0.9, 0.999],
@@ -56,6 +70,82 @@ def test_bad_fraction_is_refused(bad):
         patient_subsets(["a", "b"], [bad], seed=0)
 
 
+def test_patient_unit_settings_are_what_they_were():
+    """The patients unit draws exactly the subsets it drew before images could be drawn, and a
+    finished patient setting keeps its fingerprint (so kept results are still reused)."""
+    settings, served_by = label_fraction_settings([f"p{i:02d}" for i in range(12)], [0.1, 0.25, 0.5, 1.0], seed=7)
+    order = ("p04", "p06", "p10", "p00", "p01", "p03", "p08", "p07", "p02", "p05", "p09", "p11")
+    assert settings == [AblationSetting(key="10pct", patient_ids=order[:2]),
+                        AblationSetting(key="25pct", patient_ids=order[:3]),
+                        AblationSetting(key="50pct", patient_ids=order[:6]),
+                        AblationSetting(key="100pct", patient_ids=order)]
+    assert all(setting.item_indices is None for setting in settings)
+    assert served_by == {0.1: "10pct", 0.25: "25pct", 0.5: "50pct", 1.0: "100pct"}
+    before = {"key": "10pct", "patient_ids": order[:2], "unfrozen_stages": None}  # the setting's fields until now
+    assert setting_fingerprint(settings[0], {"seed": 0}) == digest(dict(setting=before, seed=0))
+
+
+SEED_FRACTIONS = [0.01, 0.05, 0.10, 0.15, 0.20, 0.25, 0.50, 1.0]  # seed 001's shares of its training images
+
+
+def test_image_subsets_are_nested_seeded_and_keep_both_classes():
+    labels = np.array([1] * 30 + [0] * 90)  # one nodule slice to three clean ones, as listed by scan and slice
+    subsets = item_subsets(labels, SEED_FRACTIONS, seed=3, stratify=True)
+    ordered = [subsets[f] for f in sorted(subsets)]
+    assert [len(items) for items in ordered] == [max(2, math.ceil(f * 120)) for f in SEED_FRACTIONS] \
+        == [2, 6, 12, 18, 24, 30, 60, 120]
+    for small, large in zip(ordered, ordered[1:]):
+        assert set(small) < set(large)
+    assert subsets[1.0] == tuple(range(120))  # the whole training set, in its own order
+    for items in ordered:
+        nodule = int(labels[list(items)].sum())
+        assert 1 <= nodule and len(items) - nodule >= 1, "both classes in every share"
+        assert abs(nodule - len(items) / 4) <= 1, "the classes in their overall proportion"
+    assert item_subsets(labels, [0.25], seed=3, stratify=True) == {0.25: subsets[0.25]}
+    assert item_subsets(labels, [0.25], seed=4, stratify=True)[0.25] != subsets[0.25]
+
+
+def test_one_share_of_images_keeps_the_rarer_class():
+    labels = [0] * 99 + [1]  # one nodule slice among 100
+    smallest = item_subsets(labels, [0.01, 0.02], seed=0, stratify=True)
+    assert [sorted(labels[i] for i in smallest[f]) for f in (0.01, 0.02)] == [[0, 1], [0, 1]]
+    # Without stratification (segmentation: nodule slices only) 1% of 100 is one image.
+    assert len(item_subsets(labels, [0.01], seed=0, stratify=False)[0.01]) == 1
+    # Items of one class only (no clean slice sampled): every share holds that class, at least one image.
+    assert len(item_subsets([1] * 50, [0.01], seed=0, stratify=True)[0.01]) == 1
+
+
+def test_fractions_with_the_same_images_share_one_training():
+    labels = [0, 1] * 5
+    settings, served_by = image_fraction_settings(labels, SEED_FRACTIONS, seed=0, stratify=True)
+    # 1%-20% of 10 images are all the first 2 (one per class); 25% is 3.
+    assert [s.key for s in settings] == ["1pct", "25pct", "50pct", "100pct"]
+    assert [len(s.item_indices) for s in settings] == [2, 3, 5, 10]
+    assert all(s.patient_ids is None for s in settings)
+    assert served_by == {0.01: "1pct", 0.05: "1pct", 0.1: "1pct", 0.15: "1pct", 0.2: "1pct", 0.25: "25pct",
+                         0.5: "50pct", 1.0: "100pct"}
+
+
+@pytest.mark.parametrize("bad", [0.0, 1.5])
+def test_bad_image_fraction_and_no_images_are_refused(bad):
+    with pytest.raises(ValueError, match=r"fractions must be in \(0, 1\]"):
+        item_subsets([0, 1], [bad], seed=0, stratify=True)
+    with pytest.raises(ValueError, match="no training images"):
+        item_subsets([], [0.5], seed=0, stratify=True)
+
+
+def test_a_setting_names_patients_or_items_and_its_fingerprint_follows_its_items():
+    with pytest.raises(ValueError, match="not both"):
+        AblationSetting(key="x", patient_ids=("p0",), item_indices=(0,))
+    with pytest.raises(ValueError, match="empty"):
+        AblationSetting(key="x", item_indices=())
+    common = {"seed": 0}
+    first = setting_fingerprint(AblationSetting(key="10pct", item_indices=(0, 1)), common, "items a")
+    assert setting_fingerprint(AblationSetting(key="10pct", item_indices=(0, 2)), common, "items a") != first
+    assert setting_fingerprint(AblationSetting(key="10pct", item_indices=(0, 1)), common, "items b") != first
+    assert setting_fingerprint(AblationSetting(key="10pct", patient_ids=("p0",)), common) != first
+
+
 def test_only_patients_with_nodule_slices_are_drawn(synthetic_processed):
     assert labelled_patients(synthetic_processed, "train") == ["p1"]
     assert labelled_patients(synthetic_processed, "test") == ["p5"]
@@ -88,7 +178,8 @@ def workspace(synthetic_processed, tmp_path, monkeypatch):
     with seeded(0):
         encoder = build_backbone(RESNET)
     save_torch(paths.finetune_model_path("r"), {"run": "r", "encoder": export_encoder(encoder, RESNET)})
-    return {"seed": 0, "slices": {"size": 48, "clean_per_nodule_slice": 1.0}, "runs": {"r": RUN},
+    return {"seed": 0, "slices": {"size": 48, "clean_per_nodule_slice": 1.0, "clean_source": "any_slice"},
+            "runs": {"r": RUN},
             "evaluate": {"bootstrap_samples": 20, "confidence": 0.95, "seg_threshold": 0.5, "cls_threshold": 0.5}}
 
 
@@ -125,6 +216,36 @@ def test_label_fraction_settings_train_test_and_resume(workspace, monkeypatch):
     assert (report_dir / "live" / "50pct" / curve).read_text() == published, "the finished settings' curves are kept"
     finish_ablation(paths.CHECKPOINT_DIR / "label_fraction" / "r")
     assert not (paths.CHECKPOINT_DIR / "label_fraction" / "r").exists()
+
+
+def test_image_settings_train_on_their_items_and_a_changed_subset_trains_again(workspace, monkeypatch):
+    params = workspace
+    items = run_dataset(params, "r", paths.PROCESSED_DIR, "train")
+    labels = items.frame["label"].to_numpy()
+    assert len(items) == 16 and sorted(set(labels)) == [0, 1]
+    settings, served_by = image_fraction_settings(labels, [0.25, 1.0], seed=0, stratify=True)
+    results = _run("label_fraction", params, settings)
+    assert [results[key]["n_train_images"] for key in ("25pct", "100pct")] == [4, 16]
+    assert results["100pct"]["n_train_patients"] == 2 and 1 <= results["25pct"]["n_train_patients"] <= 2
+    metrics = label_fraction_metrics("r", RUN, 2, 2, served_by, results, unit="images", n_labelled_images=16)
+    assert metrics["unit"] == "images" and metrics["n_labelled_images"] == 16
+    assert [entry["n_train_images"] for entry in metrics["fractions"].values()] == [4, 16]
+
+    # Reused as they are; a share drawn otherwise (another seed) under the same key is trained again.
+    import chestssl.train.loop as loop
+
+    class Trained(Exception):
+        pass
+
+    def no_training(model, train, *args, **kwargs):
+        raise Trained(len(train))
+
+    monkeypatch.setattr(loop, "fit", no_training)
+    assert _run("label_fraction", params, settings) == results
+    other, _ = image_fraction_settings(labels, [0.25, 1.0], seed=1, stratify=True)
+    assert other[0].item_indices != settings[0].item_indices
+    with pytest.raises(Trained, match="4"):
+        _run("label_fraction", params, other)
 
 
 def test_frozen_parts_settings_train_only_what_they_name(workspace):

@@ -4,11 +4,12 @@ have a bright disc nodule on slices 4..7; two patients per split)."""
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from chestssl.data.datasets import SliceDataset, square_resize
+from chestssl.data.datasets import DatasetError, SliceDataset, nodule_free_patients, square_resize
 from chestssl.data.processed import load_scan, read_slices, scan_path
 from chestssl.io import write_csv, write_npz
 
@@ -144,3 +145,61 @@ def test_malignancy_comes_from_slices_csv_and_is_zero_without_nodule(synthetic_p
     assert all(value == 0.0 for (p, z), value in by_slice.items() if p == "p0" or z not in (4, 5, 6, 7))
     batch = next(iter(DataLoader(SliceDataset(synthetic_processed, "val", 32, "seg"), batch_size=4)))
     assert batch["malignancy"].dtype == torch.float32 and batch["malignancy"].tolist() == [4.0] * 4
+
+
+def _clean_slices(data: SliceDataset) -> list[tuple[str, int]]:
+    return [(p, s) for p, s, label in zip(data.patient_ids, data.slice_indices, data.labels) if label == 0]
+
+
+def test_clean_slices_from_any_slice_are_those_drawn_before_clean_source_existed(synthetic_processed):
+    # The selection the default `slices.clean_source: any_slice` must keep, item for item.
+    default = SliceDataset(synthetic_processed, "train", 32, "cls", seed=0)
+    chosen = SliceDataset(synthetic_processed, "train", 32, "cls", seed=0, clean_source="any_slice")
+    assert _clean_slices(default) == _clean_slices(chosen) == [("p0", 5), ("p0", 9), ("p0", 11), ("p1", 2)]
+    assert default.frame.equals(chosen.frame)
+    assert torch.equal(default.images, chosen.images) and torch.equal(default.masks, chosen.masks)
+    (synthetic_processed / "nodules.csv").unlink()  # any_slice never reads it
+    assert SliceDataset(synthetic_processed, "train", 32, "cls", seed=0).frame.equals(default.frame)
+
+
+@pytest.mark.parametrize("split, free", [("train", "p0"), ("val", "p2"), ("test", "p4")])
+def test_seed_000_clean_slices_come_from_patients_without_nodules(synthetic_processed, split, free):
+    data = SliceDataset(synthetic_processed, split, 32, "cls", clean_per_nodule_slice=1.5, seed=0,
+                        clean_source="nodule_free_patients")
+    clean = _clean_slices(data)
+    assert {p for p, _ in clean} == {free} and len(clean) == 6  # still 1.5 per nodule slice
+    assert int((data.labels == 1).sum()) == 4 and len(data) == 10
+    assert nodule_free_patients(synthetic_processed, split) == [free]
+    again = SliceDataset(synthetic_processed, split, 32, "cls", clean_per_nodule_slice=1.5, seed=0,
+                         clean_source="nodule_free_patients")
+    assert _clean_slices(again) == clean
+    for task in ("seg", "pretrain"):  # only classification's clean slices depend on it
+        assert SliceDataset(synthetic_processed, split, 32, task, clean_source="nodule_free_patients").frame.equals(
+            SliceDataset(synthetic_processed, split, 32, task).frame)
+
+
+def test_a_patient_listed_in_nodules_csv_is_annotated_even_without_mask_pixels(synthetic_processed):
+    nodules = pd.read_csv(synthetic_processed / "nodules.csv", dtype={"patient_id": str, "scan_id": str})
+    row = nodules.iloc[[0]].assign(patient_id="p0", scan_id="p0", split="train")  # consensus below clevel
+    write_csv(synthetic_processed / "nodules.csv", pd.concat([nodules, row]))
+    assert nodule_free_patients(synthetic_processed, "train") == []
+    with pytest.raises(DatasetError, match=r"^slices.clean_source: 'nodule_free_patients' .* 2 patient\(s\) of "
+                                           r"split 'train' .* set slices.clean_source: any_slice"):
+        SliceDataset(synthetic_processed, "train", 32, "cls", clean_source="nodule_free_patients")
+    assert len(SliceDataset(synthetic_processed, "train", 32, "cls")) == 8  # any_slice is unaffected
+
+
+def test_nodule_free_clean_slices_need_such_a_patient_and_a_known_source(synthetic_processed):
+    with pytest.raises(DatasetError, match=r"slices.clean_source: .* 1 patient\(s\) of patient_ids in split 'train' "
+                                           r".* include a patient without nodules in patient_ids"):
+        SliceDataset(synthetic_processed, "train", 32, "cls", patient_ids=["p1"], clean_source="nodule_free_patients")
+    subset = SliceDataset(synthetic_processed, "train", 32, "cls", patient_ids=["p0", "p1"],
+                          clean_source="nodule_free_patients")
+    assert {p for p, _ in _clean_slices(subset)} == {"p0"}
+    with pytest.raises(DatasetError, match="clean_source: got 'nodule_free', expected one of any_slice, "
+                                           "nodule_free_patients"):
+        SliceDataset(synthetic_processed, "train", 32, "cls", clean_source="nodule_free")
+    with pytest.warns(UserWarning, match="40 clean slices wanted .* only 12 available from patients without nodules"):
+        data = SliceDataset(synthetic_processed, "train", 32, "cls", clean_per_nodule_slice=10.0,
+                            clean_source="nodule_free_patients")
+    assert len(data) == 4 + 12

@@ -11,16 +11,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from chestssl.cost import PROJECT_FILES
 from chestssl.params import read_raw_params, write_raw_params
 from tests.tiny_configs import shrink_params
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-PROJECT_FILES = ["chestssl", "stages", "dvc.yaml", "params.yaml", "params", "pyproject.toml", ".dvc/config", ".gitignore",
-                 # They keep the report's input folders in place when a list in params is empty.
-                 *(f"reports/{stage}/README.md" for stage in ("pretrain", "evaluate_pretrain", "finetune",
-                                                             "evaluate", "label_fraction", "frozen_parts",
-                                                             "pretrain_radiographs", "pretrain_radiograph_studies",
-                                                             "pretrain_cross_modal", "alignment"))]
 
 
 #: The entries the tiny profile keeps: one of each kind of stage (a scratch baseline, an
@@ -71,7 +66,7 @@ def tiny_params(params: dict) -> dict:
     # One 64^3 crop per step: two take 2.3 GB through the 3D Swin on CPU.
     params["methods"][TINY_3D_METHOD]["train"].update(batch_size=1, max_steps=2)
     # Seed 001's ablations on one linear-head run, two settings each.
-    params["label_fraction"] = {"fractions": [0.5, 1.0], "runs": ["cls_linear_barlow_twins"]}
+    params["label_fraction"].update(fractions=[0.5, 1.0], runs=["cls_linear_barlow_twins"])
     params["frozen_parts"] = {"unfrozen_stages": [0, 2], "runs": ["cls_linear_barlow_twins"]}
     # Seeds 001 and 004 on the rendered radiographs: Barlow Twins and diffusion MAE, the latter also on studies.
     params["pretrain_radiographs"].update(methods=["barlow_twins", "diffmae"], study_methods=["diffmae"],

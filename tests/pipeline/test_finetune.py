@@ -42,6 +42,9 @@ def test_a_segmentation_run_writes_its_best_model_curves_and_metrics(params, syn
     assert saved["encoder"]["backbone"]["name"] == "cnn_attention"
     assert (where["report_dir"] / "live" / "plots" / "metrics" / "train" / "loss.tsv").is_file()
     assert not where["checkpoint_path"].exists()
+    cost = json.loads((where["report_dir"] / "cost.json").read_text())
+    assert cost["steps"] == 1 and cost["epochs"] == 1 and cost["parameters"] > 0
+    assert cost["train_seconds"] > 0 and cost["peak_memory_gb"] > 0 and cost["device"] == "cpu"
 
 
 def test_a_classification_run_picks_its_best_epoch_by_validation_loss(params, synthetic_processed, tmp_path):
@@ -57,3 +60,28 @@ def test_an_unknown_run_or_a_missing_encoder_is_explained(params, synthetic_proc
         finetune(params, "nope", synthetic_processed, **_where(tmp_path))
     with pytest.raises(ModelFileError, match=r"rerun `dvc repro pretrain@scratch_cnn_attention`"):
         finetune(params, "seg_unetpp_scratch", synthetic_processed, **_where(tmp_path))
+
+
+def test_balanced_class_weights_are_computed_from_the_training_set_recorded_and_evaluated(
+        params, synthetic_processed, tmp_path):
+    from chestssl.pipeline.evaluate import evaluate
+
+    where = _where(tmp_path)
+    name = "cls_linear_scratch_resnet18"
+    params["runs"][name]["class_weights"] = "balanced"
+    params["slices"].update(clean_per_nodule_slice=2.0, clean_source="nodule_free_patients")
+    saved_encoder(params, "scratch_resnet18", where["encoder_path"])
+    metrics = finetune(params, name, synthetic_processed, **where)
+    # Train split: p1's 4 nodule slices and 8 clean slices of p0, the patient without nodules.
+    assert metrics["train_class_counts"] == {"clean": 8, "nodule": 4}
+    assert metrics["class_weights"] == pytest.approx({"clean": 12 / (2 * 8), "nodule": 12 / (2 * 4)})
+    assert json.loads((where["report_dir"] / "metrics.json").read_text())["class_weights"] == metrics["class_weights"]
+    saved = load_model_file(where["model_path"], "finetune@test")
+    assert saved["class_weights"] == metrics["class_weights"] and saved["config"]["class_weights"] == "balanced"
+    # evaluate rebuilds the run with the recorded weights; the test clean slices come from p4.
+    scores = evaluate(params, name, synthetic_processed, model_path=where["model_path"], out_dir=tmp_path / "eval")
+    assert scores["n_images"] == 4 + 8
+    del saved["class_weights"]
+    save_model_file(where["model_path"], saved)
+    with pytest.raises(ModelFileError, match=rf"no class_weights recorded .* rerun `dvc repro finetune@{name}`"):
+        evaluate(params, name, synthetic_processed, model_path=where["model_path"], out_dir=tmp_path / "eval")

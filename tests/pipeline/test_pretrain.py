@@ -67,6 +67,8 @@ def test_training_writes_the_encoder_the_method_the_curves_and_the_metrics(param
     # probe.every_epochs is 1: the linear probe of the encoder is logged once per epoch.
     assert len((curves / "probe" / "mean_auroc.tsv").read_text().splitlines()) == 2
     assert not where["checkpoint_path"].exists()  # removed once the fit is done
+    cost = json.loads((where["report_dir"] / "cost.json").read_text())
+    assert cost["steps"] == 3 and cost["train_seconds"] > 0 and cost["trainable_parameters"] > 0
 
 
 def test_the_same_params_give_the_same_weights(params, synthetic_processed, tmp_path):
@@ -81,6 +83,8 @@ def test_a_scratch_entry_trains_nothing_and_still_exports(params, synthetic_proc
     assert pretrain(params, "scratch_cnn_attention", synthetic_processed, **where) == {"trained": False}
     assert (where["model_dir"] / "encoder.pt").is_file() and (where["model_dir"] / "method.pt").is_file()
     assert (where["report_dir"] / "live" / "plots" / "metrics").is_dir()
+    cost = json.loads((where["report_dir"] / "cost.json").read_text())
+    assert cost["steps"] == 0 and cost["parameters"] > 0 and cost["peak_memory_gb"] is None
 
 
 def test_an_unknown_entry_is_refused_before_any_output(params, synthetic_processed, tmp_path):

@@ -16,7 +16,7 @@ def _interval(value):
     return {"value": value, "ci_low": value - 0.1, "ci_high": value + 0.1}
 
 
-def _fraction_ablation(init, values):
+def _fraction_ablation(init, values, unit=None):
     fractions = {}
     for (key, fraction, patients), value in zip((("10pct", 0.1, 1), ("50pct", 0.5, 5), ("100pct", 1.0, 10)), values):
         fractions[key] = {"fraction": fraction, "trained_as": key, "n_train_patients": patients, "n_train_images": 8 * patients,
@@ -24,7 +24,10 @@ def _fraction_ablation(init, values):
                           "n_images": 30, "n_patients": 4}
     # As read back from JSON: keys sorted as text ("100pct" before "10pct" and "50pct").
     fractions = dict(sorted(fractions.items()))
-    return {"run": f"cls_{init}", "task": "cls", "init": init, "arch": "linear", "fractions": fractions}
+    ablation = {"run": f"cls_{init}", "task": "cls", "init": init, "arch": "linear", "fractions": fractions}
+    if unit is not None:  # files written before the unit was recorded have none: patients
+        ablation["unit"] = unit
+    return ablation
 
 
 ABLATIONS = {"cls_barlow": (_fraction_ablation("barlow", [0.6, 0.7, 0.8]), "a.json"),
@@ -37,6 +40,8 @@ def test_label_fraction_table_has_one_column_per_fraction_and_the_seed_numbers()
     assert list(table.text.columns)[-4:-1] == ["10%", "50%", "100%"]
     first = table.text.iloc[0]
     assert first["10%"] == "0.600 [0.500, 0.700]" and first["training patients"] == "1, 5, 10"
+    assert first["training images"] == "8, 40, 80"
+    assert table.title == "Label-fraction ablation: test accuracy by share of training patients"
     assert "86.5" in first["seed's number (other data)"]
     assert "77.0" in table.text.iloc[1]["seed's number (other data)"]
     assert table.numbers.loc[1, "100pct"] == pytest.approx(0.75)
@@ -49,9 +54,34 @@ def test_label_fraction_table_refuses_ablations_with_other_fractions():
         label_fraction_table({**ABLATIONS, "cls_x": (other, "c.json")}, METHODS, "cls", "auroc")
 
 
-def test_label_fraction_figure_is_written(tmp_path):
-    path = label_fraction_figure(tmp_path / "f.png", {run: ablation for run, (ablation, _) in ABLATIONS.items()}, "cls")
+IMAGE_ABLATIONS = {"cls_barlow": (_fraction_ablation("barlow", [0.6, 0.7, 0.8], unit="images"), "a.json"),
+                   "cls_scratch": (_fraction_ablation("scratch_resnet18", [0.5, 0.6, 0.75], unit="images"), "b.json")}
+
+
+def test_label_fraction_table_names_the_unit_of_the_shares():
+    table = label_fraction_table(IMAGE_ABLATIONS, METHODS, "cls", "auroc")
+    assert table.title == "Label-fraction ablation: test AUROC by share of training images"
+    assert table.text.iloc[0]["training images"] == "8, 40, 80"
+    explicit = {run: (_fraction_ablation(ablation["init"], [0.6, 0.7, 0.8], unit="patients"), source)
+                for run, (ablation, source) in ABLATIONS.items()}
+    assert label_fraction_table(explicit, METHODS, "cls", "auroc").title.endswith("share of training patients")
+    mixed = {"cls_barlow": IMAGE_ABLATIONS["cls_barlow"], "cls_scratch": ABLATIONS["cls_scratch"]}
+    with pytest.raises(ValueError, match="different units"):
+        label_fraction_table(mixed, METHODS, "cls", "auroc")
+
+
+@pytest.mark.parametrize("ablations, unit", [(ABLATIONS, "training patients"), (IMAGE_ABLATIONS, "training images")])
+def test_label_fraction_figure_names_the_unit(tmp_path, monkeypatch, ablations, unit):
+    import chestssl.report.ablations as report_ablations
+
+    drawn = []
+    save = report_ablations.save_figure
+    monkeypatch.setattr(report_ablations, "save_figure", lambda figure, path: drawn.append(figure) or save(figure, path))
+    path = label_fraction_figure(tmp_path / "f.png", {run: ablation for run, (ablation, _) in ablations.items()}, "cls")
     assert path.stat().st_size > 1000
+    (figure,) = drawn
+    assert [ax.get_xlabel() for ax in figure.axes] == [f"share of {unit} (%)"] * 2
+    assert f"share of {unit}" in figure._suptitle.get_text()
 
 
 def test_frozen_parts_table_quotes_the_seed_only_for_its_setting():
@@ -87,7 +117,7 @@ def test_downstream_by_method_has_one_row_per_init_and_one_column_per_kind_of_ru
     assert text.loc["barlow", "seg swin_unetr (ce): Dice"] == "0.300 [0.200, 0.400]"
     assert text.loc["scratch_resnet18", "seg swin_unetr (ce): Dice"].startswith("n/a")
     assert text.loc["scratch_resnet18", "linear probe: nodule AUROC"].startswith("n/a")
-    assert text.loc["barlow", "10% of labels: AUROC"].startswith("0.650")
+    assert text.loc["barlow", "10% of training patients: AUROC"].startswith("0.650")
     assert any("one class" in note for note in table.footnotes)
 
 

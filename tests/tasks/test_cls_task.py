@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
@@ -14,6 +16,7 @@ from chestssl.methods import build_method
 from chestssl.models import UNetEncoder, seeded
 from chestssl.models.classifier import LinearHeadClassifier
 from chestssl.tasks import CLS_ARCHS, ClassificationTask, build_task
+from chestssl.tasks.cls import resolve_class_weights
 from tiny_configs import CNN_ATTENTION, SWIN
 
 BACKBONE = {"name": "unet_encoder", "spatial_dims": 2, "features": [4, 8, 8, 16, 16]}
@@ -72,6 +75,50 @@ def test_class_weights_change_the_loss_as_expected():
     plain = build_task(_run(), _payload(), seed=0)
     plain.network = FixedLogits(logits)
     torch.testing.assert_close(plain.training_step(batch)["loss"], nll.mean())
+
+
+def test_explicit_class_weights_are_used_as_given_whatever_the_training_labels():
+    # The shipped runs' explicit weights: the loss and the state dict are what they were.
+    for weights in ([1.0, 1.0], [50.0, 1.0]):
+        with_labels = build_task(_run(class_weights=weights), _payload(), seed=0, train_labels=[0, 1, 1, 1])
+        without = build_task(_run(class_weights=weights), _payload(), seed=0)
+        for task in (with_labels, without):
+            assert task.class_weights == weights
+            assert torch.equal(task.loss_fn.weight, torch.tensor(weights))
+        assert [k for k in without.state_dict() if not k.startswith("network.")] == ["loss_fn.weight"]
+        assert with_labels.class_counts == [1, 3] and without.class_counts is None
+        for key, value in without.state_dict().items():
+            assert torch.equal(with_labels.state_dict()[key], value), key
+
+
+def test_balanced_class_weights_follow_the_training_labels():
+    logits = torch.tensor([[2.0, -1.0], [0.5, 0.2], [-1.0, 1.0], [0.3, 0.1]])
+    label = torch.tensor([0, 1, 1, 1])
+    task = build_task(_run(class_weights="balanced"), _payload(), seed=0, train_labels=label)
+    # sklearn's "balanced": n / (2 * count) = 4 / (2 * 1), 4 / (2 * 3); they average 1 over the items.
+    assert task.class_weights == pytest.approx([2.0, 2.0 / 3.0]) and task.class_counts == [1, 3]
+    assert (task.class_weights[0] * 1 + task.class_weights[1] * 3) / 4 == pytest.approx(1.0)
+    task.network = FixedLogits(logits)
+    nll = F.cross_entropy(logits, label, reduction="none")
+    weight = torch.tensor([2.0, 2 / 3, 2 / 3, 2 / 3])
+    batch = {"image": torch.rand(4, 1, 32, 32), "label": label}
+    torch.testing.assert_close(task.training_step(batch)["loss"], (weight * nll).sum() / weight.sum())
+    even = build_task(_run(class_weights="balanced"), _payload(), seed=0, train_labels=np.array([1, 0, 0, 1]))
+    assert even.class_weights == [1.0, 1.0]  # one clean slice per nodule slice: the plain loss
+    assert resolve_class_weights("balanced", pd.Series([0, 0, 0, 1]), "r") == pytest.approx([2 / 3, 2.0])
+
+
+def test_balanced_class_weights_need_both_classes_and_the_labels():
+    with pytest.raises(ValueError, match=r"runs.r.class_weights: 'balanced' .* training set of 3 slice\(s\) holds "
+                                         r"no clean slice; give explicit weights"):
+        build_task(_run(class_weights="balanced"), _payload(), seed=0, name="r", train_labels=[1, 1, 1])
+    with pytest.raises(ValueError, match=r"runs.r.class_weights: .* holds no clean and no nodule slice"):
+        build_task(_run(class_weights="balanced"), _payload(), seed=0, name="r", train_labels=[])
+    with pytest.raises(ValueError, match=r"runs.r.class_weights: 'balanced' weights are computed from the "
+                                         r"training set's labels"):
+        build_task(_run(class_weights="balanced"), _payload(), seed=0, name="r")
+    with pytest.raises(ValueError, match=r"training labels: got \[-1\]"):
+        build_task(_run(class_weights="balanced"), _payload(), seed=0, name="r", train_labels=[0, 1, -1])
 
 
 def test_validation_accuracy_and_epoch_auroc():

@@ -1,0 +1,99 @@
+"""`make cost` (chestssl.cost): scaling a sample's fits to LIDC-IDRI, and the whole mechanism
+through a real `dvc repro` at tiny sizes."""
+
+from __future__ import annotations
+
+import math
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from chestssl import cost
+from chestssl.params import read_raw_params, write_raw_params
+from chestssl.train.loop import plan_steps
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = cost.Counts(scans=2.0, slices=200.0, annotations=4.0)
+LIDC = cost.Counts(scans=800.0, slices=100_000.0, annotations=6_000.0)
+STAGES = {"finetune@seg": ["stages/finetune.py", "seg"], "pretrain@dae_3d": ["stages/pretrain.py", "dae_3d"],
+          "label_fraction@cls": ["stages/label_fraction.py", "cls"]}
+
+
+def record(argv, dataset="SliceDataset", task="seg", items=10, batch_size=8, accumulate=1, epochs=2,
+           amp=True, amp_dtype="fp16", flops=1e12):
+    return {"argv": argv, "dataset": dataset, "task": task, "train_items": items, "model": "M",
+            "input_shapes": {"image": [batch_size, 1, 64, 64]}, "parameters": 10, "trainable_parameters": 10,
+            "train": {"epochs": epochs, "batch_size": batch_size, "max_steps": 0, "amp": amp,
+                      "accumulate": accumulate, "amp_dtype": amp_dtype},
+            "flops_per_batch": flops, "seconds_per_batch": 2.0, "peak_memory_bytes": 3e9,
+            "memory_kind": "process_max_rss", "device": "cpu", "reused": False}
+
+
+def test_fits_scale_by_the_unit_their_dataset_draws_from():
+    records = [record(STAGES["finetune@seg"], items=10),
+               record(STAGES["pretrain@dae_3d"], dataset="CropDataset", task=None, items=16)]
+    fits = cost.full_protocol_fits(records, STAGES, SAMPLE, LIDC, label_fractions=())
+    assert [(stage, items) for stage, _, _, items in fits] == [
+        ("finetune@seg", 10 * 6_000 // 4),  # nodule slices: by annotations
+        ("pretrain@dae_3d", 16 * 800 // 2),  # crops: by scans
+    ]
+    assert cost.unit_of("SliceDataset", "pretrain") == "slices"
+    assert cost.unit_of("RadiographDataset", None) == "scans"
+
+
+def test_a_label_fraction_stage_trains_once_per_fraction_of_its_whole_training_set():
+    records = [record(STAGES["label_fraction@cls"], task="cls", items=items) for items in (2, 10)]
+    fits = cost.full_protocol_fits(records, STAGES, SAMPLE, LIDC, label_fractions=[0.01, 0.5, 1.0])
+    whole = 10 * 6_000 // 4
+    assert [(setting, items) for _, setting, _, items in fits] == [
+        ("fraction 0.01", math.ceil(0.01 * whole)), ("fraction 0.5", whole // 2), ("fraction 1", whole)]
+
+
+def test_steps_follow_the_training_plan_and_gpu_hours_the_flops_over_the_peak():
+    records = [record(STAGES["pretrain@dae_3d"], dataset="CropDataset", task=None, items=16, batch_size=2,
+                      accumulate=8, epochs=3, amp=False)]
+    rows = cost.estimate_rows(records, STAGES, SAMPLE, LIDC, world_size=2, gpu="A100-80GB", utilisation=0.5)
+    (row,) = rows.to_dict("records")
+    plan = plan_steps(6400, records[0]["train"], world_size=2)
+    assert row["steps"] == plan.total_steps == 3 * 200  # 3200 crops per process, 1600 batches, 200 steps
+    assert row["precision"] == "fp32" and row["gflops_per_step"] == 8 * 1e3
+    assert row["seconds_per_step_here"] == 16.0
+    assert row["gpu_hours"] == pytest.approx(600 * 8e12 / (19.5e12 * 0.5) * 2 / 3600)
+
+
+def test_bad_settings_are_named(tmp_path):
+    with pytest.raises(ValueError, match="gpu"):
+        cost.estimate(gpu="GTX", work_dir=tmp_path)
+    with pytest.raises(ValueError, match="utilisation"):
+        cost.estimate(utilisation=1.5, work_dir=tmp_path)
+
+
+@pytest.mark.slow
+def test_make_cost_measures_training_stages_through_dvc_repro(tmp_path):
+    """A tiny project: its phantom sample, one training stage and its upstream trainer measured."""
+    from tests.pipeline.conftest import tiny_params
+
+    source = tmp_path / "source"
+    for name in cost.PROJECT_FILES:
+        src, dst = REPO_ROOT / name, source / name
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if src.is_dir():
+            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(src, dst)
+    raw, _ = read_raw_params(source / "params.yaml")
+    write_raw_params(tiny_params(raw), source / "params.yaml")
+    rows = cost.estimate(profile=None, out_dir=tmp_path / "out", source=source, scans=4, max_slices=100,
+                         stages=["finetune@cls_linear_barlow_twins"], work_dir=tmp_path / "work")
+    written = pd.read_csv(tmp_path / "out" / cost.CSV_NAME)
+    assert list(written["stage"]) == list(rows["stage"]) == ["pretrain@barlow_twins", "finetune@cls_linear_barlow_twins"]
+    assert (written["gflops_per_step"] > 0).all() and (written["steps"] > 0).all()
+    assert (written["seconds_per_step_here"] > 0).all() and (written["peak_memory_gb"] > 0).all()
+    text = (tmp_path / "out" / cost.MARKDOWN_NAME).read_text()
+    assert "GPU-hours" in text and "| finetune@cls_linear_barlow_twins | 1 |" in text
+    assert "Stages that failed" not in text
+    # Nothing was trained: each fit measured its batches and stopped.
+    log = (tmp_path / "work" / "dvc-repro.log").read_text()
+    assert "epoch 1/" not in log
