@@ -51,6 +51,12 @@ def fraction_key(fraction: float) -> str:
     return f"{fraction * 100:g}pct".replace(".", "p")
 
 
+def _check_fractions(fractions: Sequence[float]) -> None:
+    for fraction in fractions:
+        if not 0.0 < float(fraction) <= 1.0:
+            raise ValueError(f"fractions must be in (0, 1], got {fraction!r}")
+
+
 def patient_subsets(patients: Sequence[str], fractions: Sequence[float], seed: int) -> dict[float, tuple[str, ...]]:
     """Nested subsets of ``patients``: ``{fraction: the first ceil(fraction * n) (at least 1) of one seeded order}``.
 
@@ -59,9 +65,7 @@ def patient_subsets(patients: Sequence[str], fractions: Sequence[float], seed: i
     """
     if len(patients) == 0:
         raise ValueError("the train split holds no patients; the label-fraction ablation needs at least one")
-    for fraction in fractions:
-        if not 0.0 < float(fraction) <= 1.0:
-            raise ValueError(f"fractions must be in (0, 1], got {fraction!r}")
+    _check_fractions(fractions)
     # sorted() first: the order depends on the seed only, not on how the split was listed.
     listed = sorted(patients)
     order = [listed[i] for i in np.random.default_rng(seed).permutation(len(listed))]
@@ -132,9 +136,7 @@ def item_subsets(
     """
     if len(labels) == 0:
         raise ValueError("the train split holds no training images; the label-fraction ablation needs at least one")
-    for fraction in fractions:
-        if not 0.0 < float(fraction) <= 1.0:
-            raise ValueError(f"fractions must be in (0, 1], got {fraction!r}")
+    _check_fractions(fractions)
     order = item_order(labels, seed, stratify)
     least = len(np.unique(np.asarray(labels))) if stratify else 1
     return {float(f): tuple(sorted(order[: max(least, math.ceil(float(f) * len(order) - 1e-9))])) for f in fractions}

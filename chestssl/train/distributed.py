@@ -9,6 +9,7 @@ CPU); otherwise training runs in this one process.
 
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -24,8 +25,8 @@ from chestssl.train.devices import resolve_device
 class DistContext:
     """Where this process stands: rank, world size and its device.
 
-    ``owns_group`` is true when :func:`setup_distributed` created the process group (and
-    :func:`teardown_distributed` should destroy it).
+    ``owns_group`` is true when :func:`setup_distributed` created the process group (kept
+    for the process's later fits and destroyed when it exits).
     """
 
     world_size: int
@@ -80,12 +81,16 @@ def setup_distributed(device_choice: str) -> DistContext:
     dist.init_process_group(
         backend=backend, rank=rank, world_size=world_size, device_id=device if device.type == "cuda" else None
     )
+    # Kept for the process's later fits, destroyed at exit: a stage may train several fits
+    # in one process (label fractions, frozen parts), and a group destroyed after each would
+    # be created again on the same MASTER_PORT while the other ranks may still be leaving the
+    # old one; a rank that joins the store of the group being destroyed waits forever.
+    atexit.register(_destroy_process_group)
     return DistContext(world_size, rank, local_rank, device, owns_group=True)
 
 
-def teardown_distributed(ctx: DistContext) -> None:
-    """Destroy the process group if :func:`setup_distributed` created it."""
-    if ctx.owns_group and dist.is_initialized():
+def _destroy_process_group() -> None:
+    if dist.is_initialized():
         dist.destroy_process_group()
 
 

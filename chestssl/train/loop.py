@@ -89,7 +89,6 @@ from chestssl.train.distributed import (
     barrier,
     broadcast_object,
     setup_distributed,
-    teardown_distributed,
 )
 
 #: The keys of a ``train`` block; ``warmup_epochs``, ``min_lr``, ``accumulate`` and
@@ -193,7 +192,6 @@ def fit(
                     collate_fn, ctx, epoch_hook, inputs).run()
     finally:
         torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])
-        teardown_distributed(ctx)
 
 
 @dataclass(frozen=True)

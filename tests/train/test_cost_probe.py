@@ -9,16 +9,7 @@ import torch
 
 from chestssl.train import cost_probe
 from chestssl.train.loop import fit, plan_steps
-from tests.train.test_loop import Regression, make_model, train_cfg
-
-
-@pytest.fixture(autouse=True)
-def _quiet_cpu(tmp_path, monkeypatch):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    monkeypatch.chdir(tmp_path)
-    yield
-    torch.set_num_threads(threads)
+from tests.train.test_loop import Regression, _quiet_cpu, make_model, train_cfg  # noqa: F401 (autouse fixture)
 
 
 @pytest.mark.parametrize(
