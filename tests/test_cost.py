@@ -4,7 +4,6 @@ through a real `dvc repro` at tiny sizes."""
 from __future__ import annotations
 
 import math
-import shutil
 from pathlib import Path
 
 import pandas as pd
@@ -76,13 +75,7 @@ def test_make_cost_measures_training_stages_through_dvc_repro(tmp_path):
     from tests.pipeline.conftest import tiny_params
 
     source = tmp_path / "source"
-    for name in cost.PROJECT_FILES:
-        src, dst = REPO_ROOT / name, source / name
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        if src.is_dir():
-            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy2(src, dst)
+    cost.copy_project_files(REPO_ROOT, source)
     raw, _ = read_raw_params(source / "params.yaml")
     write_raw_params(tiny_params(raw), source / "params.yaml")
     rows = cost.estimate(profile=None, out_dir=tmp_path / "out", source=source, scans=4, max_slices=100,

@@ -81,14 +81,21 @@ def label_fraction_settings(
     Fractions giving the same number of patients map to one setting (the nested subsets
     are then identical), named after the smallest such fraction.
     """
-    subsets = patient_subsets(patients, fractions, seed)
-    settings: dict[tuple[str, ...], AblationSetting] = {}
+    return _one_setting_per_subset(patient_subsets(patients, fractions, seed), "patient_ids")
+
+
+def _one_setting_per_subset(
+    subsets: Mapping[float, tuple], field: str
+) -> tuple[list[AblationSetting], dict[float, str]]:
+    """One setting per distinct subset (``field`` of :class:`AblationSetting` names it), keyed
+    after the smallest fraction it serves, and per fraction the key of its setting."""
+    settings: dict[tuple, AblationSetting] = {}
     served_by: dict[float, str] = {}
     for fraction in sorted(subsets):
-        ids = subsets[fraction]
-        if ids not in settings:
-            settings[ids] = AblationSetting(key=fraction_key(fraction), patient_ids=ids)
-        served_by[fraction] = settings[ids].key
+        subset = subsets[fraction]
+        if subset not in settings:
+            settings[subset] = AblationSetting(key=fraction_key(fraction), **{field: subset})
+        served_by[fraction] = settings[subset].key
     return list(settings.values()), served_by
 
 
@@ -152,15 +159,7 @@ def image_fraction_settings(
     training items; :func:`item_subsets`); fractions giving the same items map to one
     setting, named after the smallest such fraction.
     """
-    subsets = item_subsets(labels, fractions, seed, stratify)
-    settings: dict[tuple[int, ...], AblationSetting] = {}
-    served_by: dict[float, str] = {}
-    for fraction in sorted(subsets):
-        items = subsets[fraction]
-        if items not in settings:
-            settings[items] = AblationSetting(key=fraction_key(fraction), item_indices=items)
-        served_by[fraction] = settings[items].key
-    return list(settings.values()), served_by
+    return _one_setting_per_subset(item_subsets(labels, fractions, seed, stratify), "item_indices")
 
 
 def label_fraction_metrics(

@@ -34,7 +34,7 @@ from typing import Any, Iterable, Mapping
 
 import pandas as pd
 
-from chestssl.params import TRAIN_DEFAULTS, radiograph_entry
+from chestssl.params import process_count, radiograph_entry, train_setting
 from chestssl.report.tables import Table
 
 #: Name and title of the table (``tables/protocol_differences.{csv,md}``).
@@ -108,19 +108,9 @@ def _close(a: float, b: float) -> bool:
     return math.isclose(float(a), float(b), rel_tol=1e-9, abs_tol=1e-12)
 
 
-def _setting(train: Mapping[str, Any], key: str) -> Any:
-    """A recipe key, with :data:`chestssl.params.TRAIN_DEFAULTS` for the optional ones."""
-    return train.get(key, TRAIN_DEFAULTS.get(key))
-
-
-def _processes(params: Mapping[str, Any]) -> int:
-    launch = params.get("launch") or {}
-    return int(launch.get("nproc_per_node", 1)) * int(launch.get("nnodes", 1))
-
-
 def _global_batch(train: Mapping[str, Any], params: Mapping[str, Any]) -> int:
     """Items per optimisation step: ``batch_size x accumulate x nproc_per_node x nnodes``."""
-    return int(train["batch_size"]) * int(_setting(train, "accumulate")) * _processes(params)
+    return int(train["batch_size"]) * int(train_setting(train, "accumulate")) * process_count(params["launch"])
 
 
 def _entries(params: Mapping[str, Any], kinds: Iterable[str], sections: Iterable[str] = ("methods",)) -> dict:
@@ -147,9 +137,9 @@ def _schedule(train: Mapping[str, Any], share: bool = False) -> str:
     """``AdamW 1e-4, warm-up 4 epochs from near 0, then cosine to 1e-5``; with ``share``,
     the warm-up is also given as a share of the epochs (``warm-up 10 of 200 epochs (5%)``)."""
     optimizer = {"adamw": "AdamW", "adam": "Adam", "sgd": "SGD"}.get(train["optimizer"], train["optimizer"])
-    warmup = float(_setting(train, "warmup_epochs"))
+    warmup = float(train_setting(train, "warmup_epochs"))
     scheduler = train["scheduler"]
-    after = {"cosine": f"cosine to {_rate(_setting(train, 'min_lr'))}", "none": "constant",
+    after = {"cosine": f"cosine to {_rate(train_setting(train, 'min_lr'))}", "none": "constant",
              "plateau": "reduce-on-plateau"}.get(scheduler, scheduler)
     if not warmup:
         return f"{optimizer} {_rate(train['lr'])}, no warm-up, {after}"
@@ -380,7 +370,7 @@ def _seed003(params: Mapping[str, Any]) -> list[Difference]:
         batches = {}
         for name, entry in volumetric.items():
             train, launch = entry["train"], params.get("launch") or {}
-            batches[name] = (f"{train['batch_size']} x {_setting(train, 'accumulate')} accumulated x "
+            batches[name] = (f"{train['batch_size']} x {train_setting(train, 'accumulate')} accumulated x "
                              f"{launch.get('nproc_per_node', 1)} process(es) x {launch.get('nnodes', 1)} node(s) = "
                              f"{_global_batch(train, params)} crops")
         rows.append(Difference(
@@ -402,7 +392,7 @@ def _seed003(params: Mapping[str, Any]) -> list[Difference]:
         f"CT windowed to {_g(low)}..{_g(high)} HU (`preprocess.hu_window`), scaled to [0, 1].",
         (float(low), float(high)) == SEED003_HU_WINDOW))
 
-    precision = {name: (f"AMP {_setting(entry['train'], 'amp_dtype')} on CUDA (`amp: true`)"
+    precision = {name: (f"AMP {train_setting(entry['train'], 'amp_dtype')} on CUDA (`amp: true`)"
                         if entry["train"].get("amp") else "fp32 (`amp: false`)") for name, entry in dae.items()}
     rows.append(Difference(
         "003", "DAE precision", "fp32: AMP made the cross-modal contrastive loss NaN.", _grouped(precision) + ".",
@@ -420,8 +410,8 @@ def _seed003(params: Mapping[str, Any]) -> list[Difference]:
 def _matches_seed003_schedule(train: Mapping[str, Any]) -> bool:
     return (train["optimizer"] == SEED003_SCHEDULE["optimizer"] and _close(train["lr"], SEED003_SCHEDULE["lr"])
             and train["scheduler"] == "cosine"
-            and _close(_setting(train, "warmup_epochs"), SEED003_SCHEDULE["warmup_epochs"])
-            and _close(_setting(train, "min_lr"), SEED003_SCHEDULE["min_lr"]))
+            and _close(train_setting(train, "warmup_epochs"), SEED003_SCHEDULE["warmup_epochs"])
+            and _close(train_setting(train, "min_lr"), SEED003_SCHEDULE["min_lr"]))
 
 
 # ---------------------------------------------------------------- seed 004
@@ -488,7 +478,7 @@ def _vit_input(backbone: Mapping[str, Any]) -> str:
 def _matches_seed004_schedule(train: Mapping[str, Any]) -> bool:
     return (train["optimizer"] == SEED004_SCHEDULE["optimizer"] and _close(train["lr"], SEED004_SCHEDULE["lr"])
             and train["scheduler"] == "cosine"
-            and _close(_setting(train, "warmup_epochs"), SEED004_SCHEDULE["warmup_share"] * train["epochs"]))
+            and _close(train_setting(train, "warmup_epochs"), SEED004_SCHEDULE["warmup_share"] * train["epochs"]))
 
 
 # ---------------------------------------------------------------- every seed
@@ -497,7 +487,7 @@ def _every_seed(params: Mapping[str, Any]) -> list[Difference]:
     """Points every seed shares: mixed precision (only seed 003 states fp32) and one
     training run per reported number."""
     recipes = {name: recipe for name, recipe in (params.get("recipes") or {}).items() if recipe}
-    amp = {name: _setting(recipe, "amp_dtype") for name, recipe in recipes.items() if recipe.get("amp")}
+    amp = {name: train_setting(recipe, "amp_dtype") for name, recipe in recipes.items() if recipe.get("amp")}
     fp32 = [name for name in recipes if name not in amp]
     parts = [f"AMP {dtype} on CUDA in recipe(s) {_names(n for n, d in amp.items() if d == dtype)}"
              for dtype in dict.fromkeys(amp.values())]

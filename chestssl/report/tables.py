@@ -204,7 +204,8 @@ COST_HEADERS = {"parameters": "Parameters", "steps": "Steps", "train_seconds": "
                 "peak_memory_gb": "Peak memory (GB)"}
 
 
-def _count(value: float) -> str:
+def format_count(value: float) -> str:
+    """``2480000`` -> ``2.48M`` (three significant digits and k, M or G)."""
     for factor, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
         if value >= factor:
             return f"{value / factor:.3g}{suffix}"
@@ -238,7 +239,7 @@ def with_costs(table: Table, costs: Mapping[str, Mapping[str, Any] | None]) -> T
             if value is None:
                 cells.append("n/a")
             elif key == "parameters":
-                cells.append(_count(float(value)))
+                cells.append(format_count(float(value)))
             elif key == "steps":
                 cells.append(f"{int(value):,}")
             elif key == "train_seconds":

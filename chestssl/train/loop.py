@@ -68,7 +68,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm.auto import tqdm
 
 from chestssl.io import atomic_dir, write_text
-from chestssl.params import TRAIN_DEFAULTS
+from chestssl.params import TRAIN_DEFAULTS, train_setting
 from chestssl.train import cost_probe
 from chestssl.train.checkpoint import (
     capture_rng_state,
@@ -244,11 +244,6 @@ def build_optimizer(parameters: Iterable[nn.Parameter], cfg: Mapping[str, Any]) 
     if name == "sgd":
         return torch.optim.SGD(parameters, lr=lr, momentum=beta1, weight_decay=weight_decay)
     raise ValueError(f"unknown optimizer {name!r}; known: {', '.join(OPTIMIZERS)}")
-
-
-def train_setting(cfg: Mapping[str, Any], key: str) -> Any:
-    """``cfg[key]``, or the value an optional recipe key has when left out (:data:`TRAIN_DEFAULTS`)."""
-    return cfg.get(key, TRAIN_DEFAULTS[key])
 
 
 def build_scheduler(

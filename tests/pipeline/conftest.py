@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from chestssl.cost import PROJECT_FILES
+from chestssl.cost import copy_project_files
 from chestssl.params import read_raw_params, write_raw_params
 from tests.tiny_configs import shrink_params
 
@@ -115,14 +115,7 @@ class Project:
 
 def make_project(root: Path) -> Project:
     root.mkdir(parents=True, exist_ok=True)
-    for name in PROJECT_FILES:
-        src = REPO_ROOT / name
-        dst = root / name
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        if src.is_dir():
-            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy2(src, dst)
+    copy_project_files(REPO_ROOT, root)
     project = Project(root)
     project.run("git", "init", "-q")
     project.dvc_run("init", "-q", "--force")
