@@ -59,6 +59,7 @@ UNITS = {
     ("SliceDataset", "cls"): "annotations",
     ("CropDataset", None): "scans",
     ("EpochCropDataset", None): "scans",
+    ("EpochSliceDataset", None): "scans",  # one slice per scan and epoch (`epoch_unit: scans`)
 }
 #: Bytes of one stored CT slice in the raw series (512 x 512 int16 pixels; headers left out).
 RAW_SLICE_BYTES = 512 * 512 * 2
@@ -81,6 +82,7 @@ def copy_project_files(source: Path, root: Path) -> None:
             continue
         dst.parent.mkdir(parents=True, exist_ok=True)
         if src.is_dir():
+            shutil.rmtree(dst, ignore_errors=True)  # an earlier copy (``update``) holds no stale file
             shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
         else:
             shutil.copy2(src, dst)
@@ -140,13 +142,16 @@ def _run(cmd: Sequence[str], root: Path, env: Mapping[str, str], log: Path | Non
 
 
 def init_repository(root: Path, env: Mapping[str, str], source: Path) -> None:
+    """A git and DVC repository in ``root`` with the copy committed (a commit more in an
+    existing one)."""
     dvc = str(Path(sys.executable).parent / "dvc")
-    _run(["git", "init", "-q"], root, env)
-    _run([dvc, "init", "-q", "--force"], root, env)
+    if not (root / ".git").is_dir():
+        _run(["git", "init", "-q"], root, env)
+        _run([dvc, "init", "-q", "--force"], root, env)
     if (source / ".dvc" / "config").is_file():
         shutil.copy2(source / ".dvc" / "config", root / ".dvc" / "config")
     _run(["git", "add", "-A"], root, env)
-    _run(["git", "commit", "-qm", "cost estimate"], root, env)
+    _run(["git", "commit", "-qm", "cost estimate", "--allow-empty"], root, env)
 
 
 def training_stages(root: Path) -> dict[str, list[str]]:
@@ -234,6 +239,21 @@ def precision_of(record: Mapping[str, Any]) -> str:
     return str(train["amp_dtype"]) if train["amp"] else "fp32"
 
 
+def latest_stage_records(records: Sequence[Mapping[str, Any]],
+                         stages: Mapping[str, Sequence[str]]) -> dict[str, list[Mapping[str, Any]]]:
+    """The records of each stage (by its argv) from the stage's latest run only (records'
+    ``stage_run``, in log order): a stage measured again, or a run stopped and restarted,
+    counts once."""
+    by_argv = {tuple(argv): name for name, argv in stages.items()}
+    per_stage: dict[str, dict[str, list[Mapping[str, Any]]]] = {}
+    for record in records:
+        stage = by_argv.get(tuple(record["argv"]), " ".join(record["argv"]))
+        runs = per_stage.setdefault(stage, {})
+        run = record.get("stage_run", "")
+        runs[run] = runs.pop(run, []) + [record]  # re-inserted: the last run seen is last
+    return {stage: list(runs.values())[-1] for stage, runs in per_stage.items()}
+
+
 def full_protocol_fits(records: Sequence[Mapping[str, Any]], stages: Mapping[str, Sequence[str]],
                        sample: Counts, lidc: Counts, label_fractions: Sequence[float]) -> list[tuple[str, str, Mapping, int]]:
     """(stage, setting, record, training items on LIDC) of every fit of the full protocol.
@@ -244,11 +264,8 @@ def full_protocol_fits(records: Sequence[Mapping[str, Any]], stages: Mapping[str
     whole training set): ``fraction`` x its items, one per fraction (exact for fractions of
     images, the mean for fractions of patients).
     """
-    by_argv = {tuple(argv): name for name, argv in stages.items()}
-    per_stage: dict[str, list[Mapping[str, Any]]] = {}
-    for record in records:
-        per_stage.setdefault(by_argv.get(tuple(record["argv"]), " ".join(record["argv"])), []).append(record)
     fits = []
+    per_stage = latest_stage_records(records, stages)
     for stage, stage_records in per_stage.items():
         scaled = []
         for record in stage_records:
@@ -394,6 +411,7 @@ def estimate(
     stages: Sequence[str] = (),
     work_dir: str | os.PathLike | None = None,
     max_batch: int = 0,
+    update: bool = False,
 ) -> pd.DataFrame:
     """Measure every training stage of ``profile`` on a phantom sample; write the report.
 
@@ -408,6 +426,10 @@ def estimate(
         stages: only these training stages (names as ``dvc stage list`` gives them); default all.
         work_dir: where the project copy is made (kept); default a temporary folder (removed).
         max_batch: the largest batch measured (0: no limit; :data:`~chestssl.train.cost_probe.MAX_BATCH_ENV`).
+        update: ``work_dir`` holds an earlier estimate: copy the current code and params into
+            it and let ``dvc repro`` rerun only the stages they change. Its log is kept, so
+            unchanged stages keep their records, a changed stage's new records replace its
+            old ones (:func:`latest_stage_records`), and equal fits reuse earlier measurements.
     """
     if gpu not in GPUS:
         raise ValueError(f"gpu: got {gpu!r}, expected one of {', '.join(GPUS)}")
@@ -416,6 +438,9 @@ def estimate(
     source, out_dir = Path(source).resolve(), Path(out_dir)
     temporary = work_dir is None
     root = Path(tempfile.mkdtemp(prefix="chestssl-cost-")) if temporary else Path(work_dir).resolve()
+    if update and (temporary or not (root / "cost-records.jsonl").is_file()):
+        raise ValueError(f"update: {work_dir or 'no --work-dir'} holds no earlier estimate (cost-records.jsonl); "
+                         "run without --update first")
     try:
         root.mkdir(parents=True, exist_ok=True)
         launch = make_project(root, source, Path(profile).resolve() if profile else None, scans, max_slices)
@@ -428,7 +453,8 @@ def estimate(
             raise ValueError(f"stages: {', '.join(unknown)} are not training stages; known: {', '.join(known)}")
         targets = list(stages) or list(known)
         log, dvc_log = root / "cost-records.jsonl", root / "dvc-repro.log"
-        log.unlink(missing_ok=True)
+        if not update:
+            log.unlink(missing_ok=True)
         print(f"measuring {len(targets)} training stages in {root} (log: {dvc_log})", file=sys.stderr, flush=True)
         repro_env = {**env, cost_probe.LOG_ENV: str(log), cost_probe.BATCHES_ENV: str(batches),
                      cost_probe.MAX_BATCH_ENV: str(max_batch)}
@@ -499,6 +525,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--utilisation", type=float, default=0.35, help="fraction of the GPU's peak reached")
     parser.add_argument("--stages", nargs="*", default=[], help="only these training stages")
     parser.add_argument("--work-dir", default=None, help="keep the project copy here")
+    parser.add_argument("--update", action="store_true",
+                        help="rerun in the earlier --work-dir only what changed since (DVC decides), keeping the rest")
     parser.add_argument("--from-work-dir", default=None,
                         help="only write the report from an earlier run's --work-dir (nothing is measured)")
     args = parser.parse_args(argv)
@@ -507,7 +535,7 @@ def main(argv: list[str] | None = None) -> None:
             write_estimate(args.from_work_dir, args.out, args.gpu, args.utilisation)
         else:
                 estimate(args.profile or None, args.out, ".", args.scans, args.max_slices, args.batches, args.gpu,
-                     args.utilisation, args.stages, args.work_dir, args.max_batch)
+                     args.utilisation, args.stages, args.work_dir, args.max_batch, args.update)
     except (ValueError, RuntimeError, FileNotFoundError) as error:
         sys.exit(f"error: {error}")
     print(f"wrote {Path(args.out) / MARKDOWN_NAME} and {Path(args.out) / CSV_NAME}")

@@ -275,6 +275,14 @@ class Entry(Config):
     train: TrainOverrides | None = None
 
 
+#: ``epoch_unit`` of a 2D pretraining entry, what its training epoch goes over: ``slices``
+#: (the default), every axial slice of every training scan; ``scans``, one slice of each
+#: training scan, drawn anew every epoch, as seed 003's epochs went over volumes
+#: (:mod:`chestssl.data.slice_epochs`). 3D entries go over ``crops.per_scan`` crops per scan.
+EPOCH_UNITS = ("slices", "scans")
+DEFAULT_EPOCH_UNIT = EPOCH_UNITS[0]
+
+
 class MethodConfig(Entry):
     """Base of a pretraining method's params entry (under ``methods`` or ``multihead``).
 
@@ -284,6 +292,8 @@ class MethodConfig(Entry):
     """
 
     backbone: BackboneRef
+    epoch_unit: Str(choices=EPOCH_UNITS, doc="what a training epoch of a 2D entry goes over: every slice, or one "
+                                             "slice of each scan drawn anew (seed 003)") = DEFAULT_EPOCH_UNIT
     #: The params section holding this method's entries.
     section: ClassVar[str] = "methods"
     #: The backbone presets (their ``name``) the method can be built on; ``None``: any.
@@ -606,6 +616,12 @@ class Report(Config):
     feature_maps: List(SegmentationFigureRow, doc="rows of `label` and `run` or `multihead`")
 
 
+def training_seed_values(params: Mapping[str, Any]) -> list[int]:
+    """The seeds each downstream run trains with: ``seed``, ``seed + 1``, ... (``training_seeds`` of them).
+    The first is the run's own model; the others give the mean and spread over training runs."""
+    return [int(params["seed"]) + offset for offset in range(int(params["training_seeds"]))]
+
+
 def process_count(launch: Mapping[str, Any]) -> int:
     """The processes a training stage runs in: ``launch.nproc_per_node`` x ``launch.nnodes``."""
     return int(launch["nproc_per_node"]) * int(launch["nnodes"])
@@ -631,6 +647,7 @@ class Params(Config):
     """Every params group, as written in ``params.yaml`` and :data:`PARAMS_FILES`."""
 
     seed: Int(ge=0)
+    training_seeds: Int(ge=1, doc="trainings of each downstream run, seeded seed, seed + 1, ...")
     seg_beta: Float(ge=0.0, doc="weight of the segmentation loss in multihead pretraining")
     launch: Launch
     data: Data
@@ -725,6 +742,7 @@ def _cross_checks(params: dict, problems: list[str]) -> None:
         problems.append(f"radiographs.window_percentiles: got {low_high}, expected [low, high] with low < high")
     _check_radiograph_pretraining(params, problems)
     _check_cross_modal(params, problems)
+    _check_epoch_units(params, problems)
     feature_method = (params.get("alignment") or {}).get("feature_method")
     listed = (params.get("pretrain_radiographs") or {}).get("methods") or []
     if isinstance(feature_method, str) and feature_method not in listed:
@@ -977,6 +995,22 @@ def _check_cross_modal(params: dict, problems: list[str]) -> None:
                             f"set methods.{name}.mm_con > 0 (seed 003: 0.03)")
 
 
+def _check_epoch_units(params: dict, problems: list[str]) -> None:
+    """``epoch_unit`` is written only on trained 2D entries: a 3D entry's epoch is
+    ``crops.per_scan`` crops of each scan, and a scratch entry is not trained."""
+    for section in PRETRAIN_SECTIONS:
+        for name, entry in (params.get(section) or {}).items():
+            if "epoch_unit" not in entry:
+                continue
+            where = f"{section}.{name}.epoch_unit"
+            if entry.get("method") == "scratch":
+                problems.append(f"{where}: a scratch entry is not trained; remove its epoch_unit")
+            elif (entry.get("backbone") or {}).get("spatial_dims") == 3:
+                problems.append(f"{where}: got {entry['epoch_unit']!r}, but the entry has a 3D backbone, whose "
+                                "epoch is crops.per_scan crops of each training scan (drawn anew with crops.draw: "
+                                "every_epoch); epoch_unit counts the slices of 2D entries, so remove it")
+
+
 def _check_method_inputs(params: dict, problems: list[str],
                          method_configs: Mapping[str, type[MethodConfig]]) -> None:
     """Sizes that must agree with the data a method is fed, and what each method's config
@@ -1095,6 +1129,8 @@ def radiograph_entry(params: Mapping[str, Any], name: str, listed_in: str | None
     ``slices.size``; seed 004: 256 px), then any backbone keys of
     ``pretrain_radiographs.per_entry.<name>.backbone`` (seed 004: ``patch_size`` 32).
     Exported encoders carry this backbone, so their consumers rebuild it from the file.
+    The entry's ``epoch_unit`` is left out: it counts CT slices, and a radiograph epoch is
+    already one item per study view.
 
     ``listed_in``: the ``pretrain_radiographs`` list that must name it (``methods``, or
     ``study_methods`` for study-level pretraining; ``None``: not checked).
@@ -1105,6 +1141,7 @@ def radiograph_entry(params: Mapping[str, Any], name: str, listed_in: str | None
                            f"({', '.join(block[listed_in]) or 'empty'})"])
     own = (block.get("per_entry") or {}).get(name) or {}
     entry = copy.deepcopy(dict(params["methods"][name]))
+    entry.pop("epoch_unit", None)
     if "train" in entry:  # `scratch` entries train nothing
         entry["train"] = {**entry["train"], **block["train"], **(own.get("train") or {})}
     backbone = dict(entry["backbone"])

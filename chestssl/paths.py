@@ -5,6 +5,7 @@ dvc.yaml spells out the same paths; tests/pipeline checks that the two agree.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 RAW_DIR = Path("data/raw")
@@ -14,6 +15,14 @@ PROCESSED_DIR = Path("data/processed")
 RADIOGRAPHS_DIR = Path("data/radiographs")  # two-view radiographs rendered from the processed CT
 CHECKPOINT_DIR = Path("checkpoints")  # resume state of interrupted training; not a DVC output
 REPORTS_DIR = Path("reports")
+CACHE_DIR_ENV = "CHESTSSL_CACHE_DIR"
+DEFAULT_CACHE_DIR = Path(".cache")  # memory-mapped arrays derived from data/processed; neither git nor DVC
+
+
+def cache_dir() -> Path:
+    """The root of the array cache (:mod:`chestssl.data.array_cache`): ``$CHESTSSL_CACHE_DIR``
+    if set, else ``.cache`` in the working directory (the project root when stages run)."""
+    return Path(os.environ.get(CACHE_DIR_ENV) or DEFAULT_CACHE_DIR)
 
 
 def pretrain_model_dir(method: str) -> Path:
@@ -70,6 +79,12 @@ ALIGNMENT_REPORT_DIR = REPORTS_DIR / "alignment"
 
 def finetune_model_path(run: str) -> Path:
     return Path("models/finetune") / run / "model.pt"
+
+
+def seed_model_path(model_path: str | Path, training_seed: int) -> Path:
+    """The model of a run's extra training seed (``training_seeds``): ``<run folder>/seeds/<seed>/model.pt``,
+    its curves beside it in ``live/``; the first seed's model is ``model_path`` itself."""
+    return Path(model_path).parent / "seeds" / str(training_seed) / "model.pt"
 
 
 def finetune_report_dir(run: str) -> Path:

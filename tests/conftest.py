@@ -37,6 +37,21 @@ def release_memory_after_each_module():
         trim(0)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def array_cache_outside_the_repo(tmp_path_factory):
+    """The array cache (chestssl.data.array_cache) of every test and of the stage processes
+    they start goes to a temporary folder, never to ``.cache`` of the working directory."""
+    from chestssl.paths import CACHE_DIR_ENV
+
+    previous = os.environ.get(CACHE_DIR_ENV)
+    os.environ[CACHE_DIR_ENV] = str(tmp_path_factory.mktemp("array-cache"))
+    yield
+    if previous is None:
+        os.environ.pop(CACHE_DIR_ENV, None)
+    else:
+        os.environ[CACHE_DIR_ENV] = previous
+
+
 @pytest.fixture(autouse=True)
 def one_torch_thread():
     """Small networks run faster on one thread than contending for a shared machine's cores."""

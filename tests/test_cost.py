@@ -42,6 +42,20 @@ def test_fits_scale_by_the_unit_their_dataset_draws_from():
     assert cost.unit_of("RadiographDataset", None) == "scans"
 
 
+def test_2d_epochs_over_scans_scale_by_scans(synthetic_processed):
+    from chestssl.data.datasets import SliceDataset
+    from chestssl.data.slice_epochs import EpochSliceDataset
+
+    slices = SliceDataset(synthetic_processed, "train", 16, "pretrain")  # 2 scans of 12 slices
+    over_scans = EpochSliceDataset(slices)
+    # As the training loop records a fit: its dataset's class name, `task` if it has one, and its length.
+    records = [record(STAGES["pretrain@dae_3d"], dataset=type(data).__name__, task=getattr(data, "task", None),
+                      items=len(data)) for data in (slices, over_scans)]
+    fits = cost.full_protocol_fits(records, STAGES, SAMPLE, LIDC, label_fractions=())
+    assert [items for _, _, _, items in fits] == [24 * 100_000 // 200, 2 * 800 // 2]  # slices; scans
+    assert cost.unit_of("EpochSliceDataset", None) == "scans"
+
+
 def test_a_label_fraction_stage_trains_once_per_fraction_of_its_whole_training_set():
     records = [record(STAGES["label_fraction@cls"], task="cls", items=items) for items in (2, 10)]
     fits = cost.full_protocol_fits(records, STAGES, SAMPLE, LIDC, label_fractions=[0.01, 0.5, 1.0])
@@ -62,11 +76,25 @@ def test_steps_follow_the_training_plan_and_gpu_hours_the_flops_over_the_peak():
     assert row["gpu_hours"] == pytest.approx(600 * 8e12 / (19.5e12 * 0.5) * 2 / 3600)
 
 
+def test_a_stage_measured_again_counts_with_its_latest_records_only():
+    old = [{**record(STAGES["finetune@seg"], items=10), "stage_run": "a"},
+           {**record(STAGES["pretrain@dae_3d"], dataset="CropDataset", task=None), "stage_run": "b"}]
+    new = [{**record(STAGES["finetune@seg"], items=20), "stage_run": "c"} for _ in range(3)]
+    latest = cost.latest_stage_records([*old, *new], STAGES)
+    assert [r["train_items"] for r in latest["finetune@seg"]] == [20, 20, 20]
+    assert latest["pretrain@dae_3d"] == [old[1]]
+    # Records written before runs were named count as one run.
+    unnamed = [record(STAGES["finetune@seg"]) for _ in range(2)]
+    assert len(cost.latest_stage_records(unnamed, STAGES)["finetune@seg"]) == 2
+
+
 def test_bad_settings_are_named(tmp_path):
     with pytest.raises(ValueError, match="gpu"):
         cost.estimate(gpu="GTX", work_dir=tmp_path)
     with pytest.raises(ValueError, match="utilisation"):
         cost.estimate(utilisation=1.5, work_dir=tmp_path)
+    with pytest.raises(ValueError, match="holds no earlier estimate"):
+        cost.estimate(work_dir=tmp_path, update=True)
 
 
 @pytest.mark.slow
@@ -90,3 +118,14 @@ def test_make_cost_measures_training_stages_through_dvc_repro(tmp_path):
     # Nothing was trained: each fit measured its batches and stopped.
     log = (tmp_path / "work" / "dvc-repro.log").read_text()
     assert "epoch 1/" not in log
+
+    # Updated after a change of params: DVC reruns the fine-tuning alone, now two fits (two
+    # training seeds, both reusing the earlier measurement); the pretraining keeps its record.
+    raw, _ = read_raw_params(source / "params.yaml")
+    raw["training_seeds"] = 2
+    write_raw_params(raw, source / "params.yaml")
+    rows = cost.estimate(profile=None, out_dir=tmp_path / "out", source=source, scans=4, max_slices=100,
+                         stages=["finetune@cls_linear_barlow_twins"], work_dir=tmp_path / "work", update=True)
+    assert list(rows["stage"]) == ["pretrain@barlow_twins", *["finetune@cls_linear_barlow_twins"] * 2]
+    assert list(rows["measurement_reused"]) == [False, True, True]
+    assert (tmp_path / "work" / "dvc-repro.log").read_text().count("Running stage 'pretrain@barlow_twins'") == 1

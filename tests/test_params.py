@@ -613,3 +613,36 @@ def test_classification_class_weights_may_be_balanced_and_clean_source_is_one_of
     assert full["slices"]["clean_source"] == "nodule_free_patients"
     assert {name for name, run in full["runs"].items() if run.get("class_weights") == "balanced"} == {
         "cls_resnet18_swin", "cls_resnet50_swin", "cls_resnet50_scratch", "cls_resnet50_multihead_cls"}
+
+
+def test_epoch_unit_is_slices_or_scans_on_trained_2d_entries_only(raw):
+    from chestssl.profiles import merge_profile
+
+    from chestssl.params import radiograph_entry
+
+    raw["methods"]["dae_all"]["epoch_unit"] = "scans"
+    raw["methods"]["mae"]["epoch_unit"] = "scans"  # on CT; its radiograph epochs are one item per study view
+    raw["multihead"]["multihead_seg"]["epoch_unit"] = "slices"
+    params = validate(copy.deepcopy(raw))
+    assert (params["methods"]["dae_all"]["epoch_unit"], params["multihead"]["multihead_seg"]["epoch_unit"]) == (
+        "scans", "slices")
+    assert params["methods"]["mae"]["epoch_unit"] == "scans" and "epoch_unit" not in radiograph_entry(params, "mae")
+    assert "epoch_unit" not in params["methods"]["dae_local"]  # unset stays unset: the entry (and its outputs) unchanged
+    raw["methods"]["dae_local"]["epoch_unit"] = "volumes"
+    raw["methods"]["scratch_swin"]["epoch_unit"] = "scans"
+    raw["backbones"]["swin_3d"] = {**raw["backbones"]["swin"], "spatial_dims": 3}
+    raw["methods"]["dae_3d"] = {**raw["methods"]["dae_denoise"], "backbone": "swin_3d", "epoch_unit": "scans"}
+    found = problems(copy.deepcopy(raw))
+    assert any(p.startswith("methods.dae_local.epoch_unit: got 'volumes', expected one of 'slices', 'scans'")
+               for p in found), found
+    del raw["methods"]["dae_local"]["epoch_unit"]
+    found = problems(raw)
+    assert "methods.scratch_swin.epoch_unit: a scratch entry is not trained; remove its epoch_unit" in found
+    assert ("methods.dae_3d.epoch_unit: got 'scans', but the entry has a 3D backbone, whose epoch is crops.per_scan "
+            "crops of each training scan (drawn anew with crops.draw: every_epoch); epoch_unit counts the slices of 2D "
+            "entries, so remove it") in found
+    # The full profile counts the 2D DAE entries' epochs over scans, as seed 003 counted them over volumes.
+    full = validate(merge_profile(read_raw_params(ROOT / "params.yaml")[0],
+                                  yaml.safe_load((ROOT / "params" / "lidc-full.yaml").read_text())))
+    assert {name for name, entry in full["methods"].items() if entry.get("epoch_unit") == "scans"} == {
+        "dae_denoise", "dae_superres", "dae_local", "dae_all"}

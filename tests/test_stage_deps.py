@@ -2,8 +2,9 @@
 that stage's ``deps`` in dvc.yaml, so that editing it reruns the stage.
 
 Only plumbing that cannot change a stage's outputs is exempt: argument and error
-handling, path names, params validation, atomic writes and package ``__init__`` files
-that only re-export.
+handling, path names, params validation, atomic writes, the array cache (it stores what
+other modules compute, keyed by all their inputs) and package ``__init__`` files that only
+re-export.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ PLUMBING = {
     "chestssl/params.py",
     "chestssl/schema.py",
     "chestssl/paths.py",
+    "chestssl/data/array_cache.py",
     "chestssl/data/__init__.py",
     "chestssl/eval/__init__.py",
     "chestssl/ablations/__init__.py",

@@ -26,6 +26,13 @@ Items have the keys of :class:`chestssl.data.datasets.SliceDataset`, with 3D sha
   nodules in the crop, 0 without one;
 - ``patient_id``, ``scan_id``: str; ``slice_index``: int, the axial index of the crop's
   centre in the processed volume (counted in the padded volume where it was padded).
+
+Where the volumes live: :class:`CropDataset` holds its crops in memory.
+:class:`EpochCropDataset` reads each scan through the array cache
+(:mod:`chestssl.data.array_cache`: ``$CHESTSSL_CACHE_DIR/scans``, else ``.cache/scans``):
+on first use, a scan's image, mask and nodule-voxel indices are written there
+uncompressed, once for all processes, and then memory-mapped read-only, so a crop reads
+only its own pages and every DDP rank and DataLoader worker shares the page cache's copy.
 """
 
 from __future__ import annotations
@@ -43,8 +50,12 @@ from monai.transforms.utils import correct_crop_centers
 from monai.utils import MAX_SEED
 from torch.utils.data import Dataset, get_worker_info
 
+from chestssl.data.array_cache import cached_arrays, digest, scan_identity
 from chestssl.data.datasets import DatasetError
 from chestssl.data.processed import SPLITS, load_scan, read_nodules, read_slices
+from chestssl.paths import cache_dir
+
+SCAN_ARRAYS = ("image", "mask", "foreground")
 
 
 def _check_arguments(split: str, size: int, crops_per_scan: int, positive_fraction: float) -> None:
@@ -185,19 +196,23 @@ class EpochCropDataset(Dataset, Randomizable):
     workers draws other crops than a run without (each reproducible).
 
     Memory: the processed scans are compressed ``.npz`` archives, which cannot be
-    memory-mapped, so reading an item decompresses its whole scan (image as float32, mask
-    as uint8) and crops it. Each process (the main one, or each DataLoader worker) keeps
-    at most ``cache_scans`` decompressed scans, the least recently read dropped first, so
-    it holds at most ``cache_scans + 1`` volumes; the cache is not copied to workers.
-    Building the dataset reads the split's scan list and the nodule table, no volume.
+    memory-mapped, so the first read of a scan (by any process) decompresses it once into
+    the array cache (see the module's docstring): ``image`` (float16 as stored, float32 if
+    it does not fit), ``mask`` and ``foreground`` (flat indices of its nodule voxels), keyed
+    by the scan file's size, modification time and inode. Every read then crops the
+    memory-mapped arrays, reading only the crop's pages. Each process (the main one, or
+    each DataLoader worker) keeps at most ``cache_scans`` scans open, the least recently
+    read dropped first; only a volume smaller than the crop, which is padded, is held in
+    memory. The open scans are not copied to workers. Building the dataset reads the
+    split's scan list and the nodule table, no volume.
 
     Args:
         processed_dir, split, size, crops_per_scan, positive_fraction, min_nodule_voxels:
             as for :class:`CropDataset`; ``crops_per_scan`` counts per epoch, and
             ``positive_fraction`` applies to each draw.
         seed: the positions' seed until :meth:`set_random_state` is called.
-        cache_scans: decompressed scans kept per process (0: none). Items are read in a
-            shuffled order in training, so a scan is rarely read twice in a row.
+        cache_scans: scans kept open per process (0: none). Items are read in a shuffled
+            order in training, so a scan is rarely read twice in a row.
     """
 
     def __init__(
@@ -218,6 +233,7 @@ class EpochCropDataset(Dataset, Randomizable):
         self.split, self.size, self.crops_per_scan = split, size, crops_per_scan
         self.positive_fraction, self.min_nodule_voxels = float(positive_fraction), min_nodule_voxels
         self.cache_scans = cache_scans
+        self.scan_cache = cache_dir().absolute() / "scans"
         self.scans = [(str(scan_id), str(patient_id))
                       for scan_id, patient_id in _split_scans(self.processed_dir, split).itertuples(index=False)]
         self.malignancy_of = _malignancies(self.processed_dir)
@@ -252,11 +268,11 @@ class EpochCropDataset(Dataset, Randomizable):
         image, nodule_ids, foreground = self._volume(scan_id)
         centre = self._draw_centre(nodule_ids, foreground, np.random.default_rng([self.draw_seed, index]))
         window = tuple(slice(c - self.size // 2, c - self.size // 2 + self.size) for c in centre)
-        ids = nodule_ids[window]
+        ids = np.array(nodule_ids[window])
         present = [int(k) for k in np.unique(ids) if k > 0]
         voxels = int(np.count_nonzero(ids))
         return {
-            "image": torch.from_numpy(np.ascontiguousarray(image[window]))[None],
+            "image": torch.from_numpy(np.array(image[window], dtype=np.float32))[None],
             "mask": torch.from_numpy(ids > 0).to(torch.float32)[None],
             "label": torch.tensor(1 if voxels > self.min_nodule_voxels else 0, dtype=torch.int64),
             "malignancy": torch.tensor(max((self.malignancy_of.get((scan_id, k), 0.0) for k in present), default=0.0),
@@ -268,23 +284,39 @@ class EpochCropDataset(Dataset, Randomizable):
 
     def _volume(self, scan_id: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The scan's image and nodule ids, padded to the crop side, and the flat indices
-        of its nodule voxels; from the cache when there."""
+        of its nodule voxels; memory-mapped from the array cache, kept open in this process's
+        ``_cache``."""
         if scan_id in self._cache:
             self._cache.move_to_end(scan_id)
             return self._cache[scan_id]
-        scan = load_scan(self.processed_dir, scan_id)
-        image, nodule_ids = scan["image"], scan["mask"]
+        arrays = cached_arrays(
+            self.scan_cache, f"{scan_id}-{digest(scan_identity(self.processed_dir, scan_id))[:24]}", SCAN_ARRAYS,
+            lambda folder: self._write_scan(scan_id, folder),
+            valid=lambda arrays: arrays["image"].shape == arrays["mask"].shape and arrays["image"].ndim == 3,
+        )
+        image, nodule_ids, foreground = (arrays[name] for name in SCAN_ARRAYS)
         # Centred padding with 0, as MONAI's SpatialPad (symmetric) pads.
         missing = [max(self.size - side, 0) for side in image.shape]
         if any(missing):
             widths = [(m // 2, m - m // 2) for m in missing]
             image, nodule_ids = np.pad(image, widths), np.pad(nodule_ids, widths)
-        volume = (image, nodule_ids, np.flatnonzero(nodule_ids))
+            foreground = np.flatnonzero(nodule_ids)
+        volume = (image, nodule_ids, foreground)
         if self.cache_scans:
             self._cache[scan_id] = volume
             while len(self._cache) > self.cache_scans:
                 self._cache.popitem(last=False)
         return volume
+
+    def _write_scan(self, scan_id: str, folder: Path) -> None:
+        """Decompress the scan into ``folder``: ``image`` (float16 when that holds it exactly,
+        as the contract's scans are), ``mask`` and ``foreground``, each an uncompressed ``.npy``."""
+        scan = load_scan(self.processed_dir, scan_id)
+        image = scan["image"]
+        half = image.astype(np.float16)
+        np.save(folder / "image.npy", half if np.array_equal(half, image) else image)
+        np.save(folder / "mask.npy", scan["mask"])
+        np.save(folder / "foreground.npy", np.flatnonzero(scan["mask"]))
 
     def _draw_centre(self, nodule_ids: np.ndarray, foreground: np.ndarray, rng: np.random.Generator
                      ) -> tuple[int, ...]:

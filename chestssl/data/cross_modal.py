@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 from monai.transforms import Resize
 from torch.utils.data import Dataset
 
@@ -28,6 +29,11 @@ class CrossModalDataset(Dataset):
     the sizes of the two sets (a rendered study is one per scan, so radiographs are far
     fewer than slices and each is seen several times per epoch, under different random
     disruptions). The training loop's shuffled sampler then mixes both into every batch.
+    When the CT items are drawn per epoch, one slice per scan
+    (:class:`~chestssl.data.slice_epochs.EpochSliceDataset`, ``epoch_unit: scans``), an
+    epoch may hold fewer radiograph items than there are radiographs: the cycle then starts
+    at a point drawn from the CT's epoch seed (``draw_seed``), so every radiograph takes
+    its turn over the epochs.
 
     Args:
         ct: items with ``image`` (1, S, S) in [0, 1] (the CT slices of ``pretrain@``).
@@ -66,12 +72,21 @@ class CrossModalDataset(Dataset):
         """The modality of item ``index`` without loading it."""
         return CT if index < self.n_ct else RADIOGRAPH
 
+    def _radiograph_start(self) -> int:
+        """Where this epoch's radiograph items start in the cycle (class docstring): 0 unless
+        the CT items are drawn per epoch and the epoch cannot hold every radiograph."""
+        seed = getattr(self.ct, "draw_seed", None)
+        if seed is None or self.n_radiograph >= len(self.radiographs):
+            return 0
+        return int(np.random.default_rng(seed).integers(len(self.radiographs)))
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} items")
         if index < self.n_ct:
             return {"image": self.ct[index]["image"].float(), "modality": CT}
-        image = self.radiographs[(index - self.n_ct) % len(self.radiographs)]["image"].float()
+        image = self.radiographs[(self._radiograph_start() + index - self.n_ct) % len(self.radiographs)]["image"]
+        image = image.float()
         if self._resize is not None:
             image = self._resize(image).as_tensor()
         return {"image": image, "modality": RADIOGRAPH}

@@ -12,6 +12,15 @@ Each slice is padded to a square with 0 (air after windowing, so the padding loo
 the background outside the body) and resized to ``size`` x ``size``: the image with area
 interpolation when shrinking (it averages, so no aliasing) and bilinear when enlarging,
 the mask with nearest-neighbour interpolation so it stays binary.
+
+Where the slices live: the resized slices of a dataset (float16 images, uint8 masks) are
+computed once, scan by scan, into two ``.npy`` files of the array cache
+(:mod:`chestssl.data.array_cache`: ``$CHESTSSL_CACHE_DIR/slices``, else
+``.cache/slices``), keyed by the selected slices, the size and the identity of the scan
+files, and every process opens them read-only, memory-mapped. So no process holds the split
+in its own memory: the DDP ranks and DataLoader workers reading one dataset share the
+page cache's single copy, which the operating system can drop and reread, and a second
+construction (another rank, the next stage) reuses the files instead of recomputing them.
 """
 
 from __future__ import annotations
@@ -26,10 +35,13 @@ import torch
 from monai.transforms import Resize, SpatialPad
 from torch.utils.data import Dataset
 
+from chestssl.data.array_cache import cached_arrays, digest, open_entry, scan_identity
 from chestssl.data.processed import SPLITS, DatasetError, load_scan, read_nodules, read_slices
+from chestssl.paths import cache_dir
 from chestssl.params import CLEAN_SOURCES  # where the clean slices of cls come from (slices.clean_source)
 
 TASKS = ("pretrain", "seg", "cls")
+SLICE_ARRAYS = ("images", "masks")
 
 
 class SliceDataset(Dataset):
@@ -58,7 +70,10 @@ class SliceDataset(Dataset):
             not depend on it.
 
     All items are computed once, at construction: each scan is loaded once and only the
-    needed slices are kept, stored as float16 images and uint8 masks.
+    needed slices are kept, stored as float16 images and uint8 masks in the array cache
+    (see the module's docstring) unless an earlier construction already wrote them there.
+    ``images`` and ``masks`` are those (N, size, size) arrays, memory-mapped read-only;
+    ``cache_entry`` is their folder.
 
     Items are dicts:
 
@@ -120,17 +135,36 @@ class SliceDataset(Dataset):
                 + _empty_hint(task)
             )
         self.frame = frame.reset_index(drop=True)
-        self.images, self.masks = self._load_slices()
+        self._arrays: dict[str, np.ndarray] | None = self._cached_slices()
         self.labels = torch.tensor(self.frame["label"].to_numpy(), dtype=torch.int64)
         self.malignancy = torch.tensor(self.frame["max_malignancy"].to_numpy(dtype=np.float32), dtype=torch.float32)
         self.patient_ids: list[str] = self.frame["patient_id"].tolist()
         self.scan_ids: list[str] = self.frame["scan_id"].tolist()
         self.slice_indices: list[int] = [int(i) for i in self.frame["slice_index"]]
 
-    def _load_slices(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Load each scan once; pad and resize its needed slices. Returns (N, S, S) tensors."""
-        images = torch.empty((len(self.frame), self.size, self.size), dtype=torch.float16)
-        masks = torch.empty((len(self.frame), self.size, self.size), dtype=torch.uint8)
+    def _cached_slices(self) -> dict[str, np.ndarray]:
+        """The memory-mapped ``images`` and ``masks`` of the cache entry of these slices, written first if needed."""
+        scans = self.frame["scan_id"].unique().tolist()
+        key = digest({
+            "size": self.size,
+            "rows": [[scan, int(index)] for scan, index in zip(self.frame["scan_id"], self.frame["slice_index"])],
+            "scans": {scan: scan_identity(self.processed_dir, scan) for scan in scans},
+        })
+        folder, name = cache_dir().absolute() / "slices", f"{self.task}-{self.split}-{self.size}px-{key[:24]}"
+        self.cache_entry = folder / name
+        shape = (len(self.frame), self.size, self.size)
+        return cached_arrays(
+            folder, name, SLICE_ARRAYS, self._write_slices,
+            valid=lambda arrays: (arrays["images"].shape == arrays["masks"].shape == shape
+                                  and arrays["images"].dtype == np.float16 and arrays["masks"].dtype == np.uint8),
+        )
+
+    def _write_slices(self, folder: Path) -> None:
+        """Load each scan once; pad and resize its needed slices into ``folder/{images,masks}.npy``
+        ((N, S, S) float16 and uint8), one scan at a time."""
+        shape = (len(self.frame), self.size, self.size)
+        images = np.lib.format.open_memmap(folder / "images.npy", "w+", np.float16, shape)
+        masks = np.lib.format.open_memmap(folder / "masks.npy", "w+", np.uint8, shape)
         for scan_id, rows in self.frame.groupby("scan_id", sort=False):
             scan = load_scan(self.processed_dir, scan_id)
             depth = scan["image"].shape[0]
@@ -141,18 +175,39 @@ class SliceDataset(Dataset):
                     f"scans/{scan_id}.npz has {depth} slices; rerun the preprocess stage"
                 )
             image, mask = square_resize(scan["image"][wanted], scan["mask"][wanted] > 0, self.size)
-            positions = torch.from_numpy(rows.index.to_numpy(dtype=np.int64, copy=True))
-            images[positions] = image.to(torch.float16)
-            masks[positions] = mask.to(torch.uint8)
-        return images, masks
+            positions = rows.index.to_numpy(dtype=np.int64)
+            images[positions] = image.to(torch.float16).numpy()
+            masks[positions] = mask.to(torch.uint8).numpy()
+        images.flush()
+        masks.flush()
+
+    @property
+    def images(self) -> np.ndarray:
+        """(N, size, size) float16 slices in [0, 1], memory-mapped read-only."""
+        return self._mapped()["images"]
+
+    @property
+    def masks(self) -> np.ndarray:
+        """(N, size, size) uint8 masks (1 on nodule pixels), memory-mapped read-only."""
+        return self._mapped()["masks"]
+
+    def _mapped(self) -> dict[str, np.ndarray]:
+        if self._arrays is None:  # unpickled, e.g. in a spawned DataLoader worker
+            self._arrays = open_entry(self.cache_entry, SLICE_ARRAYS)
+        return self._arrays
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_arrays"] = None  # a memmap would pickle as a copy of its data: reopen the files instead
+        return state
 
     def __len__(self) -> int:
         return len(self.frame)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         return {
-            "image": self.images[index].unsqueeze(0).to(torch.float32),
-            "mask": self.masks[index].unsqueeze(0).to(torch.float32),
+            "image": torch.from_numpy(np.array(self.images[index], dtype=np.float32))[None],
+            "mask": torch.from_numpy(np.array(self.masks[index], dtype=np.float32))[None],
             "label": self.labels[index],
             "malignancy": self.malignancy[index],
             "patient_id": self.patient_ids[index],

@@ -11,7 +11,8 @@ Two views per split:
   scans, or ``crops.per_scan`` crops per scan; with ``crops.draw: every_epoch`` the
   training crops are drawn anew every epoch, as in seed 003,
   :class:`~chestssl.data.crops.EpochCropDataset`, and the validation crops once, so
-  validation metrics compare across epochs);
+  validation metrics compare across epochs; with the entry's ``epoch_unit: scans``, one
+  slice of each scan, :mod:`chestssl.data.slice_epochs`, likewise);
 - :func:`labelled_view`: items with a reliable label, for linear probing (nodule and
   clean slices, leaving out slices with a few nodule pixels only; or the crops, labelled
   by whether they hold nodule voxels).
@@ -26,6 +27,8 @@ from torch.utils.data import Dataset
 
 from chestssl.data.crops import CropDataset, EpochCropDataset
 from chestssl.data.datasets import SliceDataset
+from chestssl.data.slice_epochs import EpochSliceDataset, one_slice_per_scan
+from chestssl.params import DEFAULT_EPOCH_UNIT
 
 
 def spatial_dims_of(entry: Mapping[str, Any]) -> int:
@@ -52,10 +55,21 @@ def _crops(params: Mapping[str, Any], processed_dir: Path, split: str,
 
 
 def pretrain_view(params: Mapping[str, Any], entry: Mapping[str, Any], split: str, processed_dir: Path) -> Dataset:
-    """The items the pretext task of ``entry`` trains or is validated on, for ``split``."""
+    """The items the pretext task of ``entry`` trains or is validated on, for ``split``.
+
+    A 2D entry with ``epoch_unit: scans`` (seed 003's epochs over volumes) trains on one
+    slice of each training scan drawn anew every epoch, and is validated on one slice of
+    each validation scan drawn once (every validation slice each epoch would cost many
+    times the training epoch); its test split keeps every slice.
+    """
     if spatial_dims_of(entry) == 3:
         return _crops(params, processed_dir, split, pretext=True)
-    return SliceDataset(processed_dir, split, params["slices"]["size"], "pretrain", seed=params["seed"])
+    slices = SliceDataset(processed_dir, split, params["slices"]["size"], "pretrain", seed=params["seed"])
+    if entry.get("epoch_unit", DEFAULT_EPOCH_UNIT) != "scans" or split == "test":
+        return slices
+    if split == "train":
+        return EpochSliceDataset(slices, seed=params["seed"])
+    return one_slice_per_scan(slices, seed=params["seed"])
 
 
 def labelled_view(params: Mapping[str, Any], entry: Mapping[str, Any], split: str, processed_dir: Path) -> Dataset:

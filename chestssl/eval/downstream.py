@@ -101,3 +101,27 @@ def _features(feature_maps: Callable[[torch.Tensor], list[torch.Tensor]], images
     maps = feature_maps(torch.as_tensor(images, dtype=torch.float32, device=device))
     level = maps[min(FEATURE_LEVEL, len(maps) - 1)]
     return level[:, :FEATURE_CHANNELS].float().cpu().numpy().astype(np.float16)
+
+
+def spread_over_training_seeds(metrics_by_seed: Mapping[int, Mapping[str, Any]]) -> dict[str, Any]:
+    """The variation between training runs of one downstream run, from each training
+    seed's metrics (:func:`score_predictions` on the same test split).
+
+    Returns ``{"seeds": [...], "metrics": {key: {"values", "mean", "sd", "n"}}}`` for every
+    metric of the form ``{"value": ...}``: ``values`` in seed order (``None`` where a seed's
+    value is undefined), ``mean`` and ``sd`` (sample standard deviation, ``ddof=1``) over the
+    defined values, ``n`` their count; ``sd`` is ``None`` below two values.
+    """
+    seeds = list(metrics_by_seed)
+    keys = [key for key, entry in metrics_by_seed[seeds[0]].items() if isinstance(entry, Mapping) and "value" in entry]
+    summary: dict[str, Any] = {}
+    for key in keys:
+        values = [metrics_by_seed[s].get(key, {}).get("value") for s in seeds]
+        defined = np.array([v for v in values if v is not None], dtype=np.float64)
+        summary[key] = {
+            "values": values,
+            "mean": float(defined.mean()) if defined.size else None,
+            "sd": float(defined.std(ddof=1)) if defined.size > 1 else None,
+            "n": int(defined.size),
+        }
+    return {"seeds": [int(s) for s in seeds], "metrics": summary}

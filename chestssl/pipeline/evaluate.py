@@ -5,6 +5,10 @@ The run's model (stage ``finetune@<run>``) predicts every test slice
 image) or accuracy, precision, recall, F1, AUROC, with intervals over patients; example
 slices for the figures; per-slice scores for paired comparisons. A classifier's example
 slices also get their Grad-CAM maps (:func:`chestssl.interpret.add_gradcam_to_examples`).
+With ``training_seeds`` above 1, the models of the other training seeds are scored on the
+same test slices and ``metrics.json`` gets their spread under ``training_seeds``
+(:func:`chestssl.eval.downstream.spread_over_training_seeds`); intervals, examples and
+per-slice scores stay those of the first seed.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from typing import Any, Mapping
 from chestssl import paths
 from chestssl.io import write_json
 from chestssl.model_files import load_model_file
-from chestssl.params import ParamsError
+from chestssl.params import ParamsError, training_seed_values
 
 
 def evaluate(
@@ -39,10 +43,9 @@ def evaluate(
     Returns the metrics.
     """
     from chestssl.data.datasets import SliceDataset
-    from chestssl.eval.downstream import evaluate_predictor
-    from chestssl.inference import auto_device
+    from chestssl.eval.downstream import evaluate_predictor, score_predictions, spread_over_training_seeds
+    from chestssl.inference import auto_device, predict_dataset
     from chestssl.interpret import add_gradcam_to_examples
-    from chestssl.tasks import build_task
 
     if name not in params["runs"]:
         raise ParamsError([f"runs: {name!r} is not an entry ({', '.join(params['runs']) or 'none'})"])
@@ -50,11 +53,8 @@ def evaluate(
     seed, slices = params["seed"], params["slices"]
     model_path = Path(model_path) if model_path is not None else paths.finetune_model_path(name)
     out_dir = Path(out_dir) if out_dir is not None else paths.evaluate_dir(name)
-    saved = load_model_file(model_path, f"finetune@{name}", required=("encoder", "state_dict"))
     device = auto_device()
-    model = build_task(_with_recorded_weights(run, saved, name, model_path), saved["encoder"], seed, name=name)
-    model.load_state_dict(saved["state_dict"])
-    model.to(device).eval()
+    model = _load_run_model(run, name, model_path, seed, device)
     test = SliceDataset(processed_dir, "test", slices["size"], run["task"],
                         clean_per_nodule_slice=slices["clean_per_nodule_slice"], seed=seed,
                         clean_source=slices["clean_source"])
@@ -66,8 +66,28 @@ def evaluate(
     if run["task"] == "cls":
         # Grad-CAM of the nodule logit on the saved example slices, for the report's figure.
         add_gradcam_to_examples(model, out_dir / "examples.npz")
+    seeds = training_seed_values(params)
+    if len(seeds) > 1:
+        # The other training seeds' models on the same test slices: their spread is the variation
+        # between training runs, which the patient bootstrap above does not contain.
+        by_seed = {seed: metrics}
+        for training_seed in seeds[1:]:
+            other = _load_run_model(run, name, paths.seed_model_path(model_path, training_seed), training_seed, device)
+            out = predict_dataset(other.predict, test, device=device)
+            by_seed[training_seed] = score_predictions(run["task"], out, params["evaluate"], seed=seed)
+        metrics["training_seeds"] = spread_over_training_seeds(by_seed)
     write_json(out_dir / "metrics.json", metrics)
     return metrics
+
+
+def _load_run_model(run: Mapping[str, Any], name: str, model_path: Path, seed: int, device: Any) -> Any:
+    """The fine-tuned model of ``runs.<name>`` in ``model_path``, on ``device``, in eval mode."""
+    from chestssl.tasks import build_task
+
+    saved = load_model_file(model_path, f"finetune@{name}", required=("encoder", "state_dict"))
+    model = build_task(_with_recorded_weights(run, saved, name, model_path), saved["encoder"], seed, name=name)
+    model.load_state_dict(saved["state_dict"])
+    return model.to(device).eval()
 
 
 def _with_recorded_weights(run: Mapping[str, Any], saved: Mapping[str, Any], name: str,

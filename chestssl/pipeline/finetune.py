@@ -5,6 +5,10 @@ encoder its ``init`` pretraining stage exported (:func:`chestssl.tasks.build_tas
 trained on the training split's slices (:class:`~chestssl.data.datasets.SliceDataset`),
 validated on the validation split's (:func:`chestssl.train.loop.fit`); the weights of its
 best validation epoch (:data:`MONITOR`) are written with the encoder they started from.
+
+With ``training_seeds`` above 1 the run is trained again with seeds ``seed + 1``, ... on the
+same data (:func:`chestssl.paths.seed_model_path`): the variation between training runs, which the
+patient bootstrap of ``evaluate`` does not contain.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from typing import Any, Mapping
 from chestssl import paths
 from chestssl.io import write_json
 from chestssl.model_files import load_model_file, save_model_file
-from chestssl.params import ParamsError
+from chestssl.params import ParamsError, training_seed_values
 
 #: The validation metric that picks the best epoch of each task.
 MONITOR = {"seg": ("val/dice", "max"), "cls": ("val/loss", "min")}
@@ -40,7 +44,8 @@ def finetune(
             :func:`chestssl.paths.encoder_path`.
         model_path: receives the fine-tuned model; default :func:`chestssl.paths.finetune_model_path`.
         report_dir: receives ``live/`` (curves), ``metrics.json`` and ``cost.json``
-            (:func:`~chestssl.train.cost_probe.fit_cost`); default
+            (:func:`~chestssl.train.cost_probe.fit_cost` of the first seed's fit, with
+            ``training_seeds`` and ``train_seconds_all_seeds``); default
             :func:`chestssl.paths.finetune_report_dir`.
         checkpoint_path: the training loop's resume checkpoint; default
             ``checkpoints/finetune/<name>.pt``.
@@ -55,7 +60,7 @@ def finetune(
     from chestssl.tasks import build_task
     from chestssl.train.checkpoint import stage_inputs
     from chestssl.train.cost_probe import fit_cost
-    from chestssl.train.loop import fit
+    from chestssl.train.loop import discard_checkpoint, fit
     from chestssl.train.metrics import flat_metrics
 
     if name not in params["runs"]:
@@ -70,27 +75,53 @@ def finetune(
     encoder = load_model_file(encoder_file, paths.pretrain_stage(run["init"], params))
 
     def data(split: str) -> SliceDataset:
+        # The data's seed (the clean slices drawn) stays `seed` for every training seed.
         return SliceDataset(processed_dir, split, slices["size"], run["task"],
                             clean_per_nodule_slice=slices["clean_per_nodule_slice"], seed=seed,
                             clean_source=slices["clean_source"])
 
-    train = data("train")
-    # A classifier's `class_weights: balanced` are computed from the training set's labels.
-    model = build_task(run, encoder, seed, name=name, train_labels=train.labels)
+    train, val = data("train"), data("val")
     monitor, mode = MONITOR[run["task"]]
     inputs = stage_inputs({"run": run, "slices": slices}, [processed_dir, encoder_file])
-    result = fit(model, train, data("val"), run["train"], report_dir / "live", checkpoint_path, seed,
-                 monitor=monitor, mode=mode, inputs=inputs)
-    if not result.is_main:  # under torchrun, rank 0 writes the outputs
+    seeds = training_seed_values(params)
+    checkpoints = {s: checkpoint_path if s == seed else seed_checkpoint_path(checkpoint_path, s) for s in seeds}
+    metrics, costs, best_values = None, {}, {}
+    for training_seed in seeds:
+        # A classifier's `class_weights: balanced` are computed from the training set's labels.
+        model = build_task(run, encoder, training_seed, name=name, train_labels=train.labels)
+        model_file = model_path if training_seed == seed else paths.seed_model_path(model_path, training_seed)
+        live_dir = report_dir / "live" if training_seed == seed else model_file.parent / "live"
+        # Every fit's checkpoint is kept until the stage's outputs are written, so a rerun after an
+        # interruption resumes the unfinished seed and takes the finished ones as they are.
+        result = fit(model, train, val, run["train"], live_dir, checkpoints[training_seed], training_seed,
+                     monitor=monitor, mode=mode, inputs=inputs, keep_checkpoint=True)
+        if not result.is_main:  # under torchrun, rank 0 writes the outputs
+            continue
+        weighting = class_weighting(model)
+        save_model_file(model_file, {"run": name, "config": run, "encoder": encoder, "state_dict": result.best_state,
+                                     "training_seed": training_seed, **weighting})
+        costs[training_seed] = fit_cost(model, result)
+        best_values[str(training_seed)] = result.best_value
+        if training_seed == seed:
+            metrics = {"epochs": result.epochs, "steps": result.steps,
+                       f"best_{monitor.replace('/', '_')}": result.best_value,
+                       **flat_metrics(result.final_metrics), **weighting}
+    if metrics is None:
         return None
-    weighting = class_weighting(model)
-    save_model_file(model_path, {"run": name, "config": run, "encoder": encoder, "state_dict": result.best_state,
-                                 **weighting})
-    write_json(report_dir / "cost.json", fit_cost(model, result))
-    metrics = {"epochs": result.epochs, "steps": result.steps, f"best_{monitor.replace('/', '_')}": result.best_value,
-               **flat_metrics(result.final_metrics), **weighting}
+    if len(seeds) > 1:
+        metrics[f"best_{monitor.replace('/', '_')}_by_training_seed"] = best_values
+    write_json(report_dir / "cost.json", {**costs[seed], "training_seeds": len(seeds),
+                                          "train_seconds_all_seeds": round(sum(c["train_seconds"] for c in costs.values()), 1)})
     write_json(report_dir / "metrics.json", metrics)
+    for path in checkpoints.values():
+        discard_checkpoint(path)
     return metrics
+
+
+def seed_checkpoint_path(checkpoint_path: str | Path, training_seed: int) -> Path:
+    """The resume checkpoint of an extra training seed, beside the first seed's."""
+    path = Path(checkpoint_path)
+    return path.with_name(f"{path.stem}.seed{training_seed}{path.suffix}")
 
 
 def class_weighting(model: Any) -> dict[str, Any]:

@@ -80,6 +80,11 @@ def _link(out_dir: Path, path: Path) -> str:
     return path.relative_to(out_dir).as_posix()
 
 
+def _training_seeds(params: Mapping[str, Any] | None) -> int:
+    """How many times each fine-tuning run was trained (``training_seeds``; 1 without params)."""
+    return int(params.get("training_seeds", 1)) if params is not None else 1
+
+
 def _protocol(params: Mapping[str, Any] | None, bootstrap: Mapping[str, Any] | None, with_costs: bool = False) -> str:
     lines = []
     if params is None:
@@ -123,7 +128,11 @@ def _protocol(params: Mapping[str, Any] | None, bootstrap: Mapping[str, Any] | N
             f"{confidence:.0%} percentile bootstrap interval over test **patients** ({bootstrap['n_resamples']} "
             f"resamples, seed {bootstrap['seed']}): each resample draws the test patients with replacement and "
             "recomputes the metric from all slices of the drawn patients. It shows how much the result depends "
-            "on which patients were tested, not the variation between training runs (one training seed)."
+            "on which patients were tested, not the variation between training runs"
+            + (" (one training seed)." if _training_seeds(params) == 1 else
+               f": that is the `mean ± sd (n seeds)` beside it, over the {_training_seeds(params)} training seeds "
+               "of each fine-tuning run (`training_seeds`; the same data, the value and interval are the first "
+               "seed's).")
         )
     lines.append(
         "- **Segmentation metrics:** *global* Dice/Jaccard pool every pixel of every test slice (as the original "
@@ -133,8 +142,9 @@ def _protocol(params: Mapping[str, Any] | None, bootstrap: Mapping[str, Any] | N
     )
     if with_costs:
         lines.append(
-            "- **Cost columns:** what each row's own training stage cost (`cost.json` of `pretrain@` or "
-            "`finetune@`, not of the pretraining a run started from): parameters, optimisation steps, wall-clock "
+            "- **Cost columns:** what each row's own training stage cost (`cost.json` of `pretrain@`, "
+            "`pretrain_multihead@` or `finetune@`, not of the pretraining a run started from; of its first training "
+            "seed): parameters, optimisation steps, wall-clock "
             "training time (validation included) and peak memory, the stage process's peak resident size on a "
             "CPU or the peak of allocated CUDA memory on a GPU. A method that trains nothing has 0 steps."
         )

@@ -4,12 +4,19 @@ One row per (scratch run, pretrained run, metric), from the results of
 :func:`chestssl.eval.paired.paired_difference` with ``a`` the scratch run and ``b`` the
 pretrained run (runs paired by :func:`chestssl.eval.paired.scratch_pairs`). The CSV keeps
 every number in its own column; the Markdown shows ``+0.034 [+0.010, +0.058]``.
+
+The paired bootstrap compares the two runs' first training seeds. When both runs were
+trained with several seeds (``training_seeds``), seed ``k`` of one is paired with seed ``k``
+of the other, and the table adds the mean and standard deviation of those differences; a
+verdict then also needs every seed's difference to have the interval's sign, since a
+difference that flips between training runs is not one that pretraining made.
 """
 
 from __future__ import annotations
 
 from typing import Any, Mapping
 
+import numpy as np
 import pandas as pd
 
 from chestssl.eval.paired import PAIRED_METRICS
@@ -53,13 +60,38 @@ def _method_footnote(results: Mapping[tuple[str, str], Mapping[str, Any]]) -> st
         "Difference = pretrained - scratch on the same test slices, with a percentile interval from a paired "
         f"bootstrap over test patients ({described}): each resample draws the test patients with replacement and "
         "recomputes both runs' metrics on the same drawn patients, so the interval is of the difference itself. "
-        "The verdict names a better run only when the interval excludes 0. Each run was trained once (one "
-        "training seed), so the variation between training runs is not included in the interval."
+        "The verdict names a better run only when the interval excludes 0. The interval compares each run's "
+        "first training seed, so the variation between training runs is not in it; where the runs were trained "
+        "with several seeds, *Over seeds* gives the mean ± sd of the differences of seed k with seed k, and a "
+        "verdict also needs every seed's difference to have the interval's sign."
     )
 
 
+def seed_differences(scratch: Mapping[str, Any] | None, pretrained: Mapping[str, Any] | None,
+                     metric: str) -> list[float] | None:
+    """Pretrained - scratch of ``metric`` for each training seed ``k`` of both runs, from their
+    metrics' ``training_seeds`` summaries (:func:`chestssl.eval.downstream.spread_over_training_seeds`);
+    ``None`` unless both have at least two seeds; seeds where either value is undefined are left out."""
+    if not scratch or not pretrained:
+        return None
+    a = ((scratch.get("metrics") or {}).get(metric) or {}).get("values") or []
+    b = ((pretrained.get("metrics") or {}).get(metric) or {}).get("values") or []
+    if min(len(a), len(b)) < 2:
+        return None
+    return [y - x for x, y in zip(a, b) if x is not None and y is not None]
+
+
+def _seed_verdict(verdict: str, differences: list[float] | None) -> str:
+    """The paired verdict, kept only where every seed's difference has its sign."""
+    if differences is None or verdict not in ("a better", "b better"):
+        return verdict
+    sign = 1.0 if verdict == "b better" else -1.0
+    return verdict if differences and all(sign * d > 0 for d in differences) else "no clear difference"
+
+
 def pretrained_vs_scratch_table(
-    results: Mapping[tuple[str, str], Mapping[str, Any]], run_params: Mapping[str, Mapping[str, Any]]
+    results: Mapping[tuple[str, str], Mapping[str, Any]], run_params: Mapping[str, Mapping[str, Any]],
+    seed_spreads: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> Table:
     """The table of paired differences.
 
@@ -68,6 +100,9 @@ def pretrained_vs_scratch_table(
             :func:`~chestssl.eval.paired.paired_difference` with ``a`` = scratch run,
             ``b`` = pretrained run.
         run_params: run -> its ``runs.<run>`` params (for the pretrained run's ``init``).
+        seed_spreads: run -> its metrics' ``training_seeds`` summary, for runs trained with
+            several seeds (columns ``seed_difference_mean``, ``seed_difference_sd``,
+            ``training_seeds``; Markdown "Over seeds").
 
     Returns:
         A :class:`~chestssl.report.tables.Table` named ``pretrained_vs_scratch``; CSV
@@ -81,6 +116,7 @@ def pretrained_vs_scratch_table(
     """
     if not results:
         raise ValueError("no pretrained-vs-scratch pairs to tabulate (no two runs differ only in their initial weights)")
+    seed_spreads = seed_spreads or {}
     footnotes = [_method_footnote(results)]
     prefix = TABLE_NAME.replace("_", "-")
     cell_notes: list[str] = []
@@ -109,6 +145,8 @@ def pretrained_vs_scratch_table(
                 low = _number(entry["ci_low"], column.digits, signed=True)
                 high = _number(entry["ci_high"], column.digits, signed=True)
                 difference += f" [{low}, {high}]"
+            differences = seed_differences(seed_spreads.get(scratch), seed_spreads.get(pretrained), metric)
+            verdict = _seed_verdict(entry["verdict"], differences)
             note = entry.get("note")
             if note:
                 if note not in footnotes:
@@ -128,7 +166,8 @@ def pretrained_vs_scratch_table(
                     "difference": entry["difference"],
                     "difference_ci_low": entry["ci_low"],
                     "difference_ci_high": entry["ci_high"],
-                    "verdict": VERDICT_TEXT.get(entry["verdict"], entry["verdict"]),
+                    "verdict": VERDICT_TEXT.get(verdict, verdict),
+                    **_seed_columns(differences),
                     "n_items": result.get("n_items"),
                     "n_patients": result.get("n_patients"),
                     "notes": note or "",
@@ -142,7 +181,28 @@ def pretrained_vs_scratch_table(
                     "Scratch": _number(entry["a"], column.digits),
                     "Pretrained": _number(entry["b"], column.digits),
                     f"{DIFFERENCE_HEADER}[^{prefix}-1]": difference,
-                    "Verdict": VERDICT_TEXT.get(entry["verdict"], entry["verdict"]),
+                    **({"Over seeds": _seed_cell(differences, column.digits)} if seed_spreads else {}),
+                    "Verdict": VERDICT_TEXT.get(verdict, verdict),
                 }
             )
     return Table(TABLE_NAME, TABLE_TITLE, pd.DataFrame(number_rows), pd.DataFrame(text_rows), footnotes, cell_notes)
+
+
+def _seed_columns(differences: list[float] | None) -> dict[str, Any]:
+    if differences is None:
+        return {}
+    values = np.array(differences, dtype=np.float64)
+    return {"seed_difference_mean": float(values.mean()) if values.size else None,
+            "seed_difference_sd": float(values.std(ddof=1)) if values.size > 1 else None,
+            "training_seeds": int(values.size)}
+
+
+def _seed_cell(differences: list[float] | None, digits: int) -> str:
+    """``+0.021 ± 0.015 (3 seeds)``: the mean and sd of the per-seed differences."""
+    columns = _seed_columns(differences)
+    if not columns or columns["seed_difference_mean"] is None:
+        return "n/a (one seed)" if differences is None else "n/a"
+    text = _number(columns["seed_difference_mean"], digits, signed=True)
+    if columns["seed_difference_sd"] is not None:
+        text += f" ± {_number(columns['seed_difference_sd'], digits)}"
+    return f"{text} ({columns['training_seeds']} seeds)"

@@ -138,8 +138,13 @@ def build_pipeline_report(params: Mapping[str, Any], out_dir: Path = paths.REPOR
     # Seed 000's tables, their rows as the `report` params list them.
     report_params = params["report"]
     table_sections = []
+    stage_costs = {f"{stage}@{name}": _read_json(path) if path.is_file() else None
+                   for stage, names, report_dir in (("pretrain", methods, paths.pretrain_report_dir),
+                                                    ("pretrain_multihead", multihead, paths.pretrain_report_dir),
+                                                    ("finetune", runs, paths.finetune_report_dir))
+                   for name in names for path in [report_dir(name) / "cost.json"]}
     seed_tables = seed000_tables(report_params, pretrain_metrics, run_metrics, dataset_note(params),
-                                 perceptual_notes({**methods, **multihead}, runs))
+                                 perceptual_notes({**methods, **multihead}, runs), stage_costs)
     if seed_tables:
         table_sections.append((
             "Seed 000's tables (multi-task chest CT autoencoder)",
@@ -243,7 +248,8 @@ def build_pipeline_report(params: Mapping[str, Any], out_dir: Path = paths.REPOR
             "Runs that differ only in their initial weights (same params and backbone; a `scratch` entry vs a "
             "pretrained one) are compared on the same test slices: the interval is a paired bootstrap over test patients of the difference. *pretrained "
             "better* / *scratch better* only where the interval excludes 0.",
-            [pretrained_vs_scratch_table(results, runs)],
+            [pretrained_vs_scratch_table(results, runs, {run: metrics["training_seeds"] for run, metrics
+                                                         in run_metrics.items() if metrics.get("training_seeds")})],
         ))
     else:
         skipped.append("Pretrained vs scratch: no two runs differ only in their initial weights (same params and "

@@ -5,9 +5,10 @@ point, how the protocol that produced our numbers differs from the seed's, so th
 never takes one for the other. Every row is computed from the validated params (the
 mapping :func:`chestssl.params.load_params` returns, entries with their presets filled
 in): where a key decides whether we match (e.g. the DAE recipe's ``warmup_epochs`` and
-``min_lr``), ``matches`` and the text of our side follow it; where we differ by design
-(e.g. the patient-level split), the row says so and why. A point that does not apply to
-the params (no 3D DAE entry, no autoencoder entry, ...) gives no row.
+``min_lr``, a 2D DAE entry's ``epoch_unit``), ``matches`` and the text of our side follow
+it; where we differ by design (e.g. the patient-level split), the row says so and why. A
+point that does not apply to the params (no 3D DAE entry, no autoencoder entry, ...)
+gives no row.
 
 The seeds' numbers are those of ``seeds/DIGEST.md`` and the seeds' READMEs:
 
@@ -34,7 +35,7 @@ from typing import Any, Iterable, Mapping
 
 import pandas as pd
 
-from chestssl.params import process_count, radiograph_entry, train_setting
+from chestssl.params import DEFAULT_EPOCH_UNIT, process_count, radiograph_entry, train_setting, training_seed_values
 from chestssl.report.tables import Table
 
 #: Name and title of the table (``tables/protocol_differences.{csv,md}``).
@@ -335,8 +336,8 @@ def _seed002(params: Mapping[str, Any]) -> list[Difference]:
 
 def _seed003(params: Mapping[str, Any]) -> list[Difference]:
     """Seed 003 (Disruptive Autoencoders), for the ``dae`` entries: learning-rate schedule,
-    training length (2D slices; 3D crops), global batch and crops of 3D entries, CT
-    intensity window, precision, pretraining data."""
+    training length (2D slices, by their ``epoch_unit``; 3D crops), global batch and crops
+    of 3D entries, CT intensity window, precision, pretraining data."""
     dae = _entries(params, ("dae",))
     if not dae:
         return []
@@ -351,11 +352,16 @@ def _seed003(params: Mapping[str, Any]) -> list[Difference]:
     volumetric = {name: entry for name, entry in dae.items() if _spatial_dims(entry) == 3}
     seed_length = "300 epochs (1000 for `all`) over 3D volumes, one random 96^3 crop of each per epoch."
     if flat:
+        over = {"scans": "one axial slice per training scan, drawn anew each epoch",
+                "slices": "every axial slice of every training scan"}
+        units = {name: _epoch_unit(entry) for name, entry in flat.items()}
         rows.append(Difference(
             "003", "training length (2D)", seed_length,
-            _grouped({name: f"{entry['train']['epochs']} epochs" for name, entry in flat.items()})
-            + " over 2D axial slices, every slice of every training scan per epoch, so many more steps per epoch.",
-            False))
+            _grouped({name: f"{entry['train']['epochs']} epochs of {over[units[name]]}"
+                      for name, entry in flat.items()})
+            + " (the entry's `epoch_unit`)" + (", so many more steps per epoch" if "slices" in units.values() else "")
+            + ".",
+            all(units[name] == "scans" and _seed003_epochs(entry) for name, entry in flat.items())))
     crops = params.get("crops") or {}
     if volumetric:
         per_scan, side = int(crops["per_scan"]), int(crops["size"])
@@ -364,9 +370,7 @@ def _seed003(params: Mapping[str, Any]) -> list[Difference]:
             _grouped({name: f"{entry['train']['epochs']} epochs" for name, entry in volumetric.items()})
             + f" over {per_scan} crop(s) of {side}^3 per training scan (`crops.per_scan`), "
             + (f"{per_scan}x the seed's steps per epoch." if per_scan > 1 else "as many steps per epoch as the seed."),
-            per_scan == 1 and all(entry["train"]["epochs"] == SEED003_EPOCHS.get(entry.get("disruption"),
-                                                                                 SEED003_DEFAULT_EPOCHS)
-                                  for entry in volumetric.values())))
+            per_scan == 1 and all(_seed003_epochs(entry) for entry in volumetric.values())))
         batches = {}
         for name, entry in volumetric.items():
             train, launch = entry["train"], params.get("launch") or {}
@@ -405,6 +409,15 @@ def _seed003(params: Mapping[str, Any]) -> list[Difference]:
         "003", "pretraining data", "CT of LUNA16, LIDC, TCIA COVID, HNSCC and Colonography plus MRI (BraTS).",
         f"{_ct(params)[0].upper() + _ct(params)[1:]} only; {second}.", False))
     return rows
+
+
+def _epoch_unit(entry: Mapping[str, Any]) -> str:
+    return entry.get("epoch_unit", DEFAULT_EPOCH_UNIT)
+
+
+def _seed003_epochs(entry: Mapping[str, Any]) -> bool:
+    """Whether a ``dae`` entry trains the seed's epochs for its disruption (1000 for ``all``, else 300)."""
+    return entry["train"]["epochs"] == SEED003_EPOCHS.get(entry.get("disruption"), SEED003_DEFAULT_EPOCHS)
 
 
 def _matches_seed003_schedule(train: Mapping[str, Any]) -> bool:
@@ -495,10 +508,17 @@ def _every_seed(params: Mapping[str, Any]) -> list[Difference]:
         parts.append(f"fp32 in {_names(fp32)}")
     rows = [Difference("all", "mixed precision", "fp32 where stated (seed 003); the others state no precision.",
                        "; ".join(parts) + " (`amp`, `amp_dtype`); CPU runs are fp32.", not amp)]
-    rows.append(Difference(
-        "all", "training seeds", "One training run per reported number, without intervals.",
-        f"One training seed (`seed: {params['seed']}`) per run; the intervals are over test patients only, not "
-        "over training runs.", True))
+    seeds = training_seed_values(params)
+    if len(seeds) == 1:
+        ours = (f"One training seed (`seed: {seeds[0]}`) per run; the intervals are over test patients only, not "
+                "over training runs.")
+    else:
+        ours = (f"Each fine-tuning run trained with {len(seeds)} seeds ({', '.join(map(str, seeds))}; "
+                "`training_seeds`) on the same data: the tables give the first seed's value and patient-bootstrap "
+                "interval and the mean ± sd over seeds; pretraining, the label-fraction and frozen-parts studies "
+                "train once.")
+    rows.append(Difference("all", "training seeds", "One training run per reported number, without intervals.",
+                           ours, len(seeds) == 1))
     return rows
 
 

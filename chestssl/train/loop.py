@@ -150,6 +150,7 @@ def fit(
     collate_fn: Callable | None = None,
     epoch_hook: Callable[[nn.Module, int], Mapping[str, float]] | None = None,
     inputs: Mapping[str, Any] | None = None,
+    keep_checkpoint: bool = False,
 ) -> FitResult:
     """Train ``model`` on ``train_data``, validating on ``val_data`` after every epoch.
 
@@ -180,6 +181,10 @@ def fit(
         inputs: what else defines the fit, by name: the stage's whole params entry and a
             digest of the data it reads (:func:`~chestssl.train.checkpoint.stage_inputs`),
             so a checkpoint is never resumed on edited params or changed data.
+        keep_checkpoint: keep the checkpoint (and its curves) after a successful fit, for a
+            stage that runs several fits: rerun after an interruption, the finished fits
+            resume at their end instead of training again. The stage removes them with
+            :func:`discard_checkpoint` once its outputs are written.
     """
     cfg = dict(train_cfg)
     if mode not in ("min", "max"):
@@ -189,7 +194,7 @@ def fit(
                      torch.is_deterministic_algorithms_warn_only_enabled())
     try:
         return _Fit(model, train_data, val_data, cfg, Path(live_dir), Path(checkpoint_path), seed, monitor, mode,
-                    collate_fn, ctx, epoch_hook, inputs).run()
+                    collate_fn, ctx, epoch_hook, inputs, keep_checkpoint).run()
     finally:
         torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])
 
@@ -300,6 +305,12 @@ def epoch_seed(seed: int, epoch: int, rank: int, stream: int = 0) -> int:
     return int(state >> np.uint64(1))
 
 
+def discard_checkpoint(checkpoint_path: str | Path) -> None:
+    """Remove a fit's resume checkpoint and the curves beside it (:func:`live_work_dir`)."""
+    Path(checkpoint_path).unlink(missing_ok=True)
+    shutil.rmtree(live_work_dir(checkpoint_path), ignore_errors=True)
+
+
 def live_work_dir(checkpoint_path: str | Path) -> Path:
     """Where dvclive writes during a fit: beside the resume checkpoint (``<name>.live``),
     kept while the checkpoint is, so an interrupted fit that resumes keeps its curves."""
@@ -400,6 +411,7 @@ class _Fit:
         ctx: DistContext,
         epoch_hook: Callable[[nn.Module, int], Mapping[str, float]] | None = None,
         inputs: Mapping[str, Any] | None = None,
+        keep_checkpoint: bool = False,
     ) -> None:
         for name in ("training_step", "validation_step"):
             if not callable(getattr(model, name, None)):
@@ -411,7 +423,7 @@ class _Fit:
         self.cfg, self.live_dir, self.checkpoint_path = cfg, live_dir, checkpoint_path
         self.live_work_dir = live_work_dir(checkpoint_path)
         self.seed, self.monitor, self.mode, self.collate_fn, self.ctx = seed, monitor, mode, collate_fn, ctx
-        self.epoch_hook = epoch_hook
+        self.epoch_hook, self.keep_checkpoint = epoch_hook, keep_checkpoint
         self.inputs = dict(inputs or {})
         self.device = ctx.device
         self.amp = amp_enabled(cfg["amp"], self.device, announce=ctx.is_main)
@@ -672,7 +684,10 @@ class _Fit:
         )
         first = next(iter(loader))
         shapes = cost_probe.tensor_shapes(first)
-        key = cost_probe.measurement_key(raw_model, {**TRAIN_DEFAULTS, **self.cfg}, shapes)
+        # Keyed by the full batch's shapes, so a fit measured at a smaller batch (`--max-batch`) is the same fit.
+        full_shapes = {name: [self.cfg["batch_size"], *shape[1:]] if shape and shape[0] == batch_size else shape
+                       for name, shape in shapes.items()}
+        key = cost_probe.measurement_key(raw_model, {**TRAIN_DEFAULTS, **self.cfg}, full_shapes)
         earlier = cost_probe.earlier_measurement(request.log, key)
         if earlier is None:
             measured = cost_probe.measure_batches(run_batch, lambda: loader, request.batches, self.device)
@@ -858,8 +873,8 @@ class _Fit:
             if self.live is not None:
                 self.live.end()
                 publish_curves(self.live_work_dir, self.live_dir)
-            self.checkpoint_path.unlink(missing_ok=True)
-            shutil.rmtree(self.live_work_dir, ignore_errors=True)
+            if not self.keep_checkpoint:
+                discard_checkpoint(self.checkpoint_path)
         barrier(self.ctx)
         return FitResult(
             best_state=copy.copy(self.best_state) if self.ctx.is_main else None,

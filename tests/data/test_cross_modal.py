@@ -33,6 +33,24 @@ def test_radiographs_make_up_the_set_share_of_the_items_and_are_tagged():
     assert CrossModalDataset(ConstantImages(3, 8), ConstantImages(2, 8), 0.01).n_radiograph == 1
 
 
+def test_radiographs_take_turns_over_the_epochs_when_an_epoch_is_one_slice_per_scan():
+    ct = ConstantImages(6, 8)  # 6 scans, one slice each per epoch: 2 radiograph items for 10 radiographs
+    data = CrossModalDataset(ct, ConstantImages(10, 8), 0.25)
+
+    def radiographs() -> list[int]:
+        return [int(data[i]["image"][0, 0, 0]) for i in range(data.n_ct, len(data))]
+    assert radiographs() == [0, 1]  # CT items fixed across epochs: the cycle starts at 0
+    starts = set()
+    for seed in range(20):
+        ct.draw_seed = seed  # what EpochSliceDataset.set_random_state sets every epoch
+        first, second = radiographs()
+        assert second == (first + 1) % 10 and radiographs() == [first, second]
+        starts.add(first)
+    assert len(starts) > 5
+    # An epoch holding every radiograph keeps the plain cycle.
+    assert CrossModalDataset(ct, ConstantImages(2, 8), 0.25)[6]["image"][0, 0, 0] == 0
+
+
 def test_radiographs_of_another_size_are_resized_to_the_slices():
     data = CrossModalDataset(ConstantImages(4, 8), ConstantImages(2, 16), 0.5)
     assert data[5]["image"].shape == (1, 8, 8) and float(data[5]["image"].mean()) == pytest.approx(1.0)

@@ -62,3 +62,28 @@ def test_a_missing_model_names_the_finetune_stage(params, synthetic_processed, t
         evaluate(params, "seg_unetpp_scratch", synthetic_processed, model_path=tmp_path / "model.pt",
                  out_dir=tmp_path / "reports")
     assert not (tmp_path / "reports").exists()
+
+
+def test_the_other_training_seeds_are_scored_on_the_same_slices_and_their_spread_recorded(
+        params, synthetic_processed, tmp_path):
+    from chestssl.paths import seed_model_path
+
+    params["training_seeds"] = 3
+    name = "cls_linear_scratch_resnet18"
+    model_path, out_dir = tmp_path / "model.pt", tmp_path / "reports"
+    saved_run(params, name, model_path)
+    for offset, seed in enumerate((43, 44), start=1):
+        seeded = {**params, "seed": params["seed"] + offset}
+        saved_run(seeded, name, seed_model_path(model_path, seed))
+    metrics = evaluate(params, name, synthetic_processed, model_path=model_path, out_dir=out_dir)
+    spread = metrics["training_seeds"]
+    assert spread["seeds"] == [42, 43, 44]
+    accuracy = spread["metrics"]["accuracy"]
+    assert accuracy["values"][0] == metrics["accuracy"]["value"] and accuracy["n"] == 3
+    assert accuracy["mean"] == pytest.approx(np.mean(accuracy["values"]))
+    assert accuracy["sd"] == pytest.approx(np.std(accuracy["values"], ddof=1))
+    assert json.loads((out_dir / "metrics.json").read_text())["training_seeds"] == json.loads(json.dumps(spread))
+
+    seed_model_path(model_path, 44).unlink()
+    with pytest.raises(ModelFileError, match=r"seeds/44/model.pt.*dvc repro finetune@cls_linear_scratch_resnet18"):
+        evaluate(params, name, synthetic_processed, model_path=model_path, out_dir=out_dir)

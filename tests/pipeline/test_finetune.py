@@ -85,3 +85,47 @@ def test_balanced_class_weights_are_computed_from_the_training_set_recorded_and_
     save_model_file(where["model_path"], saved)
     with pytest.raises(ModelFileError, match=rf"no class_weights recorded .* rerun `dvc repro finetune@{name}`"):
         evaluate(params, name, synthetic_processed, model_path=where["model_path"], out_dir=tmp_path / "eval")
+
+
+def test_several_training_seeds_train_one_model_each_on_the_same_data_and_resume_the_finished_ones(
+        params, synthetic_processed, tmp_path, monkeypatch):
+    import chestssl.train.loop as loop
+    from chestssl.paths import seed_model_path
+    from chestssl.pipeline.finetune import seed_checkpoint_path
+
+    where = _where(tmp_path)
+    params["training_seeds"] = 2
+    saved_encoder(params, "scratch_resnet18", where["encoder_path"])
+    name = "cls_linear_scratch_resnet18"
+    metrics = finetune(params, name, synthetic_processed, **where)
+    first = load_model_file(where["model_path"], "finetune@test")
+    second = load_model_file(seed_model_path(where["model_path"], 43), "finetune@test")
+    assert (first["training_seed"], second["training_seed"]) == (42, 43)
+    assert any(not (first["state_dict"][k] == second["state_dict"][k]).all() for k in first["state_dict"])
+    assert set(metrics["best_val_loss_by_training_seed"]) == {"42", "43"}
+    assert (seed_model_path(where["model_path"], 43).parent / "live" / "plots" / "metrics" / "train" / "loss.tsv").is_file()
+    cost = json.loads((where["report_dir"] / "cost.json").read_text())
+    assert cost["training_seeds"] == 2 and cost["train_seconds_all_seeds"] >= cost["train_seconds"]
+    assert not where["checkpoint_path"].exists() and not seed_checkpoint_path(where["checkpoint_path"], 43).exists()
+
+    # Interrupted in the second seed's fit: the rerun takes the first seed's finished fit from
+    # its kept checkpoint (no training step) and trains the second again.
+    real_fit, trained, interrupt = loop.fit, [], [True]
+
+    def fit_that_stops_in_the_second_seed(model, *args, **kwargs):
+        if args[5] == 43 and interrupt:
+            interrupt.pop()
+            raise KeyboardInterrupt
+        result = real_fit(model, *args, **kwargs)
+        trained.append((args[5], result.resumed))
+        return result
+
+    monkeypatch.setattr(loop, "fit", fit_that_stops_in_the_second_seed)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(params, name, synthetic_processed, **where)
+    assert where["checkpoint_path"].exists()  # the first seed's finished fit is kept
+    trained.clear()
+    trained.append("rerun")
+    finetune(params, name, synthetic_processed, **where)
+    assert trained == ["rerun", (42, True), (43, False)]
+    assert not where["checkpoint_path"].exists()

@@ -73,7 +73,7 @@ def test_table_has_one_row_per_pair_and_metric():
     markdown = table.markdown()
     assert "[^pretrained-vs-scratch-1]: Difference = pretrained - scratch" in markdown
     assert "paired bootstrap over test patients (95% interval, 100 resamples, seed 0)" in table.footnotes[0]
-    assert "one training seed" in table.footnotes[0] and "between training runs is not included" in table.footnotes[0]
+    assert "first training seed" in table.footnotes[0] and "between training runs is not in it" in table.footnotes[0]
     assert table.cell_notes == []
 
 
@@ -151,3 +151,26 @@ def test_feature_map_figure_writes_a_png(tmp_path):
         feature_map_figure(tmp_path / "bad.png", {"multihead": maps["multihead"][None]}, np.zeros((32, 32)))
     with pytest.raises(ValueError, match="channels must be an integer >= 1, got 0"):
         feature_map_figure(tmp_path / "bad.png", maps, np.zeros((32, 32)), channels=0)
+
+
+def _spread(values):
+    return {"seeds": [42, 43, 44], "metrics": {"dice_global": {"values": values}}}
+
+
+def test_with_several_training_seeds_the_table_pairs_seed_k_with_seed_k_and_a_verdict_needs_every_seed():
+    steady = {"seg_scratch": _spread([0.40, 0.42, 0.41]), "seg_ae": _spread([0.90, 0.88, 0.91])}
+    table = pretrained_vs_scratch_table(results(), RUN_PARAMS, steady)
+    dice = table.numbers[table.numbers["metric"] == "dice_global"].iloc[0]
+    assert dice["seed_difference_mean"] == pytest.approx(np.mean([0.50, 0.46, 0.50]))
+    assert dice["seed_difference_sd"] == pytest.approx(np.std([0.50, 0.46, 0.50], ddof=1))
+    assert dice["training_seeds"] == 3 and dice["verdict"] == "pretrained better"
+    row = table.text[table.text["Metric"] == "Dice (global)"].iloc[0]
+    assert row["Over seeds"] == "+0.487 ± 0.023 (3 seeds)"
+    # Metrics without per-seed values say so.
+    assert table.text[table.text["Metric"] == "Jaccard (global)"].iloc[0]["Over seeds"] == "n/a (one seed)"
+
+    # One seed where scratch wins: the first seeds' interval alone no longer makes a verdict.
+    flipping = {"seg_scratch": _spread([0.40, 0.95, 0.41]), "seg_ae": _spread([0.90, 0.88, 0.91])}
+    table = pretrained_vs_scratch_table(results(), RUN_PARAMS, flipping)
+    dice = table.numbers[table.numbers["metric"] == "dice_global"].iloc[0]
+    assert dice["difference_ci_low"] > 0 and dice["verdict"] == "no clear difference"

@@ -106,8 +106,25 @@ def test_3d_points_appear_only_with_a_3d_dae_entry(default, full):
     for topic in ("training length (3D)", "global batch (3D)", "3D crops"):
         assert ("003", topic) not in _topics(default)
         assert ("003", topic) in _topics(full)
-    assert not _row(default, "003", "training length (2D)").matches
-    assert "over 2D axial slices" in _row(full, "003", "training length (2D)").ours
+
+
+
+def test_2d_length_matches_when_the_dae_epochs_go_over_scans(default, full, full_raw):
+    quick = _row(default, "003", "training length (2D)")
+    assert not quick.matches and "of every axial slice of every training scan" in quick.ours
+    assert "so many more steps per epoch" in quick.ours
+    seeds = _row(full, "003", "training length (2D)")  # the profile's `epoch_unit: scans`, 300 / 1000 epochs
+    assert seeds.matches and "300 epochs of one axial slice per training scan, drawn anew each epoch" in seeds.ours
+    assert "1000 epochs of one axial slice per training scan" in seeds.ours and "steps" not in seeds.ours
+
+    def one_over_slices(raw):
+        del raw["methods"]["dae_local"]["epoch_unit"]
+    row = _row(_changed(full_raw, one_over_slices), "003", "training length (2D)")
+    assert not row.matches and "300 epochs of every axial slice of every training scan (`dae_local`)" in row.ours
+
+    def shorter(raw):
+        raw["methods"]["dae_all"]["train"]["epochs"] = 300  # over scans, but not the seed's 1000 for `all`
+    assert not _row(_changed(full_raw, shorter), "003", "training length (2D)").matches
 
 
 def test_3d_global_batch_is_16_under_the_full_profile(full, full_raw):
@@ -323,3 +340,10 @@ def test_the_report_renders_the_table_and_writes_it(default_raw, full, tmp_path)
     build_report(tmp_path / "bare", {}, {}, {}, {}, {})  # without params: no table
     assert "Differences from the seeds'" not in (tmp_path / "bare" / "README.md").read_text()
     assert not (tmp_path / "bare" / "tables" / "protocol_differences.csv").exists()
+
+
+def test_training_seeds_are_one_by_default_and_three_under_the_full_profile(default, full):
+    assert _row(default, "all", "training seeds").matches
+    assert "One training seed (`seed: 42`)" in _row(default, "all", "training seeds").ours
+    row = _row(full, "all", "training seeds")
+    assert not row.matches and "3 seeds (42, 43, 44; `training_seeds`)" in row.ours

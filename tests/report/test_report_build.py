@@ -283,3 +283,26 @@ def test_each_score_has_its_training_cost_beside_it(inputs):
     assert "| n/a | n/a | n/a | n/a |" in markdown
     assert "| 900 | 0 | 0 s | n/a |" in (tables / "reconstruction.md").read_text()
     assert "**Cost columns:**" in (inputs["out_dir"] / "README.md").read_text()
+
+
+def test_runs_trained_with_several_seeds_show_the_mean_and_sd_beside_the_interval(inputs):
+    """The first seed's value and interval stay; the spread over seeds is added to each cell and the CSV."""
+    from chestssl.io import write_json
+
+    path = inputs["eval_metrics"]["seg_unetpp_ae"]
+    metrics = json.loads(path.read_text())
+    metrics["training_seeds"] = {"seeds": [42, 43, 44], "metrics": {
+        "dice_global": {"values": [0.5, 0.6, 0.7], "mean": 0.6, "sd": 0.1, "n": 3}}}
+    write_json(path, metrics)
+    params = load_params(REPO / "params.yaml")
+    params["training_seeds"] = 3
+    build_report(**{**inputs, "live_dirs": {}, "examples": {}}, params=params)
+    tables = inputs["out_dir"] / "tables"
+    seg = pd.read_csv(tables / "segmentation.csv").set_index("run")
+    assert seg.loc["seg_unetpp_ae", "dice_global_seeds_mean"] == pytest.approx(0.6)
+    assert seg.loc["seg_unetpp_ae", "dice_global_seeds_sd"] == pytest.approx(0.1)
+    assert seg.loc["seg_unetpp_ae", "training_seeds"] == 3 and pd.isna(seg.loc["seg_unetpp_scratch", "training_seeds"])
+    d = metrics["dice_global"]
+    assert (format_interval(d["value"], d["ci_low"], d["ci_high"]) + "; 0.600 ± 0.100 (3 seeds)"
+            in (tables / "segmentation.md").read_text())
+    assert "over the 3 training seeds of each fine-tuning run" in (inputs["out_dir"] / "README.md").read_text()

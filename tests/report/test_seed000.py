@@ -467,3 +467,25 @@ def test_tables_from_real_evaluation_outputs(tmp_path):
     back = pd.read_csv(path)
     assert back["dice_global_seed000"].tolist() == [0.7903, 0.7928, 0.8206, 0.6781, 0.8308]
     assert back.loc[3, "dice_global"] == pytest.approx(seg["dice_global"]["value"])
+
+
+def test_each_row_shows_the_cost_of_its_own_training_stage_and_the_spread_over_training_seeds():
+    run_metrics = {"seg_swinunetr_swin": _seg(0.8, 0.6)}
+    run_metrics["seg_swinunetr_swin"]["training_seeds"] = {
+        "seeds": [42, 43], "metrics": {"dice_global": {"values": [0.8, 0.7], "mean": 0.75, "sd": 0.0707, "n": 2}}}
+    costs = {"finetune@seg_swinunetr_swin": {"parameters": 6_300_000, "steps": 300, "train_seconds": 95.0,
+                                            "peak_memory_gb": 1.5}}
+    tables = seed000_tables(SHIPPED_REPORT, {}, run_metrics, DATASET, None, costs)
+    table = _by_name(tables)["seed000_segmentation_losses"]
+    rows = table.text.set_index(ENTRY_HEADER)
+    row = rows.loc["`seg_swinunetr_swin`"]
+    assert row["Dice (global)"] == "0.800 [0.750, 0.850]; 0.750 ± 0.071 (2 seeds)"
+    assert (row["Parameters"], row["Steps"], row["Training time"], row["Peak memory (GB)"]) == (
+        "6.3M", "300", "1.6 min", "1.50")
+    # Rows of other entries (no cost file) say n/a.
+    others = table.text[table.text[ENTRY_HEADER] != "`seg_swinunetr_swin`"]
+    assert set(others["Steps"]) == {"n/a"}
+    numbers = table.numbers.set_index("entry").loc["seg_swinunetr_swin"]
+    assert numbers["steps"] == 300 and numbers["parameters"] == 6_300_000
+    # Without costs, no cost columns.
+    assert "Steps" not in _by_name(_tables({}, run_metrics))["seed000_segmentation_losses"].text.columns

@@ -91,6 +91,12 @@ def test_a_batch_larger_than_the_limit_is_measured_smaller_and_scaled(tmp_path, 
     assert record["measured_batch_size"] == 4 and record["input_shapes"]["x"] == [4, 4]
     # The FLOPs of the whole batch of 16: linear in the batch.
     assert record["flops_per_batch"] == 16 * (2 * (4 * 16 + 16) + 2 * (4 * 16 + 16) + 2 * 16)
+    # The same fit without the limit reuses it: a measurement is keyed by the full batch.
+    monkeypatch.setenv(cost_probe.MAX_BATCH_ENV, "0")
+    fit(make_model(), Regression(40, 1), Regression(4, 2), train_cfg(batch_size=16), tmp_path / "live2",
+        tmp_path / "d.pt", 0)
+    second = _records(log)[1]
+    assert second["reused"] and second["key"] == record["key"] and second["measured_batch_size"] == 4
     monkeypatch.setenv(cost_probe.MAX_BATCH_ENV, "-1")
     with pytest.raises(ValueError, match=cost_probe.MAX_BATCH_ENV):
         cost_probe.cost_request()
