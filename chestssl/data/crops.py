@@ -176,7 +176,28 @@ class CropDataset(Dataset):
         }
 
 
-class EpochCropDataset(Dataset, Randomizable):
+class EpochDraws(Randomizable):
+    """A dataset whose items draw anew every epoch from ``draw_seed``, which the training loop
+    sets through MONAI's ``Randomizable`` (:class:`EpochCropDataset`,
+    :class:`~chestssl.data.slice_epochs.EpochSliceDataset`)."""
+
+    draw_seed: int
+
+    def set_random_state(self, seed: int | None = None, state: np.random.RandomState | None = None
+                         ) -> "EpochDraws":
+        """Seed the draws: with ``seed`` (in a DataLoader worker, less the worker's id, so
+        that an item's draw does not depend on the worker that reads it), or with a draw
+        from ``state``, or unseeded."""
+        super().set_random_state(seed, state)
+        if seed is not None:
+            worker = get_worker_info()
+            self.draw_seed = (int(seed) - (worker.id if worker is not None else 0)) % MAX_SEED
+        else:
+            self.draw_seed = int(self.R.randint(MAX_SEED))
+        return self
+
+
+class EpochCropDataset(Dataset, EpochDraws):
     """Random 3D crops of one split's scans, drawn anew every epoch (seed 003's protocol).
 
     Item ``i`` is a crop of scan ``i // crops_per_scan``, so each epoch holds
@@ -239,18 +260,6 @@ class EpochCropDataset(Dataset, Randomizable):
         self.malignancy_of = _malignancies(self.processed_dir)
         self._cache: OrderedDict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = OrderedDict()
         self.set_random_state(seed)
-
-    def set_random_state(self, seed: int | None = None, state: np.random.RandomState | None = None
-                         ) -> "EpochCropDataset":
-        """Seed the crop positions (MONAI ``Randomizable``): with ``seed`` (in a DataLoader
-        worker, less the worker's id), or with a draw from ``state``, or unseeded."""
-        super().set_random_state(seed, state)
-        if seed is not None:
-            worker = get_worker_info()
-            self.draw_seed = (int(seed) - (worker.id if worker is not None else 0)) % MAX_SEED
-        else:
-            self.draw_seed = int(self.R.randint(MAX_SEED))
-        return self
 
     def __len__(self) -> int:
         return len(self.scans) * self.crops_per_scan

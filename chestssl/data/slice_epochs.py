@@ -20,14 +20,13 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from monai.transforms import Randomizable
-from monai.utils import MAX_SEED
-from torch.utils.data import Dataset, Subset, get_worker_info
+from torch.utils.data import Dataset, Subset
 
+from chestssl.data.crops import EpochDraws
 from chestssl.data.datasets import DatasetError, SliceDataset
 
 
-class EpochSliceDataset(Dataset, Randomizable):
+class EpochSliceDataset(Dataset, EpochDraws):
     """One axial slice of every scan of a ``SliceDataset``, drawn anew every epoch: an epoch
     over scans, as seed 003's were over volumes.
 
@@ -64,18 +63,6 @@ class EpochSliceDataset(Dataset, Randomizable):
         self.scan_ids = list(positions)
         self.positions = [np.asarray(items, dtype=np.int64) for items in positions.values()]
         self.set_random_state(seed)
-
-    def set_random_state(self, seed: int | None = None, state: np.random.RandomState | None = None
-                         ) -> "EpochSliceDataset":
-        """Seed the draws (MONAI ``Randomizable``): with ``seed`` (in a DataLoader worker,
-        less the worker's id), or with a draw from ``state``, or unseeded."""
-        super().set_random_state(seed, state)
-        if seed is not None:
-            worker = get_worker_info()
-            self.draw_seed = (int(seed) - (worker.id if worker is not None else 0)) % MAX_SEED
-        else:
-            self.draw_seed = int(self.R.randint(MAX_SEED))
-        return self
 
     def __len__(self) -> int:
         return len(self.scan_ids)
