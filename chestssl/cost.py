@@ -81,7 +81,11 @@ def copy_project_files(source: Path, root: Path) -> None:
         if not src.exists():
             continue
         dst.parent.mkdir(parents=True, exist_ok=True)
-        if src.is_dir():
+        if name == ".gitignore" and dst.is_file():
+            # An earlier copy's: keep what DVC added to it (its outputs) and add the source's lines.
+            kept = dst.read_text().splitlines()
+            dst.write_text("\n".join(kept + [line for line in src.read_text().splitlines() if line not in kept]) + "\n")
+        elif src.is_dir():
             shutil.rmtree(dst, ignore_errors=True)  # an earlier copy (``update``) holds no stale file
             shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
         else:
@@ -101,6 +105,9 @@ def make_project(root: Path, source: Path, profile: Path | None, scans: int, max
     raw["data"]["source"] = "phantom"
     raw["data"]["phantom"].update(num_scans=scans, max_slices=max_slices)
     raw["preprocess"]["workers"] = 1
+    # A few scans may leave a split without a nodule-free patient; clean slices from any slice
+    # give a classifier the same number of items (clean_per_nodule_slice per nodule slice).
+    raw["slices"]["clean_source"] = "any_slice"
     raw["launch"] = {**launch, "nproc_per_node": 1, "nnodes": 1}
     # Data loading is not part of a batch's time: no loader processes beside the measurement.
     _set_everywhere(raw, "num_workers", 0)
@@ -145,12 +152,15 @@ def init_repository(root: Path, env: Mapping[str, str], source: Path) -> None:
     """A git and DVC repository in ``root`` with the copy committed (a commit more in an
     existing one)."""
     dvc = str(Path(sys.executable).parent / "dvc")
-    if not (root / ".git").is_dir():
+    fresh = not (root / ".git").is_dir()
+    if fresh:
         _run(["git", "init", "-q"], root, env)
         _run([dvc, "init", "-q", "--force"], root, env)
     if (source / ".dvc" / "config").is_file():
         shutil.copy2(source / ".dvc" / "config", root / ".dvc" / "config")
-    _run(["git", "add", "-A"], root, env)
+    # An earlier estimate's folder also holds its data, models and logs: commit the project files only.
+    _run(["git", "add", "-A", "--", *(["."] if fresh else [name for name in PROJECT_FILES if (root / name).exists()])],
+         root, env)
     _run(["git", "commit", "-qm", "cost estimate", "--allow-empty"], root, env)
 
 
