@@ -290,6 +290,17 @@ def full_protocol_fits(records: Sequence[Mapping[str, Any]], stages: Mapping[str
     return fits
 
 
+def full_batch_input(record: Mapping[str, Any]) -> str:
+    """The input tensors of a full batch of the fit, e.g. ``image 64x1x128x128``: the batch
+    drawn when it was measured (smaller under ``--max-batch``) scaled to ``batch_size``."""
+    shapes = {name: shape for name, shape in record["input_shapes"].items() if len(shape) > 1}
+    if not shapes:
+        return ""
+    drawn, batch = min(shape[0] for shape in shapes.values()), int(record["train"]["batch_size"])
+    return "; ".join(f"{name} {'x'.join(map(str, [shape[0] * batch // drawn, *shape[1:]]))}"
+                     for name, shape in shapes.items())
+
+
 def estimate_rows(records: Sequence[Mapping[str, Any]], stages: Mapping[str, Sequence[str]],
                   sample: Counts, lidc: Counts, world_size: int, gpu: str, utilisation: float,
                   label_fractions: Sequence[float] = ()) -> pd.DataFrame:
@@ -307,8 +318,7 @@ def estimate_rows(records: Sequence[Mapping[str, Any]], stages: Mapping[str, Seq
         gpu_seconds_per_step = flops_per_step / (peaks[precision] * utilisation)
         rows.append({
             "stage": stage, "fit": setting, "model": record["model"], "dataset": record["dataset"],
-            "unit": unit, "input": "; ".join(f"{k} {'x'.join(map(str, v))}" for k, v in record["input_shapes"].items()
-                                             if len(v) > 1),
+            "unit": unit, "input": full_batch_input(record),
             "parameters": record["parameters"], "trainable_parameters": record["trainable_parameters"],
             "batch_size": record["train"]["batch_size"], "accumulate": plan.accumulate,
             "epochs": record["train"]["epochs"], "precision": precision,

@@ -76,6 +76,13 @@ def test_steps_follow_the_training_plan_and_gpu_hours_the_flops_over_the_peak():
     assert row["gpu_hours"] == pytest.approx(600 * 8e12 / (19.5e12 * 0.5) * 2 / 3600)
 
 
+def test_the_input_column_shows_a_full_batch_whatever_batch_was_drawn():
+    studies = {**record(STAGES["pretrain@dae_3d"], batch_size=512),
+               "input_shapes": {"images": [32, 1, 256, 256], "labels": [16, 2], "step": [1]}}
+    assert cost.full_batch_input(studies) == "images 1024x1x256x256; labels 512x2"
+    assert cost.full_batch_input(record(STAGES["finetune@seg"], batch_size=8)) == "image 8x1x64x64"
+
+
 def test_a_stage_measured_again_counts_with_its_latest_records_only():
     old = [{**record(STAGES["finetune@seg"], items=10), "stage_run": "a"},
            {**record(STAGES["pretrain@dae_3d"], dataset="CropDataset", task=None), "stage_run": "b"}]
