@@ -212,9 +212,9 @@ class EpochCropDataset(Dataset, EpochDraws):
     through its ``worker_init_fn`` in every DataLoader worker otherwise. PyTorch seeds
     worker ``k`` with ``base + k``; the worker id is taken off here, so all workers of an
     epoch draw from ``base`` and an item's crop does not depend on which worker reads it
-    nor on how many workers there are. So the crops change every epoch and are the same on
-    a rerun and on a resumed run. The loop seeds the two ways differently, so a run with
-    workers draws other crops than a run without (each reproducible).
+    nor on how many workers there are; without workers the loop passes the same base seed,
+    so a run draws the same crops with or without workers. The crops change every epoch
+    and are the same on a rerun and on a resumed run.
 
     Memory: the processed scans are compressed ``.npz`` archives, which cannot be
     memory-mapped, so the first read of a scan (by any process) decompresses it once into

@@ -41,11 +41,10 @@ class EpochSliceDataset(Dataset, EpochDraws):
     calls it with a seed of (seed, epoch, rank): through ``monai.data.utils.set_rnd`` at the
     start of every epoch when ``num_workers`` is 0, and through its ``worker_init_fn`` in
     every DataLoader worker otherwise, where PyTorch seeds worker ``k`` with ``base + k``
-    and the worker id is taken off here. So an item's slice depends on neither which
-    worker reads it nor how many workers there are; the slices change every epoch and are
-    the same on a rerun and on a resumed run. The loop seeds its own process and its
-    workers differently, so a run without workers draws other slices than a run with
-    them (each reproducible).
+    and the worker id is taken off here; without workers the loop passes the same base
+    seed. So an item's slice depends on neither which worker reads it nor how many workers
+    there are, if any; the slices change every epoch and are the same on a rerun and on a
+    resumed run.
 
     Args:
         slices: a :class:`~chestssl.data.datasets.SliceDataset` of task ``pretrain``.

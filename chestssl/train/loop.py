@@ -299,6 +299,14 @@ def seed_worker(worker_id: int) -> None:
     monai_worker_init_fn(worker_id)
 
 
+def loader_base_seed(generator_seed: int) -> int:
+    """The base seed a DataLoader draws from its generator seeded with ``generator_seed``
+    when an epoch's iterator starts (worker ``k`` is seeded with base + ``k``, and MONAI's
+    ``worker_init_fn`` passes that to the dataset's random state)."""
+    generator = torch.Generator().manual_seed(generator_seed)
+    return int(torch.empty((), dtype=torch.int64).random_(generator=generator).item())
+
+
 def epoch_seed(seed: int, epoch: int, rank: int, stream: int = 0) -> int:
     """A 63-bit seed for one (seed, epoch, rank, stream); ``stream`` 0 is training, 1 validation."""
     state = np.random.SeedSequence([seed, epoch, rank, stream]).generate_state(1, np.uint64)[0]
@@ -604,8 +612,9 @@ class _Fit:
         self.loader_generator.manual_seed(seed)
         if self.cfg["num_workers"] == 0:
             # Random MONAI transforms in the dataset run in this process: seed them per
-            # epoch so a resumed run draws what an uninterrupted one would.
-            set_rnd(self.train_data, seed=seed % 2**31)
+            # epoch so a resumed run draws what an uninterrupted one would, from the base
+            # seed the loader's workers would get, so a run draws the same with or without.
+            set_rnd(self.train_data, seed=loader_base_seed(seed))
         self.model.train()
         steps_left = self.total_steps - self.global_step
         bar = tqdm(

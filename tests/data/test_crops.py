@@ -261,8 +261,9 @@ def test_the_loop_draws_new_crops_every_epoch_and_the_same_on_a_rerun_or_resume(
     assert resumed.trained == epochs[1:]
 
 
-def test_the_loop_draws_the_same_crops_with_one_or_two_workers(synthetic_processed, runs):
+def test_the_loop_draws_the_same_crops_with_no_one_or_two_workers(synthetic_processed, runs):
     # Batches of 2: the two workers read alternate batches.
     one = _fit(synthetic_processed, runs / "one", 1, CropRecorder(), batch_size=2)
     assert len(one.trained) == 9
     assert one.trained == _fit(synthetic_processed, runs / "two", 2, CropRecorder(), batch_size=2).trained
+    assert one.trained == _fit(synthetic_processed, runs / "none", 0, CropRecorder(), batch_size=2).trained

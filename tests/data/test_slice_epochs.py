@@ -104,8 +104,9 @@ def test_the_loop_draws_new_slices_every_epoch_and_the_same_on_a_rerun(synthetic
     assert _fit(synthetic_processed, tmp_path / "rerun", num_workers).trained == epochs
 
 
-def test_the_loop_draws_the_same_slices_with_one_or_two_workers(synthetic_processed, tmp_path, monkeypatch):
+def test_the_loop_draws_the_same_slices_with_no_one_or_two_workers(synthetic_processed, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     one = _fit(synthetic_processed, tmp_path / "one", 1, batch_size=1)  # the two workers read alternate scans
     assert len(one.trained) == 6
     assert one.trained == _fit(synthetic_processed, tmp_path / "two", 2, batch_size=1).trained
+    assert one.trained == _fit(synthetic_processed, tmp_path / "none", 0, batch_size=1).trained
