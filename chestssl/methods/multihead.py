@@ -9,7 +9,9 @@ A shared encoder (seed 000: the Swin transformer of SwinUNETR) feeds
   (:class:`~chestssl.models.swin.SwinUNETRSegHead`), nodule mask, loss ``seg_loss``;
 - ``cls`` (optional): a ResNet on the latent (:func:`~chestssl.models.classifier.latent_resnet`),
   nodule slice vs clean slice, class-weighted cross-entropy (slices labelled -1, with a
-  few nodule pixels only, do not count).
+  few nodule pixels only, do not count). The head sees the pretraining slices, mostly
+  clean: ``cls_class_weights: balanced`` weighs the classes by their expected counts in a
+  training epoch (:meth:`MultiheadAutoencoder.fit_class_weights`).
 
 The objective, as seed 000 (where beta was hard-coded; here it is the ``seg_beta`` param)::
 
@@ -30,7 +32,7 @@ from torch import nn
 
 from chestssl.methods.base import PretrainMethod
 from chestssl.methods.vqgan import AutoencoderLossConfig, AutoencoderObjective, DecoderConfig, QuantizerConfig
-from chestssl.params import MethodConfig
+from chestssl.params import BALANCED, ClsClassWeights, MethodConfig
 from chestssl.schema import Float, List, Nullable, Str, problem
 from chestssl.models.backbones import backbone_name, build_backbone
 from chestssl.models.classifier import latent_resnet
@@ -56,7 +58,7 @@ class MultiheadConfig(MethodConfig):
     focal_gamma: Float(ge=0.0)
     focal_alpha: Float(ge=0.0, le=1.0)
     cls_arch: Str(choices=("resnet18", "resnet50"))
-    cls_class_weights: List(Float(ge=0.0), length=2)
+    cls_class_weights: ClsClassWeights
     decoder: DecoderConfig
     quantizer: QuantizerConfig
     loss: AutoencoderLossConfig
@@ -67,13 +69,6 @@ class MultiheadConfig(MethodConfig):
         if not heads or len(set(heads)) != len(heads):
             raise problem(f"got {heads!r}, expected one or both of 'seg', 'cls', each once")
         return heads
-
-    @field_validator("cls_class_weights")
-    @classmethod
-    def _cls_weights_not_both_zero(cls, weights: list[float]) -> list[float]:
-        if not any(weights):
-            raise problem(f"got {weights!r}, expected 2 weights (clean, nodule) that are not both 0")
-        return weights
 
     @field_validator("seg_class_weights")
     @classmethod
@@ -138,13 +133,44 @@ class MultiheadAutoencoder(PretrainMethod):
         self.seg_loss = make_seg_loss(
             self.cfg["seg_loss"], self.cfg["seg_class_weights"], self.cfg["focal_gamma"], self.cfg["focal_alpha"]
         )
-        self.register_buffer("cls_class_weights", class_weight_tensor(self.cfg["cls_class_weights"]))
+        weights = self.cfg["cls_class_weights"]
+        # `balanced` weights are set from the training data (fit_class_weights); a buffer, so
+        # a resumed run and the saved method keep them.
+        self.register_buffer("cls_class_weights", class_weight_tensor([1.0, 1.0] if weights == BALANCED else weights))
+        self.cls_class_counts: list[float] | None = None
         self.register_buffer("steps_done", torch.zeros((), dtype=torch.int64))
         self.track_reconstruction_quality(spatial_dims)
         self._seg_counts = self.register_accumulator(Cumulative())
 
     def encoder(self) -> nn.Module:
         return self.autoencoder.encoder
+
+    def fit_class_weights(self, train_data: Any) -> dict[str, Any]:
+        """Resolve ``cls_class_weights: balanced`` from ``train_data``'s expected class counts
+        per epoch (:func:`~chestssl.data.slice_epochs.expected_class_counts`) and return
+        what the cls loss weighs, for ``metrics.json``: ``cls_class_weights`` and
+        ``cls_train_class_counts`` (clean, nodule); empty without a cls head.
+
+        Raises:
+            ValueError: ``balanced`` on data without slice labels, or without a class.
+        """
+        from chestssl.data.slice_epochs import expected_class_counts
+        from chestssl.tasks.cls import CLASSES, balanced_class_weights
+
+        if self.cls_head is None:
+            return {}
+        key = f"multihead.{self.name}.cls_class_weights"
+        counts = expected_class_counts(train_data)
+        if self.cfg["cls_class_weights"] == BALANCED:
+            if counts is None:
+                raise ValueError(f"{key}: {BALANCED!r} needs slice labels, but the training data "
+                                 f"({type(train_data).__name__}) has none; give 2 weights (clean, nodule)")
+            self.cls_class_weights.copy_(class_weight_tensor(balanced_class_weights(counts, key)))
+        self.cls_class_counts = counts
+        recorded = {"cls_class_weights": dict(zip(CLASSES, self.cls_class_weights.tolist()))}
+        if counts is not None:
+            recorded["cls_train_class_counts"] = dict(zip(CLASSES, (round(c, 3) for c in counts)))
+        return recorded
 
     # -- forward --------------------------------------------------------------------
     def forward_heads(self, image: torch.Tensor) -> dict[str, Any]:

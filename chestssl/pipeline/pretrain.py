@@ -58,9 +58,12 @@ def pretrain(
     _, cfg = pretrain_entry(params, name)
     seed, probe = params["seed"], params["probe"]
     method = build_method(name, cfg, seed)
+    class_weighting: dict[str, Any] = {}
 
     def data():
         train = pretrain_view(params, cfg, "train", processed_dir)
+        if hasattr(method, "fit_class_weights"):  # a multihead entry's cls head
+            class_weighting.update(method.fit_class_weights(train))
         val = pretrain_view(params, cfg, "val", processed_dir)
         hook = None
         if probe["every_epochs"] > 0:
@@ -79,5 +82,6 @@ def pretrain(
         return None
     save_model_file(model_dir / "encoder.pt", method.export())
     save_model_file(model_dir / "method.pt", {"name": name, "config": cfg, "state_dict": method.state_dict()})
+    metrics = {**metrics, **class_weighting}
     write_json(report_dir / "metrics.json", metrics)
     return metrics

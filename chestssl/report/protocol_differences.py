@@ -232,7 +232,27 @@ def _seed000(params: Mapping[str, Any]) -> list[Difference]:
             _grouped(reads) + ".", False))
 
         rows.append(_classification_balance(params["slices"], latent_runs))
+    with_cls_head = {name: entry for name, entry in (params.get("multihead") or {}).items()
+                     if "cls" in (entry.get("heads") or [])}
+    if with_cls_head:
+        rows.append(_multitask_classification_balance(with_cls_head))
     return rows
+
+
+def _multitask_classification_balance(entries: Mapping[str, Mapping[str, Any]]) -> Difference:
+    """The multi-task cls head trains on the pretraining slices, mostly clean: its weights
+    answer the seed's protocol only when computed from those slices' class counts."""
+    weights = {name: ("weights balanced to the expected class counts of its training epoch "
+                      "(`cls_class_weights: balanced`)" if entry["cls_class_weights"] == "balanced"
+                      else "weights [" + ", ".join(_g(w) for w in entry["cls_class_weights"]) + "]")
+               for name, entry in entries.items()}
+    return Difference(
+        "000", "multi-task classification balance",
+        f"The classification head trained with the autoencoder, cross-entropy weights "
+        f"[{', '.join(_g(w) for w in SEED000_CLS_WEIGHTS)}] (clean, nodule) for its own class counts.",
+        f"The cls head trains on every pretraining slice (mostly clean; slices with only a few nodule pixels do "
+        f"not count), cross-entropy {_grouped(weights)}.",
+        all(entry["cls_class_weights"] == "balanced" for entry in entries.values()))
 
 
 def _classification_balance(slices: Mapping[str, Any], runs: Mapping[str, Mapping[str, Any]]) -> Difference:

@@ -190,8 +190,13 @@ def test_class_weights_that_are_both_zero_are_refused_where_a_loss_reads_them():
     raw["multihead"]["multihead_seg"]["cls_class_weights"] = [0.0, 0.0]  # always read, with or without a cls head
     problem_starting_with(raw, "multihead.multihead_seg.seg_class_weights: got [0.0, 0.0], but seg_loss 'ce' weighs "
                                "each pixel by its class")
-    problem_starting_with(raw, "multihead.multihead_seg.cls_class_weights: got [0.0, 0.0], expected 2 weights "
-                               "(clean, nodule) that are not both 0")
+    problem_starting_with(raw, "multihead.multihead_seg.cls_class_weights: got [0.0, 0.0], expected class weights "
+                               "that are not all 0")
+    raw["multihead"]["multihead_seg"]["cls_class_weights"] = "equal"
+    problem_starting_with(raw, "multihead.multihead_seg.cls_class_weights: got 'equal', expected 'balanced'")
+    raw["multihead"]["multihead_seg"]["cls_class_weights"] = "balanced"
+    raw["multihead"]["multihead_seg"]["seg_loss"] = "dice"
+    validate_with_method_configs(raw)
 
 
 # -- the objective ------------------------------------------------------------------------
@@ -338,3 +343,30 @@ def test_three_dimensional_multihead_model_gives_volumes_and_logits():
     assert tuple(out["ae"].recon.shape) == (1, 1, 32, 64, 32)
     assert tuple(out["seg"].shape) == (1, 2, 32, 64, 32)
     assert tuple(out["cls"].shape) == (1, 2)
+
+
+class _Labelled(torch.utils.data.Dataset):
+    """Slices with labels only, as ``expected_class_counts`` reads them."""
+
+
+def test_balanced_cls_weights_come_from_the_expected_counts_of_the_training_data(synthetic_processed):
+    from chestssl.data.datasets import SliceDataset
+    from chestssl.data.slice_epochs import EpochSliceDataset, expected_class_counts
+
+    slices = SliceDataset(synthetic_processed, "train", SIZE, "pretrain")
+    for data in (slices, EpochSliceDataset(slices, seed=0)):
+        method = _method(cls_class_weights="balanced")
+        clean, nodule = expected_class_counts(data)
+        assert clean > nodule > 0
+        recorded = method.fit_class_weights(data)
+        total = clean + nodule
+        assert method.cls_class_weights.tolist() == pytest.approx([total / (2 * clean), total / (2 * nodule)])
+        assert recorded["cls_class_weights"]["nodule"] == pytest.approx(total / (2 * nodule))
+        assert recorded["cls_train_class_counts"] == {"clean": round(clean, 3), "nodule": round(nodule, 3)}
+        # The weights are a buffer: the saved method and a resumed run keep them.
+        assert torch.equal(method.state_dict()["cls_class_weights"], method.cls_class_weights)
+    # Explicit weights stay as given; the counts are still recorded.
+    method = _method(cls_class_weights=[1.0, 3.0])
+    assert method.fit_class_weights(slices)["cls_class_weights"] == {"clean": 1.0, "nodule": 3.0}
+    with pytest.raises(ValueError, match=r"multihead.mh_tiny.cls_class_weights: 'balanced' needs slice labels"):
+        _method(cls_class_weights="balanced").fit_class_weights(_Labelled())

@@ -104,3 +104,17 @@ def test_the_views_are_slices_for_a_2d_backbone_and_crops_for_a_3d_one(params, s
     entry_3d = {**entry, "backbone": {**entry["backbone"], "spatial_dims": 3}}
     crops = pretrain_view(params, entry_3d, "val", synthetic_processed)
     assert len(crops) == 4 and tuple(crops[0]["image"].shape) == (1, 16, 16, 16)
+
+
+def test_a_multihead_cls_head_records_the_weights_balanced_to_its_training_slices(synthetic_processed, tmp_path):
+    params = stage_params(multihead=("multihead_cls",), slice_size=64)
+    assert params["multihead"]["multihead_cls"]["cls_class_weights"] == "balanced"
+    where = _where(tmp_path)
+    metrics = pretrain(params, "multihead_cls", synthetic_processed, **where)
+    counts = metrics["cls_train_class_counts"]
+    total = counts["clean"] + counts["nodule"]
+    assert counts["clean"] > counts["nodule"] > 0
+    assert metrics["cls_class_weights"] == pytest.approx({k: total / (2 * v) for k, v in counts.items()}, rel=1e-3)
+    method = load_model_file(where["model_dir"] / "method.pt", "pretrain@test", required=("state_dict",))
+    assert method["state_dict"]["cls_class_weights"].tolist() == pytest.approx(
+        [metrics["cls_class_weights"]["clean"], metrics["cls_class_weights"]["nodule"]])

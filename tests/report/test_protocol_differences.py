@@ -253,6 +253,25 @@ def test_classification_balance_matches_with_nodule_free_clean_slices_and_balanc
     assert not row.matches and "weights [50, 1] (`cls_resnet50_swin`)" in row.ours
 
 
+def test_multitask_cls_heads_match_only_with_weights_balanced_to_their_slices(default, full, full_raw):
+    for profile in (default, full):
+        row = _row(profile, "000", "multi-task classification balance")
+        assert row.matches and "`cls_class_weights: balanced`" in row.ours and "every pretraining slice" in row.ours
+
+    def one_fixed(raw):
+        raw["multihead"]["multihead_cls"]["cls_class_weights"] = [50.0, 1.0]
+
+    row = _row(_changed(full_raw, one_fixed), "000", "multi-task classification balance")
+    assert not row.matches and "weights [50, 1] (`multihead_cls`)" in row.ours
+
+    def no_cls_head(raw):
+        for entry in raw["multihead"].values():
+            entry["heads"] = ["seg"]
+        raw["report"]["seed000_multihead_classification"] = []
+
+    assert ("000", "multi-task classification balance") not in _topics(_changed(full_raw, no_cls_head))
+
+
 def test_radiograph_pretraining_length_and_image_size(default, full, full_raw):
     assert not _row(default, "001", "radiograph pretraining length").matches
     assert not _row(default, "004", "radiograph pretraining length").matches
