@@ -155,6 +155,51 @@ def _protocol(params: Mapping[str, Any] | None, bootstrap: Mapping[str, Any] | N
     return "\n".join(lines)
 
 
+#: Below this many test patients, a patient-bootstrap interval is too wide to rank methods
+#: (with 4 patients, a resample holds on average 2.7 distinct ones).
+FEW_TEST_PATIENTS = 30
+
+
+def _test_size(metrics: Sequence[Mapping[str, Any]]) -> tuple[int | None, int | None]:
+    """The most test patients and images any metrics file was computed on (``None`` when
+    none records them)."""
+    patients = [int(m["n_patients"]) for m in metrics if isinstance(m.get("n_patients"), (int, float))]
+    images = [int(m["n_images"]) for m in metrics if isinstance(m.get("n_images"), (int, float))]
+    return (max(patients) if patients else None), (max(images) if images else None)
+
+
+def reading_note(params: Mapping[str, Any] | None, test_patients: int | None, test_images: int | None) -> str:
+    """What the numbers below can and cannot show, for the top of the report: said when the
+    data are the synthetic phantom or the test split holds fewer than
+    :data:`FEW_TEST_PATIENTS` patients; empty otherwise."""
+    synthetic = params is not None and params["data"]["source"] == "phantom"
+    few = test_patients is not None and test_patients < FEW_TEST_PATIENTS
+    if not (synthetic or few):
+        return ""
+    lines = []
+    if synthetic:
+        lines.append(
+            "- **The data are synthetic.** The CT scans are phantoms drawn around real LIDC-IDRI annotations "
+            "(`data.source: phantom`), and the radiographs are rendered from them: no number here measures a "
+            "method on patients' images, and none is a reproduction or a refutation of a published result, "
+            "however close it falls."
+        )
+    if few:
+        images = f" ({test_images} test images)" if test_images is not None else ""
+        lines.append(
+            f"- **{test_patients} test patient{'s' if test_patients != 1 else ''}{images}.** The intervals are "
+            "bootstrap intervals over these patients; at this size they are so wide that they allow no ranking "
+            "of the methods, and a difference between two rows, even a large one, may be chance."
+        )
+    lines.append(
+        "- **For a comparison that can rank methods:** apply the full profile to real LIDC-IDRI "
+        "(`python -m chestssl.profiles params/lidc-full.yaml`, the README's section on real data), which tests "
+        "on about 100 patients with three training seeds per run; its cost before it is run is in "
+        "`reports/cost.md` (`make cost`)."
+    )
+    return "\n".join(lines)
+
+
 #: The sentence before the table of differences from the seeds' protocols.
 DIFFERENCES_INTRO = (
     "Each row sets one point of the protocol behind these numbers, read from the params in force, beside the "
@@ -388,12 +433,14 @@ def build_report(
         for title, text in items:
             sections.append(f"## {title}\n\n{text.strip()}")
 
+    note = reading_note(params, *_test_size([m for m, _ in [*recon_metrics.values(), *run_metrics.values()]]))
     skipped_text = "\n".join(f"- {line}" for line in skipped) if skipped else "- Nothing."
     readme = "\n\n".join(
         [
             "# ChestSSL results",
             "Written by the `report` stage (`dvc repro report`) from the metrics, training logs and examples of "
             "the pipeline; edits here are overwritten.",
+            *(["## What these numbers can show\n\n" + note] if note else []),
             "## Protocol\n\n" + protocol,
             *sections,
             "## Skipped or not applicable\n\n" + skipped_text,

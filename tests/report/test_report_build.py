@@ -20,6 +20,7 @@ from chestssl.eval import (
 from chestssl.io import write_json
 from chestssl.params import load_params
 from chestssl.report import build_report, format_interval, read_live_metrics
+from chestssl.report.build import FEW_TEST_PATIENTS, reading_note
 
 REPO = Path(__file__).resolve().parents[2]
 SIZE = 24
@@ -306,3 +307,24 @@ def test_runs_trained_with_several_seeds_show_the_mean_and_sd_beside_the_interva
     assert (format_interval(d["value"], d["ci_low"], d["ci_high"]) + "; 0.600 ± 0.100 (3 seeds)"
             in (tables / "segmentation.md").read_text())
     assert "over the 3 training seeds of each fine-tuning run" in (inputs["out_dir"] / "README.md").read_text()
+
+
+def test_the_report_opens_with_what_synthetic_data_and_few_test_patients_can_show(built, inputs):
+    built_inputs, _ = built
+    readme = (built_inputs["out_dir"] / "README.md").read_text()
+    note = readme.split("## What these numbers can show")[1].split("## Protocol")[0]
+    assert readme.index("## What these numbers can show") < readme.index("## Protocol")
+    assert "**The data are synthetic.**" in note
+    assert "**4 test patients (12 test images).**" in note and "allow no ranking" in note
+    assert "params/lidc-full.yaml" in note and "`reports/cost.md`" in note
+
+    real = load_params(REPO / "params.yaml")
+    real["data"] = {**real["data"], "source": "local", "local": {"path": "data/LIDC-IDRI"}}
+    # Real data but few test patients: only the patients are said.
+    text = reading_note(real, 4, 12)
+    assert "synthetic" not in text and "**4 test patients (12 test images).**" in text
+    # Real data and enough test patients: no note, and no section.
+    assert reading_note(real, FEW_TEST_PATIENTS, 500) == ""
+    build_report(**{**inputs, "live_dirs": {}, "examples": {}}, params=real)
+    assert "## What these numbers can show" in (inputs["out_dir"] / "README.md").read_text()  # still 4 patients
+    assert reading_note(load_params(REPO / "params.yaml"), 100, 5000).startswith("- **The data are synthetic.**")
