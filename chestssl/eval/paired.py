@@ -30,7 +30,7 @@ from __future__ import annotations
 import os
 from itertools import permutations
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
 from sklearn.metrics import roc_auc_score
@@ -450,3 +450,17 @@ def scratch_pairs(
         and method_backbones[run_params[scratch]["init"]] == method_backbones[run_params[pretrained]["init"]]
     ]
     return sorted(pairs)
+
+
+def runs_without_scratch_twin(
+    run_params: Mapping[str, Mapping[str, Any]],
+    method_kinds: Mapping[str, str],
+    pairs: Sequence[tuple[str, str]],
+) -> list[str]:
+    """The runs from a pretrained entry (kind other than ``"scratch"``) that are in none of
+    ``pairs`` (:func:`scratch_pairs`): no scratch run shares their params and backbone,
+    so nothing says whether their pretraining helped. Sorted."""
+    paired = {pretrained for _, pretrained in pairs}
+    return sorted(run for run, params in run_params.items()
+                  if method_kinds.get(params.get("init")) != "scratch" and run not in paired)
+

@@ -10,6 +10,7 @@ from chestssl.eval.metrics import evaluate_classification, evaluate_segmentation
 from chestssl.eval.paired import (
     load_item_scores,
     paired_difference,
+    runs_without_scratch_twin,
     save_item_scores,
     scratch_pairs,
     segmentation_item_scores,
@@ -243,6 +244,11 @@ def test_scratch_pairs_differ_only_in_init():
         ("seg_unetpp_scratch", "seg_unetpp_ae"),
     ]
     assert scratch_pairs(dict(reversed(runs.items())), kinds, backbones) == scratch_pairs(runs, kinds, backbones)
+    # The pretrained runs that no scratch run matches are named (scratch runs never are).
+    assert runs_without_scratch_twin(runs, kinds, scratch_pairs(runs, kinds, backbones)) == [
+        "seg_unetpp_ae_dice", "seg_unetpp_ae_lr"]
+    assert runs_without_scratch_twin(runs, kinds, []) == [
+        "cls_ae", "seg_swin_ae", "seg_swin_multihead", "seg_unetpp_ae", "seg_unetpp_ae_dice", "seg_unetpp_ae_lr"]
     with pytest.raises(ValueError, match=r"runs\.bad\.init: got 'mae'"):
         scratch_pairs({"bad": seg_run("unetpp", "mae")}, kinds, backbones)
 
