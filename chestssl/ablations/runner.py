@@ -14,6 +14,10 @@ checkpoint ``<key>.pt`` (and the curves so far) there mid-setting, so an interru
 ablation resumes where it stopped, its earlier curves included. The curves of every
 setting are copied to the ablation's ``live`` output when all settings are done; the
 folder is removed when the whole ablation has finished (:func:`finish_ablation`).
+
+Each result keeps what its fit cost (:func:`~chestssl.train.cost_probe.fit_cost`), so a
+reused setting still reports its cost; :func:`ablation_costs` gathers them into the
+stage's ``cost.json``.
 """
 
 from __future__ import annotations
@@ -183,13 +187,15 @@ def run_ablation(
         train_items: :func:`run_dataset` of the train split, which the ``item_indices`` of
             settings index (built here when a setting names items and it is not given).
 
-    Each result holds the training-set size, the best epoch and the test metrics
-    (``test``). Returns an empty dict on ranks other than 0 of a distributed run.
+    Each result holds the training-set size, the best epoch, the test metrics (``test``)
+    and what the fit cost (``cost``, :func:`~chestssl.train.cost_probe.fit_cost`). Returns an
+    empty dict on ranks other than 0 of a distributed run.
     """
     from chestssl.ablations.parts import PartlyFrozenTask
     from chestssl.inference import auto_device
     from chestssl.tasks import build_task
     from chestssl.train.checkpoint import stage_inputs
+    from chestssl.train.cost_probe import fit_cost
     from chestssl.train.loop import fit
 
     run = params["runs"][run_name]
@@ -214,7 +220,8 @@ def run_ablation(
         fingerprint = setting_fingerprint(setting, common, chosen_digest)
         if result_path.exists():
             earlier = json.loads(result_path.read_text())
-            if earlier.get("fingerprint") == fingerprint:
+            # A result kept without its cost (written before costs were kept) is trained again.
+            if earlier.get("fingerprint") == fingerprint and "cost" in earlier:
                 log.info("%s@%s: %s already done, result reused from %s", ablation, run_name, setting.key,
                          result_path)
                 results[setting.key] = earlier
@@ -232,6 +239,7 @@ def run_ablation(
         if not fitted.is_main:
             continue
         model.load_state_dict(fitted.best_state)
+        cost = fit_cost(model, fitted)
         device = auto_device()
         model.to(device).eval()
         result = {
@@ -243,6 +251,7 @@ def run_ablation(
             "best_epoch": fitted.best_epoch,
             f"best_{monitor.replace('/', '_')}": fitted.best_value,
             "test": test_metrics(run["task"], model.predict, test, params["evaluate"], seed, device),
+            "cost": cost,
         }
         write_json(result_path, result)
         results[setting.key] = result
@@ -254,6 +263,13 @@ def run_ablation(
                 if curves.is_dir():
                     shutil.copytree(curves, staging / setting.key)
     return results
+
+
+def ablation_costs(results: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """An ablation stage's ``cost.json``: ``{"fits": {<setting key>: <its cost>}}``, one record
+    per fit in the keys of :func:`~chestssl.train.cost_probe.fit_cost` (the report shows each
+    beside that fit's scores)."""
+    return {"fits": {key: dict(result["cost"]) for key, result in results.items()}}
 
 
 def finish_ablation(state_dir: str | Path) -> None:

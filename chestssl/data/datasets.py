@@ -201,6 +201,12 @@ class SliceDataset(Dataset):
         state["_arrays"] = None  # a memmap would pickle as a copy of its data: reopen the files instead
         return state
 
+    def expected_class_counts(self) -> list[float]:
+        """Clean (label 0) and nodule (label 1) items in one epoch: every slice once; slices
+        labelled -1 (a few nodule pixels only) count in neither."""
+        labels = self.labels.numpy()
+        return [float(np.sum(labels == k)) for k in (0, 1)]
+
     def __len__(self) -> int:
         return len(self.frame)
 

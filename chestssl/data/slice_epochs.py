@@ -66,6 +66,13 @@ class EpochSliceDataset(Dataset, EpochDraws):
     def __len__(self) -> int:
         return len(self.scan_ids)
 
+    def expected_class_counts(self) -> list[float]:
+        """Expected clean (label 0) and nodule (label 1) items in one epoch: one slice of
+        each scan drawn uniformly, so a scan adds the share of its slices in each class
+        (slices labelled -1 count in neither)."""
+        labels = self.slices.labels.numpy()
+        return [float(sum(np.mean(labels[positions] == k) for positions in self.positions)) for k in (0, 1)]
+
     def drawn(self) -> list[int]:
         """The items of the wrapped dataset that this epoch's items read, in item order."""
         return [self._position(index) for index in range(len(self))]
@@ -87,19 +94,3 @@ def one_slice_per_scan(slices: SliceDataset, seed: int) -> Subset:
     nothing in it is reseeded by the training loop."""
     return Subset(slices, EpochSliceDataset(slices, seed).drawn())
 
-
-def expected_class_counts(data: Dataset) -> list[float] | None:
-    """The expected numbers of clean (label 0) and nodule (label 1) items in one training
-    epoch over ``data``; slices labelled -1 (a few nodule pixels only) count in neither.
-
-    A :class:`~chestssl.data.datasets.SliceDataset` holds each of its slices once an epoch;
-    an :class:`EpochSliceDataset` draws one slice of each scan uniformly, so a scan adds the
-    share of its slices in each class. ``None`` for data without slice labels (3D crops).
-    """
-    if isinstance(data, EpochSliceDataset):
-        labels = data.slices.labels.numpy()
-        return [float(sum(np.mean(labels[positions] == k) for positions in data.positions)) for k in (0, 1)]
-    if isinstance(data, SliceDataset):
-        labels = data.labels.numpy()
-        return [float(np.sum(labels == k)) for k in (0, 1)]
-    return None

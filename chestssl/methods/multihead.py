@@ -36,13 +36,15 @@ from chestssl.params import BALANCED, ClsClassWeights, MethodConfig
 from chestssl.schema import Float, List, Nullable, Str, problem
 from chestssl.models.backbones import backbone_name, build_backbone
 from chestssl.models.classifier import latent_resnet
-from chestssl.models.losses import class_weight_tensor, make_seg_loss
+from chestssl.models.losses import balanced_class_weights, class_weight_tensor, make_seg_loss
 from chestssl.models.overlap import dice_iou_from_counts, overlap_counts
 from chestssl.models.seeding import seeded
 from chestssl.models.swin import SWIN_UNETR_PATCH_SIZE
 from chestssl.models.vqgan import LatentAutoencoder
 
 HEADS = ("seg", "cls")
+#: The cls head's classes, in the order of its logits and of ``cls_class_weights``.
+CLS_CLASSES = ("clean", "nodule")
 
 
 class MultiheadConfig(MethodConfig):
@@ -146,30 +148,29 @@ class MultiheadAutoencoder(PretrainMethod):
         return self.autoencoder.encoder
 
     def fit_class_weights(self, train_data: Any) -> dict[str, Any]:
-        """Resolve ``cls_class_weights: balanced`` from ``train_data``'s expected class counts
-        per epoch (:func:`~chestssl.data.slice_epochs.expected_class_counts`) and return
-        what the cls loss weighs, for ``metrics.json``: ``cls_class_weights`` and
-        ``cls_train_class_counts`` (clean, nodule); empty without a cls head.
+        """Resolve ``cls_class_weights: balanced`` from the expected class counts of one
+        training epoch over ``train_data`` (its ``expected_class_counts()``: a
+        :class:`~chestssl.data.datasets.SliceDataset` or
+        :class:`~chestssl.data.slice_epochs.EpochSliceDataset`) and return what the cls loss
+        weighs, for ``metrics.json``: ``cls_class_weights`` and ``cls_train_class_counts``
+        (clean, nodule); empty without a cls head.
 
         Raises:
-            ValueError: ``balanced`` on data without slice labels, or without a class.
+            ValueError: ``balanced`` on data without slice labels (3D crops), or without a class.
         """
-        from chestssl.data.slice_epochs import expected_class_counts
-        from chestssl.tasks.cls import CLASSES, balanced_class_weights
-
         if self.cls_head is None:
             return {}
         key = f"multihead.{self.name}.cls_class_weights"
-        counts = expected_class_counts(train_data)
+        counts = train_data.expected_class_counts() if hasattr(train_data, "expected_class_counts") else None
         if self.cfg["cls_class_weights"] == BALANCED:
             if counts is None:
                 raise ValueError(f"{key}: {BALANCED!r} needs slice labels, but the training data "
                                  f"({type(train_data).__name__}) has none; give 2 weights (clean, nodule)")
-            self.cls_class_weights.copy_(class_weight_tensor(balanced_class_weights(counts, key)))
+            self.cls_class_weights.copy_(class_weight_tensor(balanced_class_weights(counts, key, CLS_CLASSES)))
         self.cls_class_counts = counts
-        recorded = {"cls_class_weights": dict(zip(CLASSES, self.cls_class_weights.tolist()))}
+        recorded = {"cls_class_weights": dict(zip(CLS_CLASSES, self.cls_class_weights.tolist()))}
         if counts is not None:
-            recorded["cls_train_class_counts"] = dict(zip(CLASSES, (round(c, 3) for c in counts)))
+            recorded["cls_train_class_counts"] = dict(zip(CLS_CLASSES, (round(c, 3) for c in counts)))
         return recorded
 
     # -- forward --------------------------------------------------------------------

@@ -58,6 +58,21 @@ def class_weight_tensor(weights: Sequence[float]) -> torch.Tensor:
     return tensor
 
 
+def balanced_class_weights(counts: Sequence[float], key: str, classes: Sequence[str]) -> list[float]:
+    """sklearn's "balanced" weights ``n_items / (n_classes * n_items_of_the_class)`` for the
+    ``counts`` of a training set, one per class (expected counts per epoch where items are
+    drawn); ``key`` names the param in the error for a class without items."""
+    empty = [cls for cls, count in zip(classes, counts) if count <= 0]
+    if empty:
+        raise ValueError(
+            f"{key}: 'balanced' weighs each class by its share of the training set, but the "
+            f"training set of {sum(counts):g} slice(s) holds no {' and no '.join(empty)} slice; give explicit "
+            "weights, or draw clean slices (slices.clean_per_nodule_slice > 0) from a split that has them"
+        )
+    total = float(sum(counts))
+    return [total / (len(classes) * float(count)) for count in counts]
+
+
 class WeightedCrossEntropy(nn.Module):
     """Class-weighted cross-entropy for logits (B, 2, *S) and a binary mask (B, 1, *S).
 

@@ -195,7 +195,10 @@ def align_radiographs(
         encoder_path: ``encoder.pt`` of ``pretrain_radiographs@<alignment.feature_method>``.
         model_dir: receives ``stn.pt`` (:func:`~chestssl.models.stn.stn_payload`; load with
             :func:`~chestssl.models.stn.load_alignment_stn`).
-        report_dir: receives ``metrics.json`` and ``examples.npz``.
+        report_dir: receives ``metrics.json``, ``examples.npz`` and ``cost.json`` (what training the
+            STN cost, :func:`~chestssl.train.cost_probe.fit_cost`; its parameters are the STN's, the
+            frozen feature encoder of the loss is not among them; the report shows it beside the
+            alignment table's scores).
         checkpoint_path: the training loop's resume checkpoint: an interrupted run resumes
             from its last finished epoch and ends with the weights of an uninterrupted one.
         live_dir: the training curves (dvclive; ``step`` = optimisation step); default
@@ -233,6 +236,7 @@ def align_radiographs(
     from chestssl.models.seeding import seeded
     from chestssl.models.stn import DEFAULT_HIDDEN_DIM, AlignmentSTN, apply_stn, stn_payload
     from chestssl.train.checkpoint import stage_inputs
+    from chestssl.train.cost_probe import fit_cost
     from chestssl.train.loop import fit
     from chestssl.train.metrics import flat_metrics
 
@@ -281,6 +285,7 @@ def align_radiographs(
     )
     if not result.is_main:  # under torchrun, rank 0 evaluates and writes the outputs
         return None
+    cost = fit_cost(module, result)
     stn = module.stn  # the weights of the last step
 
     train_moved, _ = misaligned(train_images, _MISALIGN_TRAIN_STREAM)
@@ -350,5 +355,6 @@ def align_radiographs(
         before_px=error.before[:count].numpy().astype(np.float32),
         after_px=error.after[:count].numpy().astype(np.float32),
     )
+    write_json(report_dir / "cost.json", cost)
     write_json(report_dir / "metrics.json", metrics)
     return metrics

@@ -6,7 +6,8 @@ deepest stage too, and so on. :func:`frozen_parts` trains the run once per entry
 stages trained (:mod:`chestssl.ablations.frozen_parts`,
 :class:`~chestssl.ablations.parts.PartlyFrozenTask`), tests each
 (:func:`chestssl.ablations.runner.run_ablation`) and writes one entry per setting,
-naming the stages it trained, to ``metrics.json``.
+naming the stages it trained, to ``metrics.json``, and what each setting's training cost
+to ``cost.json``.
 """
 
 from __future__ import annotations
@@ -37,14 +38,16 @@ def frozen_parts(
         name: a run listed in ``frozen_parts.runs`` (a classification run).
         processed_dir: ``data/processed``.
         model_path: the run's ``models/finetune/<run>/model.pt`` (its pretrained encoder).
-        report_dir: receives ``metrics.json`` and ``live/<setting>/`` (curves).
+        report_dir: receives ``metrics.json``, ``live/<setting>/`` (curves) and ``cost.json``:
+            ``{"fits": {<setting>: <cost>}}``, what each setting's training cost
+            (:func:`~chestssl.train.cost_probe.fit_cost`), keyed as ``settings`` in ``metrics.json``.
         state_dir: finished settings and the resume checkpoint, removed once the metrics
             are written.
 
     Returns the metrics, or ``None`` on a non-main process under ``torchrun``.
     """
     from chestssl.ablations.frozen_parts import frozen_parts_metrics, frozen_parts_settings
-    from chestssl.ablations.runner import finish_ablation, run_ablation, run_encoder_payload
+    from chestssl.ablations.runner import ablation_costs, finish_ablation, run_ablation, run_encoder_payload
     from chestssl.models.backbones import load_encoder
 
     block = params[STAGE]
@@ -63,6 +66,7 @@ def frozen_parts(
     if not results:  # under torchrun, rank 0 writes the outputs
         return None
     metrics = frozen_parts_metrics(name, run, encoder, results)
+    write_json(report_dir / "cost.json", ablation_costs(results))
     write_json(report_dir / "metrics.json", metrics)
     finish_ablation(state_dir)
     return metrics

@@ -6,9 +6,10 @@ subsets (:mod:`chestssl.ablations.label_fraction`) of the training patients with
 slices or, with ``label_fraction.unit: images`` (the seed's unit), of the run's training
 images, trains the run on each and tests it (:func:`chestssl.ablations.runner.run_ablation`),
 and writes one entry per fraction to ``metrics.json``, with the unit and each fraction's
-training images and patients. With ``slices.clean_source: nodule_free_patients`` (seed 000's
-clean slices), each subset of patients also takes the same share of the training patients
-without nodules (:func:`with_nodule_free_patients`), where its clean slices come from.
+training images and patients, and what each training cost to ``cost.json``. With
+``slices.clean_source: nodule_free_patients`` (seed 000's clean slices), each subset of
+patients also takes the same share of the training patients without nodules
+(:func:`with_nodule_free_patients`), where its clean slices come from.
 """
 
 from __future__ import annotations
@@ -43,7 +44,10 @@ def label_fraction(
         name: a run listed in ``label_fraction.runs``.
         processed_dir: ``data/processed``.
         model_path: the run's ``models/finetune/<run>/model.pt`` (its pretrained encoder).
-        report_dir: receives ``metrics.json`` and ``live/<setting>/`` (curves).
+        report_dir: receives ``metrics.json``, ``live/<setting>/`` (curves) and ``cost.json``:
+            ``{"fits": {<setting>: <cost>}}``, what each training cost
+            (:func:`~chestssl.train.cost_probe.fit_cost`), keyed as the fractions'
+            ``trained_as`` in ``metrics.json`` (fractions with the same subset share one fit).
         state_dir: finished settings and the resume checkpoint, removed once the metrics
             are written.
 
@@ -56,7 +60,13 @@ def label_fraction(
         label_fraction_settings,
         labelled_patients,
     )
-    from chestssl.ablations.runner import finish_ablation, run_ablation, run_dataset, run_encoder_payload
+    from chestssl.ablations.runner import (
+        ablation_costs,
+        finish_ablation,
+        run_ablation,
+        run_dataset,
+        run_encoder_payload,
+    )
     from chestssl.data.processed import read_splits
 
     block = params[STAGE]
@@ -87,6 +97,7 @@ def label_fraction(
         return None
     metrics = label_fraction_metrics(name, run, len(split_patients), len(patients), served_by, results, unit=unit,
                                      n_labelled_images=None if train_items is None else len(train_items))
+    write_json(report_dir / "cost.json", ablation_costs(results))
     write_json(report_dir / "metrics.json", metrics)
     finish_ablation(state_dir)
     return metrics

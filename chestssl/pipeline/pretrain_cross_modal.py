@@ -18,7 +18,7 @@ bootstrap intervals over patients) on both modalities
 (:func:`~chestssl.eval.radiograph_probe.both_modalities_probe`): CT slices (``nodule``,
 ``malignant``) and radiographs (the folder's labels). Outputs: ``encoder.pt`` (exported
 as ``pretrain@`` exports it), ``metrics.json`` (training metrics, steps with the term
-active, the four probes) and the training curves.
+active, the four probes), ``cost.json`` (what the training cost) and the training curves.
 """
 
 from __future__ import annotations
@@ -58,7 +58,9 @@ def pretrain_cross_modal(
         name: an entry of ``cross_modal.methods`` (a 2D ``dae``).
         processed_dir: ``data/processed``; radiographs_dir: ``data/radiographs``.
         ct_only_weights: the ``method.pt`` of ``pretrain@<name>`` (same entry, CT only).
-        model_dir: receives ``encoder.pt``; report_dir: ``live/`` and ``metrics.json``.
+        model_dir: receives ``encoder.pt``; report_dir: ``live/``, ``metrics.json`` and ``cost.json``
+            (what the training cost, :func:`~chestssl.train.cost_probe.fit_cost`, as ``pretrain@``
+            writes it; the report shows it beside the cross-modal encoder's probe scores).
         checkpoint_path: the training loop's resume checkpoint.
 
     Returns the metrics, or ``None`` on a non-main process under ``torchrun``.
@@ -97,7 +99,7 @@ def pretrain_cross_modal(
 
     read = {"entry": cfg, "cross_modal": block, **view_params(params)}
     trained = train_pretext(method, data, cfg["train"], report_dir / "live", Path(checkpoint_path), seed,
-                            read, [processed_dir, radiographs_dir])
+                            read, [processed_dir, radiographs_dir], cost_path=report_dir / "cost.json")
     if trained is None:
         return None
     metrics: dict[str, Any] = {

@@ -77,7 +77,9 @@ def pretrain_radiographs(
         name: an entry of ``pretrain_radiographs.methods``.
         radiographs_dir: ``data/radiographs`` (stage ``radiographs``).
         model_dir: receives ``encoder.pt`` (the exported encoder, as ``pretrain@`` exports it).
-        report_dir: receives ``live/`` (curves) and ``metrics.json``.
+        report_dir: receives ``live/`` (curves), ``metrics.json`` and ``cost.json`` (what the
+            training cost, :func:`~chestssl.train.cost_probe.fit_cost`, as ``pretrain@`` writes it;
+            the report shows it beside the probe's scores).
         checkpoint_path: the training loop's resume checkpoint.
 
     Returns the metrics, or ``None`` on a non-main process under ``torchrun``.
@@ -104,8 +106,8 @@ def train_and_probe(
     report_dir: str | Path,
     checkpoint_path: str | Path,
 ) -> dict[str, Any] | None:
-    """Build entry ``name`` (``cfg``) at ``level``, train it, probe it on test, write ``encoder.pt`` and
-    ``metrics.json``; ``None`` on a non-main process under ``torchrun``."""
+    """Build entry ``name`` (``cfg``) at ``level``, train it, probe it on test, write ``encoder.pt``,
+    ``metrics.json`` and ``cost.json``; ``None`` on a non-main process under ``torchrun``."""
     from chestssl.eval.linear_probe import LinearProbeMonitor, fit_linear_probe
     from chestssl.inference import auto_device
     from chestssl.methods import build_method
@@ -127,7 +129,7 @@ def train_and_probe(
 
     read = {"entry": cfg, "level": level.name, "views": params["pretrain_radiographs"]["views"]}
     metrics = train_pretext(method, data, cfg.get("train"), report_dir / "live", Path(checkpoint_path), seed,
-                            read, [radiographs_dir], collate_fn=level.collate_fn)
+                            read, [radiographs_dir], collate_fn=level.collate_fn, cost_path=report_dir / "cost.json")
     if metrics is None:
         return None
     device = auto_device()

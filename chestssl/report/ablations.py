@@ -6,7 +6,8 @@
   its training images for Barlow Twins and scratch.
 - :func:`label_fraction_table` / :func:`frozen_parts_table`: the same numbers as tables,
   with seed 001's published accuracies (records of ``published.yaml``) quoted beside ours
-  where they exist.
+  where they exist, and what the trainings cost (the stage's ``cost.json``, one record per
+  fit: a frozen-parts row is one fit, a label-fraction row the run's fits together).
 - :func:`downstream_by_method_table`: one row per pretraining entry, one column per kind
   of downstream run (task, architecture, loss) plus the linear probe, so every method is
   read on the same tasks.
@@ -27,7 +28,7 @@ import seaborn as sns
 from chestssl.report.figures import _new_figure, save_figure
 from chestssl.report.probes import NO_SEED_NUMBER, SEED_NUMBERS
 from chestssl.report.published import published
-from chestssl.report.tables import Column, Table, build_table
+from chestssl.report.tables import Column, Table, build_table, total_cost, with_costs
 
 #: The metric each task's ablation figure and tables show first (key, shown).
 ABLATION_METRICS = {"cls": (("accuracy", "accuracy"), ("auroc", "AUROC")), "seg": (("dice_global", "Dice (global)"),)}
@@ -124,8 +125,14 @@ def _number(value: Any) -> float:
     return float("nan") if value is None else float(value)
 
 
+def _fits(costs: Mapping[str, Mapping[str, Any] | None], stage: str) -> Mapping[str, Mapping[str, Any]]:
+    """The per-fit records (``{setting: cost}``) of ``stage``'s ``cost.json`` in ``costs``; none without one."""
+    return (costs.get(stage) or {}).get("fits") or {}
+
+
 def label_fraction_table(
-    ablations: Mapping[str, tuple[Mapping[str, Any], str]], methods: Mapping[str, str], task: str, metric: str
+    ablations: Mapping[str, tuple[Mapping[str, Any], str]], methods: Mapping[str, str], task: str, metric: str,
+    costs: Mapping[str, Mapping[str, Any] | None] | None = None,
 ) -> Table:
     """One row per run, one column per fraction: the test ``metric`` with its interval.
 
@@ -133,6 +140,10 @@ def label_fraction_table(
         ablations: ``{run: (metrics of label_fraction@run, path)}``, all of one ``task``,
             the same fractions and the same unit (named in the title).
         methods: pretext method (the ``method`` param) of each pretraining entry.
+        costs: ``label_fraction@<run>`` -> its ``cost.json`` (``{"fits": {<setting>:
+            cost}}``) or ``None``: each row's cost columns show all the run's fits together
+            (:func:`~chestssl.report.tables.total_cost`: one fit per distinct share), ``n/a``
+            without a file; without ``costs``, no cost columns.
     """
     shown = dict(ABLATION_METRICS[task])[metric]
     unit = fraction_unit({run: ablation for run, (ablation, _) in ablations.items()})
@@ -155,24 +166,36 @@ def label_fraction_table(
         test_counts = ablation["fractions"][keys[-1]]  # the same test split at every fraction
         cells["n_images"], cells["n_patients"] = test_counts.get("n_images"), test_counts.get("n_patients")
         rows.append((descriptors, cells, source))
-    return build_table(f"label_fraction_{task}_{metric}",
-                       f"Label-fraction ablation: test {shown} by share of {unit}", rows, columns)
+    table = build_table(f"label_fraction_{task}_{metric}",
+                        f"Label-fraction ablation: test {shown} by share of {unit}", rows, columns)
+    if costs is None:
+        return table
+    stages = [f"label_fraction@{run}" for run in ablations]
+    return with_costs(table, {stage: total_cost(list(_fits(costs, stage).values())) for stage in stages}, stages,
+                      note="Cost columns: every training of the row's `label_fraction@<run>` stage together (one per "
+                           "distinct share; steps and training time summed, the largest peak memory); each "
+                           "training's own cost is in `reports/label_fraction/<run>/cost.json`.")
 
 
 def frozen_parts_table(
-    ablations: Mapping[str, tuple[Mapping[str, Any], str]], methods: Mapping[str, str], backbones: Mapping[str, str]
+    ablations: Mapping[str, tuple[Mapping[str, Any], str]], methods: Mapping[str, str], backbones: Mapping[str, str],
+    costs: Mapping[str, Mapping[str, Any] | None] | None = None,
 ) -> Table:
     """One row per (run, setting): what trained, how many parameters, test accuracy and AUROC.
 
     Args:
         ablations: ``{run: (metrics of frozen_parts@run, path)}``.
         methods / backbones: pretext method and ``backbone.name`` of each pretraining entry.
+        costs: ``frozen_parts@<run>`` -> its ``cost.json`` (``{"fits": {<setting>: cost}}``)
+            or ``None``: each row's cost columns show its setting's fit, ``n/a`` without a
+            record; without ``costs``, no cost columns.
     """
-    rows = []
+    rows, fits = [], {}
     for run, (ablation, source) in ablations.items():
         init = ablation["init"]
         seed_applies = methods.get(init) == "barlow_twins" and backbones.get(init) == "resnet18"
-        for entry in sorted(ablation["settings"].values(), key=lambda entry: entry["unfrozen_stages"]):
+        for key, entry in sorted(ablation["settings"].items(), key=lambda item: item[1]["unfrozen_stages"]):
+            fits[f"frozen_parts@{run}/{key}"] = _fits(costs or {}, f"frozen_parts@{run}").get(key)
             seed = SEED_FROZEN_PARTS.get(entry["unfrozen_stages"]) if seed_applies else None
             descriptors = {
                 "run": run,
@@ -183,8 +206,13 @@ def frozen_parts_table(
             }
             rows.append((descriptors, entry, source))
     columns = [Column("accuracy", "Accuracy"), Column("auroc", "AUROC")]
-    return build_table("frozen_parts", "Frozen-parts ablation: head only, then deeper encoder stages (test split)",
-                       rows, columns)
+    table = build_table("frozen_parts", "Frozen-parts ablation: head only, then deeper encoder stages (test split)",
+                        rows, columns)
+    if costs is None:
+        return table
+    return with_costs(table, fits, list(fits),
+                      note="Cost columns: the row's own training, one of the fits of `frozen_parts@<run>` "
+                           "(`reports/frozen_parts/<run>/cost.json`); parameters count the frozen ones too.")
 
 
 def _run_kind(run: Mapping[str, Any]) -> str:

@@ -5,7 +5,8 @@
   :func:`chestssl.pipeline.align_radiographs.align_radiographs`).
 - :func:`alignment_table`: linear-probe AUROC per label without and with alignment, their
   difference, the radiographs as rendered for reference, and seed 002's published numbers
-  (other data and model) quoted beside ours; the STN's parameter error in a footnote.
+  (other data and model) quoted beside ours; the STN's parameter error in a footnote, and
+  what training the STN cost beside every row.
 """
 
 from __future__ import annotations
@@ -20,10 +21,12 @@ import seaborn as sns
 
 from chestssl.report.figures import _image_axis, _new_figure, as_2d_images, save_figure
 from chestssl.report.published import published
-from chestssl.report.tables import Table, format_interval
+from chestssl.report.tables import Table, format_interval, with_costs
 
 TABLE_NAME = "alignment"
 TABLE_TITLE = "STN alignment (seed 002): linear-probe AUROC on the test radiographs, without vs with alignment"
+#: The stage whose ``cost.json`` the table's cost columns show.
+STAGE = "align_radiographs"
 #: Seed 002's mean AUROC over 14 ChestX-ray14 labels with a fine-tuned DenseNet-121, without
 #: and with alignment (records of ``published.yaml``), and on how many labels alignment helped.
 SEED_AUROC = {condition: published()[f"alignment.{condition}.mean_auroc"] for condition in ("without", "with")}
@@ -116,7 +119,8 @@ def parameter_error_note(parameter_error: Mapping[str, Any]) -> str:
     )
 
 
-def alignment_table(metrics: Mapping[str, Any], source: str) -> Table:
+def alignment_table(metrics: Mapping[str, Any], source: str,
+                    costs: Mapping[str, Mapping[str, Any] | None] | None = None) -> Table:
     """One row per probed label and one for their mean: AUROC without / with alignment, difference, seed 002.
 
     Args:
@@ -126,6 +130,9 @@ def alignment_table(metrics: Mapping[str, Any], source: str) -> Table:
             ci_low, ci_high[, note]}``, ``difference``, ``n_images``, ``n_patients``) and
             ``mean``; ``parameter_error``; ``protocol``.
         source: that file's path, named in errors.
+        costs: ``align_radiographs`` -> its ``cost.json`` or ``None``: every row's cost
+            columns show training the STN (``n/a`` without a file), a footnote says so;
+            without ``costs``, no cost columns.
 
     Returns a :class:`~chestssl.report.tables.Table` named ``alignment``. Footnote 1 gives
     our protocol and seed 002's (referenced from the seed column), footnote 2 the STN's
@@ -194,4 +201,11 @@ def alignment_table(metrics: Mapping[str, Any], source: str) -> Table:
     mean_text["Test images / patients"] = ""
     number_rows.append(mean_numbers)
     text_rows.append(mean_text)
-    return Table(TABLE_NAME, TABLE_TITLE, pd.DataFrame(number_rows), pd.DataFrame(text_rows), footnotes, cell_notes)
+    table = Table(TABLE_NAME, TABLE_TITLE, pd.DataFrame(number_rows), pd.DataFrame(text_rows), footnotes, cell_notes)
+    if costs is None:
+        return table
+    feature_method = metrics.get("feature_method", "<feature_method>")
+    note = (f"Cost columns: training the STN (`{STAGE}`, its `cost.json`), the same for every row; the frozen "
+            f"feature encoder was trained by `pretrain_radiographs@{feature_method}` (its cost is in the "
+            "radiograph probe table), and the linear probes are not included.")
+    return with_costs(table, costs, [STAGE] * len(text_rows), note=note)

@@ -144,7 +144,8 @@ def _protocol(params: Mapping[str, Any] | None, bootstrap: Mapping[str, Any] | N
         lines.append(
             "- **Cost columns:** what each row's own training stage cost (`cost.json` of `pretrain@`, "
             "`pretrain_multihead@` or `finetune@`, not of the pretraining a run started from; of its first training "
-            "seed): parameters, optimisation steps, wall-clock "
+            "seed; of each fit in the ablations; where a row is a linear probe of a frozen encoder, of the "
+            "encoder's training, as the table's footnote says): parameters, optimisation steps, wall-clock "
             "training time (validation included) and peak memory, the stage process's peak resident size on a "
             "CPU or the peak of allocated CUDA memory on a GPU. A method that trains nothing has 0 steps."
         )

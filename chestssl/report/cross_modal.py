@@ -4,7 +4,8 @@ Each DAE entry of ``cross_modal.methods`` has two encoders: ``pretrain@<entry>``
 slices only, the contrastive term inactive) and ``pretrain_cross_modal@<entry>`` (CT
 slices mixed with radiographs, the term active). The stage probes both the same way on
 both modalities (:func:`chestssl.eval.radiograph_probe.both_modalities_probe`); here they
-become two tables, one per probed modality, two rows per entry.
+become two tables, one per probed modality, two rows per entry, each row with the cost
+of training its encoder (``pretrain@`` or ``pretrain_cross_modal@``).
 """
 
 from __future__ import annotations
@@ -15,10 +16,15 @@ from typing import Any, Callable, Mapping, Sequence
 
 from chestssl.report.probes import PROBE_LABELS, PROBE_METRICS, linear_probe_table
 from chestssl.report.radiograph_figures import probe_columns
-from chestssl.report.tables import Table
+from chestssl.report.tables import Table, with_costs
 
-#: (key of the encoder in the stage's ``probe`` results, how a row names it).
-ENCODERS = (("ct_only", "{name} (CT only)"), ("cross_modal", "{name} + radiographs"))
+#: (key of the encoder in the stage's ``probe`` results, how a row names it, the stage that trained it).
+ENCODERS = (("ct_only", "{name} (CT only)", "pretrain"),
+            ("cross_modal", "{name} + radiographs", "pretrain_cross_modal"))
+#: The footnote of the cost columns: a row is a probe of a frozen encoder.
+COST_NOTE = ("Cost columns: training the row's encoder, `pretrain@<entry>` (CT only) or "
+             "`pretrain_cross_modal@<entry>` (CT + radiographs), each its stage's `cost.json`; the linear probe "
+             "fitted on its frozen features is not included.")
 
 
 def read_cross_modal_metrics(
@@ -32,21 +38,28 @@ def read_cross_modal_metrics(
 def cross_modal_tables(
     crossed: Mapping[str, tuple[Mapping[str, Any], str]],
     entries: Mapping[str, Mapping[str, Any]],
+    costs: Mapping[str, Mapping[str, Any] | None] | None = None,
 ) -> tuple[list[Table], list[str]]:
     """(tables, skipped notes): the CT and radiograph probes of every entry's two encoders.
 
     Args:
         crossed: :func:`read_cross_modal_metrics` of ``cross_modal.methods``.
         entries: the validated ``methods`` entries by name.
+        costs: training stage (``pretrain@<entry>``, ``pretrain_cross_modal@<entry>``) -> its
+            ``cost.json`` or ``None``: each row's cost columns show the training of its
+            encoder (:data:`COST_NOTE`), ``n/a`` without a file; without ``costs``, no cost
+            columns.
     """
     if not crossed:
         return [], ["Cross-modal contrastive term: `cross_modal.methods` is empty."]
     by_modality: dict[str, dict[str, tuple[Mapping[str, Any], str]]] = {"ct": {}, "radiograph": {}}
     row_entries: dict[str, Mapping[str, Any]] = {}
+    row_stages: dict[str, str] = {}
     for name, (metrics, source) in crossed.items():
-        for key, label in ENCODERS:
+        for key, label, stage in ENCODERS:
             row = label.format(name=name)
             row_entries[row] = entries[name]
+            row_stages[row] = f"{stage}@{name}"
             for modality in by_modality:
                 by_modality[modality][row] = ({"probe": metrics["probe"][key][modality],
                                                "labels": metrics.get("labels", [])}, source)
@@ -58,6 +71,9 @@ def cross_modal_tables(
                            title="Linear probe on radiographs: DAE on CT only vs on CT + radiographs (test views)",
                            **probe_columns(by_modality["radiograph"])),
     ]
+    if costs is not None:
+        tables = [with_costs(table, costs, [row_stages[row] for row in table.numbers["entry"]], note=COST_NOTE)
+                  for table in tables]
     return tables, []
 
 

@@ -8,7 +8,8 @@ Reads, for the entries named in params.yaml:
 - ``reports/evaluate/<run>/{metrics.json,examples.npz,items.npz}`` of every run (the
   classification examples with their Grad-CAM maps);
 - ``reports/{label_fraction,frozen_parts}/<run>/metrics.json`` of seed 001's ablations;
-- the dvclive folders of every training stage;
+- the dvclive folders of every training stage, and its ``cost.json`` (what it cost, shown
+  beside the scores it leads to; :func:`stage_costs`);
 - ``data/radiographs`` (the radiographs rendered from CT),
   ``reports/pretrain_radiographs/<method>/`` (pretraining on them),
   ``reports/pretrain_radiograph_studies/<method>/`` (pretraining on whole studies) and
@@ -31,12 +32,13 @@ per table or figure), never written here.
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 from typing import Any, Mapping
 
 from chestssl import paths
 from chestssl.eval.examples import load_examples
-from chestssl.eval.paired import load_item_scores, paired_difference, scratch_pairs
+from chestssl.eval.paired import load_item_scores, paired_difference, runs_without_scratch_twin, scratch_pairs
 from chestssl.report.ablations import (
     ABLATION_METRICS,
     downstream_by_method_table,
@@ -52,8 +54,14 @@ from chestssl.report.comparison_figures import feature_map_figure, segmentation_
 from chestssl.report.comparisons import pretrained_vs_scratch_table
 from chestssl.report.cross_modal import contrastive_activity, cross_modal_tables, read_cross_modal_metrics
 from chestssl.report.probes import linear_probe_table
-from chestssl.report.radiograph_figures import ProbeLevel, radiograph_pretraining_section, radiograph_section
+from chestssl.report.radiograph_figures import (
+    ProbeLevel,
+    probe_cost_note,
+    radiograph_pretraining_section,
+    radiograph_section,
+)
 from chestssl.report.seed000 import SEED000_TABLES, perceptual_notes, seed000_tables
+from chestssl.report.tables import with_costs
 
 
 #: Caveats of reconstruction metrics by pretext method (the ``method`` param).
@@ -73,6 +81,29 @@ def _ablation_metrics(ablation: str, runs: list[str]) -> dict[str, tuple[dict[st
     """``{run: (metrics of <ablation>@run, its path)}``."""
     files = {run: paths.ablation_report_dir(ablation, run) / "metrics.json" for run in runs}
     return {run: (_read_json(path), str(path)) for run, path in files.items()}
+
+
+def stage_costs(params: Mapping[str, Any]) -> dict[str, dict[str, Any] | None]:
+    """Every training stage the params name (``<stage>@<name>``, and ``align_radiographs``) ->
+    its ``cost.json``, or ``None`` where there is none (the tables show ``n/a``).
+
+    ``label_fraction@`` and ``frozen_parts@`` hold one record per fit (``{"fits": {<setting>:
+    cost}}``); the others one record.
+    """
+    block = params["pretrain_radiographs"]
+    stages = (
+        ("pretrain", params["methods"], paths.pretrain_report_dir),
+        ("pretrain_multihead", params.get("multihead") or {}, paths.pretrain_report_dir),
+        ("finetune", params["runs"], paths.finetune_report_dir),
+        *((ablation, params[ablation]["runs"], partial(paths.ablation_report_dir, ablation))
+          for ablation in ("label_fraction", "frozen_parts")),
+        ("pretrain_radiographs", block["methods"], paths.radiograph_report_dir),
+        ("pretrain_radiograph_studies", block["study_methods"], paths.radiograph_study_report_dir),
+        ("pretrain_cross_modal", params["cross_modal"]["methods"], paths.cross_modal_report_dir),
+    )
+    files = {f"{stage}@{name}": report_dir(name) / "cost.json" for stage, names, report_dir in stages for name in names}
+    files["align_radiographs"] = paths.ALIGNMENT_REPORT_DIR / "cost.json"
+    return {stage: _read_json(path) if path.is_file() else None for stage, path in files.items()}
 
 
 def dataset_note(params: Mapping[str, Any]) -> str:
@@ -138,13 +169,9 @@ def build_pipeline_report(params: Mapping[str, Any], out_dir: Path = paths.REPOR
     # Seed 000's tables, their rows as the `report` params list them.
     report_params = params["report"]
     table_sections = []
-    stage_costs = {f"{stage}@{name}": _read_json(path) if path.is_file() else None
-                   for stage, names, report_dir in (("pretrain", methods, paths.pretrain_report_dir),
-                                                    ("pretrain_multihead", multihead, paths.pretrain_report_dir),
-                                                    ("finetune", runs, paths.finetune_report_dir))
-                   for name in names for path in [report_dir(name) / "cost.json"]}
+    costs = stage_costs(params)
     seed_tables = seed000_tables(report_params, pretrain_metrics, run_metrics, dataset_note(params),
-                                 perceptual_notes({**methods, **multihead}, runs), stage_costs)
+                                 perceptual_notes({**methods, **multihead}, runs), costs)
     if seed_tables:
         table_sections.append((
             "Seed 000's tables (multi-task chest CT autoencoder)",
@@ -160,12 +187,17 @@ def build_pipeline_report(params: Mapping[str, Any], out_dir: Path = paths.REPOR
     probed = {name: (metrics, str(paths.evaluate_pretrain_dir(name) / "metrics.json"))
               for name, metrics in pretrain_metrics.items() if "probe" in metrics}
     if probed:
+        probe_table = linear_probe_table(probed, {**methods, **multihead})
+        probe_table = with_costs(probe_table, costs,
+                                 [f"{'pretrain' if name in methods else 'pretrain_multihead'}@{name}"
+                                  for name in probe_table.numbers.get("entry", [])],
+                                 note=probe_cost_note("pretrain", "pretrain_multihead"))
         table_sections.append((
             "Linear probe of every pretrained encoder",
             "Frozen encoder features (`representation`: pooled deepest map, or the ViT's CLS token) of the "
             "train split's labelled slices fit one class-balanced logistic regression per label; scores on the "
             "test split with bootstrap intervals over patients. " + _contrastive_note(params),
-            [linear_probe_table(probed, {**methods, **multihead})],
+            [probe_table],
         ))
     else:
         skipped.append("Linear probe: no pretraining entry has probe results; rerun evaluate_pretrain.")
@@ -200,7 +232,8 @@ def build_pipeline_report(params: Mapping[str, Any], out_dir: Path = paths.REPOR
             of_task = {run: value for run, value in fraction_ablations.items() if runs[run]["task"] == task}
             if not of_task:
                 continue
-            tables += [label_fraction_table(of_task, kinds, task, metric) for metric, _ in ABLATION_METRICS[task]]
+            tables += [label_fraction_table(of_task, kinds, task, metric, costs)
+                       for metric, _ in ABLATION_METRICS[task]]
             path = label_fraction_figure(figures_dir / f"label_fraction_{task}.png",
                                          {run: metrics for run, (metrics, _) in of_task.items()}, task)
             captioned.append((f"Label-fraction ablation ({task}): test metric vs share of {unit}", path))
@@ -227,7 +260,8 @@ def build_pipeline_report(params: Mapping[str, Any], out_dir: Path = paths.REPOR
             "Each run trained with its head only, then with the head and more and more of the encoder's deepest "
             "stages, the rest frozen (weights and normalisation statistics); *trained* names exactly what "
             "trained.",
-            [frozen_parts_table(frozen, kinds, {name: entry["backbone"]["name"] for name, entry in entries.items()})],
+            [frozen_parts_table(frozen, kinds, {name: entry["backbone"]["name"] for name, entry in entries.items()},
+                                costs)],
         ))
     else:
         skipped.append("Frozen-parts ablation: `frozen_parts.runs` is empty.")
@@ -254,6 +288,10 @@ def build_pipeline_report(params: Mapping[str, Any], out_dir: Path = paths.REPOR
     else:
         skipped.append("Pretrained vs scratch: no two runs differ only in their initial weights (same params and "
                        "backbone, a scratch entry vs a pretrained one).")
+    for run in runs_without_scratch_twin(runs, kinds, pairs):
+        skipped.append(f"Pretrained vs scratch: run `{run}` (from `{runs[run]['init']}`) has no scratch twin (a run "
+                       "with the same params and backbone from a `scratch` entry), so its gain over scratch is not "
+                       "measured; add one under `runs` to measure it.")
 
     # Classifiers: Grad-CAM on test slices and confusion matrices.
     classifier_figures, classifier_skipped = classifier_figure_section(runs, paths.evaluate_dir, figures_dir)
@@ -279,7 +317,8 @@ def build_pipeline_report(params: Mapping[str, Any], out_dir: Path = paths.REPOR
                    "Study-level linear probe of each encoder pretrained on radiograph studies (test studies)",
                    items="studies"),
     ]
-    radiograph_tables, probe_figures, probe_skipped = radiograph_pretraining_section(levels, methods, figures_dir)
+    radiograph_tables, probe_figures, probe_skipped = radiograph_pretraining_section(levels, methods, figures_dir,
+                                                                                     costs)
     skipped += probe_skipped
     if radiograph_tables:
         views = " and ".join(block["views"])
@@ -306,7 +345,7 @@ def build_pipeline_report(params: Mapping[str, Any], out_dir: Path = paths.REPOR
             "A spatial transformer aligns each radiograph to the canonical chest (the mean training radiograph); "
             "to measure what it undoes, every probed frontal image is first moved by a seeded, known random "
             "transform. The probe of the frozen feature encoder is compared without and with alignment.",
-            [alignment_table(metrics, str(alignment_metrics))],
+            [alignment_table(metrics, str(alignment_metrics), costs)],
         ))
         path = alignment_figure(figures_dir / "alignment.png",
                                 load_examples(paths.ALIGNMENT_REPORT_DIR / "examples.npz"))
@@ -316,7 +355,7 @@ def build_pipeline_report(params: Mapping[str, Any], out_dir: Path = paths.REPOR
 
     # Seed 003's cross-modal contrastive term, with radiographs as the second modality.
     crossed = read_cross_modal_metrics(params["cross_modal"]["methods"], paths.cross_modal_report_dir)
-    cross_tables, cross_skipped = cross_modal_tables(crossed, methods)
+    cross_tables, cross_skipped = cross_modal_tables(crossed, methods, costs)
     skipped += cross_skipped
     if cross_tables:
         share = params["cross_modal"]["radiograph_fraction"]

@@ -180,16 +180,29 @@ def probe_columns(probed: Mapping[str, tuple[Mapping[str, Any], str]]) -> dict[s
     return {"labels": {name: name for name in names}, "metrics": shown}
 
 
+def probe_cost_note(*stages: str) -> str:
+    """The footnote of a probe table's cost columns: a row is a linear probe of a frozen
+    encoder, so its cost is the training of that encoder by one of ``stages``."""
+    trained_by = " or ".join(f"`{stage}@<entry>`" for stage in stages)
+    return (f"Cost columns: training the row's encoder ({trained_by}, its `cost.json`); the linear probe "
+            "fitted on its frozen features is not included.")
+
+
 def radiograph_pretraining_section(
     levels: Sequence[ProbeLevel], entries: Mapping[str, Any], figures_dir: str | Path,
+    costs: Mapping[str, Mapping[str, Any] | None] | None = None,
 ) -> tuple[list, list[tuple[str, Path]], list[str]]:
     """(tables, captioned figures, skipped notes) of radiograph pretraining at each of ``levels``.
 
     One probe table per level with methods, and one figure of the probe curves with a
-    panel per level; ``entries`` are the validated ``methods`` entries.
+    panel per level; ``entries`` are the validated ``methods`` entries. ``costs``:
+    ``<level.stage>@<entry>`` -> that stage's ``cost.json`` or ``None``; each table's cost
+    columns show the training of the row's encoder (``n/a`` without a file); without
+    ``costs``, no cost columns.
     """
     from chestssl.report.figures import read_live_metrics
     from chestssl.report.probes import linear_probe_table
+    from chestssl.report.tables import with_costs
 
     tables, panels, skipped = [], {}, []
     for level in levels:
@@ -206,8 +219,12 @@ def radiograph_pretraining_section(
             else:
                 skipped.append(f"Probe curve of `{level.stage}@{name}`: not logged (nothing trained, or "
                                "`probe.every_epochs` is 0).")
-        tables.append(linear_probe_table(probed, entries, name=level.table_name, title=level.table_title,
-                                         items=level.items, **probe_columns(probed)))
+        table = linear_probe_table(probed, entries, name=level.table_name, title=level.table_title,
+                                   items=level.items, **probe_columns(probed))
+        if costs is not None:
+            stages = [f"{level.stage}@{entry}" for entry in table.numbers.get("entry", [])]
+            table = with_costs(table, costs, stages, note=probe_cost_note(level.stage))
+        tables.append(table)
         panels[level.label] = curves
     captioned = []
     if any(panels.values()):

@@ -222,6 +222,26 @@ COST_HEADERS = {"parameters": "Parameters", "steps": "Steps", "train_seconds": "
                 "peak_memory_gb": "Peak memory (GB)"}
 
 
+def total_cost(fits: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
+    """What several fits of one stage cost together, in the keys of :data:`COST_HEADERS`:
+    steps and training time summed, the largest parameter count and peak memory (a key no
+    fit records is ``None``); ``None`` without fits."""
+    if not fits:
+        return None
+
+    def known(key: str) -> list[float]:
+        return [fit[key] for fit in fits if fit.get(key) is not None]
+
+    total: dict[str, Any] = {}
+    for key, combine in (("parameters", max), ("steps", sum), ("train_seconds", sum), ("peak_memory_gb", max)):
+        values = known(key)
+        total[key] = combine(values) if values else None
+    if total["train_seconds"] is not None:
+        total["train_seconds"] = round(total["train_seconds"], 1)
+    total["fits"] = len(fits)
+    return total
+
+
 def format_count(value: float) -> str:
     """``2480000`` -> ``2.48M`` (three significant digits and k, M or G)."""
     for factor, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
@@ -239,19 +259,27 @@ def _duration(seconds: float) -> str:
 
 
 def with_costs(table: Table, costs: Mapping[str, Mapping[str, Any] | None],
-               keys: Sequence[str | None] | None = None) -> Table:
+               keys: Sequence[str | None] | None = None, note: str | None = None) -> Table:
     """``table`` with what each row's training cost (:data:`COST_HEADERS`), looked up by the
     row's first column (a run or method name), or by ``keys`` (one per row, ``None`` for a
     row without a training stage); ``n/a`` where a row has no cost file.
 
     A cost is that of the row's own training stage (e.g. the fine-tuning, not the
     pretraining it started from); ``peak_memory_gb`` is the stage process's peak resident
-    size on a CPU, the peak of allocated CUDA memory on a GPU.
+    size on a CPU, the peak of allocated CUDA memory on a GPU. ``note``: a footnote,
+    referenced from the first cost header, saying which stage's cost the columns show
+    where that is not plain (e.g. a probe of a frozen encoder shows the encoder's training).
     """
     numbers, text = table.numbers.copy(), table.text.copy()
     names = [str(name) for name in text[text.columns[0]]] if keys is None else list(keys)
     if len(names) != len(text):
         raise ValueError(f"{table.name}: {len(names)} cost keys for {len(text)} rows")
+    footnotes = list(table.footnotes)
+    reference = ""
+    if note:
+        if note not in footnotes:
+            footnotes.append(note)
+        reference = f"[^{table.footnote_prefix}-{footnotes.index(note) + 1}]"
     for key, header in COST_HEADERS.items():
         values, cells = [], []
         for name in names:
@@ -269,5 +297,5 @@ def with_costs(table: Table, costs: Mapping[str, Mapping[str, Any] | None],
             else:
                 cells.append(f"{float(value):.2f}")
         numbers[key] = values
-        text[header] = cells
-    return Table(table.name, table.title, numbers, text, list(table.footnotes), list(table.cell_notes))
+        text[header + (reference if key == next(iter(COST_HEADERS)) else "")] = cells
+    return Table(table.name, table.title, numbers, text, footnotes, list(table.cell_notes))

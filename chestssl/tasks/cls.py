@@ -25,7 +25,7 @@ from monai.metrics import Cumulative, ROCAUCMetric
 from torch import nn
 
 from chestssl.models.classifier import RESNET_LAYERS, LatentResNetClassifier, LinearHeadClassifier
-from chestssl.models.losses import class_weight_tensor
+from chestssl.models.losses import balanced_class_weights, class_weight_tensor
 from chestssl.models.seeding import seeded
 from chestssl.params import BALANCED, CLS_ARCH_BACKBONES
 from chestssl.tasks.base import TaskModel
@@ -72,22 +72,7 @@ def resolve_class_weights(
     if labels is None:
         raise ValueError(f"runs.{name}.class_weights: {BALANCED!r} weights are computed from the training set's "
                          "labels; pass them (train_labels)")
-    return balanced_class_weights(class_counts(labels), f"runs.{name}.class_weights")
-
-
-def balanced_class_weights(counts: Sequence[float], key: str) -> list[float]:
-    """sklearn's "balanced" weights ``n_items / (2 * n_items_of_the_class)`` for the (clean,
-    nodule) ``counts`` of a training set (expected counts per epoch where items are drawn);
-    ``key`` names the param in the error for a class without items."""
-    empty = [cls for cls, count in zip(CLASSES, counts) if count <= 0]
-    if empty:
-        raise ValueError(
-            f"{key}: {BALANCED!r} weighs each class by its share of the training set, but the "
-            f"training set of {sum(counts):g} slice(s) holds no {' and no '.join(empty)} slice; give explicit "
-            "weights, or draw clean slices (slices.clean_per_nodule_slice > 0) from a split that has them"
-        )
-    total = float(sum(counts))
-    return [total / (len(CLASSES) * float(count)) for count in counts]
+    return balanced_class_weights(class_counts(labels), f"runs.{name}.class_weights", CLASSES)
 
 
 class ClassificationTask(TaskModel):

@@ -218,6 +218,33 @@ def test_label_fraction_settings_train_test_and_resume(workspace, monkeypatch):
     assert not (paths.CHECKPOINT_DIR / "label_fraction" / "r").exists()
 
 
+def test_a_kept_result_keeps_its_cost_and_one_kept_without_a_cost_trains_again(workspace, monkeypatch):
+    """A reused setting reports the cost of the fit that made it (in the stage's cost.json)."""
+    from chestssl.ablations.runner import ablation_costs
+
+    params = workspace
+    settings, _ = label_fraction_settings(["p0", "p1"], [1.0], seed=0)
+    results = _run("label_fraction", params, settings)
+    cost = results["100pct"]["cost"]
+    assert cost["epochs"] == 2 and cost["steps"] > 0 and cost["parameters"] >= cost["trainable_parameters"] > 0
+    assert ablation_costs(results) == {"fits": {"100pct": cost}}
+
+    import chestssl.train.loop as loop
+
+    class Trained(Exception):
+        pass
+
+    def no_training(*args, **kwargs):
+        raise Trained()
+
+    monkeypatch.setattr(loop, "fit", no_training)
+    assert _run("label_fraction", params, settings)["100pct"]["cost"] == cost
+    kept = paths.CHECKPOINT_DIR / "label_fraction" / "r" / "100pct.json"
+    kept.write_text(json.dumps({key: value for key, value in json.loads(kept.read_text()).items() if key != "cost"}))
+    with pytest.raises(Trained):
+        _run("label_fraction", params, settings)
+
+
 def test_image_settings_train_on_their_items_and_a_changed_subset_trains_again(workspace, monkeypatch):
     params = workspace
     items = run_dataset(params, "r", paths.PROCESSED_DIR, "train")

@@ -8,7 +8,7 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from chestssl.data.datasets import DatasetError, SliceDataset
-from chestssl.data.slice_epochs import EpochSliceDataset, expected_class_counts, one_slice_per_scan
+from chestssl.data.slice_epochs import EpochSliceDataset, one_slice_per_scan
 from chestssl.data.views import pretrain_view
 from chestssl.train.loop import fit
 from tests.data.test_crops import CropRecorder, _worker_like_pytorch
@@ -115,12 +115,11 @@ def test_the_loop_draws_the_same_slices_with_no_one_or_two_workers(synthetic_pro
 def test_expected_class_counts_follow_the_sampling(synthetic_processed):
     slices = _slices(synthetic_processed)
     labels = slices.labels.numpy()
-    assert expected_class_counts(slices) == [float((labels == 0).sum()), float((labels == 1).sum())]
+    assert slices.expected_class_counts() == [float((labels == 0).sum()), float((labels == 1).sum())]
     over_scans = EpochSliceDataset(slices, seed=0)
     expected = [0.0, 0.0]
     for scan in over_scans.positions:  # one slice per scan, uniformly: each scan adds its class shares
         for k in (0, 1):
             expected[k] += float((labels[scan] == k).mean())
-    assert expected_class_counts(over_scans) == pytest.approx(expected)
-    assert sum(expected_class_counts(over_scans)) <= len(over_scans) < sum(expected_class_counts(slices))
-    assert expected_class_counts(Subset(slices, [0])) is None
+    assert over_scans.expected_class_counts() == pytest.approx(expected)
+    assert sum(over_scans.expected_class_counts()) <= len(over_scans) < sum(slices.expected_class_counts())

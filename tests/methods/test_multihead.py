@@ -351,12 +351,12 @@ class _Labelled(torch.utils.data.Dataset):
 
 def test_balanced_cls_weights_come_from_the_expected_counts_of_the_training_data(synthetic_processed):
     from chestssl.data.datasets import SliceDataset
-    from chestssl.data.slice_epochs import EpochSliceDataset, expected_class_counts
+    from chestssl.data.slice_epochs import EpochSliceDataset
 
     slices = SliceDataset(synthetic_processed, "train", SIZE, "pretrain")
     for data in (slices, EpochSliceDataset(slices, seed=0)):
         method = _method(cls_class_weights="balanced")
-        clean, nodule = expected_class_counts(data)
+        clean, nodule = data.expected_class_counts()
         assert clean > nodule > 0
         recorded = method.fit_class_weights(data)
         total = clean + nodule

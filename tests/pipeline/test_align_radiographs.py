@@ -18,6 +18,7 @@ from chestssl.models.stn import apply_stn, load_alignment_stn
 from chestssl.params import ParamsError, read_raw_params, validate
 from chestssl.pipeline.align_radiographs import align_radiographs
 from tests.pipeline.conftest import REPO_ROOT
+from tests.pipeline.cost_checks import check_cost_record
 from tests.tiny_configs import shrink_params
 
 SIZE = 32
@@ -116,6 +117,11 @@ def test_the_stn_learns_to_undo_shifts_and_writes_its_outputs(params, study_inpu
     assert training["val_after_px"] < training["val_before_px"] and training["final_loss"] < training["first_loss"]
     curve = tmp_path / "report" / "live" / "plots" / "metrics" / "train" / "loss.tsv"
     assert len(curve.read_text().splitlines()) == 251  # header + one point per step
+    cost = json.loads((tmp_path / "report" / "cost.json").read_text())
+    check_cost_record(cost, steps=250)
+    # The STN's parameters, all trained; the loss's frozen feature encoder is not among them.
+    stn_parameters = sum(p.numel() for p in load_alignment_stn(tmp_path / "model" / "stn.pt")[0].parameters())
+    assert cost["parameters"] == cost["trainable_parameters"] == stn_parameters
     assert not (tmp_path / "ckpt.pt").exists()
     error = metrics["parameter_error"]["misaligned"]
     assert error["n_images"] == 2 and error["before_px"] > 1.0

@@ -23,6 +23,22 @@ def test_each_setting_names_and_trains_its_stages(ablation_inputs):  # noqa: F81
     assert not where["state_dir"].exists()
 
 
+def test_each_setting_writes_what_its_training_cost(ablation_inputs):  # noqa: F811
+    from tests.pipeline.cost_checks import check_cost_record
+
+    params, where = ablation_inputs
+    metrics = frozen_parts(params, "r", **where)
+    cost = json.loads((where["report_dir"] / "cost.json").read_text())
+    assert set(cost) == {"fits"} and sorted(cost["fits"]) == sorted(metrics["settings"]) == ["unfrozen_0", "unfrozen_2"]
+    for key, fit in cost["fits"].items():
+        check_cost_record(fit, steps=2)  # train.max_steps
+        assert fit["trainable_parameters"] == metrics["settings"][key]["trainable_parameters"]
+    head_only, deeper = cost["fits"]["unfrozen_0"], cost["fits"]["unfrozen_2"]
+    # The frozen parts count among the parameters, not among the trained ones.
+    assert head_only["parameters"] == deeper["parameters"] > deeper["trainable_parameters"]
+    assert deeper["trainable_parameters"] > head_only["trainable_parameters"]
+
+
 def test_a_run_not_listed_or_too_many_stages_are_refused(ablation_inputs):  # noqa: F811
     params, where = ablation_inputs
     params["frozen_parts"]["unfrozen_stages"] = [0, 7]

@@ -57,6 +57,23 @@ def test_each_share_is_trained_tested_and_written(ablation_inputs):
     assert not where["state_dir"].exists()  # removed once the metrics are written
 
 
+def test_each_training_writes_its_cost_keyed_as_the_shares_it_serves(ablation_inputs):
+    """cost.json holds one record per fit (not per fraction): 25% and 50% share one training."""
+    from tests.pipeline.cost_checks import check_cost_record
+
+    params, where = ablation_inputs
+    metrics = label_fraction(params, "r", **where)
+    cost = json.loads((where["report_dir"] / "cost.json").read_text())
+    assert set(cost) == {"fits"}
+    assert sorted(cost["fits"]) == sorted({entry["trained_as"] for entry in metrics["fractions"].values()}) == [
+        "100pct", "25pct"]
+    for fit in cost["fits"].values():
+        check_cost_record(fit, steps=2)  # train.max_steps
+    # The same model at every share: the same parameters, all of them trained.
+    assert cost["fits"]["25pct"]["parameters"] == cost["fits"]["100pct"]["parameters"]
+    assert cost["fits"]["25pct"]["trainable_parameters"] == cost["fits"]["25pct"]["parameters"]
+
+
 def test_shares_of_images_record_the_unit_and_train_identical_shares_once(ablation_inputs):
     params, where = ablation_inputs
     params["label_fraction"].update(unit="images", fractions=[0.05, 0.1, 1.0])

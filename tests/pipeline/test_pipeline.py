@@ -52,10 +52,15 @@ def test_repro_builds_the_report_and_a_second_repro_does_nothing(reproduced_proj
         for key in ablation["fractions"]:
             assert (root / "reports" / "label_fraction" / run / "live" / key / "plots" / "metrics" / "val"
                     / "loss.tsv").exists(), key
+        # What each training cost: one record per training, as the fractions' `trained_as` name them.
+        cost = json.loads((root / "reports" / "label_fraction" / run / "cost.json").read_text())
+        assert set(cost["fits"]) == {entry["trained_as"] for entry in ablation["fractions"].values()}
     for run in params["frozen_parts"]["runs"]:
         ablation = json.loads((root / "reports" / "frozen_parts" / run / "metrics.json").read_text())
         labels = [entry["label"] for entry in sorted(ablation["settings"].values(), key=lambda e: e["unfrozen_stages"])]
         assert labels == ["head", "head + layer4, layer3"], labels
+        cost = json.loads((root / "reports" / "frozen_parts" / run / "cost.json").read_text())
+        assert set(cost["fits"]) == set(ablation["settings"])
     assert "Label-fraction ablation" in report and "Frozen-parts ablation" in report
     assert (root / "reports" / "figures" / "label_fraction_cls.png").exists()
     assert "Grad-CAM" in report and "confusion matrices" in report.lower()
@@ -78,6 +83,13 @@ def test_repro_builds_the_report_and_a_second_repro_does_nothing(reproduced_proj
     assert crossed["mm_con_active_steps"] > 0 and set(crossed["probe"]) == {"cross_modal", "ct_only"}
     assert "Cross-modal contrastive term: DAE on CT slices and radiographs rendered from CT" in report
     assert "Linear probe on radiographs: DAE on CT only vs on CT + radiographs" in report
+    # Every training stage writes what it cost beside its metrics; the report shows it beside the scores.
+    trained = [f"pretrain_radiographs/{name}" for name in params["pretrain_radiographs"]["methods"]]
+    trained += [f"pretrain_radiograph_studies/{name}" for name in params["pretrain_radiographs"]["study_methods"]]
+    trained += ["pretrain_cross_modal/dae_all", "alignment"]
+    for folder in trained:
+        assert json.loads((root / "reports" / folder / "cost.json").read_text())["parameters"] > 0, folder
+    assert "**Cost columns:**" in report
     alignment = json.loads((root / "reports" / "alignment" / "metrics.json").read_text())
     assert alignment["parameter_error"]["misaligned"]["before_px"] > 0
     assert "STN alignment of radiographs" in report and (root / "reports" / "figures" / "alignment.png").exists()

@@ -18,6 +18,7 @@ from chestssl.params import ParamsError, read_raw_params, validate
 from chestssl.pipeline.pretrain_cross_modal import cross_modal_entry, pretrain_cross_modal
 from tests.data.test_cross_modal import ConstantImages
 from tests.pipeline.conftest import REPO_ROOT
+from tests.pipeline.cost_checks import check_cost_record
 from tests.tiny_configs import shrink_params
 
 
@@ -78,6 +79,7 @@ def test_the_stage_trains_with_the_term_active_and_probes_both_encoders_on_both_
     assert (out / "report" / "live" / "plots" / "metrics" / "probe" / "mean_auroc.tsv").exists()
     assert load_model_file(out / "model" / "encoder.pt", "pretrain_cross_modal@dae_all")["backbone"]["name"] == "swin"
     assert not (out / "ckpt.pt").exists()
+    check_cost_record(json.loads((out / "report" / "cost.json").read_text()), steps=8)
 
 
 def test_an_entry_not_listed_is_refused(raw_params):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from chestssl.data.drr import render_radiographs
@@ -9,6 +11,7 @@ from chestssl.model_files import load_model_file
 from chestssl.params import ParamsError
 from chestssl.pipeline.pretrain_radiograph_studies import pretrain_radiograph_studies
 from chestssl.pipeline.pretrain_radiographs import radiograph_entry
+from tests.pipeline.cost_checks import check_cost_record
 from tests.pipeline.test_pretrain_radiographs import tiny_params
 
 
@@ -36,6 +39,7 @@ def test_study_level_training_shares_the_cls_and_probes_one_feature_per_study(pa
     payload = load_model_file(out / "model" / "encoder.pt", "pretrain_radiographs@test")
     assert payload["backbone"]["name"] == "vit"
     assert not (out / "ckpt.pt").exists()
+    check_cost_record(json.loads((out / "report" / "cost.json").read_text()), steps=2)
 
 
 def test_only_listed_masked_patch_entries_train_on_studies(params, radiographs, tmp_path):

@@ -12,6 +12,7 @@ from chestssl.model_files import load_model_file
 from chestssl.params import ParamsError, read_raw_params, validate
 from chestssl.pipeline.pretrain_radiographs import pretrain_radiographs, radiograph_entry
 from tests.pipeline.conftest import REPO_ROOT
+from tests.pipeline.cost_checks import COST_KEYS, check_cost_record
 from tests.tiny_configs import shrink_params
 
 SIZE = 64
@@ -87,6 +88,7 @@ def test_training_logs_the_probe_and_scores_it_on_the_test_views(params, radiogr
     payload = load_model_file(out / "model" / "encoder.pt", "pretrain_radiographs@test")
     assert payload["backbone"]["name"] == "resnet18"
     assert not (out / "ckpt.pt").exists()
+    check_cost_record(json.loads((out / "report" / "cost.json").read_text()), steps=metrics["steps"])
 
 
 def test_a_scratch_entry_trains_nothing_and_is_still_probed(params, radiographs, tmp_path):
@@ -95,6 +97,8 @@ def test_a_scratch_entry_trains_nothing_and_is_still_probed(params, radiographs,
                                    out / "ckpt.pt")
     assert metrics["trained"] is False and "nodule" in metrics["probe"]
     assert (out / "report" / "live" / "plots" / "metrics").is_dir()
+    cost = json.loads((out / "report" / "cost.json").read_text())  # what trains nothing costs nothing
+    assert set(cost) == COST_KEYS and cost["steps"] == 0 and cost["train_seconds"] == 0.0 and cost["parameters"] > 0
 
 
 def test_an_entry_not_listed_is_refused(params, radiographs, tmp_path):

@@ -68,6 +68,14 @@ def test_the_report_holds_every_entry_and_run(synthetic_processed, tmp_path, mon
     paired = pd.read_csv(tables / "pretrained_vs_scratch.csv")
     assert set(zip(paired["scratch_run"], paired["pretrained_run"])) == {RUNS[:2]}
     assert set(pd.read_csv(tables / "linear_probe.csv")["entry"]) == set(params["methods"])
+    # A probe row's cost is its encoder's training (pretrain@); the radiograph probe's encoder has no cost file.
+    probe = pd.read_csv(tables / "linear_probe.csv").set_index("entry")
+    for name in params["methods"]:
+        cost = json.loads((paths.pretrain_report_dir(name) / "cost.json").read_text())
+        assert probe.loc[name, "steps"] == cost["steps"] and probe.loc[name, "parameters"] == cost["parameters"]
+    assert "training the row's encoder (`pretrain@<entry>` or `pretrain_multihead@<entry>`" in (
+        tables / "linear_probe.md").read_text()
+    assert pd.read_csv(tables / "radiograph_linear_probe.csv")["steps"].isna().all()
     assert "Label-fraction ablation: `label_fraction.runs` is empty." in readme
     # The seed tables' rows and the figures' models are the `report` params' rows, in order.
     seed_rows = pd.read_csv(tables / "seed000_pretrained_segmentation.csv")
@@ -83,6 +91,29 @@ def test_the_report_holds_every_entry_and_run(synthetic_processed, tmp_path, mon
     assert "| swin_transformer | `ae_swin`[^seed000-reconstruction-3] | not run |" in readme
     assert "`ae_swin` has no metrics" in readme
     assert "Feature-map figure: needs `seg_swinunetr_swin_dice` in params.yaml." in readme
+
+
+def test_every_training_stage_named_in_the_params_has_its_cost_file_read(tmp_path, monkeypatch):
+    """stage_costs: ``<stage>@<name>`` (and ``align_radiographs``) -> its cost.json, None where absent."""
+    from chestssl.io import write_json
+    from chestssl.report.pipeline import stage_costs
+
+    monkeypatch.chdir(tmp_path)
+    params = stage_params(runs=RUNS)
+    params["label_fraction"]["runs"] = [RUNS[2]]
+    params["frozen_parts"]["runs"] = [RUNS[2]]
+    params["cross_modal"]["methods"] = ["dae"]
+    params["pretrain_radiographs"].update(methods=["scratch_resnet18"], study_methods=["mae"])
+    fits = {"fits": {"100pct": {"steps": 4}}}
+    write_json(paths.ablation_report_dir("label_fraction", RUNS[2]) / "cost.json", fits)
+    write_json(paths.radiograph_study_report_dir("mae") / "cost.json", {"steps": 3})
+    write_json(paths.cross_modal_report_dir("dae") / "cost.json", {"steps": 2})
+    write_json(paths.ALIGNMENT_REPORT_DIR / "cost.json", {"steps": 1})
+    costs = stage_costs(params)
+    assert costs[f"label_fraction@{RUNS[2]}"] == fits and costs[f"frozen_parts@{RUNS[2]}"] is None
+    assert costs["pretrain_radiograph_studies@mae"] == {"steps": 3} and costs["pretrain_cross_modal@dae"] == {"steps": 2}
+    assert costs["align_radiographs"] == {"steps": 1} and costs["pretrain_radiographs@scratch_resnet18"] is None
+    assert {f"pretrain@{name}" for name in params["methods"]} | {f"finetune@{run}" for run in RUNS} <= set(costs)
 
 
 def test_a_missing_input_is_named(tmp_path, monkeypatch):

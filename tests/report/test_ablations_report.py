@@ -126,3 +126,57 @@ def test_downstream_by_method_without_runs_is_an_empty_table():
     entries = {"barlow": {"method": "barlow_twins", "backbone": {"name": "resnet18"}}}
     table = downstream_by_method_table(entries, {}, {}, {})
     assert table.text.empty
+
+
+def _cost(parameters, steps, seconds, memory):
+    return {"parameters": parameters, "trainable_parameters": parameters, "steps": steps, "epochs": 1,
+            "train_seconds": seconds, "peak_memory_gb": memory, "memory_kind": "process_max_rss", "device": "cpu",
+            "processes": 1}
+
+
+def test_label_fraction_rows_show_every_training_of_their_run_together():
+    """A row spans the run's fits (one per distinct share): steps and time summed, the largest memory."""
+    costs = {"label_fraction@cls_barlow": {"fits": {"10pct": _cost(1200, 10, 30.0, 0.5),
+                                                    "50pct": _cost(1200, 40, 50.0, 0.75),
+                                                    "100pct": _cost(1200, 80, 100.0, 1.25)}},
+             "label_fraction@cls_scratch": None}
+    table = label_fraction_table(ABLATIONS, METHODS, "cls", "accuracy", costs)
+    numbers = table.numbers.set_index("run")
+    assert numbers.loc["cls_barlow", ["parameters", "steps", "train_seconds", "peak_memory_gb"]].tolist() == [
+        1200, 130, 180.0, 1.25]
+    assert numbers.loc["cls_scratch", ["parameters", "steps"]].isna().all()
+    note = next(i for i, text in enumerate(table.footnotes, start=1) if "label_fraction@<run>" in text)
+    header = f"Parameters[^label-fraction-cls-accuracy-{note}]"
+    assert list(table.text.columns)[-4:] == [header, "Steps", "Training time", "Peak memory (GB)"]
+    barlow, scratch = table.text.iloc[0], table.text.iloc[1]
+    assert [barlow[header], barlow["Steps"], barlow["Training time"], barlow["Peak memory (GB)"]] == [
+        "1.2k", "130", "3.0 min", "1.25"]
+    assert [scratch[header], scratch["Steps"]] == ["n/a", "n/a"]
+    assert f"[^label-fraction-cls-accuracy-{note}]: Cost columns: every training" in table.markdown()
+    assert "steps" not in label_fraction_table(ABLATIONS, METHODS, "cls", "accuracy").numbers  # no costs given
+
+
+def _frozen_ablation():
+    settings = {}
+    for n, label in ((0, "head"), (1, "head + layer4"), (2, "head + layer4, layer3")):
+        settings[f"unfrozen_{n}"] = {"unfrozen_stages": n, "trained": label.split(", "), "label": label,
+                                     "trainable_parameters": 10 + n, "accuracy": _interval(0.6), "auroc": _interval(0.7),
+                                     "n_images": 30, "n_patients": 4}
+    return {"run": "r", "init": "barlow", "settings": dict(sorted(settings.items(), reverse=True))}
+
+
+def test_frozen_parts_rows_show_the_cost_of_their_own_training():
+    fits = {"unfrozen_0": _cost(5000, 20, 12.0, 0.3), "unfrozen_2": _cost(5000, 20, 75.0, None)}
+    table = frozen_parts_table({"r": (_frozen_ablation(), "f.json")}, METHODS, {"barlow": "resnet18"},
+                               {"frozen_parts@r": {"fits": fits}})
+    assert list(table.text["trained"]) == ["head", "head + layer4", "head + layer4, layer3"]
+    assert table.numbers["train_seconds"].tolist()[::2] == [12.0, 75.0]
+    assert table.numbers["train_seconds"].isna().tolist() == [False, True, False]  # unfrozen_1: no record
+    header = next(column for column in table.text.columns if column.startswith("Parameters[^frozen-parts-"))
+    assert table.text[header].tolist() == ["5k", "n/a", "5k"]
+    assert table.text["Training time"].tolist() == ["12 s", "n/a", "1.2 min"]
+    assert table.text["Peak memory (GB)"].tolist() == ["0.30", "n/a", "n/a"]
+    assert any("the row's own training, one of the fits of `frozen_parts@<run>`" in note for note in table.footnotes)
+    missing = frozen_parts_table({"r": (_frozen_ablation(), "f.json")}, METHODS, {"barlow": "resnet18"},
+                                 {"frozen_parts@r": None})
+    assert set(missing.text["Steps"]) == {"n/a"}

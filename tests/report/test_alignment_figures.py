@@ -88,3 +88,20 @@ def test_table_has_a_row_per_label_and_the_mean_with_the_seeds_numbers_quoted():
     assert "| nodule | 0.700 [0.600, 0.800] |" in markdown
     with pytest.raises(KeyError, match="no 'parameter_error'"):
         alignment_table({k: v for k, v in _metrics().items() if k != "parameter_error"}, "m.json")
+
+
+def test_every_row_shows_the_cost_of_training_the_stn():
+    cost = {"parameters": 180_000, "trainable_parameters": 180_000, "steps": 250, "train_seconds": 42.0,
+            "peak_memory_gb": 0.9}
+    metrics = {**_metrics(), "feature_method": "barlow_twins"}
+    table = alignment_table(metrics, "reports/alignment/metrics.json", {"align_radiographs": cost})
+    assert table.numbers["steps"].tolist() == [250, 250, 250]
+    number = len(alignment_table(metrics, "m.json").footnotes) + 1  # after the table's own footnotes
+    header = f"Parameters[^alignment-{number}]"
+    assert table.text[header].tolist() == ["180k"] * 3 and table.text["Training time"].tolist() == ["42 s"] * 3
+    assert table.footnotes[number - 1].startswith("Cost columns: training the STN (`align_radiographs`")
+    assert "`pretrain_radiographs@barlow_twins`" in table.footnotes[number - 1]
+    assert f"[^alignment-{number}]: Cost columns" in table.markdown()
+    missing = alignment_table(metrics, "m.json", {"align_radiographs": None})
+    assert missing.text["Steps"].tolist() == ["n/a"] * 3
+    assert "steps" not in alignment_table(metrics, "m.json").numbers

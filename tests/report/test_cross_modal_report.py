@@ -50,3 +50,21 @@ def test_an_empty_list_is_reported_as_skipped_and_the_activity_is_counted(tmp_pa
     _write(tmp_path / "dae_all", ["nodule", "malignant"], _probe)
     sentence = contrastive_activity(read_cross_modal_metrics(["dae_all"], lambda name: tmp_path / name))
     assert "acted in 28 of 30 training steps" in sentence and "120 CT slices and 40 radiograph items" in sentence
+
+
+def test_each_row_shows_the_cost_of_training_its_encoder(tmp_path):
+    """CT only: pretrain@<entry>; + radiographs: pretrain_cross_modal@<entry>; n/a without a cost file."""
+    _write(tmp_path / "dae_all", ["nodule", "malignant"], _probe)
+    crossed = read_cross_modal_metrics(["dae_all"], lambda name: tmp_path / name)
+    costs = {"pretrain@dae_all": {"parameters": 1000, "steps": 30, "train_seconds": 10.0, "peak_memory_gb": 0.5},
+             "pretrain_cross_modal@dae_all": {"parameters": 1000, "steps": 45, "train_seconds": 20.0,
+                                              "peak_memory_gb": 0.75}}
+    tables, _ = cross_modal_tables(crossed, ENTRIES, costs)
+    for table in tables:
+        assert list(table.numbers["entry"]) == ["dae_all (CT only)", "dae_all + radiographs"]
+        assert table.numbers["steps"].tolist() == [30, 45] and table.numbers["peak_memory_gb"].tolist() == [0.5, 0.75]
+        assert any("`pretrain@<entry>` (CT only) or `pretrain_cross_modal@<entry>`" in note for note in table.footnotes)
+        assert any(column.startswith("Parameters[^cross-modal-probe-") for column in table.text.columns)
+    tables, _ = cross_modal_tables(crossed, ENTRIES, {"pretrain@dae_all": costs["pretrain@dae_all"]})
+    assert tables[0].text["Steps"].tolist() == ["30", "n/a"]
+    assert "steps" not in cross_modal_tables(crossed, ENTRIES)[0][0].numbers

@@ -96,6 +96,37 @@ def test_pretraining_section_tables_the_probe_and_plots_its_curves_per_level(tmp
     assert len(skipped) == 1 and "pretrain_radiographs@scratch_vit" in skipped[0]
 
 
+def test_each_probe_row_shows_the_cost_of_training_its_encoder_at_its_level(tmp_path):
+    """A probe row's cost is its encoder's training stage: pretrain_radiographs@ or pretrain_radiograph_studies@."""
+    import json
+
+    from chestssl.report.radiograph_figures import radiograph_pretraining_section
+
+    interval = {"value": 0.6, "ci_low": 0.4, "ci_high": 0.8}
+    for folder in (tmp_path / "image" / "mae", tmp_path / "image" / "scratch_vit", tmp_path / "study" / "mae"):
+        (folder / "live").mkdir(parents=True)
+        probe = {"nodule": {"auroc": interval, "auprc": interval, "f1": interval, "n_images": 8, "n_patients": 2},
+                 "malignant": {"skipped": "one class"}, "mean": {"auroc": 0.6}}
+        (folder / "metrics.json").write_text(json.dumps({"probe": probe}))
+    entries = {name: {"method": "mae", "backbone": {"name": "vit", "spatial_dims": 2}} for name in ("mae", "scratch_vit")}
+    costs = {"pretrain_radiographs@mae": {"parameters": 2_000_000, "steps": 40, "train_seconds": 7200.0,
+                                          "peak_memory_gb": 3.5},
+             "pretrain_radiographs@scratch_vit": None,
+             "pretrain_radiograph_studies@mae": {"parameters": 2_100_000, "steps": 20, "train_seconds": 90.0,
+                                                 "peak_memory_gb": 4.0}}
+    (image, study), _, _ = radiograph_pretraining_section(
+        _levels(tmp_path, ["mae", "scratch_vit"], ["mae"]), entries, tmp_path / "figures", costs)
+    assert image.numbers["steps"].tolist()[0] == 40 and image.numbers["steps"].isna().tolist() == [False, True]
+    assert study.numbers["steps"].tolist() == [20] and study.numbers["parameters"].tolist() == [2_100_000]
+    for table, stage in ((image, "pretrain_radiographs"), (study, "pretrain_radiograph_studies")):
+        (header,) = [column for column in table.text.columns if column.startswith("Parameters")]
+        number = int(header.rsplit("-", 1)[1].rstrip("]"))
+        assert f"training the row's encoder (`{stage}@<entry>`" in table.footnotes[number - 1]
+    assert image.text.iloc[0]["Training time"] == "2.0 h" and image.text.iloc[1]["Training time"] == "n/a"
+    without, _, _ = radiograph_pretraining_section(_levels(tmp_path, ["mae"], []), entries, tmp_path / "figures")
+    assert "steps" not in without[0].numbers
+
+
 def test_pretraining_section_names_each_empty_list(tmp_path):
     from chestssl.report.radiograph_figures import radiograph_pretraining_section
 
