@@ -166,6 +166,45 @@ def window_percentiles(image: np.ndarray, lower: float, upper: float) -> np.ndar
 # --------------------------------------------------------------------------------------
 
 
+def _axis_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray]:
+    """Input indices and normalised weights, each (n_out, taps), of an antialiased linear
+    resampling of one axis from ``n_in`` to ``n_out`` samples: output ``i`` is centred at
+    input position ``(i + 0.5) * scale`` (``scale = n_in / n_out``, half-pixel centres) and
+    weighs the inputs by a triangle of half-width ``max(scale, 1)``, as PyTorch's
+    ``interpolate(mode="bilinear", antialias=True, align_corners=False)`` does."""
+    scale = n_in / n_out
+    support, inverse = (scale, 1.0 / scale) if scale >= 1.0 else (1.0, 1.0)
+    centres = scale * (np.arange(n_out, dtype=np.float64) + 0.5)
+    first = np.maximum((centres - support + 0.5).astype(np.int64), 0)  # truncation, as C's cast
+    stop = np.minimum((centres + support + 0.5).astype(np.int64), n_in)
+    taps = int((stop - first).max())
+    index = first[:, None] + np.arange(taps)[None, :]
+    weights = np.maximum(0.0, 1.0 - np.abs((index - centres[:, None] + 0.5) * inverse))
+    weights = np.where(index < stop[:, None], weights, 0.0)
+    weights = weights / weights.sum(axis=1, keepdims=True)
+    return np.minimum(index, n_in - 1), weights
+
+
+def antialiased_resize(image: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+    """A 2D ``image`` resampled to ``shape`` (float64), bilinear with antialiasing, the
+    columns first, then the rows (:func:`_axis_taps`).
+
+    Computed with NumPy's elementwise float64 arithmetic, one tap at a time, so the result
+    is the same bits on every x86-64 CPU (PyTorch's kernel is vectorised differently by CPU,
+    and its results differ in the last bits between its AVX2 and baseline code); it agrees
+    with PyTorch's to float32 precision.
+    """
+    result = np.asarray(image, dtype=np.float64)
+    for axis, n_out in ((1, int(shape[1])), (0, int(shape[0]))):
+        index, weights = _axis_taps(result.shape[axis], n_out)
+        moved = np.moveaxis(result, axis, 0)
+        total = np.zeros((n_out, *moved.shape[1:]), dtype=np.float64)
+        for tap in range(index.shape[1]):
+            total += weights[:, tap].reshape(-1, *[1] * (moved.ndim - 1)) * moved[index[:, tap]]
+        result = np.moveaxis(total, 0, axis)
+    return np.ascontiguousarray(result)
+
+
 @dataclass(frozen=True)
 class ViewGeometry:
     """Where one view of a ``(Z, Y, X)`` volume lands in its ``size`` x ``size`` radiograph.
@@ -195,14 +234,10 @@ class ViewGeometry:
 
     def resample_image(self, image: np.ndarray) -> np.ndarray:
         """``native_shape`` -> ``fitted_shape`` float32, bilinear with antialiasing (a
-        triangle filter as wide as the shrink factor, so thin structures do not alias)."""
-        import torch
-        import torch.nn.functional as F
-
+        triangle filter as wide as the shrink factor, so thin structures do not alias;
+        :func:`antialiased_resize`)."""
         self._check_native(image)
-        tensor = torch.as_tensor(np.ascontiguousarray(image), dtype=torch.float32)[None, None]
-        fitted = F.interpolate(tensor, size=self.fitted_shape, mode="bilinear", align_corners=False, antialias=True)
-        return fitted[0, 0].numpy()
+        return antialiased_resize(image, self.fitted_shape).astype(np.float32)
 
     def resample_labels(self, labels: np.ndarray) -> np.ndarray:
         """``native_shape`` -> ``fitted_shape`` label image (uint8), by majority.
@@ -212,20 +247,14 @@ class ViewGeometry:
         A nodule that would vanish (smaller than a pixel after shrinking) keeps the one pixel
         it covers most, so no nodule present in the projection is lost.
         """
-        import torch
-        import torch.nn.functional as F
-
         self._check_native(labels)
         present = [int(k) for k in np.unique(labels) if k > 0]
         fitted = np.zeros(self.fitted_shape, np.uint8)
         if not present:
             return fitted
         ids = np.array([0, *present])
-        one_hot = (np.asarray(labels)[None] == ids[:, None, None]).astype(np.float32)
-        coverage = F.interpolate(
-            torch.from_numpy(one_hot)[None], size=self.fitted_shape, mode="bilinear", align_corners=False,
-            antialias=True,
-        )[0].numpy()
+        coverage = np.stack([antialiased_resize((np.asarray(labels) == k).astype(np.float64), self.fitted_shape)
+                             for k in ids])
         fitted = ids[coverage.argmax(axis=0)].astype(np.uint8)
         for channel, label in enumerate(present, start=1):
             if not (fitted == label).any():
