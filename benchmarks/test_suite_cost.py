@@ -35,51 +35,11 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+HERE = str(Path(__file__).resolve().parent)
+if HERE not in sys.path:  # process_tree.py, beside this script, also when imported from elsewhere
+    sys.path.insert(0, HERE)
 
-
-def _children(pid: int) -> list[int]:
-    """Direct children of ``pid`` (every thread's children, from /proc)."""
-    found: list[int] = []
-    try:
-        for task in os.listdir(f"/proc/{pid}/task"):
-            with open(f"/proc/{pid}/task/{task}/children") as fh:
-                found.extend(int(child) for child in fh.read().split())
-    except OSError:
-        pass
-    return found
-
-
-def _tree(pid: int) -> list[int]:
-    pids, todo = [], [pid]
-    while todo:
-        current = todo.pop()
-        pids.append(current)
-        todo.extend(_children(current))
-    return pids
-
-
-def _command(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as fh:
-            return fh.read().replace(b"\0", b" ").decode(errors="replace").strip()[:120]
-    except OSError:
-        return ""
-
-
-def _memory_kib(pid: int) -> tuple[int, int]:
-    """(RSS, PSS) of one process in KiB; (0, 0) once it has ended."""
-    rss = pss = 0
-    try:
-        with open(f"/proc/{pid}/smaps_rollup") as fh:
-            for line in fh:
-                key, _, value = line.partition(":")
-                if key == "Rss":
-                    rss = int(value.split()[0])
-                elif key == "Pss":
-                    pss = int(value.split()[0])
-    except OSError:
-        pass
-    return rss, pss
+from process_tree import command_line, memory_kib, tree  # noqa: E402
 
 
 def measure(command: list[str], cwd: Path, interval: float) -> dict:
@@ -94,13 +54,13 @@ def measure(command: list[str], cwd: Path, interval: float) -> dict:
     reader = threading.Thread(target=lambda: lines.extend(process.stdout), daemon=True)
     reader.start()
     while process.poll() is None:
-        pids = _tree(process.pid)
-        sizes = [_memory_kib(pid) for pid in pids]
+        pids = tree(process.pid)
+        sizes = [memory_kib(pid) for pid in pids]
         peak["rss_mib"] = max(peak["rss_mib"], sum(s[0] for s in sizes) / 1024)
         pss = sum(s[1] for s in sizes) / 1024
         if pss > peak["pss_mib"]:
             peak["pss_mib"] = pss
-            peak["at_pss_peak"] = sorted(((round(s[1] / 1024), _command(pid)) for pid, s in zip(pids, sizes)
+            peak["at_pss_peak"] = sorted(((round(s[1] / 1024), command_line(pid)) for pid, s in zip(pids, sizes)
                                            if s[1]), reverse=True)
             peak["pss_peak_at_s"] = round(time.monotonic() - start)
         peak["processes"] = max(peak["processes"], len(pids))
