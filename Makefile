@@ -17,6 +17,7 @@ $(STAMP): requirements.txt pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -r requirements.txt
 	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
+	$(BIN)/python -m chestssl.data.base_ct fetch
 	touch $(STAMP)
 
 # Runs the whole DAG (download -> preprocess -> pretrain -> finetune -> evaluate -> report).

@@ -373,6 +373,8 @@ class PhantomSource(Config):
     seed: Int(ge=0)
     max_slices: Int(ge=0, doc="0: no limit")
     noise_hu: Float(ge=0.0)
+    anatomy: Str(choices=("ct", "geometric"), doc="ct: a real chest CT deformed per patient "
+                 "(chestssl/data/ct_anatomy.py); geometric: drawn shapes")
 
 
 class TCIASource(Config):

