@@ -6,12 +6,14 @@
   upper bound.
 
 A process that ends between listing and reading counts as 0. Used by
-``test_suite_cost.py`` and ``reproduce_cost.py``.
+``test_suite_cost.py`` and ``reproduce_cost.py``, which also write their figures with
+:func:`write_atomic` (standard library only: they run before the project's environment exists).
 """
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 
 def children(pid: int) -> list[int]:
@@ -59,3 +61,11 @@ def memory_kib(pid: int) -> tuple[int, int]:
     except OSError:
         pass
     return rss, pss
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file renamed over it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)

@@ -59,7 +59,7 @@ HERE = str(Path(__file__).resolve().parent)
 if HERE not in sys.path:  # process_tree.py, beside this script, also when imported from elsewhere
     sys.path.insert(0, HERE)
 
-from process_tree import command_line, memory_kib, tree  # noqa: E402
+from process_tree import command_line, memory_kib, tree, write_atomic  # noqa: E402
 
 SETUP = "set-up"
 # DVC's messages (dvc 3.x), the name taken exactly as printed: it may hold '@', ':' and '/'.
@@ -279,13 +279,6 @@ def markdown(result: dict[str, Any]) -> str:
     lines += [f"| {i} | {_code(row['name'])} | {row['status']} | {row['start_s']:.1f} | {row['wall_s']:.1f} | "
               f"{_fmt(row['peak_pss_gb'])} | {_fmt(row['peak_rss_gb'])} |" for i, row in enumerate(result["stages"])]
     return "\n".join(lines) + "\n"
-
-
-def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def write_reports(result: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:

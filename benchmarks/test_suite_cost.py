@@ -39,7 +39,7 @@ HERE = str(Path(__file__).resolve().parent)
 if HERE not in sys.path:  # process_tree.py, beside this script, also when imported from elsewhere
     sys.path.insert(0, HERE)
 
-from process_tree import command_line, memory_kib, tree  # noqa: E402
+from process_tree import command_line, memory_kib, tree, write_atomic  # noqa: E402
 
 
 def measure(command: list[str], cwd: Path, interval: float) -> dict:
@@ -74,13 +74,6 @@ def measure(command: list[str], cwd: Path, interval: float) -> dict:
             "peak_rss_mib": round(peak["rss_mib"]), "peak_pss_mib": round(peak["pss_mib"]),
             "peak_processes": peak["processes"], "pss_peak_at_s": peak.get("pss_peak_at_s"),
             "processes_at_pss_peak_mib": peak["at_pss_peak"], "summary": summary, "slowest": durations[:15]}
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _print(label: str, result: dict) -> None:
@@ -125,7 +118,7 @@ def main() -> None:
         results["ratios"] = {key: round(ours[key] / base[key], 2) for key in ("wall_s", "peak_pss_mib", "peak_rss_mib")
                              if base[key]}
         print("ours / baseline:", ", ".join(f"{key} {value}" for key, value in results["ratios"].items()))
-    _write_atomic(args.out, json.dumps(results, indent=2) + "\n")
+    write_atomic(args.out, json.dumps(results, indent=2) + "\n")
     print(f"written {args.out}")
 
 
