@@ -375,6 +375,7 @@ class PhantomSource(Config):
     noise_hu: Float(ge=0.0)
     anatomy: Str(choices=("ct", "geometric"), doc="ct: a real chest CT deformed per patient "
                  "(chestssl/data/ct_anatomy.py); geometric: drawn shapes")
+    workers: Int(ge=1, le=64, doc="processes rendering scans at once; the data do not depend on it")
 
 
 class TCIASource(Config):

@@ -62,9 +62,10 @@ from scipy import ndimage
 
 from chestssl.data import base_ct as base_ct_files
 from chestssl.data import portable_math
+from chestssl.data.portable_math import gaussian_filter
 from chestssl.data.phantom import (
     HU_MAX, HU_MIN, IMAGE_SIZE, PhantomVolume, Tissue, _calcified_core, _embed, _fov_mask, _overlap, _padded_box,
-    _rng, nodule_ratings,
+    _rng, consensus_nodules, scan_grid,
 )
 
 #: Bumped whenever the ``ct`` rendering changes, so that series written before are regenerated.
@@ -90,23 +91,6 @@ _COARSE_MM = 3.0  # grid of the lung depth maps
 
 class BaseCTFormatError(base_ct_files.BaseCTError):
     """The base CT files do not hold what the ``ct`` anatomy needs."""
-
-
-def gaussian_filter(image: np.ndarray, sigma: Sequence[float], mode: str = "nearest",
-                    truncate: float = 4.0) -> np.ndarray:
-    """``scipy.ndimage.gaussian_filter`` (order 0) of ``image`` as float64, with kernels from
-    :func:`chestssl.data.portable_math.exp` normalised by ``math.fsum``: the same bits on
-    every CPU (SciPy builds its kernels with ``numpy.exp``). ``sigma``: per axis, 0 skips it."""
-    out = np.asarray(image, dtype=np.float64)
-    for axis, width in enumerate(sigma):
-        if width <= 0:
-            continue
-        radius = int(truncate * float(width) + 0.5)
-        x = np.arange(-radius, radius + 1, dtype=np.float64)
-        weights = portable_math.exp(-0.5 * (x * x) / (float(width) * float(width)))
-        weights = weights / math.fsum(weights.tolist())
-        out = ndimage.correlate1d(out, weights, axis=axis, mode=mode, output=np.float64)
-    return out
 
 
 def _rms(values: np.ndarray) -> float:
@@ -678,17 +662,13 @@ def build_nodules(scan, rng: np.random.Generator, clevel: float = 0.5) -> list[C
     (spiculation - 1) spicules up to 3 x (spiculation - 1) mm long, at the nodule's density
     but at least -100 HU.
     """
-    from pylidc.utils import consensus
-
-    num_slices = len(scan.slice_zvals)
-    shape = (IMAGE_SIZE, IMAGE_SIZE, num_slices)
-    sampling = np.array([scan.pixel_spacing, scan.pixel_spacing, max(scan.slice_spacing, 1e-3)], dtype=float)
+    shape, sampling = scan_grid(scan)
     nodules = []
-    for cluster in scan.cluster_annotations(verbose=False):
-        cmask, cbbox, _ = consensus(cluster, clevel=clevel, ret_masks=True)
+    for nodule in consensus_nodules(scan, clevel):
+        cmask, cbbox, cluster = nodule.mask, nodule.bbox, nodule.cluster
         if not cmask.any():
             continue
-        ratings = nodule_ratings(cluster)
+        ratings = dict(nodule.ratings)
         ratings["spiculation"] = float(np.median([ann.spiculation for ann in cluster]))
         spicules = int(round(2 * (np.clip(ratings["spiculation"], 1, 5) - 1)))
         spicule_mm = 3.0 * (np.clip(ratings["spiculation"], 1, 5) - 1)

@@ -37,10 +37,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import multiprocessing
 import os
 import shutil
 import zlib
 from collections import defaultdict
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from enum import IntEnum
 from pathlib import Path
@@ -67,7 +70,8 @@ HU_MIN = RESCALE_INTERCEPT
 HU_MAX = RESCALE_INTERCEPT + (1 << BITS_STORED) - 1
 # Bumped whenever the rendering changes, so that series written before are regenerated.
 # 2: exp, sin, cos, arctan2 and dot from portable_math, the same bits on every x86-64 CPU.
-GENERATOR_VERSION = 2
+# 3: its Gaussian filters from portable_math too (SciPy builds their kernels with numpy.exp).
+GENERATOR_VERSION = 3
 STATE_FILE = "phantom.json"
 _TMP_DIRNAME = ".phantom-tmp"
 _SLICE_CHUNK = 24  # slices rendered at once: bounds memory to ~25 MB per float array
@@ -323,17 +327,48 @@ def nodule_ratings(cluster: Sequence[Any]) -> dict[str, float]:
     }
 
 
-def _build_nodules(scan, rng: np.random.Generator, clevel: float = 0.5) -> list[_Nodule]:
-    """Consensus nodules of ``scan`` with their HU and soft edges."""
+@dataclass(frozen=True)
+class ConsensusNodule:
+    """One nodule of a scan as its radiologists outlined it (pylidc's ``consensus``).
+
+    ``mask``: bool, the ``clevel`` consensus inside ``bbox`` (slices of the scan's
+    ``(512, 512, slices)`` grid); ``masks``: each reader's mask in that box; ``cluster``:
+    the readers' annotations; ``ratings``: their medians (:func:`nodule_ratings`).
+    """
+
+    cluster: Sequence[Any]
+    mask: np.ndarray
+    bbox: tuple[slice, ...]
+    masks: Sequence[np.ndarray]
+    ratings: dict[str, float]
+
+
+def scan_grid(scan) -> tuple[tuple[int, int, int], np.ndarray]:
+    """``(shape, sampling)`` of a pylidc scan's voxel grid: ``(512, 512, slices)`` and the
+    voxel size in mm ``(row, col, slice)``."""
+    shape = (IMAGE_SIZE, IMAGE_SIZE, len(scan.slice_zvals))
+    sampling = np.array([scan.pixel_spacing, scan.pixel_spacing, max(scan.slice_spacing, 1e-3)], dtype=float)
+    return shape, sampling
+
+
+def consensus_nodules(scan, clevel: float = 0.5) -> list[ConsensusNodule]:
+    """The nodules of a pylidc ``scan`` (its annotation clusters) with their consensus masks
+    at agreement level ``clevel``, in pylidc's cluster order; both anatomies insert these."""
     from pylidc.utils import consensus
 
-    num_slices = len(scan.slice_zvals)
-    shape = (IMAGE_SIZE, IMAGE_SIZE, num_slices)
-    sampling = np.array([scan.pixel_spacing, scan.pixel_spacing, max(scan.slice_spacing, 1e-3)], dtype=float)
     nodules = []
     for cluster in scan.cluster_annotations(verbose=False):
         cmask, cbbox, masks = consensus(cluster, clevel=clevel, ret_masks=True)
-        ratings = nodule_ratings(cluster)
+        nodules.append(ConsensusNodule(cluster, cmask, cbbox, masks, nodule_ratings(cluster)))
+    return nodules
+
+
+def _build_nodules(scan, rng: np.random.Generator, clevel: float = 0.5) -> list[_Nodule]:
+    """Consensus nodules of ``scan`` with their HU and soft edges."""
+    shape, sampling = scan_grid(scan)
+    nodules = []
+    for nodule in consensus_nodules(scan, clevel):
+        cmask, cbbox, masks, ratings = nodule.mask, nodule.bbox, nodule.masks, nodule.ratings
         box = _padded_box(cbbox, (3, 3, 1), shape)
         mask = _embed(cmask, cbbox, box)
         depth_in = ndimage.distance_transform_edt(mask, sampling=sampling)
@@ -351,13 +386,13 @@ def _build_nodules(scan, rng: np.random.Generator, clevel: float = 0.5) -> list[
         solid = np.clip((relative_depth - (1.1 - 1.2 * solidity)) / 0.15 + 0.5, 0.0, 1.0)
         ground_glass = GROUND_GLASS_HU + rng.uniform(-40, 40)
         solid_hu = SOLID_NODULE_HU + rng.uniform(-15, 15)
-        heterogeneity = ndimage.gaussian_filter(rng.standard_normal(mask.shape), 1.0)
+        heterogeneity = portable_math.gaussian_filter(rng.standard_normal(mask.shape), (1.0,) * 3, mode="reflect")
         heterogeneity *= 15.0 / max(float(heterogeneity.std()), 1e-6)
         target = ground_glass + (solid_hu - ground_glass) * solid + heterogeneity
         if ratings["calcification"] < 6:
             pattern = int(np.clip(np.floor(ratings["calcification"]), 1, 5))
             core = _calcified_core(np.where(mask, depth_in, 0.0), pattern, rng, sampling)
-            core_alpha = np.clip(ndimage.gaussian_filter(core.astype(float), 0.6) * 1.5, 0.0, 1.0)
+            core_alpha = np.clip(portable_math.gaussian_filter(core, (0.6,) * 3, mode="reflect") * 1.5, 0.0, 1.0)
             target += core_alpha * (rng.uniform(300.0, 600.0) - target)
 
         union = np.any(np.asarray(masks), axis=0)
@@ -385,7 +420,7 @@ def _spread(required: np.ndarray, base: np.ndarray, reach: int, sigma: float) ->
     if not np.any(required > base):
         return base
     grown = ndimage.maximum_filter1d(required, size=2 * reach + 1, mode="nearest")
-    smooth = ndimage.gaussian_filter1d(grown, sigma=sigma, mode="nearest")
+    smooth = portable_math.gaussian_filter(grown, (0.0,) * (grown.ndim - 1) + (sigma,), mode="nearest")
     return np.maximum(np.maximum(base, required), smooth)
 
 
@@ -662,7 +697,7 @@ def _noise_kernel_gain(sigma: float) -> float:
     """Factor that restores unit variance after a 2D Gaussian filter of white noise."""
     impulse = np.zeros((15, 15))
     impulse[7, 7] = 1.0
-    weights = ndimage.gaussian_filter(impulse, sigma, truncate=_NOISE_TRUNCATE)
+    weights = portable_math.gaussian_filter(impulse, (sigma, sigma), mode="reflect", truncate=_NOISE_TRUNCATE)
     return 1.0 / float(np.sqrt((weights**2).sum()))
 
 
@@ -818,7 +853,8 @@ def _render_chunk(
         gain = np.float32(_noise_kernel_gain(_NOISE_SIGMA_PX) * noise_hu)
         for offset, rng in enumerate(noise_rngs):
             white = rng.standard_normal((IMAGE_SIZE, IMAGE_SIZE), dtype=np.float32)
-            hu_full[:, :, offset] += gain * ndimage.gaussian_filter(white, _NOISE_SIGMA_PX, truncate=_NOISE_TRUNCATE)
+            hu_full[:, :, offset] += gain * portable_math.gaussian_filter(
+                white, (_NOISE_SIGMA_PX,) * 2, mode="reflect", truncate=_NOISE_TRUNCATE).astype(np.float32)
     hu_full = np.where(fov, hu_full, np.float32(HU_MIN))
     tissue_full = np.where(fov, tissue_full, np.uint8(Tissue.AIR))
     return hu_full, tissue_full
@@ -1049,6 +1085,53 @@ def _remove_unselected(lidc_root: Path, wanted: set[tuple[str, str, str]]) -> li
     return removed
 
 
+
+@dataclass(frozen=True)
+class _SeriesTask:
+    """One series to render into a fresh folder under ``tmp_root`` (picklable, for workers)."""
+
+    scan_id: int
+    series_instance_uid: str
+    tmp_root: str
+    seed: int
+    noise_hu: float
+    anatomy: str
+
+
+_WORKER_BASE_CT = None  # the base CT a worker process was given (None: loaded from data/anatomy)
+
+
+def _set_worker_base_ct(base_ct) -> None:
+    global _WORKER_BASE_CT
+    _WORKER_BASE_CT = base_ct
+
+
+def _render_series(task: _SeriesTask, base_ct=None) -> tuple[Path, dict[str, Any]]:
+    """Render ``task``'s scan and write its DICOM series; returns (the folder, what the ``ct``
+    anatomy records about it)."""
+    scan = load_scan(task.scan_id)
+    rendered = render_phantom(scan, task.seed, task.noise_hu, with_tissue=False, anatomy=task.anatomy,
+                              base_ct=base_ct if base_ct is not None else _WORKER_BASE_CT)
+    volume, info = rendered.hu, rendered.info
+    del rendered
+    tmp = make_temp_dir(Path(task.tmp_root), prefix=f"{task.series_instance_uid}.")
+    write_series(scan, volume, tmp)
+    return tmp, info
+
+
+@contextmanager
+def _series_renderer(workers: int, base_ct):
+    """A function mapping tasks to :func:`_render_series` results in task order: in this
+    process, or in ``workers`` spawned processes (each reads the annotation database and the
+    base CT itself; an SQLite connection must not cross a fork)."""
+    if workers <= 1:
+        yield lambda tasks: (_render_series(task, base_ct) for task in tasks)
+        return
+    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_set_worker_base_ct, initargs=(base_ct,)) as pool:
+        yield lambda tasks: pool.map(_render_series, tasks)
+
+
 def generate_phantom(
     raw_dir: str | os.PathLike,
     num_scans: int,
@@ -1058,6 +1141,7 @@ def generate_phantom(
     anatomy: str = "geometric",
     progress: bool = True,
     base_ct=None,
+    workers: int = 1,
 ) -> list[SeriesRecord]:
     """Fill ``<raw_dir>/LIDC-IDRI`` with phantom series and write ``<raw_dir>/manifest.csv``.
 
@@ -1070,6 +1154,8 @@ def generate_phantom(
     chosen scans and their categories; the manifest is written last. ``anatomy`` and
     ``base_ct``: see :func:`render_phantom`; with ``ct``, ``phantom.json`` also records per
     scan whether each nodule's centroid lies in the deformed lung (``ct_anatomy``).
+    ``workers``: processes rendering series at once (each renders whole scans; the bytes
+    do not depend on it, since every scan draws from its own seeded streams).
     """
     if noise_hu < 0:
         raise ValueError(f"noise_hu: got {noise_hu}, expected >= 0")
@@ -1086,42 +1172,46 @@ def generate_phantom(
     ct_info = state.get("ct_anatomy", {}) if same else {}
     tmp_root = raw_dir / _TMP_DIRNAME
     shutil.rmtree(tmp_root, ignore_errors=True)  # left by an interrupted run
-    records: list[SeriesRecord] = []
-    for choice in tqdm(choices, desc="phantom", unit="scan", disable=not progress):
+    checksums: dict[str, str] = {}
+    pending = []
+    for choice in choices:
         series_dir = lidc_root / choice.patient_id / choice.study_instance_uid / choice.series_instance_uid
-        checksum = None
         if series_dir.is_dir() and len(list(series_dir.glob("*.dcm"))) == choice.num_slices:
             present = series_checksum(series_dir)
             if known.get(choice.series_instance_uid) == present and (
                 anatomy != "ct" or choice.series_instance_uid in ct_info
             ):
-                checksum = present
-        if checksum is None:
-            scan = load_scan(choice.scan_id)
-            rendered = render_phantom(scan, seed, noise_hu, with_tissue=False, anatomy=anatomy, base_ct=base_ct)
-            volume = rendered.hu
+                checksums[choice.series_instance_uid] = present
+                continue
+        pending.append(choice)
+    if pending:
+        tmp_root.mkdir(parents=True, exist_ok=True)
+    tasks = [_SeriesTask(c.scan_id, c.series_instance_uid, str(tmp_root), seed, noise_hu, anatomy) for c in pending]
+    with _series_renderer(min(int(workers), len(tasks)), base_ct) as render:
+        bar = tqdm(total=len(choices), initial=len(choices) - len(tasks), desc="phantom", unit="scan",
+                   disable=not progress)
+        for choice, (tmp, info) in zip(pending, render(tasks)):
+            series_dir = lidc_root / choice.patient_id / choice.study_instance_uid / choice.series_instance_uid
             if anatomy == "ct":
-                ct_info[choice.series_instance_uid] = rendered.info
-            del rendered
-            tmp_root.mkdir(parents=True, exist_ok=True)
-            tmp = make_temp_dir(tmp_root, prefix=f"{choice.series_instance_uid}.")
-            write_series(scan, volume, tmp)
-            del volume
+                ct_info[choice.series_instance_uid] = info
             if series_dir.exists():
                 shutil.rmtree(series_dir)
             series_dir.parent.mkdir(parents=True, exist_ok=True)
             os.replace(tmp, series_dir)
-            checksum = series_checksum(series_dir)
-        records.append(
-            SeriesRecord(
-                patient_id=choice.patient_id,
-                study_instance_uid=choice.study_instance_uid,
-                series_instance_uid=choice.series_instance_uid,
-                images=choice.num_slices,
-                source=SOURCE,
-                checksum=checksum,
-            )
+            checksums[choice.series_instance_uid] = series_checksum(series_dir)
+            bar.update()
+        bar.close()
+    records = [
+        SeriesRecord(
+            patient_id=choice.patient_id,
+            study_instance_uid=choice.study_instance_uid,
+            series_instance_uid=choice.series_instance_uid,
+            images=choice.num_slices,
+            source=SOURCE,
+            checksum=checksums[choice.series_instance_uid],
         )
+        for choice in choices
+    ]
     shutil.rmtree(tmp_root, ignore_errors=True)
     state = {
         "settings": settings,

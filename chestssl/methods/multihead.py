@@ -139,7 +139,6 @@ class MultiheadAutoencoder(PretrainMethod):
         # `balanced` weights are set from the training data (fit_class_weights); a buffer, so
         # a resumed run and the saved method keep them.
         self.register_buffer("cls_class_weights", class_weight_tensor([1.0, 1.0] if weights == BALANCED else weights))
-        self.cls_class_counts: list[float] | None = None
         self.register_buffer("steps_done", torch.zeros((), dtype=torch.int64))
         self.track_reconstruction_quality(spatial_dims)
         self._seg_counts = self.register_accumulator(Cumulative())
@@ -167,7 +166,6 @@ class MultiheadAutoencoder(PretrainMethod):
                 raise ValueError(f"{key}: {BALANCED!r} needs slice labels, but the training data "
                                  f"({type(train_data).__name__}) has none; give 2 weights (clean, nodule)")
             self.cls_class_weights.copy_(class_weight_tensor(balanced_class_weights(counts, key, CLS_CLASSES)))
-        self.cls_class_counts = counts
         recorded = {"cls_class_weights": dict(zip(CLS_CLASSES, self.cls_class_weights.tolist()))}
         if counts is not None:
             recorded["cls_train_class_counts"] = dict(zip(CLS_CLASSES, (round(c, 3) for c in counts)))

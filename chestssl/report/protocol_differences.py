@@ -175,7 +175,10 @@ def _seed000(params: Mapping[str, Any]) -> list[Difference]:
     data = params["data"]
     source = data["source"]
     if source == "phantom":
-        ours, same = (f"Synthetic phantom CT ({data['phantom']['num_scans']} scans) carrying real LIDC-IDRI "
+        phantom = data["phantom"]
+        anatomy = ("one real chest CT deformed per patient, the radiologists' nodules inserted"
+                   if phantom.get("anatomy", "geometric") == "ct" else "drawn anatomy")
+        ours, same = (f"Synthetic phantom CT ({phantom['num_scans']} scans: {anatomy}) carrying real LIDC-IDRI "
                       "annotations (`data.source: phantom`), so no number is comparable."), False
     elif source == "tcia":
         tcia = data["tcia"]

@@ -298,7 +298,8 @@ def test_anatomy_is_a_validated_param():
     from chestssl.params import ParamsError, read_raw_params, validate
 
     raw = read_raw_params(REPO_ROOT / "params.yaml")[0]
-    assert raw["data"]["phantom"]["anatomy"] == "geometric"  # the default run is unchanged
+    assert raw["data"]["phantom"]["anatomy"] == "ct"  # the default run's anatomy
     raw["data"]["phantom"]["anatomy"] = "cartoon"
     with pytest.raises(ParamsError, match=r"data\.phantom\.anatomy: got 'cartoon', expected one of 'ct', 'geometric'"):
         validate(raw)
+

@@ -50,6 +50,19 @@ def test_each_function_is_close_to_numpy():
     assert pm.dot(np.arange(4.0), np.arange(4.0)) == 14.0
 
 
+def test_gaussian_filter_is_scipys_with_portable_kernels():
+    from scipy import ndimage
+
+    image = np.random.default_rng(1).normal(size=(20, 30, 7))
+    for sigma, mode, truncate in (((1.0, 1.0, 1.0), "reflect", 4.0), ((0.7, 0.7), "wrap", 1.5),
+                                  ((0.0, 0.0, 2.0), "nearest", 4.0)):
+        widths = tuple(sigma) + (0.0,) * (image.ndim - len(sigma))
+        expected = ndimage.gaussian_filter(image, widths, mode=mode, truncate=truncate)
+        assert np.max(np.abs(pm.gaussian_filter(image, sigma, mode=mode, truncate=truncate) - expected)) < 1e-14
+    with pytest.raises(ValueError, match="4 widths for a 3-D image"):
+        pm.gaussian_filter(image, (1.0,) * 4)
+
+
 def test_edges():
     assert pm.exp(np.array([-1000.0, 1000.0, 0.0])).tolist() == [0.0, np.inf, 1.0]
     assert np.isnan(pm.exp(np.nan)) and np.isnan(pm.log(-1.0))
@@ -74,6 +87,7 @@ out = {name: f() for name, f in {
     "exp": lambda: pm.exp(x), "log": lambda: pm.log(np.abs(x) * 1e3), "sin": lambda: pm.sin(x), "cos": lambda: pm.cos(x),
     "arctan2": lambda: pm.arctan2(y, x), "power": lambda: pm.power(np.abs(x), y), "sigmoid": lambda: pm.sigmoid(y),
     "dot": lambda: np.array([pm.dot(x[:1000], y[:1000])]),
+    "gaussian_filter": lambda: pm.gaussian_filter(y.reshape(400, 500), (0.7, 1.3), mode="reflect"),
     "numpy exp": lambda: np.exp(x), "numpy arctan2": lambda: np.arctan2(y, x), "blas dot": lambda: np.array([x[:1000] @ y[:1000]]),
 }.items()}
 print(json.dumps({name: hashlib.sha1(np.ascontiguousarray(v).tobytes()).hexdigest() for name, v in out.items()}))

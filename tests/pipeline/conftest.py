@@ -44,7 +44,9 @@ def tiny_params(params: dict) -> dict:
     Slices stay 64x64: the Swin encoder divides by 32 and SwinUNETR's deepest instance
     norm needs more than one element.
     """
-    params["data"]["phantom"].update(num_scans=8, max_slices=100)
+    # The drawn anatomy renders in half the time of the real-CT one and needs no base CT in
+    # the copy; the default anatomy is tested in tests/data/test_ct_anatomy.py and by `make reproduce`.
+    params["data"]["phantom"].update(num_scans=8, max_slices=100, anatomy="geometric", workers=1)
     params["preprocess"].update(spacing=[2.5, 2.0, 2.0], min_nodule_pixels=4, workers=1)
     params["methods"] = {name: params["methods"][name] for name in TINY_METHODS}
     # Windows of 4^3 tokens, not 7^3: the 3D stages then take 1.3 GB, not 1.8, and half the time.
