@@ -48,6 +48,7 @@ from chestssl.report.ablations import (
     label_fraction_table,
 )
 from chestssl.report.alignment_figures import alignment_figure, alignment_table
+from chestssl.report.anatomy_figures import anatomy_section, anatomy_title
 from chestssl.report.build import build_report
 from chestssl.report.classifier_figures import classifier_figure_section
 from chestssl.report.comparison_figures import feature_map_figure, segmentation_comparison_figure
@@ -298,6 +299,12 @@ def build_pipeline_report(params: Mapping[str, Any], out_dir: Path = paths.REPOR
     skipped += classifier_skipped
     if classifier_figures:
         figure_sections.append(("Classifiers: Grad-CAM and confusion matrices (test split)", classifier_figures))
+
+    # The data: the base CT of the phantom, a few processed scans and radiographs rendered from them.
+    anatomy_figures, anatomy_skipped = anatomy_section(params, paths.PROCESSED_DIR, figures_dir)
+    skipped += anatomy_skipped
+    if anatomy_figures:
+        figure_sections.append((anatomy_title(params), anatomy_figures))
 
     # Radiographs (the X-ray methods' input): rendered from CT or a real dataset (data.cxr.source).
     radiograph_figures, radiograph_skipped, source = radiograph_section(
