@@ -237,7 +237,7 @@ def build_report(
     table_sections: Sequence[TableSection] = (),
     figure_sections: Sequence[FigureSection] = (),
     reconstruction_notes: Mapping[str, str] | None = None,
-    costs: Mapping[str, PathLike] | None = None,
+    costs: Mapping[str, Mapping[str, Any] | None] | None = None,
 ) -> list[Path]:
     """Write the tables, figures and ``README.md`` of the report under ``out_dir``.
 
@@ -261,9 +261,11 @@ def build_report(
         figure_sections: further sections of figures already written under ``out_dir``.
         reconstruction_notes: a caveat per pretraining method, footnoted in the
             reconstruction table.
-        costs: training stage (``pretrain@<method>``, ``finetune@<run>``) -> its ``cost.json``
-            (:func:`chestssl.train.cost_probe.fit_cost`), shown beside the scores
-            (:func:`~chestssl.report.tables.with_costs`); a file not there shows ``n/a``.
+        costs: training stage (``pretrain@<method>``, ``pretrain_multihead@<entry>``,
+            ``finetune@<run>``) -> its loaded ``cost.json``
+            (:func:`chestssl.train.cost_probe.fit_cost`; ``stage_costs`` of
+            :mod:`chestssl.report.pipeline`), shown beside the scores
+            (:func:`~chestssl.report.tables.with_costs`); ``None`` or a stage not there shows ``n/a``.
 
     Returns:
         The paths written.
@@ -295,8 +297,8 @@ def build_report(
     tables_dir, figures_dir = out_dir / "tables", out_dir / "figures"
 
     recon_metrics = {m: (_read_metrics(p), str(p)) for m, p in pretrain_metrics.items()}
-    cost_of = {name: _read_metrics(path) if Path(path).is_file() else None for name, path in (costs or {}).items()}
-    method_costs = {m: cost_of.get(f"pretrain@{m}") for m in recon_metrics}
+    cost_of = dict(costs or {})
+    method_costs = {m: cost_of.get(f"pretrain@{m}", cost_of.get(f"pretrain_multihead@{m}")) for m in recon_metrics}
     run_costs = {r: cost_of.get(f"finetune@{r}") for r in eval_metrics}
     run_metrics = {r: (_read_metrics(p), str(p)) for r, p in eval_metrics.items()}
     by_task = {

@@ -422,6 +422,5 @@ def build_pipeline_report(params: Mapping[str, Any], out_dir: Path = paths.REPOR
         figure_sections=figure_sections,
         reconstruction_notes={name: RECONSTRUCTION_CAVEATS[entry["method"]] for name, entry in methods.items()
                               if entry["method"] in RECONSTRUCTION_CAVEATS},
-        costs={**{f"pretrain@{name}": paths.pretrain_report_dir(name) / "cost.json" for name in reconstructing},
-               **{f"finetune@{run}": paths.finetune_report_dir(run) / "cost.json" for run in runs}},
+        costs=costs,
     )

@@ -264,15 +264,10 @@ def test_reconstruction_caveats_are_footnoted_on_every_cell_of_their_row():
 
 def test_each_score_has_its_training_cost_beside_it(inputs):
     """A run's or method's cost.json (its own training stage) fills the cost columns; n/a without one."""
-    from chestssl.io import write_json
-
-    costs = {}
-    for name, cost in (("finetune@seg_unetpp_ae", {"parameters": 2_480_000, "steps": 1200, "train_seconds": 754.0,
-                                                   "peak_memory_gb": 1.234}),
-                       ("pretrain@ae", {"parameters": 900, "steps": 0, "train_seconds": 0.0, "peak_memory_gb": None})):
-        costs[name] = inputs["out_dir"].parent / "costs" / f"{name}.json"
-        write_json(costs[name], cost)
-    costs["finetune@seg_unetpp_scratch"] = inputs["out_dir"].parent / "costs" / "missing.json"
+    costs = {"finetune@seg_unetpp_ae": {"parameters": 2_480_000, "steps": 1200, "train_seconds": 754.0,
+                                        "peak_memory_gb": 1.234},
+             "pretrain@ae": {"parameters": 900, "steps": 0, "train_seconds": 0.0, "peak_memory_gb": None},
+             "finetune@seg_unetpp_scratch": None}
     build_report(**{**inputs, "live_dirs": {}, "examples": {}}, params=load_params(REPO / "params.yaml"), costs=costs)
     tables = inputs["out_dir"] / "tables"
     seg = pd.read_csv(tables / "segmentation.csv").set_index("run")
