@@ -1049,10 +1049,15 @@ def _write_deflated(ds, meta, path: Path) -> None:
 def _settings(seed: int, noise_hu: float, anatomy: str = "geometric", base_ct=None) -> dict[str, Any]:
     settings = {"generator_version": GENERATOR_VERSION, "seed": int(seed), "noise_hu": float(noise_hu)}
     if anatomy == "ct":  # geometric keeps the settings (and phantom.json) it always had
-        from chestssl.data.ct_anatomy import CT_GENERATOR_VERSION, load_base_ct
+        from chestssl.data import base_ct as base_ct_files
+        from chestssl.data.ct_anatomy import CT_GENERATOR_VERSION
 
-        base = load_base_ct() if base_ct is None else base_ct
-        settings.update(anatomy="ct", ct_generator_version=CT_GENERATOR_VERSION, base_ct=base.digest)
+        if base_ct is None:  # verified here, loaded where scans are rendered (worker processes)
+            base_ct_files.base_ct_files()
+            digest = base_ct_files.FILE_SHA256["cxr.nii.gz"]
+        else:
+            digest = base_ct.digest
+        settings.update(anatomy="ct", ct_generator_version=CT_GENERATOR_VERSION, base_ct=digest)
     return settings
 
 
