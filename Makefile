@@ -20,10 +20,11 @@ $(STAMP): requirements.txt pyproject.toml
 	$(BIN)/python -m chestssl.data.base_ct fetch
 	touch $(STAMP)
 
-# Runs the whole DAG (download -> preprocess -> pretrain -> finetune -> evaluate -> report).
+# Runs the whole DAG (download -> preprocess -> pretrain -> finetune -> evaluate -> report),
+# its stages forked from a process that has imported torch and MONAI once (chestssl/preload.py).
 reproduce: $(STAMP)
 	@test -d .git || { echo "error: 'make reproduce' needs a git checkout (dvc tracks params and locks in git); run 'git init' first or clone the repository"; exit 1; }
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m chestssl.preload run -- $(BIN)/dvc repro
 
 # Unit tests, then the end-to-end pipeline tests (marked slow).
 test: $(STAMP)

@@ -14,7 +14,16 @@ USER_ERRORS: tuple[type[BaseException], ...] = (UserError, FileNotFoundError)
 
 
 def run_stage(main: Callable[[list[str]], None], argv: list[str] | None = None) -> None:
-    """Run a stage's ``main`` and turn user errors into a one-message exit status 1."""
+    """Run a stage's ``main`` and turn user errors into a one-message exit status 1.
+
+    Under ``python -m chestssl.preload run`` (``make reproduce``), a server that has already
+    imported torch and MONAI runs the stage script instead and this process relays its exit
+    status (:func:`chestssl.preload.run_in_server`, which returns here when it cannot).
+    """
+    if argv is None:
+        from chestssl.preload import run_in_server
+
+        run_in_server()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     try:
         main(sys.argv[1:] if argv is None else argv)

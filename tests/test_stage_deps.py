@@ -3,8 +3,9 @@ that stage's ``deps`` in dvc.yaml, so that editing it reruns the stage.
 
 Only plumbing that cannot change a stage's outputs is exempt: argument and error
 handling, path names, params validation, atomic writes, the array cache (it stores what
-other modules compute, keyed by all their inputs) and package ``__init__`` files that only
-re-export.
+other modules compute, keyed by all their inputs), the preload server (where the stage's
+process comes from; tests/test_preload.py checks the same bytes come out) and package
+``__init__`` files that only re-export.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ PLUMBING = {
     "chestssl/params.py",
     "chestssl/schema.py",
     "chestssl/paths.py",
+    "chestssl/preload.py",
     "chestssl/data/array_cache.py",
     "chestssl/data/__init__.py",
     "chestssl/eval/__init__.py",

@@ -103,8 +103,13 @@ class Project:
             raise AssertionError(f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
         return result
 
-    def dvc_run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-        return self.run(*self.dvc, *args, check=check)
+    def dvc_run(self, *args: str, check: bool = True, preload: bool | None = None) -> subprocess.CompletedProcess:
+        """``dvc <args>``; a ``repro`` or ``exp run`` under ``python -m chestssl.preload run``
+        (as ``make reproduce`` runs it) unless ``preload`` is False."""
+        if preload is None:
+            preload = args[:1] == ("repro",) or args[:2] == ("exp", "run")
+        wrapper = [sys.executable, "-m", "chestssl.preload", "run", "--"] if preload else []
+        return self.run(*wrapper, *self.dvc, *args, check=check)
 
     def params(self) -> dict:
         return read_raw_params(self.root / "params.yaml")[0]
