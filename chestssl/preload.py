@@ -394,7 +394,11 @@ def serve(path: str, parent: int | None = None) -> None:
 
 
 def run(command: Sequence[str]) -> int:
-    """Run ``command`` with a server (its socket in ``CHESTSSL_PRELOAD``); its exit status."""
+    """Run ``command`` with a server (its socket in ``CHESTSSL_PRELOAD``); its exit status.
+    Where the server cannot work (it needs Linux: ``pidfd_open``, ``SOCK_SEQPACKET``), the
+    command runs as it is."""
+    if not (hasattr(os, "pidfd_open") and hasattr(socket, "SOCK_SEQPACKET") and hasattr(socket, "send_fds")):
+        return subprocess.call(list(command))
     folder = tempfile.mkdtemp(prefix="chestssl-preload-")
     path = os.path.join(folder, "socket")
     # Its own session: a Ctrl-C at the terminal reaches the stages through their stage
@@ -407,7 +411,12 @@ def run(command: Sequence[str]) -> int:
                 break
             time.sleep(0.01)
         env = {**os.environ, SOCKET_VARIABLE: path} if server.poll() is None else dict(os.environ)
-        child = subprocess.Popen(list(command), env=env)
+        try:
+            child = subprocess.Popen(list(command), env=env)
+        except OSError as error:
+            print(f"error: cannot run {command[0]!r} ({error.strerror}); give the command to run, e.g. "
+                  "python -m chestssl.preload run -- dvc repro", file=sys.stderr)
+            return 127
         while True:
             try:
                 return child.wait()

@@ -212,3 +212,10 @@ def test_run_wraps_a_command_and_returns_its_status(tmp_path):
     assert done.stdout.count("preloaded 1") == 2
     socket = Path(done.stdout.split("socket ", 1)[1].split()[0])
     assert not socket.exists() and not socket.parent.exists(), "run leaves the server's socket behind"
+
+
+def test_run_names_a_command_it_cannot_start(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "chestssl.preload", "run", "--", "no-such-command-xyz"], cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 127
+    assert "error: cannot run 'no-such-command-xyz'" in done.stderr
