@@ -25,6 +25,7 @@ patient's right on the image left (frontal); lateral radiographs anterior on the
 from __future__ import annotations
 
 import os
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -44,7 +45,7 @@ from chestssl.data.drr import (
     max_projection,
     study_geometry,
 )
-from chestssl.data.processed import ProcessedDataError, load_scan, read_nodules
+from chestssl.data.processed import ProcessedDataError, load_scan, read_nodules, scan_path
 from chestssl.report.figures import _image_axis, _new_figure, save_figure
 
 FIGURE_NAME = "anatomy.png"
@@ -332,3 +333,48 @@ def anatomy_section(
                "the patient's right on the left, anterior on the left of the lateral view")
     path = anatomy_figure(Path(figures_dir) / FIGURE_NAME, rows, anatomy_title(params))
     return [(caption, path)], skipped
+
+
+# ----------------------------------------------------------------------------- nodule scale
+
+
+def _stored_shape(archive: zipfile.ZipFile, name: str) -> tuple[int, ...]:
+    """The shape of array ``name`` in an ``.npz`` archive, from its header alone."""
+    with archive.open(f"{name}.npy") as handle:
+        version = np.lib.format.read_magic(handle)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, _ = read_header(handle)
+    return tuple(int(n) for n in shape)
+
+
+def nodule_scale(processed_dir: str | os.PathLike, size: int) -> dict[str, float] | None:
+    """How large the nodules are in the ``size`` x ``size`` slices the 2D models see.
+
+    A slice is padded to a square of its longer side and resized to ``size``
+    (:func:`chestssl.data.datasets.square_resize`), so one of its pixels spans
+    ``max(Y * sy, X * sx) / size`` mm of its scan. Returns the medians over the nodules of
+    ``nodules.csv`` (each with its scan's pixel size): ``nodule_mm`` (consensus diameter),
+    ``mm_per_pixel`` and ``nodule_pixels``, with ``nodules``, their count; ``None`` without
+    nodules or processed data.
+    """
+    try:
+        nodules = read_nodules(processed_dir)
+    except (FileNotFoundError, ProcessedDataError):
+        return None
+    if nodules.empty:
+        return None
+    pixel_mm = {}
+    for scan_id in nodules["scan_id"].unique():
+        path = scan_path(processed_dir, str(scan_id))
+        try:
+            with zipfile.ZipFile(path) as archive:
+                _, rows, cols = _stored_shape(archive, "image")
+            with np.load(path, allow_pickle=False) as archive:
+                spacing = np.asarray(archive["spacing"], dtype=float)
+        except (OSError, KeyError, ValueError, zipfile.BadZipFile):
+            return None
+        pixel_mm[scan_id] = max(rows * spacing[1], cols * spacing[2]) / size
+    mm_per_pixel = nodules["scan_id"].map(pixel_mm).to_numpy(float)
+    diameters = nodules["diameter_mm"].to_numpy(float)
+    return {"nodules": int(len(nodules)), "nodule_mm": float(np.median(diameters)),
+            "mm_per_pixel": float(np.median(mm_per_pixel)), "nodule_pixels": float(np.median(diameters / mm_per_pixel))}

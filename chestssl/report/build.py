@@ -85,7 +85,16 @@ def _training_seeds(params: Mapping[str, Any] | None) -> int:
     return int(params.get("training_seeds", 1)) if params is not None else 1
 
 
-def _protocol(params: Mapping[str, Any] | None, bootstrap: Mapping[str, Any] | None, with_costs: bool = False) -> str:
+def _scale_text(scale: Mapping[str, float] | None) -> str:
+    """``; one pixel is about 5.6 mm, so the median nodule (10.4 mm across) spans 1.8 pixels``."""
+    if not scale:
+        return ""
+    return (f"; one pixel spans about {scale['mm_per_pixel']:.1f} mm, so the median nodule "
+            f"({scale['nodule_mm']:.1f} mm across, {scale['nodules']} nodules) spans {scale['nodule_pixels']:.1f} pixels")
+
+
+def _protocol(params: Mapping[str, Any] | None, bootstrap: Mapping[str, Any] | None, with_costs: bool = False,
+              scale: Mapping[str, float] | None = None) -> str:
     lines = []
     if params is None:
         lines.append("- **Data and split:** not recorded (the report was built without the parameters).")
@@ -119,8 +128,8 @@ def _protocol(params: Mapping[str, Any] | None, bootstrap: Mapping[str, Any] | N
         lines.append(
             f"- **Preprocessing:** pylidc volumes resampled to {pre['spacing']} mm (z, y, x), windowed to "
             f"{pre['hu_window']} HU and scaled to [0, 1]; nodule masks are the {pre['clevel']:g} consensus of the "
-            f"radiologists; 2D axial slices of {params['slices']['size']} x {params['slices']['size']} pixels; a "
-            f"nodule slice has more than {pre['min_nodule_pixels']} nodule pixels."
+            f"radiologists; 2D axial slices of {params['slices']['size']} x {params['slices']['size']} pixels"
+            f"{_scale_text(scale)}; a nodule slice has more than {pre['min_nodule_pixels']} nodule pixels."
         )
         split = pre["split"]
         lines.append(
@@ -165,6 +174,8 @@ def _protocol(params: Mapping[str, Any] | None, bootstrap: Mapping[str, Any] | N
 #: Below this many test patients, a patient-bootstrap interval is too wide to rank methods
 #: (with 4 patients, a resample holds on average 2.7 distinct ones).
 FEW_TEST_PATIENTS = 30
+#: Below this median nodule width in slice pixels, the report says the nodules are small.
+FEW_NODULE_PIXELS = 3.0
 
 
 def _test_size(metrics: Sequence[Mapping[str, Any]]) -> tuple[int | None, int | None]:
@@ -175,13 +186,17 @@ def _test_size(metrics: Sequence[Mapping[str, Any]]) -> tuple[int | None, int | 
     return (max(patients) if patients else None), (max(images) if images else None)
 
 
-def reading_note(params: Mapping[str, Any] | None, test_patients: int | None, test_images: int | None) -> str:
+def reading_note(params: Mapping[str, Any] | None, test_patients: int | None, test_images: int | None,
+                 scale: Mapping[str, float] | None = None) -> str:
     """What the numbers below can and cannot show, for the top of the report: said when the
-    data are the synthetic phantom or the test split holds fewer than
-    :data:`FEW_TEST_PATIENTS` patients; empty otherwise."""
+    data are the synthetic phantom, the test split holds fewer than
+    :data:`FEW_TEST_PATIENTS` patients or the median nodule spans fewer than
+    :data:`FEW_NODULE_PIXELS` pixels of a slice (``scale``: :func:`~chestssl.report.anatomy_figures.nodule_scale`);
+    empty otherwise."""
     synthetic = params is not None and params["data"]["source"] == "phantom"
     few = test_patients is not None and test_patients < FEW_TEST_PATIENTS
-    if not (synthetic or few):
+    small = scale is not None and scale["nodule_pixels"] < FEW_NODULE_PIXELS
+    if not (synthetic or few or small):
         return ""
     lines = []
     if synthetic:
@@ -197,6 +212,14 @@ def reading_note(params: Mapping[str, Any] | None, test_patients: int | None, te
             f"- **{test_patients} test patient{'s' if test_patients != 1 else ''}{images}.** The intervals are "
             "bootstrap intervals over these patients; at this size they are so wide that they allow no ranking "
             "of the methods, and a difference between two rows, even a large one, may be chance."
+        )
+    if small:
+        size = params["slices"]["size"] if params is not None else None
+        lines.append(
+            f"- **Small nodules.** At {size} x {size} pixels one pixel spans about {scale['mm_per_pixel']:.1f} mm, so "
+            f"the median nodule ({scale['nodule_mm']:.1f} mm across) spans {scale['nodule_pixels']:.1f} pixels: a "
+            "segmentation's Dice here moves by whole nodules with one or two pixels, and small nodules vanish "
+            "from the slices (`slices.size` sets the resolution)."
         )
     lines.append(
         "- **For a comparison that can rank methods:** apply the full profile to real LIDC-IDRI "
@@ -238,6 +261,7 @@ def build_report(
     figure_sections: Sequence[FigureSection] = (),
     reconstruction_notes: Mapping[str, str] | None = None,
     costs: Mapping[str, Mapping[str, Any] | None] | None = None,
+    nodule_scale: Mapping[str, float] | None = None,
 ) -> list[Path]:
     """Write the tables, figures and ``README.md`` of the report under ``out_dir``.
 
@@ -266,6 +290,9 @@ def build_report(
             (:func:`chestssl.train.cost_probe.fit_cost`; ``stage_costs`` of
             :mod:`chestssl.report.pipeline`), shown beside the scores
             (:func:`~chestssl.report.tables.with_costs`); ``None`` or a stage not there shows ``n/a``.
+        nodule_scale: how large the nodules are in the slices
+            (:func:`~chestssl.report.anatomy_figures.nodule_scale`), stated in the protocol and,
+            below :data:`FEW_NODULE_PIXELS`, at the top.
 
     Returns:
         The paths written.
@@ -335,7 +362,7 @@ def build_report(
         return _figure_markdown(out_dir, path, f"{table.title} with confidence intervals")
 
     # The protocol's differences from the seeds', computed from the params.
-    protocol = _protocol(params, bootstrap, costs is not None)
+    protocol = _protocol(params, bootstrap, costs is not None, nodule_scale)
     if params is not None:
         table = protocol_differences_table(protocol_differences(params))
         protocol += f"\n\n### {table.title}\n\n{DIFFERENCES_INTRO}\n\n" + write_table(table)
@@ -442,7 +469,8 @@ def build_report(
         for title, text in items:
             sections.append(f"## {title}\n\n{text.strip()}")
 
-    note = reading_note(params, *_test_size([m for m, _ in [*recon_metrics.values(), *run_metrics.values()]]))
+    note = reading_note(params, *_test_size([m for m, _ in [*recon_metrics.values(), *run_metrics.values()]]),
+                        scale=nodule_scale)
     skipped_text = "\n".join(f"- {line}" for line in skipped) if skipped else "- Nothing."
     readme = "\n\n".join(
         [

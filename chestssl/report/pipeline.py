@@ -48,7 +48,7 @@ from chestssl.report.ablations import (
     label_fraction_table,
 )
 from chestssl.report.alignment_figures import alignment_figure, alignment_table
-from chestssl.report.anatomy_figures import anatomy_section, anatomy_title
+from chestssl.report.anatomy_figures import anatomy_section, anatomy_title, nodule_scale
 from chestssl.report.build import build_report
 from chestssl.report.classifier_figures import classifier_figure_section
 from chestssl.report.comparison_figures import feature_map_figure, segmentation_comparison_figure
@@ -423,4 +423,5 @@ def build_pipeline_report(params: Mapping[str, Any], out_dir: Path = paths.REPOR
         reconstruction_notes={name: RECONSTRUCTION_CAVEATS[entry["method"]] for name, entry in methods.items()
                               if entry["method"] in RECONSTRUCTION_CAVEATS},
         costs=costs,
+        nodule_scale=nodule_scale(paths.PROCESSED_DIR, params["slices"]["size"]),
     )

@@ -18,6 +18,7 @@ from chestssl.report.anatomy_figures import (
     FIGURE_NAME,
     anatomy_section,
     choose_nodules,
+    nodule_scale,
     pad,
     render_views,
     window_percentiles,
@@ -229,3 +230,13 @@ def test_the_figure_imports_neither_torch_nor_monai(processed, synthetic_base, t
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert (tmp_path / "figures" / FIGURE_NAME).exists()
+
+
+def test_nodule_scale_is_the_median_nodule_in_slice_pixels(processed, tmp_path):
+    """Slices of 40 x 48 voxels of 1.5 mm, padded to 48 and resized to 64: 1.125 mm per pixel;
+    diameters 6, 4, 10.5 and 20 mm: median 8.25 mm, 7.33 pixels."""
+    scale = nodule_scale(processed, 64)
+    assert scale == pytest.approx({"nodules": 4, "nodule_mm": 8.25, "mm_per_pixel": 1.125, "nodule_pixels": 8.25 / 1.125})
+    assert nodule_scale(processed, 32)["nodule_pixels"] == pytest.approx(8.25 / 2.25)
+    assert nodule_scale(tmp_path / "nothing", 64) is None
+    assert nodule_scale(write_processed(tmp_path / "clean", {"p1": ("test", []), "p2": ("train", [])}), 64) is None

@@ -323,3 +323,11 @@ def test_the_report_opens_with_what_synthetic_data_and_few_test_patients_can_sho
     build_report(**{**inputs, "live_dirs": {}, "examples": {}}, params=real)
     assert "## What these numbers can show" in (inputs["out_dir"] / "README.md").read_text()  # still 4 patients
     assert reading_note(load_params(REPO / "params.yaml"), 100, 5000).startswith("- **The data are synthetic.**")
+    # Real data, enough patients, but nodules of under 3 pixels: that alone is said.
+    small = {"nodules": 33, "nodule_mm": 10.4, "mm_per_pixel": 5.6, "nodule_pixels": 1.86}
+    text = reading_note(real, FEW_TEST_PATIENTS, 500, scale=small)
+    assert text.startswith("- **Small nodules.** At 64 x 64 pixels one pixel spans about 5.6 mm") and "1.9 pixels" in text
+    assert reading_note(real, FEW_TEST_PATIENTS, 500, scale={**small, "nodule_pixels": 3.2}) == ""
+    build_report(**{**inputs, "live_dirs": {}, "examples": {}}, params=real, nodule_scale=small)
+    protocol = (inputs["out_dir"] / "README.md").read_text().split("## Protocol")[1]
+    assert "one pixel spans about 5.6 mm, so the median nodule (10.4 mm across, 33 nodules) spans 1.9 pixels" in protocol
