@@ -84,6 +84,12 @@ def _interpreter() -> str:
     return os.path.realpath(sys.executable)
 
 
+def _interpreter_flags() -> list[Any]:
+    """What ``python -O``, ``-X dev``, ``-W`` ... set: a stage started with other flags than
+    the server's runs in its own interpreter."""
+    return [list(sys.flags), list(sys.warnoptions), sorted(map(str, sys._xoptions.items()))]
+
+
 # ----------------------------------------------------------------------------- the stage's side
 
 
@@ -111,7 +117,8 @@ def run_in_server(argv: Sequence[str] | None = None) -> None:
         umask = os.umask(0o022)
         os.umask(umask)
         request = {"argv": argv, "cwd": os.getcwd(), "env": dict(os.environ), "umask": umask,
-                   "interpreter": _interpreter(), "import_environment": import_environment(os.environ)}
+                   "interpreter": _interpreter(), "flags": _interpreter_flags(),
+                   "import_environment": import_environment(os.environ)}
         streams = []
         for fd in (0, 1, 2):
             try:
@@ -230,6 +237,8 @@ class _Server:
             return self.refusal
         if request.get("interpreter") != self.interpreter:
             return f"interpreter {request.get('interpreter')} is not the server's {self.interpreter}"
+        if request.get("flags") != json.loads(json.dumps(_interpreter_flags())):
+            return "interpreter flags (-O, -X, -W ...) differ from the server's"
         theirs = request.get("import_environment") or {}
         differ = sorted(k for k in {*theirs, *self.import_environment} if theirs.get(k) != self.import_environment.get(k))
         if differ:

@@ -113,6 +113,15 @@ def test_a_different_import_environment_runs_the_stage_in_its_own_interpreter(se
     assert "not run by the server (environment variables read at import differ: OMP_NUM_THREADS)" in done.stderr
 
 
+def test_other_interpreter_flags_run_the_stage_in_its_own_interpreter(server, tmp_path):
+    _, env = server
+    script = _stage(tmp_path)
+    done = subprocess.run([sys.executable, "-O", "stages/stage.py"], cwd=tmp_path, env=env, input="x\n",
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "preloaded None" in done.stdout and "interpreter flags (-O, -X, -W ...) differ" in done.stderr
+
+
 def test_without_a_server_nothing_changes(tmp_path):
     script = _stage(tmp_path)
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
