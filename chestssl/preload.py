@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import gc
 import importlib
 import io
 import json
@@ -301,6 +302,7 @@ class _Server:
         directory and environment, run the script, exit with its status."""
         code = 1
         try:
+            gc.enable()
             os.setpgid(0, 0)
             for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGPIPE,
                            signal.SIGCHLD, signal.SIGUSR1, signal.SIGUSR2):
@@ -387,12 +389,17 @@ def serve(path: str, parent: int | None = None) -> None:
     """Listen on ``path`` (bound before the imports, so that early requests wait for them),
     preload, and serve until ``parent`` (a pid) is gone or a SIGTERM arrives."""
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    # As the gc module's documentation advises before fork without exec: no collection in the
+    # server (no freed holes in its pages), its objects frozen out of the children's
+    # collections, so that those do not write to, hence copy, the pages they share.
+    gc.disable()
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     try:
         listener.bind(path)
         listener.listen(64)
         server = _Server(path, parent)
         server.preload()
+        gc.freeze()
         server.serve(listener)
     finally:
         listener.close()

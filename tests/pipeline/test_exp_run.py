@@ -85,7 +85,8 @@ def test_a_fine_tuning_stage_trains_on_two_gloo_processes_through_params(multihe
     params["launch"]["nproc_per_node"] = 2
     project.write_params(params)
     try:
-        result = project.dvc_run("repro", "--single-item", f"finetune@{run}")
+        # torchrun's workers start their own interpreters: a preload server would idle beside them.
+        result = project.dvc_run("repro", "--single-item", f"finetune@{run}", preload=False)
         output = result.stdout + result.stderr
         assert f"Running stage 'finetune@{run}'" in output, output
         assert "launch: -m torch.distributed.run --nproc-per-node 2 --standalone" in output, output

@@ -17,9 +17,10 @@ from tests.pipeline.conftest import REPO_ROOT
 
 @pytest.fixture(scope="module")
 def params() -> dict:
-    """Three short phantom scans (the fewest that fill the three splits), coarse spacing, one worker."""
+    """Three short phantom scans (the fewest that fill the three splits; the drawn anatomy,
+    which renders in half the time and needs no base CT), coarse spacing, one worker."""
     raw = read_raw_params(REPO_ROOT / "params.yaml")[0]
-    raw["data"]["phantom"].update(num_scans=3, seed=5, max_slices=100)
+    raw["data"]["phantom"].update(num_scans=3, seed=5, max_slices=100, anatomy="geometric", workers=1)
     raw["preprocess"].update(spacing=[2.5, 2.0, 2.0], workers=1)
     return validate(raw)
 
