@@ -13,14 +13,16 @@ from chestssl.params import ParamsError
 USER_ERRORS: tuple[type[BaseException], ...] = (UserError, FileNotFoundError)
 
 
-def run_stage(main: Callable[[list[str]], None], argv: list[str] | None = None) -> None:
+def run_stage(main: Callable[[list[str]], None], argv: list[str] | None = None, preload: bool = True) -> None:
     """Run a stage's ``main`` and turn user errors into a one-message exit status 1.
 
     Under ``python -m chestssl.preload run`` (``make reproduce``), a server that has already
     imported torch and MONAI runs the stage script instead and this process relays its exit
     status (:func:`chestssl.preload.run_in_server`, which returns here when it cannot).
+    ``preload=False``: a stage that never imports torch runs here (a fork of the server would
+    gain nothing and share its pages).
     """
-    if argv is None:
+    if argv is None and preload:
         from chestssl.preload import run_in_server
 
         run_in_server()

@@ -17,4 +17,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    run_stage(main)
+    run_stage(main, preload=False)  # imports neither torch nor MONAI: nothing to preload

@@ -36,7 +36,7 @@ STAGE = textwrap.dedent('''
             open(argv[1], "w").write(str(os.getpid()))
             time.sleep(60)
 
-    run_stage(main)
+    run_stage(main, preload="cold" not in sys.argv)
 ''')
 
 
@@ -228,3 +228,10 @@ def test_run_names_a_command_it_cannot_start(tmp_path):
                           env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, capture_output=True, text=True, timeout=120)
     assert done.returncode == 127
     assert "error: cannot run 'no-such-command-xyz'" in done.stderr
+
+
+def test_a_stage_that_asks_to_run_cold_is_not_sent_to_the_server(server, tmp_path):
+    _, env = server
+    script = _stage(tmp_path)
+    done = _run(script, env, "cold")
+    assert done.returncode == 0 and "preloaded None torch False" in done.stdout and "preload" not in done.stderr

@@ -176,6 +176,8 @@ def _protocol(params: Mapping[str, Any] | None, bootstrap: Mapping[str, Any] | N
 FEW_TEST_PATIENTS = 30
 #: Below this median nodule width in slice pixels, the report says the nodules are small.
 FEW_NODULE_PIXELS = 3.0
+#: When no segmentation run reaches this global Dice, the report says they all failed.
+FAILED_DICE = 0.1
 
 
 def _test_size(metrics: Sequence[Mapping[str, Any]]) -> tuple[int | None, int | None]:
@@ -186,17 +188,53 @@ def _test_size(metrics: Sequence[Mapping[str, Any]]) -> tuple[int | None, int | 
     return (max(patients) if patients else None), (max(images) if images else None)
 
 
+def _value(metrics: Mapping[str, Any], key: str) -> float | None:
+    entry = metrics.get(key)
+    value = entry.get("value") if isinstance(entry, Mapping) else entry
+    return float(value) if isinstance(value, (int, float)) else None
+
+
+def failure_lines(seg_metrics: Mapping[str, Mapping[str, Any]], cls_metrics: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """Lines for the reading note when the runs learned nothing a table could compare: every
+    segmentation run's global Dice below :data:`FAILED_DICE`, or classifiers that give one
+    class to every test item (their confusion matrix has no positive or no negative call).
+    ``*_metrics``: run -> its evaluate ``metrics.json``."""
+    lines = []
+    dice = {run: _value(m, "dice_global") for run, m in seg_metrics.items()}
+    dice = {run: value for run, value in dice.items() if value is not None}
+    if dice and max(dice.values()) < FAILED_DICE:
+        best = max(dice, key=dice.get)
+        lines.append(
+            f"- **No segmentation run found the nodules.** The best global Dice of the {len(dice)} runs is "
+            f"{dice[best]:.3f} (`{best}`): the segmentation tables compare runs that all failed, at this resolution "
+            "and training budget, not methods."
+        )
+    one_class = []
+    for run, m in cls_metrics.items():
+        matrix = m.get("confusion_matrix")
+        if isinstance(matrix, Mapping) and all(k in matrix for k in ("tp", "fp", "tn", "fn")):
+            if matrix["tp"] + matrix["fp"] == 0 or matrix["tn"] + matrix["fn"] == 0:
+                one_class.append(run)
+    if one_class:
+        lines.append(
+            f"- **{len(one_class)} of {len(cls_metrics)} classifiers give every test slice one class** "
+            f"({', '.join(f'`{r}`' for r in sorted(one_class))}): their accuracy is the class balance, and their "
+            "AUROC alone says whether their scores rank the slices."
+        )
+    return lines
+
+
 def reading_note(params: Mapping[str, Any] | None, test_patients: int | None, test_images: int | None,
-                 scale: Mapping[str, float] | None = None) -> str:
+                 scale: Mapping[str, float] | None = None, failures: Sequence[str] = ()) -> str:
     """What the numbers below can and cannot show, for the top of the report: said when the
     data are the synthetic phantom, the test split holds fewer than
-    :data:`FEW_TEST_PATIENTS` patients or the median nodule spans fewer than
-    :data:`FEW_NODULE_PIXELS` pixels of a slice (``scale``: :func:`~chestssl.report.anatomy_figures.nodule_scale`);
-    empty otherwise."""
+    :data:`FEW_TEST_PATIENTS` patients, the median nodule spans fewer than
+    :data:`FEW_NODULE_PIXELS` pixels of a slice (``scale``: :func:`~chestssl.report.anatomy_figures.nodule_scale`)
+    or runs failed (``failures``: :func:`failure_lines`); empty otherwise."""
     synthetic = params is not None and params["data"]["source"] == "phantom"
     few = test_patients is not None and test_patients < FEW_TEST_PATIENTS
     small = scale is not None and scale["nodule_pixels"] < FEW_NODULE_PIXELS
-    if not (synthetic or few or small):
+    if not (synthetic or few or small or failures):
         return ""
     lines = []
     if synthetic:
@@ -221,6 +259,7 @@ def reading_note(params: Mapping[str, Any] | None, test_patients: int | None, te
             "segmentation's Dice here moves by whole nodules with one or two pixels, and small nodules vanish "
             "from the slices (`slices.size` sets the resolution)."
         )
+    lines += failures
     lines.append(
         "- **For a comparison that can rank methods:** apply the full profile to real LIDC-IDRI "
         "(`python -m chestssl.profiles params/lidc-full.yaml`, the README's section on real data), which tests "
@@ -469,8 +508,10 @@ def build_report(
         for title, text in items:
             sections.append(f"## {title}\n\n{text.strip()}")
 
+    failures = failure_lines({r: m for r, (m, _) in by_task["seg"].items()},
+                             {r: m for r, (m, _) in by_task["cls"].items()})
     note = reading_note(params, *_test_size([m for m, _ in [*recon_metrics.values(), *run_metrics.values()]]),
-                        scale=nodule_scale)
+                        scale=nodule_scale, failures=failures)
     skipped_text = "\n".join(f"- {line}" for line in skipped) if skipped else "- Nothing."
     readme = "\n\n".join(
         [

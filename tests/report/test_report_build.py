@@ -331,3 +331,20 @@ def test_the_report_opens_with_what_synthetic_data_and_few_test_patients_can_sho
     build_report(**{**inputs, "live_dirs": {}, "examples": {}}, params=real, nodule_scale=small)
     protocol = (inputs["out_dir"] / "README.md").read_text().split("## Protocol")[1]
     assert "one pixel spans about 5.6 mm, so the median nodule (10.4 mm across, 33 nodules) spans 1.9 pixels" in protocol
+
+
+def test_failed_runs_are_said_at_the_top():
+    from chestssl.report.build import failure_lines
+
+    seg = {"a": {"dice_global": {"value": 0.012}}, "b": {"dice_global": {"value": 0.017}}}
+    cls = {"c": {"confusion_matrix": {"tp": 0, "fp": 0, "tn": 65, "fn": 65}},
+           "d": {"confusion_matrix": {"tp": 30, "fp": 20, "tn": 45, "fn": 35}}}
+    lines = failure_lines(seg, cls)
+    assert lines[0].startswith("- **No segmentation run found the nodules.** The best global Dice of the 2 runs is "
+                               "0.017 (`b`)")
+    assert lines[1].startswith("- **1 of 2 classifiers give every test slice one class** (`c`)")
+    assert failure_lines({**seg, "e": {"dice_global": {"value": 0.4}}}, {"d": cls["d"]}) == []
+    real = load_params(REPO / "params.yaml")
+    real["data"] = {**real["data"], "source": "local", "local": {"path": "data/LIDC-IDRI"}}
+    note = reading_note(real, FEW_TEST_PATIENTS, 500, failures=lines)
+    assert "No segmentation run found" in note and "For a comparison that can rank methods" in note
