@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import contextlib
 import gc
 import importlib
 import io
@@ -144,10 +145,8 @@ def _relay(sock: socket.socket, pid: int) -> None:
     """Forward signals to the forked stage (over the socket: the server owns it) until its
     status arrives; then exit with it, or die of the signal that ended it."""
     def forward(signum, _frame):
-        try:
+        with contextlib.suppress(OSError):  # the server is gone: the status read below says so
             _send(sock, {"signal": signum})
-        except OSError:
-            pass
 
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2):
         signal.signal(signum, forward)
@@ -176,10 +175,10 @@ def _relay(sock: socket.socket, pid: int) -> None:
 
 
 class _Server:
-    """Accepts stage requests on ``path``; one forked supervisor per request."""
+    """Accepts stage requests on a listening socket (:meth:`serve`); one forked supervisor per
+    request. ``parent``: the pid whose end ends the server."""
 
-    def __init__(self, path: str, parent: int | None):
-        self.path = path
+    def __init__(self, parent: int | None):
         self.parent = parent
         # sys.path without the server's own first entry and PYTHONPATH: what every
         # interpreter of this installation adds after a script's folder and PYTHONPATH.
@@ -278,11 +277,9 @@ class _Server:
             if pidfd in readable:
                 _, status = os.waitpid(stage, 0)
                 signum = os.WTERMSIG(status) if os.WIFSIGNALED(status) else 0
-                try:
+                with contextlib.suppress(OSError):  # the stage process is gone: no one to tell
                     _send(conn, {"exit": os.WEXITSTATUS(status) if os.WIFEXITED(status) else 128 + signum,
                                  "signal": signum})
-                except OSError:
-                    pass
                 return 0
             try:
                 message = _receive(conn)
@@ -292,10 +289,8 @@ class _Server:
                 _kill_group(stage, pidfd)
                 return 0
             if "signal" in message:
-                try:
+                with contextlib.suppress(ProcessLookupError):  # it has just ended; its status follows
                     os.killpg(stage, int(message["signal"]))
-                except ProcessLookupError:
-                    pass
 
     def _run_stage(self, request: dict[str, Any], fds: list[int]) -> None:
         """In the forked stage process: become ``python <argv...>`` in the request's
@@ -372,17 +367,12 @@ def _run_script(script: str) -> int:
 
 def _kill_group(pgid: int, pidfd: int) -> None:
     """SIGTERM the stage's process group, SIGKILL it after a grace period; reap the stage."""
-    for signum, wait in ((signal.SIGTERM, _KILL_GRACE_S), (signal.SIGKILL, None)):
-        try:
-            os.killpg(pgid, signum)
-        except ProcessLookupError:
-            break
-        if select.select([pidfd], [], [], wait)[0] if wait else True:
-            break
-    try:
+    with contextlib.suppress(ProcessLookupError):  # the group has ended already
+        os.killpg(pgid, signal.SIGTERM)
+        if not select.select([pidfd], [], [], _KILL_GRACE_S)[0]:
+            os.killpg(pgid, signal.SIGKILL)
+    with contextlib.suppress(ChildProcessError):
         os.waitpid(pgid, 0)
-    except ChildProcessError:
-        pass
 
 
 def serve(path: str, parent: int | None = None) -> None:
@@ -397,16 +387,14 @@ def serve(path: str, parent: int | None = None) -> None:
     try:
         listener.bind(path)
         listener.listen(64)
-        server = _Server(path, parent)
+        server = _Server(parent)
         server.preload()
         gc.freeze()
         server.serve(listener)
     finally:
         listener.close()
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
-        except FileNotFoundError:
-            pass
 
 
 def run(command: Sequence[str]) -> int:
@@ -444,11 +432,10 @@ def run(command: Sequence[str]) -> int:
             server.wait(timeout=10)
         except subprocess.TimeoutExpired:
             server.kill()
-        for leftover in (path, folder):
-            try:
-                os.unlink(leftover) if leftover == path else os.rmdir(leftover)
-            except OSError:
-                pass
+        with contextlib.suppress(FileNotFoundError):  # the server removes its socket when it can
+            os.unlink(path)
+        with contextlib.suppress(OSError):
+            os.rmdir(folder)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
