@@ -38,16 +38,13 @@ from chestssl.params import process_count, read_raw_params, write_raw_params
 from chestssl.report.tables import format_count
 from chestssl.train import cost_probe
 
-#: What the copy of the project holds in git (the code DVC hashes, the DAG, the params, and the
+#: What the copy of the project holds (the code DVC hashes, the DAG, the params, and the
 #: report folders that keep a stage's inputs in place when its list in params is empty).
 PROJECT_FILES = ["chestssl", "stages", "dvc.yaml", "params.yaml", "params", "pyproject.toml", ".dvc/config", ".gitignore",
                  *(f"reports/{stage}/README.md" for stage in ("pretrain", "evaluate_pretrain", "finetune",
                                                              "evaluate", "label_fraction", "frozen_parts",
                                                              "pretrain_radiographs", "pretrain_radiograph_studies",
                                                              "pretrain_cross_modal", "alignment"))]
-#: What the copy holds besides, git-ignored as in the project: the base CT of the phantom's
-#: ``ct`` anatomy (fetched by ``make``).
-IGNORED_PROJECT_FILES = ["data/anatomy"]
 
 #: Peak dense throughput (FLOP/s) by precision, from the vendors' data sheets (no sparsity).
 GPUS = {
@@ -78,9 +75,8 @@ def unit_of(dataset: str, task: str | None) -> str:
 
 
 def copy_project_files(source: Path, root: Path) -> None:
-    """Copy :data:`PROJECT_FILES` and :data:`IGNORED_PROJECT_FILES` of ``source`` (those it
-    has) into ``root``."""
-    for name in [*PROJECT_FILES, *IGNORED_PROJECT_FILES]:
+    """Copy :data:`PROJECT_FILES` of ``source`` (those it has) into ``root``."""
+    for name in PROJECT_FILES:
         src, dst = source / name, root / name
         if not src.exists():
             continue
