@@ -564,6 +564,8 @@ class FrozenParts(Config):
 class Evaluate(Config):
     bootstrap_samples: Int(ge=0)
     confidence: Float(gt=0.0, lt=1.0)
+    reconstruction_slices_per_patient: Int(ge=0, doc="test items per patient (evenly spaced) on which reconstruction "
+                                                     "SSIM/PSNR are computed; 0: every test slice or crop")
     seg_threshold: Float(ge=0.0, le=1.0)
     cls_threshold: Float(ge=0.0, le=1.0)
 

@@ -16,6 +16,10 @@ Two views per split:
 - :func:`labelled_view`: items with a reliable label, for linear probing (nodule and
   clean slices, leaving out slices with a few nodule pixels only; or the crops, labelled
   by whether they hold nodule voxels).
+
+:func:`evenly_per_patient` thins a view to a fixed number of items per patient, e.g. for
+test-split reconstruction metrics, whose patient-bootstrap intervals gain little from a
+patient's hundredth slice.
 """
 
 from __future__ import annotations
@@ -23,7 +27,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Mapping
 
-from torch.utils.data import Dataset
+import numpy as np
+from torch.utils.data import Dataset, Subset
 
 from chestssl.data.crops import CropDataset, EpochCropDataset
 from chestssl.data.datasets import SliceDataset
@@ -80,3 +85,27 @@ def labelled_view(params: Mapping[str, Any], entry: Mapping[str, Any], split: st
     return SliceDataset(processed_dir, split, slices["size"], "cls",
                         clean_per_nodule_slice=slices["clean_per_nodule_slice"], seed=params["seed"],
                         clean_source=slices["clean_source"])
+
+
+def evenly_per_patient(dataset: Dataset, per_patient: int) -> Dataset:
+    """At most ``per_patient`` items of each patient of ``dataset``, evenly spaced in item
+    order (for slices: from the patient's first to last slice), in the dataset's order.
+
+    ``dataset`` has ``patient_ids``, one per item (:class:`SliceDataset`, :class:`CropDataset`).
+    ``per_patient`` 0 keeps every item and returns ``dataset`` itself.
+    """
+    if per_patient < 0:
+        raise ValueError(f"per_patient: got {per_patient}, expected 0 (every item) or a positive count")
+    if per_patient == 0:
+        return dataset
+    positions: dict[str, list[int]] = {}
+    for index, patient in enumerate(dataset.patient_ids):
+        positions.setdefault(str(patient), []).append(index)
+    kept: list[int] = []
+    for items in positions.values():
+        if len(items) <= per_patient:
+            kept.extend(items)
+        else:
+            picks = np.linspace(0, len(items) - 1, per_patient).round().astype(int)
+            kept.extend(items[i] for i in picks)
+    return Subset(dataset, sorted(kept))

@@ -6,7 +6,8 @@ Three parts, each on the test split:
   protocol; :func:`chestssl.eval.linear_probe.fit_linear_probe`), fitted on the training
   split's labelled view;
 - the reconstruction, for methods that reconstruct: SSIM / PSNR with one ``data_range``
-  (:func:`chestssl.eval.evaluate_reconstruction`) and evenly spaced example images;
+  (:func:`chestssl.eval.evaluate_reconstruction`) on ``evaluate.reconstruction_slices_per_patient``
+  evenly spaced items of each test patient (0: all), and evenly spaced example images;
 - for multihead models, their segmentation and classification heads on the same test
   slices as the downstream runs (:func:`chestssl.eval.downstream.evaluate_predictor`).
 """
@@ -49,7 +50,7 @@ def evaluate_pretrain(
     import torch
 
     from chestssl.data.datasets import SliceDataset
-    from chestssl.data.views import labelled_view, pretrain_view
+    from chestssl.data.views import evenly_per_patient, labelled_view, pretrain_view
     from chestssl.eval import evaluate_reconstruction, save_examples
     from chestssl.eval.downstream import evaluate_predictor
     from chestssl.eval.linear_probe import extract_features, fit_linear_probe
@@ -75,13 +76,15 @@ def evaluate_pretrain(
         extract_features(encoder, labelled_view(params, cfg, "test", processed_dir), device),
         C=probe["C"], max_iter=probe["max_iter"], seed=seed,
         n_bootstrap=cfg_eval["bootstrap_samples"], confidence=cfg_eval["confidence"])}
-    test = pretrain_view(params, cfg, "test", processed_dir)
+    test = evenly_per_patient(pretrain_view(params, cfg, "test", processed_dir),
+                              cfg_eval["reconstruction_slices_per_patient"])
     if not method.reconstructs:
         metrics["reconstructs"] = False
         save_examples(out_dir / "examples.npz", image=_axial_middle(test[0]["image"][None].numpy()))
     else:
         out = predict_dataset(lambda batch: method.reconstruct(batch["image"]), test, device=device)
-        metrics.update(reconstructs=True, **evaluate_reconstruction(
+        metrics.update(reconstructs=True, reconstruction_items_per_patient=cfg_eval["reconstruction_slices_per_patient"],
+                       **evaluate_reconstruction(
             out["output"], out["image"], out["patient_id"], n_bootstrap=cfg_eval["bootstrap_samples"],
             confidence=cfg_eval["confidence"], seed=seed))
         # Evenly spaced test items, so the figure spans patients and anatomy.

@@ -164,9 +164,12 @@ def _protocol(params: Mapping[str, Any] | None, bootstrap: Mapping[str, Any] | N
             "training time (validation included) and peak memory, the stage process's peak resident size on a "
             "CPU or the peak of allocated CUDA memory on a GPU. A method that trains nothing has 0 steps."
         )
+    per_patient = params["evaluate"].get("reconstruction_slices_per_patient", 0) if params is not None else 0
+    over = (f"{per_patient} evenly spaced test slices (or crops) of each patient "
+            "(`evaluate.reconstruction_slices_per_patient`)" if per_patient else "every test slice")
     lines.append(
         "- **Reconstruction metrics:** SSIM and PSNR with one data range, 1.0 (images in [0, 1], reconstructions "
-        "clamped to [0, 1]), mean over test slices; a slice's PSNR is capped at 100 dB."
+        f"clamped to [0, 1]), mean over {over}; a slice's PSNR is capped at 100 dB."
     )
     return "\n".join(lines)
 

@@ -45,6 +45,18 @@ def test_an_autoencoder_gets_the_probe_and_its_reconstruction_scores(synthetic_p
     assert not where["heads_dir"].exists()
 
 
+def test_reconstruction_is_scored_on_evenly_spaced_slices_of_each_test_patient(synthetic_processed, tmp_path):
+    params = stage_params()
+    params["evaluate"] = {**params["evaluate"], "reconstruction_slices_per_patient": 3}
+    where = _where(tmp_path)
+    _saved_method(params, "ae_cnn_attention", where["model_path"])
+    metrics = evaluate_pretrain(params, "ae_cnn_attention", synthetic_processed, **where)
+    assert metrics["n_images"] == 6 and metrics["n_patients"] == 2
+    assert metrics["reconstruction_items_per_patient"] == 3
+    with np.load(where["out_dir"] / "examples.npz") as examples:
+        assert list(examples["slice_index"]) == [0, 11]  # still the first and the last
+
+
 def test_a_scratch_encoder_is_probed_and_shows_one_input(synthetic_processed, tmp_path):
     params = stage_params()
     where = _where(tmp_path)
