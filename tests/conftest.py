@@ -63,6 +63,11 @@ def one_torch_thread():
     torch.set_num_threads(previous)
 
 
+#: The ``lung_box`` of every scan of ``synthetic_processed`` (rows 8..39, columns 6..41:
+#: 32 x 36 pixels holding the nodule disc).
+LUNG_BOX = (8, 40, 6, 42)
+
+
 @pytest.fixture
 def synthetic_processed(tmp_path):
     """A tiny ``data/processed`` folder in the contract of chestssl.data.processed.
@@ -97,6 +102,7 @@ def synthetic_processed(tmp_path):
             mask=mask,
             spacing=np.array([2.5, 1.5, 1.5], np.float32),
             origin_index=np.zeros(3, np.int32),
+            lung_box=np.array(LUNG_BOX, np.int32),
         )
     pd.DataFrame(slice_rows, columns=SLICE_COLUMNS).to_csv(root / "slices.csv", index=False)
     pd.DataFrame(nodule_rows, columns=NODULE_COLUMNS).to_csv(root / "nodules.csv", index=False)

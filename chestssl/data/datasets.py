@@ -39,6 +39,7 @@ from chestssl.data.array_cache import cached_arrays, digest, open_entry, scan_id
 from chestssl.data.processed import SPLITS, DatasetError, load_scan, read_nodules, read_slices
 from chestssl.paths import cache_dir
 from chestssl.params import CLEAN_SOURCES  # where the clean slices of cls come from (slices.clean_source)
+from chestssl.params import FIELDS_OF_VIEW  # what a slice shows (slices.field_of_view)
 
 TASKS = ("pretrain", "seg", "cls")
 SLICE_ARRAYS = ("images", "masks")
@@ -68,6 +69,9 @@ class SliceDataset(Dataset):
             nodule (no row in ``nodules.csv``, no nodule pixel in ``slices.csv``). A split
             without such a patient is then an error. Nodule slices and the other tasks do
             not depend on it.
+        field_of_view: ``body``, the whole processed slice (cropped to the body), or
+            ``lungs``, only the scan's ``lung_box`` (the lungs and every nodule, the same
+            box for every slice of a scan), so the nodules span more of the ``size`` pixels.
 
     All items are computed once, at construction: each scan is loaded once and only the
     needed slices are kept, stored as float16 images and uint8 masks in the array cache
@@ -99,6 +103,7 @@ class SliceDataset(Dataset):
         seed: int = 0,
         patient_ids: list[str] | None = None,
         clean_source: str = "any_slice",
+        field_of_view: str = "body",
     ) -> None:
         if split not in SPLITS:
             raise DatasetError(f"split: got {split!r}, expected one of {', '.join(SPLITS)}")
@@ -110,8 +115,10 @@ class SliceDataset(Dataset):
             raise DatasetError(f"clean_per_nodule_slice: got {clean_per_nodule_slice!r}, expected a number >= 0")
         if clean_source not in CLEAN_SOURCES:
             raise DatasetError(f"clean_source: got {clean_source!r}, expected one of {', '.join(CLEAN_SOURCES)}")
+        if field_of_view not in FIELDS_OF_VIEW:
+            raise DatasetError(f"field_of_view: got {field_of_view!r}, expected one of {', '.join(FIELDS_OF_VIEW)}")
         self.processed_dir = Path(processed_dir)
-        self.split, self.size, self.task = split, size, task
+        self.split, self.size, self.task, self.field_of_view = split, size, task, field_of_view
         if not (self.processed_dir / "slices.csv").exists():
             raise FileNotFoundError(
                 f"{self.processed_dir / 'slices.csv'} missing; run the preprocess stage (dvc repro preprocess)"
@@ -147,10 +154,12 @@ class SliceDataset(Dataset):
         scans = self.frame["scan_id"].unique().tolist()
         key = digest({
             "size": self.size,
+            "field_of_view": self.field_of_view,
             "rows": [[scan, int(index)] for scan, index in zip(self.frame["scan_id"], self.frame["slice_index"])],
             "scans": {scan: scan_identity(self.processed_dir, scan) for scan in scans},
         })
-        folder, name = cache_dir().absolute() / "slices", f"{self.task}-{self.split}-{self.size}px-{key[:24]}"
+        folder = cache_dir().absolute() / "slices"
+        name = f"{self.task}-{self.split}-{self.size}px-{self.field_of_view}-{key[:24]}"
         self.cache_entry = folder / name
         shape = (len(self.frame), self.size, self.size)
         return cached_arrays(
@@ -160,7 +169,7 @@ class SliceDataset(Dataset):
         )
 
     def _write_slices(self, folder: Path) -> None:
-        """Load each scan once; pad and resize its needed slices into ``folder/{images,masks}.npy``
+        """Load each scan once; crop (field of view), pad and resize its needed slices into ``folder/{images,masks}.npy``
         ((N, S, S) float16 and uint8), one scan at a time."""
         shape = (len(self.frame), self.size, self.size)
         images = np.lib.format.open_memmap(folder / "images.npy", "w+", np.float16, shape)
@@ -174,7 +183,9 @@ class SliceDataset(Dataset):
                     f"slices.csv lists slice {int(wanted.max())} of scan {scan_id}, but "
                     f"scans/{scan_id}.npz has {depth} slices; rerun the preprocess stage"
                 )
-            image, mask = square_resize(scan["image"][wanted], scan["mask"][wanted] > 0, self.size)
+            y0, y1, x0, x1 = scan["lung_box"] if self.field_of_view == "lungs" else (None, None, None, None)
+            image, mask = square_resize(scan["image"][wanted, y0:y1, x0:x1], scan["mask"][wanted, y0:y1, x0:x1] > 0,
+                                        self.size)
             positions = rows.index.to_numpy(dtype=np.int64)
             images[positions] = image.to(torch.float16).numpy()
             masks[positions] = mask.to(torch.uint8).numpy()

@@ -15,7 +15,9 @@ clusters of ``scan.cluster_annotations()`` and their ``pylidc.utils.consensus`` 
    at the lowest z, i.e. the most inferior);
 4. cropped to the body: voxels above ``preprocess.body_threshold_hu``, largest connected
    component, bounding box;
-5. image windowed to ``preprocess.hu_window`` and scaled to [0, 1].
+5. the in-plane box of the lungs recorded (``lung_box``, :func:`lung_bounding_box`), for
+   slices that show the lungs only (``slices.field_of_view: lungs``);
+6. image windowed to ``preprocess.hu_window`` and scaled to [0, 1].
 
 The outputs follow :mod:`chestssl.data.processed`. A bad series (unreadable or corrupt
 DICOM file, missing slices, ``PixelSpacing`` or ``SliceThickness`` headers that disagree
@@ -210,6 +212,44 @@ def window_hu(hu: np.ndarray, low: float, high: float) -> np.ndarray:
     return np.asarray(scaled, dtype=np.float32)
 
 
+#: Voxels below this (HU) inside the body are counted as lung (aerated parenchyma is about
+#: -850 HU; soft tissue and vessels are above -100).
+LUNG_THRESHOLD_HU = -400.0
+#: A component of air inside the body counts as lung when it holds at least this share of
+#: the largest one's voxels (the two lungs may be apart; gas pockets are far smaller).
+LUNG_MIN_SHARE = 0.1
+
+
+def lung_bounding_box(hu: np.ndarray, body_threshold_hu: float, mask: np.ndarray | None = None) -> np.ndarray:
+    """In-plane box ``[y0, y1, x0, x1)`` (int32) of the lungs of a ``(Z, Y, X)`` HU volume.
+
+    Lung: voxels below :data:`LUNG_THRESHOLD_HU` enclosed by the body in their axial slice
+    (holes of the slice's voxels above ``body_threshold_hu``), so outside air and the
+    table never count, in connected components of at least :data:`LUNG_MIN_SHARE` of the
+    largest one (each lung; not bowel gas or air pockets by the arms). The box also covers
+    every voxel of ``mask`` (nodules at the pleura or in a collapsed lobe stay inside).
+    The whole slice when no lung voxel is found (e.g. a scan of the abdomen only).
+    """
+    from scipy import ndimage
+
+    dense = hu > body_threshold_hu
+    air = np.zeros(hu.shape, bool)
+    for index in range(hu.shape[0]):
+        air[index] = ndimage.binary_fill_holes(dense[index]) & ~dense[index] & (hu[index] < LUNG_THRESHOLD_HU)
+    labels, count = ndimage.label(air)
+    lung = np.zeros(hu.shape[1:], bool)
+    if count:
+        sizes = np.bincount(labels.ravel())[1:]
+        large = np.flatnonzero(sizes >= LUNG_MIN_SHARE * sizes.max()) + 1
+        lung = np.isin(labels, large).any(axis=0)
+    if mask is not None:
+        lung |= (mask > 0).any(axis=0)
+    if not lung.any():
+        return np.array([0, hu.shape[1], 0, hu.shape[2]], np.int32)
+    rows, cols = np.flatnonzero(lung.any(axis=1)), np.flatnonzero(lung.any(axis=0))
+    return np.array([rows[0], rows[-1] + 1, cols[0], cols[-1] + 1], np.int32)
+
+
 def body_bounding_box(hu: np.ndarray, threshold_hu: float) -> tuple[slice, slice, slice]:
     """Bounding box of the body: the largest connected component above ``threshold_hu``.
 
@@ -345,8 +385,10 @@ class ScanResult:
 
     ``image`` float16 ``(Z, Y, X)`` in [0, 1]; ``mask`` uint8 ``(Z, Y, X)`` with label
     ``k`` = ``nodule_id`` k; ``spacing`` float32 ``(3,)`` mm (z, y, x); ``origin_index``
-    int32 ``(3,)`` the body crop's corner in the resampled volume; ``slices`` and
-    ``nodules`` the scan's rows of ``slices.csv`` and ``nodules.csv`` (without ``split``).
+    int32 ``(3,)`` the body crop's corner in the resampled volume; ``lung_box`` int32
+    ``(4,)`` the lungs' in-plane box ``[y0, y1, x0, x1)`` in the cropped volume
+    (:func:`lung_bounding_box`); ``slices`` and ``nodules`` the scan's rows of
+    ``slices.csv`` and ``nodules.csv`` (without ``split``).
     """
 
     patient_id: str
@@ -356,12 +398,14 @@ class ScanResult:
     mask: np.ndarray
     spacing: np.ndarray
     origin_index: np.ndarray
+    lung_box: np.ndarray
     slices: pd.DataFrame
     nodules: pd.DataFrame
 
     def arrays(self) -> dict[str, np.ndarray]:
         """The arrays of ``scans/<scan_id>.npz``."""
-        return {"image": self.image, "mask": self.mask, "spacing": self.spacing, "origin_index": self.origin_index}
+        return {"image": self.image, "mask": self.mask, "spacing": self.spacing, "origin_index": self.origin_index,
+                "lung_box": self.lung_box}
 
     def record(self) -> ScanRecord:
         return ScanRecord(
@@ -601,9 +645,10 @@ def preprocess_scan(
         raise ScanError(patient_id, uid, folder, str(exc)) from exc
     origin = np.array([s.start for s in crop], np.int32)
     low, high = (float(v) for v in params["hu_window"])
+    mask = np.ascontiguousarray(mask[crop])
+    lung_box = lung_bounding_box(hu[crop], float(params["body_threshold_hu"]), mask)
     image = window_hu(hu[crop], low, high).astype(np.float16)
     del hu
-    mask = np.ascontiguousarray(mask[crop])
 
     ratings = []
     for nodule_id, (cluster, centroid_ijk) in enumerate(zip(clusters, centroids_ijk), start=1):
@@ -630,6 +675,7 @@ def preprocess_scan(
         mask=mask,
         spacing=np.asarray(spacing_out, np.float32),
         origin_index=origin,
+        lung_box=lung_box,
         slices=slices,
         nodules=nodules,
     )

@@ -8,7 +8,9 @@
   resampled to ``preprocess.spacing`` and windowed to ``preprocess.hu_window``, cropped
   to the body); ``mask`` uint8 (Z, Y, X), 0 background and k > 0 the nodule with
   ``nodule_id == k`` in ``nodules.csv``; ``spacing`` float32 (3,) mm (z, y, x);
-  ``origin_index`` int32 (3,) the crop's corner in the resampled volume.
+  ``origin_index`` int32 (3,) the crop's corner in the resampled volume; ``lung_box``
+  int32 (4,) ``[y0, y1, x0, x1)``, the in-plane box of the lungs and nodules in the
+  cropped volume (slices with ``slices.field_of_view: lungs`` show only it).
 - ``slices.csv``: one row per axial slice (columns :data:`SLICE_COLUMNS`).
   ``label`` is 1 for a nodule slice (more than ``min_nodule_pixels`` mask pixels), 0 for
   a slice without nodule pixels, -1 for a slice in between (excluded from
@@ -49,7 +51,7 @@ NODULE_COLUMNS = [
 SKIPPED_COLUMNS = ["patient_id", "series_instance_uid", "file", "reason"]
 
 
-SCAN_ARRAYS = ("image", "mask", "spacing", "origin_index")
+SCAN_ARRAYS = ("image", "mask", "spacing", "origin_index", "lung_box")
 RERUN = "rerun the preprocess stage (dvc repro -f preprocess)"
 
 
@@ -70,7 +72,8 @@ def scan_path(processed_dir: str | Path, scan_id: str) -> Path:
 
 
 def load_scan(processed_dir: str | Path, scan_id: str) -> dict[str, np.ndarray]:
-    """Load one processed scan: ``image`` (Z, Y, X) float32 in [0, 1], ``mask`` (Z, Y, X)."""
+    """Load one processed scan: ``image`` (Z, Y, X) float32 in [0, 1], ``mask`` (Z, Y, X), and
+    the other arrays of :data:`SCAN_ARRAYS` as stored."""
     path = scan_path(processed_dir, scan_id)
     if not path.exists():
         raise FileNotFoundError(f"{path} missing; {RERUN}")
@@ -88,6 +91,11 @@ def load_scan(processed_dir: str | Path, scan_id: str) -> dict[str, np.ndarray]:
     if scan["image"].shape != scan["mask"].shape or scan["image"].ndim != 3:
         raise ProcessedDataError(f"{path}: image {scan['image'].shape} and mask {scan['mask'].shape} are not one "
                                  f"(Z, Y, X) volume; {RERUN}")
+    box = scan["lung_box"]
+    if (box.shape != (4,) or not np.issubdtype(box.dtype, np.integer) or not 0 <= box[0] < box[1] <= scan["image"].shape[1]
+            or not 0 <= box[2] < box[3] <= scan["image"].shape[2]):
+        raise ProcessedDataError(f"{path}: lung_box {box.tolist()} is not a box [y0, y1, x0, x1) inside the "
+                                 f"{scan['image'].shape[1]} x {scan['image'].shape[2]} slices; {RERUN}")
     scan["image"] = scan["image"].astype(np.float32)
     return scan
 

@@ -69,7 +69,8 @@ def pretrain_view(params: Mapping[str, Any], entry: Mapping[str, Any], split: st
     """
     if spatial_dims_of(entry) == 3:
         return _crops(params, processed_dir, split, pretext=True)
-    slices = SliceDataset(processed_dir, split, params["slices"]["size"], "pretrain", seed=params["seed"])
+    slices = SliceDataset(processed_dir, split, params["slices"]["size"], "pretrain", seed=params["seed"],
+                          field_of_view=params["slices"]["field_of_view"])
     if entry.get("epoch_unit", DEFAULT_EPOCH_UNIT) != "scans" or split == "test":
         return slices
     if split == "train":
@@ -84,7 +85,7 @@ def labelled_view(params: Mapping[str, Any], entry: Mapping[str, Any], split: st
     slices = params["slices"]
     return SliceDataset(processed_dir, split, slices["size"], "cls",
                         clean_per_nodule_slice=slices["clean_per_nodule_slice"], seed=params["seed"],
-                        clean_source=slices["clean_source"])
+                        clean_source=slices["clean_source"], field_of_view=slices["field_of_view"])
 
 
 def evenly_per_patient(dataset: Dataset, per_patient: int) -> Dataset:

@@ -57,7 +57,7 @@ def evaluate(
     model = _load_run_model(run, name, model_path, seed, device)
     test = SliceDataset(processed_dir, "test", slices["size"], run["task"],
                         clean_per_nodule_slice=slices["clean_per_nodule_slice"], seed=seed,
-                        clean_source=slices["clean_source"])
+                        clean_source=slices["clean_source"], field_of_view=slices["field_of_view"])
     metrics = evaluate_predictor(
         run["task"], model.predict, test, params["evaluate"], examples_path=out_dir / "examples.npz",
         items_path=out_dir / "items.npz", num_examples=params["report"]["num_examples"], seed=seed, device=device,

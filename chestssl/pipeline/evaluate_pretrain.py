@@ -100,7 +100,7 @@ def evaluate_pretrain(
                 continue
             data = SliceDataset(processed_dir, "test", slices["size"], task,
                                 clean_per_nodule_slice=slices["clean_per_nodule_slice"], seed=seed,
-                                clean_source=slices["clean_source"])
+                                clean_source=slices["clean_source"], field_of_view=slices["field_of_view"])
             metrics[key] = evaluate_predictor(
                 task, lambda batch, predict=predict: predict(batch["image"]), data, cfg_eval,
                 examples_path=heads_dir / f"{task}_examples.npz", items_path=heads_dir / f"{task}_items.npz",

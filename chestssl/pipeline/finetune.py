@@ -78,7 +78,7 @@ def finetune(
         # The data's seed (the clean slices drawn) stays `seed` for every training seed.
         return SliceDataset(processed_dir, split, slices["size"], run["task"],
                             clean_per_nodule_slice=slices["clean_per_nodule_slice"], seed=seed,
-                            clean_source=slices["clean_source"])
+                            clean_source=slices["clean_source"], field_of_view=slices["field_of_view"])
 
     train, val = data("train"), data("val")
     monitor, mode = MONITOR[run["task"]]

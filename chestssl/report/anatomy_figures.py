@@ -347,12 +347,12 @@ def _stored_shape(archive: zipfile.ZipFile, name: str) -> tuple[int, ...]:
     return tuple(int(n) for n in shape)
 
 
-def nodule_scale(processed_dir: str | os.PathLike, size: int) -> dict[str, float] | None:
+def nodule_scale(processed_dir: str | os.PathLike, size: int, field_of_view: str = "body") -> dict[str, float] | None:
     """How large the nodules are in the ``size`` x ``size`` slices the 2D models see.
 
-    A slice is padded to a square of its longer side and resized to ``size``
-    (:func:`chestssl.data.datasets.square_resize`), so one of its pixels spans
-    ``max(Y * sy, X * sx) / size`` mm of its scan. Returns the medians over the nodules of
+    A slice (with ``field_of_view`` ``lungs``, its scan's ``lung_box``) is padded to a square
+    of its longer side and resized to ``size`` (:func:`chestssl.data.datasets.square_resize`),
+    so one of its pixels spans ``max(Y * sy, X * sx) / size`` mm of its scan. Returns the medians over the nodules of
     ``nodules.csv`` (each with its scan's pixel size): ``nodule_mm`` (consensus diameter),
     ``mm_per_pixel`` and ``nodule_pixels``, with ``nodules``, their count; ``None`` without
     nodules or processed data.
@@ -371,6 +371,9 @@ def nodule_scale(processed_dir: str | os.PathLike, size: int) -> dict[str, float
                 _, rows, cols = _stored_shape(archive, "image")
             with np.load(path, allow_pickle=False) as archive:
                 spacing = np.asarray(archive["spacing"], dtype=float)
+                if field_of_view == "lungs":
+                    y0, y1, x0, x1 = (int(v) for v in archive["lung_box"])
+                    rows, cols = y1 - y0, x1 - x0
         except (OSError, KeyError, ValueError, zipfile.BadZipFile):
             return None
         pixel_mm[scan_id] = max(rows * spacing[1], cols * spacing[2]) / size

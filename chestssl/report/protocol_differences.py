@@ -195,6 +195,11 @@ def _seed000(params: Mapping[str, Any]) -> list[Difference]:
     size = params["slices"]["size"]
     rows.append(Difference("000", "slice size", f"Axial slices resized to {SEED000_SLICE_SIZE} x {SEED000_SLICE_SIZE}.",
                            f"{size} x {size} slices (`slices.size`).", size == SEED000_SLICE_SIZE))
+    lungs = params["slices"].get("field_of_view", "body") == "lungs"
+    rows.append(Difference(
+        "000", "field of view", "The whole axial slice.",
+        "The box of each scan's lungs and nodules (`slices.field_of_view: lungs`), so nodules span more pixels."
+        if lungs else "The whole axial slice, cropped to the body (`slices.field_of_view: body`).", not lungs))
 
     split = params["preprocess"]["split"]
     rows.append(Difference(

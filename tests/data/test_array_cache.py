@@ -78,7 +78,7 @@ def items_digest(data) -> str:
 def rewrite_scan(processed, scan_id: str, scale: float) -> None:
     scan = load_scan(processed, scan_id)
     write_npz(scan_path(processed, scan_id), image=(scan["image"] * scale).astype(np.float16), mask=scan["mask"],
-              spacing=scan["spacing"], origin_index=scan["origin_index"])
+              spacing=scan["spacing"], origin_index=scan["origin_index"], lung_box=scan["lung_box"])
 
 
 # ---------------------------------------------------------------- SliceDataset

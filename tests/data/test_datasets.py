@@ -93,6 +93,7 @@ def test_non_square_slices_are_padded_with_air(synthetic_processed):
         mask=scan["mask"][:, :, :36],
         spacing=scan["spacing"],
         origin_index=scan["origin_index"],
+        lung_box=np.array([0, 48, 0, 36], np.int32),
     )
     item = SliceDataset(synthetic_processed, "val", 48, "seg")[0]
     image, mask = item["image"][0], item["mask"][0]
@@ -100,6 +101,24 @@ def test_non_square_slices_are_padded_with_air(synthetic_processed):
     assert image[:, 6:42].min() > 0
     xs = torch.nonzero(mask, as_tuple=True)[1].float()
     assert xs.mean() == pytest.approx(DISC_CENTRE[1] + 6, abs=0.01)
+
+
+def test_the_lung_field_of_view_shows_the_lung_box_padded_to_a_square(synthetic_processed):
+    from tests.conftest import LUNG_BOX
+
+    y0, y1, x0, x1 = LUNG_BOX  # 32 rows x 36 columns: 2 rows of air above and below
+    lungs = SliceDataset(synthetic_processed, "val", 36, "seg", field_of_view="lungs")
+    body = SliceDataset(synthetic_processed, "val", 36, "seg")
+    assert lungs.cache_entry != body.cache_entry
+    scan = load_scan(synthetic_processed, "p3")
+    item = lungs[0]
+    np.testing.assert_allclose(item["image"][0, 2:34].numpy(), scan["image"][4, y0:y1, x0:x1], atol=1e-3)
+    assert item["image"][0, :2].abs().max() == 0 and item["image"][0, 34:].abs().max() == 0
+    np.testing.assert_array_equal(item["mask"][0, 2:34].numpy(), scan["mask"][4, y0:y1, x0:x1] > 0)
+    # The nodule spans more of the slice than with the body in view (48 x 48 resized to 36).
+    assert item["mask"].sum() > 1.5 * body[0]["mask"].sum()
+    with pytest.raises(DatasetError, match="field_of_view: got 'chest'"):
+        SliceDataset(synthetic_processed, "val", 36, "seg", field_of_view="chest")
 
 
 def test_square_resize_keeps_masks_binary_and_images_in_range():

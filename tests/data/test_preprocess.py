@@ -27,6 +27,7 @@ from chestssl.data.preprocess import (
     body_bounding_box,
     check_split_sizes,
     geometry_mismatch,
+    lung_bounding_box,
     missing_slice_positions,
     nodule_table,
     resample_linear,
@@ -146,6 +147,21 @@ def test_body_crop_takes_the_largest_component():
     hu[3:17, 52:56, 5:55] = 200.0  # table: a separate, smaller component
     crop = body_bounding_box(hu, -500.0)
     assert crop == (slice(3, 17), slice(10, 45), slice(8, 50))
+
+
+def test_the_lung_box_holds_the_air_inside_the_body_and_every_nodule():
+    hu = np.full((20, 60, 60), -1000.0, np.float32)  # outside air, below the lung threshold too
+    hu[3:17, 10:45, 8:50] = 40.0  # body
+    hu[5:15, 20:35, 15:25] = -850.0  # right lung
+    hu[6:14, 18:33, 30:41] = -850.0  # left lung
+    hu[3:17, 52:56, 5:55] = 200.0  # table
+    np.testing.assert_array_equal(lung_bounding_box(hu, -500.0), [18, 35, 15, 41])
+    mask = np.zeros(hu.shape, np.uint8)
+    mask[8, 36:39, 44:47] = 1  # a nodule outside the aerated lung (e.g. at the pleura)
+    np.testing.assert_array_equal(lung_bounding_box(hu, -500.0, mask), [18, 39, 15, 47])
+    solid = np.where(hu < -500.0, 40.0, hu)  # no lung: the whole slice
+    solid[:, :5] = -1000.0
+    np.testing.assert_array_equal(lung_bounding_box(solid, -500.0), [0, 60, 0, 60])
 
 
 def test_body_crop_without_body_names_the_threshold():
@@ -360,6 +376,11 @@ def test_outputs_follow_the_processed_contract(processed, phantom_raw):
         for axis in (1, 2):
             profile = body.any(axis=tuple(a for a in (0, 1, 2) if a != axis))
             assert profile[0] and profile[-1]
+        # The lung box lies inside the slices, holds every nodule voxel and leaves out some body.
+        y0, y1, x0, x1 = scan["lung_box"]
+        assert scan["lung_box"].dtype == np.int32 and 0 <= y0 < y1 <= image.shape[1] and 0 <= x0 < x1 <= image.shape[2]
+        assert not mask[:, :y0].any() and not mask[:, y1:].any() and not mask[:, :, :x0].any() and not mask[:, :, x1:].any()
+        assert (y1 - y0) * (x1 - x0) < image.shape[1] * image.shape[2]
     assert summary.scans == len(patients) and summary.skipped == 0
     assert summary.slices == len(slices) and summary.nodules == len(nodules)
 

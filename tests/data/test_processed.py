@@ -61,7 +61,19 @@ def test_a_scan_without_its_arrays_names_them(synthetic_processed, tmp_path):
     import numpy as np
 
     np.savez(scan_path(synthetic_processed, "p1"), image=np.zeros((2, 2, 2), np.float16))
-    with pytest.raises(ProcessedDataError, match=r"p1\.npz: no array mask, spacing, origin_index"):
+    with pytest.raises(ProcessedDataError, match=r"p1\.npz: no array mask, spacing, origin_index, lung_box"):
+        load_scan(synthetic_processed, "p1")
+
+
+def test_a_lung_box_outside_the_slices_is_refused(synthetic_processed):
+    import numpy as np
+
+    from chestssl.io import write_npz
+
+    scan = load_scan(synthetic_processed, "p1")
+    write_npz(scan_path(synthetic_processed, "p1"), image=scan["image"].astype(np.float16), mask=scan["mask"],
+              spacing=scan["spacing"], origin_index=scan["origin_index"], lung_box=np.array([0, 60, 0, 48], np.int32))
+    with pytest.raises(ProcessedDataError, match=r"p1\.npz: lung_box \[0, 60, 0, 48\] is not a box"):
         load_scan(synthetic_processed, "p1")
 
 

@@ -64,7 +64,8 @@ def _smooth_chests(processed) -> None:
         image = np.where(spine, 1.0, image) + 0.01 * rng.standard_normal(mask.shape)
         image[mask > 0] = 0.8
         write_npz(path, image=np.clip(image, 0, 1).astype(np.float16), mask=mask,
-                  spacing=np.array([4.0, 1.5, 1.5], np.float32), origin_index=origin)
+                  spacing=np.array([4.0, 1.5, 1.5], np.float32), origin_index=origin,
+                  lung_box=np.array([0, mask.shape[1], 0, mask.shape[2]], np.int32))
     for table in ("slices.csv", "nodules.csv"):
         frame = pd.read_csv(processed / table, dtype={"patient_id": str, "scan_id": str})
         frame.loc[frame["split"] == "val", "split"] = "train"

@@ -69,7 +69,8 @@ def write_processed(root: Path, scans: dict = SCANS) -> Path:
             slice_rows.append([scan_id, scan_id, index, pixels, 3.0 if pixels else 0.0, int(pixels > 0), split])
         image = np.clip((hu + 1000.0) / 1400.0, 0.0, 1.0)
         write_npz(root / "scans" / f"{scan_id}.npz", image=image.astype(np.float16), mask=mask,
-                  spacing=np.array(SPACING, np.float32), origin_index=np.zeros(3, np.int32))
+                  spacing=np.array(SPACING, np.float32), origin_index=np.zeros(3, np.int32),
+                  lung_box=np.array([0, SHAPE[1], 0, SHAPE[2]], np.int32))
     pd.DataFrame(slice_rows, columns=SLICE_COLUMNS).to_csv(root / "slices.csv", index=False)
     pd.DataFrame(nodule_rows, columns=NODULE_COLUMNS).to_csv(root / "nodules.csv", index=False)
     write_json(root / "splits.json", splits)
