@@ -63,6 +63,8 @@ STAGES: dict[str, tuple[str, str] | None] = {
     "pretrain_cross_modal": ("cross_modal.methods", ""),
     "label_fraction": ("label_fraction.runs", ""),
     "frozen_parts": ("frozen_parts.runs", ""),
+    "latent_diffusion": ("latent_diffusion", "ae_cnn_attention"),
+    "evaluate_latent_diffusion": ("latent_diffusion", "ae_cnn_attention"),
     "report": None,
 }
 
@@ -235,6 +237,8 @@ def stage_instances(params: dict[str, Any]) -> dict[str, int]:
         "pretrain_cross_modal": len(params["cross_modal"]["methods"]),
         "label_fraction": len(params["label_fraction"]["runs"]),
         "frozen_parts": len(params["frozen_parts"]["runs"]),
+        "latent_diffusion": len(params.get("latent_diffusion") or {}),
+        "evaluate_latent_diffusion": len(params.get("latent_diffusion") or {}),
     }
 
 

@@ -44,7 +44,8 @@ PROJECT_FILES = ["chestssl", "stages", "dvc.yaml", "params.yaml", "params", "pyp
                  *(f"reports/{stage}/README.md" for stage in ("pretrain", "evaluate_pretrain", "finetune",
                                                              "evaluate", "label_fraction", "frozen_parts",
                                                              "pretrain_radiographs", "pretrain_radiograph_studies",
-                                                             "pretrain_cross_modal", "alignment"))]
+                                                             "pretrain_cross_modal", "alignment", "latent_diffusion",
+                                                             "evaluate_latent_diffusion"))]
 
 #: Peak dense throughput (FLOP/s) by precision, from the vendors' data sheets (no sparsity).
 GPUS = {

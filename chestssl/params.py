@@ -363,6 +363,61 @@ class ClsRun(Entry):
 RunEntry = Tagged("task", SegRun, ClsRun)
 
 
+#: Samplers of a latent diffusion entry (:data:`chestssl.models.latent_diffusion.SAMPLERS`).
+DIFFUSION_SAMPLERS = ("ddpm", "ddim")
+
+
+class LatentDiffusionEntry(Entry):
+    """Seed 000's latent diffusion on the quantised latents of the ``methods`` entry of the
+    same name (method ``vqgan``, 2D): the UNet, its noise schedule, and the sampling."""
+
+    channels: List(Int(ge=1), doc="the DiffusionModelUNet's channels per level; seed 000: [192, 384, 768]")
+    attention_levels: List(Bool(), doc="self-attention at each level; seed 000: at every level")
+    num_res_blocks: Int(ge=1)
+    num_head_channels: Int(ge=1, doc="channels per attention head")
+    norm_num_groups: Int(ge=1, doc="divides every level's channels")
+    timesteps: Int(ge=2, doc="DDPM training timesteps; seed 000: 1000")
+    beta_start: Float(gt=0.0, lt=1.0, doc="linear beta schedule; seed 000: 1e-4 .. 2e-2")
+    beta_end: Float(gt=0.0, lt=1.0)
+    sampler: Str(choices=DIFFUSION_SAMPLERS, doc="ddpm: every timestep backwards (seed 000); ddim: `sampling_steps`")
+    sampling_steps: Int(ge=1, doc="DDIM steps (ddpm runs `timesteps`)")
+    samples: Int(ge=2, doc="generated slices scored by FID; seed 000: 1000")
+
+    @model_validator(mode="after")
+    def _unet(self) -> "LatentDiffusionEntry":
+        if len(self.attention_levels) != len(self.channels):
+            raise problem(f"got {len(self.attention_levels)} values for {len(self.channels)} channels levels",
+                          key="attention_levels")
+        uneven = [c for c in self.channels if c % self.norm_num_groups]
+        if uneven:
+            raise problem(f"got {self.norm_num_groups}, which does not divide channels {uneven}", key="norm_num_groups")
+        if self.beta_start >= self.beta_end:
+            raise problem(f"got {self.beta_start:g}, expected less than beta_end ({self.beta_end:g})", key="beta_start")
+        if self.sampling_steps > self.timesteps:
+            raise problem(f"got {self.sampling_steps}, expected at most timesteps ({self.timesteps})",
+                          key="sampling_steps")
+        return self
+
+
+class Fid(Config):
+    """Seed 000's generation metric: FID between generated and real test slices."""
+
+    features: Str(doc="the `methods` entry (2D) whose frozen encoder's pooled features FID compares, unless "
+                      "`network` is given")
+    network: Str(doc="a TorchScript feature network on disk, (N, 3, S, S) in [0, 1] -> (N, F), e.g. Inception-v3 "
+                     "or RadImageNet ResNet-50 as seed 000 compared; empty: `features`")
+    network_sha256: Str(pattern=r"^([0-9a-f]{64})?$", doc="the network file's SHA-256 (checked before use)")
+    network_size: Int(ge=16, doc="side of the images fed to `network` (Inception-v3: 299)")
+    bootstrap_samples: Int(ge=0, doc="resamples of the interval (each a matrix square root of F x F)")
+
+    @model_validator(mode="after")
+    def _network(self) -> "Fid":
+        if self.network and not self.network_sha256:
+            raise problem("is empty, but `network` is given; put the file's SHA-256 here (sha256sum <file>)",
+                          key="network_sha256")
+        return self
+
+
 # ---------------------------------------------------------------- data and preprocessing
 
 URL_PATTERN = r"(?i)https?://(\[[0-9a-f:.]+\]|[^\s/?#@\[\]:]+)(:[0-9]{1,5})?([/?#]\S*)?"
@@ -609,6 +664,14 @@ class SegmentationFigureRow(Config):
     multihead: Str(doc="a `multihead` entry with a seg head") = None
 
 
+class SeedGenerationRow(Config):
+    """A row of seed 000's generation (FID) table: the seed's row and the latent diffusion entry beside it."""
+
+    task: ClassVar[str | None] = None
+    seed_row: Str(doc="the seed's row header")
+    latent_diffusion: Nullable(Str(doc="a `latent_diffusion` entry")) = None
+
+
 class Report(Config):
     """The report: which entries each seed 000 table and each comparison figure shows, row by row."""
 
@@ -620,6 +683,7 @@ class Report(Config):
     seed000_multihead_reconstruction: List(SeedReconstructionRow, doc="rows of `seed_row` and `method` or `multihead`")
     seed000_multihead_segmentation: List(SeedSegmentationRow, doc="rows of `seed_row` and `run` or `multihead`")
     seed000_multihead_classification: List(SeedClassificationRow, doc="rows of `seed_row` and `run` or `multihead`")
+    seed000_generation: List(SeedGenerationRow, doc="rows of `seed_row` and `latent_diffusion`")
     segmentation_comparison: List(SegmentationFigureRow, doc="rows of `label` and `run` or `multihead`")
     feature_maps: List(SegmentationFigureRow, doc="rows of `label` and `run` or `multihead`")
 
@@ -675,6 +739,8 @@ class Params(Config):
     label_fraction: LabelFraction
     frozen_parts: FrozenParts
     evaluate: Evaluate
+    latent_diffusion: Names(LatentDiffusionEntry)
+    fid: Fid
     report: Report
 
 
@@ -726,6 +792,25 @@ def _schema_check(raw: Mapping[str, Any], problems: list[str], model: type[Param
     return checked
 
 
+def _check_latent_diffusion(params: Mapping[str, Any], methods: Mapping[str, Any], problems: list[str]) -> None:
+    """Each ``latent_diffusion`` entry names a 2D ``vqgan`` entry of ``methods``; ``fid.features``
+    a 2D ``methods`` entry (its encoder embeds the slices) when no ``fid.network`` is given."""
+    vqgan = [name for name, entry in methods.items() if entry.get("method") == "vqgan"
+             and entry.get("backbone", {}).get("spatial_dims") == 2]
+    for name in params.get("latent_diffusion") or {}:
+        if name not in vqgan:
+            problems.append(f"latent_diffusion.{name}: expected the name of a 2D `methods` entry of method vqgan, "
+                            f"whose latents it learns: {', '.join(vqgan) or 'there is none'}")
+    fid = params.get("fid") or {}
+    features = fid.get("features")
+    if params.get("latent_diffusion") and not fid.get("network"):
+        entry = methods.get(features)
+        if not isinstance(entry, Mapping) or entry.get("backbone", {}).get("spatial_dims") != 2:
+            two_d = [n for n, e in methods.items() if e.get("backbone", {}).get("spatial_dims") == 2]
+            problems.append(f"fid.features: got {features!r}, expected a 2D `methods` entry whose encoder embeds "
+                            f"the slices: {', '.join(two_d)}")
+
+
 def _valid_name(name: Any) -> bool:
     """Whether ``name`` may name an entry or a preset: letters, digits, '_' and '-'."""
     return isinstance(name, str) and re.fullmatch(NAME_PATTERN, name) is not None
@@ -758,6 +843,7 @@ def _cross_checks(params: dict, problems: list[str]) -> None:
                         f"({', '.join(listed) or 'none listed'}), whose encoders the pipeline trains")
     methods = params.get("methods") or {}
     multihead = params.get("multihead") or {}
+    _check_latent_diffusion(params, methods, problems)
     for name in sorted(set(methods) & set(multihead)):
         problems.append(
             f"multihead.{name}: the name is also used under `methods`; pretrained models are stored by name "
@@ -797,13 +883,13 @@ def _cross_checks(params: dict, problems: list[str]) -> None:
 
 
 def _check_report(params: dict, problems: list[str]) -> None:
-    """Each row of a ``report`` table or figure names one entry (``method``, ``run`` or
-    ``multihead``) that exists in its section, of the task the row shows; null (seed
-    tables only) names none, and the row is shown as not run."""
+    """Each row of a ``report`` table or figure names one entry (``method``, ``run``,
+    ``multihead`` or ``latent_diffusion``) that exists in its section, of the task the row
+    shows; null (seed tables only) names none, and the row is shown as not run."""
     report = params.get("report")
     if not isinstance(report, Mapping):
         return
-    sections = {"method": "methods", "run": "runs", "multihead": "multihead"}
+    sections = {"method": "methods", "run": "runs", "multihead": "multihead", "latent_diffusion": "latent_diffusion"}
     for key, field in Report.model_fields.items():
         rows = report.get(key)
         if not isinstance(rows, list):
@@ -1063,7 +1149,8 @@ def _check_method_inputs(params: dict, problems: list[str],
 
 
 #: The sections whose entries name presets, and the references each entry holds.
-PRESET_USERS = {"methods": ("backbone", "recipe"), "multihead": ("backbone", "recipe"), "runs": ("recipe",)}
+PRESET_USERS = {"methods": ("backbone", "recipe"), "multihead": ("backbone", "recipe"), "runs": ("recipe",),
+                "latent_diffusion": ("recipe",)}
 
 
 def _resolve_presets(params: dict, problems: list[str]) -> dict:
@@ -1223,7 +1310,7 @@ def read_yaml(path: str | os.PathLike) -> Any:
 #: (dvc.yaml names them under ``vars`` and in the stages' ``params``).
 PARAMS_FILES: dict[str, tuple[str, ...]] = {
     "params/presets.yaml": ("recipes", "backbones"),
-    "params/methods.yaml": ("methods", "multihead"),
+    "params/methods.yaml": ("methods", "multihead", "latent_diffusion"),
     "params/runs.yaml": ("runs",),
 }
 

@@ -99,6 +99,20 @@ def evaluate_pretrain_dir(method: str) -> Path:
     return REPORTS_DIR / "evaluate_pretrain" / method
 
 
+def latent_diffusion_model_path(name: str) -> Path:
+    """The DDPM of ``latent_diffusion.<name>`` with the frozen autoencoder it diffuses in."""
+    return Path("models/latent_diffusion") / name / "model.pt"
+
+
+def latent_diffusion_report_dir(name: str) -> Path:
+    return REPORTS_DIR / "latent_diffusion" / name
+
+
+def evaluate_latent_diffusion_dir(name: str) -> Path:
+    """FID and the generated slices of ``latent_diffusion.<name>``."""
+    return REPORTS_DIR / "evaluate_latent_diffusion" / name
+
+
 def checkpoint_path(stage: str, name: str) -> Path:
     return CHECKPOINT_DIR / stage / f"{name}.pt"
 

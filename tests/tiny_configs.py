@@ -119,6 +119,12 @@ def shrink_presets(raw: dict) -> None:
             recipe.update(TINY_TRAIN)
 
 
+#: A latent diffusion entry's UNet and sampling at a few-second CPU size.
+TINY_LATENT_DIFFUSION = {"channels": [8, 8], "attention_levels": [False, True], "num_res_blocks": 1,
+                         "num_head_channels": 4, "norm_num_groups": 4, "timesteps": 20, "sampler": "ddim",
+                         "sampling_steps": 3, "samples": 8}
+
+
 def shrink_params(raw: dict) -> None:
     """Shrink a params.yaml mapping in place: its presets and every entry; the report's rows
     follow the entries kept (:func:`drop_report_rows_of_absent_entries`)."""
@@ -126,11 +132,17 @@ def shrink_params(raw: dict) -> None:
     for section in ("methods", "multihead", "runs"):
         for entry in raw.get(section, {}).values():
             shrink_method_entry(entry)
+    for entry in raw.get("latent_diffusion", {}).values():
+        entry.update(TINY_LATENT_DIFFUSION)
+        entry.setdefault("train", {}).update(TINY_TRAIN)
+    if "fid" in raw:
+        raw["fid"]["bootstrap_samples"] = 10
     drop_report_rows_of_absent_entries(raw)
 
 
 #: The keys that name a report row's entry, and the params section each names.
-_REPORT_ENTRY_KEYS = {"method": "methods", "run": "runs", "multihead": "multihead"}
+_REPORT_ENTRY_KEYS = {"method": "methods", "run": "runs", "multihead": "multihead",
+                      "latent_diffusion": "latent_diffusion"}
 
 
 def drop_report_rows_of_absent_entries(raw: dict) -> None:

@@ -54,6 +54,7 @@ from chestssl.report.classifier_figures import classifier_figure_section
 from chestssl.report.comparison_figures import feature_map_figure, segmentation_comparison_figure
 from chestssl.report.comparisons import pretrained_vs_scratch_table
 from chestssl.report.cross_modal import contrastive_activity, cross_modal_tables, read_cross_modal_metrics
+from chestssl.report.generation import generation_figure, generation_table
 from chestssl.report.probes import linear_probe_table
 from chestssl.report.radiograph_figures import (
     ProbeLevel,
@@ -101,6 +102,7 @@ def stage_costs(params: Mapping[str, Any]) -> dict[str, dict[str, Any] | None]:
         ("pretrain_radiographs", block["methods"], paths.radiograph_report_dir),
         ("pretrain_radiograph_studies", block["study_methods"], paths.radiograph_study_report_dir),
         ("pretrain_cross_modal", params["cross_modal"]["methods"], paths.cross_modal_report_dir),
+        ("latent_diffusion", params.get("latent_diffusion") or {}, paths.latent_diffusion_report_dir),
     )
     files = {f"{stage}@{name}": report_dir(name) / "cost.json" for stage, names, report_dir in stages for name in names}
     files["align_radiographs"] = paths.ALIGNMENT_REPORT_DIR / "cost.json"
@@ -186,6 +188,34 @@ def build_pipeline_report(params: Mapping[str, Any], out_dir: Path = paths.REPOR
         ))
     skipped += [f"{spec.title}: `report.{spec.name}` lists no rows." for spec in SEED000_TABLES
                 if not report_params.get(spec.name)]
+    generation_rows = report_params.get("seed000_generation") or []
+    figure_sections = []
+    if generation_rows:
+        diffusion = params.get("latent_diffusion") or {}
+        generation_metrics = {}
+        for name in diffusion:
+            path = paths.evaluate_latent_diffusion_dir(name) / "metrics.json"
+            generation_metrics[name] = (_read_json(path), str(path)) if path.is_file() else None
+        table_sections.append((
+            "Seed 000's generation table (latent diffusion)",
+            "A DDPM on each autoencoder's quantised latents (`latent_diffusion@<entry>`), sampled and decoded; FID "
+            "between the samples and every test slice (`evaluate_latent_diffusion@<entry>`), with a bootstrap "
+            "interval over both sets. Each row states the feature network, the counts and the resolution, without "
+            "which an FID cannot be read.",
+            [generation_table(generation_rows, generation_metrics, dataset_note(params), costs)],
+        ))
+        shown = {row["latent_diffusion"]: paths.evaluate_latent_diffusion_dir(row["latent_diffusion"]) / "samples.npz"
+                 for row in generation_rows if row.get("latent_diffusion")}
+        shown = {name: load_examples(path) for name, path in shown.items() if path.is_file()}
+        if shown:
+            path = generation_figure(figures_dir / "latent_diffusion_samples.png", shown)
+            figure_sections.append(("Latent diffusion (seed 000)", [
+                ("Real test slices, then each latent diffusion model's samples", path)]))
+        else:
+            skipped.append("Latent diffusion samples figure: no `evaluate_latent_diffusion` stage has written "
+                           "its samples.")
+    else:
+        skipped.append("Seed 000's generation table: `report.seed000_generation` lists no rows.")
 
     # The same linear probe of every pretrained encoder (seed 004's protocol).
     probed = {name: (metrics, str(paths.evaluate_pretrain_dir(name) / "metrics.json"))
@@ -228,7 +258,6 @@ def build_pipeline_report(params: Mapping[str, Any], out_dir: Path = paths.REPOR
 
     # Seed 001's ablations: label fraction and frozen parts.
     kinds = {name: entry["method"] for name, entry in entries.items()}
-    figure_sections = []
     if fraction_ablations:
         tables, captioned = [], []
         unit = fraction_unit({run: metrics for run, (metrics, _) in fraction_ablations.items()})

@@ -56,6 +56,8 @@ def tiny_params(params: dict) -> dict:
     params["methods"][TINY_3D_METHOD] = {**params["methods"]["dae_all"], "backbone": "swin_3d"}
     params["crops"].update(size=64, per_scan=2)
     params["multihead"] = {name: params["multihead"][name] for name in TINY_MULTIHEAD}
+    params["latent_diffusion"] = {name: entry for name, entry in params["latent_diffusion"].items()
+                                  if name in TINY_METHODS}
     for entry in params["multihead"].values():
         # Cross-entropy has a gradient on slices without nodule pixels (a soft Dice over a
         # nodule-free batch has almost none), so seg_beta changes the weights in 3 steps.

@@ -86,13 +86,20 @@ def test_repro_builds_the_report_and_a_second_repro_does_nothing(reproduced_proj
     # Every training stage writes what it cost beside its metrics; the report shows it beside the scores.
     trained = [f"pretrain_radiographs/{name}" for name in params["pretrain_radiographs"]["methods"]]
     trained += [f"pretrain_radiograph_studies/{name}" for name in params["pretrain_radiographs"]["study_methods"]]
-    trained += ["pretrain_cross_modal/dae_all", "alignment"]
+    trained += ["pretrain_cross_modal/dae_all", "alignment", "latent_diffusion/ae_cnn_attention"]
     for folder in trained:
         assert json.loads((root / "reports" / folder / "cost.json").read_text())["parameters"] > 0, folder
     assert "**Cost columns:**" in report
     alignment = json.loads((root / "reports" / "alignment" / "metrics.json").read_text())
     assert alignment["parameter_error"]["misaligned"]["before_px"] > 0
     assert "STN alignment of radiographs" in report and (root / "reports" / "figures" / "alignment.png").exists()
+    # Seed 000's latent diffusion: trained on the autoencoder's latents, sampled, scored by FID.
+    generated = json.loads((root / "reports" / "evaluate_latent_diffusion" / "ae_cnn_attention" / "metrics.json")
+                           .read_text())
+    assert generated["fid"]["n_generated"] == params["latent_diffusion"]["ae_cnn_attention"]["samples"]
+    assert generated["fid"]["value"] > 0 and "barlow_twins" in generated["feature_network"]
+    assert "Seed 000: generation performance by backbone (FID, lower is better)" in report
+    assert (root / "reports" / "figures" / "latent_diffusion_samples.png").exists()
     # Training leaves no resume state behind.
     assert not [p for p in (root / "checkpoints").rglob("*") if p.is_file()]
     status = reproduced_project.dvc_run("status").stdout
@@ -145,6 +152,9 @@ def test_changing_one_method_param_reruns_exactly_its_dependents(reproduced_proj
     assert ae_runs
     expected = {f"pretrain@{method}", f"evaluate_pretrain@{method}", "report"}
     expected |= {f"finetune@{r}" for r in ae_runs} | {f"evaluate@{r}" for r in ae_runs}
+    # its latent diffusion model, which diffuses in its latents
+    assert method in reproduced_project.params()["latent_diffusion"]
+    expected |= {f"latent_diffusion@{method}", f"evaluate_latent_diffusion@{method}"}
 
     def change(params):
         params["methods"][method]["loss"]["l1"] = 2.0

@@ -21,7 +21,8 @@ from tests.tiny_configs import shrink_params
 def stage_params(methods=("scratch_cnn_attention", "ae_cnn_attention"), runs=(), multihead=(),
                  slice_size: int = 32) -> dict:
     """The params files shrunk to ``methods``, ``runs`` and ``multihead`` entries of a few
-    steps each, slices of ``slice_size``, 20 bootstrap resamples and 2 examples; the
+    steps each (and the ``latent_diffusion`` entries of those methods, FID on ``barlow_twins``
+    if kept, else ``scratch_resnet18``), slices of ``slice_size``, 20 bootstrap resamples and 2 examples; the
     studies, cross-modal and radiograph lists emptied (but for one scratch ResNet-18, which
     the alignment block must name)."""
     raw = read_raw_params(REPO_ROOT / "params.yaml")[0]
@@ -29,6 +30,9 @@ def stage_params(methods=("scratch_cnn_attention", "ae_cnn_attention"), runs=(),
     raw["methods"] = {name: raw["methods"][name] for name in methods}
     raw["multihead"] = {name: raw["multihead"][name] for name in multihead}
     raw["runs"] = {name: raw["runs"][name] for name in runs}
+    raw["latent_diffusion"] = {name: entry for name, entry in raw["latent_diffusion"].items() if name in methods}
+    if raw["fid"]["features"] not in methods:
+        raw["fid"]["features"] = "scratch_resnet18"
     raw["label_fraction"]["runs"] = []
     raw["frozen_parts"]["runs"] = []
     raw["cross_modal"]["methods"] = []

@@ -238,6 +238,8 @@ _RENDER = textwrap.dedent('''
     runs = {kind: {"task": "cls", "arch": "linear", "init": kind} for kind in PROBE_ENTRIES}
     tables.append(downstream_by_method_table(PROBE_ENTRIES, probes, runs, {}))
     tables.append(alignment_table(_metrics(), "a.json"))
+    from chestssl.report.generation import generation_table
+    tables.append(generation_table(SHIPPED_REPORT["seed000_generation"], {}, "synthetic CT"))
     print(json.dumps({table.name: table.markdown() for table in tables}))
 ''')
 #: The report tables that quote the records of each ``table`` of the file (default: the same name).
