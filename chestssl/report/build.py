@@ -248,7 +248,7 @@ def reading_note(params: Mapping[str, Any] | None, test_patients: int | None, te
             "however close it falls."
         )
     if few:
-        images = f" ({test_images} test images)" if test_images is not None else ""
+        images = f" ({test_images} test slices in the downstream runs)" if test_images is not None else ""
         lines.append(
             f"- **{test_patients} test patient{'s' if test_patients != 1 else ''}{images}.** The intervals are "
             "bootstrap intervals over these patients; at this size they are so wide that they allow no ranking "
@@ -260,7 +260,8 @@ def reading_note(params: Mapping[str, Any] | None, test_patients: int | None, te
             f"- **Small nodules.** At {size} x {size} pixels one pixel spans about {scale['mm_per_pixel']:.1f} mm, so "
             f"the median nodule ({scale['nodule_mm']:.1f} mm across) spans {scale['nodule_pixels']:.1f} pixels: a "
             "segmentation's Dice here moves by whole nodules with one or two pixels, and small nodules vanish "
-            "from the slices (`slices.size` sets the resolution)."
+            "from the slices (`slices.size` and `slices.field_of_view` set the scale; "
+            "`benchmarks/nodule_scale.py` tabulates it)."
         )
     lines += failures
     lines.append(
@@ -513,8 +514,11 @@ def build_report(
 
     failures = failure_lines({r: m for r, (m, _) in by_task["seg"].items()},
                              {r: m for r, (m, _) in by_task["cls"].items()})
-    note = reading_note(params, *_test_size([m for m, _ in [*recon_metrics.values(), *run_metrics.values()]]),
-                        scale=nodule_scale, failures=failures)
+    # Patients from every metrics file; images from the downstream runs' (the reconstruction
+    # metrics may use a few slices per patient, evaluate.reconstruction_slices_per_patient).
+    test_patients = _test_size([m for m, _ in [*recon_metrics.values(), *run_metrics.values()]])[0]
+    test_images = _test_size([m for m, _ in run_metrics.values()])[1]
+    note = reading_note(params, test_patients, test_images, scale=nodule_scale, failures=failures)
     skipped_text = "\n".join(f"- {line}" for line in skipped) if skipped else "- Nothing."
     readme = "\n\n".join(
         [

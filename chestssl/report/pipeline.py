@@ -209,8 +209,11 @@ def build_pipeline_report(params: Mapping[str, Any], out_dir: Path = paths.REPOR
         shown = {name: load_examples(path) for name, path in shown.items() if path.is_file()}
         if shown:
             path = generation_figure(figures_dir / "latent_diffusion_samples.png", shown)
+            steps = {name: (costs.get(f"latent_diffusion@{name}") or {}).get("steps") for name in shown}
+            trained = ", ".join(f"`{name}` {count} training steps" if count is not None else f"`{name}` (no cost record)"
+                                for name, count in steps.items())
             figure_sections.append(("Latent diffusion (seed 000)", [
-                ("Real test slices, then each latent diffusion model's samples", path)]))
+                (f"Real test slices, then each latent diffusion model's samples ({trained})", path)]))
         else:
             skipped.append("Latent diffusion samples figure: no `evaluate_latent_diffusion` stage has written "
                            "its samples.")

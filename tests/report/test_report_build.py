@@ -310,14 +310,14 @@ def test_the_report_opens_with_what_synthetic_data_and_few_test_patients_can_sho
     note = readme.split("## What these numbers can show")[1].split("## Protocol")[0]
     assert readme.index("## What these numbers can show") < readme.index("## Protocol")
     assert "**The data are synthetic.**" in note
-    assert "**4 test patients (12 test images).**" in note and "allow no ranking" in note
+    assert "**4 test patients (12 test slices in the downstream runs).**" in note and "allow no ranking" in note
     assert "params/lidc-full.yaml" in note and "`reports/cost.md`" in note
 
     real = load_params(REPO / "params.yaml")
     real["data"] = {**real["data"], "source": "local", "local": {"path": "data/LIDC-IDRI"}}
     # Real data but few test patients: only the patients are said.
     text = reading_note(real, 4, 12)
-    assert "synthetic" not in text and "**4 test patients (12 test images).**" in text
+    assert "synthetic" not in text and "**4 test patients (12 test slices in the downstream runs).**" in text
     # Real data and enough test patients: no note, and no section.
     assert reading_note(real, FEW_TEST_PATIENTS, 500) == ""
     build_report(**{**inputs, "live_dirs": {}, "examples": {}}, params=real)
