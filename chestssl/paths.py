@@ -113,6 +113,11 @@ def evaluate_latent_diffusion_dir(name: str) -> Path:
     return REPORTS_DIR / "evaluate_latent_diffusion" / name
 
 
+#: The FID feature network's features of every test slice (stage ``fid_reference``), shared by
+#: every ``evaluate_latent_diffusion@`` stage.
+FID_REFERENCE = Path("data/fid/real_test_features.npz")
+
+
 def checkpoint_path(stage: str, name: str) -> Path:
     return CHECKPOINT_DIR / stage / f"{name}.pt"
 

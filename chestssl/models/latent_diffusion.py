@@ -90,9 +90,7 @@ class LatentDiffusion(SteppedModule):
                 num_head_channels=int(self.cfg["num_head_channels"]),
                 norm_num_groups=int(self.cfg["norm_num_groups"]),
             )
-        self.scheduler = DDPMScheduler(num_train_timesteps=int(self.cfg["timesteps"]), schedule="linear_beta",
-                                       beta_start=float(self.cfg["beta_start"]), beta_end=float(self.cfg["beta_end"]),
-                                       clip_sample=False)
+        self.scheduler = self._scheduler("ddpm")
         self.register_buffer("scale_factor", torch.tensor(float(scale_factor)))
         self._validation_generator: torch.Generator | None = None
 
@@ -102,6 +100,13 @@ class LatentDiffusion(SteppedModule):
         if not mode:
             self._validation_generator = None  # every validation pass draws the same noise
         return self
+
+    def _scheduler(self, sampler: str) -> DDPMScheduler | DDIMScheduler:
+        """A fresh scheduler of kind ``sampler`` (:data:`SAMPLERS`) on the entry's noise
+        schedule: ``timesteps`` steps, linear betas ``beta_start`` .. ``beta_end``."""
+        kind = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler}[sampler]
+        return kind(num_train_timesteps=int(self.cfg["timesteps"]), schedule="linear_beta",
+                    beta_start=float(self.cfg["beta_start"]), beta_end=float(self.cfg["beta_end"]), clip_sample=False)
 
     def _inferer(self) -> LatentDiffusionInferer:
         return LatentDiffusionInferer(self.scheduler, scale_factor=float(self.scale_factor))
@@ -139,14 +144,10 @@ class LatentDiffusion(SteppedModule):
         self.eval()
         device = self.scale_factor.device
         if sampler == "ddim":
-            scheduler = DDIMScheduler(num_train_timesteps=self.scheduler.num_train_timesteps, schedule="linear_beta",
-                                      beta_start=float(self.cfg["beta_start"]), beta_end=float(self.cfg["beta_end"]),
-                                      clip_sample=False)
+            scheduler = self._scheduler("ddim")
             scheduler.set_timesteps(num_inference_steps=int(steps), device=device)
         else:
-            scheduler = DDPMScheduler(num_train_timesteps=self.scheduler.num_train_timesteps, schedule="linear_beta",
-                                      beta_start=float(self.cfg["beta_start"]), beta_end=float(self.cfg["beta_end"]),
-                                      clip_sample=False)
+            scheduler = self.scheduler  # DDPM samples every training timestep (its default)
         inferer = self._inferer()
         generator = torch.Generator().manual_seed(int(seed))
         images = []
@@ -168,16 +169,26 @@ class LatentDiffusion(SteppedModule):
 
 
 @torch.no_grad()
-def latent_scale_factor(autoencoder: LatentAutoencoder, images: torch.Tensor) -> float:
+def latent_scale_factor(autoencoder: LatentAutoencoder, images: torch.Tensor, batch_size: int = 16) -> float:
     """1 / standard deviation of the quantised latents of ``images`` (N, 1, *S), so the
-    diffused latents have unit variance (Rombach et al., 2022, section 4.3.2)."""
+    diffused latents have unit variance (Rombach et al., 2022, section 4.3.2).
+
+    The images are encoded ``batch_size`` at a time (the encoder's attention at its lowest
+    resolution grows with the batch) and the spread is taken over all their latents at once.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size: got {batch_size}, expected a positive number")
+    if images.shape[0] < 1:
+        raise ValueError("latent_scale_factor needs at least one image; got an empty batch")
     was_training = autoencoder.training
     autoencoder.eval()
     try:
-        latent = QuantisedLatents(autoencoder).encode_stage_2_inputs(images)
+        encoder = QuantisedLatents(autoencoder)
+        latents = torch.cat([encoder.encode_stage_2_inputs(images[start:start + batch_size]).float().cpu()
+                             for start in range(0, images.shape[0], batch_size)])
     finally:
         autoencoder.train(was_training)
-    std = float(latent.float().std())
+    std = float(latents.std())
     if not std > 0.0:
         raise ValueError("the autoencoder maps every image to one latent (standard deviation 0); retrain it")
     return 1.0 / std

@@ -22,10 +22,9 @@ from chestssl.io import write_json
 from chestssl.model_files import load_model_file, save_model_file
 from chestssl.pipeline.latent_diffusion_entries import build_latent_diffusion, latent_diffusion_entry
 
-#: Training slices (evenly spaced) whose latents set the scale factor: encoded in one batch, whose
-#: attention at the autoencoder's lowest resolution grows with the square of its tokens (1024 at a
-#: 32 x 32 latent: 4 MB per slice), so few; 32 slices give over 10^5 latent values for one spread.
-SCALE_IMAGES = 32
+#: Training slices (evenly spaced) whose latents set the scale factor (encoded 16 at a time by
+#: :func:`~chestssl.models.latent_diffusion.latent_scale_factor`, so memory does not grow with it).
+SCALE_IMAGES = 256
 
 
 def train_latent_diffusion(

@@ -80,3 +80,20 @@ def test_the_scale_factor_brings_the_latents_to_unit_spread():
     latents = model.autoencoder.encode_stage_2_inputs(images) * scale
     assert latents.std().item() == pytest.approx(1.0, rel=1e-4)
     assert "scale_factor" in model.state_dict()
+
+
+def test_the_scale_factor_does_not_depend_on_the_encoding_batch():
+    model = _model()
+    images = torch.rand(10, 1, 16, 16)
+    whole = latent_scale_factor(model.autoencoder.autoencoder, images, batch_size=10)
+    assert latent_scale_factor(model.autoencoder.autoencoder, images, batch_size=3) == pytest.approx(whole, rel=1e-5)
+    with pytest.raises(ValueError, match="batch_size: got 0"):
+        latent_scale_factor(model.autoencoder.autoencoder, images, batch_size=0)
+    with pytest.raises(ValueError, match="at least one image"):
+        latent_scale_factor(model.autoencoder.autoencoder, images[:0])
+
+
+def test_ddpm_sampling_uses_the_training_schedule():
+    model = _model()
+    assert model._scheduler("ddim").alphas_cumprod.equal(model.scheduler.alphas_cumprod)
+    assert len(model.scheduler.timesteps) == model.scheduler.num_train_timesteps

@@ -1,4 +1,4 @@
-"""Stages latent_diffusion@<name> and evaluate_latent_diffusion@<name>: train, sample, FID."""
+"""Stages latent_diffusion@<name>, fid_reference and evaluate_latent_diffusion@<name>: train, sample, FID."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ import torch
 from chestssl.model_files import ModelFileError, load_model_file, save_model_file
 from chestssl.methods import build_method
 from chestssl.params import pretrain_entry
-from chestssl.pipeline.evaluate_latent_diffusion import FeatureNetworkError, evaluate_latent_diffusion
+from chestssl.pipeline.evaluate_latent_diffusion import evaluate_latent_diffusion
+from chestssl.pipeline.fid_reference import FeatureNetworkError, embed_reference, load_reference
 from chestssl.pipeline.latent_diffusion import train_latent_diffusion
 from tests.pipeline.test_pretrain import stage_params
 
@@ -54,6 +55,12 @@ def test_training_writes_the_model_with_its_autoencoder_the_curves_and_the_cost(
 
 def test_evaluation_scores_the_samples_by_fid_on_the_named_encoder(trained, synthetic_processed, tmp_path):
     params, _ = trained
+    with pytest.raises(FileNotFoundError, match=r"run `dvc repro fid_reference`"):
+        evaluate_latent_diffusion(params, "ae_cnn_attention", synthetic_processed)
+    summary = embed_reference(params, synthetic_processed)
+    assert (summary["slices"], summary["patients"]) == (24, 2) and "barlow_twins" in summary["feature_network"]
+    reference = load_reference()
+    assert reference["features"].dtype == np.float32 and reference["features"].shape[0] == 24
     metrics = evaluate_latent_diffusion(params, "ae_cnn_attention", synthetic_processed)
     fid = metrics["fid"]
     # 8 samples (the tiny entry) against every slice of the two test patients.
@@ -77,16 +84,22 @@ def test_a_torchscript_feature_network_is_used_once_its_hash_matches(trained, sy
     network = torch.jit.script(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1)))
     path = tmp_path / "features.pt"
     network.save(str(path))
+    embed_reference(params, synthetic_processed)  # on the default `fid.features`
     params["fid"].update(network=str(path), network_sha256="0" * 64, network_size=24)
     with pytest.raises(FeatureNetworkError, match=r"features\.pt has SHA-256 [0-9a-f]{64}, but fid\.network_sha256"):
-        evaluate_latent_diffusion(params, "ae_cnn_attention", synthetic_processed)
+        embed_reference(params, synthetic_processed)
     params["fid"]["network_sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    # The reference still holds the encoder's features: the evaluation refuses to mix networks.
+    with pytest.raises(ValueError, match=r"was embedded with the frozen `barlow_twins` encoder .* rerun the stage "
+                                         r"fid_reference"):
+        evaluate_latent_diffusion(params, "ae_cnn_attention", synthetic_processed)
+    embed_reference(params, synthetic_processed)
     metrics = evaluate_latent_diffusion(params, "ae_cnn_attention", synthetic_processed)
     assert metrics["fid"]["features"] == 4 and "TorchScript network features.pt" in metrics["feature_network"]
     path.write_bytes(b"not a network")
     params["fid"]["network_sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
     with pytest.raises(FeatureNetworkError, match="is not a TorchScript file"):
-        evaluate_latent_diffusion(params, "ae_cnn_attention", synthetic_processed)
+        embed_reference(params, synthetic_processed)
 
 
 def test_a_missing_autoencoder_names_the_stage_that_writes_it(synthetic_processed, tmp_path, monkeypatch):
