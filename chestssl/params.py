@@ -556,6 +556,21 @@ class RadiographPretraining(Config):
     per_entry: Names(RadiographEntrySettings)
 
 
+class RadiographRun(Entry):
+    """Fine-tuning on chest radiographs (:mod:`chestssl.tasks.radiograph_cls`): seed 001's
+    linear head on a pretrained encoder, or seed 002's DenseNet-121, on unaligned or
+    STN-aligned images."""
+
+    arch: Str(choices=("linear", "densenet121"),
+              doc="a linear head on the `init` encoder, the whole network trained (seed 001), or MONAI "
+                  "DenseNet-121 from a seeded random start (seed 002)")
+    init: Nullable(Str(doc="a `pretrain_radiographs.methods` entry; null for densenet121")) = None
+    mode: Str(choices=("multiclass", "multilabel"),
+              doc="one label per image, softmax (seed 001) | any number, one sigmoid each (seeds 002, 004)")
+    aligned: Bool(doc="every image aligned by the STN of `align_radiographs` first (seed 002)") = False
+    views: Views
+
+
 class CrossModal(Config):
     methods: List(Str(), doc="2D `dae` entries also trained on CT slices and radiographs")
     views: Views
@@ -736,6 +751,7 @@ class Params(Config):
     methods: Names(UncheckedMethod, min_entries=MIN_ENTRIES["methods"])
     multihead: Names(UncheckedMethod, min_entries=MIN_ENTRIES["multihead"])
     runs: Names(RunEntry)
+    radiograph_runs: Names(RadiographRun)
     label_fraction: LabelFraction
     frozen_parts: FrozenParts
     evaluate: Evaluate
@@ -817,6 +833,20 @@ def _valid_name(name: Any) -> bool:
 
 
 
+def _check_radiograph_runs(params: Mapping[str, Any], problems: list[str]) -> None:
+    """A ``linear`` radiograph run starts from an encoder ``pretrain_radiographs`` trains; a
+    ``densenet121`` one from none."""
+    listed = (params.get("pretrain_radiographs") or {}).get("methods") or []
+    for name, run in (params.get("radiograph_runs") or {}).items():
+        init, arch = run.get("init"), run.get("arch")
+        if arch == "linear" and init not in listed:
+            problems.append(f"radiograph_runs.{name}.init: got {init!r}, expected one of pretrain_radiographs.methods "
+                            f"({', '.join(listed) or 'none listed'}), whose radiograph encoders the pipeline trains")
+        elif arch == "densenet121" and init is not None:
+            problems.append(f"radiograph_runs.{name}.init: got {init!r}, but arch densenet121 starts from a seeded "
+                            "random initialisation; set init to null")
+
+
 def _cross_checks(params: dict, problems: list[str]) -> None:
     split = params.get("preprocess", {}).get("split", {})
     if all(isinstance(split.get(k), float) for k in ("train", "val", "test")):
@@ -834,6 +864,7 @@ def _cross_checks(params: dict, problems: list[str]) -> None:
     if isinstance(low_high, list) and len(low_high) == 2 and low_high[0] >= low_high[1]:
         problems.append(f"radiographs.window_percentiles: got {low_high}, expected [low, high] with low < high")
     _check_radiograph_pretraining(params, problems)
+    _check_radiograph_runs(params, problems)
     _check_cross_modal(params, problems)
     _check_epoch_units(params, problems)
     feature_method = (params.get("alignment") or {}).get("feature_method")
@@ -1150,7 +1181,7 @@ def _check_method_inputs(params: dict, problems: list[str],
 
 #: The sections whose entries name presets, and the references each entry holds.
 PRESET_USERS = {"methods": ("backbone", "recipe"), "multihead": ("backbone", "recipe"), "runs": ("recipe",),
-                "latent_diffusion": ("recipe",)}
+                "radiograph_runs": ("recipe",), "latent_diffusion": ("recipe",)}
 
 
 def _resolve_presets(params: dict, problems: list[str]) -> dict:
@@ -1311,7 +1342,7 @@ def read_yaml(path: str | os.PathLike) -> Any:
 PARAMS_FILES: dict[str, tuple[str, ...]] = {
     "params/presets.yaml": ("recipes", "backbones"),
     "params/methods.yaml": ("methods", "multihead", "latent_diffusion"),
-    "params/runs.yaml": ("runs",),
+    "params/runs.yaml": ("runs", "radiograph_runs"),
 }
 
 

@@ -55,6 +55,19 @@ def radiograph_report_dir(method: str) -> Path:
     return REPORTS_DIR / "pretrain_radiographs" / method
 
 
+#: The STN of stage ``align_radiographs`` with the canonical chest it aligns to.
+ALIGNMENT_STN = Path("models/alignment/stn.pt")
+
+
+def radiograph_finetune_model_dir(run: str) -> Path:
+    """The classifier of ``radiograph_runs.<run>`` fine-tuned on radiographs."""
+    return Path("models/finetune_radiographs") / run
+
+
+def radiograph_finetune_report_dir(run: str) -> Path:
+    return REPORTS_DIR / "finetune_radiographs" / run
+
+
 def radiograph_study_model_dir(method: str) -> Path:
     """The encoder of ``methods.<method>`` pretrained on whole radiograph studies (bottleneck CLS)."""
     return Path("models/pretrain_radiograph_studies") / method

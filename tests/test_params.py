@@ -209,6 +209,20 @@ def test_radiograph_pretraining_names_2d_methods_once_sized_for_the_radiographs(
     assert "pretrain_radiographs.views: 'frontal' is listed twice" in found
 
 
+def test_a_radiograph_run_starts_from_a_radiograph_encoder_or_from_scratch(raw):
+    bad_mode = yaml.safe_load(yaml.safe_dump(raw))
+    bad_mode["radiograph_runs"]["cxr_densenet121_aligned"]["mode"] = "ordinal"
+    (problem,) = problems(bad_mode)
+    assert problem.startswith("radiograph_runs.cxr_densenet121_aligned.mode: got 'ordinal'")
+    raw["radiograph_runs"]["cxr_linear_barlow_twins"]["init"] = "ae_swin"
+    raw["radiograph_runs"]["cxr_densenet121"]["init"] = "barlow_twins"
+    found = problems(raw)
+    assert any(p.startswith("radiograph_runs.cxr_linear_barlow_twins.init: got 'ae_swin', expected one of "
+                            "pretrain_radiographs.methods") for p in found)
+    assert ("radiograph_runs.cxr_densenet121.init: got 'barlow_twins', but arch densenet121 starts from a seeded "
+            "random initialisation; set init to null") in found
+
+
 def test_radiograph_views_and_size_are_checked(raw):
     bad_view = yaml.safe_load(yaml.safe_dump(raw))
     bad_view["pretrain_radiographs"]["views"] = ["oblique"]
@@ -217,6 +231,8 @@ def test_radiograph_views_and_size_are_checked(raw):
     raw["radiographs"]["size"] = 72
     raw["pretrain_radiographs"]["methods"] = ["barlow_twins"]  # a ResNet takes any size
     raw["pretrain_radiographs"]["study_methods"] = []
+    raw["radiograph_runs"] = {name: run for name, run in raw["radiograph_runs"].items()
+                              if run["init"] in (None, "barlow_twins")}
     assert problems(raw) == ["radiographs.size: got 72, expected a multiple of 16"]
 
 
@@ -326,10 +342,11 @@ def test_an_unused_preset_is_still_checked(raw):
 
 def test_the_shipped_params_repeat_no_recipe_or_backbone_and_stay_short():
     files = [ROOT / "params.yaml", *(ROOT / name for name in PARAMS_FILES)]
-    # 600 lines for the DAG of 102 stages; seed 000's latent diffusion and FID (4 stages) add 20.
-    assert sum(len(file.read_text().splitlines()) for file in files) < 625
+    # 600 lines for the DAG of 102 stages; seed 000's latent diffusion and FID (5 stages) add 20,
+    # the radiograph fine-tuning of seeds 001 and 002 (4 stages) 10.
+    assert sum(len(file.read_text().splitlines()) for file in files) < 635
     raw = read_raw_params(ROOT / "params.yaml")[0]
-    for section in ("methods", "multihead", "runs", "latent_diffusion"):
+    for section in ("methods", "multihead", "runs", "radiograph_runs", "latent_diffusion"):
         for name, entry in raw[section].items():
             assert isinstance(entry.get("recipe"), str), f"{section}.{name} names no recipe"
             assert set(entry.get("train", {})) < set(raw["recipes"]["mae"]), f"{section}.{name} repeats a whole recipe"

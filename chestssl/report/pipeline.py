@@ -56,6 +56,7 @@ from chestssl.report.comparisons import pretrained_vs_scratch_table
 from chestssl.report.cross_modal import contrastive_activity, cross_modal_tables, read_cross_modal_metrics
 from chestssl.report.generation import generation_figure, generation_table
 from chestssl.report.probes import linear_probe_table
+from chestssl.report.radiograph_finetune import radiograph_finetune_table
 from chestssl.report.radiograph_figures import (
     ProbeLevel,
     probe_cost_note,
@@ -103,6 +104,7 @@ def stage_costs(params: Mapping[str, Any]) -> dict[str, dict[str, Any] | None]:
         ("pretrain_radiograph_studies", block["study_methods"], paths.radiograph_study_report_dir),
         ("pretrain_cross_modal", params["cross_modal"]["methods"], paths.cross_modal_report_dir),
         ("latent_diffusion", params.get("latent_diffusion") or {}, paths.latent_diffusion_report_dir),
+        ("finetune_radiographs", params.get("radiograph_runs") or {}, paths.radiograph_finetune_report_dir),
     )
     files = {f"{stage}@{name}": report_dir(name) / "cost.json" for stage, names, report_dir in stages for name in names}
     files["align_radiographs"] = paths.ALIGNMENT_REPORT_DIR / "cost.json"
@@ -394,6 +396,27 @@ def build_pipeline_report(params: Mapping[str, Any], out_dir: Path = paths.REPOR
         figure_sections.append(("STN alignment", [("Misaligned input, STN output, canonical chest (test split)", path)]))
     else:
         skipped.append(f"STN alignment: {alignment_metrics} is missing; run `dvc repro align_radiographs`.")
+
+    # Seeds 001 and 002: classifiers fine-tuned on the radiographs.
+    radiograph_runs = params.get("radiograph_runs") or {}
+    finetuned = {}
+    for name in radiograph_runs:
+        path = paths.radiograph_finetune_report_dir(name) / "metrics.json"
+        if path.exists():
+            finetuned[name] = (_read_json(path), str(path))
+        else:
+            skipped.append(f"Fine-tuning on radiographs: {path} is missing; run `dvc repro finetune_radiographs@{name}`.")
+    if finetuned:
+        labels = next(iter(finetuned.values()))[0].get("labels", [])
+        table_sections.append((
+            f"Classifiers fine-tuned on {radiographs_name} (seeds 001, 002)",
+            "Each `radiograph_runs` entry is trained on the training split's radiographs of its views and tested "
+            "on the test split's: seed 001's linear head on an encoder pretrained on radiographs (the whole network "
+            "fine-tuned), and seed 002's DenseNet-121 on the images as given and after STN alignment. AUROC per "
+            "label and its mean, with intervals from a bootstrap over test patients.",
+            [radiograph_finetune_table(finetuned, radiograph_runs,
+                                       f"{radiographs_name}, labels {', '.join(labels) or 'none'}")],
+        ))
 
     # Seed 003's cross-modal contrastive term, with radiographs as the second modality.
     crossed = read_cross_modal_metrics(params["cross_modal"]["methods"], paths.cross_modal_report_dir)

@@ -78,6 +78,11 @@ def tiny_params(params: dict) -> dict:
     params["pretrain_radiographs"].update(methods=["barlow_twins", "diffmae"], study_methods=["diffmae"],
                                           train={"epochs": 2, "batch_size": 8})
     params["alignment"].update(block_inplanes=[4, 8, 8, 16], steps=4, batch_size=4, num_examples=2)
+    # Seeds 001 and 002 fine-tuned on them: a linear head on Barlow Twins, DenseNet-121 on aligned images.
+    params["radiograph_runs"] = {name: params["radiograph_runs"][name]
+                                 for name in ("cxr_linear_barlow_twins", "cxr_densenet121_aligned")}
+    for entry in params["radiograph_runs"].values():
+        entry["train"] = {"epochs": 2, "batch_size": 4}
     params["evaluate"]["bootstrap_samples"] = 50
     params["report"]["num_examples"] = 2
     return params

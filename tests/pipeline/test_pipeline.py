@@ -93,6 +93,12 @@ def test_repro_builds_the_report_and_a_second_repro_does_nothing(reproduced_proj
     alignment = json.loads((root / "reports" / "alignment" / "metrics.json").read_text())
     assert alignment["parameter_error"]["misaligned"]["before_px"] > 0
     assert "STN alignment of radiographs" in report and (root / "reports" / "figures" / "alignment.png").exists()
+    # Seeds 001 and 002: classifiers fine-tuned and tested on the radiographs, one aligned by the STN.
+    for name, run in params["radiograph_runs"].items():
+        finetuned = json.loads((root / "reports" / "finetune_radiographs" / name / "metrics.json").read_text())
+        assert finetuned["aligned"] == run["aligned"] and set(finetuned["test"]["auroc"]) == {"nodule", "malignant"}
+        assert json.loads((root / "reports" / "finetune_radiographs" / name / "cost.json").read_text())["steps"] > 0
+    assert "Classifiers fine-tuned on radiographs rendered from CT (seeds 001, 002)" in report
     # Seed 000's latent diffusion: trained on the autoencoder's latents, sampled, scored by FID.
     generated = json.loads((root / "reports" / "evaluate_latent_diffusion" / "ae_cnn_attention" / "metrics.json")
                            .read_text())

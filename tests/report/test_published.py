@@ -240,6 +240,9 @@ _RENDER = textwrap.dedent('''
     tables.append(alignment_table(_metrics(), "a.json"))
     from chestssl.report.generation import generation_table
     tables.append(generation_table(SHIPPED_REPORT["seed000_generation"], {}, "synthetic CT"))
+    from chestssl.report.radiograph_finetune import radiograph_finetune_table
+    from tests.report.test_radiograph_finetune_report import table as radiograph_finetune
+    tables.append(radiograph_finetune())
     print(json.dumps({table.name: table.markdown() for table in tables}))
 ''')
 #: The report tables that quote the records of each ``table`` of the file (default: the same name).

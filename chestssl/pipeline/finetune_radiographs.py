@@ -1,0 +1,148 @@
+"""Stage ``finetune_radiographs@<run>``: a classifier fine-tuned and tested on chest radiographs.
+
+The run (a ``radiograph_runs`` entry) is seed 001's protocol (a linear head on the encoder
+that ``pretrain_radiographs@<init>`` trained, the whole network fine-tuned) or seed 002's
+(MONAI DenseNet-121 from a seeded random start, on images first aligned by the STN of
+``align_radiographs`` with ``aligned: true``), built by
+:class:`~chestssl.tasks.radiograph_cls.RadiographClassificationTask`. It trains on the
+training split's radiographs of ``views`` (:class:`~chestssl.data.radiograph_datasets.RadiographDataset`,
+labels from ``data.cxr``: rendered, or a real dataset), validated on the validation split's
+(best epoch by the mean AUROC), through the one loop (:func:`chestssl.train.loop.fit`), and
+is tested on the test split's: per-label and mean AUROC, and for ``multiclass`` accuracy and
+the confusion matrix, with intervals from a bootstrap over patients
+(:func:`~chestssl.eval.radiograph_classification.evaluate_radiograph_classification`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping
+
+from chestssl import paths
+from chestssl.io import write_json
+from chestssl.model_files import load_model_file, save_model_file
+from chestssl.params import ParamsError
+
+#: The validation metric that picks the best epoch.
+MONITOR = ("val/mean_auroc", "max")
+
+
+class AlignedRadiographs:
+    """The items of a radiograph dataset with each ``image`` replaced by its STN-aligned one.
+
+    ``images``: (N, 1, H', W') the aligned images, in the dataset's item order. The
+    projected-nodule ``mask`` of rendered radiographs is dropped (it is in the unaligned frame).
+    """
+
+    def __init__(self, base, images):
+        if len(images) != len(base):
+            raise ValueError(f"{len(images)} aligned images for {len(base)} radiographs; they must match")
+        self.base, self.images = base, images
+        self.label_names = base.label_names
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        item = {key: value for key, value in self.base[index].items() if key != "mask"}
+        item["image"] = self.images[index]
+        return item
+
+
+def _aligned(dataset, stn):
+    """``dataset`` with every image aligned by ``stn`` (:func:`~chestssl.models.stn.apply_stn`)."""
+    import torch
+
+    from chestssl.models.stn import apply_stn
+
+    images = torch.stack([dataset[i]["image"] for i in range(len(dataset))])
+    aligned, _ = apply_stn(stn, images)
+    return AlignedRadiographs(dataset, aligned)
+
+
+def finetune_radiographs(
+    params: Mapping[str, Any],
+    name: str,
+    radiographs_dir: str | Path = paths.RADIOGRAPHS_DIR,
+    model_dir: str | Path | None = None,
+    report_dir: str | Path | None = None,
+    checkpoint_path: str | Path | None = None,
+    encoder_dir: str | Path = Path("models/pretrain_radiographs"),
+    stn_path: str | Path = paths.ALIGNMENT_STN,
+) -> dict[str, Any] | None:
+    """Fine-tune ``radiograph_runs.<name>``, test it, and write its model and metrics.
+
+    Args:
+        params: the loaded params (the run, ``seed``, ``evaluate``).
+        name: an entry under ``radiograph_runs``.
+        radiographs_dir: ``data/radiographs`` (stage ``radiographs``).
+        model_dir: receives ``model.pt`` (the best epoch's weights); default
+            ``models/finetune_radiographs/<name>``.
+        report_dir: receives ``live/`` (curves), ``metrics.json`` (the test metrics and the
+            training's) and ``cost.json``; default ``reports/finetune_radiographs/<name>``.
+        checkpoint_path: the loop's resume checkpoint; default
+            ``checkpoints/finetune_radiographs/<name>.pt``.
+        encoder_dir: the radiograph encoders (``<init>/encoder.pt``, stage ``pretrain_radiographs``).
+        stn_path: the STN of ``align_radiographs`` (read when ``aligned``).
+
+    Returns the metrics, or ``None`` on a non-main process under ``torchrun``.
+    """
+    from chestssl.data.radiograph_datasets import RadiographDataset
+    from chestssl.data.radiograph_folder import open_radiograph_folder
+    from chestssl.eval.radiograph_classification import evaluate_radiograph_classification
+    from chestssl.inference import auto_device, predict_dataset
+    from chestssl.models.backbones import load_encoder
+    from chestssl.models.stn import load_alignment_stn
+    from chestssl.tasks.radiograph_cls import RadiographClassificationTask
+    from chestssl.train.checkpoint import stage_inputs
+    from chestssl.train.cost_probe import fit_cost
+    from chestssl.train.loop import fit
+    from chestssl.train.metrics import flat_metrics
+
+    runs = params.get("radiograph_runs") or {}
+    if name not in runs:
+        raise ParamsError([f"radiograph_runs: {name!r} is not an entry ({', '.join(runs) or 'none'})"])
+    run, seed, evaluate = runs[name], params["seed"], params["evaluate"]
+    model_dir = Path(model_dir) if model_dir is not None else paths.radiograph_finetune_model_dir(name)
+    report_dir = Path(report_dir) if report_dir is not None else paths.radiograph_finetune_report_dir(name)
+    checkpoint_path = (Path(checkpoint_path) if checkpoint_path is not None
+                       else paths.checkpoint_path("finetune_radiographs", name))
+    read = [Path(radiographs_dir)]
+    encoder = None
+    if run["init"] is not None:
+        encoder_file = Path(encoder_dir) / run["init"] / "encoder.pt"
+        encoder = load_encoder(load_model_file(encoder_file, f"pretrain_radiographs@{run['init']}",
+                                               required=("backbone",)), str(encoder_file))
+        read.append(encoder_file)
+    folder = open_radiograph_folder(radiographs_dir)
+    splits = {split: RadiographDataset(folder, split, run["views"]) for split in ("train", "val", "test")}
+    if run["aligned"]:
+        stn, _ = load_alignment_stn(stn_path)
+        splits = {split: _aligned(dataset, stn) for split, dataset in splits.items()}
+        read.append(Path(stn_path))
+    label_names = list(splits["train"].label_names)
+    model = RadiographClassificationTask(name, run, label_names, seed, encoder=encoder)
+    inputs = stage_inputs({"run": run, "labels": label_names}, read)
+    result = fit(model, splits["train"], splits["val"], run["train"], report_dir / "live", checkpoint_path, seed,
+                 monitor=MONITOR[0], mode=MONITOR[1], inputs=inputs)
+    if not result.is_main:
+        return None
+    model.load_state_dict(result.best_state)
+    device = auto_device()
+    model.to(device).eval()
+    test = predict_dataset(model.predict, splits["test"], device=device, keep=("labels", "patient_id"))
+    metrics = {
+        "epochs": result.epochs, "steps": result.steps, "best_val_mean_auroc": result.best_value,
+        **flat_metrics(result.final_metrics),
+        "labels": label_names, "views": list(run["views"]), "mode": run["mode"], "arch": run["arch"],
+        "init": run["init"], "aligned": run["aligned"],
+        "n_train_images": len(splits["train"]),
+        "test": evaluate_radiograph_classification(
+            test["output"], test["labels"], test["patient_id"], label_names, run["mode"],
+            n_bootstrap=evaluate["bootstrap_samples"], confidence=evaluate["confidence"], seed=seed),
+    }
+    save_model_file(model_dir / "model.pt", {"run": name, "config": run, "labels": label_names,
+                                             "state_dict": result.best_state})
+    write_json(report_dir / "cost.json", fit_cost(model, result))
+    write_json(report_dir / "metrics.json", metrics)
+    return metrics
