@@ -447,6 +447,16 @@ class TCIASource(Config):
                                      "0: no deadline")
 
 
+class IDCSource(Config):
+    patients: List(Str())
+    max_patients: Int(ge=0, doc="0: no limit")
+    endpoint_url: Str(pattern=URL_PATTERN, doc="an http(s) URL with a host: the S3 endpoint of IDC's public "
+                      "buckets, https://s3.amazonaws.com, or a mirror's")
+    workers: Int(ge=1, le=64, doc="objects downloaded at once")
+    retries: Int(ge=0)
+    timeout_s: Float(gt=0.0, doc="to connect, and between received bytes")
+
+
 class LocalSource(Config):
     path: Str()
 
@@ -478,8 +488,9 @@ class ChestXRaySource(Config):
 
 
 class Data(Config):
-    source: Str(choices=("phantom", "tcia", "local"))
+    source: Str(choices=("phantom", "idc", "tcia", "local"))
     phantom: PhantomSource
+    idc: IDCSource
     tcia: TCIASource
     local: LocalSource
     cxr: ChestXRaySource

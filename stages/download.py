@@ -1,4 +1,4 @@
-"""download: fill data/raw/LIDC-IDRI from `data.source` (phantom | tcia | local)."""
+"""download: fill data/raw/LIDC-IDRI from `data.source` (phantom | idc | tcia | local)."""
 
 from __future__ import annotations
 

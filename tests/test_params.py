@@ -303,6 +303,23 @@ def test_a_well_formed_tcia_base_url_is_accepted(raw, base_url):
     assert validate(raw)["data"]["tcia"]["base_url"] == base_url
 
 
+@pytest.mark.parametrize("endpoint", ["", "s3://idc-open-data", "s3.amazonaws.com"])
+def test_a_malformed_idc_endpoint_names_key_value_and_what_is_allowed(raw, endpoint):
+    raw["data"]["idc"]["endpoint_url"] = endpoint
+    (problem,) = problems(raw)
+    assert problem.startswith(f"data.idc.endpoint_url: got {endpoint!r}, expected")
+
+
+def test_the_idc_source_is_accepted_with_its_block(raw):
+    raw["data"]["source"] = "idc"
+    raw["data"]["idc"].update(patients=["LIDC-IDRI-0001"], workers=4)
+    idc = validate(raw)["data"]["idc"]
+    assert idc["patients"] == ["LIDC-IDRI-0001"] and idc["endpoint_url"] == "https://s3.amazonaws.com"
+    raw["data"]["idc"]["workers"] = 0
+    (problem,) = problems(raw)
+    assert problem.startswith("data.idc.workers: got 0")
+
+
 @pytest.mark.parametrize("value", [-1.0, "fast"])
 def test_tcia_min_rate_is_a_non_negative_number(raw, value):
     raw["data"]["tcia"]["min_rate_kbps"] = value
@@ -343,8 +360,8 @@ def test_an_unused_preset_is_still_checked(raw):
 def test_the_shipped_params_repeat_no_recipe_or_backbone_and_stay_short():
     files = [ROOT / "params.yaml", *(ROOT / name for name in PARAMS_FILES)]
     # 600 lines for the DAG of 102 stages; seed 000's latent diffusion and FID (5 stages) add 20,
-    # the radiograph fine-tuning of seeds 001 and 002 (4 stages) 10.
-    assert sum(len(file.read_text().splitlines()) for file in files) < 635
+    # the radiograph fine-tuning of seeds 001 and 002 (4 stages) 10, the idc data source 7.
+    assert sum(len(file.read_text().splitlines()) for file in files) < 642
     raw = read_raw_params(ROOT / "params.yaml")[0]
     for section in ("methods", "multihead", "runs", "radiograph_runs", "latent_diffusion"):
         for name, entry in raw[section].items():

@@ -95,7 +95,7 @@ def test_the_import_walk_follows_imports_inside_functions():
     # stages/download.py imports the phantom generator inside a function; missing it
     # would let the check pass vacuously.
     closure = _import_closure(REPO_ROOT / "stages" / "download.py")
-    assert {"chestssl/data/phantom.py", "chestssl/data/tcia.py", "chestssl/data/local.py"} <= closure
+    assert {"chestssl/data/phantom.py", "chestssl/data/idc.py", "chestssl/data/tcia.py", "chestssl/data/local.py"} <= closure
 
 
 def test_every_report_input_folder_exists_without_any_run():

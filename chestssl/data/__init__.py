@@ -1,1 +1,1 @@
-"""Data: sources (phantom, tcia, local), preprocessing, datasets and transforms."""
+"""Data: sources (phantom, idc, tcia, local), preprocessing, datasets and transforms."""

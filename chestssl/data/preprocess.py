@@ -879,6 +879,7 @@ def _portable_path(path: str) -> str:
 
 _MORE_PATIENTS = {
     "phantom": "raise data.phantom.num_scans to at least {need}",
+    "idc": "raise data.idc.max_patients (0: no limit) or list more PatientIDs in data.idc.patients",
     "tcia": "raise data.tcia.max_patients (0: no limit) or list more PatientIDs in data.tcia.patients",
     "local": "add patients to the LIDC-IDRI folder of data.local.path",
 }

@@ -116,6 +116,13 @@ def _protocol(params: Mapping[str, Any] | None, bootstrap: Mapping[str, Any] | N
                 "Labels are real LIDC labels; the images are not real patients' CT (every patient shares one "
                 "base anatomy), so the numbers are not comparable with results on LIDC-IDRI."
             )
+        elif source == "idc":
+            idc = data["idc"]
+            subset = ", ".join(idc["patients"]) if idc["patients"] else (
+                f"the first {idc['max_patients']} patients" if idc["max_patients"] else "all patients"
+            )
+            lines.append(f"- **Data:** LIDC-IDRI CT from NCI Imaging Data Commons (`data.source: idc`, {subset}; "
+                         "the data release in `data/raw/idc.json`).")
         elif source == "tcia":
             tcia = data["tcia"]
             subset = ", ".join(tcia["patients"]) if tcia["patients"] else (

@@ -180,14 +180,14 @@ def _seed000(params: Mapping[str, Any]) -> list[Difference]:
                    if phantom.get("anatomy", "geometric") == "ct" else "drawn anatomy")
         ours, same = (f"Synthetic phantom CT ({phantom['num_scans']} scans: {anatomy}) carrying real LIDC-IDRI "
                       "annotations (`data.source: phantom`), so no number is comparable."), False
-    elif source == "tcia":
-        tcia = data["tcia"]
-        if tcia.get("patients"):
-            ours, same = f"LIDC-IDRI from TCIA, {len(tcia['patients'])} listed patients only.", False
-        elif tcia.get("max_patients"):
-            ours, same = f"LIDC-IDRI from TCIA, the first {tcia['max_patients']} patients only.", False
+    elif source in ("tcia", "idc"):
+        block, where = data[source], {"tcia": "TCIA", "idc": "Imaging Data Commons"}[source]
+        if block.get("patients"):
+            ours, same = f"LIDC-IDRI from {where}, {len(block['patients'])} listed patients only.", False
+        elif block.get("max_patients"):
+            ours, same = f"LIDC-IDRI from {where}, the first {block['max_patients']} patients only.", False
         else:
-            ours, same = "LIDC-IDRI from TCIA, all patients (`data.source: tcia`).", True
+            ours, same = f"LIDC-IDRI from {where}, all patients (`data.source: {source}`).", True
     else:
         ours, same = f"LIDC-IDRI CT (`data.source: {source}`).", True
     rows.append(Difference("000", "CT data", "Real LIDC-IDRI CT, all patients, read with pylidc.", ours, same))

@@ -53,3 +53,15 @@ def test_tcia_gets_its_whole_block(tmp_path, monkeypatch):
     (args, kwargs), = calls
     assert args == (tmp_path / "raw",)
     assert kwargs == {**params["data"]["tcia"], "progress": False} and kwargs["max_patients"] == 2
+
+
+def test_idc_gets_its_whole_block(tmp_path, monkeypatch):
+    import chestssl.data.idc as idc
+
+    calls = []
+    monkeypatch.setattr(idc, "download_idc", lambda *args, **kwargs: calls.append((args, kwargs)) or [])
+    params = _params("idc", max_patients=3)
+    assert download(params, tmp_path / "raw", progress=False) == []
+    (args, kwargs), = calls
+    assert args == (tmp_path / "raw",)
+    assert kwargs == {**params["data"]["idc"], "progress": False} and kwargs["max_patients"] == 3
