@@ -35,8 +35,6 @@ Layout written (what pylidc reads)::
 
 from __future__ import annotations
 
-from chestssl.errors import UserError
-
 import hashlib
 import json
 import logging
@@ -57,6 +55,7 @@ import requests
 from tqdm.auto import tqdm
 
 from chestssl.data.lidc import LIDC_DIRNAME, import_pylidc
+from chestssl.errors import UserError
 from chestssl.data.manifest import SeriesRecord, series_checksum, write_manifest
 from chestssl.io import make_temp_dir, write_csv, write_json
 
