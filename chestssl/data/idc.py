@@ -36,7 +36,6 @@ Layout written (what pylidc reads)::
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import re
@@ -56,7 +55,8 @@ from tqdm.auto import tqdm
 
 from chestssl.data.lidc import LIDC_DIRNAME, import_pylidc
 from chestssl.errors import UserError
-from chestssl.data.manifest import SeriesRecord, series_checksum, write_manifest
+from chestssl.data.manifest import (VERIFIED_MARKER, SeriesRecord, move_into_place, read_verified_marker,
+                                    select_first_patients, series_checksum, write_manifest)
 from chestssl.io import make_temp_dir, write_csv, write_json
 
 LOG = logging.getLogger(__name__)
@@ -68,8 +68,6 @@ MODALITY = "CT"
 PUBLIC_ENDPOINT = "https://s3.amazonaws.com"
 INDEX_COLUMNS = ("collection_id", "PatientID", "StudyInstanceUID", "SeriesInstanceUID", "Modality",
                  "instanceCount", "series_size_MB", "series_aws_url")
-# Inside each series folder; pylidc reads only files ending in ".dcm" and skips dot files.
-VERIFIED_MARKER = ".chestssl-verified.json"
 # Temporary downloads, beside (not inside) the LIDC-IDRI folder.
 PARTIAL_DIRNAME = ".idc-partial"
 STATE_FILE = "idc.json"
@@ -186,16 +184,6 @@ def read_index(index_path: str | os.PathLike, patients: Iterable[str] = ()) -> l
             f"{', '.join(missing)}; check data.idc.patients (LIDC-IDRI IDs look like LIDC-IDRI-0001)"
         )
     return series
-
-
-def select_first_patients(series: list[IdcSeries], max_patients: int) -> list[IdcSeries]:
-    """The series of the first ``max_patients`` patients sorted by ID (0: all)."""
-    if max_patients < 0:
-        raise ValueError(f"max_patients: got {max_patients}, expected 0 (all) or a positive count")
-    if max_patients == 0:
-        return list(series)
-    keep = set(sorted({s.patient_id for s in series})[:max_patients])
-    return [s for s in series if s.patient_id in keep]
 
 
 def select_series(
@@ -346,15 +334,11 @@ def verified_record(raw_dir: str | os.PathLike, series: IdcSeries) -> SeriesReco
     series and the same objects (``s3://<bucket>/<crdc_series_uuid>/``: a series IDC
     revised gets a new one), with as many ``.dcm`` files as the marker and the index say.
     """
-    folder = Path(raw_dir) / series.relative_dir
-    if folder.is_symlink() or not folder.is_dir():
+    found = read_verified_marker(Path(raw_dir) / series.relative_dir)
+    if found is None:
         return None
-    try:
-        marker = json.loads((folder / VERIFIED_MARKER).read_text())
-    except (OSError, ValueError):
-        return None
-    images = len(list(folder.glob("*.dcm")))
-    if (not isinstance(marker, dict) or marker.get("series_instance_uid") != series.series_instance_uid
+    marker, images = found
+    if (marker.get("series_instance_uid") != series.series_instance_uid
             or marker.get("url") != series.url or marker.get("images") != images
             or images != series.instance_count or not marker.get("checksum")):
         return None
@@ -415,7 +399,7 @@ def download_series(
             "series_instance_uid": series.series_instance_uid, "images": len(names), "checksum": checksum,
             "url": series.url, "idc_release": release, "bytes": listed_bytes,
         })
-        _move_into_place(work_dir, final_dir)
+        move_into_place(work_dir, final_dir)
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)
     return series.record(len(names), checksum)
@@ -622,11 +606,3 @@ def _parse_index_row(row: tuple, index_path: Path) -> IdcSeries:
                      bucket=match["bucket"], prefix=match["prefix"])
 
 
-def _move_into_place(source_dir: Path, final_dir: Path) -> None:
-    """Rename ``source_dir`` to ``final_dir``, replacing what is there (never through a link)."""
-    final_dir.parent.mkdir(parents=True, exist_ok=True)
-    if final_dir.is_symlink():
-        final_dir.unlink()  # a link to a local copy: remove the link, never the data it points to
-    elif final_dir.exists():
-        shutil.rmtree(final_dir)
-    os.rename(source_dir, final_dir)

@@ -59,7 +59,8 @@ from urllib3.exceptions import DecodeError, HTTPError, ProtocolError, ReadTimeou
 from urllib3.exceptions import SSLError as Urllib3SSLError
 
 from chestssl.data.lidc import LIDC_DIRNAME
-from chestssl.data.manifest import SeriesRecord, series_checksum, write_manifest
+from chestssl.data.manifest import (VERIFIED_MARKER, SeriesRecord, move_into_place, read_verified_marker,
+                                    select_first_patients, series_checksum, write_manifest)
 from chestssl.io import make_temp_dir, write_json
 
 LOG = logging.getLogger(__name__)
@@ -68,8 +69,6 @@ SOURCE = "tcia"
 SERIES_ENDPOINT = "getSeries"
 IMAGE_ENDPOINT = "getImageWithMD5Hash"
 MD5_MANIFEST_NAME = "md5hashes.csv"
-# Inside each series folder; pylidc reads only files ending in ".dcm" and skips dot files.
-VERIFIED_MARKER = ".chestssl-verified.json"
 # Temporary downloads and extractions, beside (not inside) the LIDC-IDRI folder.
 PARTIAL_DIRNAME = ".tcia-partial"
 CHUNK_BYTES = 1 << 20
@@ -289,16 +288,6 @@ def list_series(
     return series
 
 
-def select_first_patients(series: list[TciaSeries], max_patients: int) -> list[TciaSeries]:
-    """The series of the first ``max_patients`` patients sorted by ID (0: all)."""
-    if max_patients < 0:
-        raise ValueError(f"max_patients: got {max_patients}, expected 0 (all) or a positive count")
-    if max_patients == 0:
-        return list(series)
-    keep = set(sorted({s.patient_id for s in series})[:max_patients])
-    return [s for s in series if s.patient_id in keep]
-
-
 def verified_record(raw_dir: str | os.PathLike, series: TciaSeries) -> SeriesRecord | None:
     """The record of ``series`` if it is on disk and verified, else None.
 
@@ -306,17 +295,12 @@ def verified_record(raw_dir: str | os.PathLike, series: TciaSeries) -> SeriesRec
     verification, for this series, with as many ``.dcm`` files as the marker and
     ``ImageCount`` say. The checksum comes from the marker, so nothing is re-read.
     """
-    folder = Path(raw_dir) / series.relative_dir
-    if folder.is_symlink() or not folder.is_dir():
+    found = read_verified_marker(Path(raw_dir) / series.relative_dir)
+    if found is None:
         return None
-    try:
-        marker = json.loads((folder / VERIFIED_MARKER).read_text())
-    except (OSError, ValueError):
-        return None
-    images = len(list(folder.glob("*.dcm")))
+    marker, images = found
     if (
-        not isinstance(marker, dict)
-        or marker.get("series_instance_uid") != series.series_instance_uid
+        marker.get("series_instance_uid") != series.series_instance_uid
         or marker.get("images") != images
         or not marker.get("checksum")
         or (series.image_count is not None and images != series.image_count)
@@ -377,7 +361,7 @@ def download_series(
                     "url": f"{url}?SeriesInstanceUID={series.series_instance_uid}",
                 },
             )
-            _move_into_place(extract_dir, final_dir)
+            move_into_place(extract_dir, final_dir)
         finally:
             zip_path.unlink(missing_ok=True)
             shutil.rmtree(extract_dir, ignore_errors=True)
@@ -749,16 +733,6 @@ def _read_md5_manifest(path: Path) -> dict[str, str]:
         for row in rows[1:]
         if len(row) > max(name_col, md5_col) and row[name_col].strip()
     }
-
-
-def _move_into_place(source_dir: Path, final_dir: Path) -> None:
-    """Rename ``source_dir`` to ``final_dir``, replacing what is there (never through a link)."""
-    final_dir.parent.mkdir(parents=True, exist_ok=True)
-    if final_dir.is_symlink():
-        final_dir.unlink()  # a link to a local copy: remove the link, never the data it points to
-    elif final_dir.exists():
-        shutil.rmtree(final_dir)
-    os.rename(source_dir, final_dir)
 
 
 def _report_unselected(raw_dir: Path, selected: list[TciaSeries]) -> None:
