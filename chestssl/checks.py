@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numbers
 from typing import Any
+from urllib.parse import urlsplit
 
 
 def positive_int(value: Any, key: str, allowed: str = "a positive integer") -> int:
@@ -15,3 +16,15 @@ def positive_int(value: Any, key: str, allowed: str = "a positive integer") -> i
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f"{key}: got {value!r}, expected {allowed}")
     return int(value)
+
+
+def is_http_url(value: Any) -> bool:
+    """Whether ``value`` is an http(s) URL with a host and no whitespace."""
+    if not isinstance(value, str) or any(c.isspace() for c in value):
+        return False
+    parts = urlsplit(value)
+    try:
+        host = parts.hostname
+    except ValueError:  # e.g. an unclosed IPv6 bracket
+        return False
+    return parts.scheme.lower() in ("http", "https") and bool(host)

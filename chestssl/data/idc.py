@@ -47,13 +47,14 @@ from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, TypeVar
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote
 
 import pandas as pd
 import requests
 from tqdm.auto import tqdm
 
 from chestssl.data.lidc import LIDC_DIRNAME, import_pylidc
+from chestssl.checks import is_http_url
 from chestssl.errors import UserError
 from chestssl.data.manifest import (VERIFIED_MARKER, SeriesRecord, move_into_place, read_verified_marker,
                                     select_first_patients, series_checksum, write_manifest)
@@ -472,12 +473,7 @@ def check_dicom(path: Path, series: IdcSeries, source: str) -> str:
 
 def check_endpoint_url(endpoint_url: str) -> str:
     """``endpoint_url`` if it is an http(s) URL with a host, else an :class:`IdcError` naming it."""
-    parts = urlsplit(endpoint_url) if isinstance(endpoint_url, str) else None
-    try:
-        host = parts.hostname if parts is not None else None
-    except ValueError:
-        host = None
-    if parts is None or parts.scheme.lower() not in ("http", "https") or not host or any(c.isspace() for c in endpoint_url):
+    if not is_http_url(endpoint_url):
         raise IdcError(f"data.idc.endpoint_url: got {endpoint_url!r}, expected an http(s) URL with a host, "
                        f"e.g. {PUBLIC_ENDPOINT}")
     return endpoint_url

@@ -51,7 +51,7 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Iterable, TypeVar
-from urllib.parse import urlencode, urlsplit
+from urllib.parse import urlencode
 
 import requests
 from tqdm.auto import tqdm
@@ -59,6 +59,7 @@ from urllib3.exceptions import DecodeError, HTTPError, ProtocolError, ReadTimeou
 from urllib3.exceptions import SSLError as Urllib3SSLError
 
 from chestssl.data.lidc import LIDC_DIRNAME
+from chestssl.checks import is_http_url
 from chestssl.data.manifest import (VERIFIED_MARKER, SeriesRecord, move_into_place, read_verified_marker,
                                     select_first_patients, series_checksum, write_manifest)
 from chestssl.io import make_temp_dir, write_json
@@ -372,12 +373,7 @@ def download_series(
 
 def check_base_url(base_url: str) -> str:
     """``base_url`` if it is an http(s) URL with a host, else a :class:`TciaError` naming it."""
-    parts = urlsplit(base_url) if isinstance(base_url, str) else None
-    try:
-        host = parts.hostname if parts is not None else None
-    except ValueError:  # e.g. an unclosed IPv6 bracket
-        host = None
-    if parts is None or parts.scheme.lower() not in ("http", "https") or not host or any(c.isspace() for c in base_url):
+    if not is_http_url(base_url):
         raise TciaError(
             f"data.tcia.base_url: got {base_url!r}, expected an http(s) URL with a host, e.g. {EXAMPLE_BASE_URL}"
         )
