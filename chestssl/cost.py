@@ -45,7 +45,8 @@ PROJECT_FILES = ["chestssl", "stages", "dvc.yaml", "params.yaml", "params", "pyp
                                                              "evaluate", "label_fraction", "frozen_parts",
                                                              "pretrain_radiographs", "pretrain_radiograph_studies",
                                                              "pretrain_cross_modal", "alignment", "latent_diffusion",
-                                                             "evaluate_latent_diffusion", "finetune_radiographs"))]
+                                                             "evaluate_latent_diffusion", "finetune_radiographs", "finetune_3d",
+                                                             "evaluate_3d"))]
 
 #: Peak dense throughput (FLOP/s) by precision, from the vendors' data sheets (no sparsity).
 GPUS = {

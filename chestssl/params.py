@@ -362,6 +362,32 @@ class ClsRun(Entry):
 
 RunEntry = Tagged("task", SegRun, ClsRun)
 
+#: Where ``evaluate_3d`` runs the sliding window: the whole processed volume, or its lung box
+#: (``lung_box`` of the scan, every slice), which holds every nodule and about a third of the voxels.
+SEG3D_REGIONS = ("volume", "lung_box")
+
+
+class Seg3dRun(Entry):
+    """Seed 003's downstream: 3D nodule segmentation with MONAI's SwinUNETR on the processed
+    volumes (:mod:`chestssl.tasks.seg3d`), from the Swin encoder (``spatial_dims`` 3) of ``init``."""
+
+    init: InitRef
+    crop_size: Int(ge=64, doc="side of the random training crops and the sliding window; a multiple of 32; "
+                              "seed 003: 96")
+    crops_per_scan: Int(ge=1, doc="training crops per scan, drawn anew every epoch")
+    positive_fraction: Float(ge=0.0, le=1.0, doc="share of training crops centred on a nodule voxel")
+    overlap: Float(ge=0.0, lt=1.0, doc="overlap of the sliding windows at test time; seed 003: 0.5")
+    sw_batch_size: Int(ge=1, doc="windows per forward pass at test time")
+    region: Str(choices=SEG3D_REGIONS, doc="what is segmented at test time: the whole volume or its lung box")
+    max_test_scans: Int(ge=0, doc="test scans segmented (the first in slices.csv order); 0: all")
+    baseline: Nullable(Str(doc="the `runs_3d` entry this run is paired with in the report (its scratch twin)")) = None
+
+    @model_validator(mode="after")
+    def _window(self) -> "Seg3dRun":
+        if self.crop_size % 32:
+            raise problem(f"got {self.crop_size}, expected a multiple of 32 (SwinUNETR's stride)", key="crop_size")
+        return self
+
 
 #: Samplers of a latent diffusion entry (:data:`chestssl.models.latent_diffusion.SAMPLERS`).
 DIFFUSION_SAMPLERS = ("ddpm", "ddim")
@@ -763,6 +789,7 @@ class Params(Config):
     multihead: Names(UncheckedMethod, min_entries=MIN_ENTRIES["multihead"])
     runs: Names(RunEntry)
     radiograph_runs: Names(RadiographRun)
+    runs_3d: Names(Seg3dRun)
     label_fraction: LabelFraction
     frozen_parts: FrozenParts
     evaluate: Evaluate
@@ -914,6 +941,7 @@ def _cross_checks(params: dict, problems: list[str]) -> None:
         elif run["arch"] == "swin_unetr" and backbone["patch_size"] != SWIN_UNETR_PATCH_SIZE:
             problems.append(f"runs.{name}.arch: SwinUNETR's decoder needs a Swin encoder with patch_size "
                             f"{SWIN_UNETR_PATCH_SIZE}, but init {run['init']!r} has patch_size {backbone['patch_size']}")
+    _check_runs_3d(params, methods, problems)
     _check_ablations(params, problems)
     if params.get("data", {}).get("source") == "local" and not params["data"]["local"].get("path"):
         problems.append("data.local.path: empty, but data.source is 'local'; set it to your LIDC-IDRI folder")
@@ -922,6 +950,40 @@ def _cross_checks(params: dict, problems: list[str]) -> None:
         problems.append(f"data.cxr.root: empty, but data.cxr.source is {cxr.get('source')!r}; set it to the folder "
                         "holding that dataset in its published layout")
     _check_report(params, problems)
+
+
+def run_3d_entry(params: Mapping[str, Any], name: str) -> dict[str, Any]:
+    """The validated ``runs_3d.<name>`` entry; a ``ParamsError`` naming the entries otherwise."""
+    runs = params.get("runs_3d") or {}
+    if name not in runs:
+        raise ParamsError([f"runs_3d: {name!r} is not an entry ({', '.join(runs) or 'none'})"])
+    return runs[name]
+
+
+def _check_runs_3d(params: dict, methods: Mapping[str, Any], problems: list[str]) -> None:
+    """Each ``runs_3d`` entry starts from a ``methods`` entry with a 3D Swin backbone of patch size 2,
+    and its ``baseline`` names another ``runs_3d`` entry."""
+    runs_3d = params.get("runs_3d") or {}
+    for name, run in runs_3d.items():
+        if not isinstance(run, Mapping):
+            continue
+        init = methods.get(run.get("init"))
+        backbone = init.get("backbone") if isinstance(init, Mapping) else None
+        if not isinstance(backbone, Mapping):
+            problems.append(f"runs_3d.{name}.init: got {run.get('init')!r}, expected a `methods` entry with a 3D swin "
+                            "backbone: " + (", ".join(m for m, e in methods.items() if isinstance(e, Mapping)
+                                                      and e.get("backbone", {}).get("spatial_dims") == 3) or "none"))
+        elif backbone.get("name") != "swin" or backbone.get("spatial_dims") != 3:
+            problems.append(f"runs_3d.{name}.init: {run['init']!r} has a {backbone.get('spatial_dims')}D "
+                            f"{backbone.get('name')!r} backbone, but SwinUNETR 3D needs a swin backbone with "
+                            "spatial_dims 3")
+        elif backbone.get("patch_size") != SWIN_UNETR_PATCH_SIZE:
+            problems.append(f"runs_3d.{name}.init: SwinUNETR's decoder needs a Swin encoder with patch_size "
+                            f"{SWIN_UNETR_PATCH_SIZE}, but {run['init']!r} has patch_size {backbone.get('patch_size')}")
+        baseline = run.get("baseline")
+        if baseline is not None and (baseline not in runs_3d or baseline == name):
+            problems.append(f"runs_3d.{name}.baseline: got {baseline!r}, expected another `runs_3d` entry: "
+                            + (", ".join(r for r in runs_3d if r != name) or "none"))
 
 
 def _check_report(params: dict, problems: list[str]) -> None:
@@ -1192,7 +1254,7 @@ def _check_method_inputs(params: dict, problems: list[str],
 
 #: The sections whose entries name presets, and the references each entry holds.
 PRESET_USERS = {"methods": ("backbone", "recipe"), "multihead": ("backbone", "recipe"), "runs": ("recipe",),
-                "radiograph_runs": ("recipe",), "latent_diffusion": ("recipe",)}
+                "radiograph_runs": ("recipe",), "runs_3d": ("recipe",), "latent_diffusion": ("recipe",)}
 
 
 def _resolve_presets(params: dict, problems: list[str]) -> dict:
@@ -1353,7 +1415,7 @@ def read_yaml(path: str | os.PathLike) -> Any:
 PARAMS_FILES: dict[str, tuple[str, ...]] = {
     "params/presets.yaml": ("recipes", "backbones"),
     "params/methods.yaml": ("methods", "multihead", "latent_diffusion"),
-    "params/runs.yaml": ("runs", "radiograph_runs"),
+    "params/runs.yaml": ("runs", "radiograph_runs", "runs_3d"),
 }
 
 

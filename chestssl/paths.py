@@ -143,3 +143,16 @@ def multihead_heads_dir(name: str) -> Path:
 def ablation_report_dir(ablation: str, run: str) -> Path:
     """Metrics and training curves of an ablation (``label_fraction``, ``frozen_parts``) of one run."""
     return REPORTS_DIR / ablation / run
+
+
+def finetune_3d_model_path(run: str) -> Path:
+    """The SwinUNETR 3D of ``runs_3d.<run>`` (stage ``finetune_3d@<run>``)."""
+    return Path("models/finetune_3d") / run / "model.pt"
+
+
+def finetune_3d_report_dir(run: str) -> Path:
+    return REPORTS_DIR / "finetune_3d" / run
+
+
+def evaluate_3d_dir(run: str) -> Path:
+    return REPORTS_DIR / "evaluate_3d" / run

@@ -129,7 +129,7 @@ def shrink_params(raw: dict) -> None:
     """Shrink a params.yaml mapping in place: its presets and every entry; the report's rows
     follow the entries kept (:func:`drop_report_rows_of_absent_entries`)."""
     shrink_presets(raw)
-    for section in ("methods", "multihead", "runs"):
+    for section in ("methods", "multihead", "runs", "runs_3d"):
         for entry in raw.get(section, {}).values():
             shrink_method_entry(entry)
     for entry in raw.get("latent_diffusion", {}).values():

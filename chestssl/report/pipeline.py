@@ -63,6 +63,7 @@ from chestssl.report.radiograph_figures import (
     radiograph_pretraining_section,
     radiograph_section,
 )
+from chestssl.report.seg3d import segmentation_3d_table
 from chestssl.report.seed000 import SEED000_TABLES, perceptual_notes, seed000_tables
 from chestssl.report.tables import with_costs
 
@@ -98,6 +99,7 @@ def stage_costs(params: Mapping[str, Any]) -> dict[str, dict[str, Any] | None]:
         ("pretrain", params["methods"], paths.pretrain_report_dir),
         ("pretrain_multihead", params.get("multihead") or {}, paths.pretrain_report_dir),
         ("finetune", params["runs"], paths.finetune_report_dir),
+        ("finetune_3d", params.get("runs_3d") or {}, paths.finetune_3d_report_dir),
         *((ablation, params[ablation]["runs"], partial(paths.ablation_report_dir, ablation))
           for ablation in ("label_fraction", "frozen_parts")),
         ("pretrain_radiographs", block["methods"], paths.radiograph_report_dir),
@@ -432,6 +434,18 @@ def build_pipeline_report(params: Mapping[str, Any], out_dir: Path = paths.REPOR
             "items), so the term acts. Its encoder and the CT-only one are probed the same way on the test CT "
             "slices and on the test radiographs. " + contrastive_activity(crossed),
             cross_tables,
+        ))
+
+    # Seed 003's downstream: 3D nodule segmentation from the 3D encoders, pretrained vs scratch.
+    tables_3d, skipped_3d = segmentation_3d_table(params, paths.evaluate_3d_dir, costs)
+    skipped += skipped_3d
+    if tables_3d:
+        table_sections.append((
+            "3D nodule segmentation (seed 003's downstream)",
+            "Each `runs_3d` entry fine-tunes MONAI's SwinUNETR 3D from a 3D encoder (`finetune_3d@<run>`) and "
+            "segments the test scans by sliding windows (`evaluate_3d@<run>`); a pretrained run is paired with "
+            "its scratch `baseline`, the same network and recipe from seeded random weights.",
+            tables_3d,
         ))
 
     # Comparison figures, their models as the `report` params list them.

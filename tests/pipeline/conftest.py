@@ -24,8 +24,9 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 #: latent-ResNet and linear classification). Each method's own code is unit-tested in
 #: tests/methods; here only the wiring of the stages is.
 TINY_METHODS = ("scratch_cnn_attention", "ae_cnn_attention", "barlow_twins", "diffmae", "dae_all")
-#: A 3D entry (seed 003's protocol on crops), made from ``dae_all``.
+#: A 3D entry (seed 003's protocol on crops), made from ``dae_all``, and its scratch twin.
 TINY_3D_METHOD = "dae_all_3d"
+TINY_3D_SCRATCH = "scratch_swin_3d"
 TINY_MULTIHEAD = ("multihead_clsseg",)
 #: Each run: its shipped entry, or the entry named by ``from`` (else a SwinUNETR one) with changes.
 TINY_RUNS = {
@@ -54,6 +55,7 @@ def tiny_params(params: dict) -> dict:
     # Windows of 4^3 tokens, not 7^3: the 3D stages then take 1.3 GB, not 1.8, and half the time.
     params["backbones"]["swin_3d"] = {**params["backbones"]["swin"], "spatial_dims": 3, "window_size": 4}
     params["methods"][TINY_3D_METHOD] = {**params["methods"]["dae_all"], "backbone": "swin_3d"}
+    params["methods"][TINY_3D_SCRATCH] = {"method": "scratch", "backbone": "swin_3d", "recipe": "none"}
     params["crops"].update(size=64, per_scan=2)
     params["multihead"] = {name: params["multihead"][name] for name in TINY_MULTIHEAD}
     params["latent_diffusion"] = {name: entry for name, entry in params["latent_diffusion"].items()
@@ -71,6 +73,11 @@ def tiny_params(params: dict) -> dict:
     shrink_params(params)
     # One 64^3 crop per step: two take 2.3 GB through the 3D Swin on CPU.
     params["methods"][TINY_3D_METHOD]["train"].update(batch_size=1, max_steps=2)
+    # Seed 003's downstream (runs_3d, both shipped runs): one 64^3 crop per step, two steps, and
+    # windows without overlap over the lung box of each of the two test scans.
+    for run in params["runs_3d"].values():
+        run["train"].update(epochs=2, batch_size=1, max_steps=2)
+        run.update(crops_per_scan=1, overlap=0.0, region="lung_box", max_test_scans=2)
     # Seed 001's ablations on one linear-head run, two settings each.
     params["label_fraction"].update(fractions=[0.5, 1.0], runs=["cls_linear_barlow_twins"])
     params["frozen_parts"] = {"unfrozen_stages": [0, 2], "runs": ["cls_linear_barlow_twins"]}

@@ -34,6 +34,19 @@ def test_repro_builds_the_report_and_a_second_repro_does_nothing(reproduced_proj
         key = "dice_global" if params["runs"][run]["task"] == "seg" else "accuracy"
         assert 0.0 <= metrics[key]["value"] <= 1.0
     assert list((root / "reports" / "figures").glob("*.png"))
+    # Seed 003's downstream: each 3D run fine-tuned from its 3D encoder, scored on the test scans by
+    # sliding windows, and the pretrained run paired with its scratch baseline in the report's table.
+    assert params["runs_3d"]
+    for run, entry in params["runs_3d"].items():
+        assert (root / "models" / "finetune_3d" / run / "model.pt").is_file()
+        assert json.loads((root / "reports" / "finetune_3d" / run / "cost.json").read_text())["steps"] == 2
+        metrics = json.loads((root / "reports" / "evaluate_3d" / run / "metrics.json").read_text())
+        assert metrics["test_scans"] == 2 and metrics["roi_size"] == entry["crop_size"]
+        assert all(metrics[key]["value"] is None or 0.0 <= metrics[key]["value"] <= 1.0
+                   for key in ("dice", "dice_global", "detection_rate"))
+    assert "3D nodule segmentation (seed 003's downstream)" in report
+    assert "difference: seg3d_swinunetr_dae_all_3d - seg3d_swinunetr_scratch_3d" in report
+    assert (root / "reports" / "tables" / "segmentation_3d.csv").is_file()
     # Every pretrained encoder is probed the same way, the 3D one on crops, during and after training.
     assert "Linear probe of every pretrained encoder" in report and "swin 3D" in report
     for method, entry in params["methods"].items():

@@ -30,6 +30,10 @@ def stage_params(methods=("scratch_cnn_attention", "ae_cnn_attention"), runs=(),
     raw["methods"] = {name: raw["methods"][name] for name in methods}
     raw["multihead"] = {name: raw["multihead"][name] for name in multihead}
     raw["runs"] = {name: raw["runs"][name] for name in runs}
+    raw["runs_3d"] = {name: entry for name, entry in raw["runs_3d"].items() if entry["init"] in methods}
+    for entry in raw["runs_3d"].values():
+        if entry.get("baseline") not in raw["runs_3d"]:
+            entry["baseline"] = None
     raw["latent_diffusion"] = {name: entry for name, entry in raw["latent_diffusion"].items() if name in methods}
     if raw["fid"]["features"] not in methods:
         raw["fid"]["features"] = "scratch_resnet18"

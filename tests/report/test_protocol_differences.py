@@ -102,10 +102,16 @@ def test_seed004_schedule_is_a_five_percent_warm_up(default, full, full_raw):
     assert not _row(_changed(full_raw, longer), "004", "learning-rate schedule").matches
 
 
-def test_3d_points_appear_only_with_a_3d_dae_entry(default, full):
+def test_3d_points_appear_only_with_a_3d_dae_entry(default_raw, default, full):
+    def without_3d_dae(raw):
+        del raw["methods"]["dae_all_3d"]
+        raw["runs_3d"] = {name: run for name, run in raw["runs_3d"].items() if run["init"] != "dae_all_3d"}
+        for run in raw["runs_3d"].values():
+            run["baseline"] = None
+    rows = _changed(default_raw, without_3d_dae)
     for topic in ("training length (3D)", "global batch (3D)", "3D crops"):
-        assert ("003", topic) not in _topics(default)
-        assert ("003", topic) in _topics(full)
+        assert ("003", topic) not in _topics(rows)
+        assert ("003", topic) in _topics(default) and ("003", topic) in _topics(full)
 
 
 
@@ -327,6 +333,7 @@ def test_points_without_their_entries_are_left_out(default_raw):
         for name in dae:
             del raw["methods"][name]
         raw["runs"] = {name: run for name, run in raw["runs"].items() if run["init"] not in dae}
+        raw["runs_3d"] = {}
         raw["cross_modal"]["methods"] = []
     rows = _changed(default_raw, without_dae)
     assert not [row for row in rows if row.seed == "003"]
