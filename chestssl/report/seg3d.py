@@ -32,12 +32,14 @@ def _protocol_note(params: Mapping[str, Any], runs: Mapping[str, Mapping[str, An
                       for run in runs.values()})
     limits = sorted({run["max_test_scans"] for run in runs.values()})
     scans = "every test scan" if limits == [0] else f"the first {', '.join(map(str, limits))} test scans"
+    overlaps = sorted({f"{run['overlap']:g}" for run in runs.values()})
     return ("Protocol: seed 003 fine-tuned its pretrained Swin UNETR on BTCV's 13 abdominal organs; here the "
             "task is LIDC's nodules (consensus masks at `preprocess.clevel`), background vs nodule. As the seed: "
             "MONAI SwinUNETR 3D, whole network trained, DiceCE, random crops drawn anew every epoch, "
             "sliding-window inference, Dice without the background. This profile: "
             f"{'/'.join(sizes)} crops and windows (seed: 96^3), feature size {'/'.join(features)} (seed: 48), "
-            f"windows over {' and '.join(regions)} of {scans}. A nodule is found when one of its voxels is predicted.")
+            f"windows over {' and '.join(regions)} of {scans}, overlap {'/'.join(overlaps)} (seed: 0.5). A nodule is "
+            "found when one of its voxels is predicted.")
 
 
 def segmentation_3d_table(
