@@ -9,7 +9,7 @@ import torch
 
 from chestssl.train import cost_probe
 from chestssl.train.loop import fit, plan_steps
-from tests.train.test_loop import Regression, _quiet_cpu, make_model, train_cfg  # noqa: F401 (autouse fixture)
+from tests.train.test_loop import DEVICE, Regression, _quiet_cpu, make_model, train_cfg  # noqa: F401 (autouse fixture)
 
 
 @pytest.mark.parametrize(
@@ -58,7 +58,8 @@ def test_a_measured_fit_logs_full_batches_flops_and_its_plan_and_trains_nothing_
     assert record["parameters"] == record["trainable_parameters"] == 4 * 16 + 16 + 16 + 1
     assert record["train_items"] == 6 and record["steps_here"] == plan_steps(6, cfg).total_steps == 5
     assert record["train"]["accumulate"] == 2 and not record["reused"]
-    assert record["memory_kind"] == "process_max_rss" and record["peak_memory_bytes"] > 0
+    assert record["memory_kind"] == ("cuda_max_allocated" if DEVICE == "cuda" else "process_max_rss")
+    assert record["peak_memory_bytes"] > 0 and record["device"] == DEVICE
 
     # The same model and batch settings on other data: the measurement is reused.
     fit(make_model(), Regression(40, 3), Regression(4, 2), cfg, tmp_path / "b" / "live", tmp_path / "b.pt", 0)

@@ -1,5 +1,11 @@
 """The training loop: learning, determinism, resume, dvclive logs, max_steps, best
-checkpoint, and a two-process DistributedDataParallel run (Gloo, CPU)."""
+checkpoint, and a two-process DistributedDataParallel run (Gloo, CPU).
+
+The fits run on the device named by the environment variable ``CHESTSSL_TEST_DEVICE``
+(default ``cpu``): ``CHESTSSL_TEST_DEVICE=cuda`` runs them on the GPU, where mixed
+precision is real (autocast and, for fp16, loss scaling), so training, AMP and resume
+after an interruption are checked there too.
+"""
 
 from __future__ import annotations
 
@@ -20,6 +26,13 @@ from chestssl.train.checkpoint import files_digest, stage_inputs
 from chestssl.train.loop import FitResult, build_scheduler, fit
 
 WEIGHTS = torch.tensor([1.0, -2.0, 0.5, 3.0])
+#: Where the fits train: ``cpu`` (default) or ``cuda``.
+DEVICE = os.environ.get("CHESTSSL_TEST_DEVICE", "cpu")
+if DEVICE not in ("cpu", "cuda"):
+    raise ValueError(f"CHESTSSL_TEST_DEVICE: got {DEVICE!r}, expected 'cpu' or 'cuda'")
+if DEVICE == "cuda" and not torch.cuda.is_available():
+    raise RuntimeError("CHESTSSL_TEST_DEVICE=cuda but no CUDA GPU is visible to PyTorch")
+cuda_only = pytest.mark.skipif(DEVICE != "cuda", reason="mixed precision runs on CUDA only (CHESTSSL_TEST_DEVICE=cuda)")
 
 
 @pytest.fixture(autouse=True)
@@ -79,7 +92,7 @@ def make_model(seed: int = 0, **kwargs) -> TinyRegressor:
 def train_cfg(**overrides) -> dict:
     cfg = dict(
         epochs=4, batch_size=8, lr=0.01, weight_decay=0.0, optimizer="adam", betas=[0.9, 0.999],
-        scheduler="cosine", grad_clip=1.0, max_steps=0, amp=False, num_workers=0, log_every=2, device="cpu",
+        scheduler="cosine", grad_clip=1.0, max_steps=0, amp=False, num_workers=0, log_every=2, device=DEVICE,
     )
     cfg.update(overrides)
     return cfg
@@ -367,37 +380,74 @@ def test_non_finite_loss_stops_with_advice(tmp_path):
 
 
 class PrecisionRecorder(TinyRegressor):
-    """Records the autocast state each training step runs under."""
+    """Records the autocast state each training step runs under (on the training device),
+    and the precision its first layer computes in."""
 
     def __init__(self) -> None:
         super().__init__(dropout=0.0)
         self.seen: set[tuple[bool, torch.dtype]] = set()
+        self.computed: set[torch.dtype] = set()
 
     def training_step(self, batch: dict) -> dict[str, torch.Tensor]:
-        self.seen.add((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
+        device = batch["x"].device.type
+        self.seen.add((torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)))
+        self.computed.add(self.net[0](batch["x"]).dtype)
         return super().training_step(batch)
 
 
 @pytest.mark.parametrize("amp_dtype, dtype, scaled", [("fp16", torch.float16, True), ("bf16", torch.bfloat16, False)])
 def test_amp_dtype_sets_the_autocast_precision_and_loss_scaling(tmp_path, monkeypatch, amp_dtype, dtype, scaled):
-    """Where mixed precision runs (CUDA; here the CPU's autocast stands in for it), fp16
+    """Where mixed precision runs (CUDA; on the CPU its autocast stands in for it), fp16
     scales the loss and bf16 does not."""
     import chestssl.train.loop as loop
 
-    monkeypatch.setattr(loop, "amp_enabled", lambda requested, device, announce=True: requested)
+    if DEVICE == "cpu":
+        monkeypatch.setattr(loop, "amp_enabled", lambda requested, device, announce=True: requested)
     scalers = []
     original = torch.amp.GradScaler
     monkeypatch.setattr(torch.amp, "GradScaler", lambda *a, **k: scalers.append(k["enabled"]) or original(*a, **k))
     model = PrecisionRecorder()
-    run_fit(tmp_path, amp_dtype, model, train_cfg(amp=True, amp_dtype=amp_dtype, epochs=1))
+    result = run_fit(tmp_path, amp_dtype, model, train_cfg(amp=True, amp_dtype=amp_dtype, epochs=1))
     assert model.seen == {(True, dtype)} and scalers == [scaled]
+    assert model.computed == {dtype}, "the layers compute in the autocast precision"
+    assert model.net[0].weight.dtype == torch.float32, "the weights stay in fp32"
+    assert np.isfinite(result.final_metrics["train/loss"]) and np.isfinite(result.final_metrics["val/loss"])
+
+
+@cuda_only
+@pytest.mark.parametrize("amp_dtype", ["fp16", "bf16"])
+def test_mixed_precision_fit_learns_and_resumes_identically(tmp_path, amp_dtype, capsys):
+    """On CUDA under autocast (fp16 with its GradScaler, whose state the checkpoint keeps;
+    bf16 without): the loss falls, and a fit interrupted in its third epoch resumes to
+    the uninterrupted fit's weights."""
+    cfg = train_cfg(epochs=4, amp=True, amp_dtype=amp_dtype, optimizer="adamw", weight_decay=0.01, lr=0.03)
+    reference_model = make_model()
+    reference = run_fit(tmp_path, "reference", reference_model, cfg)
+    assert reference.final_metrics["train/loss"] < 0.9 * reference.history[0]["train/loss"]
+    assert all(np.isfinite(h["train/loss"]) and np.isfinite(h["val/loss"]) for h in reference.history)
+    interrupted = make_model(fail_at_call=15)  # 6 steps per epoch: in the third epoch
+    with pytest.raises(RuntimeError, match="simulated interruption"):
+        run_fit(tmp_path, "run", interrupted, cfg)
+    assert (tmp_path / "run" / "ckpt.pt").exists()
+    checkpoint = torch.load(tmp_path / "run" / "ckpt.pt", map_location="cpu", weights_only=True)
+    assert "cuda" in checkpoint["rng"][0], "the GPU's RNG state is saved"
+    if amp_dtype == "fp16":
+        assert checkpoint["scaler"]["scale"] > 0, "the loss scale is saved"
+    shutil.rmtree(tmp_path / "run" / "live")
+    resumed_model = make_model()
+    resumed = run_fit(tmp_path, "run", resumed_model, cfg)
+    assert resumed.resumed and "resuming from" in capsys.readouterr().err
+    assert resumed_model.calls == 2 * 6
+    assert_same_weights(reference_model.state_dict(), resumed_model.state_dict())
+    assert resumed.history == reference.history
+    assert resumed.device == "cuda" and resumed.memory_kind == "cuda_max_allocated"
 
 
 def test_amp_requested_on_cpu_trains_in_fp32(tmp_path, capsys):
     amp_model, fp32_model = make_model(), make_model()
-    run_fit(tmp_path, "amp", amp_model, train_cfg(amp=True, epochs=2))
+    run_fit(tmp_path, "amp", amp_model, train_cfg(amp=True, epochs=2, device="cpu"))
     assert "train.amp is true but training runs on the CPU: using fp32" in capsys.readouterr().err
-    run_fit(tmp_path, "fp32", fp32_model, train_cfg(amp=False, epochs=2))
+    run_fit(tmp_path, "fp32", fp32_model, train_cfg(amp=False, epochs=2, device="cpu"))
     assert amp_model.net[0].weight.dtype == torch.float32
     assert torch.equal(amp_model.net[0].weight, fp32_model.net[0].weight)
 
@@ -429,6 +479,8 @@ def _ddp_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
                Path(out_dir) / f"accumulate_rank{rank}.pt")
 
 
+@pytest.mark.skipif(DEVICE == "cuda", reason="two ranks on one GPU: NCCL refuses two processes on the same device; "
+                    "DDP is checked on the CPU (Gloo)")
 def test_ddp_two_processes_gloo_stay_in_sync(tmp_path):
     mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
     rank0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
