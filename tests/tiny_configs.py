@@ -129,15 +129,24 @@ def shrink_params(raw: dict) -> None:
     """Shrink a params.yaml mapping in place: its presets and every entry; the report's rows
     follow the entries kept (:func:`drop_report_rows_of_absent_entries`)."""
     shrink_presets(raw)
-    for section in ("methods", "multihead", "runs", "runs_3d"):
+    for section in ("methods", "multihead", "runs", "runs_3d", "radiograph_runs"):
         for entry in raw.get(section, {}).values():
             shrink_method_entry(entry)
+    drop_radiograph_runs_of_absent_encoders(raw)
     for entry in raw.get("latent_diffusion", {}).values():
         entry.update(TINY_LATENT_DIFFUSION)
         entry.setdefault("train", {}).update(TINY_TRAIN)
     if "fid" in raw:
         raw["fid"]["bootstrap_samples"] = 10
     drop_report_rows_of_absent_entries(raw)
+
+
+def drop_radiograph_runs_of_absent_encoders(raw: dict) -> None:
+    """Keep the ``radiograph_runs`` whose ``init`` is null or an entry of ``pretrain_radiographs.methods``."""
+    listed = (raw.get("pretrain_radiographs") or {}).get("methods") or []
+    if "radiograph_runs" in raw:
+        raw["radiograph_runs"] = {name: run for name, run in raw["radiograph_runs"].items()
+                                  if run.get("init") is None or run["init"] in listed}
 
 
 #: The keys that name a report row's entry, and the params section each names.

@@ -142,7 +142,7 @@ def test_pretraining_probing_and_alignment_run_on_an_imported_dataset(tmp_path):
     from chestssl.pipeline.align_radiographs import align_radiographs
     from chestssl.pipeline.pretrain_radiographs import pretrain_radiographs
     from chestssl.params import read_raw_params
-    from tests.tiny_configs import shrink_params
+    from tests.tiny_configs import drop_radiograph_runs_of_absent_encoders, shrink_params
 
     build_covid(tmp_path / "covid", nested=False, per_class=8)
     radiographs = tmp_path / "radiographs"
@@ -154,6 +154,7 @@ def test_pretraining_probing_and_alignment_run_on_an_imported_dataset(tmp_path):
                                        train={"epochs": 1, "batch_size": 8})
     raw["evaluate"]["bootstrap_samples"] = 10
     raw["alignment"].update(feature_method="barlow_twins", steps=2, batch_size=4, block_inplanes=[4, 8, 8, 8])
+    drop_radiograph_runs_of_absent_encoders(raw)
     params = validate(raw)
     out = tmp_path / "out"
     metrics = pretrain_radiographs(params, "barlow_twins", radiographs, out / "model", out / "report",

@@ -33,16 +33,17 @@ def test_unknown_method_names_allowed():
 
 def test_every_method_of_params_yaml_builds_and_exports():
     params = load_params(ROOT / "params.yaml")
-    x = torch.rand(2, 1, 64, 64)
     for name in [*params["methods"], *params["multihead"]]:
         cfg = pretrain_entry(params, name)[1]
+        dims = cfg["backbone"]["spatial_dims"]
+        x = torch.rand(1 if dims == 3 else 2, 1, *[64] * dims)
         method = build_method(name, cfg, seed=params["seed"])
         assert method.trainable == METHODS[cfg["method"]].trainable
         encoder = load_encoder(method.export()).eval()
         with torch.no_grad():
             latent = encoder.latent(x)
         stride = encoder.latent_stride
-        assert tuple(latent.shape) == (2, encoder.latent_channels, 64 // stride, 64 // stride), name
+        assert tuple(latent.shape) == (x.shape[0], encoder.latent_channels, *[64 // stride] * dims), name
 
 
 def test_reconstructs_says_whether_reconstruct_returns_images():
@@ -54,8 +55,9 @@ def test_reconstructs_says_whether_reconstruct_returns_images():
     from pathlib import Path
 
     params = load_params(Path(__file__).resolve().parents[2] / "params.yaml")
-    image = torch.rand(2, 1, 64, 64)
     for name in [*params["methods"], *params["multihead"]]:
-        method = build_method(name, pretrain_entry(params, name)[1], seed=0).eval()
+        cfg = pretrain_entry(params, name)[1]
+        image = torch.rand(1, 1, *[64] * cfg["backbone"]["spatial_dims"])
+        method = build_method(name, cfg, seed=0).eval()
         assert (method.reconstruct(image) is not None) == type(method).reconstructs, name
     assert set(METHODS) >= {"scratch", "ae"}

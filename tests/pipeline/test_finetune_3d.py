@@ -56,7 +56,7 @@ def test_both_runs_train_on_fresh_crops_and_are_scored_and_paired_on_whole_scans
         for key in ("dice", "dice_global", "detection_rate"):
             value = scores[key]["value"]
             assert value is None or 0.0 <= value <= 1.0
-        assert scores["overlap"] == 0.5 and scores["roi_size"] == 64
+        assert scores["overlap"] == params["runs_3d"][name]["overlap"] and scores["roi_size"] == 64
         assert json.loads((out_dir / "metrics.json").read_text()) == json.loads(json.dumps(scores))
         items[name] = load_items_3d(out_dir / "items.npz")
     paired = paired_difference_3d(items[RUNS[1]], items[RUNS[0]], 20, 0.95, 0)

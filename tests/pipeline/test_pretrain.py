@@ -15,7 +15,7 @@ from chestssl.model_files import load_model_file
 from chestssl.params import ParamsError, read_raw_params, validate
 from chestssl.pipeline.pretrain import pretrain
 from tests.pipeline.conftest import REPO_ROOT
-from tests.tiny_configs import shrink_params
+from tests.tiny_configs import drop_radiograph_runs_of_absent_encoders, shrink_params
 
 
 def stage_params(methods=("scratch_cnn_attention", "ae_cnn_attention"), runs=(), multihead=(),
@@ -42,6 +42,7 @@ def stage_params(methods=("scratch_cnn_attention", "ae_cnn_attention"), runs=(),
     raw["cross_modal"]["methods"] = []
     raw["pretrain_radiographs"].update(methods=["scratch_resnet18"], study_methods=[])
     raw["alignment"]["feature_method"] = "scratch_resnet18"
+    drop_radiograph_runs_of_absent_encoders(raw)
     raw["slices"]["size"] = slice_size
     raw["evaluate"]["bootstrap_samples"] = 20
     raw["report"]["num_examples"] = 2
