@@ -42,6 +42,15 @@ def _protocol_note(params: Mapping[str, Any], runs: Mapping[str, Mapping[str, An
             "found when one of its voxels is predicted.")
 
 
+def _fill_intervals(number: dict[str, Any], cells: dict[str, str], metrics: Mapping[str, Any]) -> None:
+    """Each :data:`COLUMNS_3D` metric of ``metrics`` as CSV numbers (value and interval) and a cell."""
+    for key, header in COLUMNS_3D:
+        entry = metrics.get(key) or {}
+        value, low, high = entry.get("value"), entry.get("ci_low"), entry.get("ci_high")
+        number[key], number[f"{key}_ci_low"], number[f"{key}_ci_high"] = value, low, high
+        cells[header] = format_interval(value, low, high)
+
+
 def segmentation_3d_table(
     params: Mapping[str, Any],
     evaluate_dir_of: Callable[[str], Path],
@@ -62,11 +71,7 @@ def segmentation_3d_table(
         number = {"entry": name, "init": runs[name]["init"], "test_patients": metrics.get("test_patients"),
                   "test_nodules": metrics.get("test_nodules")}
         cells = {"Run": name, "Init": runs[name]["init"]}
-        for key, header in COLUMNS_3D:
-            entry = metrics.get(key) or {}
-            number[key], number[f"{key}_ci_low"], number[f"{key}_ci_high"] = (
-                entry.get("value"), entry.get("ci_low"), entry.get("ci_high"))
-            cells[header] = format_interval(entry.get("value"), entry.get("ci_low"), entry.get("ci_high"))
+        _fill_intervals(number, cells, metrics)
         cells["Test patients / nodules"] = f"{metrics.get('test_patients')} / {metrics.get('test_nodules')}"
         numbers.append(number)
         text.append(cells)
@@ -87,11 +92,7 @@ def segmentation_3d_table(
         number = {"entry": label, "init": f"{run['init']} - {runs[baseline]['init']}",
                   "test_patients": paired.get("test_patients"), "test_nodules": None}
         cells = {"Run": f"difference: {label}", "Init": number["init"]}
-        for key, header in COLUMNS_3D:
-            entry = paired[key]
-            number[key], number[f"{key}_ci_low"], number[f"{key}_ci_high"] = (
-                entry.get("value"), entry.get("ci_low"), entry.get("ci_high"))
-            cells[header] = format_interval(entry.get("value"), entry.get("ci_low"), entry.get("ci_high"))
+        _fill_intervals(number, cells, paired)
         cells["Test patients / nodules"] = f"{paired.get('test_patients')} (paired)"
         numbers.append(number)
         text.append(cells)
