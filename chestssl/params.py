@@ -678,6 +678,7 @@ class Evaluate(Config):
                                                      "SSIM/PSNR are computed; 0: every test slice or crop")
     seg_threshold: Float(ge=0.0, le=1.0)
     cls_threshold: Float(ge=0.0, le=1.0)
+    num_examples: Int(ge=1, doc="test items kept for the example figures (reconstructions, overlays)")
 
 
 class SeedReconstructionRow(Config):
@@ -727,7 +728,6 @@ class SeedGenerationRow(Config):
 class Report(Config):
     """The report: which entries each seed 000 table and each comparison figure shows, row by row."""
 
-    num_examples: Int(ge=1)
     seed000_reconstruction: List(SeedReconstructionRow, doc="rows of `seed_row` and `method` or `multihead`")
     seed000_pretrained_segmentation: List(SeedSegmentationRow, doc="rows of `seed_row` and `run` or `multihead`")
     seed000_segmentation_losses: List(SeedSegmentationRow, doc="rows of `seed_row` and `run` or `multihead`")
@@ -1414,8 +1414,12 @@ def read_yaml(path: str | os.PathLike) -> Any:
 #: (dvc.yaml names them under ``vars`` and in the stages' ``params``).
 PARAMS_FILES: dict[str, tuple[str, ...]] = {
     "params/presets.yaml": ("recipes", "backbones"),
-    "params/methods.yaml": ("methods", "multihead", "latent_diffusion"),
+    "params/methods.yaml": ("methods", "latent_diffusion"),
+    "params/multihead.yaml": ("multihead",),
     "params/runs.yaml": ("runs", "radiograph_runs", "runs_3d"),
+    "params/radiographs.yaml": ("pretrain_radiographs", "cross_modal", "alignment"),
+    "params/ablations.yaml": ("label_fraction", "frozen_parts"),
+    "params/report.yaml": ("report",),
 }
 
 

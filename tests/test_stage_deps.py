@@ -105,3 +105,14 @@ def test_every_report_input_folder_exists_without_any_run():
     assert folders
     for folder in folders:
         assert (REPO_ROOT / folder / "README.md").is_file(), f"{folder}/README.md is missing"
+
+
+def test_the_committed_lock_records_only_stages_dvc_yaml_defines():
+    # DVC keeps the lock entry of a stage that left dvc.yaml (a renamed method, a tiny
+    # profile's run); each one costs every `dvc status` its parse and misleads a reader.
+    from dvc.repo import Repo
+
+    with Repo(str(REPO_ROOT)) as repo:
+        defined = {stage.addressing for stage in repo.index.stages}
+    locked = set(yaml.safe_load((REPO_ROOT / "dvc.lock").read_text())["stages"])
+    assert locked - defined == set(), "dvc.lock holds stages dvc.yaml no longer defines; delete their entries"

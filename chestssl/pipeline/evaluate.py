@@ -33,7 +33,7 @@ def evaluate(
 
     Args:
         params: the loaded params (the run, ``seed``, ``slices``, ``evaluate``,
-            ``report.num_examples``).
+            ``evaluate.num_examples``).
         name: an entry under ``runs``.
         processed_dir: ``data/processed``.
         model_path: the fine-tuned model; default :func:`chestssl.paths.finetune_model_path`.
@@ -60,7 +60,7 @@ def evaluate(
                         clean_source=slices["clean_source"], field_of_view=slices["field_of_view"])
     metrics = evaluate_predictor(
         run["task"], model.predict, test, params["evaluate"], examples_path=out_dir / "examples.npz",
-        items_path=out_dir / "items.npz", num_examples=params["report"]["num_examples"], seed=seed, device=device,
+        items_path=out_dir / "items.npz", num_examples=params["evaluate"]["num_examples"], seed=seed, device=device,
         feature_maps=getattr(model, "encoder_feature_maps", None),
     )
     if run["task"] == "cls":

@@ -35,7 +35,7 @@ def evaluate_pretrain(
 
     Args:
         params: the loaded params (the entry, ``seed``, ``slices``, ``crops``, ``probe``,
-            ``preprocess.min_nodule_pixels``, ``evaluate``, ``report.num_examples``).
+            ``preprocess.min_nodule_pixels``, ``evaluate``, ``evaluate.num_examples``).
         name: an entry under ``methods`` or ``multihead``.
         processed_dir: ``data/processed``.
         model_path: the method's weights (``method.pt`` of its pretraining stage); default
@@ -68,7 +68,7 @@ def evaluate_pretrain(
     method.load_state_dict(saved["state_dict"])
     device = auto_device()
     method.to(device).eval()
-    count = params["report"]["num_examples"]
+    count = params["evaluate"]["num_examples"]
     probe = params["probe"]
     encoder = method.encoder()
     metrics = {"probe": fit_linear_probe(

@@ -347,7 +347,7 @@ def build_pipeline_report(params: Mapping[str, Any], out_dir: Path = paths.REPOR
 
     # Radiographs (the X-ray methods' input): rendered from CT or a real dataset (data.cxr.source).
     radiograph_figures, radiograph_skipped, source = radiograph_section(
-        paths.RADIOGRAPHS_DIR, figures_dir, params["report"]["num_examples"])
+        paths.RADIOGRAPHS_DIR, figures_dir, params["evaluate"]["num_examples"])
     skipped += radiograph_skipped
     radiographs_name = {"rendered": "radiographs rendered from CT", None: "radiographs"}.get(
         source, f"{source} radiographs")

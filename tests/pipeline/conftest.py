@@ -91,7 +91,7 @@ def tiny_params(params: dict) -> dict:
     for entry in params["radiograph_runs"].values():
         entry["train"] = {"epochs": 2, "batch_size": 4}
     params["evaluate"]["bootstrap_samples"] = 50
-    params["report"]["num_examples"] = 2
+    params["evaluate"]["num_examples"] = 2
     return params
 
 

@@ -39,7 +39,7 @@ def test_an_autoencoder_gets_the_probe_and_its_reconstruction_scores(synthetic_p
     assert 0.0 <= metrics["ssim"]["value"] <= 1.0 and metrics["psnr"]["value"] > 0
     assert metrics["n_images"] == 24 and metrics["n_patients"] == 2  # every slice of the two test patients
     with np.load(where["out_dir"] / "examples.npz") as examples:
-        # report.num_examples evenly spaced test slices: the first and the last.
+        # evaluate.num_examples evenly spaced test slices: the first and the last.
         assert examples["image"].shape == examples["recon"].shape == (2, 1, 32, 32)
         assert list(examples["patient_id"]) == ["p4", "p5"] and list(examples["slice_index"]) == [0, 11]
     assert not where["heads_dir"].exists()

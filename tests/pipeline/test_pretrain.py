@@ -45,7 +45,7 @@ def stage_params(methods=("scratch_cnn_attention", "ae_cnn_attention"), runs=(),
     drop_radiograph_runs_of_absent_encoders(raw)
     raw["slices"]["size"] = slice_size
     raw["evaluate"]["bootstrap_samples"] = 20
-    raw["report"]["num_examples"] = 2
+    raw["evaluate"]["num_examples"] = 2
     shrink_params(raw)
     return validate(raw)
 
