@@ -210,6 +210,8 @@ class SwinBackbone(Config):
     window_size: Int(ge=1)
     depths: List(Int(ge=1), length=4)
     num_heads: List(Int(ge=1), length=4, doc="the k-th divides feature_size * 2^k")
+    use_checkpoint: Bool(doc="recompute each Swin block's activations in the backward pass: "
+                             "the same numbers, less memory, more compute") = False
 
     @model_validator(mode="after")
     def _widths(self) -> "SwinBackbone":

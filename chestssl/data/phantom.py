@@ -74,7 +74,7 @@ HU_MAX = RESCALE_INTERCEPT + (1 << BITS_STORED) - 1
 GENERATOR_VERSION = 3
 STATE_FILE = "phantom.json"
 _TMP_DIRNAME = ".phantom-tmp"
-_SLICE_CHUNK = 24  # slices rendered at once: bounds memory to ~25 MB per float array
+_SLICE_CHUNK = 8  # slices rendered at once: a 60-slice scan peaks at 332 MB (495 MB with 24), same bytes and time
 _TRUNKS_PER_LUNG = 28  # vessel trees grown from each hilum
 _CUBE_ROOT_HALF = 0.7937005259840998  # 2 ** (-1 / 3), a literal: a libm pow may differ by CPU
 

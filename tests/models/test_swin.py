@@ -209,6 +209,28 @@ def test_config_round_trips_through_build_swin_encoder():
     rebuilt.load_state_dict(encoder.state_dict(), strict=True)
     off = build_swin_encoder(_config(normalize=False))
     assert off.normalize is False and off.config()["normalize"] is False
+    recomputed = build_swin_encoder(_config(use_checkpoint=True))
+    assert recomputed.use_checkpoint is True and recomputed.config()["use_checkpoint"] is True
+    assert "use_checkpoint" not in build_swin_encoder(_config()).config()
+
+
+def test_gradient_checkpointing_gives_the_same_outputs_and_gradients():
+    """``use_checkpoint`` recomputes the Swin blocks' activations in the backward pass: the
+    SwinUNETR built from the encoder checkpoints too, and loss and gradients are those
+    without it, bit for bit (no dropout, so the recomputation is the same arithmetic)."""
+    x = torch.rand(1, 1, 32, 32, 64)
+    results = []
+    for use_checkpoint in (False, True):
+        network = swin_unetr_from_encoder(_encoder(3, seed=4, use_checkpoint=use_checkpoint), out_channels=2, seed=5)
+        assert network.swinViT.layers1[0].use_checkpoint is use_checkpoint
+        loss = network(x).square().mean()
+        loss.backward()
+        results.append((loss.detach(), {name: p.grad.clone() for name, p in network.named_parameters()}))
+    (loss_off, grads_off), (loss_on, grads_on) = results
+    assert torch.equal(loss_off, loss_on)
+    assert grads_off.keys() == grads_on.keys()
+    for name, grad in grads_off.items():
+        assert torch.equal(grad, grads_on[name]), name
 
 
 @pytest.mark.parametrize("spatial_dims,shape", [(2, (64, 64)), (3, (32, 32, 32))])
