@@ -1,7 +1,7 @@
 """Scores of 3D nodule segmentation on whole test volumes (seed 003's downstream protocol).
 
 Each test scan is segmented by MONAI's ``sliding_window_inference`` (windows of the training
-crop size, overlap 0.5 as seed 003) and scored per scan:
+crop size; the entry's ``overlap``, 0.5 in seed 003 and the full profile) and scored per scan:
 
 - Dice of the nodule class without the background (MONAI ``DiceMetric(include_background=False)``),
   undefined (NaN) for a scan without nodule voxels;

@@ -77,8 +77,9 @@ class SwinEncoder(SwinTransformer):
         normalize: layer-normalise every hidden state (``SwinUNETR``'s ``normalize``).
         use_checkpoint: gradient checkpointing (MONAI's ``use_checkpoint``): each Swin block's
             activations are recomputed in the backward pass instead of kept, which gives the
-            same numbers with less memory (a 64^3 SwinUNETR step at batch 2 on a CPU: 2.3
-            instead of 2.8 GB) for about a third more compute.
+            same numbers with less memory for more compute (a SwinUNETR 3D of feature size 12
+            on 64^3 crops on a CPU: 0.85x the memory, 1.4x the time per step;
+            ``benchmarks/swin_checkpointing.py``).
 
     ``forward(x)`` / :meth:`feature_maps` with ``x`` of shape (B, in_channels, *S) return
     the five hidden states ``[h0, ..., h4]``, ``hk`` of shape

@@ -234,17 +234,45 @@ def failure_lines(seg_metrics: Mapping[str, Mapping[str, Any]], cls_metrics: Map
     return lines
 
 
+def smaller_table_lines(metrics_3d: Mapping[str, Mapping[str, Any]],
+                        radiograph_metrics: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """Reading-note lines for tables that rest on fewer cases than the main test split: the 3D
+    segmentation runs (``metrics_3d``: run -> its ``evaluate_3d`` metrics, ``test_scans``) and
+    the classifiers fine-tuned on radiographs (run -> its metrics, ``n_train_images`` and
+    ``test.n_images``)."""
+    lines = []
+    scans = sorted({int(m["test_scans"]) for m in metrics_3d.values() if m.get("test_scans") is not None})
+    if scans:
+        counts = "/".join(map(str, scans))
+        lines.append(
+            f"- **The 3D segmentation table scores {counts} test scan{'s' if scans != [1] else ''} per run** "
+            "(`runs_3d.<run>.max_test_scans`): its intervals say even less than the others, and a pretrained "
+            "run beside its scratch baseline is a case report, not a comparison."
+        )
+    train = sorted({int(m["n_train_images"]) for m in radiograph_metrics.values() if m.get("n_train_images")})
+    if train:
+        counts = "/".join(map(str, train))
+        lines.append(
+            f"- **The classifiers fine-tuned on radiographs learn from {counts} training images** (one study "
+            "per training scan): a network of millions of weights fitted to so few images shows that the "
+            "protocol runs, not how well it works."
+        )
+    return lines
+
+
 def reading_note(params: Mapping[str, Any] | None, test_patients: int | None, test_images: int | None,
-                 scale: Mapping[str, float] | None = None, failures: Sequence[str] = ()) -> str:
+                 scale: Mapping[str, float] | None = None, failures: Sequence[str] = (),
+                 smaller_tables: Sequence[str] = ()) -> str:
     """What the numbers below can and cannot show, for the top of the report: said when the
     data are the synthetic phantom, the test split holds fewer than
     :data:`FEW_TEST_PATIENTS` patients, the median nodule spans fewer than
-    :data:`FEW_NODULE_PIXELS` pixels of a slice (``scale``: :func:`~chestssl.report.anatomy_figures.nodule_scale`)
-    or runs failed (``failures``: :func:`failure_lines`); empty otherwise."""
+    :data:`FEW_NODULE_PIXELS` pixels of a slice (``scale``: :func:`~chestssl.report.anatomy_figures.nodule_scale`),
+    a table rests on fewer scans or images than that (``smaller_tables``: one line each, from
+    :func:`smaller_table_lines`) or runs failed (``failures``: :func:`failure_lines`); empty otherwise."""
     synthetic = params is not None and params["data"]["source"] == "phantom"
     few = test_patients is not None and test_patients < FEW_TEST_PATIENTS
     small = scale is not None and scale["nodule_pixels"] < FEW_NODULE_PIXELS
-    if not (synthetic or few or small or failures):
+    if not (synthetic or few or small or failures or smaller_tables):
         return ""
     lines = []
     if synthetic:
@@ -261,6 +289,7 @@ def reading_note(params: Mapping[str, Any] | None, test_patients: int | None, te
             "bootstrap intervals over these patients; at this size they are so wide that they allow no ranking "
             "of the methods, and a difference between two rows, even a large one, may be chance."
         )
+    lines += smaller_tables
     if small:
         size = params["slices"]["size"] if params is not None else None
         lines.append(
@@ -312,6 +341,7 @@ def build_report(
     reconstruction_notes: Mapping[str, str] | None = None,
     costs: Mapping[str, Mapping[str, Any] | None] | None = None,
     nodule_scale: Mapping[str, float] | None = None,
+    smaller_tables: Sequence[str] = (),
 ) -> list[Path]:
     """Write the tables, figures and ``README.md`` of the report under ``out_dir``.
 
@@ -343,6 +373,8 @@ def build_report(
         nodule_scale: how large the nodules are in the slices
             (:func:`~chestssl.report.anatomy_figures.nodule_scale`), stated in the protocol and,
             below :data:`FEW_NODULE_PIXELS`, at the top.
+        smaller_tables: lines for the top of the report on tables that rest on fewer scans or
+            images than the test split (:func:`smaller_table_lines`).
 
     Returns:
         The paths written.
@@ -525,7 +557,8 @@ def build_report(
     # metrics may use a few slices per patient, evaluate.reconstruction_slices_per_patient).
     test_patients = _test_size([m for m, _ in [*recon_metrics.values(), *run_metrics.values()]])[0]
     test_images = _test_size([m for m, _ in run_metrics.values()])[1]
-    note = reading_note(params, test_patients, test_images, scale=nodule_scale, failures=failures)
+    note = reading_note(params, test_patients, test_images, scale=nodule_scale, failures=failures,
+                        smaller_tables=smaller_tables)
     skipped_text = "\n".join(f"- {line}" for line in skipped) if skipped else "- Nothing."
     readme = "\n\n".join(
         [

@@ -49,7 +49,7 @@ from chestssl.report.ablations import (
 )
 from chestssl.report.alignment_figures import alignment_figure, alignment_table
 from chestssl.report.anatomy_figures import anatomy_section, anatomy_title, nodule_scale
-from chestssl.report.build import build_report
+from chestssl.report.build import build_report, smaller_table_lines
 from chestssl.report.classifier_figures import classifier_figure_section
 from chestssl.report.comparison_figures import feature_map_figure, segmentation_comparison_figure
 from chestssl.report.comparisons import pretrained_vs_scratch_table
@@ -438,6 +438,8 @@ def build_pipeline_report(params: Mapping[str, Any], out_dir: Path = paths.REPOR
 
     # Seed 003's downstream: 3D nodule segmentation from the 3D encoders, pretrained vs scratch.
     tables_3d, skipped_3d = segmentation_3d_table(params, paths.evaluate_3d_dir, costs)
+    metrics_3d = {name: _read_json(paths.evaluate_3d_dir(name) / "metrics.json") for name in params.get("runs_3d") or {}
+                  if (paths.evaluate_3d_dir(name) / "metrics.json").exists()}
     skipped += skipped_3d
     if tables_3d:
         table_sections.append((
@@ -497,4 +499,5 @@ def build_pipeline_report(params: Mapping[str, Any], out_dir: Path = paths.REPOR
         costs=costs,
         nodule_scale=nodule_scale(paths.PROCESSED_DIR, params["slices"]["size"],
                                   params["slices"].get("field_of_view", "body")),
+        smaller_tables=smaller_table_lines(metrics_3d, {name: metrics for name, (metrics, _) in finetuned.items()}),
     )
