@@ -234,28 +234,29 @@ def failure_lines(seg_metrics: Mapping[str, Mapping[str, Any]], cls_metrics: Map
     return lines
 
 
+def _distinct_counts(metrics: Mapping[str, Mapping[str, Any]], key: str) -> list[int]:
+    """The distinct positive values of ``key`` over the runs' metrics, ascending."""
+    return sorted({int(m[key]) for m in metrics.values() if m.get(key)})
+
+
 def smaller_table_lines(metrics_3d: Mapping[str, Mapping[str, Any]],
                         radiograph_metrics: Mapping[str, Mapping[str, Any]]) -> list[str]:
     """Reading-note lines for tables that rest on fewer cases than the main test split: the 3D
     segmentation runs (``metrics_3d``: run -> its ``evaluate_3d`` metrics, ``test_scans``) and
-    the classifiers fine-tuned on radiographs (run -> its metrics, ``n_train_images`` and
-    ``test.n_images``)."""
+    the classifiers fine-tuned on radiographs (run -> its metrics, ``n_train_images``)."""
     lines = []
-    scans = sorted({int(m["test_scans"]) for m in metrics_3d.values() if m.get("test_scans") is not None})
-    if scans:
-        counts = "/".join(map(str, scans))
+    if scans := _distinct_counts(metrics_3d, "test_scans"):
         lines.append(
-            f"- **The 3D segmentation table scores {counts} test scan{'s' if scans != [1] else ''} per run** "
-            "(`runs_3d.<run>.max_test_scans`): its intervals say even less than the others, and a pretrained "
-            "run beside its scratch baseline is a case report, not a comparison."
+            f"- **The 3D segmentation table scores {'/'.join(map(str, scans))} test "
+            f"scan{'s' if scans != [1] else ''} per run** (`runs_3d.<run>.max_test_scans`): its intervals say even "
+            "less than the others, and a pretrained run beside its scratch baseline is a case report, not a "
+            "comparison."
         )
-    train = sorted({int(m["n_train_images"]) for m in radiograph_metrics.values() if m.get("n_train_images")})
-    if train:
-        counts = "/".join(map(str, train))
+    if images := _distinct_counts(radiograph_metrics, "n_train_images"):
         lines.append(
-            f"- **The classifiers fine-tuned on radiographs learn from {counts} training images** (one study "
-            "per training scan): a network of millions of weights fitted to so few images shows that the "
-            "protocol runs, not how well it works."
+            f"- **The classifiers fine-tuned on radiographs learn from {'/'.join(map(str, images))} training "
+            "images** (one study per training scan): a network of millions of weights fitted to so few images "
+            "shows that the protocol runs, not how well it works."
         )
     return lines
 
