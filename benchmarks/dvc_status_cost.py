@@ -1,13 +1,15 @@
 """The CPU a no-op ``dvc status`` costs in a reproduced checkout, and where it goes.
 
-Runs ``dvc status -q`` ``--repeats`` times in ``--cwd`` (a clone where ``make reproduce``
-has run, so every stage is up to date) and reports the CPU time (user + system) of each
-run, with ``dvc version`` timed the same way as the baseline: DVC's own import and
-start-up, which no layout of the project can remove. It then counts what the status
+Runs ``dvc status -q`` ``--repeats`` times in each ``--cwd`` (a clone where ``make
+reproduce`` has run, so every stage is up to date; give two to compare layouts, the runs
+alternate between them so that a slower spell of the machine hits both alike) and reports
+the CPU time (user + system) of each run, with ``dvc version`` timed the same way as the
+baseline: DVC's own import and start-up, which no layout of the project can remove. It then counts what the status
 parses: each params file once for every stage that reads a key from it (read from the
 ``params`` sections of ``dvc.lock``), with its parse time, and the size of ``dvc.lock``.
 
     python benchmarks/dvc_status_cost.py --cwd /path/to/reproduced/clone
+    python benchmarks/dvc_status_cost.py --cwd /clone/of/the/old/layout --cwd /clone/of/the/new/layout
 
 Results are printed and written atomically to ``reports/benchmarks/dvc_status.json``.
 """
@@ -24,6 +26,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -50,7 +54,6 @@ def cpu_seconds(command: list[str], cwd: Path) -> float:
 
 def params_reads(cwd: Path) -> list[dict[str, Any]]:
     """Per params file: the stages that read it (so parse it), its size and one parse's time."""
-    import yaml
     from dvc.utils.serialize._yaml import parse_yaml  # the parser `dvc status` uses
 
     lock = yaml.safe_load((cwd / "dvc.lock").read_text())
@@ -75,7 +78,7 @@ def summarise(cwd: Path, version: list[float], status: list[float]) -> dict[str,
     lock = cwd / "dvc.lock"
     return {
         "checkout": str(cwd),
-        "stages_in_lock": len(__import__("yaml").safe_load(lock.read_text())["stages"]),
+        "stages_in_lock": len(yaml.safe_load(lock.read_text())["stages"]),
         "dvc_lock_kb": round(lock.stat().st_size / 1024),
         "status_cpu_s": [round(s, 2) for s in status],
         "status_cpu_median_s": round(statistics.median(status), 2),
@@ -95,12 +98,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--out", type=Path, default=REPO / "reports" / "benchmarks" / "dvc_status.json")
     args = parser.parse_args(argv)
     checkouts = [cwd.resolve() for cwd in (args.cwd or [REPO])]
-    # Rounds alternate between the checkouts so that a slower spell of the machine hits each alike.
     runs: dict[Path, dict[str, list[float]]] = {cwd: {"version": [], "status": []} for cwd in checkouts}
     for cwd in checkouts:
         if not (cwd / ".venv" / "bin" / "dvc").exists():
             raise SystemExit(f"{cwd}/.venv/bin/dvc not found; run `make .venv/.installed` there first")
-    for _ in range(args.repeats):
+    for _ in range(args.repeats):  # rounds alternate between the checkouts
         for cwd in checkouts:
             dvc = str(cwd / ".venv" / "bin" / "dvc")
             runs[cwd]["version"].append(cpu_seconds([dvc, "version"], cwd))
