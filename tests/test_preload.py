@@ -15,6 +15,9 @@ from pathlib import Path
 
 import pytest
 
+# Starts stage processes that import torch and MONAI: scheduled early (tests/conftest.py).
+pytestmark = pytest.mark.starts_stages
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 STAGE = textwrap.dedent('''

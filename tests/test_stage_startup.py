@@ -20,6 +20,9 @@ from pathlib import Path
 
 import pytest
 
+# Starts stage processes that import torch and MONAI: scheduled early (tests/conftest.py).
+pytestmark = pytest.mark.starts_stages
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 NON_TRAINING = ("download", "preprocess", "radiographs", "report")
 HEAVY = ("torch", "monai")
