@@ -63,7 +63,7 @@ from chestssl.report.radiograph_figures import (
     radiograph_pretraining_section,
     radiograph_section,
 )
-from chestssl.report.seg3d import segmentation_3d_table
+from chestssl.report.seg3d import read_3d_metrics, segmentation_3d_table
 from chestssl.report.seed000 import SEED000_TABLES, perceptual_notes, seed000_tables
 from chestssl.report.tables import with_costs
 
@@ -438,8 +438,7 @@ def build_pipeline_report(params: Mapping[str, Any], out_dir: Path = paths.REPOR
 
     # Seed 003's downstream: 3D nodule segmentation from the 3D encoders, pretrained vs scratch.
     tables_3d, skipped_3d = segmentation_3d_table(params, paths.evaluate_3d_dir, costs)
-    metrics_3d = {name: _read_json(paths.evaluate_3d_dir(name) / "metrics.json") for name in params.get("runs_3d") or {}
-                  if (paths.evaluate_3d_dir(name) / "metrics.json").exists()}
+    metrics_3d = read_3d_metrics(params, paths.evaluate_3d_dir)  # for the note at the top
     skipped += skipped_3d
     if tables_3d:
         table_sections.append((

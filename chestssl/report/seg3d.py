@@ -51,6 +51,12 @@ def _fill_intervals(number: dict[str, Any], cells: dict[str, str], metrics: Mapp
         cells[header] = format_interval(value, low, high)
 
 
+def read_3d_metrics(params: Mapping[str, Any], evaluate_dir_of: Callable[[str], Path]) -> dict[str, dict[str, Any]]:
+    """The test metrics of each ``runs_3d`` entry evaluated in ``evaluate_dir_of(run)``; runs not yet scored are left out."""
+    paths = {name: Path(evaluate_dir_of(name)) / "metrics.json" for name in params.get("runs_3d") or {}}
+    return {name: json.loads(path.read_text()) for name, path in paths.items() if path.is_file()}
+
+
 def segmentation_3d_table(
     params: Mapping[str, Any],
     evaluate_dir_of: Callable[[str], Path],
@@ -60,8 +66,7 @@ def segmentation_3d_table(
     runs = params.get("runs_3d") or {}
     if not runs:
         return [], ["3D nodule segmentation: `runs_3d` is empty."]
-    scored = {name: json.loads((Path(evaluate_dir_of(name)) / "metrics.json").read_text())
-              for name in runs if (Path(evaluate_dir_of(name)) / "metrics.json").is_file()}
+    scored = read_3d_metrics(params, evaluate_dir_of)
     skipped = [f"3D nodule segmentation: run `{name}` has no metrics; run `dvc repro evaluate_3d@{name}`."
                for name in runs if name not in scored]
     if not scored:
