@@ -63,8 +63,8 @@ class ParamsError(UserError, ValueError):
 # ---------------------------------------------------------------- the training recipe
 
 #: The recipe keys that may be left out, and their values then: no warm-up, cosine to 0,
-#: one batch per optimisation step, float16 when ``amp`` is on.
-TRAIN_DEFAULTS = {"warmup_epochs": 0.0, "min_lr": 0.0, "accumulate": 1, "amp_dtype": "fp16"}
+#: one batch per optimisation step, float16 when ``amp`` is on, validation after every epoch.
+TRAIN_DEFAULTS = {"warmup_epochs": 0.0, "min_lr": 0.0, "accumulate": 1, "amp_dtype": "fp16", "val_every_epochs": 1}
 
 
 def train_setting(cfg: Mapping[str, Any], key: str) -> Any:
@@ -97,6 +97,9 @@ class TrainRecipe(Config):
         TRAIN_DEFAULTS["accumulate"]
     amp_dtype: Str(choices=("fp16", "bf16"), doc="the precision of `amp`: fp16 (with loss scaling) or bf16 "
                                                  "(Ampere GPUs and later; no scaling)") = TRAIN_DEFAULTS["amp_dtype"]
+    val_every_epochs: Int(ge=1, doc="validate (and keep the best model of) every this many epochs and the last; "
+                                    "for validations that cost more than training, e.g. DiffMAE's full reverse "
+                                    "chain") = TRAIN_DEFAULTS["val_every_epochs"]
 
     @model_validator(mode="after")
     def _schedule(self) -> "TrainRecipe":
@@ -115,6 +118,9 @@ def schedule_problems(train: Mapping[str, Any]) -> list[tuple[str, str]]:
                                        "(plateau lowers the rate from the validation metric)"))
     if 0 < train["epochs"] <= warmup:
         found.append(("warmup_epochs", f"got {warmup:g}, expected fewer than the {train['epochs']} epochs"))
+    if train_setting(train, "val_every_epochs") > 1 and train["scheduler"] == "plateau":
+        found.append(("val_every_epochs", f"got {train_setting(train, 'val_every_epochs')}, but the plateau "
+                                          "schedule reads the validation metric after every epoch; set it to 1"))
     if min_lr > 0 and train["scheduler"] != "cosine":
         found.append(("min_lr", f"got {min_lr:g}, but only the cosine schedule has a floor (scheduler is "
                                 f"{train['scheduler']!r}); set it to 0"))

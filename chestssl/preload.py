@@ -63,8 +63,11 @@ SOCKET_VARIABLE = "CHESTSSL_PRELOAD"
 #: Set in a process the server forked (and inherited by its children): it runs its stage itself.
 FORKED_VARIABLE = "CHESTSSL_PRELOADED"
 #: The libraries the server imports: what training and evaluation stages spend their start on.
-PRELOADED = ("numpy", "scipy.ndimage", "scipy.stats", "pandas", "torch", "monai", "sklearn.linear_model",
-             "sklearn.metrics", "matplotlib.figure", "seaborn", "tqdm.auto", "yaml", "pydantic")
+#: ``torch._inductor.config``: ``torch.use_deterministic_algorithms`` (every fit calls it)
+#: imports it, about 1 s of every training stage otherwise.
+PRELOADED = ("numpy", "scipy.ndimage", "scipy.stats", "pandas", "torch", "torch._inductor.config", "monai",
+             "sklearn.linear_model", "sklearn.metrics", "matplotlib.figure", "seaborn", "tqdm.auto", "yaml",
+             "pydantic")
 #: Environment variables that libraries read when imported (exact names, then prefixes):
 #: a stage whose values differ from the server's is not run by it.
 IMPORT_VARIABLES = ("PYTHONHASHSEED", "PYTHONWARNINGS", "PYTHONOPTIMIZE", "GLIBC_TUNABLES", "LD_PRELOAD",

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from chestssl.params import PARAMS_FILES, ParamsError, load_params, read_raw_params, validate
+from chestssl.params import PARAMS_FILES, ParamsError, TrainRecipe, load_params, read_raw_params, validate
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -333,7 +333,8 @@ def test_entries_take_their_presets_and_may_replace_recipe_keys(raw):
     mae, diffmae = params["methods"]["mae"], params["methods"]["diffmae"]
     assert mae["backbone"] == raw["backbones"]["vit"] and "recipe" not in mae
     assert mae["train"] == {**raw["recipes"]["mae"], "epochs": 9}
-    assert diffmae["train"] == raw["recipes"]["mae"]  # the preset itself is not changed by mae's keys
+    # the preset itself is not changed by mae's keys; diffmae replaces its own
+    assert diffmae["train"] == {**raw["recipes"]["mae"], "val_every_epochs": 3}
     assert "train" not in params["methods"]["scratch_vit"]
     assert params["runs"]["cls_linear_mae"]["train"] == raw["recipes"]["linear_head"]
 
@@ -367,7 +368,8 @@ def test_the_shipped_params_repeat_no_recipe_or_backbone_and_stay_short():
     for section in ("methods", "multihead", "runs", "radiograph_runs", "runs_3d", "latent_diffusion"):
         for name, entry in raw[section].items():
             assert isinstance(entry.get("recipe"), str), f"{section}.{name} names no recipe"
-            assert set(entry.get("train", {})) < set(raw["recipes"]["mae"]), f"{section}.{name} repeats a whole recipe"
+            assert not set(entry.get("train", {})) >= {n for n, f in TrainRecipe.model_fields.items() if f.is_required()}, \
+                f"{section}.{name} repeats a whole recipe"
             if section in ("methods", "multihead"):
                 assert isinstance(entry["backbone"], str), f"{section}.{name} spells out its backbone"
 
@@ -520,6 +522,13 @@ def test_an_entry_whose_own_train_keys_contradict_its_recipe_is_named(raw):
     raw["runs"]["seg_unetpp_scratch"]["train"] = {"scheduler": "none"}  # the recipe's floor needs the cosine
     assert problems(raw) == ["runs.seg_unetpp_scratch.train.min_lr: got 1e-05, but only the cosine schedule has a "
                              "floor (scheduler is 'none'); set it to 0"]
+
+
+def test_sparse_validation_is_refused_with_the_plateau_schedule(raw):
+    raw["recipes"]["mae"]["val_every_epochs"] = 3  # cosine: fine
+    raw["methods"]["diffmae"]["train"] = {"scheduler": "plateau"}
+    assert problems(raw) == ["methods.diffmae.train.val_every_epochs: got 3, but the plateau schedule reads the "
+                             "validation metric after every epoch; set it to 1"]
 
 
 def test_a_warm_up_as_long_as_the_training_is_refused(raw):

@@ -36,7 +36,9 @@ What the loop takes care of:
   them before a run, and its run-cache can then restore an earlier run instead); the
   curves are copied to the stage's curve folder when the fit starts and when it ends;
 - the best weights by a monitored metric, returned in :class:`FitResult` (the caller
-  writes the model files), with the fit's wall-clock time and peak memory;
+  writes the model files), with the fit's wall-clock time and peak memory; validation
+  every epoch, or every ``train.val_every_epochs`` and the last (an unvalidated epoch
+  cannot be the best);
 - the step plan (:func:`plan_steps`), which :mod:`chestssl.cost` also uses to estimate a
   protocol's steps; when it asks (:mod:`chestssl.train.cost_probe`), a fit measures a few
   batches instead of training.
@@ -91,8 +93,8 @@ from chestssl.train.distributed import (
     setup_distributed,
 )
 
-#: The keys of a ``train`` block; ``warmup_epochs``, ``min_lr``, ``accumulate`` and
-#: ``amp_dtype`` may be left out (:data:`chestssl.params.TRAIN_DEFAULTS`).
+#: The keys of a ``train`` block; ``warmup_epochs``, ``min_lr``, ``accumulate``, ``amp_dtype``
+#: and ``val_every_epochs`` may be left out (:data:`chestssl.params.TRAIN_DEFAULTS`).
 TRAIN_KEYS = (
     "epochs", "batch_size", "lr", "weight_decay", "optimizer", "betas", "scheduler", "grad_clip",
     "max_steps", "amp", "num_workers", "log_every", "device",
@@ -589,9 +591,10 @@ class _Fit:
         try:
             while self.epochs_done < self.cfg["epochs"] and not self._step_limit_reached():
                 train_means = self._train_epoch(step_module)
-                val_metrics = self._validate(raw_model)
+                validated = self._validation_due()
+                val_metrics = self._validate(raw_model) if validated else {}
                 val_metrics.update(self._run_epoch_hook(raw_model))
-                self._end_epoch(raw_model, train_means, val_metrics)
+                self._end_epoch(raw_model, train_means, val_metrics, validated)
         except BaseException:
             if self.ctx.is_main and self.checkpoint_path.exists():
                 print(
@@ -601,6 +604,13 @@ class _Fit:
                 )
             raise
         return self._finish(raw_model)
+
+    def _validation_due(self) -> bool:
+        """Whether the epoch just trained is validated: every ``val_every_epochs``-th, and the last
+        (by ``epochs`` or ``max_steps``), so the final metrics and the best model always exist."""
+        epoch = self.epochs_done + 1
+        last = epoch >= self.cfg["epochs"] or self._step_limit_reached()
+        return last or epoch % int(train_setting(self.cfg, "val_every_epochs")) == 0
 
     def _step_limit_reached(self) -> bool:
         return self.cfg["max_steps"] > 0 and self.global_step >= self.cfg["max_steps"]
@@ -813,9 +823,17 @@ class _Fit:
             restore_rng_state(rng)
         return {key: float(value) for key, value in (extra or {}).items()}
 
-    def _end_epoch(self, raw_model: nn.Module, train_means: dict[str, float], val_metrics: dict[str, float]) -> None:
+    def _end_epoch(self, raw_model: nn.Module, train_means: dict[str, float], val_metrics: dict[str, float],
+                   validated: bool = True) -> None:
         self.epochs_done += 1
         metrics = {**val_metrics, **train_means}
+        if not validated:  # no monitored value: neither the best model nor a plateau step
+            self._log(val_metrics)
+            if self.live is not None:
+                self.live.make_summary()
+            self.history.append({"epoch": float(self.epochs_done), "step": float(self.global_step), **metrics})
+            self._save_checkpoint(raw_model)
+            return
         if self.monitor not in metrics:
             raise KeyError(
                 f"monitor {self.monitor!r} is not among the epoch's metrics ({', '.join(sorted(metrics))}); "

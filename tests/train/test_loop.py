@@ -357,6 +357,30 @@ def test_best_state_follows_the_monitor(tmp_path, mode, scores, best_epoch):
     assert result.final_metrics["val/score"] == scores[-1]
 
 
+def test_validation_every_few_epochs_and_always_the_last(tmp_path):
+    """``val_every_epochs: 2`` over 5 epochs validates epochs 2, 4 and 5; the best model is
+    chosen among those only, and resuming keeps the cadence."""
+    torch.manual_seed(0)
+    model = ScriptedScore([2.0, 1.0, 3.0])  # the scores of epochs 2, 4 and 5
+    result = run_fit(tmp_path, "run", model, train_cfg(batch_size=16, epochs=5, val_every_epochs=2),
+                     monitor="val/score", mode="min")
+    assert model.validations == 3
+    assert result.best_epoch == 4 and result.best_value == 1.0
+    assert_same_weights(result.best_state, model.snapshots[1])
+    assert result.final_metrics["val/score"] == 3.0
+    validated = [int(h["epoch"]) for h in result.history if "val/score" in h]
+    assert validated == [2, 4, 5] and [int(h["epoch"]) for h in result.history] == [1, 2, 3, 4, 5]
+    steps = [int(r["step"]) for r in read_tsv(tmp_path / "run/live/plots/metrics/val/score.tsv")]
+    assert steps == [6, 12, 15], "logged at the validated epochs' last steps (3 steps an epoch)"
+
+
+def test_a_step_limit_validates_the_epoch_it_stops_in(tmp_path):
+    model = ScriptedScore([1.0])
+    result = run_fit(tmp_path, "run", model, train_cfg(batch_size=16, epochs=10, max_steps=4, val_every_epochs=5),
+                     monitor="val/score")
+    assert model.validations == 1 and result.epochs == 2 and result.best_epoch == 2
+
+
 def test_unknown_monitor_and_bad_step_output_are_explained(tmp_path):
     with pytest.raises(KeyError, match="monitor 'val/dice' is not among the epoch's metrics"):
         run_fit(tmp_path, "a", make_model(), train_cfg(), monitor="val/dice")
