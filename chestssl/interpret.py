@@ -1,4 +1,4 @@
-"""Grad-CAM maps of the classification task's nodule logit on its encoder's deepest spatial map.
+"""Grad-CAM maps of a classifier's logit on its encoder's deepest spatial map.
 
 Grad-CAM: Selvaraju et al., "Grad-CAM: Visual Explanations from Deep Networks via
 Gradient-based Localization", ICCV 2017 (arXiv:1610.02391). For a class score ``y`` and
@@ -22,6 +22,12 @@ swin            ``network.encoder.layers4.0``       (B, 16 * feature_size, 2, 2)
 resnet18/50     ``network.encoder.layer4``          (B, latent_channels, 2, 2)
 vit             none                                tokens (B, 1 + N, hidden), not a map
 ==============  ==================================  ==========================================
+
+The radiograph classifiers (:class:`chestssl.tasks.radiograph_cls.RadiographClassificationTask`)
+are covered too: ``arch: linear`` holds one of the backbones above as ``network.encoder``;
+``arch: densenet121`` is MONAI's ``DenseNet121`` as a whole, whose map is
+``network.class_layers.relu``: the last dense block, normalised and rectified, which its
+classifier pools (the in-place ReLU itself, since a hooked map may not be modified in place).
 
 ``vit`` is not supported: every transformer block outputs tokens (B, 1 + N, hidden), and
 MONAI's ``GradCAM`` reads the hooked output as (B, C, *spatial) with no way to reshape
@@ -70,12 +76,36 @@ NODULE_CLASS = 1
 DEFAULT_BATCH_SIZE = 16
 
 
+#: The layer of a whole-network MONAI DenseNet classifier whose output its head pools.
+DENSENET_LAYER = "network.class_layers.relu"
+
+
 def _classifier_encoder(task_model: nn.Module) -> nn.Module:
     return classifier_encoder(task_model)[1]
 
 
+def _densenet(task_model: nn.Module) -> nn.Module | None:
+    """The task's network when it is a MONAI DenseNet, else None."""
+    from monai.networks.nets import DenseNet
+
+    network = getattr(task_model, "network", None)
+    return network if isinstance(network, DenseNet) else None
+
+
+def _input_layout(task_model: nn.Module) -> tuple[int, int]:
+    """(spatial dims, input channels) of the images ``task_model`` takes."""
+    densenet = _densenet(task_model)
+    if densenet is not None:
+        first = densenet.features.conv0
+        return len(first.kernel_size), int(first.in_channels)
+    encoder = _classifier_encoder(task_model)
+    return int(encoder.spatial_dims), int(encoder.in_channels)
+
+
 def gradcam_unavailable_reason(task_model: nn.Module) -> str | None:
     """Why :func:`gradcam_maps` cannot run on ``task_model``, or None when it can."""
+    if _densenet(task_model) is not None:
+        return None
     return GRADCAM_UNSUPPORTED.get(backbone_name(_classifier_encoder(task_model)))
 
 
@@ -90,6 +120,8 @@ def gradcam_target_layer(task_model: nn.Module) -> str | None:
         TypeError: ``task_model`` has no ``network.encoder``, or the encoder is not a
             backbone of :mod:`chestssl.models.backbones`.
     """
+    if _densenet(task_model) is not None:
+        return DENSENET_LAYER
     encoder = _classifier_encoder(task_model)
     name = backbone_name(encoder)
     if name in GRADCAM_UNSUPPORTED:
@@ -145,9 +177,8 @@ def gradcam_maps(
     if reason is not None:
         raise ValueError(f"gradcam_maps: {reason}; check gradcam_target_layer(model) is not None before calling")
     target_layer = gradcam_target_layer(task_model)
-    encoder = _classifier_encoder(task_model)
     images = torch.as_tensor(images)
-    spatial_dims, in_channels = int(encoder.spatial_dims), int(encoder.in_channels)
+    spatial_dims, in_channels = _input_layout(task_model)
     if images.ndim != spatial_dims + 2 or images.shape[1] != in_channels or images.shape[0] == 0:
         raise ValueError(
             f"gradcam_maps: images must be (K, {in_channels}, *S) with K >= 1 and {spatial_dims} spatial sizes "
@@ -176,6 +207,28 @@ def gradcam_maps(
             chunks.append(cam(batch, class_idx=int(class_index)).detach().float().cpu())
     maps = torch.cat(chunks).numpy().astype(np.float32)
     return np.clip(maps, 0.0, 1.0)
+
+
+def gradcam_maps_per_image(task_model: nn.Module, images: torch.Tensor | np.ndarray,
+                           class_indices: np.ndarray | list[int], batch_size: int = DEFAULT_BATCH_SIZE) -> np.ndarray:
+    """:func:`gradcam_maps` with its own logit per image: ``class_indices`` (K,) ints, e.g. each
+    radiograph's most probable label. Returns (K, 1, *S) float32 maps in [0, 1], in image order."""
+    images = torch.as_tensor(images)
+    class_indices = np.asarray(class_indices, dtype=np.int64).reshape(-1)
+    if class_indices.shape[0] != images.shape[0]:
+        raise ValueError(f"gradcam_maps_per_image: {images.shape[0]} images but {class_indices.shape[0]} "
+                         "class indices; give one per image")
+    maps: np.ndarray | None = None
+    for index in np.unique(class_indices):
+        chosen = np.flatnonzero(class_indices == index)
+        part = gradcam_maps(task_model, images[torch.from_numpy(chosen)], class_index=int(index),
+                            batch_size=batch_size)
+        if maps is None:
+            maps = np.zeros((images.shape[0], *part.shape[1:]), dtype=np.float32)
+        maps[chosen] = part
+    if maps is None:
+        raise ValueError("gradcam_maps_per_image: no images")
+    return maps
 
 
 def add_gradcam_to_examples(task_model: nn.Module, examples_path: str | os.PathLike) -> None:

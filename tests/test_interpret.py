@@ -9,8 +9,10 @@ from torch import nn
 
 from chestssl.eval.examples import load_examples, save_examples
 from chestssl.interpret import (
+    DENSENET_LAYER,
     add_gradcam_to_examples,
     gradcam_maps,
+    gradcam_maps_per_image,
     gradcam_target_layer,
     gradcam_unavailable_reason,
 )
@@ -143,6 +145,30 @@ def test_class_index_selects_the_logit_explained():
     # Logit 0 is constant (zero weights): no channel raises it, so its map is 0 everywhere.
     assert np.all(gradcam_maps(task, images, class_index=0) == 0.0)
     assert gradcam_maps(task, images, class_index=1).max() == pytest.approx(1.0)
+
+
+def test_each_image_can_explain_its_own_logit():
+    images, _ = _bright_square_images()
+    task = _region_reading_task(sign=1.0)
+    classes = [1, 0] * (images.shape[0] // 2) + [1] * (images.shape[0] % 2)
+    maps = gradcam_maps_per_image(task, images, classes)
+    for index, chosen in enumerate(classes):
+        np.testing.assert_array_equal(maps[index], gradcam_maps(task, images[index:index + 1], class_index=chosen)[0])
+    with pytest.raises(ValueError, match="give one per image"):
+        gradcam_maps_per_image(task, images, [1])
+
+
+def test_a_densenet_radiograph_classifier_is_explained_on_its_last_dense_block():
+    from chestssl.tasks.radiograph_cls import RadiographClassificationTask
+
+    task = RadiographClassificationTask("cxr", {"mode": "multilabel", "arch": "densenet121"}, ["a", "b", "c"], seed=0)
+    assert gradcam_unavailable_reason(task) is None and gradcam_target_layer(task) == DENSENET_LAYER
+    image = torch.rand(2, 1, 32, 32)
+    assert _hooked_output(task.eval(), DENSENET_LAYER, image).shape[-2:] == (1, 1)  # 32 / 32
+    maps = gradcam_maps(task, torch.rand(2, 1, 64, 64), class_index=2)
+    assert maps.shape == (2, 1, 64, 64) and 0.0 <= maps.min() and maps.max() <= 1.0
+    with pytest.raises(ValueError, match=r"images must be \(K, 1, \*S\)"):
+        gradcam_maps(task, torch.rand(2, 3, 64, 64))
 
 
 def test_model_is_left_as_it_was():

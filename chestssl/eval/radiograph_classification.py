@@ -9,6 +9,8 @@
 - ``multiclass`` (seed 001: 4-class COVID-19 Radiography, 97.4% accuracy): the accuracy
   of the most probable class, with its interval, and the confusion matrix (rows: true
   class, columns: predicted, in label order).
+- ``multilabel``: each label's 2x2 confusion counts at a probability threshold (``label_confusion``),
+  over the images where the label is known.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ def evaluate_radiograph_classification(
     n_bootstrap: int = 1000,
     confidence: float = 0.95,
     seed: int = 0,
+    threshold: float = 0.5,
 ) -> dict:
     """Metrics of ``probabilities`` (N, L) against ``labels`` (N, L) in {0, 1, NaN}.
 
@@ -42,11 +45,13 @@ def evaluate_radiograph_classification(
         label_names: the L label names, in column order.
         mode: ``multiclass`` or ``multilabel``.
         n_bootstrap, confidence, seed: see :class:`~chestssl.eval.bootstrap.PatientBootstrap`.
+        threshold: ``multilabel``: a label is predicted where its probability is at least this.
 
     Returns:
         ``{"auroc": {label: record}, "mean_auroc": record, "n_images", "n_patients",
         "bootstrap"}`` plus, for ``multiclass``, ``accuracy`` and ``confusion_matrix``
-        (``{"labels": [...], "counts": [[...]]}``). A record is ``{value, ci_low, ci_high[, note]}``;
+        (``{"labels": [...], "counts": [[...]]}``), for ``multilabel``, ``label_confusion``
+        (``{"labels", "threshold", "tn", "fp", "fn", "tp"}``, one count per label). A record is ``{value, ci_low, ci_high[, note]}``;
         a label whose known test images hold one class has ``value: null`` and a note, and is
         left out of the mean.
     """
@@ -98,7 +103,31 @@ def evaluate_radiograph_classification(
         counts = np.zeros((len(names), len(names)), dtype=np.int64)
         np.add.at(counts, (truth, predicted), 1)
         metrics["confusion_matrix"] = {"labels": names, "counts": counts.tolist()}
+    else:
+        metrics["label_confusion"] = label_confusion(probabilities, labels, names, threshold)
     metrics["n_images"] = boot.n_items
     metrics["n_patients"] = boot.n_patients
     metrics["bootstrap"] = boot.metadata()
     return metrics
+
+
+def label_confusion(probabilities: np.ndarray, labels: np.ndarray, label_names: Sequence[str],
+                    threshold: float) -> dict:
+    """Each label's confusion counts: predicted where ``probabilities`` (N, L) >= ``threshold``,
+    against ``labels`` (N, L) in {0, 1, NaN}, over the images where the label is known.
+
+    Returns ``{"labels", "threshold", "tn", "fp", "fn", "tp"}``, the counts as lists of L ints.
+    """
+    if not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"threshold: got {threshold}, expected a probability in [0, 1]")
+    probabilities = np.asarray(probabilities, dtype=np.float64)
+    labels = np.asarray(labels, dtype=np.float64)
+    known = ~np.isnan(labels)
+    predicted = probabilities >= threshold
+    truth = np.where(known, labels, 0.0) == 1
+
+    def count(pred: bool, true: bool) -> list[int]:
+        return [int(n) for n in np.sum(known & (predicted == pred) & (truth == true), axis=0)]
+
+    return {"labels": list(label_names), "threshold": float(threshold), "tn": count(False, False),
+            "fp": count(True, False), "fn": count(False, True), "tp": count(True, True)}

@@ -9,8 +9,12 @@ training split's radiographs of ``views`` (:class:`~chestssl.data.radiograph_dat
 labels from ``data.cxr``: rendered, or a real dataset), validated on the validation split's
 (best epoch by the mean AUROC), through the one loop (:func:`chestssl.train.loop.fit`), and
 is tested on the test split's: per-label and mean AUROC, and for ``multiclass`` accuracy and
-the confusion matrix, with intervals from a bootstrap over patients
+the confusion matrix (``multilabel``: each label's confusion counts at ``evaluate.cls_threshold``),
+with intervals from a bootstrap over patients
 (:func:`~chestssl.eval.radiograph_classification.evaluate_radiograph_classification`).
+``evaluate.num_examples`` evenly spaced test images are kept with the Grad-CAM map of each
+one's most probable label (seed 001 drew Grad-CAM on ``layer4``; :mod:`chestssl.interpret`),
+for the report's figure.
 """
 
 from __future__ import annotations
@@ -60,6 +64,40 @@ def _aligned(dataset, stn):
     return AlignedRadiographs(dataset, aligned)
 
 
+def gradcam_examples(model, dataset, probabilities, count: int) -> dict[str, Any]:
+    """``count`` evenly spaced test images of ``dataset`` with what the report's figure shows.
+
+    ``probabilities`` (N, L): the model's on the whole of ``dataset``. Returns the arrays of
+    ``examples.npz``: ``image`` (K, 1, S, S), ``labels`` and ``probability`` (K, L),
+    ``explained`` (K,) the most probable label's index (the names are ``metrics.json``'s
+    ``labels``), ``patient_id``, ``study_id`` and ``view`` (K,), and ``cam`` (K, 1, S, S) float16 in [0, 1], the
+    Grad-CAM map of the explained label's logit, or ``cam_unavailable`` (K,) saying why not.
+    """
+    import numpy as np
+    import torch
+
+    from chestssl.interpret import gradcam_maps_per_image, gradcam_unavailable_reason
+
+    probabilities = np.asarray(probabilities, dtype=np.float32)
+    picks = np.unique(np.linspace(0, len(dataset) - 1, num=min(count, len(dataset))).round().astype(int))
+    items = [dataset[int(i)] for i in picks]
+    images = torch.stack([item["image"] for item in items]).float()
+    explained = probabilities[picks].argmax(axis=1)
+    arrays: dict[str, Any] = {
+        "image": images.numpy(), "labels": np.stack([np.asarray(item["labels"], dtype=np.float32) for item in items]),
+        "probability": probabilities[picks], "explained": explained.astype(np.int64),
+        "patient_id": np.array([str(item["patient_id"]) for item in items]),
+        "study_id": np.array([str(item["study_id"]) for item in items]),
+        "view": np.array([str(item["view"]) for item in items]),
+    }
+    reason = gradcam_unavailable_reason(model)
+    if reason is None:
+        arrays["cam"] = gradcam_maps_per_image(model, images, explained).astype(np.float16)
+    else:
+        arrays["cam_unavailable"] = np.full(len(picks), reason)
+    return arrays
+
+
 def finetune_radiographs(
     params: Mapping[str, Any],
     name: str,
@@ -79,7 +117,8 @@ def finetune_radiographs(
         model_dir: receives ``model.pt`` (the best epoch's weights); default
             ``models/finetune_radiographs/<name>``.
         report_dir: receives ``live/`` (curves), ``metrics.json`` (the test metrics and the
-            training's) and ``cost.json``; default ``reports/finetune_radiographs/<name>``.
+            training's), ``cost.json`` and ``examples.npz`` (:func:`gradcam_examples`); default
+            ``reports/finetune_radiographs/<name>``.
         checkpoint_path: the loop's resume checkpoint; default
             ``checkpoints/finetune_radiographs/<name>.pt``.
         encoder_dir: the radiograph encoders (``<init>/encoder.pt``, stage ``pretrain_radiographs``).
@@ -89,6 +128,7 @@ def finetune_radiographs(
     """
     from chestssl.data.radiograph_datasets import RadiographDataset
     from chestssl.data.radiograph_folder import open_radiograph_folder
+    from chestssl.eval.examples import save_examples
     from chestssl.eval.radiograph_classification import evaluate_radiograph_classification
     from chestssl.inference import auto_device, predict_dataset
     from chestssl.models.backbones import load_encoder
@@ -139,8 +179,11 @@ def finetune_radiographs(
         "n_train_images": len(splits["train"]),
         "test": evaluate_radiograph_classification(
             test["output"], test["labels"], test["patient_id"], label_names, run["mode"],
-            n_bootstrap=evaluate["bootstrap_samples"], confidence=evaluate["confidence"], seed=seed),
+            n_bootstrap=evaluate["bootstrap_samples"], confidence=evaluate["confidence"], seed=seed,
+            threshold=evaluate["cls_threshold"]),
     }
+    save_examples(report_dir / "examples.npz",
+                  **gradcam_examples(model, splits["test"], test["output"], evaluate["num_examples"]))
     save_model_file(model_dir / "model.pt", {"run": name, "config": run, "labels": label_names,
                                              "state_dict": result.best_state})
     write_json(report_dir / "cost.json", fit_cost(model, result))

@@ -56,6 +56,7 @@ from chestssl.report.comparisons import pretrained_vs_scratch_table
 from chestssl.report.cross_modal import contrastive_activity, cross_modal_tables, read_cross_modal_metrics
 from chestssl.report.generation import generation_figure, generation_table
 from chestssl.report.probes import linear_probe_table
+from chestssl.report.radiograph_classifier_figures import radiograph_classifier_figures
 from chestssl.report.radiograph_finetune import radiograph_finetune_table
 from chestssl.report.radiograph_figures import (
     ProbeLevel,
@@ -419,6 +420,11 @@ def build_pipeline_report(params: Mapping[str, Any], out_dir: Path = paths.REPOR
             [radiograph_finetune_table(finetuned, radiograph_runs,
                                        f"{radiographs_name}, labels {', '.join(labels) or 'none'}")],
         ))
+        classifier_figures, classifier_skipped = radiograph_classifier_figures(
+            list(finetuned), paths.radiograph_finetune_report_dir, figures_dir)
+        skipped += classifier_skipped
+        if classifier_figures:
+            figure_sections.append((f"Classifiers fine-tuned on {radiographs_name}", classifier_figures))
 
     # Seed 003's cross-modal contrastive term, with radiographs as the second modality.
     crossed = read_cross_modal_metrics(params["cross_modal"]["methods"], paths.cross_modal_report_dir)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from chestssl.eval.radiograph_classification import evaluate_radiograph_classification
+from chestssl.eval.radiograph_classification import evaluate_radiograph_classification, label_confusion
 
 
 def _data(seed: int = 0, images: int = 60, labels: int = 3):
@@ -61,6 +61,19 @@ def test_multiclass_accuracy_and_confusion_matrix():
     assert metrics["confusion_matrix"] == {"labels": ["x", "y", "z"], "counts": [[2, 1, 0], [0, 2, 1], [0, 0, 4]]}
     with pytest.raises(ValueError, match="needs one-hot labels"):
         evaluate_radiograph_classification(probs, np.ones((10, 3)), patients, ["x", "y", "z"], "multiclass")
+
+
+def test_multilabel_confusion_counts_each_label_at_the_threshold_over_known_images():
+    probs = np.array([[0.9, 0.2], [0.6, 0.7], [0.1, 0.4], [0.3, 0.8], [0.5, 0.1]])
+    truth = np.array([[1, 0], [0, 1], [0, np.nan], [1, 1], [np.nan, 0]], dtype=np.float64)
+    counts = label_confusion(probs, truth, ["a", "b"], 0.5)
+    # a: known rows 0-3: (pred, true) = (1,1) (1,0) (0,0) (0,1); b: rows 0, 1, 3, 4: (0,0) (1,1) (1,1) (0,0)
+    assert counts == {"labels": ["a", "b"], "threshold": 0.5, "tn": [1, 2], "fp": [1, 0], "fn": [1, 0], "tp": [1, 2]}
+    metrics = evaluate_radiograph_classification(probs, truth, [f"p{i}" for i in range(5)], ["a", "b"],
+                                                 "multilabel", n_bootstrap=10, threshold=0.65)
+    assert metrics["label_confusion"]["tp"] == [1, 2] and metrics["label_confusion"]["fp"] == [0, 0]
+    with pytest.raises(ValueError, match="expected a probability"):
+        label_confusion(probs, truth, ["a", "b"], 1.5)
 
 
 def test_shapes_and_mode_are_checked():

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from chestssl.data.drr import render_radiographs
+from chestssl.eval.examples import load_examples
 from chestssl.methods import build_method
 from chestssl.model_files import ModelFileError, load_model_file, save_model_file
 from chestssl.models.stn import AlignmentSTN, stn_payload
@@ -51,6 +52,17 @@ def test_a_linear_head_run_trains_tests_and_writes_its_outputs(project):
                             required=("state_dict",))
     assert saved["labels"] == ["nodule", "malignant"]
     assert any(key.startswith("network.encoder.") for key in saved["state_dict"])
+    # Each label's confusion counts at the threshold, over the two test images.
+    counts = test["label_confusion"]
+    assert counts["threshold"] == params["evaluate"]["cls_threshold"] and counts["labels"] == ["nodule", "malignant"]
+    assert [sum(c) for c in zip(*(counts[k] for k in ("tn", "fp", "fn", "tp")))] == [2, 2]
+    # The test images kept for the figure, with the Grad-CAM map of each one's most probable label.
+    examples = load_examples(report / "examples.npz")
+    assert examples["image"].shape == (2, 1, SIZE, SIZE) and examples["cam"].shape == (2, 1, SIZE, SIZE)
+    assert examples["probability"].shape == examples["labels"].shape == (2, 2)
+    assert list(examples["explained"]) == list(examples["probability"].argmax(axis=1))
+    assert 0.0 <= float(examples["cam"].min()) and float(examples["cam"].max()) <= 1.0
+    assert set(examples["view"]) == {"frontal"}
 
 
 def test_densenet_runs_train_from_scratch_unaligned_and_aligned(project):
@@ -61,6 +73,10 @@ def test_densenet_runs_train_from_scratch_unaligned_and_aligned(project):
     assert plain["n_train_images"] == aligned["n_train_images"] == 2
     state = load_model_file(root / "models/finetune_radiographs/cxr_densenet121/model.pt", "test")["state_dict"]
     assert any(key.startswith("network.features.") for key in state)
+    # DenseNet-121's map is its last dense block's, on the aligned images too.
+    for run in ("cxr_densenet121", "cxr_densenet121_aligned"):
+        examples = load_examples(root / f"reports/finetune_radiographs/{run}/examples.npz")
+        assert examples["cam"].shape == (2, 1, SIZE, SIZE) and "cam_unavailable" not in examples
     (root / "models/alignment/stn.pt").unlink()
     with pytest.raises(FileNotFoundError, match="align_radiographs"):
         finetune_radiographs(params, "cxr_densenet121_aligned", report_dir=root / "again")

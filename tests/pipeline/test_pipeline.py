@@ -112,6 +112,10 @@ def test_repro_builds_the_report_and_a_second_repro_does_nothing(reproduced_proj
         assert finetuned["aligned"] == run["aligned"] and set(finetuned["test"]["auroc"]) == {"nodule", "malignant"}
         assert json.loads((root / "reports" / "finetune_radiographs" / name / "cost.json").read_text())["steps"] > 0
     assert "Classifiers fine-tuned on radiographs rendered from CT (seeds 001, 002)" in report
+    # ... with Grad-CAM maps of test radiographs and their confusion counts (seed 001's figures).
+    assert "label_confusion" in finetuned["test"]
+    for figure in ("radiograph_gradcam.png", "radiograph_confusion_matrices.png"):
+        assert (root / "reports" / "figures" / figure).exists() and figure in report
     # Seed 000's latent diffusion: trained on the autoencoder's latents, sampled, scored by FID.
     generated = json.loads((root / "reports" / "evaluate_latent_diffusion" / "ae_cnn_attention" / "metrics.json")
                            .read_text())
