@@ -5,6 +5,12 @@ params files next to it (``chestssl.params.PARAMS_FILES``) with the overrides ap
 each group in its own file (comments and key order kept), after validating the result;
 then ``dvc repro`` (or ``dvc exp run``) runs what changed. Override entries under
 ``methods`` and ``runs`` merge into the entry of the same name; a new name adds an entry.
+
+A profile's top-level ``remove:`` lists dotted keys deleted first, where present (an entry
+the profile's protocol does not run, e.g. ``radiograph_runs.cxr_densenet121``), and ``--set KEY=VALUE``
+(repeatable; VALUE is YAML) sets a key after the profile, for what only the user knows:
+
+    python -m chestssl.profiles params/cxr-chexpert.yaml --set data.cxr.root=/data/CheXpert-v1.0-small
 """
 
 from __future__ import annotations
@@ -13,8 +19,9 @@ import argparse
 import io
 import sys
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
+import yaml as yaml_values
 from ruamel.yaml import YAML
 
 from chestssl.io import write_text
@@ -33,7 +40,32 @@ def merge_profile(base: Any, overrides: Any) -> Any:
     return base
 
 
-def apply_profile(profile: str | Path, params_path: str | Path = "params.yaml") -> None:
+#: The top-level key of a profile that lists dotted keys to delete before merging.
+REMOVE_KEY = "remove"
+
+
+def _parent_of(documents: Mapping[str, Any], dotted: str, source: str, create: bool = False) -> tuple[Any, str, str]:
+    """(the mapping holding the last part of ``dotted``, that part, its params file's name)."""
+    parts = dotted.split(".")
+    if not all(parts):
+        raise ParamsError([f"{dotted!r}: not a dotted key such as data.cxr.root"], source)
+    name = params_file_of(parts[0])
+    node: Any = documents[name]
+    for depth, part in enumerate(parts[:-1]):
+        if not isinstance(node, Mapping) or part not in node:
+            if create and isinstance(node, Mapping):
+                node[part] = {}
+            else:
+                raise ParamsError([f"{dotted}: no key {'.'.join(parts[:depth + 1])} in the params"], source)
+        node = node[part]
+    if not isinstance(node, Mapping):
+        raise ParamsError([f"{dotted}: {'.'.join(parts[:-1])} is not a mapping"], source)
+    return node, parts[-1], name
+
+
+def apply_profile(profile: str | Path, params_path: str | Path = "params.yaml", settings: Sequence[str] = ()) -> None:
+    """Apply ``profile`` (its ``remove:`` keys, then its overrides), then each ``KEY=VALUE`` of
+    ``settings``, to ``params_path`` and the params files next to it; validated before writing."""
     yaml = YAML()  # round-trip: keeps comments and order
     yaml.preserve_quotes = True
     params_path = Path(params_path)
@@ -41,11 +73,30 @@ def apply_profile(profile: str | Path, params_path: str | Path = "params.yaml") 
     files = {name: params_path if name == "params.yaml" else params_path.parent / name
              for name in ["params.yaml", *PARAMS_FILES]}
     documents = {name: yaml.load(file.read_text()) for name, file in files.items()}
-    overrides = read_yaml(profile) or {}
+    overrides = dict(read_yaml(profile) or {})
+    removals = overrides.pop(REMOVE_KEY, None) or []
+    if not isinstance(removals, list) or not all(isinstance(key, str) for key in removals):
+        raise ParamsError([f"{REMOVE_KEY}: expected a list of dotted keys, got {removals!r}"], str(profile))
     changed = set()
+    for dotted in removals:
+        try:
+            parent, key, name = _parent_of(documents, dotted, f"{profile}: {REMOVE_KEY}")
+        except ParamsError:
+            continue  # a key already absent is as the profile wants it (so a profile applies twice)
+        if key in parent:
+            del parent[key]
+            changed.add(name)
     for group, value in overrides.items():
         name = params_file_of(str(group))
         documents[name][group] = merge_profile(documents[name].get(group), value)
+        changed.add(name)
+    for setting in settings:
+        dotted, equals, text = setting.partition("=")
+        if not equals:
+            raise ParamsError([f"{setting!r}: expected KEY=VALUE, e.g. data.cxr.root=/data/CheXpert-v1.0-small"],
+                              "--set")
+        parent, key, name = _parent_of(documents, dotted.strip(), "--set", create=True)
+        parent[key] = yaml_values.safe_load(text) if text.strip() else ""
         changed.add(name)
     merged = {group: value for document in documents.values() for group, value in document.items()}
     validate(_plain(merged), f"{params_path} with {profile}")
@@ -75,9 +126,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("profile", help="a YAML file of overrides, e.g. params/lidc-full.yaml")
     parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="settings",
+                        help="set a key after the profile (VALUE is YAML), e.g. data.cxr.root=/data/CheXpert-v1.0-small")
     args = parser.parse_args(argv)
     try:
-        apply_profile(args.profile, args.params)
+        apply_profile(args.profile, args.params, args.settings)
     except (ParamsError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(1)

@@ -434,6 +434,8 @@ class _Fit:
         self.live_work_dir = live_work_dir(checkpoint_path)
         self.seed, self.monitor, self.mode, self.collate_fn, self.ctx = seed, monitor, mode, collate_fn, ctx
         self.epoch_hook, self.keep_checkpoint = epoch_hook, keep_checkpoint
+        #: ``val/<key>`` whole-pass metrics of the last validation that were not finite (not logged).
+        self.undefined_metrics: set[str] = set()
         self.inputs = dict(inputs or {})
         self.device = ctx.device
         self.amp = amp_enabled(cfg["amp"], self.device, announce=ctx.is_main)
@@ -805,9 +807,12 @@ class _Fit:
                 totals[key] = totals.get(key, 0.0) + value
                 key_counts[key] = key_counts.get(key, 0) + key_count
         metrics = {f"val/{key}": value / key_counts[key] for key, value in sorted(totals.items())}
+        self.undefined_metrics = set()
         for key, value in _scalar_entries(whole_pass).items():
             if torch.isfinite(value):  # e.g. AUROC is undefined when one class was seen
                 metrics[f"val/{key}"] = float(value)
+            else:  # not logged; as the monitor, it is NaN: never the best (see _finish)
+                self.undefined_metrics.add(f"val/{key}")
         return metrics
 
     def _run_epoch_hook(self, raw_model: nn.Module) -> dict[str, float]:
@@ -834,12 +839,13 @@ class _Fit:
             self.history.append({"epoch": float(self.epochs_done), "step": float(self.global_step), **metrics})
             self._save_checkpoint(raw_model)
             return
-        if self.monitor not in metrics:
+        undefined = self.monitor not in metrics and self.monitor in self.undefined_metrics
+        if self.monitor not in metrics and not undefined:
             raise KeyError(
                 f"monitor {self.monitor!r} is not among the epoch's metrics ({', '.join(sorted(metrics))}); "
                 "pass a key that validation_step returns, prefixed with 'val/'"
             )
-        value = float(metrics[self.monitor])
+        value = math.nan if undefined else float(metrics[self.monitor])
         if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             self.scheduler.step(value)
         self._log(val_metrics)

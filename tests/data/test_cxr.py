@@ -49,7 +49,11 @@ def chexpert_row(path: str, view: str, position: str, **labels: str) -> list[str
 def chexpert_root(tmp_path: Path) -> Path:
     """CheXpert-v1.0-small: 8 train patients (patient00001 has two studies, one with a
     lateral view), one train image listed but absent, and one valid patient."""
-    root = tmp_path / "CheXpert-v1.0-small"
+    return build_chexpert(tmp_path / "CheXpert-v1.0-small")
+
+
+def build_chexpert(root: Path) -> Path:
+    """The tree of :func:`chexpert_root` at ``root`` (a folder named CheXpert-v1.0-small)."""
     train = [
         # Cardiomegaly: positive, Edema: uncertain, Pneumonia: negative, the rest blank.
         chexpert_row("CheXpert-v1.0-small/train/patient00001/study1/view1_frontal.jpg", "Frontal", "AP",

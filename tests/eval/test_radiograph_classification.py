@@ -78,6 +78,10 @@ def test_multilabel_confusion_counts_each_label_at_the_threshold_over_known_imag
 
 def test_shapes_and_mode_are_checked():
     probs, truth, patients = _data()
+    diverged = probs.copy()
+    diverged[3, 1] = np.nan
+    with pytest.raises(ValueError, match="NaN or infinite for 1 of 60 test images"):
+        evaluate_radiograph_classification(diverged, truth, patients, ["a", "b", "c"], "multilabel")
     with pytest.raises(ValueError, match=r"must both be \(images, 2 labels\)"):
         evaluate_radiograph_classification(probs, truth, patients, ["a", "b"], "multilabel")
     with pytest.raises(ValueError, match="mode: got 'binary'"):

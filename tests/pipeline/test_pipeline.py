@@ -11,10 +11,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from pathlib import Path
 
 import pytest
 
+from chestssl.params import read_raw_params
+from tests.data.test_cxr import build_chestxray14, build_chexpert, build_covid, build_mimic
+from tests.pipeline.conftest import REPO_ROOT
 from tests.pipeline.dvc_checks import (copy_path, file_digests, out_of_date, out_of_date_after, ran_stages,
                                        restore_params)
 
@@ -231,5 +235,59 @@ def test_a_bad_param_stops_the_stage_with_a_clear_message(reproduced_project):
         assert result.returncode == 1
         assert f"runs.{run}.loss: got 'hinge', expected one of 'ce', 'dice', 'focal'" in result.stderr
         assert "Traceback" not in result.stderr
+    finally:
+        restore_params(reproduced_project)
+
+
+def _build_chestxray14(root: Path) -> None:
+    build_chestxray14(root, spread=True)
+
+
+def _build_covid(root: Path) -> None:
+    build_covid(root, nested=True)
+
+
+#: Per radiograph profile (params/cxr-*.yaml): the builder of a fake tree in its dataset's
+#: published layout (tests/data/test_cxr.py), its folder name, and the fine-tuning run taken
+#: through the DAG on it (one whose encoder needs no training, to keep the test short).
+PROFILE_TREES = {
+    "cxr-covid-radiography": (_build_covid, "COVID-19_Radiography_Dataset", "cxr_linear_scratch_resnet18"),
+    "cxr-chexpert": (build_chexpert, "CheXpert-v1.0-small", "cxr_densenet121"),
+    "cxr-chestxray14": (_build_chestxray14, "ChestX-ray14", "cxr_densenet121"),
+    "cxr-mimic-cxr": (build_mimic, "mimic-cxr-jpg", "cxr_densenet121"),
+}
+
+
+def test_each_radiograph_profile_runs_the_dag_on_a_fake_tree_of_its_dataset(reproduced_project, tmp_path):
+    """Each profile applied as the README says (its --set naming the dataset's folder), shrunk
+    to tiny sizes, then `dvc repro` of one fine-tuning run: the radiographs stage imports the
+    tree and the run trains and tests on it."""
+    root = reproduced_project.root
+    shipped = read_raw_params(REPO_ROOT / "params.yaml")[0]["methods"]
+    try:
+        for profile, (build, folder, run) in PROFILE_TREES.items():
+            # The tiny project keeps a few `methods` entries; the profiles name some others of params.yaml.
+            params = reproduced_project.params()
+            for name in ("scratch_resnet18", "barlow_twins", "scratch_vit", "mae", "diffmae"):
+                params["methods"].setdefault(name, shipped[name])
+            reproduced_project.write_params(params)
+            tree = tmp_path / profile / folder
+            tree.mkdir(parents=True)
+            build(tree)
+            tiny = {"radiographs.size": 64, "data.cxr.val_fraction": 0.34,
+                    "pretrain_radiographs.train": "{epochs: 1, batch_size: 4}", "pretrain_radiographs.per_entry": "{}",
+                    f"radiograph_runs.{run}.train": "{epochs: 1, batch_size: 4}"}
+            settings = [f"data.cxr.root={tree}", *(f"{key}={value}" for key, value in tiny.items())]
+            reproduced_project.run(sys.executable, "-m", "chestssl.profiles", f"params/{profile}.yaml",
+                                   *(arg for setting in settings for arg in ("--set", setting)))
+            ran = ran_stages(reproduced_project.dvc_run("repro", f"finetune_radiographs@{run}").stdout)
+            assert {"radiographs", f"finetune_radiographs@{run}"} <= ran, (profile, ran)
+            imported = json.loads((root / "data" / "radiographs" / "radiographs.json").read_text())
+            assert imported["source"] == reproduced_project.params()["data"]["cxr"]["source"], profile
+            metrics = json.loads((root / "reports" / "finetune_radiographs" / run / "metrics.json").read_text())
+            expected = 4 if profile == "cxr-covid-radiography" else 14
+            assert len(metrics["labels"]) == expected and metrics["test"]["n_images"] > 0, profile
+            assert (root / "reports" / "finetune_radiographs" / run / "examples.npz").exists(), profile
+            restore_params(reproduced_project)
     finally:
         restore_params(reproduced_project)

@@ -9,6 +9,8 @@ after an interruption are checked there too.
 
 from __future__ import annotations
 
+import math
+
 import csv
 import os
 import shutil
@@ -541,6 +543,21 @@ def test_whole_pass_metrics_replace_batch_means_unless_undefined(tmp_path):
                  tmp_path / "live", tmp_path / "ckpt.pt", seed=0)
     assert result.final_metrics["val/pass_metric"] == pytest.approx(0.25)
     assert result.final_metrics["val/undefined"] == pytest.approx(2.0)
+
+
+def test_a_monitor_undefined_in_every_validation_keeps_the_final_weights(tmp_path):
+    """A whole-pass monitor that is never a number (e.g. AUROC when the validation split holds
+    one class of every label) is no error: no epoch is the best, the final weights are returned."""
+
+    class OnlyUndefined(TinyRegressor):
+        def validation_epoch_end(self) -> dict[str, torch.Tensor]:
+            return {"auroc": torch.tensor(float("nan"))}
+
+    model = make_model()
+    model.__class__ = OnlyUndefined
+    result = run_fit(tmp_path, "run", model, train_cfg(epochs=2), monitor="val/auroc", mode="max")
+    assert math.isnan(result.best_value) and result.best_epoch == 2 and "val/auroc" not in result.final_metrics
+    assert_same_weights(result.best_state, model.state_dict())
 
 
 def test_epoch_hook_is_logged_and_leaves_the_trajectory_unchanged(tmp_path):
