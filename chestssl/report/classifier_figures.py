@@ -124,12 +124,29 @@ def gradcam_figure(path: str | os.PathLike, examples_by_run: Mapping[str, Mappin
     if not examples_by_run:
         raise ValueError("no classification examples to plot: examples_by_run is empty")
     rows = {run: _gradcam_row(run, arrays) for run, arrays in examples_by_run.items()}
-    n_columns = min(MAX_GRADCAM_COLUMNS, max(row["image"].shape[0] for row in rows.values()))
+    for row in rows.values():
+        row["titles"] = [f"{where}\n{_label_name(label)}, p={score:.2f}" if where else f"{_label_name(label)}, p={score:.2f}"
+                         for where, label, score in zip(row["where"], row["label"], row["score"])]
+    return gradcam_grid_figure(
+        path, rows, MAX_GRADCAM_COLUMNS, (1.9, 2.15), 7, "Grad-CAM (nodule logit)",
+        "Grad-CAM of the nodule logit on test slices\n(panel title: true label, p = nodule score)")
+
+
+def gradcam_grid_figure(path: str | os.PathLike, rows: Mapping[str, Mapping[str, Any]], max_columns: int,
+                        panel: tuple[float, float], title_size: float, colourbar_label: str, title: str) -> Path:
+    """Grad-CAM overlays, one row per run (name -> ``image`` (K, H, W), ``cam`` (K, H, W) in [0, 1]
+    or ``None`` with a ``reason``, and ``titles`` (K,)), at most ``max_columns`` panels a row.
+
+    Each panel is the image in gray with the map overlaid (jet, alpha :data:`GRADCAM_ALPHA`);
+    a run without maps gets a third-height row that says why. ``panel``: (width, height) in
+    inches of one panel.
+    """
+    n_columns = min(max_columns, max(row["image"].shape[0] for row in rows.values()))
     norm = Normalize(vmin=0.0, vmax=1.0)
     with sns.axes_style("white"):
         # A row that only says why it has no maps needs a third of an image row's height.
         heights = [1.0 if row["cam"] is not None else 0.35 for row in rows.values()]
-        figure = _new_figure(1.9 * n_columns + 0.9, 2.15 * sum(heights) + 0.5)
+        figure = _new_figure(panel[0] * n_columns + 0.9, panel[1] * sum(heights) + 0.5)
         grid = figure.add_gridspec(len(rows), n_columns, height_ratios=heights)
         image_axes = []
         for index, (run, row) in enumerate(rows.items()):
@@ -144,10 +161,7 @@ def gradcam_figure(path: str | os.PathLike, examples_by_run: Mapping[str, Mappin
                 ax.imshow(row["image"][column], cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
                 ax.imshow(row["cam"][column], cmap=GRADCAM_COLOURMAP, norm=norm, alpha=GRADCAM_ALPHA,
                           interpolation="bilinear")
-                title = f"{_label_name(row['label'][column])}, p={row['score'][column]:.2f}"
-                if row["where"][column]:
-                    title = f"{row['where'][column]}\n{title}"
-                ax.set_title(title, fontsize=7)
+                ax.set_title(row["titles"][column], fontsize=title_size)
                 _image_axis(ax)
                 if column == 0:
                     ax.set_ylabel(run, fontsize=8)
@@ -155,9 +169,9 @@ def gradcam_figure(path: str | os.PathLike, examples_by_run: Mapping[str, Mappin
         if image_axes:
             colourbar = figure.colorbar(ScalarMappable(norm=norm, cmap=GRADCAM_COLOURMAP), ax=image_axes,
                                         shrink=0.8, aspect=30)
-            colourbar.set_label("Grad-CAM (nodule logit)", fontsize=7)
+            colourbar.set_label(colourbar_label, fontsize=7)
             colourbar.ax.tick_params(labelsize=7)
-        figure.suptitle("Grad-CAM of the nodule logit on test slices\n(panel title: true label, p = nodule score)")
+        figure.suptitle(title)
     return save_figure(figure, path)
 
 

@@ -22,11 +22,9 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 import seaborn as sns
-from matplotlib.cm import ScalarMappable
-from matplotlib.colors import Normalize
 
-from chestssl.report.classifier_figures import GRADCAM_ALPHA, GRADCAM_COLOURMAP
-from chestssl.report.figures import _image_axis, _new_figure, as_2d_images, save_figure
+from chestssl.report.classifier_figures import gradcam_grid_figure
+from chestssl.report.figures import _new_figure, as_2d_images, save_figure
 
 GRADCAM_FILE = "radiograph_gradcam.png"
 CONFUSION_FILE = "radiograph_confusion_matrices.png"
@@ -89,7 +87,7 @@ def radiograph_gradcam_figure(path: str | os.PathLike, examples_by_run: Mapping[
         label_names: run name -> its label names (``metrics.json``'s ``labels``).
 
     Each panel is the radiograph in gray with the map of its most probable label's logit
-    (jet, alpha :data:`GRADCAM_ALPHA`), titled with its view, its true labels, the label
+    (:func:`~chestssl.report.classifier_figures.gradcam_grid_figure`), titled with its view, its true labels, the label
     explained and that label's probability. A run without maps gets a row saying why.
 
     Raises:
@@ -98,38 +96,10 @@ def radiograph_gradcam_figure(path: str | os.PathLike, examples_by_run: Mapping[
     if not examples_by_run:
         raise ValueError("no radiograph examples to plot: examples_by_run is empty")
     rows = {run: _gradcam_row(run, arrays, list(label_names[run])) for run, arrays in examples_by_run.items()}
-    columns = min(MAX_COLUMNS, max(row["image"].shape[0] for row in rows.values()))
-    norm = Normalize(vmin=0.0, vmax=1.0)
-    with sns.axes_style("white"):
-        heights = [1.0 if row["cam"] is not None else 0.35 for row in rows.values()]
-        figure = _new_figure(2.1 * columns + 0.9, 2.45 * sum(heights) + 0.6)
-        grid = figure.add_gridspec(len(rows), columns, height_ratios=heights)
-        drawn = []
-        for index, (run, row) in enumerate(rows.items()):
-            if row["cam"] is None:
-                ax = figure.add_subplot(grid[index, :])
-                _image_axis(ax)
-                ax.text(0.5, 0.5, f"{run}: Grad-CAM not shown\n{row['reason']}", ha="center", va="center",
-                        fontsize=8, color="dimgray", wrap=True, transform=ax.transAxes)
-                continue
-            for column in range(min(columns, row["image"].shape[0])):
-                ax = figure.add_subplot(grid[index, column])
-                ax.imshow(row["image"][column], cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
-                ax.imshow(row["cam"][column], cmap=GRADCAM_COLOURMAP, norm=norm, alpha=GRADCAM_ALPHA,
-                          interpolation="bilinear")
-                ax.set_title(row["titles"][column], fontsize=6.5)
-                _image_axis(ax)
-                if column == 0:
-                    ax.set_ylabel(run, fontsize=8)
-                drawn.append(ax)
-        if drawn:
-            colourbar = figure.colorbar(ScalarMappable(norm=norm, cmap=GRADCAM_COLOURMAP), ax=drawn, shrink=0.8,
-                                        aspect=30)
-            colourbar.set_label("Grad-CAM (the explained label's logit)", fontsize=7)
-            colourbar.ax.tick_params(labelsize=7)
-        figure.suptitle("Grad-CAM of each test radiograph's most probable label\n"
-                        "(panel title: view; true labels; label explained, its probability)")
-    return save_figure(figure, path)
+    return gradcam_grid_figure(
+        path, rows, MAX_COLUMNS, (2.1, 2.45), 6.5, "Grad-CAM (the explained label's logit)",
+        "Grad-CAM of each test radiograph's most probable label\n"
+        "(panel title: view; true labels; label explained, its probability)")
 
 
 def _matrix_of(run: str, metrics: Mapping[str, Any]) -> tuple[np.ndarray, list[str], list[str], str]:
