@@ -840,6 +840,13 @@ class _Fit:
             self._save_checkpoint(raw_model)
             return
         undefined = self.monitor not in metrics and self.monitor in self.undefined_metrics
+        if self.monitor not in metrics and not undefined and not any(k.startswith("val/") for k in metrics):
+            raise ValueError(
+                f"validation gave no metrics, so {self.monitor!r} has no value: the validation set holds "
+                f"{len(self.val_data)} items in batches of {self.cfg['batch_size']}, and the model scored none of "
+                "them (a batch it cannot score is skipped, e.g. Barlow Twins needs 2 items); give the "
+                "validation split more items"
+            )
         if self.monitor not in metrics and not undefined:
             raise KeyError(
                 f"monitor {self.monitor!r} is not among the epoch's metrics ({', '.join(sorted(metrics))}); "

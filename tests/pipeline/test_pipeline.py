@@ -260,8 +260,10 @@ PROFILE_TREES = {
 
 def test_each_radiograph_profile_runs_the_dag_on_a_fake_tree_of_its_dataset(reproduced_project, tmp_path):
     """Each profile applied as the README says (its --set naming the dataset's folder), shrunk
-    to tiny sizes, then `dvc repro` of one fine-tuning run: the radiographs stage imports the
-    tree and the run trains and tests on it."""
+    to tiny sizes; then `dvc repro` of the radiographs stage, which imports the tree, and of one
+    fine-tuning run on it (with its encoder's stage). Single items, so the test does not train
+    every radiograph encoder and the STN again for each profile (the fine-tuning stages depend
+    on those folders whole)."""
     root = reproduced_project.root
     shipped = read_raw_params(REPO_ROOT / "params.yaml")[0]["methods"]
     try:
@@ -280,8 +282,10 @@ def test_each_radiograph_profile_runs_the_dag_on_a_fake_tree_of_its_dataset(repr
             settings = [f"data.cxr.root={tree}", *(f"{key}={value}" for key, value in tiny.items())]
             reproduced_project.run(sys.executable, "-m", "chestssl.profiles", f"params/{profile}.yaml",
                                    *(arg for setting in settings for arg in ("--set", setting)))
-            ran = ran_stages(reproduced_project.dvc_run("repro", f"finetune_radiographs@{run}").stdout)
-            assert {"radiographs", f"finetune_radiographs@{run}"} <= ran, (profile, ran)
+            init = reproduced_project.params()["radiograph_runs"][run]["init"]
+            targets = ["radiographs", *([f"pretrain_radiographs@{init}"] if init else []), f"finetune_radiographs@{run}"]
+            ran = ran_stages(reproduced_project.dvc_run("repro", "--single-item", *targets).stdout)
+            assert ran == set(targets), (profile, ran)
             imported = json.loads((root / "data" / "radiographs" / "radiographs.json").read_text())
             assert imported["source"] == reproduced_project.params()["data"]["cxr"]["source"], profile
             metrics = json.loads((root / "reports" / "finetune_radiographs" / run / "metrics.json").read_text())

@@ -560,6 +560,17 @@ def test_a_monitor_undefined_in_every_validation_keeps_the_final_weights(tmp_pat
     assert_same_weights(result.best_state, model.state_dict())
 
 
+def test_a_validation_that_scores_nothing_says_why(tmp_path):
+    class ScoresNothing(TinyRegressor):
+        def validation_step(self, batch: dict) -> dict[str, torch.Tensor]:
+            return {}  # e.g. a loss that needs two items, on a validation split of one
+
+    model = make_model()
+    model.__class__ = ScoresNothing
+    with pytest.raises(ValueError, match=r"validation gave no metrics.*holds 16 items in batches of 8"):
+        run_fit(tmp_path, "run", model, train_cfg(epochs=1))
+
+
 def test_epoch_hook_is_logged_and_leaves_the_trajectory_unchanged(tmp_path):
     calls: list[tuple[int, bool]] = []
 
