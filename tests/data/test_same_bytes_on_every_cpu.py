@@ -89,6 +89,9 @@ def test_preprocessed_volumes_and_radiographs_are_the_same_bytes_on_every_simd_p
 
     params = load_params(REPO_ROOT / "params.yaml")
     params["data"]["phantom"].update(num_scans=3, seed=5, max_slices=80)
+    # One process: the bytes do not depend on the worker count (test_preprocess.py), and a second
+    # worker in each of the two interpreters would add about 400 MB beside the end-to-end DAG.
+    params["preprocess"]["workers"] = 1
     params_file = tmp_path / "params.json"
     params_file.write_text(json.dumps(params))
     phantom.generate_phantom(tmp_path / "raw", progress=False, **{k: params["data"]["phantom"][k] for k in (
