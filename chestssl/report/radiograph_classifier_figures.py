@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, NamedTuple, Sequence
 
 import numpy as np
 import seaborn as sns
@@ -102,8 +102,18 @@ def radiograph_gradcam_figure(path: str | os.PathLike, examples_by_run: Mapping[
         "(panel title: view; true labels; label explained, its probability)")
 
 
-def _matrix_of(run: str, metrics: Mapping[str, Any]) -> tuple[np.ndarray, list[str], list[str], str]:
-    """(counts, row names, column names, title) of a run's test confusion from its ``metrics.json``."""
+class Confusion(NamedTuple):
+    """One panel of :func:`radiograph_confusion_figure`."""
+
+    counts: np.ndarray          # (rows, columns) ints
+    row_names: list[str]
+    column_names: list[str]
+    title: str
+    multiclass: bool            # an L x L matrix; else each label's TN, FP, FN, TP
+
+
+def _matrix_of(run: str, metrics: Mapping[str, Any]) -> Confusion:
+    """A run's test confusion from its ``metrics.json``."""
     test = metrics.get("test", {})
     if "confusion_matrix" in test:
         names = [str(n) for n in test["confusion_matrix"]["labels"]]
@@ -111,7 +121,8 @@ def _matrix_of(run: str, metrics: Mapping[str, Any]) -> tuple[np.ndarray, list[s
         if counts.shape != (len(names), len(names)):
             raise ValueError(f"{run}: its confusion matrix is {counts.shape}, not {len(names)} x {len(names)}; "
                              f"rerun finetune_radiographs@{run}")
-        return counts, [f"true {n}" for n in names], [f"pred. {n}" for n in names], f"{run}\n{len(names)} classes"
+        return Confusion(counts, [f"true {n}" for n in names], [f"pred. {n}" for n in names],
+                         f"{run}\n{len(names)} classes, n={int(counts.sum())}", True)
     if "label_confusion" in test:
         entry = test["label_confusion"]
         names = [str(n) for n in entry["labels"]]
@@ -119,8 +130,8 @@ def _matrix_of(run: str, metrics: Mapping[str, Any]) -> tuple[np.ndarray, list[s
         if counts.shape != (len(names), len(LABEL_COUNT_KEYS)):
             raise ValueError(f"{run}: its label_confusion does not hold one count per label; "
                              f"rerun finetune_radiographs@{run}")
-        return (counts, names, [key.upper() for key in LABEL_COUNT_KEYS],
-                f"{run}\neach label at p >= {entry['threshold']:g}")
+        return Confusion(counts, names, [key.upper() for key in LABEL_COUNT_KEYS],
+                         f"{run}\neach label at p >= {entry['threshold']:g}, n={int(counts[0].sum())}", False)
     raise ValueError(f"{run}: its metrics.json has no test confusion_matrix or label_confusion; "
                      f"rerun finetune_radiographs@{run}")
 
@@ -150,21 +161,21 @@ def radiograph_confusion_figure(path: str | os.PathLike, metrics_by_run: Mapping
     panels = {run: _matrix_of(run, metrics) for run, metrics in metrics_by_run.items()}
     columns = min(3, len(panels))
     rows = math.ceil(len(panels) / columns)
-    tallest = max(counts.shape[0] for counts, *_ in panels.values())
+    tallest = max(panel.counts.shape[0] for panel in panels.values())
     colours = sns.color_palette("Blues", as_cmap=True)
     with sns.axes_style("white"):
         figure = _new_figure(3.4 * columns + 0.4, (0.45 * tallest + 1.4) * rows + 0.5)
         axes = figure.subplots(rows, columns, squeeze=False).ravel()
-        for ax, (run, (counts, row_names, column_names, title)) in zip(axes, panels.items()):
-            multiclass = len(row_names) == len(column_names) and row_names[0].startswith("true ")
-            share = _shares(counts, multiclass)
+        for ax, panel in zip(axes, panels.values()):
+            share = _shares(panel.counts, panel.multiclass)
             ax.imshow(share, cmap=colours, vmin=0.0, vmax=1.0, aspect="auto")
-            for (i, j), count in np.ndenumerate(counts):
+            for (i, j), count in np.ndenumerate(panel.counts):
                 ax.text(j, i, str(count), ha="center", va="center", fontsize=7,
                         color="white" if share[i, j] > 0.6 else "black")
-            ax.set_xticks(range(len(column_names)), column_names, fontsize=7, rotation=30 if multiclass else 0)
-            ax.set_yticks(range(len(row_names)), row_names, fontsize=7)
-            ax.set_title(f"{title}, n={int(counts.sum()) if multiclass else int(counts[0].sum())}", fontsize=8)
+            ax.set_xticks(range(len(panel.column_names)), panel.column_names, fontsize=7,
+                          rotation=30 if panel.multiclass else 0)
+            ax.set_yticks(range(len(panel.row_names)), panel.row_names, fontsize=7)
+            ax.set_title(panel.title, fontsize=8)
         for ax in axes[len(panels):]:
             ax.set_visible(False)
         figure.suptitle("Test confusion of the classifiers fine-tuned on radiographs\n"
