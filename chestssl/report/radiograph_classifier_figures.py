@@ -207,8 +207,12 @@ def radiograph_classifier_figures(runs: Sequence[str], report_dir, figures_dir: 
     if not metrics:
         return [], skipped
     labels = {run: metrics[run].get("labels", []) for run in metrics}
+    size = int(next(iter(examples.values()))["image"].shape[-1])
+    side = max(1, size // 32)  # both networks halve the image 5 times before the mapped layer
     figures = [
-        ("Grad-CAM of each test radiograph's most probable label (seed 001: ResNet-18 layer4)",
+        ("Grad-CAM of each test radiograph's most probable label: ResNet-18 on `layer4` (seed 001), "
+         f"DenseNet-121 on its last dense block. Both maps are 32 times coarser than the image ({side} x {side} on "
+         f"{size} px radiographs), so a map points at a region, not at a nodule",
          radiograph_gradcam_figure(figures_dir / GRADCAM_FILE, examples, labels)),
         ("Test confusion of the classifiers fine-tuned on radiographs (seed 001's confusion matrix)",
          radiograph_confusion_figure(figures_dir / CONFUSION_FILE, metrics)),

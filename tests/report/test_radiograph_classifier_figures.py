@@ -86,6 +86,7 @@ def test_the_section_reads_each_runs_stage_files_and_lists_the_missing(tmp_path)
     figures, skipped = radiograph_classifier_figures(["cxr_a", "cxr_b", "cxr_c"], lambda run: reports / run,
                                                      tmp_path / "figures")
     assert [path.name for _, path in figures] == [GRADCAM_FILE, CONFUSION_FILE]
+    assert "1 x 1 on 16 px radiographs" in figures[0][0]
     assert all(path.is_file() for _, path in figures)
     assert len(skipped) == 1 and "dvc repro finetune_radiographs@cxr_c" in skipped[0]
     assert radiograph_classifier_figures(["cxr_c"], lambda run: reports / run, tmp_path / "figures")[0] == []
