@@ -6,7 +6,9 @@ each group in its own file (comments and key order kept), after validating the r
 then ``dvc repro`` (or ``dvc exp run``) runs what changed. Override entries under
 ``methods`` and ``runs`` merge into the entry of the same name; a new name adds an entry.
 
-A profile's top-level ``remove:`` lists dotted keys deleted first, where present (an entry
+A profile's top-level ``include:`` lists profiles (paths relative to its own folder) applied
+before it, in order (``params/lidc-full.yaml`` includes ``params/all-entries.yaml``, the entries
+the quick profile leaves out); its ``remove:`` lists dotted keys deleted next, where present (an entry
 the profile's protocol does not run, e.g. ``radiograph_runs.cxr_densenet121``), and ``--set KEY=VALUE``
 (repeatable; VALUE is YAML) sets a key after the profile, for what only the user knows:
 
@@ -29,19 +31,31 @@ from chestssl.params import PARAMS_FILES, ParamsError, params_file_of, read_raw_
 
 
 def merge_profile(base: Any, overrides: Any) -> Any:
-    """Deep-merge ``overrides`` into ``base`` in place (mappings merge; anything else replaces)."""
+    """Deep-merge ``overrides`` into ``base`` in place (mappings merge; anything else replaces;
+    an equal value is left as it is, with its comments and layout, so a profile applies twice)."""
     if not isinstance(base, Mapping) or not isinstance(overrides, Mapping):
         return overrides
     for key, value in overrides.items():
         if key in base and isinstance(base[key], Mapping) and isinstance(value, Mapping):
             merge_profile(base[key], value)
-        else:
+        elif key not in base or base[key] != value:
             base[key] = value
+            _copy_comment(overrides, base, key)
     return base
+
+
+def _copy_comment(source: Any, target: Any, key: Any) -> None:
+    """The comment after ``key``'s line in the profile, kept beside the key in the params file
+    (ruamel.yaml holds it in the parent mapping, not in the value)."""
+    comment = getattr(getattr(source, "ca", None), "items", {}).get(key)
+    if comment is not None and hasattr(target, "ca"):
+        target.ca.items[key] = comment
 
 
 #: The top-level key of a profile that lists dotted keys to delete before merging.
 REMOVE_KEY = "remove"
+#: The top-level key of a profile that lists profiles applied before it.
+INCLUDE_KEY = "include"
 
 
 def _parent_of(documents: Mapping[str, Any], dotted: str, source: str, create: bool = False) -> tuple[Any, str, str]:
@@ -63,22 +77,31 @@ def _parent_of(documents: Mapping[str, Any], dotted: str, source: str, create: b
     return node, parts[-1], name
 
 
-def apply_profile(profile: str | Path, params_path: str | Path = "params.yaml", settings: Sequence[str] = ()) -> None:
-    """Apply ``profile`` (its ``remove:`` keys, then its overrides), then each ``KEY=VALUE`` of
-    ``settings``, to ``params_path`` and the params files next to it; validated before writing."""
-    yaml = YAML()  # round-trip: keeps comments and order
-    yaml.preserve_quotes = True
-    params_path = Path(params_path)
-    read_raw_params(params_path)  # a syntax error, a duplicate key or a misplaced group, named with its file
-    files = {name: params_path if name == "params.yaml" else params_path.parent / name
-             for name in ["params.yaml", *PARAMS_FILES]}
-    documents = {name: yaml.load(file.read_text()) for name, file in files.items()}
-    overrides = dict(read_yaml(profile) or {})
-    removals = overrides.pop(REMOVE_KEY, None) or []
-    if not isinstance(removals, list) or not all(isinstance(key, str) for key in removals):
-        raise ParamsError([f"{REMOVE_KEY}: expected a list of dotted keys, got {removals!r}"], str(profile))
-    changed = set()
-    for dotted in removals:
+def _dotted_keys(value: Any, key: str, source: str) -> list[str]:
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        raise ParamsError([f"{key}: expected a list of {'profile paths' if key == INCLUDE_KEY else 'dotted keys'}, "
+                           f"got {value!r}"], source)
+    return value
+
+
+def _merge_profile_into(documents: dict[str, Any], profile: Path, changed: set[str], seen: tuple[Path, ...] = ()) -> None:
+    """Apply ``profile`` (its includes, then its removals, then its overrides) to ``documents``."""
+    profile = Path(profile)
+    if profile.resolve() in seen:
+        chain = " -> ".join(str(path) for path in (*seen, profile.resolve()))
+        raise ParamsError([f"{INCLUDE_KEY}: profiles include each other ({chain})"], str(profile))
+    if not profile.is_file():
+        raise FileNotFoundError(f"{profile}: no such profile" + (f" (included by {seen[-1]})" if seen else ""))
+    read_yaml(profile)  # a syntax error or a duplicate key, named with its line
+    overrides = _round_trip_yaml().load(profile.read_text()) or {}  # entries added keep their layout and comments
+    if not isinstance(overrides, Mapping):
+        raise ParamsError([f"the profile holds a {type(overrides).__name__}, expected a mapping of groups to values"],
+                          str(profile))
+    for included in _dotted_keys(overrides.pop(INCLUDE_KEY, None), INCLUDE_KEY, str(profile)):
+        _merge_profile_into(documents, profile.parent / included, changed, (*seen, profile.resolve()))
+    for dotted in _dotted_keys(overrides.pop(REMOVE_KEY, None), REMOVE_KEY, str(profile)):
         try:
             parent, key, name = _parent_of(documents, dotted, f"{profile}: {REMOVE_KEY}")
         except ParamsError:
@@ -90,6 +113,41 @@ def apply_profile(profile: str | Path, params_path: str | Path = "params.yaml", 
         name = params_file_of(str(group))
         documents[name][group] = merge_profile(documents[name].get(group), value)
         changed.add(name)
+
+
+def _round_trip_yaml() -> YAML:
+    yaml = YAML()  # round-trip: keeps comments and order
+    yaml.preserve_quotes = True
+    yaml.width = 120  # the params files' line length: a flow mapping is folded only past it
+    return yaml
+
+
+def _params_files(params_path: Path) -> dict[str, Path]:
+    """File name -> path of ``params_path`` and the params files next to it, checked first."""
+    read_raw_params(params_path)  # a syntax error, a duplicate key or a misplaced group, named with its file
+    return {name: params_path if name == "params.yaml" else params_path.parent / name
+            for name in ["params.yaml", *PARAMS_FILES]}
+
+
+def params_with_profile(profile: str | Path, params_path: str | Path = "params.yaml") -> dict[str, Any]:
+    """The raw params (all groups merged, entries naming their presets) with ``profile`` applied,
+    in memory: what :func:`apply_profile` would write, without validating or writing it."""
+    yaml = _round_trip_yaml()
+    documents = {name: yaml.load(file.read_text()) for name, file in _params_files(Path(params_path)).items()}
+    _merge_profile_into(documents, Path(profile), set())
+    return _plain({group: value for document in documents.values() for group, value in document.items()})
+
+
+def apply_profile(profile: str | Path, params_path: str | Path = "params.yaml", settings: Sequence[str] = ()) -> None:
+    """Apply ``profile`` (its ``include:`` profiles, its ``remove:`` keys, then its overrides),
+    then each ``KEY=VALUE`` of ``settings``, to ``params_path`` and the params files next to it;
+    validated before writing."""
+    yaml = _round_trip_yaml()
+    params_path = Path(params_path)
+    files = _params_files(params_path)
+    documents = {name: yaml.load(file.read_text()) for name, file in files.items()}
+    changed: set[str] = set()
+    _merge_profile_into(documents, Path(profile), changed)
     for setting in settings:
         dotted, equals, text = setting.partition("=")
         if not equals:

@@ -1,7 +1,8 @@
 """The shipped params as written, and what the params check finds in a changed copy.
 
 Method tests use them to show each rule of a method's config where a user meets it: a
-change to a shipped entry is named in the problems by its full key path.
+change to a shipped entry is named in the problems by its full key path. The shipped
+entries are the quick profile's and those params/all-entries.yaml adds (every seed table's).
 """
 
 from __future__ import annotations
@@ -11,12 +12,20 @@ from pathlib import Path
 import pytest
 
 from chestssl.params import ParamsError, read_raw_params, validate
+from chestssl.profiles import params_with_profile
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def read_shipped_params() -> dict:
-    """``params.yaml`` and the params files next to it, merged, as written (entries name their presets)."""
+#: The profile that adds the entries of the seeds' tables the quick profile leaves out.
+ALL_ENTRIES_PROFILE = ROOT / "params" / "all-entries.yaml"
+
+
+def read_shipped_params(all_entries: bool = True) -> dict:
+    """``params.yaml`` and the params files next to it, merged, as written (entries name their
+    presets); with ``all_entries``, params/all-entries.yaml applied (every seed table's entry)."""
+    if all_entries:
+        return params_with_profile(ALL_ENTRIES_PROFILE, ROOT / "params.yaml")
     return read_raw_params(ROOT / "params.yaml")[0]
 
 

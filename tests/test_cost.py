@@ -107,10 +107,12 @@ def test_bad_settings_are_named(tmp_path):
 @pytest.mark.slow
 def test_make_cost_measures_training_stages_through_dvc_repro(tmp_path):
     """A tiny project: its phantom sample, one training stage and its upstream trainer measured."""
+    from chestssl.profiles import apply_profile
     from tests.pipeline.conftest import tiny_params
 
     source = tmp_path / "source"
     cost.copy_project_files(REPO_ROOT, source)
+    apply_profile(source / "params" / "all-entries.yaml", source / "params.yaml")  # the entries tiny_params picks from
     raw, _ = read_raw_params(source / "params.yaml")
     write_raw_params(tiny_params(raw), source / "params.yaml")
     rows = cost.estimate(profile=None, out_dir=tmp_path / "out", source=source, scans=4, max_slices=100,

@@ -48,15 +48,15 @@ def test_finetune_refuses_a_hostile_encoder_file_in_one_line(tmp_path):
     shutil.copy(REPO_ROOT / "params.yaml", tmp_path / "params.yaml")
     shutil.copytree(REPO_ROOT / "params", tmp_path / "params")
     marker = tmp_path / "ran"
-    _write_hostile(tmp_path / "models/pretrain/scratch_cnn_attention/encoder.pt", marker)
-    done = subprocess.run([sys.executable, str(REPO_ROOT / "stages/finetune.py"), "seg_unetpp_scratch"],
+    _write_hostile(tmp_path / "models/pretrain/scratch_swin/encoder.pt", marker)
+    done = subprocess.run([sys.executable, str(REPO_ROOT / "stages/finetune.py"), "seg_swinunetr_scratch"],
                           cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert done.returncode == 1, done.stderr
     assert not marker.exists(), "loading the model file ran its code"
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "Traceback" not in done.stderr, done.stderr
-    assert "models/pretrain/scratch_cnn_attention/encoder.pt" in errors[0]
-    assert "pretrain@scratch_cnn_attention" in errors[0]
+    assert "models/pretrain/scratch_swin/encoder.pt" in errors[0]
+    assert "pretrain@scratch_swin" in errors[0]
 
 
 @pytest.mark.parametrize("content", [b"", b"not a zip archive at all", b"PK\x03\x04truncated"])

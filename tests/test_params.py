@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from chestssl.profiles import params_with_profile
+
 import copy
 import shutil
 from pathlib import Path
@@ -9,14 +11,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from chestssl.params import PARAMS_FILES, ParamsError, TrainRecipe, load_params, read_raw_params, validate
+from chestssl.params import PARAMS_FILES, ParamsError, TrainRecipe, load_params, validate
+from tests.shipped_params import read_shipped_params
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
 def raw() -> dict:
-    return read_raw_params(ROOT / "params.yaml")[0]
+    return read_shipped_params()
 
 
 def problems(params: dict) -> list[str]:
@@ -30,8 +33,30 @@ def problems(params: dict) -> list[str]:
 def test_shipped_params_are_valid():
     params = load_params(ROOT / "params.yaml")
     assert params["data"]["source"] == "phantom"
-    assert set(params["methods"]) >= {"scratch_cnn_attention", "ae_cnn_attention", "scratch_swin", "ae_swin"}
-    assert params["multihead"]["multihead_seg"]["seg_beta"] is None
+    # The quick profile: per seed table a pretrained entry and its baseline.
+    assert set(params["methods"]) == {"scratch_swin", "ae_swin", "scratch_resnet18", "barlow_twins", "scratch_vit",
+                                      "mae", "diffmae", "dae_all", "scratch_swin_3d", "dae_all_3d"}
+    assert set(params["multihead"]) == {"multihead_clsseg"}
+    assert params["multihead"]["multihead_clsseg"]["seg_beta"] is None
+    assert set(params["latent_diffusion"]) == {"ae_swin"}
+
+
+def test_all_entries_adds_every_seed_tables_entry_and_its_report_rows():
+    from chestssl.methods import method_configs
+
+    params = validate(read_shipped_params(), method_configs=method_configs())
+    assert set(params["methods"]) >= {"scratch_cnn_attention", "ae_cnn_attention", "dae_denoise", "dae_superres",
+                                      "dae_local"}
+    assert set(params["multihead"]) == {"multihead_seg", "multihead_cls", "multihead_clsseg", "multihead_seg_beta25",
+                                        "multihead_clsseg_beta25"}
+    assert params["multihead"]["multihead_seg_beta25"]["seg_beta"] == 25.0
+    assert len(params["runs"]) == 23 and set(params["latent_diffusion"]) == {"ae_swin", "ae_cnn_attention"}
+    # Every row of every seed 000 table names an entry once all are added; the quick profile leaves some null.
+    rows = [row for table in params["report"].values() for row in table]
+    assert all(any(row.get(key) for key in ("method", "run", "multihead", "latent_diffusion")) for row in rows)
+    quick = load_params(ROOT / "params.yaml")["report"]
+    assert any(row.get(key, "") is None for table in quick.values() for row in table
+               for key in ("method", "run", "multihead", "latent_diffusion"))
 
 
 def test_full_profile_is_valid_after_merge():
@@ -39,8 +64,7 @@ def test_full_profile_is_valid_after_merge():
     from chestssl.params import radiograph_entry
     from chestssl.profiles import merge_profile
 
-    merged = merge_profile(read_raw_params(ROOT / "params.yaml")[0],
-                           yaml.safe_load((ROOT / "params" / "lidc-full.yaml").read_text()))
+    merged = params_with_profile(ROOT / "params" / "lidc-full.yaml", ROOT / "params.yaml")
     params = validate(merged, method_configs=method_configs())
     assert params["data"]["source"] == "tcia"
     assert params["slices"]["size"] == 128
@@ -334,7 +358,7 @@ def test_entries_take_their_presets_and_may_replace_recipe_keys(raw):
     assert mae["backbone"] == raw["backbones"]["vit"] and "recipe" not in mae
     assert mae["train"] == {**raw["recipes"]["mae"], "epochs": 9}
     # the preset itself is not changed by mae's keys; diffmae replaces its own
-    assert diffmae["train"] == {**raw["recipes"]["mae"], "val_every_epochs": 3}
+    assert diffmae["train"] == {**raw["recipes"]["mae"], "val_every_epochs": 2}
     assert "train" not in params["methods"]["scratch_vit"]
     assert params["runs"]["cls_linear_mae"]["train"] == raw["recipes"]["linear_head"]
 
@@ -364,7 +388,7 @@ def test_the_shipped_params_repeat_no_recipe_or_backbone_and_stay_short():
     # the radiograph fine-tuning of seeds 001 and 002 (4 stages) 10, the idc data source 7,
     # seed 003's 3D path (a scratch and a DAE 3D entry, two 3D segmentation runs: 8 stages) 20.
     assert sum(len(file.read_text().splitlines()) for file in files) < 662
-    raw = read_raw_params(ROOT / "params.yaml")[0]
+    raw = read_shipped_params()
     for section in ("methods", "multihead", "runs", "radiograph_runs", "runs_3d", "latent_diffusion"):
         for name, entry in raw[section].items():
             assert isinstance(entry.get("recipe"), str), f"{section}.{name} names no recipe"
@@ -380,13 +404,13 @@ def test_each_group_is_read_from_its_own_file_and_named_there(tmp_path):
     runs.write_text(runs.read_text().replace("loss: ce", "loss: l2", 1))
     with pytest.raises(ParamsError) as error:
         load_params(params)
-    assert str(error.value).startswith(f"invalid parameters in {runs}: runs.seg_unetpp_scratch.loss: got 'l2'")
+    assert str(error.value).startswith(f"invalid parameters in {runs}: runs.seg_swinunetr_scratch.loss: got 'l2'")
     presets = tmp_path / "params" / "presets.yaml"
-    presets.write_text(presets.read_text().replace("epochs: 30", "epochs: 0", 1))
+    presets.write_text(presets.read_text().replace("epochs: 15", "epochs: 0", 1))
     with pytest.raises(ParamsError) as error:
         load_params(params)
     assert f"  - {presets}: recipes.segmentation.epochs: got 0" in str(error.value)
-    assert f"  - {runs}: runs.seg_unetpp_scratch.loss: got 'l2'" in str(error.value)
+    assert f"  - {runs}: runs.seg_swinunetr_scratch.loss: got 'l2'" in str(error.value)
 
 
 def test_a_missing_or_misplaced_group_file_is_named(tmp_path):
@@ -532,9 +556,10 @@ def test_sparse_validation_is_refused_with_the_plateau_schedule(raw):
 
 
 def test_a_warm_up_as_long_as_the_training_is_refused(raw):
-    raw["recipes"]["segmentation"]["warmup_epochs"] = 30
+    epochs = raw["recipes"]["segmentation"]["epochs"]
+    raw["recipes"]["segmentation"]["warmup_epochs"] = epochs
     (problem,) = problems(raw)
-    assert problem == "recipes.segmentation.warmup_epochs: got 30, expected fewer than the 30 epochs"
+    assert problem == f"recipes.segmentation.warmup_epochs: got {epochs}, expected fewer than the {epochs} epochs"
 
 
 def test_per_entry_radiograph_settings_are_checked_with_their_key(raw):
@@ -602,6 +627,7 @@ def test_a_radiograph_vit_is_sized_by_the_radiographs_and_its_patches_must_tile_
 
 
 def test_a_warm_up_as_long_as_a_radiograph_run_is_refused(raw):
+    raw["recipes"]["mae"]["epochs"] = 6
     raw["recipes"]["mae"]["warmup_epochs"] = 5  # 6 epochs on CT: fine
     raw["pretrain_radiographs"]["train"]["epochs"] = 5
     raw["pretrain_radiographs"]["per_entry"] = {"diffmae": {"train": {"epochs": 20}}}
@@ -621,9 +647,9 @@ def test_the_full_profile_without_its_radiograph_recipes_is_refused():
     from chestssl.profiles import merge_profile
 
     profile = yaml.safe_load((ROOT / "params" / "lidc-full.yaml").read_text())
-    del profile["pretrain_radiographs"]
+    del profile["pretrain_radiographs"], profile["include"]  # its included entries: read_shipped_params has them
     profile["radiographs"]["size"] = 128
-    merged = merge_profile(read_raw_params(ROOT / "params.yaml")[0], profile)
+    merged = merge_profile(read_shipped_params(), profile)
     with pytest.raises(ParamsError) as error:
         validate(merged)
     assert "pretrain_radiographs.per_entry.mae.train.warmup_epochs: got 10, expected fewer than the 8 epochs" \
@@ -653,8 +679,7 @@ def test_classification_class_weights_may_be_balanced_and_clean_source_is_one_of
     del raw["slices"]["clean_source"]
     assert any(p.startswith("slices.clean_source: missing") for p in problems(raw))
     # The full profile: seed 000's clean slices and weights balanced to our own sampling.
-    full = validate(merge_profile(read_raw_params(ROOT / "params.yaml")[0],
-                                  yaml.safe_load((ROOT / "params" / "lidc-full.yaml").read_text())))
+    full = validate(params_with_profile(ROOT / "params" / "lidc-full.yaml", ROOT / "params.yaml"))
     assert full["slices"]["clean_source"] == "nodule_free_patients"
     assert {name for name, run in full["runs"].items() if run.get("class_weights") == "balanced"} == {
         "cls_resnet18_swin", "cls_resnet50_swin", "cls_resnet50_scratch", "cls_resnet50_multihead_cls"}
@@ -687,7 +712,6 @@ def test_epoch_unit_is_slices_or_scans_on_trained_2d_entries_only(raw):
             "crops of each training scan (drawn anew with crops.draw: every_epoch); epoch_unit counts the slices of 2D "
             "entries, so remove it") in found
     # The full profile counts the 2D DAE entries' epochs over scans, as seed 003 counted them over volumes.
-    full = validate(merge_profile(read_raw_params(ROOT / "params.yaml")[0],
-                                  yaml.safe_load((ROOT / "params" / "lidc-full.yaml").read_text())))
+    full = validate(params_with_profile(ROOT / "params" / "lidc-full.yaml", ROOT / "params.yaml"))
     assert {name for name, entry in full["methods"].items() if entry.get("epoch_unit") == "scans"} == {
         "dae_denoise", "dae_superres", "dae_local", "dae_all"}

@@ -95,3 +95,35 @@ def test_set_writes_a_yaml_value_after_the_profile_and_refuses_a_bad_one(tmp_pat
         apply_profile(profile, params_path, ["seed"])
     with pytest.raises(ParamsError, match="evaluate.nothing"):
         apply_profile(profile, params_path, ["evaluate.nothing=1"])
+
+
+def test_include_applies_the_named_profiles_first_relative_to_the_profile(tmp_path):
+    params_path = _params_copy(tmp_path)
+    (tmp_path / "profiles").mkdir()
+    (tmp_path / "profiles" / "base.yaml").write_text("seed: 5\ntraining_seeds: 2\n")
+    profile = tmp_path / "profiles" / "top.yaml"
+    profile.write_text("include: [base.yaml]\nseed: 9\n")
+    apply_profile(profile, params_path)
+    params = load_params(params_path)
+    assert (params["seed"], params["training_seeds"]) == (9, 2)  # the including profile's own keys win
+    (tmp_path / "profiles" / "base.yaml").write_text("include: [top.yaml]\n")
+    with pytest.raises(ParamsError, match="profiles include each other"):
+        apply_profile(profile, params_path)
+    profile.write_text("include: [missing.yaml]\n")
+    with pytest.raises(FileNotFoundError, match=r"missing.yaml: no such profile \(included by"):
+        apply_profile(profile, params_path)
+
+
+def test_all_entries_adds_the_seed_tables_entries_and_applies_twice(tmp_path):
+    params_path = _params_copy(tmp_path)
+    quick = load_params(params_path)
+    apply_profile(ROOT / "params/all-entries.yaml", params_path)
+    params = load_params(params_path)
+    assert set(params["methods"]) > set(quick["methods"]) and set(params["runs"]) > set(quick["runs"])
+    assert {"seg_unetpp_scratch", "cls_resnet50_swin", "seg_swinunetr_dae_local"} <= set(params["runs"])
+    # The quick profile's entries are unchanged, and the report's null rows now name entries.
+    assert all(params["methods"][name] == entry for name, entry in quick["methods"].items())
+    assert params["report"]["seed000_pretrained_segmentation"][0]["run"] == "seg_unetpp_scratch"
+    once = {path.name: path.read_text() for path in [params_path, *(tmp_path / "params").iterdir()]}
+    apply_profile(ROOT / "params/all-entries.yaml", params_path)
+    assert {path.name: path.read_text() for path in [params_path, *(tmp_path / "params").iterdir()]} == once

@@ -261,6 +261,16 @@ def smaller_table_lines(metrics_3d: Mapping[str, Mapping[str, Any]],
     return lines
 
 
+#: The keys by which a row of the params group ``report`` names its entry.
+_REPORT_ENTRY_KEYS = ("method", "run", "multihead", "latent_diffusion")
+
+
+def rows_without_entry(params: Mapping[str, Any]) -> int:
+    """How many rows of the params group ``report`` name no entry (``null``: the profile does not run one)."""
+    return sum(1 for rows in (params.get("report") or {}).values() for row in rows
+               if any(key in row and row[key] is None for key in _REPORT_ENTRY_KEYS))
+
+
 def reading_note(params: Mapping[str, Any] | None, test_patients: int | None, test_images: int | None,
                  scale: Mapping[str, float] | None = None, failures: Sequence[str] = (),
                  smaller_tables: Sequence[str] = ()) -> str:
@@ -301,6 +311,12 @@ def reading_note(params: Mapping[str, Any] | None, test_patients: int | None, te
             "`benchmarks/nodule_scale.py` tabulates it)."
         )
     lines += failures
+    if params is not None and (absent := rows_without_entry(params)):
+        lines.append(
+            f"- **{absent} row{'s' if absent != 1 else ''} of the seed tables {'are' if absent != 1 else 'is'} not "
+            "run.** This profile trains, per seed table, the seed's own method and its baseline; "
+            "`python -m chestssl.profiles params/all-entries.yaml` adds the other entries of the seeds' tables."
+        )
     lines.append(
         "- **For a comparison that can rank methods:** apply the full profile to real LIDC-IDRI "
         "(`python -m chestssl.profiles params/lidc-full.yaml`, the README's section on real data), which tests "

@@ -412,8 +412,9 @@ def _setting(row: EntryRow) -> str:
 
 def _no_entry(row: EntryRow) -> str:
     return (
-        f"no entry of ours (`{row.where}.{row.key}` is null): add an entry to params.yaml under "
-        f"`{row.section}`{_setting(row)}, name it there and run `dvc repro`."
+        f"no entry of ours (`{row.where}.{row.key}` is null): `python -m chestssl.profiles params/all-entries.yaml` "
+        f"adds the seed tables' entries and names them here; or add an entry under `{row.section}`{_setting(row)}, "
+        f"name it there and run `dvc repro`."
     )
 
 

@@ -20,6 +20,7 @@ from chestssl.data import base_ct as base_ct_files
 from chestssl.data import ct_anatomy, phantom
 from chestssl.data.lidc import LIDC_DIRNAME, use_dicom_root
 from chestssl.data.phantom import Tissue
+from tests.shipped_params import read_shipped_params
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SEED, NOISE = 5, 18.0
@@ -295,9 +296,9 @@ def test_a_ct_scan_loads_through_pylidc_with_aligned_masks(scan, base, rendered,
 
 
 def test_anatomy_is_a_validated_param():
-    from chestssl.params import ParamsError, read_raw_params, validate
+    from chestssl.params import ParamsError, validate
 
-    raw = read_raw_params(REPO_ROOT / "params.yaml")[0]
+    raw = read_shipped_params()
     assert raw["data"]["phantom"]["anatomy"] == "ct"  # the default run's anatomy
     raw["data"]["phantom"]["anatomy"] = "cartoon"
     with pytest.raises(ParamsError, match=r"data\.phantom\.anatomy: got 'cartoon', expected one of 'ct', 'geometric'"):

@@ -17,6 +17,7 @@ from chestssl.data.cxr import COVID_CLASSES, CXRDataError, load_radiograph
 from chestssl.data.cxr_import import import_radiographs
 from chestssl.data.radiograph_datasets import RadiographDataset, RadiographStudyDataset
 from chestssl.data.radiograph_folder import open_radiograph_folder
+from tests.shipped_params import read_shipped_params
 from test_cxr import build_covid, build_mimic, chexpert_cfg, chexpert_root, write_image  # noqa: F401 (fixture)
 
 SIZE = 32
@@ -141,14 +142,13 @@ def test_pretraining_probing_and_alignment_run_on_an_imported_dataset(tmp_path):
     from chestssl.params import validate
     from chestssl.pipeline.align_radiographs import align_radiographs
     from chestssl.pipeline.pretrain_radiographs import pretrain_radiographs
-    from chestssl.params import read_raw_params
     from tests.tiny_configs import drop_radiograph_runs_of_absent_encoders, shrink_params
 
     build_covid(tmp_path / "covid", nested=False, per_class=8)
     radiographs = tmp_path / "radiographs"
     import_radiographs({"source": "covid_radiography", "root": str(tmp_path / "covid"), "val_fraction": 0.25,
                         "test_fraction": 0.25}, radiographs, 64)
-    raw = read_raw_params(REPO_ROOT / "params.yaml")[0]
+    raw = read_shipped_params()
     shrink_params(raw)
     raw["pretrain_radiographs"].update(methods=["barlow_twins"], views=["frontal"], study_methods=[],
                                        train={"epochs": 1, "batch_size": 8})

@@ -38,6 +38,7 @@ from chestssl.data.idc import (
 )
 from chestssl.data.lidc import LIDC_DIRNAME
 from chestssl.data.manifest import read_manifest, series_checksum
+from tests.shipped_params import read_shipped_params
 
 RELEASE = "v99"
 SLICES = 3
@@ -368,11 +369,11 @@ def test_a_malformed_endpoint_names_the_key(fake, tmp_path):
 
 
 def test_data_source_idc_fills_data_raw_through_the_download_stage(fake, tmp_path, monkeypatch):
-    from chestssl.params import read_raw_params, validate
+    from chestssl.params import validate
     from chestssl.pipeline.download import download
     from tests.pipeline.conftest import REPO_ROOT
 
-    raw_params = read_raw_params(REPO_ROOT / "params.yaml")[0]
+    raw_params = read_shipped_params()
     raw_params["data"]["source"] = "idc"
     raw_params["data"]["idc"].update(patients=["LIDC-IDRI-0003"], endpoint_url=fake.endpoint, retries=0)
     monkeypatch.setattr(idc, "bundled_index", lambda: (fake.index, RELEASE))  # the bucket's index

@@ -13,6 +13,7 @@ import yaml
 
 from chestssl.cost import copy_project_files
 from chestssl.params import read_raw_params, write_raw_params
+from chestssl.profiles import apply_profile
 from tests.tiny_configs import shrink_params
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -143,6 +144,8 @@ def make_project(root: Path) -> Project:
     project.run("git", "init", "-q")
     project.dvc_run("init", "-q", "--force")
     shutil.copy2(REPO_ROOT / ".dvc" / "config", root / ".dvc" / "config")
+    # Every entry of the seeds' tables first, as a user adds them; the tiny profile picks among them.
+    apply_profile(root / "params" / "all-entries.yaml", root / "params.yaml")
     project.write_params(tiny_params(project.params()))
     project.commit("tiny project")
     return project

@@ -15,11 +15,12 @@ from chestssl.data.radiograph_datasets import RadiographDataset, capped
 from chestssl.io import save_torch, write_npz
 from chestssl.methods import build_method
 from chestssl.models.stn import apply_stn, load_alignment_stn
-from chestssl.params import ParamsError, read_raw_params, validate
+from chestssl.params import ParamsError, validate
 from chestssl.pipeline.align_radiographs import align_radiographs
 from tests.pipeline.conftest import REPO_ROOT
 from tests.pipeline.cost_checks import check_cost_record
 from tests.tiny_configs import shrink_params
+from tests.shipped_params import read_shipped_params
 
 SIZE = 32
 FEATURE_METHOD = "scratch_resnet18"
@@ -77,7 +78,7 @@ def _smooth_chests(processed) -> None:
 
 @pytest.fixture
 def params():
-    raw = read_raw_params(REPO_ROOT / "params.yaml")[0]
+    raw = read_shipped_params()
     shrink_params(raw)
     raw["evaluate"]["bootstrap_samples"] = 20
     validated = validate(raw)

@@ -6,14 +6,15 @@ import json
 
 from chestssl.data.lidc import LIDC_DIRNAME
 from chestssl.data.manifest import read_manifest
-from chestssl.params import read_raw_params, validate
+from chestssl.params import validate
 from chestssl.pipeline.download import download
 from tests.data.dicom_factory import write_series
 from tests.pipeline.conftest import REPO_ROOT
+from tests.shipped_params import read_shipped_params
 
 
 def _params(source: str, **block) -> dict:
-    raw = read_raw_params(REPO_ROOT / "params.yaml")[0]
+    raw = read_shipped_params()
     raw["data"]["source"] = source
     raw["data"][source].update(block)
     return validate(raw)

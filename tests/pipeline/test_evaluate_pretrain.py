@@ -28,6 +28,7 @@ def _where(tmp_path) -> dict:
 
 def test_an_autoencoder_gets_the_probe_and_its_reconstruction_scores(synthetic_processed, tmp_path):
     params = stage_params()
+    params["evaluate"]["reconstruction_slices_per_patient"] = 0  # every test slice
     where = _where(tmp_path)
     _saved_method(params, "ae_cnn_attention", where["model_path"])
     metrics = evaluate_pretrain(params, "ae_cnn_attention", synthetic_processed, **where)

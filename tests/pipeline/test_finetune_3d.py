@@ -9,11 +9,12 @@ import pytest
 
 from chestssl.eval.seg3d import load_items_3d, paired_difference_3d, scan_statistics
 from chestssl.model_files import load_model_file
-from chestssl.params import ParamsError, validate, read_raw_params
+from chestssl.params import ParamsError, validate
 from chestssl.pipeline.evaluate_3d import evaluate_3d
 from chestssl.pipeline.finetune_3d import finetune_3d
 from tests.pipeline.test_finetune import saved_encoder
 from tests.pipeline.test_pretrain import REPO_ROOT, stage_params
+from tests.shipped_params import read_shipped_params
 
 RUNS = ("seg3d_swinunetr_scratch_3d", "seg3d_swinunetr_dae_all_3d")
 
@@ -80,7 +81,7 @@ def test_scan_statistics_count_found_nodules_and_dice_without_background():
 
 
 def test_a_3d_run_needs_a_3d_swin_init_and_an_existing_baseline(params, synthetic_processed, tmp_path):
-    raw = read_raw_params(REPO_ROOT / "params.yaml")[0]
+    raw = read_shipped_params()
     raw["runs_3d"]["seg3d_swinunetr_dae_all_3d"]["init"] = "dae_all"
     raw["runs_3d"]["seg3d_swinunetr_scratch_3d"]["baseline"] = "nope"
     with pytest.raises(ParamsError) as error:
@@ -88,7 +89,7 @@ def test_a_3d_run_needs_a_3d_swin_init_and_an_existing_baseline(params, syntheti
     message = str(error.value)
     assert "runs_3d.seg3d_swinunetr_dae_all_3d.init: 'dae_all' has a 2D 'swin' backbone" in message
     assert "runs_3d.seg3d_swinunetr_scratch_3d.baseline: got 'nope'" in message
-    raw = read_raw_params(REPO_ROOT / "params.yaml")[0]
+    raw = read_shipped_params()
     raw["runs_3d"]["seg3d_swinunetr_scratch_3d"]["crop_size"] = 80
     with pytest.raises(ParamsError, match=r"runs_3d.seg3d_swinunetr_scratch_3d.crop_size: got 80, expected a multiple of 32"):
         validate(raw)

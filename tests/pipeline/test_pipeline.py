@@ -16,11 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from chestssl.params import read_raw_params
 from tests.data.test_cxr import build_chestxray14, build_chexpert, build_covid, build_mimic
 from tests.pipeline.conftest import REPO_ROOT
 from tests.pipeline.dvc_checks import (copy_path, file_digests, out_of_date, out_of_date_after, ran_stages,
                                        restore_params)
+from tests.shipped_params import read_shipped_params
 
 pytestmark = pytest.mark.slow
 
@@ -265,7 +265,7 @@ def test_each_radiograph_profile_runs_the_dag_on_a_fake_tree_of_its_dataset(repr
     every radiograph encoder and the STN again for each profile (the fine-tuning stages depend
     on those folders whole)."""
     root = reproduced_project.root
-    shipped = read_raw_params(REPO_ROOT / "params.yaml")[0]["methods"]
+    shipped = read_shipped_params()["methods"]
     try:
         for profile, (build, folder, run) in PROFILE_TREES.items():
             # The tiny project keeps a few `methods` entries; the profiles name some others of params.yaml.

@@ -9,17 +9,18 @@ import pandas as pd
 import pytest
 
 from chestssl.data.processed import SLICE_COLUMNS, load_scan
-from chestssl.params import read_raw_params, validate
+from chestssl.params import validate
 from chestssl.pipeline.download import download
 from chestssl.pipeline.preprocess import preprocess
 from tests.pipeline.conftest import REPO_ROOT
+from tests.shipped_params import read_shipped_params
 
 
 @pytest.fixture(scope="module")
 def params() -> dict:
     """Three short phantom scans (the fewest that fill the three splits; the drawn anatomy,
     which renders in half the time and needs no base CT), coarse spacing, one worker."""
-    raw = read_raw_params(REPO_ROOT / "params.yaml")[0]
+    raw = read_shipped_params()
     raw["data"]["phantom"].update(num_scans=3, seed=5, max_slices=100, anatomy="geometric", workers=1)
     raw["preprocess"].update(spacing=[2.5, 2.0, 2.0], workers=1)
     return validate(raw)

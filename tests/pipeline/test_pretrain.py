@@ -12,10 +12,11 @@ import pytest
 
 from chestssl.data.views import labelled_view, pretrain_view
 from chestssl.model_files import load_model_file
-from chestssl.params import ParamsError, read_raw_params, validate
+from chestssl.params import ParamsError, validate
 from chestssl.pipeline.pretrain import pretrain
 from tests.pipeline.conftest import REPO_ROOT
 from tests.tiny_configs import drop_radiograph_runs_of_absent_encoders, shrink_params
+from tests.shipped_params import read_shipped_params
 
 
 def stage_params(methods=("scratch_cnn_attention", "ae_cnn_attention"), runs=(), multihead=(),
@@ -25,7 +26,7 @@ def stage_params(methods=("scratch_cnn_attention", "ae_cnn_attention"), runs=(),
     if kept, else ``scratch_resnet18``), slices of ``slice_size``, 20 bootstrap resamples and 2 examples; the
     studies, cross-modal and radiograph lists emptied (but for one scratch ResNet-18, which
     the alignment block must name)."""
-    raw = read_raw_params(REPO_ROOT / "params.yaml")[0]
+    raw = read_shipped_params()
     methods = [*methods, *(["scratch_resnet18"] if "scratch_resnet18" not in methods else [])]
     raw["methods"] = {name: raw["methods"][name] for name in methods}
     raw["multihead"] = {name: raw["multihead"][name] for name in multihead}

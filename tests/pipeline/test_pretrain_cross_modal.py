@@ -14,17 +14,18 @@ from chestssl.data.drr import render_radiographs
 from chestssl.methods import build_method
 from chestssl.model_files import load_model_file
 from chestssl.models.supervised_contrastive import CrossModalContrastiveLoss
-from chestssl.params import ParamsError, read_raw_params, validate
+from chestssl.params import ParamsError, validate
 from chestssl.pipeline.pretrain_cross_modal import cross_modal_entry, pretrain_cross_modal
 from tests.data.test_cross_modal import ConstantImages
 from tests.pipeline.conftest import REPO_ROOT
 from tests.pipeline.cost_checks import check_cost_record
 from tests.tiny_configs import shrink_params
+from tests.shipped_params import read_shipped_params
 
 
 @pytest.fixture
 def raw_params():
-    raw = read_raw_params(REPO_ROOT / "params.yaml")[0]
+    raw = read_shipped_params()
     shrink_params(raw)
     raw["methods"]["dae_all"].setdefault("train", {}).update(epochs=2, max_steps=0, batch_size=8)
     raw["evaluate"]["bootstrap_samples"] = 20

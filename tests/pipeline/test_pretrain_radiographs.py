@@ -9,18 +9,19 @@ import torch
 
 from chestssl.data.drr import render_radiographs
 from chestssl.model_files import load_model_file
-from chestssl.params import ParamsError, read_raw_params, validate
+from chestssl.params import ParamsError, validate
 from chestssl.pipeline.pretrain_radiographs import pretrain_radiographs, radiograph_entry
 from tests.pipeline.conftest import REPO_ROOT
 from tests.pipeline.cost_checks import COST_KEYS, check_cost_record
 from tests.tiny_configs import drop_radiograph_runs_of_absent_encoders, shrink_params
+from tests.shipped_params import read_shipped_params
 
 SIZE = 64
 
 
 def tiny_params() -> dict:
     """params.yaml shrunk, its radiograph stages on Barlow Twins and a scratch ResNet-18, two short epochs."""
-    raw = read_raw_params(REPO_ROOT / "params.yaml")[0]
+    raw = read_shipped_params()
     shrink_params(raw)
     raw["pretrain_radiographs"].update(methods=["barlow_twins", "scratch_resnet18"], train={"epochs": 2, "batch_size": 4})
     raw["evaluate"]["bootstrap_samples"] = 20
@@ -111,7 +112,7 @@ VIT_SIZE = 32  # radiographs of 32 px while the CT slices (and the CT's ViT) are
 
 def vit_params() -> dict:
     """tiny_params with `mae` also on radiographs and studies, 32 px radiographs in patches of 8."""
-    raw = read_raw_params(REPO_ROOT / "params.yaml")[0]
+    raw = read_shipped_params()
     shrink_params(raw)
     raw["radiographs"]["size"] = VIT_SIZE
     raw["pretrain_radiographs"].update(methods=["mae"], study_methods=["mae"], train={"epochs": 1, "batch_size": 4},

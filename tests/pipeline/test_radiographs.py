@@ -5,13 +5,14 @@ from __future__ import annotations
 import pytest
 
 from chestssl.data.radiograph_folder import open_radiograph_folder
-from chestssl.params import read_raw_params, validate
+from chestssl.params import validate
 from chestssl.pipeline.radiographs import radiographs
 from tests.pipeline.conftest import REPO_ROOT
+from tests.shipped_params import read_shipped_params
 
 
 def _params(**cxr) -> dict:
-    raw = read_raw_params(REPO_ROOT / "params.yaml")[0]
+    raw = read_shipped_params()
     raw["data"]["cxr"].update(cxr)
     return validate(raw)
 

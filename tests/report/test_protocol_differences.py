@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 
 from chestssl.params import load_params, read_yaml, validate
-from chestssl.profiles import apply_profile, merge_profile
+from chestssl.profiles import INCLUDE_KEY, apply_profile, merge_profile
 from chestssl.report import build_report
 from chestssl.report.protocol_differences import Difference, protocol_differences
 from tests.shipped_params import ROOT, read_shipped_params
@@ -24,10 +24,12 @@ FULL_PROFILE = ROOT / "params" / "lidc-full.yaml"
 
 
 def _with_profile(raw: dict) -> dict:
-    """``raw`` with the full profile merged in, as ``python -m chestssl.profiles`` merges it."""
+    """``raw`` (every entry: the profile's ``include:`` applied) with the full profile merged in,
+    as ``python -m chestssl.profiles`` merges it."""
     raw = copy.deepcopy(raw)
     for group, value in (read_yaml(FULL_PROFILE) or {}).items():
-        raw[group] = merge_profile(raw.get(group), value)
+        if group != INCLUDE_KEY:
+            raw[group] = merge_profile(raw.get(group), value)
     return raw
 
 

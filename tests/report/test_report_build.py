@@ -20,7 +20,8 @@ from chestssl.eval import (
 from chestssl.io import write_json
 from chestssl.params import load_params
 from chestssl.report import build_report, format_interval, read_live_metrics
-from chestssl.report.build import FEW_TEST_PATIENTS, reading_note
+from chestssl.report.build import FEW_TEST_PATIENTS, reading_note, rows_without_entry
+from tests.shipped_params import read_shipped_params
 
 REPO = Path(__file__).resolve().parents[2]
 SIZE = 24
@@ -187,7 +188,7 @@ def test_readme_protocol_and_skipped_items(built):
     assert "Segmentation overlay of run `seg_unetpp_scratch`: no examples were given." in skipped
     assert "Segmentation overlay of run `seg_unetpp_ae`" not in skipped
     assert "Training curves of `empty`" in skipped
-    assert "Reconstruction of method `scratch_cnn_attention` (`scratch`)" in skipped
+    assert "Reconstruction of method `scratch_swin` (`scratch`)" in skipped
     assert "FID: no diffusion model in this profile." in skipped
     for run in params["runs"]:
         if run not in inputs["eval_metrics"]:
@@ -322,7 +323,13 @@ def test_the_report_opens_with_what_synthetic_data_and_few_test_patients_can_sho
     assert reading_note(real, FEW_TEST_PATIENTS, 500) == ""
     build_report(**{**inputs, "live_dirs": {}, "examples": {}}, params=real)
     assert "## What these numbers can show" in (inputs["out_dir"] / "README.md").read_text()  # still 4 patients
-    assert reading_note(load_params(REPO / "params.yaml"), 100, 5000).startswith("- **The data are synthetic.**")
+    quick = load_params(REPO / "params.yaml")
+    assert reading_note(quick, 100, 5000).startswith("- **The data are synthetic.**")
+    # The quick profile's seed-table rows without an entry are counted, and the profile that adds them named.
+    absent = rows_without_entry(quick)
+    assert absent > 0 and f"- **{absent} rows of the seed tables are not run.**" in reading_note(quick, 100, 5000)
+    assert "params/all-entries.yaml" in reading_note(quick, 100, 5000)
+    assert rows_without_entry(read_shipped_params()) == 0
     # Real data, enough patients, but nodules of under 3 pixels: that alone is said.
     small = {"nodules": 33, "nodule_mm": 10.4, "mm_per_pixel": 5.6, "nodule_pixels": 1.86}
     text = reading_note(real, FEW_TEST_PATIENTS, 500, scale=small)

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from chestssl.params import read_raw_params, validate
+from chestssl.params import validate
 from chestssl.report.pipeline import figure_models
 from chestssl.report.seed000 import ENTRY_HEADER, seed000_tables
 from tests.report.test_seed000 import DATASET, _seg
+from tests.shipped_params import read_shipped_params
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -22,7 +23,7 @@ def _renamed_run(raw: dict, old: str, new: str) -> None:
 
 
 def test_a_renamed_run_moves_into_the_seed_table_and_the_figure():
-    raw = read_raw_params(ROOT / "params.yaml")[0]
+    raw = read_shipped_params()
     _renamed_run(raw, "seg_unetpp_scratch", "unetpp_from_scratch")
     params = validate(raw)
 
@@ -38,7 +39,7 @@ def test_a_renamed_run_moves_into_the_seed_table_and_the_figure():
 
 
 def test_figure_models_are_the_params_rows_in_order():
-    raw = read_raw_params(ROOT / "params.yaml")[0]
+    raw = read_shipped_params()
     raw["report"]["feature_maps"].insert(0, {"label": "SwinUNETR scratch (soft Dice)", "run": "seg_swinunetr_scratch_dice"})
     params = validate(raw)
     assert figure_models(params["report"]["feature_maps"]) == [

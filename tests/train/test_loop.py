@@ -627,7 +627,7 @@ def test_finetune_stage_fingerprints_its_data_and_run_entry(synthetic_processed,
     shutil.copy(REPO_ROOT / "params.yaml", project / "params.yaml")
     shutil.copytree(REPO_ROOT / "params", project / "params")
     params = load_params(project / "params.yaml")
-    init = params["runs"]["seg_unetpp_scratch"]["init"]
+    init = params["runs"]["seg_swinunetr_scratch"]["init"]
     save_model_file(project / "models" / "pretrain" / init / "encoder.pt",
                     build_method(init, params["methods"][init], params["seed"]).export())
     monkeypatch.chdir(project)
@@ -646,13 +646,13 @@ def test_finetune_stage_fingerprints_its_data_and_run_entry(synthetic_processed,
     finetune = runpy.run_path(str(REPO_ROOT / "stages" / "finetune.py"))["main"]
     for _ in range(2):
         with pytest.raises(_Stop):
-            finetune(["seg_unetpp_scratch"])
+            finetune(["seg_swinunetr_scratch"])
     for path in sorted((project / "data" / "processed" / "scans").glob("*.npz")):
         with np.load(path) as arrays:
             scan = dict(arrays)
         scan["image"] = (1 - scan["image"].astype(np.float32)).astype(np.float16)
         np.savez_compressed(path, **scan)
     with pytest.raises(_Stop):
-        finetune(["seg_unetpp_scratch"])
+        finetune(["seg_swinunetr_scratch"])
     assert seen[0] == seen[1], "the same inputs give the same fingerprint"
     assert seen[2]["input data"] != seen[0]["input data"] and seen[2]["input params"] == seen[0]["input params"]
