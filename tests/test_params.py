@@ -358,7 +358,7 @@ def test_entries_take_their_presets_and_may_replace_recipe_keys(raw):
     assert mae["backbone"] == raw["backbones"]["vit"] and "recipe" not in mae
     assert mae["train"] == {**raw["recipes"]["mae"], "epochs": 9}
     # the preset itself is not changed by mae's keys; diffmae replaces its own
-    assert diffmae["train"] == {**raw["recipes"]["mae"], "val_every_epochs": 2}
+    assert diffmae["train"] == {**raw["recipes"]["mae"], "val_every_epochs": 3}
     assert "train" not in params["methods"]["scratch_vit"]
     assert params["runs"]["cls_linear_mae"]["train"] == raw["recipes"]["linear_head"]
 
@@ -406,7 +406,7 @@ def test_each_group_is_read_from_its_own_file_and_named_there(tmp_path):
         load_params(params)
     assert str(error.value).startswith(f"invalid parameters in {runs}: runs.seg_swinunetr_scratch.loss: got 'l2'")
     presets = tmp_path / "params" / "presets.yaml"
-    presets.write_text(presets.read_text().replace("epochs: 15", "epochs: 0", 1))
+    presets.write_text(presets.read_text().replace("epochs: 10", "epochs: 0", 1))
     with pytest.raises(ParamsError) as error:
         load_params(params)
     assert f"  - {presets}: recipes.segmentation.epochs: got 0" in str(error.value)
