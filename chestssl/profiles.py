@@ -77,7 +77,8 @@ def _parent_of(documents: Mapping[str, Any], dotted: str, source: str, create: b
     return node, parts[-1], name
 
 
-def _dotted_keys(value: Any, key: str, source: str) -> list[str]:
+def _string_list(value: Any, key: str, source: str) -> list[str]:
+    """``value`` of the profile key ``key`` (``include:`` or ``remove:``): a list of strings, or none."""
     if value is None:
         return []
     if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
@@ -99,9 +100,9 @@ def _merge_profile_into(documents: dict[str, Any], profile: Path, changed: set[s
     if not isinstance(overrides, Mapping):
         raise ParamsError([f"the profile holds a {type(overrides).__name__}, expected a mapping of groups to values"],
                           str(profile))
-    for included in _dotted_keys(overrides.pop(INCLUDE_KEY, None), INCLUDE_KEY, str(profile)):
+    for included in _string_list(overrides.pop(INCLUDE_KEY, None), INCLUDE_KEY, str(profile)):
         _merge_profile_into(documents, profile.parent / included, changed, (*seen, profile.resolve()))
-    for dotted in _dotted_keys(overrides.pop(REMOVE_KEY, None), REMOVE_KEY, str(profile)):
+    for dotted in _string_list(overrides.pop(REMOVE_KEY, None), REMOVE_KEY, str(profile)):
         try:
             parent, key, name = _parent_of(documents, dotted, f"{profile}: {REMOVE_KEY}")
         except ParamsError:
