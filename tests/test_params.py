@@ -715,3 +715,22 @@ def test_epoch_unit_is_slices_or_scans_on_trained_2d_entries_only(raw):
     full = validate(params_with_profile(ROOT / "params" / "lidc-full.yaml", ROOT / "params.yaml"))
     assert {name for name, entry in full["methods"].items() if entry.get("epoch_unit") == "scans"} == {
         "dae_denoise", "dae_superres", "dae_local", "dae_all"}
+
+
+def test_the_quick_profile_runs_every_stage_kind_and_a_row_of_every_seed_table():
+    """The quick profile leaves entries to params/all-entries.yaml, never a whole stage or table."""
+    import re
+
+    params = load_params(ROOT / "params.yaml")
+    for group in sorted(set(re.findall(r"foreach: \$\{([\w.]+)\}", (ROOT / "dvc.yaml").read_text()))):
+        node = params
+        for part in group.split("."):
+            node = node[part]
+        assert node, f"{group}: the quick profile expands no stage from it"
+    # Both a segmentation and a classification run, and a 2D and a 3D pretrained entry.
+    assert {run["task"] for run in params["runs"].values()} == {"seg", "cls"}
+    trained = [entry for entry in params["methods"].values() if entry["method"] != "scratch"]
+    assert {entry["backbone"]["spatial_dims"] for entry in trained} == {2, 3}
+    for table, rows in params["report"].items():
+        named = [row for row in rows if any(row.get(key) for key in ("method", "run", "multihead", "latent_diffusion"))]
+        assert named, f"report.{table}: no row of the quick profile names an entry"
