@@ -832,39 +832,40 @@ class _Fit:
                    validated: bool = True) -> None:
         self.epochs_done += 1
         metrics = {**val_metrics, **train_means}
-        if not validated:  # no monitored value: neither the best model nor a plateau step
-            self._log(val_metrics)
-            if self.live is not None:
-                self.live.make_summary()
-            self.history.append({"epoch": float(self.epochs_done), "step": float(self.global_step), **metrics})
-            self._save_checkpoint(raw_model)
-            return
-        undefined = self.monitor not in metrics and self.monitor in self.undefined_metrics
-        if self.monitor not in metrics and not undefined and not any(k.startswith("val/") for k in metrics):
+        # An unvalidated epoch has no monitored value: neither a plateau step nor a best model.
+        value = self._monitored_value(metrics) if validated else None
+        if value is not None and isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            self.scheduler.step(value)
+        self._log(val_metrics)
+        if self.live is not None:
+            self.live.make_summary()
+        if value is not None:
+            if _improved(value, self.best_value, self.mode):
+                self.best_value, self.best_epoch, self.best_step = value, self.epochs_done, self.global_step
+                if self.ctx.is_main:
+                    self.best_state = _cpu_state(raw_model)
+            self.final_metrics = metrics
+        self.history.append({"epoch": float(self.epochs_done), "step": float(self.global_step), **metrics})
+        self._save_checkpoint(raw_model)
+
+    def _monitored_value(self, metrics: dict[str, float]) -> float:
+        """The monitor's value among a validated epoch's ``metrics``; NaN when the whole-pass
+        metric was undefined (never the best, see :meth:`_finish`)."""
+        if self.monitor in metrics:
+            return float(metrics[self.monitor])
+        if self.monitor in self.undefined_metrics:
+            return math.nan
+        if not any(key.startswith("val/") for key in metrics):
             raise ValueError(
                 f"validation gave no metrics, so {self.monitor!r} has no value: the validation set holds "
                 f"{len(self.val_data)} items in batches of {self.cfg['batch_size']}, and the model scored none of "
                 "them (a batch it cannot score is skipped, e.g. Barlow Twins needs 2 items); give the "
                 "validation split more items"
             )
-        if self.monitor not in metrics and not undefined:
-            raise KeyError(
-                f"monitor {self.monitor!r} is not among the epoch's metrics ({', '.join(sorted(metrics))}); "
-                "pass a key that validation_step returns, prefixed with 'val/'"
-            )
-        value = math.nan if undefined else float(metrics[self.monitor])
-        if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-            self.scheduler.step(value)
-        self._log(val_metrics)
-        if self.live is not None:
-            self.live.make_summary()
-        if _improved(value, self.best_value, self.mode):
-            self.best_value, self.best_epoch, self.best_step = value, self.epochs_done, self.global_step
-            if self.ctx.is_main:
-                self.best_state = _cpu_state(raw_model)
-        self.final_metrics = metrics
-        self.history.append({"epoch": float(self.epochs_done), "step": float(self.global_step), **metrics})
-        self._save_checkpoint(raw_model)
+        raise KeyError(
+            f"monitor {self.monitor!r} is not among the epoch's metrics ({', '.join(sorted(metrics))}); "
+            "pass a key that validation_step returns, prefixed with 'val/'"
+        )
 
     def _save_checkpoint(self, raw_model: nn.Module) -> None:
         rng_states = all_gather_object(capture_rng_state(), self.ctx)
