@@ -62,7 +62,6 @@ def test_all_entries_adds_every_seed_tables_entry_and_its_report_rows():
 def test_full_profile_is_valid_after_merge():
     from chestssl.methods import method_configs
     from chestssl.params import radiograph_entry
-    from chestssl.profiles import merge_profile
 
     merged = params_with_profile(ROOT / "params" / "lidc-full.yaml", ROOT / "params.yaml")
     params = validate(merged, method_configs=method_configs())
@@ -657,8 +656,6 @@ def test_the_full_profile_without_its_radiograph_recipes_is_refused():
 
 
 def test_classification_class_weights_may_be_balanced_and_clean_source_is_one_of_two(raw):
-    from chestssl.profiles import merge_profile
-
     raw["runs"]["cls_resnet18_swin"]["class_weights"] = "balanced"
     params = validate(copy.deepcopy(raw))
     assert params["runs"]["cls_resnet18_swin"]["class_weights"] == "balanced"
@@ -686,8 +683,6 @@ def test_classification_class_weights_may_be_balanced_and_clean_source_is_one_of
 
 
 def test_epoch_unit_is_slices_or_scans_on_trained_2d_entries_only(raw):
-    from chestssl.profiles import merge_profile
-
     from chestssl.params import radiograph_entry
 
     raw["methods"]["dae_all"]["epoch_unit"] = "scans"

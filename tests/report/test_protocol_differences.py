@@ -14,23 +14,13 @@ import shutil
 import pandas as pd
 import pytest
 
-from chestssl.params import load_params, read_yaml, validate
-from chestssl.profiles import INCLUDE_KEY, apply_profile, merge_profile
+from chestssl.params import load_params, validate
+from chestssl.profiles import apply_profile, params_with_profile
 from chestssl.report import build_report
 from chestssl.report.protocol_differences import Difference, protocol_differences
 from tests.shipped_params import ROOT, read_shipped_params
 
 FULL_PROFILE = ROOT / "params" / "lidc-full.yaml"
-
-
-def _with_profile(raw: dict) -> dict:
-    """``raw`` (every entry: the profile's ``include:`` applied) with the full profile merged in,
-    as ``python -m chestssl.profiles`` merges it."""
-    raw = copy.deepcopy(raw)
-    for group, value in (read_yaml(FULL_PROFILE) or {}).items():
-        if group != INCLUDE_KEY:
-            raw[group] = merge_profile(raw.get(group), value)
-    return raw
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +29,9 @@ def default_raw() -> dict:
 
 
 @pytest.fixture(scope="module")
-def full_raw(default_raw) -> dict:
-    return _with_profile(default_raw)
+def full_raw() -> dict:
+    """The full profile applied in memory, as ``python -m chestssl.profiles`` applies it."""
+    return params_with_profile(FULL_PROFILE, ROOT / "params.yaml")
 
 
 @pytest.fixture(scope="module")
@@ -349,8 +340,8 @@ def test_profile_applied_to_files_gives_the_same_rows(full, tmp_path):
     assert protocol_differences(load_params(tmp_path / "params.yaml")) == full
 
 
-def test_the_report_renders_the_table_and_writes_it(default_raw, full, tmp_path):
-    params = validate(_with_profile(default_raw))
+def test_the_report_renders_the_table_and_writes_it(full_raw, full, tmp_path):
+    params = validate(copy.deepcopy(full_raw))
     out_dir = tmp_path / "reports"
     written = build_report(out_dir, {}, {}, {}, {}, {}, params=params)
     readme = (out_dir / "README.md").read_text()
