@@ -371,7 +371,6 @@ def test_a_malformed_endpoint_names_the_key(fake, tmp_path):
 def test_data_source_idc_fills_data_raw_through_the_download_stage(fake, tmp_path, monkeypatch):
     from chestssl.params import validate
     from chestssl.pipeline.download import download
-    from tests.pipeline.conftest import REPO_ROOT
 
     raw_params = read_shipped_params()
     raw_params["data"]["source"] = "idc"

@@ -17,7 +17,6 @@ from chestssl.methods import build_method
 from chestssl.models.stn import apply_stn, load_alignment_stn
 from chestssl.params import ParamsError, validate
 from chestssl.pipeline.align_radiographs import align_radiographs
-from tests.pipeline.conftest import REPO_ROOT
 from tests.pipeline.cost_checks import check_cost_record
 from tests.tiny_configs import shrink_params
 from tests.shipped_params import read_shipped_params

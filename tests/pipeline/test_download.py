@@ -9,7 +9,6 @@ from chestssl.data.manifest import read_manifest
 from chestssl.params import validate
 from chestssl.pipeline.download import download
 from tests.data.dicom_factory import write_series
-from tests.pipeline.conftest import REPO_ROOT
 from tests.shipped_params import read_shipped_params
 
 

@@ -13,7 +13,7 @@ from chestssl.params import ParamsError, validate
 from chestssl.pipeline.evaluate_3d import evaluate_3d
 from chestssl.pipeline.finetune_3d import finetune_3d
 from tests.pipeline.test_finetune import saved_encoder
-from tests.pipeline.test_pretrain import REPO_ROOT, stage_params
+from tests.pipeline.test_pretrain import stage_params
 from tests.shipped_params import read_shipped_params
 
 RUNS = ("seg3d_swinunetr_scratch_3d", "seg3d_swinunetr_dae_all_3d")

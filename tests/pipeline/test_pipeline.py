@@ -17,7 +17,6 @@ from pathlib import Path
 import pytest
 
 from tests.data.test_cxr import build_chestxray14, build_chexpert, build_covid, build_mimic
-from tests.pipeline.conftest import REPO_ROOT
 from tests.pipeline.dvc_checks import (copy_path, file_digests, out_of_date, out_of_date_after, ran_stages,
                                        restore_params)
 from tests.shipped_params import read_shipped_params

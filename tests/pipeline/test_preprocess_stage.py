@@ -12,7 +12,6 @@ from chestssl.data.processed import SLICE_COLUMNS, load_scan
 from chestssl.params import validate
 from chestssl.pipeline.download import download
 from chestssl.pipeline.preprocess import preprocess
-from tests.pipeline.conftest import REPO_ROOT
 from tests.shipped_params import read_shipped_params
 
 

@@ -14,7 +14,6 @@ from chestssl.data.views import labelled_view, pretrain_view
 from chestssl.model_files import load_model_file
 from chestssl.params import ParamsError, validate
 from chestssl.pipeline.pretrain import pretrain
-from tests.pipeline.conftest import REPO_ROOT
 from tests.tiny_configs import drop_radiograph_runs_of_absent_encoders, shrink_params
 from tests.shipped_params import read_shipped_params
 

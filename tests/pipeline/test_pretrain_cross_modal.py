@@ -17,7 +17,6 @@ from chestssl.models.supervised_contrastive import CrossModalContrastiveLoss
 from chestssl.params import ParamsError, validate
 from chestssl.pipeline.pretrain_cross_modal import cross_modal_entry, pretrain_cross_modal
 from tests.data.test_cross_modal import ConstantImages
-from tests.pipeline.conftest import REPO_ROOT
 from tests.pipeline.cost_checks import check_cost_record
 from tests.tiny_configs import shrink_params
 from tests.shipped_params import read_shipped_params

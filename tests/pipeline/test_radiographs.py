@@ -7,7 +7,6 @@ import pytest
 from chestssl.data.radiograph_folder import open_radiograph_folder
 from chestssl.params import validate
 from chestssl.pipeline.radiographs import radiographs
-from tests.pipeline.conftest import REPO_ROOT
 from tests.shipped_params import read_shipped_params
 
 
