@@ -33,6 +33,10 @@ VERDICT_TEXT = {
     "no clear difference": "no clear difference",
     "undefined": "undefined",
 }
+#: The value of a metric that guessing reaches whatever the classes' balance (AUROC: a
+#: random score). A run at or below it has learnt nothing about the label, so a verdict
+#: naming it better is qualified (accuracy and F1 have no such fixed level).
+CHANCE_LEVEL = {"auroc": 0.5}
 _COLUMNS: dict[str, Column] = {c.key: c for c in (*SEGMENTATION_COLUMNS, *CLASSIFICATION_COLUMNS)}
 _RESULT_KEYS = ("a", "b", "difference", "ci_low", "ci_high", "verdict")
 
@@ -63,7 +67,9 @@ def _method_footnote(results: Mapping[tuple[str, str], Mapping[str, Any]]) -> st
         "The verdict names a better run only when the interval excludes 0. The interval compares each run's "
         "first training seed, so the variation between training runs is not in it; where the runs were trained "
         "with several seeds, *Over seeds* gives the mean ± sd of the differences of seed k with seed k, and a "
-        "verdict also needs every seed's difference to have the interval's sign."
+        "verdict also needs every seed's difference to have the interval's sign. A run named better whose AUROC "
+        "is at or below 0.5 (a random score) is said to be: it beats a baseline that guesses worse than chance, "
+        "which shows nothing about pretraining."
     )
 
 
@@ -87,6 +93,18 @@ def _seed_verdict(verdict: str, differences: list[float] | None) -> str:
         return verdict
     sign = 1.0 if verdict == "b better" else -1.0
     return verdict if differences and all(sign * d > 0 for d in differences) else "no clear difference"
+
+
+def verdict_text(verdict: str, metric: str, scratch: float | None, pretrained: float | None) -> str:
+    """The verdict as shown: a run named better at or below the metric's chance level
+    (:data:`CHANCE_LEVEL`) is said to be so, since beating a worse-than-guessing baseline
+    shows nothing about pretraining."""
+    text = VERDICT_TEXT.get(verdict, verdict)
+    better = {"b better": pretrained, "a better": scratch}.get(verdict)
+    chance = CHANCE_LEVEL.get(metric)
+    if chance is not None and better is not None and better <= chance:
+        text += f", but at or below chance ({chance:g})"
+    return text
 
 
 def pretrained_vs_scratch_table(
@@ -166,7 +184,7 @@ def pretrained_vs_scratch_table(
                     "difference": entry["difference"],
                     "difference_ci_low": entry["ci_low"],
                     "difference_ci_high": entry["ci_high"],
-                    "verdict": VERDICT_TEXT.get(verdict, verdict),
+                    "verdict": verdict_text(verdict, metric, entry["a"], entry["b"]),
                     **_seed_columns(differences),
                     "n_items": result.get("n_items"),
                     "n_patients": result.get("n_patients"),
@@ -182,7 +200,7 @@ def pretrained_vs_scratch_table(
                     "Pretrained": _number(entry["b"], column.digits),
                     f"{DIFFERENCE_HEADER}[^{prefix}-1]": difference,
                     **({"Over seeds": _seed_cell(differences, column.digits)} if seed_spreads else {}),
-                    "Verdict": VERDICT_TEXT.get(verdict, verdict),
+                    "Verdict": verdict_text(verdict, metric, entry["a"], entry["b"]),
                 }
             )
     return Table(TABLE_NAME, TABLE_TITLE, pd.DataFrame(number_rows), pd.DataFrame(text_rows), footnotes, cell_notes)

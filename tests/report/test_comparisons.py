@@ -7,7 +7,7 @@ import pytest
 
 from chestssl.eval.paired import paired_difference
 from chestssl.report.comparison_figures import feature_map_figure, segmentation_comparison_figure
-from chestssl.report.comparisons import DIFFERENCE_HEADER, pretrained_vs_scratch_table
+from chestssl.report.comparisons import DIFFERENCE_HEADER, pretrained_vs_scratch_table, verdict_text
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 RUN_PARAMS = {
@@ -85,6 +85,29 @@ def test_cells_without_an_interval_get_a_footnote():
     assert table.text[header].tolist() == ["+0.000[^pretrained-vs-scratch-2]"] * 3
     assert "one patient" in table.footnotes[1] and len(table.footnotes) == 2
     assert len(table.cell_notes) == 3 and set(table.numbers["verdict"]) == {"undefined"}
+
+
+def test_a_run_named_better_at_or_below_chance_auroc_is_said_to_be():
+    """Scores anti-correlated with the labels: the pretrained run's AUROC (about 0.35) beats the
+    scratch run's (0) on every resample, but neither is above a random score's 0.5."""
+    patients = [f"p{i}" for i in range(8) for _ in range(4)]
+    labels = np.tile([0, 1, 0, 1], 8)
+    scratch = {"task": "cls", "patient_id": np.asarray(patients), "scan_id": np.asarray(patients),
+               "slice_index": np.arange(32), "score": np.where(labels == 1, 0.2, 0.8), "label": labels}
+    # Per patient: one positive above one negative, one below both (AUROC 3/8 within each patient).
+    pretrained = {**scratch, "score": np.tile([0.5, 0.6, 0.7, 0.1], 8)}
+    result = paired_difference(scratch, pretrained, n_bootstrap=100, confidence=0.95, seed=0)
+    assert result["auroc"]["verdict"] == "b better" and result["auroc"]["b"] < 0.5
+    table = pretrained_vs_scratch_table({("cls_scratch", "cls_multihead"): result}, RUN_PARAMS)
+    auroc = table.numbers[table.numbers["metric"] == "auroc"].iloc[0]
+    assert auroc["verdict"] == "pretrained better, but at or below chance (0.5)"
+    assert table.text[table.text["Metric"] == "AUROC"].iloc[0]["Verdict"] == auroc["verdict"]
+    assert "a random score" in table.footnotes[0]
+    # Above chance, or a metric without a fixed chance level, the verdict is as computed.
+    assert verdict_text("b better", "auroc", 0.40, 0.62) == "pretrained better"
+    assert verdict_text("a better", "auroc", 0.45, 0.30) == "scratch better, but at or below chance (0.5)"
+    assert verdict_text("b better", "accuracy", 0.2, 0.3) == "pretrained better"
+    assert verdict_text("no clear difference", "auroc", 0.2, 0.3) == "no clear difference"
 
 
 def test_table_errors():
