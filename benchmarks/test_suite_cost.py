@@ -28,6 +28,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import threading
@@ -42,8 +43,9 @@ if HERE not in sys.path:  # process_tree.py, beside this script, also when impor
 from process_tree import command_line, memory_kib, tree, write_atomic  # noqa: E402
 
 
-def measure(command: list[str], cwd: Path, interval: float) -> dict:
-    """Run ``command`` in ``cwd``; its wall time, peak summed memory and last output line."""
+def measure(command: list[str], cwd: Path, interval: float, log: Path | None = None) -> dict:
+    """Run ``command`` in ``cwd``; its wall time, peak summed memory and pytest's summary line
+    (its whole output written to ``log`` when given)."""
     env = {**os.environ, "MPLBACKEND": "Agg", "DVC_NO_ANALYTICS": "1",
            "PATH": f"{Path(command[0]).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     peak = {"rss_mib": 0.0, "pss_mib": 0.0, "processes": 0, "at_pss_peak": []}
@@ -67,13 +69,19 @@ def measure(command: list[str], cwd: Path, interval: float) -> dict:
         time.sleep(interval)
     reader.join()
     wall = time.monotonic() - start
-    summary = next((line.strip() for line in reversed(lines) if line.strip()), "")
+    if log is not None:
+        write_atomic(log, "".join(lines))
+    # pytest's own last line (`N passed ... in S s`), not make's error line after a failure
+    summary = next((line.strip() for line in reversed(lines) if re.search(r"\b(passed|failed|error)\b.* in ", line)),
+                   next((line.strip() for line in reversed(lines) if line.strip()), ""))
+    failures = [line.strip() for line in lines if line.startswith(("FAILED ", "ERROR "))]
     durations = [line.rstrip() for line in lines if line.split()[:1] and line.split()[0].endswith("s")
                  and line.split()[0][:-1].replace(".", "", 1).isdigit()]
     return {"command": command, "cwd": str(cwd), "exit_status": process.returncode, "wall_s": round(wall, 1),
             "peak_rss_mib": round(peak["rss_mib"]), "peak_pss_mib": round(peak["pss_mib"]),
             "peak_processes": peak["processes"], "pss_peak_at_s": peak.get("pss_peak_at_s"),
-            "processes_at_pss_peak_mib": peak["at_pss_peak"], "summary": summary, "slowest": durations[:15]}
+            "processes_at_pss_peak_mib": peak["at_pss_peak"], "summary": summary, "failures": failures,
+            "slowest": durations[:15]}
 
 
 def _print(label: str, result: dict) -> None:
@@ -90,6 +98,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "reports" / "benchmarks" / "test_suite.json")
     parser.add_argument("--command", help="measure this shell command instead (e.g. 'make test' in a fresh "
                                           "clone, the set-up included)")
+    parser.add_argument("--log", type=Path, help="write the suite's whole output here")
     parser.add_argument("pytest_args", nargs="*", help="more pytest arguments, after --")
     args = parser.parse_args()
 
@@ -106,8 +115,10 @@ def main() -> None:
     if args.base:
         results["base"] = measure(command(args.base), args.base, args.interval)
         _print("baseline", results["base"])
-    results["ours"] = measure(command(REPO), REPO, args.interval)
+    results["ours"] = measure(command(REPO), REPO, args.interval, args.log)
     _print("ours", results["ours"])
+    for line in results["ours"]["failures"]:
+        print("  ", line)
     for line in results["ours"]["slowest"]:
         print("  ", line)
     print(f"at the PSS peak ({results['ours']['pss_peak_at_s']} s in), MiB by process:")
