@@ -46,7 +46,8 @@ PROJECT_FILES = ["chestssl", "stages", "dvc.yaml", "params.yaml", "params", "pyp
                                                              "pretrain_radiographs", "pretrain_radiograph_studies",
                                                              "pretrain_cross_modal", "alignment", "latent_diffusion",
                                                              "evaluate_latent_diffusion", "finetune_radiographs", "finetune_3d",
-                                                             "evaluate_3d"))]
+                                                             "evaluate_3d", "label_fraction_radiographs",
+                                                             "frozen_parts_radiographs"))]
 
 #: Peak dense throughput (FLOP/s) by precision, from the vendors' data sheets (no sparsity).
 GPUS = {

@@ -672,11 +672,14 @@ class LabelFraction(Config):
     unit: Str(choices=("patients", "images"),
               doc="what the fractions are shares of: the training patients with nodule slices, or the run's "
                   "training images (seed 001's unit; classes kept in proportion)")
+    radiograph_runs: List(Str(), doc="`radiograph_runs` entries repeated at each fraction of their training "
+                                     "images (seed 001's unit, whatever `unit` says)") = []
 
 
 class FrozenParts(Config):
     unfrozen_stages: List(Int(ge=0), doc="encoder stages trained with the head, deepest first; 0: head only")
     runs: List(Str(), doc="`runs` entries (task cls) repeated per setting")
+    radiograph_runs: List(Str(), doc="`radiograph_runs` entries (arch linear) repeated per setting") = []
 
 
 class Evaluate(Config):
@@ -1056,6 +1059,30 @@ def _check_ablations(params: dict, problems: list[str]) -> None:
                     f"frozen_parts.runs: {name!r} is a {runs[name].get('task')!r} run; the frozen-parts ablation "
                     "freezes the encoder under a classification head, so list `task: cls` runs"
                 )
+        _check_radiograph_ablation_runs(params, ablation, block, settings_key, settings, problems)
+
+
+def _check_radiograph_ablation_runs(params: dict, ablation: str, block: Mapping, settings_key: str,
+                                    settings: list, problems: list[str]) -> None:
+    """``<ablation>.radiograph_runs`` name existing ``radiograph_runs`` entries, each once; the
+    frozen-parts ones a linear head on a pretrained encoder."""
+    runs = params.get("radiograph_runs") or {}
+    named = block.get("radiograph_runs") if isinstance(block.get("radiograph_runs"), list) else []
+    if named and not settings:
+        problems.append(f"{ablation}.{settings_key}: empty; list at least one setting, or empty "
+                        f"{ablation}.radiograph_runs")
+    for name in sorted({n for n in named if named.count(n) > 1}):
+        problems.append(f"{ablation}.radiograph_runs: {name!r} is listed twice; each run is one stage "
+                        f"({ablation}_radiographs@{name})")
+    for name in named:
+        if name not in runs:
+            problems.append(f"{ablation}.radiograph_runs: {name!r} is not an entry under `radiograph_runs`: "
+                            + (", ".join(runs) or "none") + "; a profile that removes the run empties the list")
+        elif ablation == "frozen_parts" and isinstance(runs[name], Mapping) and (
+                runs[name].get("arch") != "linear" or runs[name].get("init") is None):
+            problems.append(f"frozen_parts.radiograph_runs: {name!r} is a {runs[name].get('arch')!r} run without a "
+                            "pretrained encoder; the frozen-parts ablation freezes stages of one, so list "
+                            "`arch: linear` runs")
 
 
 def _check_radiograph_pretraining(params: dict, problems: list[str]) -> None:

@@ -46,9 +46,13 @@ def pretrain_report_dir(method: str) -> Path:
     return REPORTS_DIR / "pretrain" / method
 
 
+#: The encoders pretrained on the radiographs, one folder per ``methods`` entry.
+RADIOGRAPH_ENCODER_DIR = Path("models/pretrain_radiographs")
+
+
 def radiograph_model_dir(method: str) -> Path:
     """The encoder of ``methods.<method>`` pretrained on the rendered radiographs."""
-    return Path("models/pretrain_radiographs") / method
+    return RADIOGRAPH_ENCODER_DIR / method
 
 
 def radiograph_report_dir(method: str) -> Path:
@@ -141,7 +145,8 @@ def multihead_heads_dir(name: str) -> Path:
 
 
 def ablation_report_dir(ablation: str, run: str) -> Path:
-    """Metrics and training curves of an ablation (``label_fraction``, ``frozen_parts``) of one run."""
+    """Metrics and training curves of an ablation (``label_fraction``, ``frozen_parts`` and their
+    ``_radiographs`` twins) of one run."""
     return REPORTS_DIR / ablation / run
 
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from chestssl.profiles import params_with_profile
-
 import copy
 import shutil
 from pathlib import Path
@@ -12,7 +10,9 @@ import pytest
 import yaml
 
 from chestssl.params import PARAMS_FILES, ParamsError, TrainRecipe, load_params, validate
+from chestssl.profiles import params_with_profile
 from tests.shipped_params import read_shipped_params
+from tests.tiny_configs import drop_radiograph_runs_of_absent_encoders
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -254,9 +254,19 @@ def test_radiograph_views_and_size_are_checked(raw):
     raw["radiographs"]["size"] = 72
     raw["pretrain_radiographs"]["methods"] = ["barlow_twins"]  # a ResNet takes any size
     raw["pretrain_radiographs"]["study_methods"] = []
-    raw["radiograph_runs"] = {name: run for name, run in raw["radiograph_runs"].items()
-                              if run["init"] in (None, "barlow_twins")}
+    drop_radiograph_runs_of_absent_encoders(raw)
     assert problems(raw) == ["radiographs.size: got 72, expected a multiple of 16"]
+
+
+def test_the_ablations_on_radiographs_name_existing_radiograph_runs_once(raw):
+    raw["label_fraction"]["radiograph_runs"] = ["cxr_linear_barlow_twins", "cxr_linear_barlow_twins", "cxr_vgg"]
+    raw["frozen_parts"]["radiograph_runs"] = ["cxr_densenet121"]
+    found = "\n".join(problems(raw))
+    assert "label_fraction.radiograph_runs: 'cxr_linear_barlow_twins' is listed twice" in found
+    assert "label_fraction.radiograph_runs: 'cxr_vgg' is not an entry under `radiograph_runs`" in found
+    assert "frozen_parts.radiograph_runs: 'cxr_densenet121' is a 'densenet121' run without a pretrained encoder" in found
+    raw["frozen_parts"].update(radiograph_runs=["cxr_linear_barlow_twins"], unfrozen_stages=[], runs=[])
+    assert "frozen_parts.unfrozen_stages: empty" in "\n".join(problems(raw))
 
 
 def test_study_level_pretraining_takes_masked_vit_entries_and_two_views(raw):

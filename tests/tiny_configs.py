@@ -142,11 +142,18 @@ def shrink_params(raw: dict) -> None:
 
 
 def drop_radiograph_runs_of_absent_encoders(raw: dict) -> None:
-    """Keep the ``radiograph_runs`` whose ``init`` is null or an entry of ``pretrain_radiographs.methods``."""
+    """Keep the ``radiograph_runs`` whose ``init`` is null or an entry of ``pretrain_radiographs.methods``,
+    in ``radiograph_runs`` and in the ablations' ``radiograph_runs`` lists."""
     listed = (raw.get("pretrain_radiographs") or {}).get("methods") or []
     if "radiograph_runs" in raw:
         raw["radiograph_runs"] = {name: run for name, run in raw["radiograph_runs"].items()
                                   if run.get("init") is None or run["init"] in listed}
+    # ... and from the ablations that repeat them
+    for ablation in ("label_fraction", "frozen_parts"):
+        block = raw.get(ablation) or {}
+        if "radiograph_runs" in block:
+            block["radiograph_runs"] = [name for name in block["radiograph_runs"]
+                                        if name in (raw.get("radiograph_runs") or {})]
 
 
 #: The keys that name a report row's entry, and the params section each names.

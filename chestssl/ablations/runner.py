@@ -1,11 +1,13 @@
 """Train and test one downstream run under several settings, resuming after an interruption.
 
-An ablation (seed 001's label fraction or frozen parts) repeats a ``runs`` entry (same
+An ablation (seed 001's label fraction or frozen parts) repeats a fine-tuning run (same
 task, architecture, pretrained encoder and training params) under settings that change
 one thing: the training patients or training images (:mod:`chestssl.ablations.label_fraction`)
-or the parts that train (:mod:`chestssl.ablations.parts`). Each setting is trained with the
-same loop as ``finetune`` (best epoch on the validation split) and scored on the test
-split with patient-bootstrap intervals, as ``evaluate`` scores the run itself.
+or the parts that train (:mod:`chestssl.ablations.parts`). The run is an
+:class:`AblationSubject`: a ``runs`` entry on CT slices (:func:`run_subject`) or a
+``radiograph_runs`` entry (:mod:`chestssl.ablations.radiographs`). Each setting is trained
+with the same loop as the run's own stage (best epoch on the validation split) and scored
+on the test split with patient-bootstrap intervals, as the run itself is scored.
 
 A finished setting's result is kept in a state folder (the stages use
 ``checkpoints/<ablation>/<run>/``) as ``<key>.json`` with a fingerprint of everything it
@@ -27,7 +29,7 @@ import logging
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -157,6 +159,68 @@ def run_dataset(
                         patient_ids=list(patient_ids) if patient_ids is not None else None)
 
 
+@dataclass(frozen=True)
+class AblationSubject:
+    """What an ablation repeats: one fine-tuning run's data, model, training and test.
+
+    Attributes:
+        name: the run (in messages).
+        train_cfg: its ``train`` params (the loop's recipe).
+        monitor: the validation metric that picks the best epoch, and ``min`` or ``max``.
+        inputs: what the run's training reads (:func:`~chestssl.train.checkpoint.stage_inputs`),
+            part of each result's fingerprint and of the loop's resume check.
+        seed, evaluate: the ``seed`` and ``evaluate`` params.
+        dataset: ``(split, patient_ids or None) -> dataset`` of the run's items (a map-style
+            dataset with a ``frame`` of one row per item, ``patient_id`` among its columns).
+        build: ``training dataset -> task model`` (a :class:`~chestssl.train.loop.TrainableModule`
+            with ``predict``), seeded; class weights may come from the training items.
+        test: ``(model, test dataset, device) -> metrics``: ``{value, ci_low, ci_high}``
+            records with patient-bootstrap intervals, and the test counts.
+        items_digest: ``frame -> str``, which items a training set holds (for settings
+            that name items); ``None``: :func:`items_digest` (scan, slice and label of each).
+    """
+
+    name: str
+    train_cfg: Mapping[str, Any]
+    monitor: tuple[str, str]
+    inputs: Mapping[str, Any]
+    seed: int
+    evaluate: Mapping[str, Any]
+    dataset: Callable[[str, Sequence[str] | None], Any]
+    build: Callable[[Any], Any]
+    test: Callable[[Any, Any, Any], dict[str, Any]]
+    items_digest: Callable[[Any], str] | None = None
+
+
+def run_subject(
+    params: Mapping[str, Any], run_name: str, encoder_payload: Mapping[str, Any], processed_dir: str | Path,
+    model_path: str | Path,
+) -> AblationSubject:
+    """The :class:`AblationSubject` of ``runs.<run_name>`` on the processed CT slices: its items
+    as ``finetune`` samples them (:func:`run_dataset`), its task model started from
+    ``encoder_payload`` (:func:`run_encoder_payload`), and ``evaluate``'s test metrics."""
+    from chestssl.tasks import build_task
+    from chestssl.train.checkpoint import stage_inputs
+
+    run, seed = params["runs"][run_name], params["seed"]
+    processed_dir = Path(processed_dir)
+    # The fine-tuned model file holds the pretrained encoder the run starts from.
+    inputs = stage_inputs({"run": run, "slices": params["slices"]}, [processed_dir, model_path])
+
+    def dataset(split: str, patient_ids: Sequence[str] | None = None):
+        return run_dataset(params, run_name, processed_dir, split, patient_ids)
+
+    def build(train):
+        # `class_weights: balanced` is computed from this setting's own training items.
+        return build_task(run, encoder_payload, seed, name=run_name, train_labels=train.frame["label"].to_numpy())
+
+    def test(model, data, device):
+        return test_metrics(run["task"], model.predict, data, params["evaluate"], seed, device)
+
+    return AblationSubject(run_name, run["train"], MONITOR[run["task"]], inputs, seed, params["evaluate"],
+                           dataset, build, test)
+
+
 def run_ablation(
     ablation: str,
     run_name: str,
@@ -170,7 +234,8 @@ def run_ablation(
     state_dir: str | Path,
     train_items: "SliceDataset | None" = None,
 ) -> dict[str, dict[str, Any]]:
-    """Train and test ``runs.<run_name>`` under each setting; returns ``{key: result}``.
+    """Train and test ``runs.<run_name>`` under each setting (:func:`run_subject`,
+    :func:`run_subject_ablation`); returns ``{key: result}``.
 
     Args:
         ablation: its name in messages (``label_fraction``, ``frozen_parts``).
@@ -181,11 +246,33 @@ def run_ablation(
         processed_dir: ``data/processed``.
         model_path: the run's fine-tuned ``model.pt`` (it holds the encoder the run starts
             from; part of the resume fingerprint).
+        report_dir, state_dir, train_items: see :func:`run_subject_ablation`.
+    """
+    subject = run_subject(params, run_name, encoder_payload, processed_dir, model_path)
+    return run_subject_ablation(ablation, subject, settings, report_dir=report_dir, state_dir=state_dir,
+                                train_items=train_items)
+
+
+def run_subject_ablation(
+    ablation: str,
+    subject: AblationSubject,
+    settings: Sequence[AblationSetting],
+    *,
+    report_dir: str | Path,
+    state_dir: str | Path,
+    train_items: Any = None,
+) -> dict[str, dict[str, Any]]:
+    """Train and test ``subject`` under each setting; returns ``{key: result}``.
+
+    Args:
+        ablation: its name in messages (``label_fraction``, ``frozen_parts``, ...).
+        subject: the run repeated (:class:`AblationSubject`).
+        settings: the trainings.
         report_dir: training curves go to ``report_dir/live/<key>`` (the whole folder
             written when every setting is done).
         state_dir: finished settings' results and curves, and the loop's resume checkpoint.
-        train_items: :func:`run_dataset` of the train split, which the ``item_indices`` of
-            settings index (built here when a setting names items and it is not given).
+        train_items: ``subject.dataset("train")``, which the ``item_indices`` of settings
+            index (built here when a setting names items and it is not given).
 
     Each result holds the training-set size, the best epoch, the test metrics (``test``)
     and what the fit cost (``cost``, :func:`~chestssl.train.cost_probe.fit_cost`). Returns an
@@ -193,47 +280,37 @@ def run_ablation(
     """
     from chestssl.ablations.parts import PartlyFrozenTask
     from chestssl.inference import auto_device
-    from chestssl.tasks import build_task
-    from chestssl.train.checkpoint import stage_inputs
     from chestssl.train.cost_probe import fit_cost
     from chestssl.train.loop import fit
 
-    run = params["runs"][run_name]
-    seed, slices = params["seed"], params["slices"]
-    processed_dir, report_dir, state_dir = Path(processed_dir), Path(report_dir), Path(state_dir)
-    monitor, mode = MONITOR[run["task"]]
-    # The fine-tuned model file holds the pretrained encoder the run starts from.
-    inputs = stage_inputs({"run": run, "slices": slices}, [processed_dir, model_path])
-    common = dict(seed=seed, evaluate=params["evaluate"], inputs=inputs)
-
-    def data(split: str, patient_ids: Sequence[str] | None = None):
-        return run_dataset(params, run_name, processed_dir, split, patient_ids)
-
-    val, test = data("val"), data("test")
+    report_dir, state_dir = Path(report_dir), Path(state_dir)
+    monitor, mode = subject.monitor
+    inputs = dict(subject.inputs)
+    common = dict(seed=subject.seed, evaluate=subject.evaluate, inputs=inputs)
+    val, test = subject.dataset("val", None), subject.dataset("test", None)
     if train_items is None and any(setting.item_indices is not None for setting in settings):
-        train_items = data("train")
+        train_items = subject.dataset("train", None)
     results: dict[str, dict[str, Any]] = {}
     for setting in settings:
         result_path = state_dir / f"{setting.key}.json"
         chosen = None if setting.item_indices is None else TrainingItems(train_items, setting.item_indices)
-        chosen_digest = None if chosen is None else items_digest(chosen.frame)
+        chosen_digest = None if chosen is None else (subject.items_digest or items_digest)(chosen.frame)
         fingerprint = setting_fingerprint(setting, common, chosen_digest)
         if result_path.exists():
             earlier = json.loads(result_path.read_text())
             # A result kept without its cost (written before costs were kept) is trained again.
             if earlier.get("fingerprint") == fingerprint and "cost" in earlier:
-                log.info("%s@%s: %s already done, result reused from %s", ablation, run_name, setting.key,
+                log.info("%s@%s: %s already done, result reused from %s", ablation, subject.name, setting.key,
                          result_path)
                 results[setting.key] = earlier
                 continue
-        train = chosen if chosen is not None else data("train", setting.patient_ids)
-        # `class_weights: balanced` is computed from this setting's own training items.
-        model = build_task(run, encoder_payload, seed, name=run_name, train_labels=train.frame["label"].to_numpy())
+        train = chosen if chosen is not None else subject.dataset("train", setting.patient_ids)
+        model = subject.build(train)
         if setting.unfrozen_stages is not None:
             model = PartlyFrozenTask(model, setting.unfrozen_stages)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        fitted = fit(model, train, val, run["train"], state_dir / "live" / setting.key,
-                     state_dir / f"{setting.key}.pt", seed, monitor=monitor, mode=mode,
+        fitted = fit(model, train, val, subject.train_cfg, state_dir / "live" / setting.key,
+                     state_dir / f"{setting.key}.pt", subject.seed, monitor=monitor, mode=mode,
                      inputs={**inputs, "setting": setting.key,
                              **({"training items": chosen_digest} if chosen_digest is not None else {})})
         if not fitted.is_main:
@@ -250,12 +327,12 @@ def run_ablation(
             "epochs": fitted.epochs,
             "best_epoch": fitted.best_epoch,
             f"best_{monitor.replace('/', '_')}": fitted.best_value,
-            "test": test_metrics(run["task"], model.predict, test, params["evaluate"], seed, device),
+            "test": subject.test(model, test, device),
             "cost": cost,
         }
         write_json(result_path, result)
         results[setting.key] = result
-        log.info("%s@%s: %s done (%d training images)", ablation, run_name, setting.key, len(train))
+        log.info("%s@%s: %s done (%d training images)", ablation, subject.name, setting.key, len(train))
     if len(results) == len(settings):
         with atomic_dir(report_dir / "live") as staging:
             for setting in settings:

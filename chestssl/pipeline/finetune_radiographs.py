@@ -31,39 +31,6 @@ from chestssl.params import ParamsError
 MONITOR = ("val/mean_auroc", "max")
 
 
-class AlignedRadiographs:
-    """The items of a radiograph dataset with each ``image`` replaced by its STN-aligned one.
-
-    ``images``: (N, 1, H', W') the aligned images, in the dataset's item order. The
-    projected-nodule ``mask`` of rendered radiographs is dropped (it is in the unaligned frame).
-    """
-
-    def __init__(self, base, images):
-        if len(images) != len(base):
-            raise ValueError(f"{len(images)} aligned images for {len(base)} radiographs; they must match")
-        self.base, self.images = base, images
-        self.label_names = base.label_names
-
-    def __len__(self) -> int:
-        return len(self.base)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        item = {key: value for key, value in self.base[index].items() if key != "mask"}
-        item["image"] = self.images[index]
-        return item
-
-
-def _aligned(dataset, stn):
-    """``dataset`` with every image aligned by ``stn`` (:func:`~chestssl.models.stn.apply_stn`)."""
-    import torch
-
-    from chestssl.models.stn import apply_stn
-
-    images = torch.stack([dataset[i]["image"] for i in range(len(dataset))])
-    aligned, _ = apply_stn(stn, images)
-    return AlignedRadiographs(dataset, aligned)
-
-
 def gradcam_examples(model, dataset, probabilities, count: int) -> dict[str, Any]:
     """``count`` evenly spaced test images of ``dataset`` with what the report's figure shows.
 
@@ -126,14 +93,13 @@ def finetune_radiographs(
 
     Returns the metrics, or ``None`` on a non-main process under ``torchrun``.
     """
-    from chestssl.data.radiograph_datasets import RadiographDataset
     from chestssl.data.radiograph_folder import open_radiograph_folder
     from chestssl.eval.examples import save_examples
     from chestssl.eval.radiograph_classification import evaluate_radiograph_classification
     from chestssl.inference import auto_device, predict_dataset
     from chestssl.models.backbones import load_encoder
     from chestssl.models.stn import load_alignment_stn
-    from chestssl.tasks.radiograph_cls import RadiographClassificationTask
+    from chestssl.tasks.radiograph_cls import RadiographClassificationTask, radiograph_run_dataset
     from chestssl.train.checkpoint import stage_inputs
     from chestssl.train.cost_probe import fit_cost
     from chestssl.train.loop import fit
@@ -155,11 +121,11 @@ def finetune_radiographs(
                                                required=("backbone",)), str(encoder_file))
         read.append(encoder_file)
     folder = open_radiograph_folder(radiographs_dir)
-    splits = {split: RadiographDataset(folder, split, run["views"]) for split in ("train", "val", "test")}
+    stn = None
     if run["aligned"]:
         stn, _ = load_alignment_stn(stn_path)
-        splits = {split: _aligned(dataset, stn) for split, dataset in splits.items()}
         read.append(Path(stn_path))
+    splits = {split: radiograph_run_dataset(run, folder, split, stn) for split in ("train", "val", "test")}
     label_names = list(splits["train"].label_names)
     model = RadiographClassificationTask(name, run, label_names, seed, encoder=encoder)
     inputs = stage_inputs({"run": run, "labels": label_names}, read)

@@ -31,7 +31,10 @@ from chestssl.report.published import published
 from chestssl.report.tables import Column, Table, build_table, total_cost, with_costs
 
 #: The metric each task's ablation figure and tables show first (key, shown).
-ABLATION_METRICS = {"cls": (("accuracy", "accuracy"), ("auroc", "AUROC")), "seg": (("dice_global", "Dice (global)"),)}
+ABLATION_METRICS = {"cls": (("accuracy", "accuracy"), ("auroc", "AUROC")), "seg": (("dice_global", "Dice (global)"),),
+                    # on radiographs (stages *_radiographs): accuracy only where one label per image
+                    "radiograph_multiclass": (("accuracy", "accuracy"), ("mean_auroc", "mean AUROC")),
+                    "radiograph_multilabel": (("mean_auroc", "mean AUROC"),)}
 #: The metric of each task in the by-method table.
 DOWNSTREAM_METRIC = {"cls": ("auroc", "AUROC"), "seg": ("dice_global", "Dice")}
 #: What a label-fraction metrics file's ``unit`` is a share of (files without one are of patients).
@@ -132,7 +135,7 @@ def _fits(costs: Mapping[str, Mapping[str, Any] | None], stage: str) -> Mapping[
 
 def label_fraction_table(
     ablations: Mapping[str, tuple[Mapping[str, Any], str]], methods: Mapping[str, str], task: str, metric: str,
-    costs: Mapping[str, Mapping[str, Any] | None] | None = None,
+    costs: Mapping[str, Mapping[str, Any] | None] | None = None, stage: str = "label_fraction", data: str = "",
 ) -> Table:
     """One row per run, one column per fraction: the test ``metric`` with its interval.
 
@@ -144,6 +147,9 @@ def label_fraction_table(
             cost}}``) or ``None``: each row's cost columns show all the run's fits together
             (:func:`~chestssl.report.tables.total_cost`: one fit per distinct share), ``n/a``
             without a file; without ``costs``, no cost columns.
+        stage: the stage that wrote the metrics (``label_fraction``, or
+            ``label_fraction_radiographs`` for ``radiograph_runs``).
+        data: what the runs were trained and tested on, added to the title (e.g. the radiographs).
     """
     shown = dict(ABLATION_METRICS[task])[metric]
     unit = fraction_unit({run: ablation for run, (ablation, _) in ablations.items()})
@@ -166,20 +172,21 @@ def label_fraction_table(
         test_counts = ablation["fractions"][keys[-1]]  # the same test split at every fraction
         cells["n_images"], cells["n_patients"] = test_counts.get("n_images"), test_counts.get("n_patients")
         rows.append((descriptors, cells, source))
-    table = build_table(f"label_fraction_{task}_{metric}",
-                        f"Label-fraction ablation: test {shown} by share of {unit}", rows, columns)
+    table = build_table(f"{stage}_{task}_{metric}" if stage != "label_fraction" else f"label_fraction_{task}_{metric}",
+                        f"Label-fraction ablation: test {shown} by share of {unit}" + (f" ({data})" if data else ""),
+                        rows, columns)
     if costs is None:
         return table
-    stages = [f"label_fraction@{run}" for run in ablations]
-    return with_costs(table, {stage: total_cost(list(_fits(costs, stage).values())) for stage in stages}, stages,
-                      note="Cost columns: every training of the row's `label_fraction@<run>` stage together (one per "
+    stages = [f"{stage}@{run}" for run in ablations]
+    return with_costs(table, {name: total_cost(list(_fits(costs, name).values())) for name in stages}, stages,
+                      note=f"Cost columns: every training of the row's `{stage}@<run>` stage together (one per "
                            "distinct share; steps and training time summed, the largest peak memory); each "
-                           "training's own cost is in `reports/label_fraction/<run>/cost.json`.")
+                           f"training's own cost is in `reports/{stage}/<run>/cost.json`.")
 
 
 def frozen_parts_table(
     ablations: Mapping[str, tuple[Mapping[str, Any], str]], methods: Mapping[str, str], backbones: Mapping[str, str],
-    costs: Mapping[str, Mapping[str, Any] | None] | None = None,
+    costs: Mapping[str, Mapping[str, Any] | None] | None = None, stage: str = "frozen_parts", data: str = "",
 ) -> Table:
     """One row per (run, setting): what trained, how many parameters, test accuracy and AUROC.
 
@@ -189,13 +196,16 @@ def frozen_parts_table(
         costs: ``frozen_parts@<run>`` -> its ``cost.json`` (``{"fits": {<setting>: cost}}``)
             or ``None``: each row's cost columns show its setting's fit, ``n/a`` without a
             record; without ``costs``, no cost columns.
+        stage: the stage that wrote the metrics (``frozen_parts``, or ``frozen_parts_radiographs``
+            for ``radiograph_runs``, whose columns are then the radiograph metrics of the runs' task).
+        data: what the runs were trained and tested on, added to the title.
     """
     rows, fits = [], {}
     for run, (ablation, source) in ablations.items():
         init = ablation["init"]
         seed_applies = methods.get(init) == "barlow_twins" and backbones.get(init) == "resnet18"
         for key, entry in sorted(ablation["settings"].items(), key=lambda item: item[1]["unfrozen_stages"]):
-            fits[f"frozen_parts@{run}/{key}"] = _fits(costs or {}, f"frozen_parts@{run}").get(key)
+            fits[f"{stage}@{run}/{key}"] = _fits(costs or {}, f"{stage}@{run}").get(key)
             seed = SEED_FROZEN_PARTS.get(entry["unfrozen_stages"]) if seed_applies else None
             descriptors = {
                 "run": run,
@@ -205,14 +215,18 @@ def frozen_parts_table(
                 "seed's number (other data)": f"{SEED_FROZEN_NOTE}: {seed}" if seed else NO_SEED_NUMBER,
             }
             rows.append((descriptors, entry, source))
-    columns = [Column("accuracy", "Accuracy"), Column("auroc", "AUROC")]
-    table = build_table("frozen_parts", "Frozen-parts ablation: head only, then deeper encoder stages (test split)",
-                        rows, columns)
+    # CT runs: accuracy and AUROC; radiograph runs: the metrics of their task (ABLATION_METRICS).
+    shown = {"accuracy": "Accuracy", "auroc": "AUROC"} if stage == "frozen_parts" else {
+        key: title[0].upper() + title[1:] for task in sorted({ablation.get("task") for ablation, _ in ablations.values()})
+        for key, title in ABLATION_METRICS[task]}
+    columns = [Column(key, title) for key, title in shown.items()]
+    table = build_table(stage, "Frozen-parts ablation: head only, then deeper encoder stages (test split)"
+                        + (f" ({data})" if data else ""), rows, columns)
     if costs is None:
         return table
     return with_costs(table, fits, list(fits),
-                      note="Cost columns: the row's own training, one of the fits of `frozen_parts@<run>` "
-                           "(`reports/frozen_parts/<run>/cost.json`); parameters count the frozen ones too.")
+                      note=f"Cost columns: the row's own training, one of the fits of `{stage}@<run>` "
+                           f"(`reports/{stage}/<run>/cost.json`); parameters count the frozen ones too.")
 
 
 def _run_kind(run: Mapping[str, Any]) -> str:

@@ -66,7 +66,7 @@ from chestssl.report.radiograph_figures import (
 )
 from chestssl.report.seg3d import read_3d_metrics, segmentation_3d_table
 from chestssl.report.seed000 import SEED000_TABLES, perceptual_notes, seed000_tables
-from chestssl.report.tables import with_costs
+from chestssl.report.tables import Table, with_costs
 
 
 #: Caveats of reconstruction metrics by pretext method (the ``method`` param).
@@ -92,8 +92,8 @@ def stage_costs(params: Mapping[str, Any]) -> dict[str, dict[str, Any] | None]:
     """Every training stage the params name (``<stage>@<name>``, and ``align_radiographs``) ->
     its ``cost.json``, or ``None`` where there is none (the tables show ``n/a``).
 
-    ``label_fraction@`` and ``frozen_parts@`` hold one record per fit (``{"fits": {<setting>:
-    cost}}``); the others one record.
+    ``label_fraction@`` and ``frozen_parts@`` (and their ``_radiographs`` twins) hold one record
+    per fit (``{"fits": {<setting>: cost}}``); the others one record.
     """
     block = params["pretrain_radiographs"]
     stages = (
@@ -102,6 +102,9 @@ def stage_costs(params: Mapping[str, Any]) -> dict[str, dict[str, Any] | None]:
         ("finetune", params["runs"], paths.finetune_report_dir),
         ("finetune_3d", params.get("runs_3d") or {}, paths.finetune_3d_report_dir),
         *((ablation, params[ablation]["runs"], partial(paths.ablation_report_dir, ablation))
+          for ablation in ("label_fraction", "frozen_parts")),
+        *((f"{ablation}_radiographs", params[ablation].get("radiograph_runs") or [],
+           partial(paths.ablation_report_dir, f"{ablation}_radiographs"))
           for ablation in ("label_fraction", "frozen_parts")),
         ("pretrain_radiographs", block["methods"], paths.radiograph_report_dir),
         ("pretrain_radiograph_studies", block["study_methods"], paths.radiograph_study_report_dir),
@@ -157,6 +160,40 @@ def _seg_examples(kind: str, entry: str) -> Path:
     if kind == "run":
         return paths.evaluate_dir(entry) / "examples.npz"
     return paths.multihead_heads_dir(entry) / "seg_examples.npz"
+
+
+def radiograph_ablation_sections(
+    params: Mapping[str, Any], kinds: Mapping[str, str], backbones: Mapping[str, str],
+    costs: Mapping[str, Mapping[str, Any] | None], figures_dir: Path, radiographs_name: str, skipped: list[str],
+) -> tuple[list[Table], list[tuple[str, Path]]]:
+    """The tables and figures of ``label_fraction_radiographs`` and ``frozen_parts_radiographs``
+    (one table per radiograph task and metric); a missing metrics file is listed in ``skipped``."""
+    tables: list[Table] = []
+    figures: list[tuple[str, Path]] = []
+    for ablation in ("label_fraction", "frozen_parts"):
+        stage = f"{ablation}_radiographs"
+        if not params[ablation].get("radiograph_runs"):
+            skipped.append(f"{stage}: `{ablation}.radiograph_runs` is empty.")
+        found = {}
+        for run in params[ablation].get("radiograph_runs") or []:
+            path = paths.ablation_report_dir(stage, run) / "metrics.json"
+            if path.is_file():
+                found[run] = (_read_json(path), str(path))
+            else:
+                skipped.append(f"{stage}@{run}: {path} is missing; run `dvc repro {stage}@{run}`.")
+        by_task: dict[str, dict[str, tuple[dict[str, Any], str]]] = {}
+        for run, value in found.items():
+            by_task.setdefault(value[0]["task"], {})[run] = value
+        for task, of_task in by_task.items():
+            if ablation == "frozen_parts":
+                tables.append(frozen_parts_table(of_task, kinds, backbones, costs, stage=stage, data=radiographs_name))
+                continue
+            tables += [label_fraction_table(of_task, kinds, task, metric, costs, stage=stage, data=radiographs_name)
+                       for metric, _ in ABLATION_METRICS[task]]
+            path = label_fraction_figure(figures_dir / f"{stage}_{task}.png",
+                                         {run: metrics for run, (metrics, _) in of_task.items()}, task)
+            figures.append((f"Test metric vs share of the training images ({radiographs_name})", path))
+    return tables, figures
 
 
 def build_pipeline_report(params: Mapping[str, Any], out_dir: Path = paths.REPORTS_DIR) -> list[Path]:
@@ -425,6 +462,26 @@ def build_pipeline_report(params: Mapping[str, Any], out_dir: Path = paths.REPOR
         skipped += classifier_skipped
         if classifier_figures:
             figure_sections.append((f"Classifiers fine-tuned on {radiographs_name}", classifier_figures))
+
+    # Seed 001's ablations on the radiographs.
+    radiograph_ablation_tables, radiograph_ablation_figures = radiograph_ablation_sections(
+        params, kinds, {name: entry["backbone"]["name"] for name, entry in entries.items()}, costs, figures_dir,
+        radiographs_name, skipped)
+    if radiograph_ablation_tables:
+        table_sections.append((
+            f"Seed 001's ablations on {radiographs_name}",
+            "Each `radiograph_runs` entry listed under `label_fraction.radiograph_runs` fine-tuned again, same "
+            "params, on nested shares of its training images (seed 001's unit; each share keeps every class, "
+            "multi-label: images with and without a finding; shares with the same images share one training), "
+            "and each listed under `frozen_parts.radiograph_runs` trained with its head only, then with more and "
+            "more of its encoder's deepest stages; all tested on the whole test split as `finetune_radiographs` "
+            "tests the run, with bootstrap intervals over patients. Seed 001's numbers are on COVID-19 "
+            "Radiography (4 classes, accuracy).",
+            radiograph_ablation_tables,
+        ))
+    if radiograph_ablation_figures:
+        figure_sections.append((f"Seed 001's label-fraction ablation on {radiographs_name}",
+                                radiograph_ablation_figures))
 
     # Seed 003's cross-modal contrastive term, with radiographs as the second modality.
     crossed = read_cross_modal_metrics(params["cross_modal"]["methods"], paths.cross_modal_report_dir)

@@ -174,3 +174,51 @@ class RadiographClassificationTask(TaskModel):
     def predict(self, batch: Mapping[str, Any]) -> torch.Tensor:
         """Probabilities (B, L): softmax (``multiclass``) or sigmoid per label (``multilabel``)."""
         return self._probabilities_of(self(batch["image"]).float())
+
+
+class AlignedRadiographs:
+    """The items of a radiograph dataset with each ``image`` replaced by its STN-aligned one.
+
+    ``images``: (N, 1, H', W') the aligned images, in the dataset's item order. The
+    projected-nodule ``mask`` of rendered radiographs is dropped (it is in the unaligned
+    frame). ``frame`` and ``label_names`` are the dataset's.
+    """
+
+    def __init__(self, base, images):
+        if len(images) != len(base):
+            raise ValueError(f"{len(images)} aligned images for {len(base)} radiographs; they must match")
+        self.base, self.images = base, images
+        self.label_names = base.label_names
+        self.frame = base.frame
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        item = {key: value for key, value in self.base[index].items() if key != "mask"}
+        item["image"] = self.images[index]
+        return item
+
+
+def aligned_radiographs(dataset, stn: nn.Module) -> AlignedRadiographs:
+    """``dataset`` with every image aligned by ``stn`` (:func:`~chestssl.models.stn.apply_stn`)."""
+    from chestssl.models.stn import apply_stn
+
+    images = torch.stack([dataset[i]["image"] for i in range(len(dataset))])
+    aligned, _ = apply_stn(stn, images)
+    return AlignedRadiographs(dataset, aligned)
+
+
+def radiograph_run_dataset(run_cfg: Mapping[str, Any], folder, split: str, stn: nn.Module | None = None,
+                           patient_ids: Sequence[str] | None = None):
+    """The images of ``split`` a ``radiograph_runs`` entry trains or is tested on: those of its
+    ``views`` in the opened radiographs ``folder`` (all patients, or ``patient_ids``), aligned
+    by ``stn`` when the run is ``aligned`` (the STN of ``align_radiographs``; required then)."""
+    from chestssl.data.radiograph_datasets import RadiographDataset
+
+    dataset = RadiographDataset(folder, split, run_cfg["views"], patient_ids=patient_ids)
+    if not run_cfg["aligned"]:
+        return dataset
+    if stn is None:
+        raise ValueError("an aligned run needs the STN of align_radiographs (models/alignment/stn.pt)")
+    return aligned_radiographs(dataset, stn)

@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
 from chestssl.cost import copy_project_files
 from chestssl.params import read_raw_params, write_raw_params
@@ -72,6 +71,12 @@ def tiny_params(params: dict) -> dict:
         template = name if name in template_runs else override.pop("from", "seg_swinunetr_swin_dice")
         params["runs"][name] = {**template_runs[template], **override}
     shrink_params(params)
+    # Three levels, not two: the autoencoder's attention then spans 16x16 latents, not 32x32
+    # (a sixteenth of the cost; its training and validation took 13 s of 3 steps).
+    params["backbones"]["cnn_attention"]["channel_multipliers"] = [1, 2, 2]
+    for entry in params["methods"].values():
+        if "decoder" in entry:
+            entry["decoder"]["channel_multipliers"] = [1, 2, 2]
     # One 64^3 crop per step: two take 2.3 GB through the 3D Swin on CPU.
     params["methods"][TINY_3D_METHOD]["train"].update(batch_size=1, max_steps=2)
     # Seed 003's downstream (runs_3d, both shipped runs): one 64^3 crop per step, two steps, and
@@ -79,9 +84,11 @@ def tiny_params(params: dict) -> dict:
     for run in params["runs_3d"].values():
         run["train"].update(epochs=2, batch_size=1, max_steps=2)
         run.update(crops_per_scan=1, overlap=0.0, region="lung_box", max_test_scans=2)
-    # Seed 001's ablations on one linear-head run, two settings each.
-    params["label_fraction"].update(fractions=[0.5, 1.0], runs=["cls_linear_barlow_twins"])
-    params["frozen_parts"] = {"unfrozen_stages": [0, 2], "runs": ["cls_linear_barlow_twins"]}
+    # Seed 001's ablations on one linear-head run, two settings each, on CT slices and on radiographs.
+    params["label_fraction"].update(fractions=[0.5, 1.0], runs=["cls_linear_barlow_twins"],
+                                    radiograph_runs=["cxr_linear_barlow_twins"])
+    params["frozen_parts"] = {"unfrozen_stages": [0, 2], "runs": ["cls_linear_barlow_twins"],
+                              "radiograph_runs": ["cxr_linear_barlow_twins"]}
     # Seeds 001 and 004 on the rendered radiographs: Barlow Twins and diffusion MAE, the latter also on studies.
     params["pretrain_radiographs"].update(methods=["barlow_twins", "diffmae"], study_methods=["diffmae"],
                                           train={"epochs": 2, "batch_size": 8})

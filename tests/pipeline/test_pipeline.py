@@ -1,24 +1,27 @@
 """End to end: the real `dvc repro` of the whole DAG on a tiny profile.
 
 Only what needs a real run runs: the full repro, a second repro that does nothing, one
-stage run twice, a bad param and the report of empty ablation lists. Which stages a params
-change reruns is what dvc.yaml declares, so it is read from `dvc status` and `dvc dag`
-instead of rerunning them. `dvc exp run` and the run-cache are in test_exp_run.py, on a
-project of their own, so that they run beside this module.
+stage run twice, a bad param, the report of empty ablation lists, each radiograph profile
+on a fake tree, one real `dvc exp run -S seg_beta=25` with the run-cache restoring the
+earlier results, and one fine-tuning stage on two processes. Which stages a params change
+reruns is what dvc.yaml declares, so it is read from `dvc status` and `dvc dag` instead of
+rerunning them. The tests run in file order on the one reproduced project; those that
+leave stages out of date (the radiograph profiles, the two processes) come last.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 import sys
 from pathlib import Path
 
 import pytest
 
 from tests.data.test_cxr import build_chestxray14, build_chexpert, build_covid, build_mimic
-from tests.pipeline.dvc_checks import (copy_path, file_digests, out_of_date, out_of_date_after, ran_stages,
-                                       restore_params)
+from tests.pipeline.dvc_checks import (RUN_CACHE_HIT, copy_path, file_digests, out_of_date, out_of_date_after,
+                                       ran_stages, restore_params)
 from tests.shipped_params import read_shipped_params
 
 pytestmark = pytest.mark.slow
@@ -78,6 +81,16 @@ def test_repro_builds_the_report_and_a_second_repro_does_nothing(reproduced_proj
         cost = json.loads((root / "reports" / "frozen_parts" / run / "cost.json").read_text())
         assert set(cost["fits"]) == set(ablation["settings"])
     assert "Label-fraction ablation" in report and "Frozen-parts ablation" in report
+    # ... and on the radiographs, as seed 001 ran them: shares of the images, then parts of the encoder.
+    for ablation, key in (("label_fraction", "fractions"), ("frozen_parts", "settings")):
+        for run in params[ablation]["radiograph_runs"]:
+            folder = root / "reports" / f"{ablation}_radiographs" / run
+            metrics = json.loads((folder / "metrics.json").read_text())
+            assert metrics["task"] == "radiograph_multilabel" and len(metrics[key]) == 2, ablation
+            assert all("mean_auroc" in entry for entry in metrics[key].values())
+            assert set(json.loads((folder / "cost.json").read_text())["fits"]), ablation
+    assert "Seed 001's ablations on radiographs rendered from CT" in report
+    assert (root / "reports" / "figures" / "label_fraction_radiographs_radiograph_multilabel.png").exists()
     assert (root / "reports" / "figures" / "label_fraction_cls.png").exists()
     assert "Grad-CAM" in report and "confusion matrices" in report.lower()
     assert "Downstream results by pretraining method" in report
@@ -135,21 +148,23 @@ def test_repro_builds_the_report_and_a_second_repro_does_nothing(reproduced_proj
     assert out_of_date(reproduced_project) == set()
 
 
-def test_changing_the_label_fractions_reruns_only_that_ablation_and_the_report(reproduced_project):
+def test_changing_the_label_fractions_reruns_only_those_ablations_and_the_report(reproduced_project):
     runs = reproduced_project.params()["label_fraction"]["runs"]
+    radiograph_runs = reproduced_project.params()["label_fraction"]["radiograph_runs"]
 
     def change(params):
         params["label_fraction"]["fractions"] = [0.25, 1.0]
 
-    assert out_of_date_after(reproduced_project, change) == {f"label_fraction@{r}" for r in runs} | {"report"}
+    assert out_of_date_after(reproduced_project, change) == {f"label_fraction@{r}" for r in runs} | {
+        f"label_fraction_radiographs@{r}" for r in radiograph_runs} | {"report"}
 
 
 def test_empty_ablation_lists_rerun_only_the_report_which_says_so(reproduced_project, tmp_path):
     project = reproduced_project
 
     def change(params):
-        params["label_fraction"]["runs"] = []
-        params["frozen_parts"]["runs"] = []
+        for ablation in ("label_fraction", "frozen_parts"):
+            params[ablation].update(runs=[], radiograph_runs=[])
 
     assert out_of_date_after(project, change) == {"report"}
     # The report itself, run on those params; then its outputs and the params are put back.
@@ -164,6 +179,8 @@ def test_empty_ablation_lists_rerun_only_the_report_which_says_so(reproduced_pro
         report = (project.root / "reports" / "README.md").read_text()
         assert "Label-fraction ablation: `label_fraction.runs` is empty." in report
         assert "Frozen-parts ablation: `frozen_parts.runs` is empty." in report
+        assert "label_fraction_radiographs: `label_fraction.radiograph_runs` is empty." in report
+        assert "Seed 001's ablations on" not in report
     finally:
         restore_params(project)
         for path in outputs:
@@ -238,6 +255,60 @@ def test_a_bad_param_stops_the_stage_with_a_clear_message(reproduced_project):
         restore_params(reproduced_project)
 
 
+def _multihead_targets(project) -> tuple[list[str], list[str], list[str]]:
+    """The evaluation stages of the multihead entries and of the runs fine-tuned from them
+    (the stages `seg_beta` reaches end there), the entries and those runs."""
+    params = project.params()
+    multihead = list(params["multihead"])
+    dependent_runs = [name for name, run in params["runs"].items() if run["init"] in multihead]
+    assert multihead and dependent_runs
+    targets = [f"evaluate_multihead@{m}" for m in multihead] + [f"evaluate@{r}" for r in dependent_runs]
+    return targets, multihead, dependent_runs
+
+
+def test_exp_run_with_seg_beta_then_the_run_cache_restores_the_earlier_results(reproduced_project):
+    """`dvc exp run -S seg_beta=25` reruns the multihead stages and their dependents only;
+    `dvc metrics diff` and `dvc exp show` show it. Putting seg_beta back, `dvc repro`
+    restores every one of those stages from DVC's run-cache byte for byte, without training."""
+    project = reproduced_project
+    targets, multihead, dependent_runs = _multihead_targets(project)
+    root = project.root
+    params = project.params()
+    trained = {f"pretrain_multihead@{m}" for m in multihead} | {f"evaluate_multihead@{m}" for m in multihead}
+    trained |= {f"finetune@{r}" for r in dependent_runs} | {f"evaluate@{r}" for r in dependent_runs}
+    outputs = [f"{kind}/{m}" for m in multihead for kind in ("models/pretrain", "reports/pretrain",
+                                                             "reports/evaluate_pretrain")]
+    outputs += [f"{kind}/{r}" for r in dependent_runs for kind in ("models/finetune", "reports/finetune",
+                                                                   "reports/evaluate")]
+    originals = file_digests(root, outputs)
+    assert any("/live/plots/metrics/" in path for path in originals)
+    lock = (root / "dvc.lock").read_text()
+
+    result = project.dvc_run("exp", "run", "-S", "seg_beta=25", *targets)
+    assert ran_stages(result.stdout) == trained, result.stdout
+    for name in multihead:
+        metrics = json.loads((root / "reports" / "evaluate_pretrain" / name / "metrics.json").read_text())
+        if params["multihead"][name]["seg_beta"] is None:
+            assert metrics["seg_beta"] == 25.0
+    diff = json.loads(project.dvc_run("metrics", "diff", "--json").stdout or "{}")
+    for name in multihead:
+        assert diff.get(f"reports/evaluate_pretrain/{name}/metrics.json", {}).get("seg_beta", {}).get("new") == 25.0, diff
+    assert any(run in path for path in diff for run in dependent_runs), diff
+    shown = project.dvc_run("exp", "show", "--json").stdout
+    assert re.search(r'"seg_beta":\s*25', shown), shown[:2000]
+    assert file_digests(root, outputs) != originals
+
+    restore_params(project)
+    restored = project.dvc_run("repro", *targets)
+    assert set(RUN_CACHE_HIT.findall(restored.stdout)) == trained, restored.stdout
+    assert ran_stages(restored.stdout) == set(), restored.stdout
+    assert "epoch 1/" not in restored.stderr, "a restored stage trained"
+    assert not [p for p in (root / "checkpoints").rglob("*") if p.is_file()]
+    assert file_digests(root, outputs) == originals
+    assert (root / "dvc.lock").read_text() == lock
+    assert "up to date" in project.dvc_run("status", *targets).stdout
+
+
 def _build_chestxray14(root: Path) -> None:
     build_chestxray14(root, spread=True)
 
@@ -294,3 +365,29 @@ def test_each_radiograph_profile_runs_the_dag_on_a_fake_tree_of_its_dataset(repr
             restore_params(reproduced_project)
     finally:
         restore_params(reproduced_project)
+
+
+def test_a_fine_tuning_stage_trains_on_two_gloo_processes_through_params(reproduced_project):
+    """`launch.nproc_per_node: 2` makes `dvc repro` start the stage under torchrun: two
+    CPU processes (gloo), the data split between them, one set of outputs from rank 0.
+    Last in the module: the stage's outputs are then those of two processes."""
+    project = reproduced_project
+    _, _, dependent_runs = _multihead_targets(project)
+    run = dependent_runs[0]
+    params = project.params()
+    params["launch"]["nproc_per_node"] = 2
+    project.write_params(params)
+    try:
+        # torchrun's workers start their own interpreters: a preload server would idle beside them.
+        result = project.dvc_run("repro", "--single-item", f"finetune@{run}", preload=False)
+        output = result.stdout + result.stderr
+        assert f"Running stage 'finetune@{run}'" in output, output
+        assert "launch: -m torch.distributed.run --nproc-per-node 2 --standalone" in output, output
+        assert "world size 2 (cpu)" in output and "world size 1" not in output, output
+        metrics = json.loads((project.root / "reports" / "finetune" / run / "metrics.json").read_text())
+        assert metrics["steps"] > 0
+        lock = project.root / "dvc.lock"
+        assert "nproc_per_node: 2" in lock.read_text(), "the process count is recorded with the run"
+        assert "up to date" in project.dvc_run("status", f"finetune@{run}").stdout
+    finally:
+        restore_params(project)

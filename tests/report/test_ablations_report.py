@@ -180,3 +180,39 @@ def test_frozen_parts_rows_show_the_cost_of_their_own_training():
     missing = frozen_parts_table({"r": (_frozen_ablation(), "f.json")}, METHODS, {"barlow": "resnet18"},
                                  {"frozen_parts@r": None})
     assert set(missing.text["Steps"]) == {"n/a"}
+
+
+def _radiograph(ablation, mode):
+    """A CT ablation's file as the radiograph stages write it: mean AUROC (and accuracy for multiclass)."""
+    ablation = {**ablation, "task": f"radiograph_{mode}", "unit": "images"}
+    entries = ablation["fractions"] if "fractions" in ablation else ablation["settings"]
+    for entry in entries.values():
+        entry["mean_auroc"] = entry.pop("auroc")
+        if mode == "multilabel":
+            entry.pop("accuracy")
+    return ablation
+
+
+def test_radiograph_ablations_show_the_metrics_of_their_task_and_name_their_stage(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    ablations = {"cxr_barlow": (_radiograph(_fraction_ablation("barlow", [0.6, 0.7, 0.8]), "multilabel"), "a.json")}
+    costs = {"label_fraction_radiographs@cxr_barlow": {"fits": {"10pct": _cost(1200, 10, 30.0, 0.5)}}}
+    table = label_fraction_table(ablations, METHODS, "radiograph_multilabel", "mean_auroc", costs,
+                                 stage="label_fraction_radiographs", data="radiographs rendered from CT")
+    assert table.name == "label_fraction_radiographs_radiograph_multilabel_mean_auroc"
+    assert table.title == ("Label-fraction ablation: test mean AUROC by share of training images "
+                           "(radiographs rendered from CT)")
+    assert table.text.iloc[0]["10%"] == "0.650 [0.550, 0.750]" and "86.5" in table.text.iloc[0][
+        "seed's number (other data)"]
+    assert table.numbers.loc[0, "steps"] == 10
+    assert any("`label_fraction_radiographs@<run>`" in note for note in table.footnotes)
+    path = label_fraction_figure(tmp_path / "f.png", {run: a for run, (a, _) in ablations.items()},
+                                 "radiograph_multilabel")
+    assert path.is_file()
+
+    frozen = {"cxr_barlow": (_radiograph(_frozen_ablation(), "multiclass"), "f.json")}
+    table = frozen_parts_table(frozen, METHODS, {"barlow": "resnet18"}, stage="frozen_parts_radiographs",
+                               data="COVID-19 radiographs")
+    assert table.name == "frozen_parts_radiographs" and table.title.endswith("(COVID-19 radiographs)")
+    assert ["Accuracy", "Mean AUROC"] == [c for c in table.text.columns if c in ("Accuracy", "Mean AUROC")]
+    assert "80.5" in table.text.iloc[0]["seed's number (other data)"]

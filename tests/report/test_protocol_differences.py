@@ -19,6 +19,7 @@ from chestssl.profiles import apply_profile, params_with_profile
 from chestssl.report import build_report
 from chestssl.report.protocol_differences import Difference, protocol_differences
 from tests.shipped_params import ROOT, read_shipped_params
+from tests.tiny_configs import drop_radiograph_runs_of_absent_encoders
 
 FULL_PROFILE = ROOT / "params" / "lidc-full.yaml"
 
@@ -302,8 +303,7 @@ def test_radiograph_pretraining_length_and_image_size(default, full, full_raw):
     def no_vit_on_radiographs(raw):
         block = raw["pretrain_radiographs"]
         block.update(methods=["barlow_twins"], study_methods=[], per_entry={})
-        raw["radiograph_runs"] = {name: run for name, run in raw["radiograph_runs"].items()
-                                  if run["init"] in (None, "barlow_twins")}
+        drop_radiograph_runs_of_absent_encoders(raw)
     vit = _row(_changed(full_raw, no_vit_on_radiographs), "004", "ViT input")
     assert not vit.matches and "128 x 128 px, patch 16 (64 tokens) on CT slices only" in vit.ours
 
