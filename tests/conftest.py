@@ -6,6 +6,7 @@ import ctypes
 import ctypes.util
 import gc
 import os
+import sys
 
 import numpy as np
 import pandas as pd
@@ -42,6 +43,11 @@ def release_memory_after_each_module():
     otherwise hold the peak of its heaviest module until the run ends, beside the
     end-to-end tests' stage processes."""
     yield
+    # The base CT of the ct anatomy (~200 MB), kept by chestssl.data.ct_anatomy for the next
+    # scan of the same process: a worker would hold it through every later module.
+    ct_anatomy = sys.modules.get("chestssl.data.ct_anatomy")
+    if ct_anatomy is not None:
+        ct_anatomy._LOADED.clear()
     gc.collect()
     _trim_heap()
 
