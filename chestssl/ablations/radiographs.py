@@ -62,15 +62,10 @@ def radiograph_fraction_settings(
     return image_fraction_settings(stratum_of_each_image(labels, mode), fractions, seed, stratify=True)
 
 
-def training_labels(dataset) -> np.ndarray:
-    """(N, L) float: the labels of every item of a radiograph dataset, in item order."""
-    return np.stack([np.asarray(dataset[i]["labels"], dtype=np.float64) for i in range(len(dataset))])
-
-
 def radiograph_subject(
     params: Mapping[str, Any],
     run_name: str,
-    radiographs_dir: str | Path,
+    folder,
     encoder_dir: str | Path,
     stn_path: str | Path,
 ) -> AblationSubject:
@@ -79,13 +74,11 @@ def radiograph_subject(
     Args:
         params: the loaded params (``radiograph_runs``, ``seed``, ``evaluate``).
         run_name: an entry of ``radiograph_runs``.
-        radiographs_dir: ``data/radiographs`` (stage ``radiographs``).
+        folder: ``data/radiographs`` (stage ``radiographs``), opened
+            (:func:`~chestssl.data.radiograph_folder.open_radiograph_folder`).
         encoder_dir: the radiograph encoders (``<init>/encoder.pt``, stage ``pretrain_radiographs``).
         stn_path: the STN of ``align_radiographs`` (read when the run is ``aligned``).
     """
-    import torch
-
-    from chestssl.data.radiograph_folder import open_radiograph_folder
     from chestssl.eval.radiograph_classification import evaluate_radiograph_classification
     from chestssl.inference import predict_dataset
     from chestssl.model_files import load_model_file
@@ -95,7 +88,7 @@ def radiograph_subject(
     from chestssl.train.checkpoint import stage_inputs
 
     run, seed, evaluate = params["radiograph_runs"][run_name], params["seed"], params["evaluate"]
-    read = [Path(radiographs_dir)]
+    read = [Path(folder.path)]
     encoder_state = None
     if run["init"] is not None:
         encoder_file = Path(encoder_dir) / run["init"] / "encoder.pt"
@@ -105,7 +98,6 @@ def radiograph_subject(
     if run["aligned"]:
         stn, _ = load_alignment_stn(stn_path)
         read.append(Path(stn_path))
-    folder = open_radiograph_folder(radiographs_dir)
     label_names = list(folder.label_names)
     inputs = stage_inputs({"run": run, "labels": label_names}, read)
 
@@ -117,8 +109,7 @@ def radiograph_subject(
         return RadiographClassificationTask(run_name, run, label_names, seed, encoder=encoder)
 
     def test(model, data, device):
-        with torch.no_grad():
-            out = predict_dataset(model.predict, data, device=device, keep=("labels", "patient_id"))
+        out = predict_dataset(model.predict, data, device=device, keep=("labels", "patient_id"))
         metrics = evaluate_radiograph_classification(
             out["output"], out["labels"], out["patient_id"], label_names, run["mode"],
             n_bootstrap=evaluate["bootstrap_samples"], confidence=evaluate["confidence"], seed=seed,

@@ -60,8 +60,8 @@ def label_fraction_radiographs(
     Args:
         params: the loaded params (``label_fraction``, ``radiograph_runs``, ``seed``, ``evaluate``).
         name: a run listed in ``label_fraction.radiograph_runs``.
-        radiographs_dir, encoder_dir, stn_path: see
-            :func:`~chestssl.ablations.radiographs.radiograph_subject`.
+        radiographs_dir: ``data/radiographs`` (stage ``radiographs``).
+        encoder_dir, stn_path: see :func:`~chestssl.ablations.radiographs.radiograph_subject`.
         report_dir: receives ``metrics.json`` (one entry per fraction, in the keys of the CT
             ablation's, :func:`~chestssl.ablations.label_fraction.label_fraction_metrics`),
             ``live/<setting>/`` (curves) and ``cost.json`` (``{"fits": {<setting>: <cost>}}``).
@@ -71,14 +71,17 @@ def label_fraction_radiographs(
     Returns the metrics, or ``None`` on a non-main process under ``torchrun``.
     """
     from chestssl.ablations.label_fraction import fraction_key
-    from chestssl.ablations.radiographs import radiograph_fraction_settings, radiograph_subject, training_labels
+    from chestssl.ablations.radiographs import radiograph_fraction_settings, radiograph_subject
     from chestssl.ablations.runner import ablation_costs, finish_ablation, run_subject_ablation
+    from chestssl.data.radiograph_folder import open_radiograph_folder
 
     run = _listed_run(params, "label_fraction", name)
-    subject = radiograph_subject(params, name, radiographs_dir, encoder_dir, stn_path)
+    folder = open_radiograph_folder(radiographs_dir)
+    subject = radiograph_subject(params, name, folder, encoder_dir, stn_path)
     train = subject.dataset("train", None)
     try:
-        settings, served_by = radiograph_fraction_settings(training_labels(train), run["mode"],
+        # the labels of the training images from the folder's tables, without reading the images
+        settings, served_by = radiograph_fraction_settings(folder.label_matrix(train.frame), run["mode"],
                                                            params["label_fraction"]["fractions"], params["seed"])
     except ValueError as exc:
         raise ParamsError([f"label_fraction.{RUNS_KEY}: {name}: {exc}"]) from exc
@@ -92,7 +95,7 @@ def label_fraction_radiographs(
         fractions[fraction_key(fraction)] = {
             "fraction": fraction, "trained_as": served_by[fraction], "n_train_patients": result["n_train_patients"],
             "n_train_images": result["n_train_images"], "best_epoch": result["best_epoch"], **result["test"]}
-    metrics = {**_description(name, run, train.label_names), "unit": "images",
+    metrics = {**_description(name, run, folder.label_names), "unit": "images",
                "n_split_patients": int(train.frame["patient_id"].nunique()), "n_labelled_images": len(train),
                "fractions": fractions}
     report_dir = Path(report_dir)
@@ -124,6 +127,7 @@ def frozen_parts_radiographs(
     from chestssl.ablations.frozen_parts import frozen_parts_metrics, frozen_parts_settings
     from chestssl.ablations.radiographs import radiograph_subject
     from chestssl.ablations.runner import ablation_costs, finish_ablation, run_subject_ablation
+    from chestssl.data.radiograph_folder import open_radiograph_folder
     from chestssl.model_files import load_model_file
     from chestssl.models.backbones import load_encoder
 
@@ -139,13 +143,13 @@ def frozen_parts_radiographs(
         settings = frozen_parts_settings(encoder, params["frozen_parts"]["unfrozen_stages"], name)
     except ValueError as exc:  # the counts a backbone allows are known only once its encoder is built
         raise ParamsError([f"frozen_parts.unfrozen_stages: {exc}"]) from exc
-    subject = radiograph_subject(params, name, radiographs_dir, encoder_dir, stn_path)
+    folder = open_radiograph_folder(radiographs_dir)
+    subject = radiograph_subject(params, name, folder, encoder_dir, stn_path)
     results = run_subject_ablation(FROZEN_PARTS_STAGE, subject, settings, report_dir=report_dir,
                                    state_dir=state_dir)
     if not results:  # under torchrun, rank 0 writes the outputs
         return None
-    labels = subject.dataset("test", None).label_names
-    described = _description(name, run, labels)
+    described = _description(name, run, folder.label_names)
     metrics = {**frozen_parts_metrics(name, {**run, "task": described["task"]}, encoder, results), **described}
     report_dir = Path(report_dir)
     write_json(report_dir / "cost.json", ablation_costs(results))
