@@ -99,7 +99,7 @@ def label_fraction_figure(
     unit = fraction_unit(ablations)
     palette = sns.color_palette("deep", n_colors=max(len(ablations), 1))
     with sns.axes_style("whitegrid"), sns.plotting_context("paper"):
-        figure = _new_figure(4.2 * len(metrics), 3.4)
+        figure = _new_figure(max(4.2 * len(metrics), 6.4), 3.4)  # room for the two-line title over one panel
         axes = figure.subplots(1, len(metrics), squeeze=False)[0]
         for ax, (key, shown) in zip(axes, metrics):
             for colour, (run, ablation) in zip(palette, ablations.items()):
