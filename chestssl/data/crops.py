@@ -140,7 +140,7 @@ class CropDataset(Dataset):
         self.slice_indices: list[int] = []
         for scan_id, patient_id in scans.itertuples(index=False):
             scan = load_scan(self.processed_dir, scan_id)
-            nodule_ids = torch.from_numpy(scan["mask"].astype(np.int64))[None]
+            nodule_ids = torch.from_numpy(scan["mask"].astype(np.int16))[None]  # not uint8: torch indexes with those as masks
             with warnings.catch_warnings():
                 # A scan without nodules gets background crops only, as documented above.
                 warnings.filterwarnings("ignore", message="Num foregrounds 0")

@@ -1,4 +1,4 @@
-"""FID (MONAI FIDMetric) and its bootstrap interval."""
+"""FID (the Fréchet distance of two fitted Gaussians, as MONAI's FIDMetric) and its bootstrap interval."""
 
 from __future__ import annotations
 
@@ -15,6 +15,28 @@ def test_fid_is_zero_for_one_set_and_grows_with_a_shift():
     near, far = rng.normal(size=(400, 8)), rng.normal(size=(400, 8)) + 1.0
     # Two draws of one Gaussian: small; a shift of 1 in each of 8 dimensions adds about 8.
     assert fid(near, real) < 0.5 and fid(far, real) == pytest.approx(8.0, abs=1.5)
+
+
+@pytest.mark.parametrize("n_generated, features", [(300, 16), (40, 64)])
+def test_fid_is_monai_fidmetric(n_generated, features):
+    # The second case has fewer generated vectors than features: a singular covariance, where
+    # MONAI adds 1e-6 to both diagonals and the eigenvalue form needs no offset.
+    import torch
+    from monai.metrics import FIDMetric
+
+    rng = np.random.default_rng(2)
+    mixing = rng.normal(size=(features, features)) / np.sqrt(features)
+    generated = rng.normal(size=(n_generated, features)) @ mixing + 0.3
+    real = rng.normal(size=(500, features)) @ mixing.T
+    expected = float(FIDMetric()(torch.from_numpy(generated), torch.from_numpy(real)))
+    assert fid(generated, real) == pytest.approx(expected, rel=1e-6, abs=1e-4)
+
+
+def test_one_feature_is_the_gaussian_formula():
+    rng = np.random.default_rng(4)
+    a, b = rng.normal(1.0, 2.0, size=(50, 1)), rng.normal(0.0, 0.5, size=(60, 1))
+    sa, sb = a.std(ddof=1), b.std(ddof=1)
+    assert fid(a, b) == pytest.approx((a.mean() - b.mean()) ** 2 + (sa - sb) ** 2, rel=1e-9)
 
 
 def test_the_interval_holds_the_value_and_follows_the_seed():
