@@ -40,7 +40,8 @@ from chestssl.train import cost_probe
 
 #: What the copy of the project holds (the code DVC hashes, the DAG, the params, and the
 #: report folders that keep a stage's inputs in place when its list in params is empty).
-PROJECT_FILES = ["chestssl", "stages", "dvc.yaml", "params.yaml", "params", "pyproject.toml", ".dvc/config", ".gitignore",
+PROJECT_FILES = ["chestssl", "stages", "dvc.yaml", "params.yaml", "params", "pyproject.toml", ".dvc/config",
+                 ".dvcignore", ".gitignore",
                  *(f"reports/{stage}/README.md" for stage in ("pretrain", "evaluate_pretrain", "finetune",
                                                              "evaluate", "label_fraction", "frozen_parts",
                                                              "pretrain_radiographs", "pretrain_radiograph_studies",

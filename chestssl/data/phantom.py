@@ -43,7 +43,7 @@ import shutil
 import zlib
 from collections import defaultdict
 from concurrent.futures import ProcessPoolExecutor
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from enum import IntEnum
 from pathlib import Path
@@ -1106,9 +1106,15 @@ class _SeriesTask:
 _WORKER_BASE_CT = None  # the base CT a worker process was given (None: loaded from data/anatomy)
 
 
-def _set_worker_base_ct(base_ct) -> None:
+def _start_worker(base_ct, anatomy: str) -> None:
+    """A render worker's set-up: the base CT it was given, or for ``ct`` the verified one of
+    ``data/anatomy`` loaded now (while the parent may still be choosing the scans)."""
     global _WORKER_BASE_CT
     _WORKER_BASE_CT = base_ct
+    if base_ct is None and anatomy == "ct":
+        from chestssl.data.ct_anatomy import load_base_ct
+
+        _WORKER_BASE_CT = load_base_ct()
 
 
 def _render_series(task: _SeriesTask, base_ct=None) -> tuple[Path, dict[str, Any]]:
@@ -1125,7 +1131,7 @@ def _render_series(task: _SeriesTask, base_ct=None) -> tuple[Path, dict[str, Any
 
 
 @contextmanager
-def _series_renderer(workers: int, base_ct):
+def _series_renderer(workers: int, base_ct, anatomy: str):
     """A function mapping tasks to :func:`_render_series` results in task order: in this
     process, or in ``workers`` spawned processes (each reads the annotation database and the
     base CT itself; an SQLite connection must not cross a fork)."""
@@ -1133,7 +1139,7 @@ def _series_renderer(workers: int, base_ct):
         yield lambda tasks: (_render_series(task, base_ct) for task in tasks)
         return
     with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
-                             initializer=_set_worker_base_ct, initargs=(base_ct,)) as pool:
+                             initializer=_start_worker, initargs=(base_ct, anatomy)) as pool:
         yield lambda tasks: pool.map(_render_series, tasks)
 
 
@@ -1168,63 +1174,71 @@ def generate_phantom(
         raise ValueError(f"anatomy: got {anatomy!r}, expected one of {', '.join(map(repr, ANATOMIES))}")
     raw_dir = Path(raw_dir)
     lidc_root = raw_dir / LIDC_DIRNAME
-    choices = select_scans(num_scans, seed, max_slices)
-    _remove_unselected(lidc_root, {(c.patient_id, c.study_instance_uid, c.series_instance_uid) for c in choices})
     settings = _settings(seed, noise_hu, anatomy, base_ct)
     state = _read_state(raw_dir / STATE_FILE)
     same = state.get("settings") == settings
-    known = state.get("checksums", {}) if same else {}
-    ct_info = state.get("ct_anatomy", {}) if same else {}
-    tmp_root = raw_dir / _TMP_DIRNAME
-    shutil.rmtree(tmp_root, ignore_errors=True)  # left by an interrupted run
-    checksums: dict[str, str] = {}
-    pending = []
-    for choice in choices:
-        series_dir = lidc_root / choice.patient_id / choice.study_instance_uid / choice.series_instance_uid
-        if series_dir.is_dir() and len(list(series_dir.glob("*.dcm"))) == choice.num_slices:
-            present = series_checksum(series_dir)
-            if known.get(choice.series_instance_uid) == present and (
-                anatomy != "ct" or choice.series_instance_uid in ct_info
-            ):
-                checksums[choice.series_instance_uid] = present
-                continue
-        pending.append(choice)
-    if pending:
-        tmp_root.mkdir(parents=True, exist_ok=True)
-    tasks = [_SeriesTask(c.scan_id, c.series_instance_uid, str(tmp_root), seed, noise_hu, anatomy) for c in pending]
-    with _series_renderer(min(int(workers), len(tasks)), base_ct) as render:
-        bar = tqdm(total=len(choices), initial=len(choices) - len(tasks), desc="phantom", unit="scan",
-                   disable=not progress)
-        for choice, (tmp, info) in zip(pending, render(tasks)):
+    with ExitStack() as stack:
+        render = None
+        if not same and workers > 1:
+            # Every series will be rendered: the workers start (and load the base CT) while the
+            # scans are chosen, which takes seconds of pylidc's clustering in this process.
+            render = stack.enter_context(_series_renderer(min(int(workers), num_scans), base_ct, anatomy))
+        choices = select_scans(num_scans, seed, max_slices)
+        _remove_unselected(lidc_root, {(c.patient_id, c.study_instance_uid, c.series_instance_uid) for c in choices})
+        known = state.get("checksums", {}) if same else {}
+        ct_info = state.get("ct_anatomy", {}) if same else {}
+        tmp_root = raw_dir / _TMP_DIRNAME
+        shutil.rmtree(tmp_root, ignore_errors=True)  # left by an interrupted run
+        checksums: dict[str, str] = {}
+        pending = []
+        for choice in choices:
             series_dir = lidc_root / choice.patient_id / choice.study_instance_uid / choice.series_instance_uid
-            if anatomy == "ct":
-                ct_info[choice.series_instance_uid] = info
-            if series_dir.exists():
-                shutil.rmtree(series_dir)
-            series_dir.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(tmp, series_dir)
-            checksums[choice.series_instance_uid] = series_checksum(series_dir)
-            bar.update()
-        bar.close()
-    records = [
-        SeriesRecord(
-            patient_id=choice.patient_id,
-            study_instance_uid=choice.study_instance_uid,
-            series_instance_uid=choice.series_instance_uid,
-            images=choice.num_slices,
-            source=SOURCE,
-            checksum=checksums[choice.series_instance_uid],
-        )
-        for choice in choices
-    ]
-    shutil.rmtree(tmp_root, ignore_errors=True)
-    state = {
-        "settings": settings,
-        "scans": [asdict(c) for c in choices],
-        "checksums": {r.series_instance_uid: r.checksum for r in records},
-    }
-    if anatomy == "ct":
-        state["ct_anatomy"] = {r.series_instance_uid: ct_info[r.series_instance_uid] for r in records}
-    write_json(raw_dir / STATE_FILE, state)
-    write_manifest(raw_dir / "manifest.csv", records)
-    return records
+            if series_dir.is_dir() and len(list(series_dir.glob("*.dcm"))) == choice.num_slices:
+                present = series_checksum(series_dir)
+                if known.get(choice.series_instance_uid) == present and (
+                    anatomy != "ct" or choice.series_instance_uid in ct_info
+                ):
+                    checksums[choice.series_instance_uid] = present
+                    continue
+            pending.append(choice)
+        if pending:
+            tmp_root.mkdir(parents=True, exist_ok=True)
+        tasks = [_SeriesTask(c.scan_id, c.series_instance_uid, str(tmp_root), seed, noise_hu, anatomy) for c in pending]
+        if tasks:
+            if render is None:
+                render = stack.enter_context(_series_renderer(min(int(workers), len(tasks)), base_ct, anatomy))
+            bar = tqdm(total=len(choices), initial=len(choices) - len(tasks), desc="phantom", unit="scan",
+                       disable=not progress)
+            for choice, (tmp, info) in zip(pending, render(tasks)):
+                series_dir = lidc_root / choice.patient_id / choice.study_instance_uid / choice.series_instance_uid
+                if anatomy == "ct":
+                    ct_info[choice.series_instance_uid] = info
+                if series_dir.exists():
+                    shutil.rmtree(series_dir)
+                series_dir.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(tmp, series_dir)
+                checksums[choice.series_instance_uid] = series_checksum(series_dir)
+                bar.update()
+            bar.close()
+        records = [
+            SeriesRecord(
+                patient_id=choice.patient_id,
+                study_instance_uid=choice.study_instance_uid,
+                series_instance_uid=choice.series_instance_uid,
+                images=choice.num_slices,
+                source=SOURCE,
+                checksum=checksums[choice.series_instance_uid],
+            )
+            for choice in choices
+        ]
+        shutil.rmtree(tmp_root, ignore_errors=True)
+        state = {
+            "settings": settings,
+            "scans": [asdict(c) for c in choices],
+            "checksums": {r.series_instance_uid: r.checksum for r in records},
+        }
+        if anatomy == "ct":
+            state["ct_anatomy"] = {r.series_instance_uid: ct_info[r.series_instance_uid] for r in records}
+        write_json(raw_dir / STATE_FILE, state)
+        write_manifest(raw_dir / "manifest.csv", records)
+        return records

@@ -237,6 +237,26 @@ def test_hu_ranges_are_those_of_a_chest_ct(rendered):
     assert hu.dtype == np.int16 and hu.shape == (512, 512, 87)
 
 
+def test_without_tissue_labels_the_hu_are_the_same(scan, base, rendered):
+    # The download stage renders without them; the lung's density shift must not need them.
+    alone = ct_anatomy.render_ct_phantom(scan, SEED, NOISE, base, with_tissue=False)
+    assert alone.tissue.shape == (512, 512, 0) and np.array_equal(alone.hu, rendered.hu)
+
+
+def test_a_render_worker_loads_the_base_ct_when_it_starts(monkeypatch):
+    # Spawned workers load it while the parent chooses the scans, not at their first scan.
+    loaded = object()
+    monkeypatch.setattr(ct_anatomy, "load_base_ct", lambda: loaded)
+    monkeypatch.setattr(phantom, "_WORKER_BASE_CT", None)
+    phantom._start_worker(None, "ct")
+    assert phantom._WORKER_BASE_CT is loaded
+    phantom._start_worker(None, "geometric")
+    assert phantom._WORKER_BASE_CT is None
+    given = object()
+    phantom._start_worker(given, "ct")
+    assert phantom._WORKER_BASE_CT is given
+
+
 def test_nodule_density_follows_the_texture_rating(base, scan, rendered):
     assert ct_anatomy.nodule_density(1) == -700 and ct_anatomy.nodule_density(5) == 40
     assert ct_anatomy.nodule_density(3) == pytest.approx(-330)

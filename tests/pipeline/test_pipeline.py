@@ -141,6 +141,12 @@ def test_repro_builds_the_report_and_a_second_repro_does_nothing(reproduced_proj
     assert (root / "reports" / "figures" / "latent_diffusion_samples.png").exists()
     # Training leaves no resume state behind.
     assert not [p for p in (root / "checkpoints").rglob("*") if p.is_file()]
+    # Bytecode caches, which Python writes beside the code it imports (unless told not to), are
+    # not part of a stage's code dependencies (.dvcignore).
+    for package in ("methods", "models", "tasks", "train"):
+        cache = root / "chestssl" / package / "__pycache__"
+        cache.mkdir(exist_ok=True)
+        (cache / "written_by_an_import.cpython-311.pyc").write_bytes(b"\x00")
     status = reproduced_project.dvc_run("status").stdout
     assert "up to date" in status, status
     again = reproduced_project.dvc_run("repro")
