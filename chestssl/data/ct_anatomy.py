@@ -776,7 +776,8 @@ def render_ct_phantom(scan, seed: int, noise_hu: float, base: BaseCT | None = No
     hu_source = base.hu_for(bool(scan.contrast_used))
     lung_shift = int(round(appearance.lung_offset))
     if lung_shift:  # on the base's parenchyma, in whole HU (int16: bit-exact on every CPU), before resampling
-        hu_source = hu_source + (base.tissue == Tissue.LUNG).astype(np.int16) * np.int16(lung_shift)
+        hu_source = hu_source.copy()  # the base's own array is shared by every scan
+        np.add(hu_source, np.int16(lung_shift), out=hu_source, where=base.tissue == Tissue.LUNG)
     fov = _fov_mask()[:, :, 0]
     k_count = geometry.num_slices
     hu = np.empty((IMAGE_SIZE, IMAGE_SIZE, k_count), dtype=np.int16)

@@ -9,10 +9,12 @@ features), and the bootstrap interval repeats it hundreds of times; :func:`fid` 
 the trace of the root, the sum of the square roots of the eigenvalues of ``S1 S2``, which
 are those of the symmetric ``S1^(1/2) S2 S1^(1/2)``: two symmetric eigen-decompositions
 (~4 ms), the same value (tested against ``FIDMetric``), and no regularising offset when a
-covariance is singular (fewer vectors than features). Its value depends on the feature network, the
-number of images and their resolution, so numbers are comparable only under one protocol:
-seed 000 used Inception-v3 features of 1000 samples; :func:`fid_with_interval` records its
-own sample counts, and the report names the feature network beside every value.
+covariance is singular (fewer vectors than features).
+
+Its value depends on the feature network, the number of images and their resolution, so
+numbers are comparable only under one protocol: seed 000 used Inception-v3 features of 1000
+samples; :func:`fid_with_interval` records its own sample counts, and the report names the
+feature network beside every value.
 
 The interval resamples the generated and the real feature vectors (each set with
 replacement, independently) and takes the percentiles of the FIDs of the resamples; it
