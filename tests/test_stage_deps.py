@@ -116,3 +116,28 @@ def test_the_committed_lock_records_only_stages_dvc_yaml_defines():
         defined = {stage.addressing for stage in repo.index.stages}
     locked = set(yaml.safe_load((REPO_ROOT / "dvc.lock").read_text())["stages"])
     assert locked - defined == set(), "dvc.lock holds stages dvc.yaml no longer defines; delete their entries"
+
+
+def test_the_committed_reports_hold_only_what_the_locked_stages_wrote():
+    # A metrics or curve file of an entry that left the params lists stays in git when the
+    # entry goes, and `dvc metrics show` / `dvc plots show` then list its numbers, from data
+    # that no longer exist, beside the current ones.
+    import subprocess
+
+    listed = subprocess.run(["git", "ls-files", "reports"], cwd=REPO_ROOT, capture_output=True, text=True)
+    if listed.returncode != 0:
+        pytest.skip("not a git checkout")
+    outs = [out["path"] for stage in yaml.safe_load((REPO_ROOT / "dvc.lock").read_text())["stages"].values()
+            for out in stage.get("outs", [])]
+    # written outside the DAG: folder notes, benchmark figures, the full profile's cost table (`make cost`)
+    kept_apart = ("reports/benchmarks/", "reports/cost.md", "reports/cost.csv")
+
+    def written_by_a_stage(path: str) -> bool:
+        if path.endswith("/.gitignore"):  # DVC's, beside the cached outputs of a folder
+            folder = path.rsplit("/", 1)[0] + "/"
+            return any(out.startswith(folder) for out in outs)
+        return any(path == out or path.startswith(out.rstrip("/") + "/") for out in outs)
+
+    stale = [path for path in listed.stdout.split() if not path.endswith("/README.md")
+             and not path.startswith(kept_apart) and not written_by_a_stage(path)]
+    assert stale == [], f"{len(stale)} files under reports/ no stage of dvc.lock writes, e.g. {stale[:5]}; git rm them"
