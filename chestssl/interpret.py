@@ -219,6 +219,8 @@ def gradcam_maps_per_image(task_model: nn.Module, images: torch.Tensor | np.ndar
         raise ValueError(f"gradcam_maps_per_image: {images.shape[0]} images but {class_indices.shape[0]} "
                          "class indices; give one per image")
     maps: np.ndarray | None = None
+    # MONAI's GradCAM takes one class_idx per call, for the whole batch: one call per class
+    # present, each on the images that ask for it, then put back in image order.
     for index in np.unique(class_indices):
         chosen = np.flatnonzero(class_indices == index)
         part = gradcam_maps(task_model, images[torch.from_numpy(chosen)], class_index=int(index),

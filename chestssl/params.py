@@ -489,6 +489,8 @@ class IDCSource(Config):
     workers: Int(ge=1, le=64, doc="objects downloaded at once")
     retries: Int(ge=0)
     timeout_s: Float(gt=0.0, doc="to connect, and between received bytes")
+    min_rate_kbps: Float(ge=0.0, doc="kilobits/s; a request may take timeout_s + its object's size at this rate; "
+                                     "0: no deadline")
 
 
 class LocalSource(Config):
@@ -997,6 +999,11 @@ def _check_runs_3d(params: dict, methods: Mapping[str, Any], problems: list[str]
                             + (", ".join(r for r in runs_3d if r != name) or "none"))
 
 
+#: The keys by which a row of the params group ``report`` names its entry -> the section it names.
+REPORT_ENTRY_SECTIONS = {"method": "methods", "run": "runs", "multihead": "multihead",
+                         "latent_diffusion": "latent_diffusion"}
+
+
 def _check_report(params: dict, problems: list[str]) -> None:
     """Each row of a ``report`` table or figure names one entry (``method``, ``run``,
     ``multihead`` or ``latent_diffusion``) that exists in its section, of the task the row
@@ -1004,7 +1011,7 @@ def _check_report(params: dict, problems: list[str]) -> None:
     report = params.get("report")
     if not isinstance(report, Mapping):
         return
-    sections = {"method": "methods", "run": "runs", "multihead": "multihead", "latent_diffusion": "latent_diffusion"}
+    sections = REPORT_ENTRY_SECTIONS
     for key, field in Report.model_fields.items():
         rows = report.get(key)
         if not isinstance(rows, list):

@@ -4,6 +4,7 @@ The Swin one needs slices of at least 64 (SwinUNETR divides by 32 and its deepes
 instance norm needs more than one element); the CNN-attention one works from 32.
 """
 
+from chestssl.params import REPORT_ENTRY_SECTIONS
 
 CNN_ATTENTION = {
     "name": "cnn_attention",
@@ -156,11 +157,6 @@ def drop_radiograph_runs_of_absent_encoders(raw: dict) -> None:
                                         if name in (raw.get("radiograph_runs") or {})]
 
 
-#: The keys that name a report row's entry, and the params section each names.
-_REPORT_ENTRY_KEYS = {"method": "methods", "run": "runs", "multihead": "multihead",
-                      "latent_diffusion": "latent_diffusion"}
-
-
 def drop_report_rows_of_absent_entries(raw: dict) -> None:
     """Point the ``report`` rows whose entry a params.yaml mapping no longer holds at no entry,
     in place: a seed 000 table's row keeps its place with a null entry (shown as not run),
@@ -170,8 +166,8 @@ def drop_report_rows_of_absent_entries(raw: dict) -> None:
             continue
         kept = []
         for row in rows:
-            entry_key = next(k for k in _REPORT_ENTRY_KEYS if k in row)
-            if row[entry_key] is None or row[entry_key] in (raw.get(_REPORT_ENTRY_KEYS[entry_key]) or {}):
+            entry_key = next(k for k in REPORT_ENTRY_SECTIONS if k in row)
+            if row[entry_key] is None or row[entry_key] in (raw.get(REPORT_ENTRY_SECTIONS[entry_key]) or {}):
                 kept.append(row)
             elif "seed_row" in row:
                 kept.append({**row, entry_key: None})

@@ -25,6 +25,7 @@ from typing import Any, Mapping, Sequence
 
 from chestssl.eval.examples import example_kind, load_examples
 from chestssl.io import write_csv, write_text
+from chestssl.params import REPORT_ENTRY_SECTIONS
 from chestssl.report import figures
 from chestssl.report.protocol_differences import protocol_differences, protocol_differences_table
 from chestssl.report.tables import (
@@ -261,14 +262,10 @@ def smaller_table_lines(metrics_3d: Mapping[str, Mapping[str, Any]],
     return lines
 
 
-#: The keys by which a row of the params group ``report`` names its entry.
-_REPORT_ENTRY_KEYS = ("method", "run", "multihead", "latent_diffusion")
-
-
 def rows_without_entry(params: Mapping[str, Any]) -> int:
     """How many rows of the params group ``report`` name no entry (``null``: the profile does not run one)."""
     return sum(1 for rows in (params.get("report") or {}).values() for row in rows
-               if any(key in row and row[key] is None for key in _REPORT_ENTRY_KEYS))
+               if any(key in row and row[key] is None for key in REPORT_ENTRY_SECTIONS))
 
 
 def reading_note(params: Mapping[str, Any] | None, test_patients: int | None, test_images: int | None,

@@ -40,7 +40,7 @@ from typing import Any, Mapping, Sequence
 import pandas as pd
 
 from chestssl import paths
-from chestssl.params import ParamsError
+from chestssl.params import REPORT_ENTRY_SECTIONS, ParamsError
 from chestssl.report.published import published
 from chestssl.report.tables import (
     CLASSIFICATION_COLUMNS,
@@ -60,7 +60,7 @@ from chestssl.report.tables import (
 #: nested in its pretraining metrics).
 RESULTS = ("reconstruction", "segmentation", "classification")
 #: The key that names a row's entry in ``report.<table>`` -> the params.yaml section it names.
-ENTRY_KEYS = {"method": "methods", "run": "runs", "multihead": "multihead"}
+ENTRY_KEYS = {key: section for key, section in REPORT_ENTRY_SECTIONS.items() if key != "latent_diffusion"}
 #: The key that names a row's entry -> the stage that trains the entry (its ``cost.json``).
 TRAINING_STAGES = {"method": "pretrain", "run": "finetune", "multihead": "pretrain_multihead"}
 #: The entry keys a table of each kind of results takes.
