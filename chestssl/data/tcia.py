@@ -50,34 +50,43 @@ import zipfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any, Callable, Iterable, TypeVar
+from typing import Any, Callable, Iterable
 from urllib.parse import urlencode
 
 import requests
 from tqdm.auto import tqdm
-from urllib3.exceptions import DecodeError, HTTPError, ProtocolError, ReadTimeoutError
-from urllib3.exceptions import SSLError as Urllib3SSLError
 
 from chestssl.data.lidc import LIDC_DIRNAME
 from chestssl.checks import is_http_url
 from chestssl.data.manifest import (VERIFIED_MARKER, SeriesRecord, move_into_place, read_verified_marker,
                                     select_first_patients, series_checksum, write_manifest)
+from chestssl.data.transfer import (DEFAULT_MIN_RATE_KBPS, MAX_RETRY_AFTER_S, Deadline, RetryPolicy, TooSlowError,
+                                    TransientError, declared_length, iter_body, read_head, retry_after_s,
+                                    transfer_deadline_s)
 from chestssl.io import make_temp_dir, write_json
+
+# The retry and deadline names come from chestssl.data.transfer, shared with the idc source.
+__all__ = [
+    "DEFAULT_MIN_RATE_KBPS", "FALLBACK_LIST_BYTES", "FALLBACK_SERIES_BYTES", "IMAGE_BYTES_ESTIMATE",
+    "MAX_RETRY_AFTER_S", "PARTIAL_DIRNAME", "VERIFIED_MARKER",
+    "CorruptDownloadError", "RetryPolicy", "TciaError", "TciaSeries", "TooSlowError", "TransientError",
+    "UnsafeZipEntryError",
+    "check_base_url", "download_series", "download_tcia", "expected_series_bytes", "extract_verified",
+    "list_series", "safe_extract", "transfer_deadline_s", "verified_record",
+]
 
 LOG = logging.getLogger(__name__)
 
 SOURCE = "tcia"
+PARAMS_PREFIX = "data.tcia"
 SERIES_ENDPOINT = "getSeries"
 IMAGE_ENDPOINT = "getImageWithMD5Hash"
 MD5_MANIFEST_NAME = "md5hashes.csv"
 # Temporary downloads and extractions, beside (not inside) the LIDC-IDRI folder.
 PARTIAL_DIRNAME = ".tcia-partial"
 CHUNK_BYTES = 1 << 20
-MAX_RETRY_AFTER_S = 600.0
 USER_AGENT = "chestssl (LIDC-IDRI download)"
 EXAMPLE_BASE_URL = "https://services.cancerimagingarchive.net/nbia-api/services/v1"
-# The deadline of a request: data.tcia.timeout_s + expected bytes at data.tcia.min_rate_kbps.
-DEFAULT_MIN_RATE_KBPS = 256.0
 # Expected bytes of a series without FileSize or Content-Length: per image (an LIDC-IDRI
 # CT slice is 512 x 512 x 2 bytes plus its header, about 0.5 MiB), else per series (more
 # than any LIDC-IDRI CT series).
@@ -89,8 +98,6 @@ FALLBACK_LIST_BYTES = 16 << 20
 # PatientID and UIDs become folder names: letters, digits, '.', '_' and '-' only.
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9._-]+$")
 
-T = TypeVar("T")
-
 
 class TciaError(UserError, RuntimeError):
     """A TCIA download failed in a way the user has to act on; the message says how."""
@@ -100,29 +107,8 @@ class UnsafeZipEntryError(TciaError):
     """A zip entry would be written outside its destination folder."""
 
 
-class TransientError(Exception):
-    """A failure worth retrying: HTTP 5xx or 429, or a corrupt or short download."""
-
-    def __init__(self, message: str, retry_after_s: float | None = None):
-        super().__init__(message)
-        self.retry_after_s = retry_after_s
-
-
 class CorruptDownloadError(TransientError):
     """The downloaded archive is not a complete, consistent copy of the series."""
-
-
-class TooSlowError(TransientError):
-    """A request ran past its deadline (slower on average than ``data.tcia.min_rate_kbps``)."""
-
-
-_TRANSIENT = (
-    requests.ConnectionError,
-    requests.Timeout,
-    requests.exceptions.ChunkedEncodingError,
-    requests.exceptions.ContentDecodingError,
-    TransientError,
-)
 
 
 @dataclass(frozen=True)
@@ -190,7 +176,7 @@ def download_tcia(
     if session is None:
         session = requests.Session()
         session.headers["User-Agent"] = USER_AGENT
-    retry = RetryPolicy(retries=retries, backoff_s=backoff_s)
+    retry = RetryPolicy(retries, backoff_s, PARAMS_PREFIX, TciaError)
     try:
         series = list_series(session, base_url, collection, modality, patients, timeout_s, retry, min_rate_kbps)
         if patients and max_patients:
@@ -256,7 +242,7 @@ def list_series(
     With ``patients``, one ``getSeries`` request per patient; a patient without such a
     series is an error naming it.
     """
-    retry = retry or RetryPolicy(retries=0, backoff_s=0.0)
+    retry = retry or RetryPolicy(0, 0.0, PARAMS_PREFIX, TciaError)
     url = _endpoint(base_url, SERIES_ENDPOINT)
     wanted = sorted(set(patients))
     queries = (
@@ -395,44 +381,6 @@ def expected_series_bytes(series: TciaSeries, content_length: int | None) -> int
     return FALLBACK_SERIES_BYTES
 
 
-def transfer_deadline_s(expected_bytes: int, min_rate_kbps: float, base_s: float) -> float | None:
-    """Seconds a request may take: ``base_s`` plus ``expected_bytes`` at ``min_rate_kbps``
-    kilobits (1000 bits) per second; None when ``min_rate_kbps`` is 0 (no deadline)."""
-    if min_rate_kbps <= 0:
-        return None
-    return base_s + expected_bytes * 8 / (min_rate_kbps * 1000)
-
-
-class _Deadline:
-    """The deadline of one request, started before it is sent; :meth:`check` raises
-    :class:`TooSlowError` once it has passed, naming the bytes, the rate and the limit."""
-
-    def __init__(self, started: float, base_s: float, min_rate_kbps: float, expected_bytes: int):
-        self.started = started
-        self.min_rate_kbps = min_rate_kbps
-        self.expected_bytes = expected_bytes
-        self.allowed_s = transfer_deadline_s(expected_bytes, min_rate_kbps, base_s)
-        self.received = 0
-
-    def add(self, size: int) -> None:
-        self.received += size
-        self.check()
-
-    def check(self) -> None:
-        if self.allowed_s is None:
-            return
-        elapsed = time.monotonic() - self.started
-        if elapsed <= self.allowed_s:
-            return
-        rate_kbps = self.received * 8 / 1000 / elapsed
-        raise TooSlowError(
-            f"too slow: {self.received:,} of about {self.expected_bytes:,} bytes in {elapsed:.1f} s "
-            f"({rate_kbps:.1f} kbps on average), past the {self.allowed_s:.1f} s allowed for this size at "
-            f"data.tcia.min_rate_kbps = {self.min_rate_kbps:g} kbps (plus data.tcia.timeout_s); if your "
-            "connection is this slow, lower data.tcia.min_rate_kbps (0: no deadline)"
-        )
-
-
 def safe_extract(archive_path: str | os.PathLike, dest_dir: str | os.PathLike) -> dict[str, str]:
     """Extract every entry of a zip into ``dest_dir``; return entry name -> MD5 hex digest.
 
@@ -520,40 +468,6 @@ def extract_verified(archive_path: str | os.PathLike, dest_dir: str | os.PathLik
     return md5_verified
 
 
-class RetryPolicy:
-    """Call a function, retrying transient failures with exponential backoff."""
-
-    def __init__(self, retries: int, backoff_s: float, sleep: Callable[[float], Any] = time.sleep):
-        if retries < 0 or backoff_s < 0:
-            raise ValueError(f"retries ({retries}) and backoff_s ({backoff_s}) must not be negative")
-        self.retries = retries
-        self.backoff_s = backoff_s
-        self.sleep = sleep
-
-    def __call__(self, what: str, action: Callable[[], T]) -> T:
-        attempts = self.retries + 1
-        for attempt in range(attempts):
-            try:
-                return action()
-            except _TRANSIENT as exc:
-                if attempt == attempts - 1:
-                    knobs = ("data.tcia.retries" if isinstance(exc, TooSlowError)  # its message names min_rate_kbps
-                             else "data.tcia.retries / data.tcia.timeout_s")
-                    raise TciaError(
-                        f"{what} failed after {attempts} attempt(s): {exc}. Series verified so far "
-                        "are kept, so rerunning the download stage resumes; if it keeps failing, "
-                        f"check your connection or raise {knobs}"
-                    ) from exc
-                delay = self.backoff_s * 2**attempt
-                retry_after = getattr(exc, "retry_after_s", None)
-                if retry_after is not None:
-                    delay = max(delay, min(retry_after, MAX_RETRY_AFTER_S))
-                LOG.warning("%s: attempt %d of %d failed (%s); retrying in %.1f s",
-                            what, attempt + 1, attempts, exc, delay)
-                self.sleep(delay)
-        raise AssertionError("unreachable: the loop returns or raises")
-
-
 def _endpoint(base_url: str, name: str) -> str:
     return f"{check_base_url(base_url).rstrip('/')}/{name}"
 
@@ -568,11 +482,11 @@ def _get_json(
 ) -> Any:
     started = time.monotonic()
     with session.get(url, params=params, timeout=timeout_s, stream=True) as response:
-        deadline = _Deadline(started, timeout_s, min_rate_kbps,
-                             _declared_length(response) or FALLBACK_LIST_BYTES)
+        deadline = Deadline(started, timeout_s, min_rate_kbps, declared_length(response) or FALLBACK_LIST_BYTES,
+                            PARAMS_PREFIX)
         _raise_for_status(response, what, deadline)
         body = bytearray()
-        for block in _iter_body(response, deadline):
+        for block in iter_body(response, deadline):
             body += block
     body = bytes(body).strip()
     if not body:  # NBIA answers an empty body when nothing matches
@@ -587,61 +501,16 @@ def _get_json(
         ) from exc
 
 
-def _declared_length(response: requests.Response) -> int | None:
-    """The body's Content-Length, if declared for an unencoded body."""
-    declared = response.headers.get("Content-Length", "")
-    identity = response.headers.get("Content-Encoding", "identity").lower() == "identity"
-    return int(declared) if identity and declared.isdigit() else None
-
-
-def _iter_body(response: requests.Response, deadline: _Deadline) -> Iterable[bytes]:
-    """The body of a streamed response as it arrives, checking ``deadline`` after each read.
-
-    Unlike ``iter_content(n)``, which waits for ``n`` bytes (or the end), each read returns
-    whatever has arrived, so a server sending a few bytes at a time cannot outlast the
-    deadline by more than ``timeout_s``. urllib3's errors become the ones requests raises.
-    """
-    deadline.check()
-    read1 = getattr(response.raw, "read1", None)
-    try:
-        if read1 is None:  # urllib3 < 2: whole chunks, checked in between
-            for block in response.raw.stream(CHUNK_BYTES, decode_content=True):
-                yield block
-                deadline.add(len(block))
-            return
-        while True:
-            block = read1(CHUNK_BYTES, decode_content=True)
-            if not block:
-                return
-            yield block
-            deadline.add(len(block))
-    except ProtocolError as exc:  # incl. IncompleteRead: the connection closed early
-        raise requests.exceptions.ChunkedEncodingError(exc) from exc
-    except DecodeError as exc:
-        raise requests.exceptions.ContentDecodingError(exc) from exc
-    except ReadTimeoutError as exc:
-        raise requests.exceptions.ConnectionError(exc) from exc
-    except Urllib3SSLError as exc:
-        raise requests.exceptions.SSLError(exc) from exc
-    except HTTPError as exc:  # any other failure of the connection
-        raise requests.exceptions.ConnectionError(exc) from exc
-
-
-def _raise_for_status(response: requests.Response, what: str, deadline: _Deadline) -> None:
+def _raise_for_status(response: requests.Response, what: str, deadline: Deadline) -> None:
     status = response.status_code
     if status < 400:
         return
-    head = bytearray()
-    for block in _iter_body(response, deadline):  # the error body's start, within the deadline
-        head += block
-        if len(head) >= 300:
-            break
-    body = bytes(head[:300]).decode("utf-8", "replace").strip()
+    body = read_head(response, deadline, 300).decode("utf-8", "replace").strip()
     message = f"HTTP {status} {response.reason or ''}".strip()
     if body:
         message += f": {body}"
     if status == 429 or status >= 500:
-        raise TransientError(message, retry_after_s=_retry_after_s(response))
+        raise TransientError(message, retry_after_s=retry_after_s(response))
     if status in (401, 403):
         hint = ("LIDC-IDRI is public and needs no token; if TCIA now requires one, download the "
                 "collection with the NBIA Data Retriever and use data.source: local")
@@ -651,14 +520,6 @@ def _raise_for_status(response: requests.Response, what: str, deadline: _Deadlin
     else:
         hint = "Check data.tcia.base_url, data.tcia.collection, data.tcia.modality and data.tcia.patients"
     raise TciaError(f"{what}: {message}. {hint}")
-
-
-def _retry_after_s(response: requests.Response) -> float | None:
-    value = response.headers.get("Retry-After", "")
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        return None  # an HTTP date, or absent: use the exponential backoff
 
 
 def _stream_to_file(
@@ -676,12 +537,12 @@ def _stream_to_file(
     ``expected_bytes(Content-Length)`` at ``min_rate_kbps``)."""
     started = time.monotonic()
     with session.get(url, params=params, stream=True, timeout=timeout_s) as response:
-        declared = _declared_length(response)
-        deadline = _Deadline(started, timeout_s, min_rate_kbps, expected_bytes(declared))
+        declared = declared_length(response)
+        deadline = Deadline(started, timeout_s, min_rate_kbps, expected_bytes(declared), PARAMS_PREFIX)
         _raise_for_status(response, what, deadline)
         written = 0
         with open(path, "wb") as sink:
-            for chunk in _iter_body(response, deadline):
+            for chunk in iter_body(response, deadline):
                 sink.write(chunk)
                 written += len(chunk)
                 if on_bytes is not None:

