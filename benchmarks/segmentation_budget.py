@@ -1,0 +1,162 @@
+"""What the quick profile's 2D segmentation gains from larger slices or longer training.
+
+On a reproduced checkout (``data/processed`` and the run's pretrained encoder in
+``models/pretrain/``), one 2D segmentation run of ``runs`` (default
+``seg_swinunetr_scratch``) is fine-tuned and evaluated on the test split, as
+``finetune@<run>`` and ``evaluate@<run>`` do, for each slice size (``slices.size``; the ViT
+preset's ``img_size`` follows it, as the params check requires) and each number of epochs
+of its recipe (``recipes.<recipe>.epochs``; every other setting as in the params files).
+Each combination runs in a temporary working folder holding copies of the params files
+with those two values changed and links to ``data/processed`` and ``models/pretrain``, so
+the checkout's outputs are untouched. Reported per combination: the fine-tuning and
+evaluation wall times, the median nodule's size in pixels at that slice size
+(:func:`chestssl.report.anatomy_figures.nodule_scale`), the best validation Dice and the
+test split's global Dice with its patient-bootstrap interval.
+
+    python benchmarks/segmentation_budget.py --sizes 64 96 --epochs 10 50
+
+Results are printed and written atomically to ``reports/benchmarks/segmentation_budget.md``
+(and ``.json`` beside it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+HERE = str(Path(__file__).resolve().parent)
+if HERE not in sys.path:  # process_tree.py, beside this script
+    sys.path.insert(0, HERE)
+
+from process_tree import write_atomic  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+
+def _set(raw_files: dict[str, dict], dotted: str, value) -> None:
+    """Set ``dotted`` (e.g. ``slices.size``) in whichever params file holds its group."""
+    group, *rest = dotted.split(".")
+    holder = next((content for content in raw_files.values() if group in content), None)
+    if holder is None:
+        raise SystemExit(f"no params file holds the group {group!r}")
+    node = holder[group]
+    for key in rest[:-1]:
+        node = node[key]
+    node[rest[-1]] = value
+
+
+def _work_folder(root: Path, checkout: Path, size: int, recipe: str, epochs: int) -> Path:
+    from chestssl.params import PARAMS_FILES
+
+    names = ["params.yaml", *PARAMS_FILES]
+    raw = {name: yaml.safe_load((checkout / name).read_text()) for name in names}
+    _set(raw, "slices.size", size)
+    if "vit" in raw.get("params/presets.yaml", {}).get("backbones", {}):
+        _set(raw, "backbones.vit.img_size", size)
+    _set(raw, f"recipes.{recipe}.epochs", epochs)
+    work = root / f"size{size}_epochs{epochs}"
+    for name, content in raw.items():
+        (work / name).parent.mkdir(parents=True, exist_ok=True)
+        (work / name).write_text(yaml.safe_dump(content, sort_keys=False))
+    (work / "data").mkdir()
+    (work / "data" / "processed").symlink_to(checkout / "data" / "processed")
+    (work / "models").mkdir()
+    (work / "models" / "pretrain").symlink_to(checkout / "models" / "pretrain")
+    return work
+
+
+def _stage(work: Path, script: str, run: str, env: dict[str, str]) -> float:
+    started = time.perf_counter()
+    done = subprocess.run([sys.executable, str(REPO / "stages" / script), run], cwd=work, env=env,
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"{script} {run} in {work} failed:\n{done.stderr[-2000:]}")
+    return time.perf_counter() - started
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkout", type=Path, default=REPO, help="a reproduced checkout (default: this one)")
+    parser.add_argument("--run", default="seg_swinunetr_scratch", help="a 2D segmentation entry of `runs`")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[64, 96])
+    parser.add_argument("--epochs", type=int, nargs="+", default=[10, 50])
+    parser.add_argument("--out", type=Path, default=REPO / "reports" / "benchmarks" / "segmentation_budget.md")
+    args = parser.parse_args(argv)
+
+    from chestssl.params import read_raw_params
+    from chestssl.report.anatomy_figures import nodule_scale
+
+    checkout = args.checkout.resolve()
+    raw, _ = read_raw_params(checkout / "params.yaml")
+    entry = (raw.get("runs") or {}).get(args.run)
+    if entry is None or entry.get("task") != "seg":
+        raise SystemExit(f"{args.run!r} is not a segmentation entry of `runs` in {checkout}")
+    recipe = entry["recipe"]
+    for needed in (checkout / "data" / "processed", checkout / "models" / "pretrain" / entry["init"]):
+        if not needed.exists():
+            raise SystemExit(f"{needed} not found; reproduce the checkout first (make reproduce)")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "MPLBACKEND": "Agg", "DVC_NO_ANALYTICS": "1"}
+    env.pop("CHESTSSL_PRELOAD", None)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="segmentation-budget-") as tmp:
+        for size in args.sizes:
+            scale = nodule_scale(checkout / "data" / "processed", size, raw["slices"]["field_of_view"])
+            for epochs in args.epochs:
+                work = _work_folder(Path(tmp), checkout, size, recipe, epochs)
+                finetune_s = _stage(work, "finetune.py", args.run, env)
+                evaluate_s = _stage(work, "evaluate.py", args.run, env)
+                trained = json.loads((work / "reports" / "finetune" / args.run / "metrics.json").read_text())
+                tested = json.loads((work / "reports" / "evaluate" / args.run / "metrics.json").read_text())
+                dice = tested["dice_global"]
+                rows.append({"size": size, "epochs": epochs, "steps": trained.get("steps"),
+                             "nodule_pixels": round(scale["nodule_pixels"], 2) if scale else None,
+                             "finetune_s": round(finetune_s, 1), "evaluate_s": round(evaluate_s, 1),
+                             "best_val_dice": round(trained["best_val_dice"], 4),
+                             "test_dice_global": round(dice["value"], 4),
+                             "test_dice_interval": [round(dice["ci_low"], 4), round(dice["ci_high"], 4)],
+                             "test_patients": tested.get("n_patients"), "test_images": tested.get("n_images")})
+                print(json.dumps(rows[-1]), flush=True)
+    result = {"run": args.run, "recipe": recipe, "checkout": str(checkout),
+              "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                          "python": platform.python_version(), "load_average": os.getloadavg()[0]},
+              "rows": rows}
+    base = rows[0]
+    lines = [
+        "# 2D segmentation: slice size and training length",
+        "",
+        f"Written by `python benchmarks/segmentation_budget.py` (its docstring gives the method): `{args.run}` "
+        f"(recipe `{recipe}`) fine-tuned and tested at each slice size and number of epochs, everything else as "
+        f"in the params files. Machine: {os.cpu_count()} CPUs, {platform.platform()}, Python "
+        f"{platform.python_version()}. Test split: {base['test_patients']} patients, {base['test_images']} slices.",
+        "",
+        "| slice size | median nodule (px) | epochs | steps | fine-tuning (s) | vs first | evaluation (s) | best val Dice "
+        "| test Dice (global) | 95% interval |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        *(f"| {r['size']} | {r['nodule_pixels']} | {r['epochs']} | {r['steps']} | {r['finetune_s']:.1f} | "
+          f"{r['finetune_s'] / base['finetune_s']:.2f}x | {r['evaluate_s']:.1f} | {r['best_val_dice']:.3f} | "
+          f"{r['test_dice_global']:.3f} | {r['test_dice_interval'][0]:.3f}-{r['test_dice_interval'][1]:.3f} |"
+          for r in rows),
+        "",
+        "Fine-tuning times include each process's start (imports, about 4 s).",
+        "",
+    ]
+    text = "\n".join(lines)
+    print(text)
+    write_atomic(args.out, text)
+    write_atomic(args.out.with_suffix(".json"), json.dumps(result, indent=2) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()
