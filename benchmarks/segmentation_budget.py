@@ -31,8 +31,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import yaml
-
 HERE = str(Path(__file__).resolve().parent)
 if HERE not in sys.path:  # process_tree.py, beside this script
     sys.path.insert(0, HERE)
@@ -44,31 +42,16 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 
-def _set(raw_files: dict[str, dict], dotted: str, value) -> None:
-    """Set ``dotted`` (e.g. ``slices.size``) in whichever params file holds its group."""
-    group, *rest = dotted.split(".")
-    holder = next((content for content in raw_files.values() if group in content), None)
-    if holder is None:
-        raise SystemExit(f"no params file holds the group {group!r}")
-    node = holder[group]
-    for key in rest[:-1]:
-        node = node[key]
-    node[rest[-1]] = value
-
-
 def _work_folder(root: Path, checkout: Path, size: int, recipe: str, epochs: int) -> Path:
-    from chestssl.params import PARAMS_FILES
+    from chestssl.params import read_raw_params, write_raw_params
 
-    names = ["params.yaml", *PARAMS_FILES]
-    raw = {name: yaml.safe_load((checkout / name).read_text()) for name in names}
-    _set(raw, "slices.size", size)
-    if "vit" in raw.get("params/presets.yaml", {}).get("backbones", {}):
-        _set(raw, "backbones.vit.img_size", size)
-    _set(raw, f"recipes.{recipe}.epochs", epochs)
+    raw, _ = read_raw_params(checkout / "params.yaml")
+    raw["slices"]["size"] = size
+    if "vit" in raw.get("backbones", {}):
+        raw["backbones"]["vit"]["img_size"] = size
+    raw["recipes"][recipe]["epochs"] = epochs
     work = root / f"size{size}_epochs{epochs}"
-    for name, content in raw.items():
-        (work / name).parent.mkdir(parents=True, exist_ok=True)
-        (work / name).write_text(yaml.safe_dump(content, sort_keys=False))
+    write_raw_params(raw, work / "params.yaml")
     (work / "data").mkdir()
     (work / "data" / "processed").symlink_to(checkout / "data" / "processed")
     (work / "models").mkdir()

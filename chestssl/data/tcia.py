@@ -60,20 +60,9 @@ from chestssl.data.lidc import LIDC_DIRNAME
 from chestssl.checks import is_http_url
 from chestssl.data.manifest import (VERIFIED_MARKER, SeriesRecord, move_into_place, read_verified_marker,
                                     select_first_patients, series_checksum, write_manifest)
-from chestssl.data.transfer import (DEFAULT_MIN_RATE_KBPS, MAX_RETRY_AFTER_S, Deadline, RetryPolicy, TooSlowError,
-                                    TransientError, declared_length, iter_body, read_head, retry_after_s,
-                                    transfer_deadline_s)
+from chestssl.data.transfer import (DEFAULT_MIN_RATE_KBPS, Deadline, RetryPolicy, TransientError, declared_length,
+                                    iter_body, read_head, retry_after_s)
 from chestssl.io import make_temp_dir, write_json
-
-# The retry and deadline names come from chestssl.data.transfer, shared with the idc source.
-__all__ = [
-    "DEFAULT_MIN_RATE_KBPS", "FALLBACK_LIST_BYTES", "FALLBACK_SERIES_BYTES", "IMAGE_BYTES_ESTIMATE",
-    "MAX_RETRY_AFTER_S", "PARTIAL_DIRNAME", "VERIFIED_MARKER",
-    "CorruptDownloadError", "RetryPolicy", "TciaError", "TciaSeries", "TooSlowError", "TransientError",
-    "UnsafeZipEntryError",
-    "check_base_url", "download_series", "download_tcia", "expected_series_bytes", "extract_verified",
-    "list_series", "safe_extract", "transfer_deadline_s", "verified_record",
-]
 
 LOG = logging.getLogger(__name__)
 
@@ -312,7 +301,7 @@ def download_series(
     replaced only once the new copy is verified. ``on_bytes`` is called with the size
     of every received chunk (a progress bar's ``update``). Each attempt must end within
     ``timeout_s`` plus the series' expected size (:func:`expected_series_bytes`) at
-    ``min_rate_kbps`` (0: no deadline), else it is retried as a :class:`TooSlowError`.
+    ``min_rate_kbps`` (0: no deadline), else it is retried as a :class:`~chestssl.data.transfer.TooSlowError`.
     """
     raw_dir = Path(raw_dir)
     final_dir = raw_dir / series.relative_dir

@@ -37,11 +37,6 @@ def test_a_work_folder_changes_the_size_the_vit_and_the_epochs_only(tmp_path):
     assert (work / "models" / "pretrain").resolve() == (checkout / "models" / "pretrain").resolve()
 
 
-def test_an_unknown_group_is_named():
-    with pytest.raises(SystemExit, match="no params file holds the group 'nothing'"):
-        segmentation_budget._set({"params.yaml": {"slices": {}}}, "nothing.size", 1)
-
-
 def test_a_checkout_without_outputs_is_refused_with_what_to_run(tmp_path):
     (tmp_path / "params").mkdir()
     for name in ["params.yaml", *(f"params/{p.name}" for p in (REPO / "params").glob("*.yaml"))]:

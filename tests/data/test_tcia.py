@@ -303,7 +303,8 @@ def test_a_dripping_series_list_is_retried_then_fails_naming_the_rate(tmp_path, 
 
 
 def test_series_deadline_grows_with_the_expected_size_and_has_fallbacks():
-    from chestssl.data.tcia import FALLBACK_SERIES_BYTES, IMAGE_BYTES_ESTIMATE, expected_series_bytes, transfer_deadline_s
+    from chestssl.data.tcia import FALLBACK_SERIES_BYTES, IMAGE_BYTES_ESTIMATE, expected_series_bytes
+    from chestssl.data.transfer import transfer_deadline_s
 
     sized = TciaSeries("LIDC-IDRI-0001", "1.2", "1.2.3", 100, file_size=50_000_000)
     counted = TciaSeries("LIDC-IDRI-0001", "1.2", "1.2.3", 100)
