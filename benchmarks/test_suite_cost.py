@@ -25,6 +25,8 @@ measured first in the same way, and the ratios are printed.
 from __future__ import annotations
 
 import argparse
+import csv
+import io
 import json
 import os
 import platform
@@ -43,9 +45,11 @@ if HERE not in sys.path:  # process_tree.py, beside this script, also when impor
 from process_tree import command_line, memory_kib, tree, write_atomic  # noqa: E402
 
 
-def measure(command: list[str], cwd: Path, interval: float, log: Path | None = None) -> dict:
+def measure(command: list[str], cwd: Path, interval: float, log: Path | None = None,
+            timeline: Path | None = None) -> dict:
     """Run ``command`` in ``cwd``; its wall time, peak summed memory and pytest's summary line
-    (its whole output written to ``log`` when given)."""
+    (its whole output written to ``log`` when given, and every sample to ``timeline`` as CSV:
+    seconds, summed PSS and RSS, the number of processes and the three largest by PSS)."""
     env = {**os.environ, "MPLBACKEND": "Agg", "DVC_NO_ANALYTICS": "1",
            "PATH": f"{Path(command[0]).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     peak = {"rss_mib": 0.0, "pss_mib": 0.0, "processes": 0, "at_pss_peak": []}
@@ -53,6 +57,7 @@ def measure(command: list[str], cwd: Path, interval: float, log: Path | None = N
     process = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                text=True)
     lines: list[str] = []
+    samples: list[list] = [["seconds", "pss_mib", "rss_mib", "processes", "largest_pss_mib"]]
     reader = threading.Thread(target=lambda: lines.extend(process.stdout), daemon=True)
     reader.start()
     while process.poll() is None:
@@ -66,11 +71,20 @@ def measure(command: list[str], cwd: Path, interval: float, log: Path | None = N
                                            if s[1]), reverse=True)
             peak["pss_peak_at_s"] = round(time.monotonic() - start)
         peak["processes"] = max(peak["processes"], len(pids))
+        if timeline is not None:
+            largest = sorted(((s[1], pid) for pid, s in zip(pids, sizes)), reverse=True)[:3]
+            samples.append([f"{time.monotonic() - start:.1f}", f"{pss:.0f}", f"{sum(s[0] for s in sizes) / 1024:.0f}",
+                            len(pids), " | ".join(f"{kib // 1024} [{pid}] {' '.join(command_line(pid).split())[-60:]}"
+                                                  for kib, pid in largest)])
         time.sleep(interval)
     reader.join()
     wall = time.monotonic() - start
     if log is not None:
         write_atomic(log, "".join(lines))
+    if timeline is not None:
+        text = io.StringIO()
+        csv.writer(text, lineterminator="\n").writerows(samples)
+        write_atomic(timeline, text.getvalue())
     # pytest's own last line (`N passed ... in S s`), not make's error line after a failure
     summary = next((line.strip() for line in reversed(lines) if re.search(r"\b(passed|failed|error)\b.* in ", line)),
                    next((line.strip() for line in reversed(lines) if line.strip()), ""))
@@ -99,6 +113,7 @@ def main() -> None:
     parser.add_argument("--command", help="measure this shell command instead (e.g. 'make test' in a fresh "
                                           "clone, the set-up included)")
     parser.add_argument("--log", type=Path, help="write the suite's whole output here")
+    parser.add_argument("--timeline", type=Path, help="write every memory sample here (CSV), to see what overlaps")
     parser.add_argument("pytest_args", nargs="*", help="more pytest arguments, after --")
     args = parser.parse_args()
 
@@ -115,15 +130,15 @@ def main() -> None:
     if args.base:
         results["base"] = measure(command(args.base), args.base, args.interval)
         _print("baseline", results["base"])
-    results["ours"] = measure(command(REPO), REPO, args.interval, args.log)
+    results["ours"] = measure(command(REPO), REPO, args.interval, args.log, args.timeline)
     _print("ours", results["ours"])
     for line in results["ours"]["failures"]:
         print("  ", line)
     for line in results["ours"]["slowest"]:
         print("  ", line)
     print(f"at the PSS peak ({results['ours']['pss_peak_at_s']} s in), MiB by process:")
-    for mib, command_line in results["ours"]["processes_at_pss_peak_mib"]:
-        print(f"   {mib:6d}  {command_line}")
+    for mib, process_command in results["ours"]["processes_at_pss_peak_mib"]:
+        print(f"   {mib:6d}  {process_command}")
     if args.base:
         base, ours = results["base"], results["ours"]
         results["ratios"] = {key: round(ours[key] / base[key], 2) for key in ("wall_s", "peak_pss_mib", "peak_rss_mib")
