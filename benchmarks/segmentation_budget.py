@@ -5,7 +5,8 @@ On a reproduced checkout (``data/processed`` and the run's pretrained encoder in
 ``seg_swinunetr_scratch``) is fine-tuned and evaluated on the test split, as
 ``finetune@<run>`` and ``evaluate@<run>`` do, for each slice size (``slices.size``; the ViT
 preset's ``img_size`` follows it, as the params check requires) and each number of epochs
-of its recipe (``recipes.<recipe>.epochs``; every other setting as in the params files).
+of its recipe (``recipes.<recipe>.epochs``; every other setting as in the params files, or
+as ``--set KEY=VALUE`` gives it, for every combination: ``KEY`` dotted, ``VALUE`` YAML).
 Each combination runs in a temporary working folder holding copies of the params files
 with those two values changed and links to ``data/processed`` and ``models/pretrain``, so
 the checkout's outputs are untouched. Reported per combination: the fine-tuning and
@@ -14,6 +15,8 @@ evaluation wall times, the median nodule's size in pixels at that slice size
 test split's global Dice with its patient-bootstrap interval.
 
     python benchmarks/segmentation_budget.py --sizes 64 96 --epochs 10 50
+    python benchmarks/segmentation_budget.py --sizes 64 --epochs 10 --set runs.seg_swinunetr_scratch.loss=dice \
+        --out reports/benchmarks/segmentation_dice_loss.md
 
 Results are printed and written atomically to ``reports/benchmarks/segmentation_budget.md``
 (and ``.json`` beside it).
@@ -42,10 +45,26 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 
-def _work_folder(root: Path, checkout: Path, size: int, recipe: str, epochs: int) -> Path:
+def _set(raw: dict, setting: str) -> None:
+    """Apply ``KEY=VALUE`` (dotted key, YAML value) to the raw params; the key must exist."""
+    import yaml
+
+    key, separator, value = setting.partition("=")
+    *parents, last = key.split(".")
+    node = raw
+    for part in parents:
+        node = node.get(part) if isinstance(node, dict) else None
+    if not separator or not isinstance(node, dict) or last not in node:
+        raise SystemExit(f"--set {setting}: expected KEY=VALUE with KEY a dotted key of the params files")
+    node[last] = yaml.safe_load(value)
+
+
+def _work_folder(root: Path, checkout: Path, size: int, recipe: str, epochs: int, settings: list[str]) -> Path:
     from chestssl.params import read_raw_params, write_raw_params
 
     raw, _ = read_raw_params(checkout / "params.yaml")
+    for setting in settings:
+        _set(raw, setting)
     raw["slices"]["size"] = size
     if "vit" in raw.get("backbones", {}):
         raw["backbones"]["vit"]["img_size"] = size
@@ -74,6 +93,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--run", default="seg_swinunetr_scratch", help="a 2D segmentation entry of `runs`")
     parser.add_argument("--sizes", type=int, nargs="+", default=[64, 96])
     parser.add_argument("--epochs", type=int, nargs="+", default=[10, 50])
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a params setting for every combination (repeatable), e.g. runs.<run>.loss=dice")
     parser.add_argument("--out", type=Path, default=REPO / "reports" / "benchmarks" / "segmentation_budget.md")
     args = parser.parse_args(argv)
 
@@ -96,7 +117,7 @@ def main(argv: list[str] | None = None) -> dict:
         for size in args.sizes:
             scale = nodule_scale(checkout / "data" / "processed", size, raw["slices"]["field_of_view"])
             for epochs in args.epochs:
-                work = _work_folder(Path(tmp), checkout, size, recipe, epochs)
+                work = _work_folder(Path(tmp), checkout, size, recipe, epochs, args.set)
                 finetune_s = _stage(work, "finetune.py", args.run, env)
                 evaluate_s = _stage(work, "evaluate.py", args.run, env)
                 trained = json.loads((work / "reports" / "finetune" / args.run / "metrics.json").read_text())
@@ -110,7 +131,7 @@ def main(argv: list[str] | None = None) -> dict:
                              "test_dice_interval": [round(dice["ci_low"], 4), round(dice["ci_high"], 4)],
                              "test_patients": tested.get("n_patients"), "test_images": tested.get("n_images")})
                 print(json.dumps(rows[-1]), flush=True)
-    result = {"run": args.run, "recipe": recipe, "checkout": str(checkout),
+    result = {"run": args.run, "recipe": recipe, "settings": args.set, "checkout": str(checkout),
               "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                           "python": platform.python_version(), "load_average": os.getloadavg()[0]},
               "rows": rows}
@@ -120,7 +141,8 @@ def main(argv: list[str] | None = None) -> dict:
         "",
         f"Written by `python benchmarks/segmentation_budget.py` (its docstring gives the method): `{args.run}` "
         f"(recipe `{recipe}`) fine-tuned and tested at each slice size and number of epochs, everything else as "
-        f"in the params files. Machine: {os.cpu_count()} CPUs, {platform.platform()}, Python "
+        f"in the params files{''.join(f', `{setting}`' for setting in args.set)}. "
+        f"Machine: {os.cpu_count()} CPUs, {platform.platform()}, Python "
         f"{platform.python_version()}. Test split: {base['test_patients']} patients, {base['test_images']} slices.",
         "",
         "| slice size | median nodule (px) | epochs | steps | fine-tuning (s) | vs first | evaluation (s) | best val Dice "

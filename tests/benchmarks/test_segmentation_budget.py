@@ -20,7 +20,8 @@ def test_a_work_folder_changes_the_size_the_vit_and_the_epochs_only(tmp_path):
         (checkout / name).write_text((REPO / name).read_text())
     (checkout / "data" / "processed").mkdir(parents=True)
     (checkout / "models" / "pretrain").mkdir(parents=True)
-    work = segmentation_budget._work_folder(tmp_path, checkout, 96, "segmentation", 30)
+    work = segmentation_budget._work_folder(tmp_path, checkout, 96, "segmentation", 30,
+                                            ["runs.seg_swinunetr_scratch.loss=dice"])
 
     def read(root, name):
         return yaml.safe_load((root / name).read_text())
@@ -32,9 +33,21 @@ def test_a_work_folder_changes_the_size_the_vit_and_the_epochs_only(tmp_path):
     before["backbones"]["vit"]["img_size"] = after["backbones"]["vit"]["img_size"]
     before["recipes"]["segmentation"]["epochs"] = after["recipes"]["segmentation"]["epochs"]
     assert before == after
-    assert read(checkout, "params/runs.yaml") == read(work, "params/runs.yaml")
+    runs = read(checkout, "params/runs.yaml")
+    assert read(work, "params/runs.yaml")["runs"]["seg_swinunetr_scratch"]["loss"] == "dice"
+    runs["runs"]["seg_swinunetr_scratch"]["loss"] = "dice"
+    assert runs == read(work, "params/runs.yaml")
     assert (work / "data" / "processed").resolve() == (checkout / "data" / "processed").resolve()
     assert (work / "models" / "pretrain").resolve() == (checkout / "models" / "pretrain").resolve()
+
+
+def test_a_setting_of_an_unknown_key_is_refused():
+    raw = {"runs": {"seg": {"loss": "ce"}}}
+    segmentation_budget._set(raw, "runs.seg.loss=dice")
+    assert raw == {"runs": {"seg": {"loss": "dice"}}}
+    for bad in ("runs.seg.los=dice", "runs.segg.loss=dice", "runs.seg.loss"):
+        with pytest.raises(SystemExit, match="expected KEY=VALUE with KEY a dotted key"):
+            segmentation_budget._set(raw, bad)
 
 
 def test_a_checkout_without_outputs_is_refused_with_what_to_run(tmp_path):
