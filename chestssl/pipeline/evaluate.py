@@ -54,7 +54,7 @@ def evaluate(
     model_path = Path(model_path) if model_path is not None else paths.finetune_model_path(name)
     out_dir = Path(out_dir) if out_dir is not None else paths.evaluate_dir(name)
     device = auto_device()
-    model = _load_run_model(run, name, model_path, seed, device)
+    model = load_run_model(run, name, model_path, seed, device)
     test = SliceDataset(processed_dir, "test", slices["size"], run["task"],
                         clean_per_nodule_slice=slices["clean_per_nodule_slice"], seed=seed,
                         clean_source=slices["clean_source"], field_of_view=slices["field_of_view"])
@@ -72,7 +72,7 @@ def evaluate(
         # between training runs, which the patient bootstrap above does not contain.
         by_seed = {seed: metrics}
         for training_seed in seeds[1:]:
-            other = _load_run_model(run, name, paths.seed_model_path(model_path, training_seed), training_seed, device)
+            other = load_run_model(run, name, paths.seed_model_path(model_path, training_seed), training_seed, device)
             out = predict_dataset(other.predict, test, device=device)
             by_seed[training_seed] = score_predictions(run["task"], out, params["evaluate"], seed=seed)
         metrics["training_seeds"] = spread_over_training_seeds(by_seed)
@@ -80,7 +80,7 @@ def evaluate(
     return metrics
 
 
-def _load_run_model(run: Mapping[str, Any], name: str, model_path: Path, seed: int, device: Any) -> Any:
+def load_run_model(run: Mapping[str, Any], name: str, model_path: Path, seed: int, device: Any) -> Any:
     """The fine-tuned model of ``runs.<name>`` in ``model_path``, on ``device``, in eval mode."""
     from chestssl.tasks import build_task
 

@@ -205,20 +205,27 @@ def _value(metrics: Mapping[str, Any], key: str) -> float | None:
     return float(value) if isinstance(value, (int, float)) else None
 
 
-def failure_lines(seg_metrics: Mapping[str, Mapping[str, Any]], cls_metrics: Mapping[str, Mapping[str, Any]]) -> list[str]:
+def failure_lines(seg_metrics: Mapping[str, Mapping[str, Any]], cls_metrics: Mapping[str, Mapping[str, Any]],
+                  seg_training: Mapping[str, int] | None = None) -> list[str]:
     """Lines for the reading note when the runs learned nothing a table could compare: every
     segmentation run's global Dice below :data:`FAILED_DICE`, or classifiers that give one
     class to every test item (their confusion matrix has no positive or no negative call).
-    ``*_metrics``: run -> its evaluate ``metrics.json``."""
+    ``*_metrics``: run -> its evaluate ``metrics.json``; ``seg_training``: the ``slices`` and
+    ``patients`` the 2D segmentation runs learn from (:func:`segmentation_training_size`)."""
     lines = []
     dice = {run: _value(m, "dice_global") for run, m in seg_metrics.items()}
     dice = {run: value for run, value in dice.items() if value is not None}
     if dice and max(dice.values()) < FAILED_DICE:
         best = max(dice, key=dice.get)
+        data = ""
+        if seg_training:
+            data = (f" They learn from the training split's {seg_training['slices']} nodule slices of "
+                    f"{seg_training['patients']} patients. On the quick profile, a run on larger slices with five "
+                    "times the steps fits those slices far better and its test Dice stays where it was "
+                    "(`reports/benchmarks/segmentation_budget.md`): what such runs lack is training patients.")
         lines.append(
             f"- **No segmentation run found the nodules.** The best global Dice of the {len(dice)} runs is "
-            f"{dice[best]:.3f} (`{best}`): the segmentation tables compare runs that all failed, at this resolution "
-            "and training budget, not methods."
+            f"{dice[best]:.3f} (`{best}`): the segmentation tables compare runs that all failed, not methods." + data
         )
     one_class = []
     for run, m in cls_metrics.items():
@@ -233,6 +240,16 @@ def failure_lines(seg_metrics: Mapping[str, Mapping[str, Any]], cls_metrics: Map
             "AUROC alone says whether their scores rank the slices."
         )
     return lines
+
+
+def segmentation_training_size(processed_dir: str | Path) -> dict[str, int]:
+    """``slices`` and ``patients``: the training split's nodule slices (label 1), which the
+    2D segmentation runs fine-tune on, and the patients they come from."""
+    from chestssl.data.processed import read_slices
+
+    slices = read_slices(processed_dir)
+    nodule = slices[(slices["split"] == "train") & (slices["label"] == 1)]
+    return {"slices": len(nodule), "patients": int(nodule["patient_id"].nunique())}
 
 
 def _distinct_counts(metrics: Mapping[str, Mapping[str, Any]], key: str) -> list[int]:
@@ -356,6 +373,7 @@ def build_report(
     costs: Mapping[str, Mapping[str, Any] | None] | None = None,
     nodule_scale: Mapping[str, float] | None = None,
     smaller_tables: Sequence[str] = (),
+    seg_training: Mapping[str, int] | None = None,
 ) -> list[Path]:
     """Write the tables, figures and ``README.md`` of the report under ``out_dir``.
 
@@ -389,6 +407,8 @@ def build_report(
             below :data:`FEW_NODULE_PIXELS`, at the top.
         smaller_tables: lines for the top of the report on tables that rest on fewer scans or
             images than the test split (:func:`smaller_table_lines`).
+        seg_training: what the 2D segmentation runs learn from (:func:`segmentation_training_size`),
+            said beside their failure when they all fail.
 
     Returns:
         The paths written.
@@ -566,7 +586,7 @@ def build_report(
             sections.append(f"## {title}\n\n{text.strip()}")
 
     failures = failure_lines({r: m for r, (m, _) in by_task["seg"].items()},
-                             {r: m for r, (m, _) in by_task["cls"].items()})
+                             {r: m for r, (m, _) in by_task["cls"].items()}, seg_training)
     # Patients from every metrics file; images from the downstream runs' (the reconstruction
     # metrics may use a few slices per patient, evaluate.reconstruction_slices_per_patient).
     test_patients = _test_size([m for m, _ in [*recon_metrics.values(), *run_metrics.values()]])[0]

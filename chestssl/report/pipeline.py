@@ -49,7 +49,7 @@ from chestssl.report.ablations import (
 )
 from chestssl.report.alignment_figures import alignment_figure, alignment_table
 from chestssl.report.anatomy_figures import anatomy_section, anatomy_title, nodule_scale
-from chestssl.report.build import build_report, smaller_table_lines
+from chestssl.report.build import build_report, segmentation_training_size, smaller_table_lines
 from chestssl.report.classifier_figures import classifier_figure_section
 from chestssl.report.comparison_figures import feature_map_figure, segmentation_comparison_figure
 from chestssl.report.comparisons import pretrained_vs_scratch_table
@@ -562,4 +562,5 @@ def build_pipeline_report(params: Mapping[str, Any], out_dir: Path = paths.REPOR
         nodule_scale=nodule_scale(paths.PROCESSED_DIR, params["slices"]["size"],
                                   params["slices"].get("field_of_view", "body")),
         smaller_tables=smaller_table_lines(metrics_3d, {name: metrics for name, (metrics, _) in finetuned.items()}),
+        seg_training=segmentation_training_size(paths.PROCESSED_DIR),
     )

@@ -351,10 +351,20 @@ def test_failed_runs_are_said_at_the_top():
                                "0.017 (`b`)")
     assert lines[1].startswith("- **1 of 2 classifiers give every test slice one class** (`c`)")
     assert failure_lines({**seg, "e": {"dice_global": {"value": 0.4}}}, {"d": cls["d"]}) == []
+    with_data = failure_lines(seg, cls, {"slices": 35, "patients": 6})[0]
+    assert with_data.startswith(lines[0]) and " They learn from the training split's 35 nodule slices of 6 patients." \
+        in with_data and "what such runs lack is training patients" in with_data
     real = load_params(REPO / "params.yaml")
     real["data"] = {**real["data"], "source": "local", "local": {"path": "data/LIDC-IDRI"}}
     note = reading_note(real, FEW_TEST_PATIENTS, 500, failures=lines)
     assert "No segmentation run found" in note and "For a comparison that can rank methods" in note
+
+
+def test_the_segmentation_training_size_counts_the_training_splits_nodule_slices(synthetic_processed):
+    from chestssl.report.build import segmentation_training_size
+
+    # synthetic_processed: p1 (train) has a nodule on slices 4..7; p0 (train) none.
+    assert segmentation_training_size(synthetic_processed) == {"slices": 4, "patients": 1}
 
 
 def test_tables_on_fewer_scans_or_images_are_said_at_the_top():
