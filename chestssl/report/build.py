@@ -242,12 +242,16 @@ def failure_lines(seg_metrics: Mapping[str, Mapping[str, Any]], cls_metrics: Map
     return lines
 
 
-def segmentation_training_size(processed_dir: str | Path) -> dict[str, int]:
+def segmentation_training_size(processed_dir: str | Path) -> dict[str, int] | None:
     """``slices`` and ``patients``: the training split's nodule slices (label 1), which the
-    2D segmentation runs fine-tune on, and the patients they come from."""
-    from chestssl.data.processed import read_slices
+    2D segmentation runs fine-tune on, and the patients they come from; ``None`` without
+    processed data (as :func:`~chestssl.report.anatomy_figures.nodule_scale`)."""
+    from chestssl.data.processed import ProcessedDataError, read_slices
 
-    slices = read_slices(processed_dir)
+    try:
+        slices = read_slices(processed_dir)
+    except (FileNotFoundError, ProcessedDataError):
+        return None
     nodule = slices[(slices["split"] == "train") & (slices["label"] == 1)]
     return {"slices": len(nodule), "patients": int(nodule["patient_id"].nunique())}
 

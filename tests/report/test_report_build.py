@@ -365,6 +365,7 @@ def test_the_segmentation_training_size_counts_the_training_splits_nodule_slices
 
     # synthetic_processed: p1 (train) has a nodule on slices 4..7; p0 (train) none.
     assert segmentation_training_size(synthetic_processed) == {"slices": 4, "patients": 1}
+    assert segmentation_training_size(synthetic_processed / "absent") is None
 
 
 def test_tables_on_fewer_scans_or_images_are_said_at_the_top():
