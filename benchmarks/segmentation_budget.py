@@ -81,12 +81,13 @@ def _work_folder(root: Path, checkout: Path, size: int, recipe: str, epochs: int
 
 def _training_dice(work: Path, run_name: str) -> tuple[float, int, int]:
     """Global Dice of the fine-tuned model in ``work`` on the training split's nodule slices,
-    the ones it learned from (as ``evaluate`` scores the test split: ``evaluate.seg_threshold``),
-    with the number of those slices and of their patients."""
-    import numpy as np
+    the ones it learned from, scored as ``evaluate`` scores the test split
+    (:func:`chestssl.eval.downstream.score_predictions`), with the number of those slices and
+    of their patients."""
     import torch
 
     from chestssl.data.datasets import SliceDataset
+    from chestssl.eval.downstream import score_predictions
     from chestssl.inference import predict_dataset
     from chestssl.params import load_params
     from chestssl.pipeline.evaluate import load_run_model
@@ -99,9 +100,8 @@ def _training_dice(work: Path, run_name: str) -> tuple[float, int, int]:
                          field_of_view=params["slices"]["field_of_view"])
     with torch.no_grad():
         out = predict_dataset(model.predict, train, device=cpu)
-    predicted, truth = out["output"] >= params["evaluate"]["seg_threshold"], out["mask"] > 0.5
-    dice = float(2 * np.logical_and(predicted, truth).sum() / max(predicted.sum() + truth.sum(), 1))
-    return dice, len(train), len(set(out["patient_id"]))
+    scored = score_predictions("seg", out, params["evaluate"], seed=params["seed"])
+    return scored["dice_global"]["value"], scored["n_images"], scored["n_patients"]
 
 
 def _stage(work: Path, script: str, run: str, env: dict[str, str]) -> float:
