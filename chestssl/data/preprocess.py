@@ -830,15 +830,20 @@ def _process_and_write(row: dict[str, Any], params: Mapping[str, Any], out_dir: 
 def _run_scans(
     rows: list[dict[str, Any]], params: Mapping[str, Any], dicom_root: Path, out_dir: Path, progress: bool
 ) -> list[ScanRecord | ScanError]:
-    """Process every row (in a pool when ``params['workers'] > 1``); outcomes in row order.
+    """Process every row (in a pool when ``params['workers'] > 1``) into ``out_dir``, the
+    run's :func:`partial_dir`; outcomes in row order.
 
-    With ``on_error: raise`` the first :class:`ScanError` stops the run.
+    pylidc's config files go to ``out_dir/pylidc-config``, not the system's temporary
+    folder, so a killed run leaves nothing behind that the next run's fresh partial folder
+    does not remove. With ``on_error: raise`` the first :class:`ScanError` stops the run.
     """
     stop_on_error = params["on_error"] == "raise"
     workers = min(int(params["workers"]), len(rows))
     outcomes: dict[int, ScanRecord | ScanError] = {}
+    config_root = str(out_dir / "pylidc-config")
+    os.makedirs(config_root, exist_ok=True)
     bar = tqdm(total=len(rows), desc="preprocess", unit="scan", disable=not progress)
-    with tempfile.TemporaryDirectory(prefix="chestssl-pylidc-") as config_root, bar:
+    with bar:
         if workers <= 1:
             with _pylidc_pointed_at(dicom_root, config_root):
                 for i, row in enumerate(rows):

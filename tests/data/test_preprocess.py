@@ -583,13 +583,17 @@ def _children(pid: int) -> list[int]:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="watches processes through /proc")
 def test_killed_run_leaves_no_workers_and_no_scans(phantom_raw, tmp_path):
-    """SIGKILL of a 2-worker run while its workers run: they die with it, and no scan of
-    the run reaches the output folder, then or later."""
+    """SIGKILL of a 2-worker run while its workers run: they die with it, no scan of the
+    run reaches the output folder, then or later, and nothing is left in the system's
+    temporary folder (pylidc's config files live in the run's partial folder)."""
     out = tmp_path / "processed"
+    system_tmp = tmp_path / "system-tmp"
+    system_tmp.mkdir()
     params = json.dumps({**PARAMS, "workers": 2})
     parent = subprocess.Popen(
         [sys.executable, "-c", _RUN_SCRIPT, str(phantom_raw), str(out), params],
         cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env={**os.environ, "TMPDIR": str(system_tmp)},
     )
     workers: list[int] = []
     try:
@@ -608,6 +612,7 @@ def test_killed_run_leaves_no_workers_and_no_scans(phantom_raw, tmp_path):
             time.sleep(0.05)
         assert not [w for w in workers if _alive(w)], "pool workers outlived their killed parent"
         assert not list(out.rglob("*.npz")), "a killed run left scans in the output folder"
+        assert not list(system_tmp.iterdir()), "a killed run left files in the temporary folder"
     finally:
         for worker in workers:
             if _alive(worker):
