@@ -94,7 +94,7 @@ def load_params(tiny: bool) -> dict[str, Any]:
     if tiny:
         raw["backbones"]["swin_3d"] = {**raw["backbones"]["swin"], "spatial_dims": 3}
         raw["methods"]["dae_all_3d"] = copy.deepcopy(profile["methods"]["dae_all_3d"])
-        raw["crops"]["size"] = TINY_CROP
+        raw["crops"]["side"] = TINY_CROP
         source = "params.yaml + dae_all_3d"
     else:
         merge_profile(raw, profile)
@@ -113,13 +113,13 @@ def build_model(name: str, params: dict[str, Any]) -> tuple[torch.nn.Module, dic
         _, cfg = pretrain_entry(params, name)
         method = build_method(name, cfg, seed)
         dims = int(cfg["backbone"].get("spatial_dims", 2))
-        side = params["crops"]["size"] if dims == 3 else params["slices"]["size"]
+        side = params["crops"]["side"] if dims == 3 else params["slices"]["side"]
         return method, dict(cfg["train"]), (side,) * dims, method.monitor[0]
     run = params["runs"][name]
     _, init_cfg = pretrain_entry(params, run["init"])
     encoder = build_method(run["init"], init_cfg, seed).export()
     task = build_task(run, encoder, seed, name=name, train_labels=[0, 1] * 8)
-    side = params["slices"]["size"]
+    side = params["slices"]["side"]
     return task, dict(run["train"]), (side, side), "val/loss"
 
 

@@ -2,7 +2,7 @@
 
 The 2D models see each processed slice cropped to ``slices.field_of_view`` (``body``: the
 whole slice, cropped to the body; ``lungs``: the scan's ``lung_box``), padded to a square
-and resized to ``slices.size``. On a ``data/processed`` folder (default: this checkout's,
+and resized to ``slices.side``. On a ``data/processed`` folder (default: this checkout's,
 written by ``dvc repro preprocess``), for each size and field of view: the median over the
 nodules of ``nodules.csv`` of their consensus diameter in slice pixels, with the median mm
 per pixel (:func:`chestssl.report.anatomy_figures.nodule_scale`), and the compute per slice

@@ -3,7 +3,7 @@
 On a reproduced checkout (``data/processed`` and the run's pretrained encoder in
 ``models/pretrain/``), one 2D segmentation run of ``runs`` (default
 ``seg_swinunetr_scratch``) is fine-tuned and evaluated on the test split, as
-``finetune@<run>`` and ``evaluate@<run>`` do, for each slice size (``slices.size``; the ViT
+``finetune@<run>`` and ``evaluate@<run>`` do, for each slice size (``slices.side``; the ViT
 preset's ``img_size`` follows it, as the params check requires) and each number of epochs
 of its recipe (``recipes.<recipe>.epochs``; every other setting as in the params files, or
 as ``--set KEY=VALUE`` gives it, for every combination: ``KEY`` dotted, ``VALUE`` YAML).
@@ -66,7 +66,7 @@ def _work_folder(root: Path, checkout: Path, size: int, recipe: str, epochs: int
     raw, _ = read_raw_params(checkout / "params.yaml")
     for setting in settings:
         _set(raw, setting)
-    raw["slices"]["size"] = size
+    raw["slices"]["side"] = size
     if "vit" in raw.get("backbones", {}):
         raw["backbones"]["vit"]["img_size"] = size
     raw["recipes"][recipe]["epochs"] = epochs
@@ -96,7 +96,7 @@ def _training_dice(work: Path, run_name: str) -> tuple[float, int, int]:
     cpu = torch.device("cpu")
     model = load_run_model(params["runs"][run_name], run_name, work / "models" / "finetune" / run_name / "model.pt",
                            params["seed"], cpu)
-    train = SliceDataset(work / "data" / "processed", "train", params["slices"]["size"], "seg",
+    train = SliceDataset(work / "data" / "processed", "train", params["slices"]["side"], "seg",
                          field_of_view=params["slices"]["field_of_view"])
     with torch.no_grad():
         out = predict_dataset(model.predict, train, device=cpu)

@@ -47,7 +47,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--scans", type=int, default=32, help="synthetic scans, all in the train split (default 32)")
     parser.add_argument("--slices", type=int, default=125, help="slices per scan (default 125)")
     parser.add_argument("--side", type=int, default=256, help="side of the processed slices (default 256)")
-    parser.add_argument("--size", type=int, default=128, help="SliceDataset size (default 128, as slices.size)")
+    parser.add_argument("--size", type=int, default=128, help="SliceDataset size (default 128, as slices.side)")
     parser.add_argument("--processes", type=int, default=4, help="processes reading one dataset at once (default 4)")
     parser.add_argument("--out", type=Path, default=REPO / "reports" / "benchmarks" / "slice_cache_memory.json")
     parser.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)

@@ -245,8 +245,8 @@ class ViTBackbone(Config):
 
     name: Literal["vit"]
     spatial_dims: Int(choices=(2, 3))
-    img_size: Int(ge=1, doc="side of the input; equal to slices.size (2D) or crops.size (3D); an entry trained "
-                            "on radiographs takes radiographs.size instead")
+    img_size: Int(ge=1, doc="side of the input; equal to slices.side (2D) or crops.side (3D); an entry trained "
+                            "on radiographs takes radiographs.side instead")
     patch_size: Int(ge=1, doc="divides img_size")
     hidden_size: Int(ge=1, doc="a multiple of num_heads")
     num_layers: Int(ge=1)
@@ -558,7 +558,8 @@ FIELDS_OF_VIEW = ("body", "lungs")
 
 
 class Slices(Config):
-    size: Int(ge=32, le=1024, doc="the UNet encoder pools 4 times and needs >= 2 pixels at 1/16")
+    side: Int(ge=32, le=1024, doc="side of the square slices in pixels; the UNet encoder pools 4 times and needs "
+                                  ">= 2 pixels at 1/16")
     clean_per_nodule_slice: Float(ge=0.0)
     clean_source: Str(choices=CLEAN_SOURCES, doc="clean slices from any slice without nodule pixels, or only from "
                                                  "patients without any annotation (seed 000)")
@@ -567,7 +568,7 @@ class Slices(Config):
 
 
 class Radiographs(Config):
-    size: Int(ge=32, le=1024, doc="a multiple of 16")
+    side: Int(ge=32, le=1024, doc="side of the square radiographs in pixels, a multiple of 16")
     mu_water_per_mm: Float(gt=0.0, doc="linear attenuation of water per mm")
     window_percentiles: List(Float(ge=0.0, le=100.0), length=2)
 
@@ -581,7 +582,7 @@ class RadiographPretrainingTrain(Config):
 
 
 #: Backbone keys ``pretrain_radiographs.per_entry.<name>.backbone`` may not set: the network's
-#: kind and dimension are the entry's, and a ViT's ``img_size`` is ``radiographs.size``.
+#: kind and dimension are the entry's, and a ViT's ``img_size`` is ``radiographs.side``.
 RADIOGRAPH_FIXED_BACKBONE_KEYS = ("name", "spatial_dims", "img_size")
 
 
@@ -654,7 +655,7 @@ CROP_DRAWS = ("once", "every_epoch")
 
 
 class Crops(Config):
-    size: Int(ge=8, doc="side of the cubic crops of 3D methods; seed 003: 96")
+    side: Int(ge=8, doc="side of the cubic crops of 3D methods in voxels; seed 003: 96")
     per_scan: Int(ge=1, doc="crops per scan (per epoch with draw every_epoch)")
     positive_fraction: Float(ge=0.0, le=1.0, doc="share of crops centred on a nodule")
     draw: Str(choices=CROP_DRAWS, doc="training crop positions drawn once, or anew every epoch (seed 003); "
@@ -909,8 +910,8 @@ def _cross_checks(params: dict, problems: list[str]) -> None:
         if window[0] >= window[1]:
             problems.append(f"preprocess.hu_window: got {window}, expected [low, high] with low < high")
     radiographs = params.get("radiographs", {})
-    if isinstance(radiographs.get("size"), int) and radiographs["size"] % 16:
-        problems.append(f"radiographs.size: got {radiographs['size']}, expected a multiple of 16")
+    if isinstance(radiographs.get("side"), int) and radiographs["side"] % 16:
+        problems.append(f"radiographs.side: got {radiographs['side']}, expected a multiple of 16")
     low_high = radiographs.get("window_percentiles")
     if isinstance(low_high, list) and len(low_high) == 2 and low_high[0] >= low_high[1]:
         problems.append(f"radiographs.window_percentiles: got {low_high}, expected [low, high] with low < high")
@@ -1134,7 +1135,7 @@ def _check_radiograph_entries(params: dict, problems: list[str],
     listed entry as trained on radiographs (:func:`radiograph_entry`) holds together: its
     ``train`` block passes :func:`schedule_problems` (e.g. seed 004's 10-epoch warm-up needs
     more than 10 radiograph epochs), its backbone its preset's schema, a ViT's patches tile
-    ``radiographs.size``, and its method's config accepts that backbone (``method_configs``)."""
+    ``radiographs.side``, and its method's config accepts that backbone (``method_configs``)."""
     from chestssl.schema import tags
 
     block = params.get("pretrain_radiographs")
@@ -1143,7 +1144,7 @@ def _check_radiograph_entries(params: dict, problems: list[str],
         return
     listed = [name for key in ("methods", "study_methods") for name in block.get(key) or []]
     listed = [name for name in dict.fromkeys(listed) if isinstance(methods.get(name), Mapping)]
-    size = params["radiographs"]["size"]
+    size = params["radiographs"]["side"]
     usable = set(listed)
     for name, own in (block.get("per_entry") or {}).items():
         where = f"pretrain_radiographs.per_entry.{name}"
@@ -1158,8 +1159,8 @@ def _check_radiograph_entries(params: dict, problems: list[str],
         backbone = entry.get("backbone") or {}
         for key in own.get("backbone") or {}:
             if key == "img_size" and backbone.get("name") == "vit":
-                problems.append(f"{where}.backbone.img_size: a ViT trained on radiographs takes radiographs.size "
-                                f"({size}) as its img_size; change radiographs.size instead")
+                problems.append(f"{where}.backbone.img_size: a ViT trained on radiographs takes radiographs.side "
+                                f"({size}) as its img_size; change radiographs.side instead")
             elif key in RADIOGRAPH_FIXED_BACKBONE_KEYS or key not in backbone:
                 allowed = [k for k in backbone if k not in RADIOGRAPH_FIXED_BACKBONE_KEYS]
                 problems.append(f"{where}.backbone.{key}: not a key this override may set; the "
@@ -1190,7 +1191,7 @@ def _check_radiograph_entries(params: dict, problems: list[str],
             own = (block["per_entry"].get(name) or {}).get("backbone") or {}
             source = "" if "patch_size" in own else " (the preset's)"
             problems.append(f"{where}.backbone.patch_size: got {backbone['patch_size']}{source}, which does not "
-                            f"divide radiographs.size {size}, the ViT's img_size on radiographs")
+                            f"divide radiographs.side {size}, the ViT's img_size on radiographs")
             continue
         config = method_configs.get(entry.get("method"))
         if config is None:
@@ -1280,8 +1281,8 @@ def _check_method_inputs(params: dict, problems: list[str],
             continue
         used_by = f" (the backbone of {', '.join(users[preset])})"
         three_d = backbone.get("spatial_dims") == 3
-        side = params["crops"]["size"] if three_d else params["slices"]["size"]
-        source = "crops.size" if three_d else "slices.size"
+        side = params["crops"]["side"] if three_d else params["slices"]["side"]
+        source = "crops.side" if three_d else "slices.side"
         if backbone.get("img_size") != side:
             problems.append(
                 f"backbones.{preset}.img_size: got {backbone.get('img_size')}, but {source} is {side}; "
@@ -1366,8 +1367,8 @@ def radiograph_entry(params: Mapping[str, Any], name: str, listed_in: str | None
 
     Its ``train`` block (none for ``scratch`` entries) takes ``pretrain_radiographs.train``,
     then the entry's own ``pretrain_radiographs.per_entry.<name>.train``; a ViT backbone takes
-    ``radiographs.size`` as its ``img_size`` (so radiographs never force the CT's
-    ``slices.size``; seed 004: 256 px), then any backbone keys of
+    ``radiographs.side`` as its ``img_size`` (so radiographs never force the CT's
+    ``slices.side``; seed 004: 256 px), then any backbone keys of
     ``pretrain_radiographs.per_entry.<name>.backbone`` (seed 004: ``patch_size`` 32).
     Exported encoders carry this backbone, so their consumers rebuild it from the file.
     The entry's ``epoch_unit`` is left out: it counts CT slices, and a radiograph epoch is
@@ -1387,9 +1388,30 @@ def radiograph_entry(params: Mapping[str, Any], name: str, listed_in: str | None
         entry["train"] = {**entry["train"], **block["train"], **(own.get("train") or {})}
     backbone = dict(entry["backbone"])
     if backbone.get("name") == "vit":
-        backbone["img_size"] = params["radiographs"]["size"]
+        backbone["img_size"] = params["radiographs"]["side"]
     entry["backbone"] = {**backbone, **copy.deepcopy(own.get("backbone") or {})}
     return entry
+
+
+#: Keys DVC's run-cache leaves out of a stage's identity, at any depth of its params (DVC
+#: 3's ``dvc.stage.cache._get_cache_hash`` drops them as file metadata): a stage whose
+#: param of such a name changed would be answered with the outputs of the old value.
+RUN_CACHE_BLIND_KEYS = ("size", "nfiles")
+
+
+def run_cache_blind_keys(raw: Any, path: str = "") -> list[str]:
+    """One problem per key of ``raw`` (nested mappings and lists) named as one of
+    :data:`RUN_CACHE_BLIND_KEYS`; such a key would make ``dvc repro`` and ``dvc exp run``
+    restore results made with its earlier value."""
+    found = []
+    items = raw.items() if isinstance(raw, Mapping) else enumerate(raw) if isinstance(raw, list) else ()
+    for key, value in items:
+        where = f"{path}[{key}]" if isinstance(key, int) else f"{path}.{key}" if path else str(key)
+        if key in RUN_CACHE_BLIND_KEYS:
+            found.append(f"{where}: DVC's run-cache ignores keys named {key!r}, so a change of it would restore "
+                         "results made with the old value; rename it (a side in pixels is `side`)")
+        found.extend(run_cache_blind_keys(value, where))
+    return found
 
 
 def validate(raw: Mapping[str, Any], source: str = "params.yaml",
@@ -1402,7 +1424,9 @@ def validate(raw: Mapping[str, Any], source: str = "params.yaml",
 
     Raises :class:`ParamsError` listing every problem found.
     """
-    problems: list[str] = []
+    problems = run_cache_blind_keys(raw)
+    if problems:
+        raise ParamsError(problems, source)
     model = params_model(method_configs)
     params = _schema_check(raw, problems, model)
     if not problems:

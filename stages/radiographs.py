@@ -11,7 +11,7 @@ def main(argv: list[str]) -> None:
     from chestssl.pipeline.radiographs import radiographs
 
     params = load_params()
-    cxr, size = params["data"]["cxr"], params["radiographs"]["size"]
+    cxr, size = params["data"]["cxr"], params["radiographs"]["side"]
     studies = radiographs(params, paths.PROCESSED_DIR, paths.RADIOGRAPHS_DIR)
     if cxr["source"] == "rendered":
         print(

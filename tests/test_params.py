@@ -66,7 +66,7 @@ def test_full_profile_is_valid_after_merge():
     merged = params_with_profile(ROOT / "params" / "lidc-full.yaml", ROOT / "params.yaml")
     params = validate(merged, method_configs=method_configs())
     assert params["data"]["source"] == "tcia"
-    assert params["slices"]["size"] == 128
+    assert params["slices"]["side"] == 128
     # Each seed's own radiograph recipe (seed 001: 60 epochs at 128; seed 004: 200 at 512, 5% warm-up,
     # 256 px in patches of 32), the CT's ViT left at 128 px.
     barlow = radiograph_entry(params, "barlow_twins")["train"]
@@ -75,7 +75,7 @@ def test_full_profile_is_valid_after_merge():
         entry = radiograph_entry(params, name, listed_in)
         assert (entry["train"]["epochs"], entry["train"]["batch_size"], entry["train"]["warmup_epochs"]) == (200, 512, 10)
         assert (entry["backbone"]["img_size"], entry["backbone"]["patch_size"]) == (256, 32)
-        assert params["methods"][name]["backbone"]["img_size"] == params["slices"]["size"] == 128
+        assert params["methods"][name]["backbone"]["img_size"] == params["slices"]["side"] == 128
     assert radiograph_entry(params, "scratch_vit")["backbone"]["patch_size"] == 32
 
 
@@ -163,7 +163,7 @@ def test_multihead_seg_beta_inherits_the_top_level_value_unless_set(raw):
 
 
 def test_sizes_that_must_agree_with_the_data_are_checked(raw):
-    raw["backbones"]["vit"]["img_size"] = 32  # slices.size is 64
+    raw["backbones"]["vit"]["img_size"] = 32  # slices.side is 64
     raw["backbones"]["vit_p7"] = {**raw["backbones"]["vit"], "img_size": 64, "patch_size": 7}
     raw["methods"]["diffmae"]["backbone"] = "vit_p7"
     raw["methods"]["diffmae"]["beta_start"] = 0.5
@@ -172,7 +172,7 @@ def test_sizes_that_must_agree_with_the_data_are_checked(raw):
     found = problems(raw)
     # once per preset, naming the entries that use it
     assert [p for p in found if p.startswith("backbones.vit.img_size")] == [
-        "backbones.vit.img_size: got 32, but slices.size is 64; the ViT's position embeddings are built for one "
+        "backbones.vit.img_size: got 32, but slices.side is 64; the ViT's position embeddings are built for one "
         "input size, so set them equal (the backbone of methods.scratch_vit, methods.mae)"]
     assert any(p.startswith("backbones.vit_p7.patch_size: got 7") for p in found)
     assert any(p.startswith("methods.diffmae: beta_start 0.5 must be below beta_end 0.2") for p in found)
@@ -180,7 +180,7 @@ def test_sizes_that_must_agree_with_the_data_are_checked(raw):
 
 
 def test_a_3d_vit_is_sized_by_the_crops(raw):
-    raw["backbones"]["vit_3d"] = {**raw["backbones"]["vit"], "spatial_dims": 3, "img_size": raw["crops"]["size"],
+    raw["backbones"]["vit_3d"] = {**raw["backbones"]["vit"], "spatial_dims": 3, "img_size": raw["crops"]["side"],
                                   "hidden_size": 48}  # 3D sin-cos position embeddings need a multiple of 6
     raw["methods"]["mae"]["backbone"] = "vit_3d"
     raw["runs"] = {name: run for name, run in raw["runs"].items() if run["init"] != "mae"}
@@ -220,14 +220,14 @@ def test_radiograph_pretraining_names_2d_methods_once_sized_for_the_radiographs(
     raw["pretrain_radiographs"]["methods"] = ["mae", "mae", "dae_all", "no_such_method"]
     raw["backbones"]["swin_3d"] = {**raw["backbones"]["swin"], "spatial_dims": 3}
     raw["methods"]["dae_all"]["backbone"] = "swin_3d"
-    raw["radiographs"]["size"] = 96
+    raw["radiographs"]["side"] = 96
     raw["radiographs"]["window_percentiles"] = [99.0, 1.0]
     raw["pretrain_radiographs"]["views"] = ["frontal", "frontal"]
     found = "\n".join(problems(raw))
     assert "pretrain_radiographs.methods: 'mae' is listed twice" in found
     assert "pretrain_radiographs.methods: 'no_such_method' is not an entry under `methods`" in found
     assert "pretrain_radiographs.methods: 'dae_all' has a 3D backbone" in found
-    assert "ViT" not in found and "per_entry" not in found  # a ViT takes radiographs.size (96), not slices.size
+    assert "ViT" not in found and "per_entry" not in found  # a ViT takes radiographs.side (96), not slices.side
     assert "radiographs.window_percentiles: got [99.0, 1.0], expected [low, high] with low < high" in found
     assert "pretrain_radiographs.views: 'frontal' is listed twice" in found
 
@@ -251,11 +251,11 @@ def test_radiograph_views_and_size_are_checked(raw):
     bad_view["pretrain_radiographs"]["views"] = ["oblique"]
     found = "\n".join(problems(bad_view))
     assert "pretrain_radiographs.views" in found and "'oblique'" in found
-    raw["radiographs"]["size"] = 72
+    raw["radiographs"]["side"] = 72
     raw["pretrain_radiographs"]["methods"] = ["barlow_twins"]  # a ResNet takes any size
     raw["pretrain_radiographs"]["study_methods"] = []
     drop_radiograph_runs_of_absent_encoders(raw)
-    assert problems(raw) == ["radiographs.size: got 72, expected a multiple of 16"]
+    assert problems(raw) == ["radiographs.side: got 72, expected a multiple of 16"]
 
 
 def test_the_ablations_on_radiographs_name_existing_radiograph_runs_once(raw):
@@ -588,7 +588,7 @@ def test_per_entry_radiograph_settings_are_checked_with_their_key(raw):
     per_entry["dae_all"] = {"train": {"epochs": 3}}  # listed in neither list
     per_entry["scratch_vit"] = {"train": {"epochs": 3}}  # trains nothing
     per_entry["barlow_twins"] = {"backbone": {"patch_size": 32, "name": "resnet50"}}  # not a ResNet key; fixed
-    per_entry["mae"] = {"backbone": {"img_size": 128}}  # radiographs.size decides
+    per_entry["mae"] = {"backbone": {"img_size": 128}}  # radiographs.side decides
     per_entry["diffmae"] = {"backbone": {"hidden_size": 66}}
     assert problems(raw) == [
         "pretrain_radiographs.per_entry.dae_all: 'dae_all' is listed in neither pretrain_radiographs.methods nor "
@@ -599,8 +599,8 @@ def test_per_entry_radiograph_settings_are_checked_with_their_key(raw):
         "'resnet18' backbone of methods.barlow_twins allows: block_inplanes",
         "pretrain_radiographs.per_entry.barlow_twins.backbone.name: not a key this override may set; the "
         "'resnet18' backbone of methods.barlow_twins allows: block_inplanes",
-        "pretrain_radiographs.per_entry.mae.backbone.img_size: a ViT trained on radiographs takes radiographs.size "
-        "(64) as its img_size; change radiographs.size instead",
+        "pretrain_radiographs.per_entry.mae.backbone.img_size: a ViT trained on radiographs takes radiographs.side "
+        "(64) as its img_size; change radiographs.side instead",
         "pretrain_radiographs.per_entry.diffmae.backbone.hidden_size: got 66, which is not divisible by num_heads 4",
     ]
 
@@ -608,26 +608,26 @@ def test_per_entry_radiograph_settings_are_checked_with_their_key(raw):
 def test_a_radiograph_vit_is_sized_by_the_radiographs_and_its_patches_must_tile_them(raw):
     from chestssl.params import radiograph_entry
 
-    raw["radiographs"]["size"] = 128  # slices.size stays 64, and so does the CT's ViT
+    raw["radiographs"]["side"] = 128  # slices.side stays 64, and so does the CT's ViT
     raw["pretrain_radiographs"]["per_entry"] = {"mae": {"backbone": {"patch_size": 16}}}
     params = validate(copy.deepcopy(raw))
     assert radiograph_entry(params, "mae")["backbone"]["img_size"] == 128
     assert radiograph_entry(params, "mae")["backbone"]["patch_size"] == 16
     assert radiograph_entry(params, "diffmae", "study_methods")["backbone"]["patch_size"] == 8  # the preset's
-    assert params["methods"]["mae"]["backbone"]["img_size"] == params["slices"]["size"] == 64
+    assert params["methods"]["mae"]["backbone"]["img_size"] == params["slices"]["side"] == 64
 
-    raw["radiographs"]["size"] = 80
+    raw["radiographs"]["side"] = 80
     raw["pretrain_radiographs"]["per_entry"] = {"mae": {"backbone": {"patch_size": 32}}}
     raw["backbones"]["vit"]["patch_size"] = 16  # divides 64 and 80
     assert problems(raw) == ["pretrain_radiographs.per_entry.mae.backbone.patch_size: got 32, which does not divide "
-                             "radiographs.size 80, the ViT's img_size on radiographs"]
+                             "radiographs.side 80, the ViT's img_size on radiographs"]
     raw["backbones"]["vit"]["patch_size"] = 32  # divides 64, not 80
     raw["pretrain_radiographs"]["per_entry"] = {}
     assert "pretrain_radiographs.per_entry.scratch_vit.backbone.patch_size: got 32 (the preset's), which does not " \
-           "divide radiographs.size 80, the ViT's img_size on radiographs" in problems(raw)
+           "divide radiographs.side 80, the ViT's img_size on radiographs" in problems(raw)
 
     # What the method asks of its backbone is checked on the radiographs' one too: one patch masks nothing.
-    raw["radiographs"]["size"] = 64
+    raw["radiographs"]["side"] = 64
     raw["backbones"]["vit"]["patch_size"] = 8
     raw["pretrain_radiographs"]["per_entry"] = {"mae": {"backbone": {"patch_size": 64}}}
     (problem,) = problems(raw)
@@ -657,7 +657,7 @@ def test_the_full_profile_without_its_radiograph_recipes_is_refused():
 
     profile = yaml.safe_load((ROOT / "params" / "lidc-full.yaml").read_text())
     del profile["pretrain_radiographs"], profile["include"]  # its included entries: read_shipped_params has them
-    profile["radiographs"]["size"] = 128
+    profile["radiographs"]["side"] = 128
     merged = merge_profile(read_shipped_params(), profile)
     with pytest.raises(ParamsError) as error:
         validate(merged)

@@ -153,7 +153,7 @@ def run_dataset(
     from chestssl.data.datasets import SliceDataset
 
     run, slices = params["runs"][run_name], params["slices"]
-    return SliceDataset(Path(processed_dir), split, slices["size"], run["task"],
+    return SliceDataset(Path(processed_dir), split, slices["side"], run["task"],
                         clean_per_nodule_slice=slices["clean_per_nodule_slice"], seed=params["seed"],
                         clean_source=slices["clean_source"], field_of_view=slices["field_of_view"],
                         patient_ids=list(patient_ids) if patient_ids is not None else None)

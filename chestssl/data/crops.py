@@ -101,7 +101,7 @@ class CropDataset(Dataset):
     Args:
         processed_dir: the ``data/processed`` folder.
         split: ``train``, ``val`` or ``test``.
-        size: side C of the cubic crops (``crops.size`` in params.yaml).
+        size: side C of the cubic crops (``crops.side`` in params.yaml).
         crops_per_scan: crops drawn from each scan (``crops.per_scan``).
         positive_fraction: probability that a crop is centred on a nodule voxel
             (``crops.positive_fraction``).

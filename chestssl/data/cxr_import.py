@@ -2,7 +2,7 @@
 
 :func:`chestssl.data.cxr.read_cxr_dataset` reads the dataset's published layout into one
 table (one row per image, patient-level split, labels); :func:`import_radiographs` loads
-every listed image at ``radiographs.size`` (:func:`chestssl.data.cxr.load_radiograph`) and
+every listed image at ``radiographs.side`` (:func:`chestssl.data.cxr.load_radiograph`) and
 writes the layout of :mod:`chestssl.data.radiograph_folder`, the same one the rendered
 radiographs use, so pretraining, probing and alignment run unchanged on it.
 
@@ -71,7 +71,7 @@ def import_radiographs(
     Args:
         cfg: the validated ``data.cxr`` params, or a :class:`~chestssl.data.cxr.CXRConfig`.
         out_dir: the radiographs folder (``data/radiographs``).
-        size: the side of the stored images (``radiographs.size``).
+        size: the side of the stored images (``radiographs.side``).
 
     Returns ``studies.csv``'s table. ``images.csv`` keeps each image's ``view_position`` and
     its ``path`` relative to ``cfg.root``.

@@ -59,7 +59,7 @@ STUDY_COLUMNS = [
     "scan_id", "malignancy", "nodule_id", "frontal_row", "frontal_col", "lateral_row", "lateral_col",
 ]
 #: The ``radiographs`` params the renderer reads.
-CFG_FIELDS = ("size", "mu_water_per_mm", "window_percentiles")
+CFG_FIELDS = ("side", "mu_water_per_mm", "window_percentiles")
 
 
 class RadiographError(UserError, RuntimeError):
@@ -345,14 +345,14 @@ def render_study(
         image: ``(Z, Y, X)`` in [0, 1], the processed CT (HU windowed to ``hu_window``).
         mask: ``(Z, Y, X)`` uint8 nodule labels.
         spacing: voxel size (z, y, x) in mm.
-        cfg: the ``radiographs`` params (``size``, ``mu_water_per_mm``, ``window_percentiles``).
+        cfg: the ``radiographs`` params (``side``, ``mu_water_per_mm``, ``window_percentiles``).
         hu_window: the ``preprocess.hu_window`` the image was windowed with.
     """
     if image.shape != mask.shape or image.ndim != 3:
         raise ValueError(f"expected image and mask of one (Z, Y, X) shape, got {image.shape} and {mask.shape}")
     mu = attenuation_per_mm(hu_from_processed(image, hu_window), cfg["mu_water_per_mm"])
     lower, upper = cfg["window_percentiles"]
-    geometry = study_geometry(image.shape, spacing, cfg["size"])
+    geometry = study_geometry(image.shape, spacing, cfg["side"])
     images, masks = {}, {}
     for view, geo in geometry.items():
         integral = geo.resample_image(line_integral(mu, spacing, view))
@@ -438,7 +438,7 @@ def render_radiographs(
     for path in inputs:
         _require(path)
     fingerprint = input_fingerprint({"cfg": cfg, "hu_window": list(hu_window), "scans": scans.to_dict("list")}, inputs)
-    writer = RadiographFolderWriter(out_dir, 2 * len(scans), cfg["size"], with_masks=True, fingerprint=fingerprint)
+    writer = RadiographFolderWriter(out_dir, 2 * len(scans), cfg["side"], with_masks=True, fingerprint=fingerprint)
 
     studies, images = [], []
     for position, scan in enumerate(tqdm(scans.itertuples(index=False), total=len(scans), desc="radiographs",
@@ -455,7 +455,7 @@ def render_radiographs(
             writer.checkpoint(2 * position + 2)
             geometry = study.geometry
         else:  # the labels still need the view geometry
-            geometry = study_geometry(volume["image"].shape, volume["spacing"], cfg["size"])
+            geometry = study_geometry(volume["image"].shape, volume["spacing"], cfg["side"])
         labels = study_labels(nodules[nodules["scan_id"] == scan.scan_id], geometry)
         malignant = int(labels["nodule"] == 1 and labels["malignancy"] >= MALIGNANT_MIN_RATING)
         studies.append({"study_id": scan.scan_id, "patient_id": scan.patient_id, "split": scan.split,

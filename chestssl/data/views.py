@@ -54,7 +54,7 @@ def _crops(params: Mapping[str, Any], processed_dir: Path, split: str,
     crops = params["crops"]
     kind = EpochCropDataset if pretext and split == "train" and crops["draw"] == "every_epoch" else CropDataset
     return kind(
-        processed_dir, split, crops["size"], crops["per_scan"], crops["positive_fraction"], seed=params["seed"],
+        processed_dir, split, crops["side"], crops["per_scan"], crops["positive_fraction"], seed=params["seed"],
         min_nodule_voxels=params["preprocess"]["min_nodule_pixels"],
     )
 
@@ -69,7 +69,7 @@ def pretrain_view(params: Mapping[str, Any], entry: Mapping[str, Any], split: st
     """
     if spatial_dims_of(entry) == 3:
         return _crops(params, processed_dir, split, pretext=True)
-    slices = SliceDataset(processed_dir, split, params["slices"]["size"], "pretrain", seed=params["seed"],
+    slices = SliceDataset(processed_dir, split, params["slices"]["side"], "pretrain", seed=params["seed"],
                           field_of_view=params["slices"]["field_of_view"])
     if entry.get("epoch_unit", DEFAULT_EPOCH_UNIT) != "scans" or split == "test":
         return slices
@@ -83,7 +83,7 @@ def labelled_view(params: Mapping[str, Any], entry: Mapping[str, Any], split: st
     if spatial_dims_of(entry) == 3:
         return _crops(params, processed_dir, split)
     slices = params["slices"]
-    return SliceDataset(processed_dir, split, slices["size"], "cls",
+    return SliceDataset(processed_dir, split, slices["side"], "cls",
                         clean_per_nodule_slice=slices["clean_per_nodule_slice"], seed=params["seed"],
                         clean_source=slices["clean_source"], field_of_view=slices["field_of_view"])
 

@@ -67,7 +67,7 @@ def evaluate_radiograph_classification(
         bad = int(np.sum(~np.isfinite(probabilities).all(axis=1)))
         raise ValueError(f"the classifier's outputs are NaN or infinite for {bad} of {probabilities.shape[0]} test "
                          "images: its weights diverged or a layer saw too little to normalise (BatchNorm on a "
-                         "1 x 1 map of a batch of 1); lower train.lr or raise radiographs.size / train.batch_size")
+                         "1 x 1 map of a batch of 1); lower train.lr or raise radiographs.side / train.batch_size")
     if mode not in ("multiclass", "multilabel"):
         raise ValueError(f"mode: got {mode!r}, expected 'multiclass' or 'multilabel'")
     from sklearn.metrics import roc_auc_score

@@ -116,7 +116,7 @@ def load_feature_encoder(encoder_path: str | Path, feature_method: str = "<featu
     """The encoder of ``pretrain_radiographs@<feature_method>`` from its ``encoder.pt`` (CPU, eval mode).
 
     The file records the backbone it was trained with, so a ViT comes back built for
-    ``radiographs.size`` (its ``img_size`` on radiographs, whatever the CT's ``slices.size``);
+    ``radiographs.side`` (its ``img_size`` on radiographs, whatever the CT's ``slices.side``);
     ``image_size`` (rows, cols of the radiographs it will read) refuses one built for another size.
     """
     from chestssl.models.backbones import load_encoder
@@ -137,7 +137,7 @@ def load_feature_encoder(encoder_path: str | Path, feature_method: str = "<featu
     if side is not None and image_size is not None and tuple(image_size) != (side, side):
         raise ValueError(f"{encoder_path}: a ViT built for {side} x {side} px radiographs, but the radiographs are "
                          f"{image_size[0]} x {image_size[1]} px; rerun pretrain_radiographs@{feature_method}, which "
-                         "builds it for radiographs.size")
+                         "builds it for radiographs.side")
     return encoder.eval()
 
 

@@ -55,7 +55,7 @@ def evaluate(
     out_dir = Path(out_dir) if out_dir is not None else paths.evaluate_dir(name)
     device = auto_device()
     model = load_run_model(run, name, model_path, seed, device)
-    test = SliceDataset(processed_dir, "test", slices["size"], run["task"],
+    test = SliceDataset(processed_dir, "test", slices["side"], run["task"],
                         clean_per_nodule_slice=slices["clean_per_nodule_slice"], seed=seed,
                         clean_source=slices["clean_source"], field_of_view=slices["field_of_view"])
     metrics = evaluate_predictor(

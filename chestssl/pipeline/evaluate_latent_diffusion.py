@@ -57,7 +57,7 @@ def evaluate_latent_diffusion(
     model.load_state_dict(saved["state_dict"])
     device = auto_device()
     model.to(device).eval()
-    size, seed = params["slices"]["size"], params["seed"]
+    size, seed = params["slices"]["side"], params["seed"]
     generated = model.sample(entry["samples"], model.latent_shape(size), entry["sampler"], entry["sampling_steps"], seed)
     embed, described = feature_network(params["fid"], params, device)
     if described != str(reference["feature_network"]):

@@ -98,7 +98,7 @@ def evaluate_pretrain(
                                    ("cls", "classification", method.predict_classification)):
             if task not in method.heads:
                 continue
-            data = SliceDataset(processed_dir, "test", slices["size"], task,
+            data = SliceDataset(processed_dir, "test", slices["side"], task,
                                 clean_per_nodule_slice=slices["clean_per_nodule_slice"], seed=seed,
                                 clean_source=slices["clean_source"], field_of_view=slices["field_of_view"])
             metrics[key] = evaluate_predictor(

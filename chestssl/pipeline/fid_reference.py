@@ -71,7 +71,7 @@ def reference_slices(params: Mapping[str, Any], processed_dir: str | Path):
     from chestssl.data.datasets import SliceDataset
 
     slices = params["slices"]
-    return SliceDataset(Path(processed_dir), "test", slices["size"], "pretrain", seed=params["seed"],
+    return SliceDataset(Path(processed_dir), "test", slices["side"], "pretrain", seed=params["seed"],
                         field_of_view=slices["field_of_view"])
 
 

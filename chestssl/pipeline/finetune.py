@@ -76,7 +76,7 @@ def finetune(
 
     def data(split: str) -> SliceDataset:
         # The data's seed (the clean slices drawn) stays `seed` for every training seed.
-        return SliceDataset(processed_dir, split, slices["size"], run["task"],
+        return SliceDataset(processed_dir, split, slices["side"], run["task"],
                             clean_per_nodule_slice=slices["clean_per_nodule_slice"], seed=seed,
                             clean_source=slices["clean_source"], field_of_view=slices["field_of_view"])
 

@@ -10,8 +10,8 @@ hundredth of the CT slices: ``pretrain_radiographs.train`` overrides the ``epoch
 ``batch_size`` of the entry's ``train`` block, and ``pretrain_radiographs.per_entry.<name>``
 any of its recipe keys (``train``) and backbone keys (``backbone``), so that each seed keeps its
 own recipe (seed 001: 60 epochs at batch 128; seed 004: 200 epochs at batch 512 studies, patch
-32). A ViT entry is built for ``radiographs.size`` (its ``img_size``), whatever the CT's
-``slices.size``; the exported ``encoder.pt`` records that backbone (:func:`radiograph_entry`).
+32). A ViT entry is built for ``radiographs.side`` (its ``img_size``), whatever the CT's
+``slices.side``; the exported ``encoder.pt`` records that backbone (:func:`radiograph_entry`).
 
 The encoder's linear probe (:mod:`chestssl.eval.radiograph_probe`: one balanced logistic
 regression per label of the folder, e.g. ``nodule`` and ``malignant`` when rendered, on
@@ -40,7 +40,7 @@ from chestssl.params import radiograph_entry as params_radiograph_entry
 def radiograph_entry(params: Mapping[str, Any], name: str, listed_in: str = "methods") -> dict[str, Any]:
     """The ``methods`` entry ``name`` as trained on radiographs: :func:`chestssl.params.radiograph_entry`
     (``pretrain_radiographs.train``, then ``pretrain_radiographs.per_entry.<name>``; a ViT sized by
-    ``radiographs.size``).
+    ``radiographs.side``).
 
     ``listed_in``: the ``pretrain_radiographs`` list that must name it (``methods``, or
     ``study_methods`` for study-level pretraining).

@@ -4,7 +4,7 @@ With ``data.cxr.source: rendered`` (the default), a two-view study of digitally
 reconstructed radiographs per processed CT (:func:`chestssl.data.drr.render_radiographs`);
 otherwise the real dataset ``data.cxr`` names, in the same layout
 (:func:`chestssl.data.cxr_import.import_radiographs`). Either way the folder of
-:mod:`chestssl.data.radiograph_folder`, with images of ``radiographs.size`` pixels.
+:mod:`chestssl.data.radiograph_folder`, with images of ``radiographs.side`` pixels.
 """
 
 from __future__ import annotations
@@ -37,4 +37,4 @@ def radiographs(params: Mapping[str, Any], processed_dir: str | Path = paths.PRO
                                   hu_window=params["preprocess"]["hu_window"], progress=progress)
     from chestssl.data.cxr_import import import_radiographs
 
-    return import_radiographs(cxr, radiographs_dir, params["radiographs"]["size"], progress=progress)
+    return import_radiographs(cxr, radiographs_dir, params["radiographs"]["side"], progress=progress)

@@ -51,7 +51,7 @@ from chestssl.report.figures import _image_axis, _new_figure, save_figure
 FIGURE_NAME = "anatomy.png"
 #: At most this many processed scans are shown, one row each.
 NUM_SCANS = 2
-#: Side (pixels) of the radiographs drawn here, whatever ``radiographs.size`` the pipeline uses.
+#: Side (pixels) of the radiographs drawn here, whatever ``radiographs.side`` the pipeline uses.
 RADIOGRAPH_SIZE = 256
 #: Keep every n-th voxel of the base CT per axis (R, C, S): 1.4 mm pixels in-plane, all slices.
 BASE_STRIDE = (2, 2, 1)
@@ -96,7 +96,7 @@ def render_views(image: np.ndarray, mask: np.ndarray, spacing: Sequence[float], 
     :func:`chestssl.data.drr.render_study` renders them, without MONAI.
 
     ``image``: ``(Z, Y, X)`` in [0, 1] (HU windowed to ``hu_window``); ``mask``: ``(Z, Y, X)``
-    uint8 nodule labels; ``spacing``: (z, y, x) mm; ``cfg``: ``size``, ``mu_water_per_mm``,
+    uint8 nodule labels; ``spacing``: (z, y, x) mm; ``cfg``: ``side``, ``mu_water_per_mm``,
     ``window_percentiles``. Returns ``(images, masks)``, each view -> ``(size, size)``: the
     radiograph float32 in [0, 1] and the max-projected nodule labels uint8.
     """
@@ -105,7 +105,7 @@ def render_views(image: np.ndarray, mask: np.ndarray, spacing: Sequence[float], 
     mu = attenuation_per_mm(hu_from_processed(image, hu_window), cfg["mu_water_per_mm"])
     lower, upper = cfg["window_percentiles"]
     images, masks = {}, {}
-    for view, geometry in study_geometry(image.shape, spacing, cfg["size"]).items():
+    for view, geometry in study_geometry(image.shape, spacing, cfg["side"]).items():
         integral = geometry.resample_image(line_integral(mu, spacing, view))
         images[view] = pad(geometry, window_percentiles(integral, lower, upper))
         masks[view] = pad(geometry, geometry.resample_labels(max_projection(mask, view)))
@@ -134,7 +134,7 @@ def _radiograph_panels(image: np.ndarray, mask: np.ndarray, spacing: Sequence[fl
                        hu_window: Sequence[float], label: str) -> list[Panel]:
     """The frontal and lateral :class:`Panel` of a ``(Z, Y, X)`` volume (:func:`render_views`)."""
     images, masks = render_views(image, mask, spacing, cfg, hu_window)
-    geometry = study_geometry(image.shape, spacing, cfg["size"])
+    geometry = study_geometry(image.shape, spacing, cfg["side"])
     return [Panel(images[view], geometry[view].pixel_mm, f"{label}\n{view} radiograph",
                   mask=masks[view] if masks[view].any() else None) for view in VIEWS]
 
@@ -268,7 +268,7 @@ def anatomy_section(
     anatomy = (data.get("phantom") or {}).get("anatomy", "ct") if source == "phantom" else None
     hu_window = tuple(float(v) for v in params["preprocess"].get("hu_window", DEFAULT_HU_WINDOW))
     clevel = float(params["preprocess"].get("clevel", 0.5))
-    cfg = {**params["radiographs"], "size": RADIOGRAPH_SIZE}
+    cfg = {**params["radiographs"], "side": RADIOGRAPH_SIZE}
     rows: list[list[Panel]] = []
     skipped: list[str] = []
     described: list[str] = []
@@ -328,7 +328,7 @@ def anatomy_section(
         data_source = f"real LIDC-IDRI CT (`data.source: {source}`)"
     caption = (f"The data: {data_source}; " + "; ".join(described)
                + f". Radiographs drawn at {RADIOGRAPH_SIZE} x {RADIOGRAPH_SIZE} px (the pipeline renders them at "
-               f"`radiographs.size` {params['radiographs']['size']}); slices in the window "
+               f"`radiographs.side` {params['radiographs']['side']}); slices in the window "
                f"[{hu_window[0]:g}, {hu_window[1]:g}] HU; every panel in its physical aspect ratio; head at the top, "
                "the patient's right on the left, anterior on the left of the lateral view")
     path = anatomy_figure(Path(figures_dir) / FIGURE_NAME, rows, anatomy_title(params))

@@ -136,7 +136,7 @@ def _protocol(params: Mapping[str, Any] | None, bootstrap: Mapping[str, Any] | N
         lines.append(
             f"- **Preprocessing:** pylidc volumes resampled to {pre['spacing']} mm (z, y, x), windowed to "
             f"{pre['hu_window']} HU and scaled to [0, 1]; nodule masks are the {pre['clevel']:g} consensus of the "
-            f"radiologists; 2D axial slices of {params['slices']['size']} x {params['slices']['size']} pixels"
+            f"radiologists; 2D axial slices of {params['slices']['side']} x {params['slices']['side']} pixels"
             f"{_scale_text(scale)}; a nodule slice has more than {pre['min_nodule_pixels']} nodule pixels."
         )
         split = pre["split"]
@@ -320,12 +320,12 @@ def reading_note(params: Mapping[str, Any] | None, test_patients: int | None, te
         )
     lines += smaller_tables
     if small:
-        size = params["slices"]["size"] if params is not None else None
+        size = params["slices"]["side"] if params is not None else None
         lines.append(
             f"- **Small nodules.** At {size} x {size} pixels one pixel spans about {scale['mm_per_pixel']:.1f} mm, so "
             f"the median nodule ({scale['nodule_mm']:.1f} mm across) spans {scale['nodule_pixels']:.1f} pixels: a "
             "segmentation's Dice here moves by whole nodules with one or two pixels, and small nodules vanish "
-            "from the slices (`slices.size` and `slices.field_of_view` set the scale; "
+            "from the slices (`slices.side` and `slices.field_of_view` set the scale; "
             "`benchmarks/nodule_scale.py` tabulates it)."
         )
     lines += failures

@@ -102,7 +102,7 @@ def segmentation_comparison_figure(
         if prob.shape != mask.shape:
             raise ValueError(
                 f"{label}: prob slices of shape {prob.shape[1:]} do not match the images of {labels[0]} "
-                f"({mask.shape[1:]}); compare runs evaluated at one slice size (slices.size)"
+                f"({mask.shape[1:]}); compare runs evaluated at one slice size (slices.side)"
             )
         prob = np.clip(prob, 0.0, 1.0)
         predictions[label] = prob >= threshold

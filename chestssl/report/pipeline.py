@@ -119,7 +119,7 @@ def stage_costs(params: Mapping[str, Any]) -> dict[str, dict[str, Any] | None]:
 
 def dataset_note(params: Mapping[str, Any]) -> str:
     """One phrase naming our data for the seed tables' comparability note."""
-    size = params["slices"]["size"]
+    size = params["slices"]["side"]
     view = " of the lungs" if params["slices"].get("field_of_view", "body") == "lungs" else ""
     source = params["data"]["source"]
     if source == "phantom":
@@ -559,7 +559,7 @@ def build_pipeline_report(params: Mapping[str, Any], out_dir: Path = paths.REPOR
         reconstruction_notes={name: RECONSTRUCTION_CAVEATS[entry["method"]] for name, entry in methods.items()
                               if entry["method"] in RECONSTRUCTION_CAVEATS},
         costs=costs,
-        nodule_scale=nodule_scale(paths.PROCESSED_DIR, params["slices"]["size"],
+        nodule_scale=nodule_scale(paths.PROCESSED_DIR, params["slices"]["side"],
                                   params["slices"].get("field_of_view", "body")),
         smaller_tables=smaller_table_lines(metrics_3d, {name: metrics for name, (metrics, _) in finetuned.items()}),
         seg_training=segmentation_training_size(paths.PROCESSED_DIR),

@@ -192,9 +192,9 @@ def _seed000(params: Mapping[str, Any]) -> list[Difference]:
         ours, same = f"LIDC-IDRI CT (`data.source: {source}`).", True
     rows.append(Difference("000", "CT data", "Real LIDC-IDRI CT, all patients, read with pylidc.", ours, same))
 
-    size = params["slices"]["size"]
+    size = params["slices"]["side"]
     rows.append(Difference("000", "slice size", f"Axial slices resized to {SEED000_SLICE_SIZE} x {SEED000_SLICE_SIZE}.",
-                           f"{size} x {size} slices (`slices.size`).", size == SEED000_SLICE_SIZE))
+                           f"{size} x {size} slices (`slices.side`).", size == SEED000_SLICE_SIZE))
     lungs = params["slices"].get("field_of_view", "body") == "lungs"
     rows.append(Difference(
         "000", "field of view", "The whole axial slice.",
@@ -392,7 +392,7 @@ def _seed003(params: Mapping[str, Any]) -> list[Difference]:
             all(units[name] == "scans" and _seed003_epochs(entry) for name, entry in flat.items())))
     crops = params.get("crops") or {}
     if volumetric:
-        per_scan, side = int(crops["per_scan"]), int(crops["size"])
+        per_scan, side = int(crops["per_scan"]), int(crops["side"])
         rows.append(Difference(
             "003", "training length (3D)", seed_length,
             _grouped({name: f"{entry['train']['epochs']} epochs" for name, entry in volumetric.items()})
@@ -494,7 +494,7 @@ def _seed004(params: Mapping[str, Any]) -> list[Difference]:
         sizes = {name: _vit_input(backbone) for name, backbone in radiograph_vits.items()}
         rows.append(Difference(
             "004", "ViT input", "256 x 256 px radiographs, patch 32 (64 tokens).",
-            _grouped(sizes) + " on radiographs (`radiographs.size`; the patch of `backbones` or of "
+            _grouped(sizes) + " on radiographs (`radiographs.side`; the patch of `backbones` or of "
             "`pretrain_radiographs.per_entry.<entry>.backbone`).",
             all(int(b["img_size"]) == SEED004_VIT["img_size"] and int(b["patch_size"]) == SEED004_VIT["patch_size"]
                 for b in radiograph_vits.values())))

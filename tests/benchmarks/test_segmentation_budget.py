@@ -26,7 +26,7 @@ def test_a_work_folder_changes_the_size_the_vit_and_the_epochs_only(tmp_path):
     def read(root, name):
         return yaml.safe_load((root / name).read_text())
 
-    assert read(work, "params.yaml")["slices"]["size"] == 96
+    assert read(work, "params.yaml")["slices"]["side"] == 96
     assert read(work, "params/presets.yaml")["backbones"]["vit"]["img_size"] == 96
     assert read(work, "params/presets.yaml")["recipes"]["segmentation"]["epochs"] == 30
     before, after = read(checkout, "params/presets.yaml"), read(work, "params/presets.yaml")

@@ -67,7 +67,7 @@ def test_bad_arguments_are_named(synthetic_processed, kwargs, key):
 
 def _view_params(**crops) -> dict:
     return {"seed": 0, "preprocess": {"min_nodule_pixels": 0},
-            "crops": {"size": 16, "per_scan": 3, "positive_fraction": 0.5, "draw": "once", **crops}}
+            "crops": {"side": 16, "per_scan": 3, "positive_fraction": 0.5, "draw": "once", **crops}}
 
 
 ENTRY_3D = {"backbone": {"spatial_dims": 3}}
@@ -227,7 +227,7 @@ class CropRecorder(nn.Module):
 
 def _fit(processed, where, num_workers: int, model: CropRecorder, batch_size: int = 6) -> CropRecorder:
     """Three epochs over 6 training crops (2 scans x 3); with batch_size 6 a training step is an epoch."""
-    params = _view_params(size=8, per_scan=3, draw="every_epoch")
+    params = _view_params(side=8, per_scan=3, draw="every_epoch")
     cfg = dict(epochs=3, batch_size=batch_size, lr=0.01, weight_decay=0.0, optimizer="adam", betas=[0.9, 0.999],
                scheduler="none", grad_clip=0.0, max_steps=0, amp=False, num_workers=num_workers, log_every=1,
                device="cpu")

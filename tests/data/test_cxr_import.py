@@ -130,7 +130,7 @@ def test_stage_script_imports_the_dataset_of_data_cxr(chexpert_root, tmp_path, m
     stage = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(stage)
     monkeypatch.chdir(tmp_path)
-    params = {"radiographs": {"size": SIZE}, "data": {"cxr": chexpert_cfg(chexpert_root)}}
+    params = {"radiographs": {"side": SIZE}, "data": {"cxr": chexpert_cfg(chexpert_root)}}
     monkeypatch.setattr(stage, "load_params", lambda: params)
     stage.main([])
     assert open_radiograph_folder(tmp_path / "data" / "radiographs").source == "chexpert"

@@ -24,7 +24,7 @@ from chestssl.data.preprocess import window_hu
 from chestssl.data.radiograph_folder import open_radiograph_folder
 
 HU_WINDOW = (-1000.0, 400.0)
-CFG = {"size": 64, "mu_water_per_mm": 0.02, "window_percentiles": [1.0, 99.0]}
+CFG = {"side": 64, "mu_water_per_mm": 0.02, "window_percentiles": [1.0, 99.0]}
 
 
 def chest_phantom(shape=(40, 48, 64), spacing=(2.5, 1.5, 1.5)):
@@ -133,7 +133,7 @@ def test_projected_nodule_mask_centroid_matches_projected_3d_centroid(size, spac
     shape = tuple(int(round(e / s)) for e, s in zip((100.0, 72.0, 96.0), spacing))
     image, mask, _ = chest_phantom(shape, spacing)
     centroid = np.argwhere(mask).mean(axis=0)
-    study = render_study(image, mask, spacing, {**CFG, "size": size}, HU_WINDOW)
+    study = render_study(image, mask, spacing, {**CFG, "side": size}, HU_WINDOW)
     expected = {}
     for view in ("frontal", "lateral"):
         projected = study.masks[view]
@@ -150,7 +150,7 @@ def test_a_nodule_smaller_than_a_pixel_is_kept():
     mask = np.zeros((40, 64, 64), np.uint8)
     mask[20, 30, 10] = 3  # one voxel, 1/16 of an output pixel at size 32 from 128 mm
     image = np.full(mask.shape, 0.5, np.float32)
-    study = render_study(image, mask, (3.2, 2.0, 2.0), {**CFG, "size": 32}, HU_WINDOW)
+    study = render_study(image, mask, (3.2, 2.0, 2.0), {**CFG, "side": 32}, HU_WINDOW)
     for view in ("frontal", "lateral"):
         assert int((study.masks[view] == 3).sum()) == 1
         row, col = np.argwhere(study.masks[view] == 3)[0]
@@ -167,7 +167,7 @@ def test_orientation_head_up_patient_right_on_the_left_anterior_on_the_left():
     mask = np.zeros(shape, np.uint8)
     mask[25:29, 3:9, 3:9] = 1
     study = render_study(image, mask, spacing, CFG, HU_WINDOW)
-    size = CFG["size"]
+    size = CFG["side"]
     for view in ("frontal", "lateral"):
         shown, labels = study.images[view], study.masks[view]
         rows, cols = np.nonzero(labels)
@@ -310,7 +310,7 @@ def test_an_interrupted_render_keeps_the_output_and_resumes(synthetic_processed,
         return real_render(*args, **kwargs)
 
     monkeypatch.setattr(drr, "render_study", counting_render)
-    small = {**CFG, "size": 32}
+    small = {**CFG, "side": 32}
     with pytest.raises(KeyboardInterrupt):
         render_radiographs(synthetic_processed, out_dir, small, HU_WINDOW)
     # The previous output is whole and untouched; the finished scans wait for the next run.
@@ -323,7 +323,7 @@ def test_an_interrupted_render_keeps_the_output_and_resumes(synthetic_processed,
     assert calls["n"] == 4  # scans p0 and p1 were done before the interruption
     assert leftovers(out_dir) == []
     resumed = open_radiograph_folder(out_dir)
-    assert resumed.size == 32 and resumed.info["cfg"]["size"] == 32
+    assert resumed.size == 32 and resumed.info["cfg"]["side"] == 32
     render_radiographs(synthetic_processed, tmp_path / "fresh", small, HU_WINDOW)
     assert (out_dir / "images.npy").read_bytes() == (tmp_path / "fresh" / "images.npy").read_bytes()
     assert (out_dir / "masks.npy").read_bytes() == (tmp_path / "fresh" / "masks.npy").read_bytes()
@@ -344,10 +344,10 @@ def test_an_interrupted_render_with_other_settings_starts_over(synthetic_process
 
     monkeypatch.setattr(drr, "render_study", counting_render)
     with pytest.raises(KeyboardInterrupt):
-        render_radiographs(synthetic_processed, out_dir, {**CFG, "size": 32}, HU_WINDOW)
+        render_radiographs(synthetic_processed, out_dir, {**CFG, "side": 32}, HU_WINDOW)
     assert not out_dir.exists() and leftovers(out_dir) == [".radiographs.partial"]
     calls["n"] = -100
-    render_radiographs(synthetic_processed, out_dir, {**CFG, "size": 32, "mu_water_per_mm": 0.03}, HU_WINDOW)
+    render_radiographs(synthetic_processed, out_dir, {**CFG, "side": 32, "mu_water_per_mm": 0.03}, HU_WINDOW)
     assert calls["n"] == -94  # all 6 scans rendered again
     assert open_radiograph_folder(out_dir).info["cfg"]["mu_water_per_mm"] == 0.03
 
@@ -370,7 +370,7 @@ def test_stage_script_renders_from_params(synthetic_processed, tmp_path, monkeyp
     spec.loader.exec_module(stage)
     shutil.copytree(synthetic_processed, tmp_path / "data" / "processed")
     monkeypatch.chdir(tmp_path)
-    params = {"radiographs": {**CFG, "size": 32}, "preprocess": {"hu_window": list(HU_WINDOW)},
+    params = {"radiographs": {**CFG, "side": 32}, "preprocess": {"hu_window": list(HU_WINDOW)},
               "data": {"cxr": {"source": "rendered"}}}
     monkeypatch.setattr(stage, "load_params", lambda: params)
     stage.main([])

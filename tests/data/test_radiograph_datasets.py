@@ -36,7 +36,7 @@ from chestssl.models.study_vit import encode_study, study_representation
 from chestssl.models.vit import build_vit_encoder
 
 SIZE = 32
-CFG = {"size": SIZE, "mu_water_per_mm": 0.02, "window_percentiles": [1.0, 99.0]}
+CFG = {"side": SIZE, "mu_water_per_mm": 0.02, "window_percentiles": [1.0, 99.0]}
 RATINGS = {"p1": 3.0, "p3": 4.0, "p5": 5.0}
 NODULE_PATIENTS = {"p1", "p3", "p5"}
 MALIGNANT = {"p0": 0, "p1": 0, "p2": 0, "p3": 1, "p4": 0, "p5": 1}  # p1 is rated 3, below the cut

@@ -13,7 +13,7 @@ from chestssl.data.views import pretrain_view
 from chestssl.train.loop import fit
 from tests.data.test_crops import CropRecorder, _worker_like_pytorch
 
-PARAMS = {"seed": 0, "slices": {"size": 16, "field_of_view": "body"}}
+PARAMS = {"seed": 0, "slices": {"side": 16, "field_of_view": "body"}}
 OVER_SCANS = {"backbone": {"spatial_dims": 2}, "epoch_unit": "scans"}
 
 

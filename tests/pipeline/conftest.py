@@ -56,7 +56,7 @@ def tiny_params(params: dict) -> dict:
     params["backbones"]["swin_3d"] = {**params["backbones"]["swin"], "spatial_dims": 3, "window_size": 4}
     params["methods"][TINY_3D_METHOD] = {**params["methods"]["dae_all"], "backbone": "swin_3d"}
     params["methods"][TINY_3D_SCRATCH] = {"method": "scratch", "backbone": "swin_3d", "recipe": "none"}
-    params["crops"].update(size=64, per_scan=2)
+    params["crops"].update(side=64, per_scan=2)
     params["multihead"] = {name: params["multihead"][name] for name in TINY_MULTIHEAD}
     params["latent_diffusion"] = {name: entry for name, entry in params["latent_diffusion"].items()
                                   if name in TINY_METHODS}

@@ -94,7 +94,7 @@ def study_inputs(synthetic_processed, params, tmp_path):
     _smooth_chests(synthetic_processed)
     radiographs = tmp_path / "radiographs"
     render_radiographs(synthetic_processed, radiographs,
-                       {"size": SIZE, "mu_water_per_mm": 0.02, "window_percentiles": [1.0, 99.0]})
+                       {"side": SIZE, "mu_water_per_mm": 0.02, "window_percentiles": [1.0, 99.0]})
     encoder_path = tmp_path / "encoder" / "encoder.pt"
     save_torch(encoder_path, build_method(FEATURE_METHOD, params["methods"][FEATURE_METHOD], 0).export())
     return radiographs, encoder_path

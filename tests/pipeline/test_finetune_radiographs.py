@@ -23,7 +23,7 @@ def project(synthetic_processed, tmp_path, monkeypatch):
     """Radiographs rendered from the synthetic CT, the radiograph encoders and an STN, in a project at tmp_path."""
     monkeypatch.chdir(tmp_path)
     render_radiographs(synthetic_processed, tmp_path / "data/radiographs",
-                       {"size": SIZE, "mu_water_per_mm": 0.02, "window_percentiles": [1.0, 99.0]})
+                       {"side": SIZE, "mu_water_per_mm": 0.02, "window_percentiles": [1.0, 99.0]})
     params = tiny_params()
     for name in ("barlow_twins", "scratch_resnet18"):
         _, cfg = pretrain_entry(params, name)

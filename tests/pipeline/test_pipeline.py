@@ -352,7 +352,7 @@ def test_each_radiograph_profile_runs_the_dag_on_a_fake_tree_of_its_dataset(repr
             tree = tmp_path / profile / folder
             tree.mkdir(parents=True)
             build(tree)
-            tiny = {"radiographs.size": 64, "data.cxr.val_fraction": 0.34,
+            tiny = {"radiographs.side": 64, "data.cxr.val_fraction": 0.34,
                     "pretrain_radiographs.train": "{epochs: 1, batch_size: 4}", "pretrain_radiographs.per_entry": "{}",
                     f"radiograph_runs.{run}.train": "{epochs: 1, batch_size: 4}"}
             settings = [f"data.cxr.root={tree}", *(f"{key}={value}" for key, value in tiny.items())]

@@ -43,7 +43,7 @@ def stage_params(methods=("scratch_cnn_attention", "ae_cnn_attention"), runs=(),
     raw["pretrain_radiographs"].update(methods=["scratch_resnet18"], study_methods=[])
     raw["alignment"]["feature_method"] = "scratch_resnet18"
     drop_radiograph_runs_of_absent_encoders(raw)
-    raw["slices"]["size"] = slice_size
+    raw["slices"]["side"] = slice_size
     raw["evaluate"]["bootstrap_samples"] = 20
     raw["evaluate"]["num_examples"] = 2
     shrink_params(raw)
@@ -109,7 +109,7 @@ def test_the_views_are_slices_for_a_2d_backbone_and_crops_for_a_3d_one(params, s
     assert len(train) == 24 and tuple(train[0]["image"].shape) == (1, 32, 32)
     labelled = labelled_view(params, entry, "test", synthetic_processed)
     assert {int(labelled[i]["label"]) for i in range(len(labelled))} == {0, 1}
-    params = {**params, "crops": {**params["crops"], "size": 16, "per_scan": 2}}
+    params = {**params, "crops": {**params["crops"], "side": 16, "per_scan": 2}}
     entry_3d = {**entry, "backbone": {**entry["backbone"], "spatial_dims": 3}}
     crops = pretrain_view(params, entry_3d, "val", synthetic_processed)
     assert len(crops) == 4 and tuple(crops[0]["image"].shape) == (1, 16, 16, 16)

@@ -24,7 +24,7 @@ def params():
 @pytest.fixture
 def radiographs(synthetic_processed, tmp_path):
     out = tmp_path / "radiographs"
-    render_radiographs(synthetic_processed, out, {"size": 64, "mu_water_per_mm": 0.02, "window_percentiles": [1.0, 99.0]})
+    render_radiographs(synthetic_processed, out, {"side": 64, "mu_water_per_mm": 0.02, "window_percentiles": [1.0, 99.0]})
     return out
 
 

@@ -36,7 +36,7 @@ def params():
 @pytest.fixture
 def radiographs(synthetic_processed, tmp_path):
     out = tmp_path / "radiographs"
-    render_radiographs(synthetic_processed, out, {"size": SIZE, "mu_water_per_mm": 0.02, "window_percentiles": [1.0, 99.0]})
+    render_radiographs(synthetic_processed, out, {"side": SIZE, "mu_water_per_mm": 0.02, "window_percentiles": [1.0, 99.0]})
     return out
 
 
@@ -114,7 +114,7 @@ def vit_params() -> dict:
     """tiny_params with `mae` also on radiographs and studies, 32 px radiographs in patches of 8."""
     raw = read_shipped_params()
     shrink_params(raw)
-    raw["radiographs"]["size"] = VIT_SIZE
+    raw["radiographs"]["side"] = VIT_SIZE
     raw["pretrain_radiographs"].update(methods=["mae"], study_methods=["mae"], train={"epochs": 1, "batch_size": 4},
                                        per_entry={"mae": {"backbone": {"patch_size": 8}}})
     raw["alignment"].update(feature_method="mae", steps=2, batch_size=2, max_shift=0.05, num_examples=1)
@@ -135,10 +135,10 @@ def test_a_vit_trained_on_radiographs_of_another_size_than_the_slices_serves_eve
     from chestssl.pipeline.pretrain_radiograph_studies import pretrain_radiograph_studies
 
     params = vit_params()
-    assert params["slices"]["size"] == params["methods"]["mae"]["backbone"]["img_size"] == 64
+    assert params["slices"]["side"] == params["methods"]["mae"]["backbone"]["img_size"] == 64
     radiographs = tmp_path / "radiographs"
     render_radiographs(synthetic_processed, radiographs,
-                       {"size": VIT_SIZE, "mu_water_per_mm": 0.02, "window_percentiles": [1.0, 99.0]})
+                       {"side": VIT_SIZE, "mu_water_per_mm": 0.02, "window_percentiles": [1.0, 99.0]})
     out = tmp_path / "image"
     metrics = pretrain_radiographs(params, "mae", radiographs, out / "model", out / "report", out / "ckpt.pt")
     assert metrics["trained"] and metrics["probe"]["nodule"]["n_train"] == 4

@@ -28,7 +28,7 @@ from tests.data.test_ct_anatomy import write_synthetic_base
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SPACING = (2.5, 1.5, 1.5)
 SHAPE = (16, 40, 48)
-RADIOGRAPHS = {"size": 64, "mu_water_per_mm": 0.02, "window_percentiles": [1.0, 99.0]}
+RADIOGRAPHS = {"side": 64, "mu_water_per_mm": 0.02, "window_percentiles": [1.0, 99.0]}
 #: scan -> (split, nodules as (diameter_mm, centre (z, y, x) voxels)); p3 has the largest nodule but is not test.
 SCANS = {
     "p1": ("test", [(6.0, (8, 18, 14))]),

@@ -152,7 +152,7 @@ def test_3d_crops_match_when_drawn_every_epoch_at_96(full, full_raw):
     assert not crops.matches and "8 crop(s) of 96^3 per scan drawn once" in crops.ours
 
     def smaller(raw):
-        raw["crops"]["size"] = 64
+        raw["crops"]["side"] = 64
     crops = _row(_changed(full_raw, smaller), "003", "3D crops")
     assert not crops.matches and "of 64^3 per scan drawn anew every epoch" in crops.ours
 

@@ -10,7 +10,7 @@ from chestssl.data.drr import render_radiographs
 from chestssl.data.radiograph_folder import RadiographFolderWriter, open_radiograph_folder
 from chestssl.report.radiograph_figures import choose_studies, radiograph_section
 
-CFG = {"size": 32, "mu_water_per_mm": 0.02, "window_percentiles": [1.0, 99.0]}
+CFG = {"side": 32, "mu_water_per_mm": 0.02, "window_percentiles": [1.0, 99.0]}
 
 
 def test_section_draws_test_studies_with_a_nodule_first_and_counts_them(synthetic_processed, tmp_path):
