@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np

@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import yaml
 
 from chestssl.data.cxr import COVID_CLASSES, CXRDataError, load_radiograph
 from chestssl.data.cxr_import import import_radiographs
