@@ -46,31 +46,21 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 
-def _set(raw: dict, setting: str) -> None:
-    """Apply ``KEY=VALUE`` (dotted key, YAML value) to the raw params; the key must exist."""
-    import yaml
-
-    key, separator, value = setting.partition("=")
-    *parents, last = key.split(".")
-    node = raw
-    for part in parents:
-        node = node.get(part) if isinstance(node, dict) else None
-    if not separator or not isinstance(node, dict) or last not in node:
-        raise SystemExit(f"--set {setting}: expected KEY=VALUE with KEY a dotted key of the params files")
-    node[last] = yaml.safe_load(value)
-
-
 def _work_folder(root: Path, checkout: Path, size: int, recipe: str, epochs: int, settings: list[str]) -> Path:
-    from chestssl.params import read_raw_params, write_raw_params
+    from chestssl.params import ParamsError, read_raw_params, write_raw_params
+    from chestssl.profiles import apply_settings
 
-    raw, _ = read_raw_params(checkout / "params.yaml")
-    for setting in settings:
-        _set(raw, setting)
+    work = root / f"size{size}_epochs{epochs}"
+    write_raw_params(read_raw_params(checkout / "params.yaml")[0], work / "params.yaml")
+    try:
+        apply_settings(work / "params.yaml", settings)  # as `python -m chestssl.profiles ... --set`
+    except ParamsError as error:
+        raise SystemExit(f"--set: {error}") from None
+    raw, _ = read_raw_params(work / "params.yaml")
     raw["slices"]["side"] = size
     if "vit" in raw.get("backbones", {}):
         raw["backbones"]["vit"]["img_size"] = size
     raw["recipes"][recipe]["epochs"] = epochs
-    work = root / f"size{size}_epochs{epochs}"
     write_raw_params(raw, work / "params.yaml")
     (work / "data").mkdir()
     (work / "data" / "processed").symlink_to(checkout / "data" / "processed")

@@ -143,12 +143,30 @@ def apply_profile(profile: str | Path, params_path: str | Path = "params.yaml", 
     """Apply ``profile`` (its ``include:`` profiles, its ``remove:`` keys, then its overrides),
     then each ``KEY=VALUE`` of ``settings``, to ``params_path`` and the params files next to it;
     validated before writing."""
-    yaml = _round_trip_yaml()
-    params_path = Path(params_path)
-    files = _params_files(params_path)
-    documents = {name: yaml.load(file.read_text()) for name, file in files.items()}
+    files, documents = _load_documents(Path(params_path))
     changed: set[str] = set()
     _merge_profile_into(documents, Path(profile), changed)
+    changed |= _set_values(documents, settings)
+    _validate_and_write(documents, files, changed, f"{params_path} with {profile}")
+
+
+def apply_settings(params_path: str | Path, settings: Sequence[str]) -> None:
+    """Each ``KEY=VALUE`` of ``settings`` (a dotted key; VALUE is YAML), as ``--set`` after a
+    profile, applied to ``params_path`` and the params files next to it; validated before writing."""
+    files, documents = _load_documents(Path(params_path))
+    _validate_and_write(documents, files, _set_values(documents, settings), str(params_path))
+
+
+def _load_documents(params_path: Path) -> tuple[dict[str, Path], dict[str, Any]]:
+    """(file name -> path, file name -> its round-trip YAML document) of the params files."""
+    yaml = _round_trip_yaml()
+    files = _params_files(params_path)
+    return files, {name: yaml.load(file.read_text()) for name, file in files.items()}
+
+
+def _set_values(documents: dict[str, Any], settings: Sequence[str]) -> set[str]:
+    """Set each ``KEY=VALUE`` of ``settings`` in ``documents``; the names of the files changed."""
+    changed = set()
     for setting in settings:
         dotted, equals, text = setting.partition("=")
         if not equals:
@@ -157,8 +175,14 @@ def apply_profile(profile: str | Path, params_path: str | Path = "params.yaml", 
         parent, key, name = _parent_of(documents, dotted.strip(), "--set", create=True)
         parent[key] = yaml_values.safe_load(text) if text.strip() else ""
         changed.add(name)
+    return changed
+
+
+def _validate_and_write(documents: dict[str, Any], files: Mapping[str, Path], changed: set[str], source: str) -> None:
+    """Validate the params ``documents`` together, then write the files named in ``changed``."""
     merged = {group: value for document in documents.values() for group, value in document.items()}
-    validate(_plain(merged), f"{params_path} with {profile}")
+    validate(_plain(merged), source)
+    yaml = _round_trip_yaml()
     for name in sorted(changed):
         buffer = io.StringIO()
         yaml.dump(documents[name], buffer)

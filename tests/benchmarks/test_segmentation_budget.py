@@ -13,13 +13,18 @@ segmentation_budget = _load("segmentation_budget")
 REPO = Path(__file__).resolve().parents[2]
 
 
-def test_a_work_folder_changes_the_size_the_vit_and_the_epochs_only(tmp_path):
+def _checkout(tmp_path: Path) -> Path:
     checkout = tmp_path / "checkout"
     (checkout / "params").mkdir(parents=True)
     for name in ["params.yaml", *(f"params/{p.name}" for p in (REPO / "params").glob("*.yaml"))]:
         (checkout / name).write_text((REPO / name).read_text())
     (checkout / "data" / "processed").mkdir(parents=True)
     (checkout / "models" / "pretrain").mkdir(parents=True)
+    return checkout
+
+
+def test_a_work_folder_changes_the_size_the_vit_and_the_epochs_only(tmp_path):
+    checkout = _checkout(tmp_path)
     work = segmentation_budget._work_folder(tmp_path, checkout, 96, "segmentation", 30,
                                             ["runs.seg_swinunetr_scratch.loss=dice"])
 
@@ -41,13 +46,14 @@ def test_a_work_folder_changes_the_size_the_vit_and_the_epochs_only(tmp_path):
     assert (work / "models" / "pretrain").resolve() == (checkout / "models" / "pretrain").resolve()
 
 
-def test_a_setting_of_an_unknown_key_is_refused():
-    raw = {"runs": {"seg": {"loss": "ce"}}}
-    segmentation_budget._set(raw, "runs.seg.loss=dice")
-    assert raw == {"runs": {"seg": {"loss": "dice"}}}
-    for bad in ("runs.seg.los=dice", "runs.segg.loss=dice", "runs.seg.loss"):
-        with pytest.raises(SystemExit, match="expected KEY=VALUE with KEY a dotted key"):
-            segmentation_budget._set(raw, bad)
+def test_a_setting_of_an_unknown_key_is_refused(tmp_path):
+    checkout = _checkout(tmp_path)
+    for number, (bad, named) in enumerate([("runs.seg_swinunetr_scratch.los=dice", "runs.seg_swinunetr_scratch.los"),
+                                           ("runs.segg.loss=dice", "runs.segg"),
+                                           ("runs.seg_swinunetr_scratch.loss", "expected KEY=VALUE")]):
+        with pytest.raises(SystemExit, match=r"^--set: ") as refused:
+            segmentation_budget._work_folder(tmp_path / str(number), checkout, 64, "segmentation", 1, [bad])
+        assert named in str(refused.value)
 
 
 def test_a_checkout_without_outputs_is_refused_with_what_to_run(tmp_path):
