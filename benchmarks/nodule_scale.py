@@ -1,14 +1,15 @@
 """How many pixels a median nodule spans in the 2D slices, by slice size and field of view.
 
 The 2D models see each processed slice cropped to ``slices.field_of_view`` (``body``: the
-whole slice, cropped to the body; ``lungs``: the scan's ``lung_box``), padded to a square
-and resized to ``slices.side``. On a ``data/processed`` folder (default: this checkout's,
+whole slice, cropped to the body; ``lungs``: the scan's ``lung_box``; ``window``: a window
+``side * pixel_mm`` mm across, so a pixel spans ``pixel_mm`` whatever the size), padded to
+a square and resized to ``slices.side``. On a ``data/processed`` folder (default: this checkout's,
 written by ``dvc repro preprocess``), for each size and field of view: the median over the
 nodules of ``nodules.csv`` of their consensus diameter in slice pixels, with the median mm
 per pixel (:func:`chestssl.report.anatomy_figures.nodule_scale`), and the compute per slice
 relative to the quick profile's 64 px (pixels, the cost of a 2D convolutional network).
 
-    python benchmarks/nodule_scale.py --sizes 64 96 128
+    python benchmarks/nodule_scale.py --sizes 64 96 128 --pixel-mm 2.5 3.0
 
 Results are printed and written atomically to ``reports/benchmarks/nodule_scale.json``.
 """
@@ -30,6 +31,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--processed", type=Path, default=REPO / "data" / "processed")
     parser.add_argument("--sizes", type=int, nargs="+", default=[64, 96, 128])
+    parser.add_argument("--pixel-mm", type=float, nargs="+", default=[2.5],
+                        help="pixel sizes (mm) of the window field of view")
     parser.add_argument("--out", type=Path, default=REPO / "reports" / "benchmarks" / "nodule_scale.json")
     args = parser.parse_args(argv)
 
@@ -39,11 +42,13 @@ def main(argv: list[str] | None = None) -> dict:
 
     rows = []
     for size in args.sizes:
-        for view in FIELDS_OF_VIEW:
-            scale = nodule_scale(args.processed, size, view)
+        views = [(view, None) for view in FIELDS_OF_VIEW if view != "window"]
+        views += [("window", pixel_mm) for pixel_mm in args.pixel_mm]
+        for view, pixel_mm in views:
+            scale = nodule_scale(args.processed, size, view, pixel_mm)
             if scale is None:
                 raise SystemExit(f"{args.processed}: no processed scans with nodules; run `dvc repro preprocess`")
-            rows.append({"size": size, "field_of_view": view, "nodules": scale["nodules"],
+            rows.append({"size": size, "field_of_view": view, "pixel_mm": pixel_mm, "nodules": scale["nodules"],
                          "nodule_mm": round(scale["nodule_mm"], 2), "mm_per_pixel": round(scale["mm_per_pixel"], 2),
                          "nodule_pixels": round(scale["nodule_pixels"], 2),
                          "compute_vs_64px": round((size / BASELINE_SIZE) ** 2, 2)})

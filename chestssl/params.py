@@ -554,7 +554,7 @@ class Preprocess(Config):
 #: nodule pixels, or only patients without any annotation (seed 000;
 #: :class:`chestssl.data.datasets.SliceDataset`).
 CLEAN_SOURCES = ("any_slice", "nodule_free_patients")
-FIELDS_OF_VIEW = ("body", "lungs")
+FIELDS_OF_VIEW = ("body", "lungs", "window")
 
 
 class Slices(Config):
@@ -563,8 +563,10 @@ class Slices(Config):
     clean_per_nodule_slice: Float(ge=0.0)
     clean_source: Str(choices=CLEAN_SOURCES, doc="clean slices from any slice without nodule pixels, or only from "
                                                  "patients without any annotation (seed 000)")
-    field_of_view: Str(choices=FIELDS_OF_VIEW, doc="what a slice shows: the body (seed 000) or the box of the "
-                                                   "lungs and nodules, larger in the same pixels")
+    field_of_view: Str(choices=FIELDS_OF_VIEW, doc="what a slice shows: the body (seed 000), the box of the "
+                                                   "lungs and nodules, or a window side * pixel_mm mm across in "
+                                                   "the lungs, around the slice's nodules")
+    pixel_mm: Float(gt=0.0, le=20.0, doc="a slice pixel's size in mm with field_of_view: window (unused otherwise)")
 
 
 class Radiographs(Config):

@@ -150,13 +150,11 @@ def run_dataset(
 ) -> "SliceDataset":
     """The items of ``split`` for the task of ``runs.<run_name>`` (all patients, or ``patient_ids``),
     sampled as ``finetune`` samples them (``slices`` params, ``seed``)."""
-    from chestssl.data.datasets import SliceDataset
+    from chestssl.data.datasets import SliceDataset, slice_options
 
-    run, slices = params["runs"][run_name], params["slices"]
-    return SliceDataset(Path(processed_dir), split, slices["side"], run["task"],
-                        clean_per_nodule_slice=slices["clean_per_nodule_slice"], seed=params["seed"],
-                        clean_source=slices["clean_source"], field_of_view=slices["field_of_view"],
-                        patient_ids=list(patient_ids) if patient_ids is not None else None)
+    return SliceDataset(Path(processed_dir), split, task=params["runs"][run_name]["task"], seed=params["seed"],
+                        patient_ids=list(patient_ids) if patient_ids is not None else None,
+                        **slice_options(params["slices"]))
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ construction (another rank, the next stage) reuses the files instead of recomput
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,7 @@ from torch.utils.data import Dataset
 
 from chestssl.data.array_cache import cached_arrays, digest, open_entry, scan_identity
 from chestssl.data.processed import SPLITS, DatasetError, load_scan, read_nodules, read_slices
+from chestssl.data.slice_windows import cut_window, window_corner, window_pixels
 from chestssl.paths import cache_dir
 from chestssl.params import CLEAN_SOURCES  # where the clean slices of cls come from (slices.clean_source)
 from chestssl.params import FIELDS_OF_VIEW  # what a slice shows (slices.field_of_view)
@@ -69,9 +71,14 @@ class SliceDataset(Dataset):
             nodule (no row in ``nodules.csv``, no nodule pixel in ``slices.csv``). A split
             without such a patient is then an error. Nodule slices and the other tasks do
             not depend on it.
-        field_of_view: ``body``, the whole processed slice (cropped to the body), or
+        field_of_view: ``body``, the whole processed slice (cropped to the body);
             ``lungs``, only the scan's ``lung_box`` (the lungs and every nodule, the same
-            box for every slice of a scan), so the nodules span more of the ``size`` pixels.
+            box for every slice of a scan), so the nodules span more of the ``size`` pixels;
+            or ``window``, a window ``size * pixel_mm`` mm across in the lungs, around the
+            slice's nodule pixels (:mod:`chestssl.data.slice_windows`), so a pixel spans
+            ``pixel_mm`` mm in every scan.
+        pixel_mm: a slice pixel's size in mm with ``field_of_view`` ``window`` (needed
+            there, unused otherwise).
 
     All items are computed once, at construction: each scan is loaded once and only the
     needed slices are kept, stored as float16 images and uint8 masks in the array cache
@@ -104,6 +111,7 @@ class SliceDataset(Dataset):
         patient_ids: list[str] | None = None,
         clean_source: str = "any_slice",
         field_of_view: str = "body",
+        pixel_mm: float | None = None,
     ) -> None:
         if split not in SPLITS:
             raise DatasetError(f"split: got {split!r}, expected one of {', '.join(SPLITS)}")
@@ -117,6 +125,10 @@ class SliceDataset(Dataset):
             raise DatasetError(f"clean_source: got {clean_source!r}, expected one of {', '.join(CLEAN_SOURCES)}")
         if field_of_view not in FIELDS_OF_VIEW:
             raise DatasetError(f"field_of_view: got {field_of_view!r}, expected one of {', '.join(FIELDS_OF_VIEW)}")
+        if field_of_view == "window" and (pixel_mm is None or not pixel_mm > 0):
+            raise DatasetError(f"pixel_mm: got {pixel_mm!r}; field_of_view 'window' needs a pixel size in mm > 0 "
+                               "(slices.pixel_mm)")
+        self.pixel_mm = float(pixel_mm) if field_of_view == "window" else None
         self.processed_dir = Path(processed_dir)
         self.split, self.size, self.task, self.field_of_view = split, size, task, field_of_view
         if not (self.processed_dir / "slices.csv").exists():
@@ -155,6 +167,7 @@ class SliceDataset(Dataset):
         key = digest({
             "size": self.size,
             "field_of_view": self.field_of_view,
+            "pixel_mm": self.pixel_mm,
             "rows": [[scan, int(index)] for scan, index in zip(self.frame["scan_id"], self.frame["slice_index"])],
             "scans": {scan: scan_identity(self.processed_dir, scan) for scan in scans},
         })
@@ -183,14 +196,27 @@ class SliceDataset(Dataset):
                     f"slices.csv lists slice {int(wanted.max())} of scan {scan_id}, but "
                     f"scans/{scan_id}.npz has {depth} slices; rerun the preprocess stage"
                 )
-            y0, y1, x0, x1 = scan["lung_box"] if self.field_of_view == "lungs" else (None, None, None, None)
-            image, mask = square_resize(scan["image"][wanted, y0:y1, x0:x1], scan["mask"][wanted, y0:y1, x0:x1] > 0,
-                                        self.size)
+            image, mask = square_resize(*self._field(scan, scan_id, wanted), self.size)
             positions = rows.index.to_numpy(dtype=np.int64)
             images[positions] = image.to(torch.float16).numpy()
             masks[positions] = mask.to(torch.uint8).numpy()
         images.flush()
         masks.flush()
+
+    def _field(self, scan: dict[str, np.ndarray], scan_id: str, wanted: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The (N, Y', X') images and bool masks of slices ``wanted`` of one scan within the field of view."""
+        if self.field_of_view == "body":
+            return scan["image"][wanted], scan["mask"][wanted] > 0
+        y0, y1, x0, x1 = (int(v) for v in scan["lung_box"])
+        if self.field_of_view == "lungs":
+            return scan["image"][wanted, y0:y1, x0:x1], scan["mask"][wanted, y0:y1, x0:x1] > 0
+        window = window_pixels(self.size, self.pixel_mm, scan["spacing"][1:])
+        images, masks = [], []
+        for index in wanted:
+            corner = window_corner(scan["mask"][index], (y0, y1, x0, x1), window, scan_id, int(index))
+            images.append(cut_window(scan["image"][index], corner, window))
+            masks.append(cut_window(scan["mask"][index] > 0, corner, window))
+        return np.stack(images), np.stack(masks)
 
     @property
     def images(self) -> np.ndarray:
@@ -231,6 +257,14 @@ class SliceDataset(Dataset):
             "scan_id": self.scan_ids[index],
             "slice_index": self.slice_indices[index],
         }
+
+
+def slice_options(slices: Mapping[str, Any]) -> dict[str, Any]:
+    """The keyword arguments of :class:`SliceDataset` that the ``slices`` params set: ``size``,
+    ``clean_per_nodule_slice``, ``clean_source``, ``field_of_view`` and ``pixel_mm``."""
+    return {"size": int(slices["side"]), "clean_per_nodule_slice": slices["clean_per_nodule_slice"],
+            "clean_source": slices["clean_source"], "field_of_view": slices["field_of_view"],
+            "pixel_mm": slices["pixel_mm"]}
 
 
 def square_resize(image: np.ndarray, mask: np.ndarray, size: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -31,7 +31,7 @@ import numpy as np
 from torch.utils.data import Dataset, Subset
 
 from chestssl.data.crops import CropDataset, EpochCropDataset
-from chestssl.data.datasets import SliceDataset
+from chestssl.data.datasets import SliceDataset, slice_options
 from chestssl.data.slice_epochs import EpochSliceDataset, one_slice_per_scan
 from chestssl.params import DEFAULT_EPOCH_UNIT
 
@@ -69,8 +69,7 @@ def pretrain_view(params: Mapping[str, Any], entry: Mapping[str, Any], split: st
     """
     if spatial_dims_of(entry) == 3:
         return _crops(params, processed_dir, split, pretext=True)
-    slices = SliceDataset(processed_dir, split, params["slices"]["side"], "pretrain", seed=params["seed"],
-                          field_of_view=params["slices"]["field_of_view"])
+    slices = SliceDataset(processed_dir, split, task="pretrain", seed=params["seed"], **slice_options(params["slices"]))
     if entry.get("epoch_unit", DEFAULT_EPOCH_UNIT) != "scans" or split == "test":
         return slices
     if split == "train":
@@ -82,10 +81,7 @@ def labelled_view(params: Mapping[str, Any], entry: Mapping[str, Any], split: st
     """Labelled items of ``split`` in the view of ``entry``'s backbone (for linear probes)."""
     if spatial_dims_of(entry) == 3:
         return _crops(params, processed_dir, split)
-    slices = params["slices"]
-    return SliceDataset(processed_dir, split, slices["side"], "cls",
-                        clean_per_nodule_slice=slices["clean_per_nodule_slice"], seed=params["seed"],
-                        clean_source=slices["clean_source"], field_of_view=slices["field_of_view"])
+    return SliceDataset(processed_dir, split, task="cls", seed=params["seed"], **slice_options(params["slices"]))
 
 
 def evenly_per_patient(dataset: Dataset, per_patient: int) -> Dataset:

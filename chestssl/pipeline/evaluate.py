@@ -42,7 +42,7 @@ def evaluate(
 
     Returns the metrics.
     """
-    from chestssl.data.datasets import SliceDataset
+    from chestssl.data.datasets import SliceDataset, slice_options
     from chestssl.eval.downstream import evaluate_predictor, score_predictions, spread_over_training_seeds
     from chestssl.inference import auto_device, predict_dataset
     from chestssl.interpret import add_gradcam_to_examples
@@ -55,9 +55,7 @@ def evaluate(
     out_dir = Path(out_dir) if out_dir is not None else paths.evaluate_dir(name)
     device = auto_device()
     model = load_run_model(run, name, model_path, seed, device)
-    test = SliceDataset(processed_dir, "test", slices["side"], run["task"],
-                        clean_per_nodule_slice=slices["clean_per_nodule_slice"], seed=seed,
-                        clean_source=slices["clean_source"], field_of_view=slices["field_of_view"])
+    test = SliceDataset(processed_dir, "test", task=run["task"], seed=seed, **slice_options(slices))
     metrics = evaluate_predictor(
         run["task"], model.predict, test, params["evaluate"], examples_path=out_dir / "examples.npz",
         items_path=out_dir / "items.npz", num_examples=params["evaluate"]["num_examples"], seed=seed, device=device,

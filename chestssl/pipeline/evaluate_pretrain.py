@@ -49,7 +49,7 @@ def evaluate_pretrain(
     """
     import torch
 
-    from chestssl.data.datasets import SliceDataset
+    from chestssl.data.datasets import SliceDataset, slice_options
     from chestssl.data.views import evenly_per_patient, labelled_view, pretrain_view
     from chestssl.eval import evaluate_reconstruction, save_examples
     from chestssl.eval.downstream import evaluate_predictor
@@ -98,9 +98,7 @@ def evaluate_pretrain(
                                    ("cls", "classification", method.predict_classification)):
             if task not in method.heads:
                 continue
-            data = SliceDataset(processed_dir, "test", slices["side"], task,
-                                clean_per_nodule_slice=slices["clean_per_nodule_slice"], seed=seed,
-                                clean_source=slices["clean_source"], field_of_view=slices["field_of_view"])
+            data = SliceDataset(processed_dir, "test", task=task, seed=seed, **slice_options(slices))
             metrics[key] = evaluate_predictor(
                 task, lambda batch, predict=predict: predict(batch["image"]), data, cfg_eval,
                 examples_path=heads_dir / f"{task}_examples.npz", items_path=heads_dir / f"{task}_items.npz",

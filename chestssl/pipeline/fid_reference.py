@@ -68,11 +68,10 @@ def feature_network(fid_cfg: Mapping[str, Any], params: Mapping[str, Any], devic
 
 def reference_slices(params: Mapping[str, Any], processed_dir: str | Path):
     """Every test slice as the 2D autoencoders see them (the ``pretrain`` slice view)."""
-    from chestssl.data.datasets import SliceDataset
+    from chestssl.data.datasets import SliceDataset, slice_options
 
-    slices = params["slices"]
-    return SliceDataset(Path(processed_dir), "test", slices["side"], "pretrain", seed=params["seed"],
-                        field_of_view=slices["field_of_view"])
+    return SliceDataset(Path(processed_dir), "test", task="pretrain", seed=params["seed"],
+                        **slice_options(params["slices"]))
 
 
 def embed_reference(

@@ -56,7 +56,7 @@ def finetune(
 
     Returns the metrics, or ``None`` on a non-main process under ``torchrun``.
     """
-    from chestssl.data.datasets import SliceDataset
+    from chestssl.data.datasets import SliceDataset, slice_options
     from chestssl.tasks import build_task
     from chestssl.train.checkpoint import stage_inputs
     from chestssl.train.cost_probe import fit_cost
@@ -76,9 +76,7 @@ def finetune(
 
     def data(split: str) -> SliceDataset:
         # The data's seed (the clean slices drawn) stays `seed` for every training seed.
-        return SliceDataset(processed_dir, split, slices["side"], run["task"],
-                            clean_per_nodule_slice=slices["clean_per_nodule_slice"], seed=seed,
-                            clean_source=slices["clean_source"], field_of_view=slices["field_of_view"])
+        return SliceDataset(processed_dir, split, task=run["task"], seed=seed, **slice_options(slices))
 
     train, val = data("train"), data("val")
     monitor, mode = MONITOR[run["task"]]

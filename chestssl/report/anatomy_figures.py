@@ -46,6 +46,7 @@ from chestssl.data.drr import (
     study_geometry,
 )
 from chestssl.data.processed import ProcessedDataError, load_scan, read_nodules, scan_path
+from chestssl.data.slice_windows import window_pixels
 from chestssl.report.figures import _image_axis, _new_figure, save_figure
 
 FIGURE_NAME = "anatomy.png"
@@ -347,23 +348,27 @@ def _stored_shape(archive: zipfile.ZipFile, name: str) -> tuple[int, ...]:
     return tuple(int(n) for n in shape)
 
 
-def nodule_scale(processed_dir: str | os.PathLike, size: int, field_of_view: str = "body") -> dict[str, float] | None:
+def nodule_scale(processed_dir: str | os.PathLike, size: int, field_of_view: str = "body",
+                 pixel_mm: float | None = None) -> dict[str, float] | None:
     """How large the nodules are in the ``size`` x ``size`` slices the 2D models see.
 
-    A slice (with ``field_of_view`` ``lungs``, its scan's ``lung_box``) is padded to a square
-    of its longer side and resized to ``size`` (:func:`chestssl.data.datasets.square_resize`),
+    A slice (with ``field_of_view`` ``lungs``, its scan's ``lung_box``; with ``window``, a
+    window ``size * pixel_mm`` mm across, :mod:`chestssl.data.slice_windows`) is padded to a
+    square of its longer side and resized to ``size`` (:func:`chestssl.data.datasets.square_resize`),
     so one of its pixels spans ``max(Y * sy, X * sx) / size`` mm of its scan. Returns the medians over the nodules of
     ``nodules.csv`` (each with its scan's pixel size): ``nodule_mm`` (consensus diameter),
     ``mm_per_pixel`` and ``nodule_pixels``, with ``nodules``, their count; ``None`` without
     nodules or processed data.
     """
+    if field_of_view == "window" and not (pixel_mm is not None and pixel_mm > 0):
+        raise ValueError(f"pixel_mm: got {pixel_mm!r}; field_of_view 'window' needs a pixel size in mm > 0")
     try:
         nodules = read_nodules(processed_dir)
     except (FileNotFoundError, ProcessedDataError):
         return None
     if nodules.empty:
         return None
-    pixel_mm = {}
+    pixel_mm_of_scan = {}
     for scan_id in nodules["scan_id"].unique():
         path = scan_path(processed_dir, str(scan_id))
         try:
@@ -374,10 +379,12 @@ def nodule_scale(processed_dir: str | os.PathLike, size: int, field_of_view: str
                 if field_of_view == "lungs":
                     y0, y1, x0, x1 = (int(v) for v in archive["lung_box"])
                     rows, cols = y1 - y0, x1 - x0
+                elif field_of_view == "window":
+                    rows, cols = window_pixels(size, pixel_mm, spacing[1:])
         except (OSError, KeyError, ValueError, zipfile.BadZipFile):
             return None
-        pixel_mm[scan_id] = max(rows * spacing[1], cols * spacing[2]) / size
-    mm_per_pixel = nodules["scan_id"].map(pixel_mm).to_numpy(float)
+        pixel_mm_of_scan[scan_id] = max(rows * spacing[1], cols * spacing[2]) / size
+    mm_per_pixel = nodules["scan_id"].map(pixel_mm_of_scan).to_numpy(float)
     diameters = nodules["diameter_mm"].to_numpy(float)
     return {"nodules": int(len(nodules)), "nodule_mm": float(np.median(diameters)),
             "mm_per_pixel": float(np.median(mm_per_pixel)), "nodule_pixels": float(np.median(diameters / mm_per_pixel))}

@@ -94,6 +94,18 @@ def _scale_text(scale: Mapping[str, float] | None) -> str:
             f"({scale['nodule_mm']:.1f} mm across, {scale['nodules']} nodules) spans {scale['nodule_pixels']:.1f} pixels")
 
 
+def _view_text(slices: Mapping[str, Any]) -> str:
+    """What a slice shows (``slices.field_of_view``), as a parenthesis after its size."""
+    view = slices.get("field_of_view", "body")
+    if view == "window":
+        return (f" (windows {slices['side'] * slices['pixel_mm']:g} mm across in the lungs, each placed by a seeded "
+                "draw to hold its slice's nodules, `slices.field_of_view: window`; segmentation is scored within "
+                "them)")
+    if view == "lungs":
+        return " (each scan's box of the lungs and nodules, `slices.field_of_view: lungs`)"
+    return " (the whole slice cropped to the body, `slices.field_of_view: body`)"
+
+
 def _protocol(params: Mapping[str, Any] | None, bootstrap: Mapping[str, Any] | None, with_costs: bool = False,
               scale: Mapping[str, float] | None = None) -> str:
     lines = []
@@ -137,7 +149,7 @@ def _protocol(params: Mapping[str, Any] | None, bootstrap: Mapping[str, Any] | N
             f"- **Preprocessing:** pylidc volumes resampled to {pre['spacing']} mm (z, y, x), windowed to "
             f"{pre['hu_window']} HU and scaled to [0, 1]; nodule masks are the {pre['clevel']:g} consensus of the "
             f"radiologists; 2D axial slices of {params['slices']['side']} x {params['slices']['side']} pixels"
-            f"{_scale_text(scale)}; a nodule slice has more than {pre['min_nodule_pixels']} nodule pixels."
+            f"{_view_text(params['slices'])}{_scale_text(scale)}; a nodule slice has more than {pre['min_nodule_pixels']} nodule pixels."
         )
         split = pre["split"]
         lines.append(

@@ -120,7 +120,9 @@ def stage_costs(params: Mapping[str, Any]) -> dict[str, dict[str, Any] | None]:
 def dataset_note(params: Mapping[str, Any]) -> str:
     """One phrase naming our data for the seed tables' comparability note."""
     size = params["slices"]["side"]
-    view = " of the lungs" if params["slices"].get("field_of_view", "body") == "lungs" else ""
+    view = {"lungs": " of the lungs",
+            "window": f" of {params['slices'].get('pixel_mm', 0):g} mm pixels (windows in the lungs)"}.get(
+        params["slices"].get("field_of_view", "body"), "")
     source = params["data"]["source"]
     if source == "phantom":
         anatomy = ("one real chest CT deformed per patient" if params["data"]["phantom"].get("anatomy") == "ct"
@@ -560,7 +562,7 @@ def build_pipeline_report(params: Mapping[str, Any], out_dir: Path = paths.REPOR
                               if entry["method"] in RECONSTRUCTION_CAVEATS},
         costs=costs,
         nodule_scale=nodule_scale(paths.PROCESSED_DIR, params["slices"]["side"],
-                                  params["slices"].get("field_of_view", "body")),
+                                  params["slices"].get("field_of_view", "body"), params["slices"].get("pixel_mm")),
         smaller_tables=smaller_table_lines(metrics_3d, {name: metrics for name, (metrics, _) in finetuned.items()}),
         seg_training=segmentation_training_size(paths.PROCESSED_DIR),
     )

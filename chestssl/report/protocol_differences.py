@@ -195,11 +195,15 @@ def _seed000(params: Mapping[str, Any]) -> list[Difference]:
     size = params["slices"]["side"]
     rows.append(Difference("000", "slice size", f"Axial slices resized to {SEED000_SLICE_SIZE} x {SEED000_SLICE_SIZE}.",
                            f"{size} x {size} slices (`slices.side`).", size == SEED000_SLICE_SIZE))
-    lungs = params["slices"].get("field_of_view", "body") == "lungs"
-    rows.append(Difference(
-        "000", "field of view", "The whole axial slice.",
-        "The box of each scan's lungs and nodules (`slices.field_of_view: lungs`), so nodules span more pixels."
-        if lungs else "The whole axial slice, cropped to the body (`slices.field_of_view: body`).", not lungs))
+    view = params["slices"].get("field_of_view", "body")
+    ours = {
+        "lungs": "The box of each scan's lungs and nodules (`slices.field_of_view: lungs`), so nodules span more "
+                 "pixels.",
+        "window": f"A window {size * params['slices'].get('pixel_mm', 0):g} mm across in the lungs, holding the "
+                  f"slice's nodules (`slices.field_of_view: window`, {params['slices'].get('pixel_mm', 0):g} mm "
+                  "pixels in every scan), so nodules span more pixels; segmentation is scored within it.",
+    }.get(view, "The whole axial slice, cropped to the body (`slices.field_of_view: body`).")
+    rows.append(Difference("000", "field of view", "The whole axial slice.", ours, view == "body"))
 
     split = params["preprocess"]["split"]
     rows.append(Difference(

@@ -177,7 +177,8 @@ def workspace(synthetic_processed, tmp_path, monkeypatch):
     with seeded(0):
         encoder = build_backbone(RESNET)
     save_torch(paths.finetune_model_path("r"), {"run": "r", "encoder": export_encoder(encoder, RESNET)})
-    return {"seed": 0, "slices": {"side": 48, "clean_per_nodule_slice": 1.0, "clean_source": "any_slice", "field_of_view": "body"},
+    return {"seed": 0, "slices": {"side": 48, "clean_per_nodule_slice": 1.0, "clean_source": "any_slice", "field_of_view": "body",
+                         "pixel_mm": 2.5},
             "runs": {"r": RUN},
             "evaluate": {"bootstrap_samples": 20, "confidence": 0.95, "seg_threshold": 0.5, "cls_threshold": 0.5}}
 

@@ -13,8 +13,12 @@ nodule_scale = _load("nodule_scale")
 
 def test_the_lung_box_makes_the_nodules_larger_and_the_table_is_written(synthetic_processed, tmp_path, capsys):
     out = tmp_path / "nodule_scale.json"
-    report = nodule_scale.main(["--processed", str(synthetic_processed), "--sizes", "48", "96", "--out", str(out)])
+    report = nodule_scale.main(["--processed", str(synthetic_processed), "--sizes", "48", "96", "--pixel-mm", "0.5",
+                                "--out", str(out)])
     rows = {(row["size"], row["field_of_view"]): row for row in report["rows"]}
+    # windows of 0.5 mm pixels: 16 and 32 voxels of 1.5 mm resized to 48 and 96, at any size
+    assert rows[48, "window"]["mm_per_pixel"] == rows[96, "window"]["mm_per_pixel"] == pytest.approx(0.5)
+    assert rows[96, "window"]["pixel_mm"] == 0.5 and rows[96, "lungs"]["pixel_mm"] is None
     # 48 x 48 slices of 1.5 mm; the lung box is 36 px wide: 72 mm over 48 px, then 54 mm.
     assert rows[48, "body"]["mm_per_pixel"] == pytest.approx(1.5)
     assert rows[48, "lungs"]["mm_per_pixel"] == pytest.approx(36 * 1.5 / 48, abs=0.01)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from chestssl.data.datasets import DatasetError, SliceDataset, nodule_free_patients, square_resize
+from chestssl.data.datasets import DatasetError, SliceDataset, nodule_free_patients, slice_options, square_resize
 from chestssl.data.processed import load_scan, read_slices, scan_path
 from chestssl.io import write_csv, write_npz
 
@@ -119,6 +119,43 @@ def test_the_lung_field_of_view_shows_the_lung_box_padded_to_a_square(synthetic_
     assert item["mask"].sum() > 1.5 * body[0]["mask"].sum()
     with pytest.raises(DatasetError, match="field_of_view: got 'chest'"):
         SliceDataset(synthetic_processed, "val", 36, "seg", field_of_view="chest")
+
+
+def test_the_window_field_of_view_cuts_the_same_window_of_a_slice_for_every_task(synthetic_processed):
+    """Windows of 16 pixels of 3 mm: 32 x 32 of the fixture's 1.5 mm voxels, in LUNG_BOX (32 x 36)."""
+    from tests.conftest import LUNG_BOX
+
+    from chestssl.data.slice_windows import cut_window, window_corner
+
+    seg = SliceDataset(synthetic_processed, "val", 16, "seg", field_of_view="window", pixel_mm=3.0)
+    scan = load_scan(synthetic_processed, "p3")
+    for item in seg:
+        index = item["slice_index"]
+        corner = window_corner(scan["mask"][index], LUNG_BOX, (32, 32), "p3", index)
+        assert LUNG_BOX[0] <= corner[0] <= LUNG_BOX[1] - 32 and LUNG_BOX[2] <= corner[1] <= LUNG_BOX[3] - 32
+        window = cut_window(scan["mask"][index], corner, (32, 32))
+        assert window.sum() == scan["mask"][index].sum()  # the whole disc
+        image, mask = square_resize(cut_window(scan["image"][index], corner, (32, 32))[None], window[None] > 0, 16)
+        np.testing.assert_allclose(item["image"][0].numpy(), image[0].numpy(), atol=1e-3)
+        np.testing.assert_array_equal(item["mask"][0].numpy(), mask[0].numpy())
+    # every task and stage sees the same window of a slice
+    pretrain = SliceDataset(synthetic_processed, "val", 16, "pretrain", field_of_view="window", pixel_mm=3.0)
+    position = {(s, i): k for k, (s, i) in enumerate(zip(pretrain.scan_ids, pretrain.slice_indices))}
+    for k, item in enumerate(seg):
+        np.testing.assert_array_equal(pretrain.images[position[item["scan_id"], item["slice_index"]]], seg.images[k])
+    # the pixel size is part of the cache key; a window needs it
+    other = SliceDataset(synthetic_processed, "val", 16, "seg", field_of_view="window", pixel_mm=2.5)
+    lungs = SliceDataset(synthetic_processed, "val", 16, "seg", field_of_view="lungs")
+    assert len({seg.cache_entry, other.cache_entry, lungs.cache_entry}) == 3
+    with pytest.raises(DatasetError, match="pixel_mm: got None; field_of_view 'window' needs"):
+        SliceDataset(synthetic_processed, "val", 16, "seg", field_of_view="window")
+
+
+def test_slice_options_are_the_slices_params():
+    slices = {"side": 32, "clean_per_nodule_slice": 2.0, "clean_source": "any_slice", "field_of_view": "window",
+              "pixel_mm": 2.5}
+    assert slice_options(slices) == {"size": 32, "clean_per_nodule_slice": 2.0, "clean_source": "any_slice",
+                                     "field_of_view": "window", "pixel_mm": 2.5}
 
 
 def test_square_resize_keeps_masks_binary_and_images_in_range():

@@ -13,7 +13,8 @@ from chestssl.data.views import pretrain_view
 from chestssl.train.loop import fit
 from tests.data.test_crops import CropRecorder, _worker_like_pytorch
 
-PARAMS = {"seed": 0, "slices": {"side": 16, "field_of_view": "body"}}
+PARAMS = {"seed": 0, "slices": {"side": 16, "clean_per_nodule_slice": 1.0, "clean_source": "any_slice",
+                                "field_of_view": "body", "pixel_mm": 2.5}}
 OVER_SCANS = {"backbone": {"spatial_dims": 2}, "epoch_unit": "scans"}
 
 

@@ -31,7 +31,8 @@ def ablation_inputs(synthetic_processed, tmp_path):
         encoder = build_backbone(RESNET)
     model_path = tmp_path / "models" / "finetune" / "r" / "model.pt"
     save_torch(model_path, {"run": "r", "encoder": export_encoder(encoder, RESNET)})
-    params = {"seed": 0, "slices": {"side": 48, "clean_per_nodule_slice": 1.0, "clean_source": "any_slice", "field_of_view": "body"},
+    params = {"seed": 0, "slices": {"side": 48, "clean_per_nodule_slice": 1.0, "clean_source": "any_slice", "field_of_view": "body",
+                         "pixel_mm": 2.5},
               "runs": {"r": RUN},
               "evaluate": {"bootstrap_samples": 20, "confidence": 0.95, "seg_threshold": 0.5, "cls_threshold": 0.5},
               "label_fraction": {"fractions": [0.25, 0.5, 1.0], "runs": ["r"]},

@@ -239,5 +239,11 @@ def test_nodule_scale_is_the_median_nodule_in_slice_pixels(processed, tmp_path):
     scale = nodule_scale(processed, 64)
     assert scale == pytest.approx({"nodules": 4, "nodule_mm": 8.25, "mm_per_pixel": 1.125, "nodule_pixels": 8.25 / 1.125})
     assert nodule_scale(processed, 32)["nodule_pixels"] == pytest.approx(8.25 / 2.25)
+    # windows of 64 pixels of 2.5 mm: 107 voxels of 1.5 mm, 2.51 mm per pixel, whatever the slice's width
+    window = nodule_scale(processed, 64, "window", 2.5)
+    assert window["mm_per_pixel"] == pytest.approx(107 * 1.5 / 64)
+    assert window["nodule_pixels"] == pytest.approx(8.25 / (107 * 1.5 / 64))
+    with pytest.raises(ValueError, match="pixel_mm: got None"):
+        nodule_scale(processed, 64, "window")
     assert nodule_scale(tmp_path / "nothing", 64) is None
     assert nodule_scale(write_processed(tmp_path / "clean", {"p1": ("test", []), "p2": ("train", [])}), 64) is None
