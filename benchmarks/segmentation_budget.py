@@ -76,7 +76,7 @@ def _training_dice(work: Path, run_name: str) -> tuple[float, int, int]:
     of their patients."""
     import torch
 
-    from chestssl.data.datasets import SliceDataset
+    from chestssl.data.datasets import SliceDataset, slice_options
     from chestssl.eval.downstream import score_predictions
     from chestssl.inference import predict_dataset
     from chestssl.params import load_params
@@ -86,8 +86,7 @@ def _training_dice(work: Path, run_name: str) -> tuple[float, int, int]:
     cpu = torch.device("cpu")
     model = load_run_model(params["runs"][run_name], run_name, work / "models" / "finetune" / run_name / "model.pt",
                            params["seed"], cpu)
-    train = SliceDataset(work / "data" / "processed", "train", params["slices"]["side"], "seg",
-                         field_of_view=params["slices"]["field_of_view"])
+    train = SliceDataset(work / "data" / "processed", "train", task="seg", **slice_options(params["slices"]))
     with torch.no_grad():
         out = predict_dataset(model.predict, train, device=cpu)
     scored = score_predictions("seg", out, params["evaluate"], seed=params["seed"])
@@ -131,7 +130,8 @@ def main(argv: list[str] | None = None) -> dict:
     rows = []
     with tempfile.TemporaryDirectory(prefix="segmentation-budget-") as tmp:
         for size in args.sizes:
-            scale = nodule_scale(checkout / "data" / "processed", size, raw["slices"]["field_of_view"])
+            scale = nodule_scale(checkout / "data" / "processed", size, raw["slices"]["field_of_view"],
+                                 raw["slices"].get("pixel_mm"))
             for epochs in args.epochs:
                 work = _work_folder(Path(tmp), checkout, size, recipe, epochs, args.set)
                 finetune_s = _stage(work, "finetune.py", args.run, env)
