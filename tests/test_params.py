@@ -415,7 +415,9 @@ def test_each_group_is_read_from_its_own_file_and_named_there(tmp_path):
         load_params(params)
     assert str(error.value).startswith(f"invalid parameters in {runs}: runs.seg_swinunetr_scratch.loss: got 'l2'")
     presets = tmp_path / "params" / "presets.yaml"
-    presets.write_text(presets.read_text().replace("epochs: 10", "epochs: 0", 1))
+    text = presets.read_text()
+    at = text.index("epochs:", text.index("\n  segmentation:"))
+    presets.write_text(text[:at] + "epochs: 0 " + text[text.index(" ", at + len("epochs: ")):])
     with pytest.raises(ParamsError) as error:
         load_params(params)
     assert f"  - {presets}: recipes.segmentation.epochs: got 0" in str(error.value)
