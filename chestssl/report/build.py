@@ -232,9 +232,8 @@ def failure_lines(seg_metrics: Mapping[str, Mapping[str, Any]], cls_metrics: Map
         data = ""
         if seg_training:
             data = (f" They learn from the training split's {seg_training['slices']} nodule slices of "
-                    f"{seg_training['patients']} patients. On the quick profile, a run on larger slices with five "
-                    "times the steps fits those slices far better and its test Dice stays where it was "
-                    "(`reports/benchmarks/segmentation_budget.md`): what such runs lack is training patients.")
+                    f"{seg_training['patients']} patients; what longer training or larger slices change is measured "
+                    "by `benchmarks/segmentation_budget.py` (`reports/benchmarks/segmentation_budget.md`).")
         lines.append(
             f"- **No segmentation run found the nodules.** The best global Dice of the {len(dice)} runs is "
             f"{dice[best]:.3f} (`{best}`): the segmentation tables compare runs that all failed, not methods." + data
