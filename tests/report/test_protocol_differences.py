@@ -166,6 +166,18 @@ def test_3d_length_differs_by_the_crops_per_scan(full, full_raw):
     assert _row(_changed(full_raw, one_crop), "003", "training length (3D)").matches  # 1000 epochs of `all`
 
 
+def test_the_field_of_view_row_names_each_view_and_matches_only_the_whole_slice(default, full, default_raw):
+    window = _row(default, "000", "field of view")
+    assert not window.matches and "A window 160 mm across in the lungs" in window.ours \
+        and "2.5 mm pixels in every scan" in window.ours and "scored within it" in window.ours
+    assert _row(full, "000", "field of view").matches
+
+    def lungs(raw):
+        raw["slices"]["field_of_view"] = "lungs"
+    box = _row(_changed(default_raw, lungs), "000", "field of view")
+    assert not box.matches and "The box of each scan's lungs" in box.ours
+
+
 def test_hu_window_and_precision_follow_params(default, full_raw):
     assert not _row(default, "003", "CT intensity window").matches
     assert _row(default, "003", "DAE precision").matches

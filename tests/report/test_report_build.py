@@ -338,6 +338,12 @@ def test_the_report_opens_with_what_synthetic_data_and_few_test_patients_can_sho
     build_report(**{**inputs, "live_dirs": {}, "examples": {}}, params=real, nodule_scale=small)
     protocol = (inputs["out_dir"] / "README.md").read_text().split("## Protocol")[1]
     assert "one pixel spans about 5.6 mm, so the median nodule (10.4 mm across, 33 nodules) spans 1.9 pixels" in protocol
+    # The protocol says what a slice shows.
+    assert "2D axial slices of 64 x 64 pixels (windows 160 mm across in the lungs" in protocol
+    real["slices"]["field_of_view"] = "body"
+    build_report(**{**inputs, "live_dirs": {}, "examples": {}}, params=real)
+    protocol = (inputs["out_dir"] / "README.md").read_text().split("## Protocol")[1]
+    assert "64 x 64 pixels (the whole slice cropped to the body, `slices.field_of_view: body`)" in protocol
 
 
 def test_failed_runs_are_said_at_the_top():
