@@ -18,9 +18,10 @@ cuts the same window from the same slice:
 - on any other slice, uniformly among the positions inside the ``lung_box`` (centred on
   it where it is narrower than the window).
 
-Both kinds of window thus show lung at the same scale, so a classifier of nodule against
-clean slices cannot tell them apart by their framing. Parts of a window outside the
-slice read 0 (air after windowing), as the padding of the other fields of view.
+Both kinds are cut at the same scale from the same box, and a nodule lies anywhere in its
+window, not at its centre, so neither the framing nor the nodule's place marks a nodule
+slice. Parts of a window outside the slice read 0 (air after windowing), as the padding
+of the other fields of view.
 
 Only numpy: the report stage computes the windows' scale without importing MONAI.
 """
